@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv on their own.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# the stamp is newer than every input once set-up has finished; a second `make setup` is a no-op
+STAMP := $(VENV)/.mocobench-setup
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test lint demo clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py tools/install_detectron2.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_PINS)
+	$(PY) tools/install_detectron2.py $(VENV)/d2cache
+	$(PIP) install -q -e '.[test]' $(TORCH_PINS)
+	$(VENV)/bin/mocobench env > /dev/null
+	touch $@
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,46 @@
+"""The `mocobench` command: a thin dispatcher over the stage modules.
+
+Each subcommand is a module with `main(argv: list[str]) -> int` that owns its own argparse parser,
+so `mocobench env` never pays for importing torch or detectron2. Register a subcommand by adding one
+line to SUBCOMMANDS.
+"""
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "env": ("mocobench.env", "print the software environment and the active detectron2 fixes"),
+}
+
+
+class UsageError(Exception):
+    """Bad user input (file, key or value): printed without a traceback, exit code 2."""
+
+
+def _usage() -> str:
+    width = max(len(n) for n in SUBCOMMANDS)
+    lines = ["usage: mocobench <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "`mocobench <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"mocobench: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except UsageError as e:
+        print(f"mocobench {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""mocobench: MoCo pretraining -> detectron2 conversion -> VOC/COCO transfer -> AP report.
+
+torch/torchvision and detectron2 are installed by `make setup` (tools/install_detectron2.py), not by
+pip's resolver: torch is pinned there, and detectron2 has no usable distribution on PyPI.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="mocobench",
+    version="0.1.0",
+    description="MoCo pretraining and detectron2 transfer benchmark, verified at every hand-off",
+    packages=find_packages(include=["mocobench", "mocobench.*", "pretrain", "pretrain.*",
+                                    "convert", "convert.*", "transfer", "transfer.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy",
+        "Pillow",
+        "opencv-python-headless",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "PyYAML",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        # detectron2 0.6 runtime needs (its own pins are stale, it is installed with --no-deps)
+        "cloudpickle",
+        "omegaconf>=2.1",
+        "yacs>=0.1.8",
+        "termcolor>=1.1",
+        "tabulate",
+    ],
+    extras_require={"test": ["pytest", "ruff"]},
+    entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
+)
