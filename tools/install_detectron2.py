@@ -90,9 +90,10 @@ def build_wheel(sdist, cache_dir) -> str:
                        "extension": False}, f)
         with open(os.path.join(src, "setup.py"), "w") as f:
             f.write(SETUP_PY)
-        for stale in ("setup.cfg", "pb1_detectron2.egg-info"):
-            shutil.rmtree(os.path.join(src, stale), ignore_errors=True) if os.path.isdir(
-                os.path.join(src, stale)) else None
+        # the sdist's own metadata and setup.cfg describe the package we are replacing
+        shutil.rmtree(os.path.join(src, "pb1_detectron2.egg-info"), ignore_errors=True)
+        if os.path.exists(os.path.join(src, "setup.cfg")):
+            os.remove(os.path.join(src, "setup.cfg"))
         wheel_dir = os.path.join(cache_dir, "wheels")
         os.makedirs(wheel_dir, exist_ok=True)
         run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", wheel_dir, src])
