@@ -1,0 +1,59 @@
+"""`mocobench env`: what this installation runs on, like detectron2's collect_env but short."""
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect_env() -> list:
+    """(name, value) rows; never raises, a broken import is reported as such."""
+    rows = [("Python", f"{sys.version.split()[0]} ({sys.executable})"), ("Platform", platform.platform())]
+    import numpy
+    import torch
+    import torchvision
+
+    rows += [
+        ("numpy", numpy.__version__),
+        ("torch", f"{torch.__version__} @ {os.path.dirname(torch.__file__)}"),
+        ("torchvision", torchvision.__version__),
+        ("CUDA available", str(torch.cuda.is_available())),
+    ]
+    if torch.cuda.is_available():
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        rows += [("GPU count", str(torch.cuda.device_count())), ("GPU", ", ".join(names)),
+                 ("CUDA (torch build)", str(torch.version.cuda)),
+                 ("NCCL", ".".join(map(str, torch.cuda.nccl.version())))]
+    rows.append(("CPU threads (torch)", str(torch.get_num_threads())))
+    try:
+        import mocobench.d2compat as d2compat  # first: it makes detectron2 v0.6 importable
+
+        import detectron2
+
+        rows += [
+            ("detectron2", f"{detectron2.__version__} @ {os.path.dirname(detectron2.__file__)}"),
+            ("detectron2 origin", d2compat.detectron2_origin()),
+            ("detectron2 fixes active", ", ".join(d2compat.ACTIVE_FIXES) or "none (modern detectron2)"),
+        ]
+    except Exception as e:  # env must report a broken detectron2, not die of it
+        rows.append(("detectron2", f"failed to import: {type(e).__name__}: {e}"))
+    for dist in ("fvcore", "iopath", "pycocotools", "opencv-python-headless", "Pillow", "setuptools"):
+        rows.append((dist, _version(dist)))
+    rows.append(("mocobench", f"{_version('mocobench')} @ {os.path.dirname(os.path.dirname(__file__))}"))
+    return rows
+
+
+def main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="mocobench env", description=__doc__)
+    parser.parse_args(argv)
+    rows = collect_env()
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
