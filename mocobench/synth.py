@@ -1,0 +1,687 @@
+"""Generated datasets in the real on-disk formats, read through the real loaders.
+
+Nothing can be downloaded here, so every test and the demo use data this module draws. It mirrors the
+real transfer setting: object-centric images for pretraining (ImageNet) -> multi-object scenes for
+detection (PASCAL VOC 2007, COCO 2017), all of the same shape classes:
+
+    DIR/imagenet/{train,val}/<class>/<class>_00000.jpg     one object per image (torchvision ImageFolder)
+    DIR/VOC2007/JPEGImages/000001.jpg                       2-6 objects per scene
+    DIR/VOC2007/Annotations/000001.xml                      VOC XML, 1-based inclusive pixel boxes
+    DIR/VOC2007/ImageSets/Main/{trainval,test}.txt          (+ <class>_<split>.txt like the real set)
+    DIR/coco/{train,val}2017/000000000001.jpg               the same scenes as VOC (trainval->train, test->val)
+    DIR/coco/annotations/instances_{train,val}2017.json     bbox xywh, polygon segmentation, area, iscrowd 0
+    DIR/synth.json                                          class names, seed, sizes, preset (read_synth_meta)
+
+The class of an object is its shape identity only. Colour, texture (solid, stripes, dots, gradient, checker),
+size, rotation, aspect ratio and the background (gradient, noise, lines, small blobs) are drawn from the same
+distributions for every class, so colour statistics alone do not tell the classes apart while the shapes do.
+
+Annotations are computed from the rasterised visible mask of each object (after occlusion by the objects drawn
+later and clipping at the image border), so boxes, polygons and pixels agree:
+- the box is the tight box of the mask; in VOC it is written 1-based inclusive ([xmin-1, ymin-1, xmax, ymax]
+  in detectron2's loader gives back the pixel-edge box), in COCO as [x, y, w, h] with pixel-edge coordinates;
+- the polygons trace the outer outline of each visible part (rasterising them with pycocotools gives back the
+  mask). Holes are not represented: a ring's segmentation is its outer outline (its hole is filled), the same
+  simplification the COCO polygon format forces on real annotators;
+- `area` is the area of those polygons.
+
+Everything is deterministic from the seed: each image draws from its own `np.random.SeedSequence([seed,
+stream, ...])`, JPEGs are encoded with a fixed quality and the JSON has no timestamps, so the same seed and
+sizes give byte-identical files, and a class's ImageNet images do not depend on how many classes are asked for.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import cv2
+import numpy as np
+
+from mocobench.cli import UsageError
+from mocobench.fileio import atomic_write
+
+# Full ordered list; `classes=N` takes the first N. Shapes that a rotation maps onto each other (a diamond is a
+# rotated square, a plus a rotated cross) are deliberately not separate classes.
+CLASS_NAMES = (
+    "circle", "square", "triangle", "star", "cross", "ring",
+    "hexagon", "heart", "arrow", "crescent", "semicircle", "lshape",
+)
+
+PRESETS = {
+    # small: the whole tree in about a second, for tests
+    "test": dict(classes=4, images_per_class=12, val_per_class=None, scenes=16, size=64, scene_size=128),
+    # the demo pipeline: enough for pretraining to matter downstream, generated in well under 30 s on one core
+    "demo": dict(classes=8, images_per_class=250, val_per_class=50, scenes=320, size=64, scene_size=128),
+}
+
+META_FILE = "synth.json"
+META_FORMAT = "mocobench-synth"
+META_VERSION = 1
+VOC_YEAR = 2007
+JPEG_QUALITY = 90
+MIN_SIZE = 32          # smallest object-image side: below this the shapes stop being recognisable
+MIN_SCENE_SIZE = 64    # smallest scene side: 2-6 objects must fit with the smallest ones still > a few pixels
+MAX_SIZE = 1024
+
+# seed streams, so that ImageNet train/val and the scenes never share random numbers
+_STREAM_TRAIN, _STREAM_VAL, _STREAM_SCENE = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes: unit-size outlines centred on the origin, as (polygon, +1 fill / -1 cut out) layers
+
+
+def _regular(n, radius=1.0, phase=0.0):
+    t = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(t), radius * np.sin(t)], axis=1)
+
+
+def _star(points=5, inner=0.42):
+    outer = _regular(points, 1.0, -np.pi / 2)
+    inner_pts = _regular(points, inner, -np.pi / 2 + np.pi / points)
+    return np.stack([outer, inner_pts], axis=1).reshape(-1, 2)
+
+
+def _heart():
+    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return np.stack([x, y + 2.5], axis=1) / 16.5
+
+
+def _semicircle():
+    t = np.linspace(0, np.pi, 33)
+    return np.stack([np.cos(t), np.sin(t) - 0.42], axis=1)
+
+
+SHAPES = {
+    "circle": lambda: [(_regular(48), 1)],
+    "square": lambda: [(_regular(4, 1.0, np.pi / 4) * 0.92, 1)],
+    "triangle": lambda: [(_regular(3, 1.0, -np.pi / 2) + [0, 0.2], 1)],
+    "star": lambda: [(_star(), 1)],
+    "cross": lambda: [(np.array([[-0.3, -1], [0.3, -1], [0.3, -0.3], [1, -0.3], [1, 0.3], [0.3, 0.3], [0.3, 1],
+                                 [-0.3, 1], [-0.3, 0.3], [-1, 0.3], [-1, -0.3], [-0.3, -0.3]]), 1)],
+    "ring": lambda: [(_regular(48), 1), (_regular(48, 0.55), -1)],
+    "hexagon": lambda: [(_regular(6), 1)],
+    "heart": lambda: [(_heart(), 1)],
+    "arrow": lambda: [(np.array([[-1, -0.22], [0.15, -0.22], [0.15, -0.6], [1, 0], [0.15, 0.6], [0.15, 0.22],
+                                 [-1, 0.22]]), 1)],
+    "crescent": lambda: [(_regular(48), 1), (_regular(48, 0.85) + [0.45, -0.1], -1)],
+    "semicircle": lambda: [(_semicircle(), 1)],
+    "lshape": lambda: [(np.array([[-0.75, -1], [-0.2, -1], [-0.2, 0.45], [0.75, 0.45], [0.75, 1], [-0.75, 1]]), 1)],
+}
+_SHAPE_LAYERS = {name: [(np.asarray(p, np.float64), s) for p, s in build()] for name, build in SHAPES.items()}
+assert tuple(SHAPES) == CLASS_NAMES
+
+
+def _shape_alpha(name, center, radius, aspect, angle, canvas_hw):
+    """Anti-aliased coverage (uint8 0..255) of one shape placed on a canvas.
+
+    Continuous coordinates: pixel (i, j) covers [j, j+1] x [i, i+1]; cv2 puts integer coordinates at pixel
+    centres, hence the -0.5. Drawn with 4 fractional bits so sub-pixel poses look different.
+    """
+    c, s = math.cos(angle), math.sin(angle)
+    scale = np.array([radius * math.sqrt(aspect), radius / math.sqrt(aspect)])
+    rot = np.array([[c, -s], [s, c]])
+    alpha = np.zeros(canvas_hw, np.uint8)
+    for poly, sign in _SHAPE_LAYERS[name]:
+        pts = (poly * scale) @ rot.T + np.asarray(center) - 0.5
+        cv2.fillPoly(alpha, [np.round(pts * 16).astype(np.int32)], 255 if sign > 0 else 0, cv2.LINE_AA, 4)
+    return alpha
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# appearance: textures and backgrounds, shared by every class
+
+
+def _random_colour(rng):
+    return rng.uniform(0, 255, size=3).astype(np.float32)
+
+
+def _unit_direction(rng):
+    t = rng.uniform(0, 2 * np.pi)
+    return math.cos(t), math.sin(t)
+
+
+def _tex_solid(rng, xx, yy, c1, c2, period):
+    return np.broadcast_to(c1, xx.shape + (3,))
+
+
+def _tex_stripes(rng, xx, yy, c1, c2, period):
+    dx, dy = _unit_direction(rng)
+    on = ((xx * dx + yy * dy) / period % 1.0) < 0.5
+    return np.where(on[..., None], c1, c2)
+
+
+def _tex_dots(rng, xx, yy, c1, c2, period):
+    dx, dy = _unit_direction(rng)
+    u = (xx * dx + yy * dy) / period % 1.0 - 0.5
+    v = (-xx * dy + yy * dx) / period % 1.0 - 0.5
+    return np.where((u * u + v * v < 0.09)[..., None], c2, c1)
+
+
+def _tex_gradient(rng, xx, yy, c1, c2, period):
+    dx, dy = _unit_direction(rng)
+    p = xx * dx + yy * dy
+    t = (p - p.min()) / max(float(p.max() - p.min()), 1e-6)
+    return c1 + t[..., None] * (c2 - c1)
+
+
+def _tex_checker(rng, xx, yy, c1, c2, period):
+    dx, dy = _unit_direction(rng)
+    u = np.floor((xx * dx + yy * dy) / period)
+    v = np.floor((-xx * dy + yy * dx) / period)
+    return np.where(((u + v) % 2 == 0)[..., None], c1, c2)
+
+
+TEXTURES = {
+    "solid": _tex_solid,
+    "stripes": _tex_stripes,
+    "dots": _tex_dots,
+    "gradient": _tex_gradient,
+    "checker": _tex_checker,
+}
+_TEXTURE_NAMES = tuple(TEXTURES)
+
+
+def _grid(h, w):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return xx, yy
+
+
+def _background(rng, h, w, object_scale):
+    """Gradient + noise + a few lines and small blobs: clutter that no class owns."""
+    xx, yy = _grid(h, w)
+    img = _tex_gradient(rng, xx, yy, _random_colour(rng), _random_colour(rng), 1.0)
+    img = img + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(0, 16)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    side = max(h, w)
+    for _ in range(rng.integers(0, 3)):
+        p0 = tuple(int(v) for v in rng.integers(0, side, 2))
+        p1 = tuple(int(v) for v in rng.integers(0, side, 2))
+        cv2.line(img, p0, p1, _random_colour(rng).tolist(), int(rng.integers(1, 3)), cv2.LINE_AA)
+    for _ in range(rng.integers(0, 6)):
+        centre = tuple(int(v) for v in rng.integers(0, side, 2))
+        axes = tuple(int(v) for v in rng.integers(1, max(2, int(object_scale * 0.12)) + 1, 2))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, _random_colour(rng).tolist(), -1,
+                    cv2.LINE_AA)
+    return img.astype(np.float32)
+
+
+def _object_appearance(rng, xx, yy, background_colour, radius):
+    """The texture image of one object; its mean colour is kept away from the background so it stays visible."""
+    # the second texture colour is a variation of the first: the pattern stays visible, but the outline against
+    # the background remains the strongest edge, so the shape (the class) is what a network can pick up
+    for _ in range(20):
+        c1 = _random_colour(rng)
+        c2 = np.clip(c1 + rng.uniform(-90, 90, size=3), 0, 255).astype(np.float32)
+        if np.linalg.norm((c1 + c2) / 2 - background_colour) > 80:
+            break
+    kind = _TEXTURE_NAMES[rng.integers(len(_TEXTURE_NAMES))]
+    period = max(3.0, radius * rng.uniform(0.35, 0.8))
+    return TEXTURES[kind](rng, xx, yy, c1, c2, period)
+
+
+def _composite(img, texture, alpha):
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    img *= 1.0 - a
+    img += texture * a
+
+
+def _encode_jpeg(rgb_float):
+    rgb = np.clip(np.round(rgb_float), 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError("cv2 could not encode a JPEG")
+    return buf.tobytes()
+
+
+def _write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# object-centric images (ImageNet stand-in)
+
+
+def render_object_image(class_name, size, rng):
+    """One object of `class_name` on a cluttered background; returns an RGB float32 image (size x size x 3)."""
+    img = _background(rng, size, size, object_scale=size * 0.3)
+    radius = size * rng.uniform(0.24, 0.42)
+    aspect = math.exp(rng.uniform(-0.25, 0.25))
+    angle = rng.uniform(0, 2 * np.pi)
+    slack = max(0.0, size / 2 - radius * 0.85)
+    center = size / 2 + rng.uniform(-slack, slack, 2)
+    alpha = _shape_alpha(class_name, center, radius, aspect, angle, (size, size))
+    xx, yy = _grid(size, size)
+    texture = _object_appearance(rng, xx, yy, img.mean(axis=(0, 1)), radius)
+    _composite(img, texture, alpha)
+    return img
+
+
+def _rng(*key):
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def make_imagenet(out_dir, classes, images_per_class, val_per_class, size, seed):
+    """Write DIR/imagenet/{train,val}/<class>/<class>_NNNNN.jpg; returns {"train": n, "val": n}."""
+    names = _class_list(classes)
+    counts = {}
+    for split, per_class, stream in (("train", images_per_class, _STREAM_TRAIN), ("val", val_per_class, _STREAM_VAL)):
+        for name in names:
+            class_dir = os.path.join(out_dir, "imagenet", split, name)
+            os.makedirs(class_dir, exist_ok=True)
+            class_index = CLASS_NAMES.index(name)
+            for i in range(per_class):
+                img = render_object_image(name, size, _rng(seed, stream, class_index, i))
+                _write_bytes(os.path.join(class_dir, f"{name}_{i:05d}.jpg"), _encode_jpeg(img))
+        counts[split] = per_class * len(names)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# multi-object scenes (VOC / COCO stand-in)
+
+_UPSAMPLE = 4  # polygons are traced on a 4x nearest-neighbour copy of the mask: they run 1/8 px inside its edge
+
+
+def _mask_annotation(mask):
+    """Tight box (pixel edges, x0 y0 x1 y1), outline polygons and polygon area of a binary mask, or None.
+
+    Specks (connected parts smaller than 4 px or 5% of the largest part, left by anti-aliasing or occlusion)
+    are dropped first, so the box and the polygons describe the same pixels.
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return None
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = 1 + np.nonzero(areas >= max(4, 0.05 * areas.max()))[0]
+    kept = np.isin(labels, keep)
+    ys, xs = np.nonzero(kept)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    up = cv2.resize(kept.astype(np.uint8), None, fx=_UPSAMPLE, fy=_UPSAMPLE, interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons, area = [], 0.0
+    for contour in sorted(contours, key=lambda c: (int(c[:, 0, 1].min()), int(c[:, 0, 0].min()))):
+        pts = (cv2.approxPolyDP(contour, 1.0, True).reshape(-1, 2) + 0.5) / _UPSAMPLE
+        if len(pts) < 3:
+            continue
+        x, y = pts[:, 0], pts[:, 1]
+        area += 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+        polygons.append([float(v) for v in pts.reshape(-1)])
+    if not polygons:
+        return None
+    return {"box": box, "polygons": polygons, "area": area, "mask_pixels": int(kept.sum())}
+
+
+def render_scene(class_names, size, rng):
+    """A scene of 2-6 objects of `class_names`; returns (RGB float32 image, list of object dicts).
+
+    Objects are drawn in order, later ones on top. A placement is redrawn when it would hide more than 40% of an
+    earlier object or leave less than 60% of itself inside the image, so every object stays recognisable; sizes
+    are log-uniform from ~10% to 50% of the side, so some are small. Each object dict: name, box, polygons,
+    area, truncated (cut by the image border).
+    """
+    pad = int(size * 0.35)
+    big = (size + 2 * pad, size + 2 * pad)
+    placed = []  # dicts with name, radius, full (in-image bool mask), alpha, truncated
+    for _ in range(rng.integers(2, 7)):
+        for _attempt in range(30):
+            name = class_names[rng.integers(len(class_names))]
+            radius = size * math.exp(rng.uniform(math.log(0.05), math.log(0.25)))
+            aspect = math.exp(rng.uniform(-0.25, 0.25))
+            angle = rng.uniform(0, 2 * np.pi)
+            center = rng.uniform(radius * 0.3, size - radius * 0.3, 2)
+            alpha_big = _shape_alpha(name, center + pad, radius, aspect, angle, big)
+            alpha = alpha_big[pad:pad + size, pad:pad + size]
+            full = alpha >= 128
+            inside, total = int(full.sum()), int((alpha_big >= 128).sum())
+            if inside < 24 or inside < 0.6 * total:
+                continue
+            if any((p["visible"] & ~full).sum() < 0.6 * p["full"].sum() for p in placed):
+                continue
+            for p in placed:
+                p["visible"] = p["visible"] & ~full
+            placed.append(dict(name=name, radius=radius, full=full, visible=full.copy(), alpha=alpha,
+                               truncated=inside < total))
+            break
+
+    img = _background(rng, size, size, object_scale=size * 0.15)
+    xx, yy = _grid(size, size)
+    objects = []
+    for p in placed:
+        texture = _object_appearance(rng, xx, yy, img.mean(axis=(0, 1)), p["radius"])
+        _composite(img, texture, p["alpha"])
+    for p in placed:
+        ann = _mask_annotation(p["visible"])
+        if ann is None:
+            continue
+        objects.append(dict(name=p["name"], truncated=bool(p["truncated"]), **ann))
+    return img, objects
+
+
+def _scene_split(scenes):
+    """(number in VOC trainval / COCO train, number in VOC test / COCO val): a quarter held out, >= 2 each."""
+    held_out = max(2, int(round(scenes * 0.25)))
+    return scenes - held_out, held_out
+
+
+def _voc_xml(file_id, size, objects):
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = f"VOC{VOC_YEAR}"
+    ET.SubElement(root, "filename").text = f"{file_id}.jpg"
+    source = ET.SubElement(root, "source")
+    ET.SubElement(source, "database").text = "mocobench synthetic shapes"
+    ET.SubElement(source, "annotation").text = "mocobench.synth"
+    size_el = ET.SubElement(root, "size")
+    for key, value in (("width", size), ("height", size), ("depth", 3)):
+        ET.SubElement(size_el, key).text = str(value)
+    ET.SubElement(root, "segmented").text = "0"
+    for obj in objects:
+        x0, y0, x1, y1 = obj["box"]
+        el = ET.SubElement(root, "object")
+        ET.SubElement(el, "name").text = obj["name"]
+        ET.SubElement(el, "pose").text = "Unspecified"
+        ET.SubElement(el, "truncated").text = str(int(obj["truncated"]))
+        ET.SubElement(el, "difficult").text = "0"
+        bndbox = ET.SubElement(el, "bndbox")
+        # VOC boxes are 1-based inclusive pixel indices: pixel columns x0..x1-1 are xmin=x0+1 .. xmax=x1
+        for key, value in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x1), ("ymax", y1)):
+            ET.SubElement(bndbox, key).text = str(value)
+    ET.indent(root, space="\t")
+    return ET.tostring(root, encoding="unicode").encode() + b"\n"
+
+
+def _coco_json(class_names, images, annotations):
+    return {
+        "info": {"description": "mocobench synthetic shapes (mocobench.synth)", "version": str(META_VERSION),
+                 "year": 2017},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(class_names)],
+    }
+
+
+def _make_detection(out_dir, classes, scenes, size, seed, formats):
+    """Draw the scenes once and write them in each of `formats` ("voc", "coco"); returns counts."""
+    names = _class_list(classes)
+    n_train, _ = _scene_split(scenes)
+    voc_dir = os.path.join(out_dir, f"VOC{VOC_YEAR}")
+    coco_dir = os.path.join(out_dir, "coco")
+    if "voc" in formats:
+        for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+            os.makedirs(os.path.join(voc_dir, sub), exist_ok=True)
+    if "coco" in formats:
+        for sub in ("train2017", "val2017", "annotations"):
+            os.makedirs(os.path.join(coco_dir, sub), exist_ok=True)
+
+    voc_ids = {"trainval": [], "test": []}
+    voc_class_presence = {"trainval": [], "test": []}
+    coco = {split: {"images": [], "annotations": []} for split in ("train", "val")}
+    n_objects = {"train": 0, "test": 0}
+    for i in range(scenes):
+        img, objects = render_scene(names, size, _rng(seed, _STREAM_SCENE, i))
+        jpeg = _encode_jpeg(img)
+        voc_split, coco_split = ("trainval", "train") if i < n_train else ("test", "val")
+        n_objects["train" if i < n_train else "test"] += len(objects)
+        if "voc" in formats:
+            file_id = f"{i + 1:06d}"
+            _write_bytes(os.path.join(voc_dir, "JPEGImages", file_id + ".jpg"), jpeg)
+            _write_bytes(os.path.join(voc_dir, "Annotations", file_id + ".xml"), _voc_xml(file_id, size, objects))
+            voc_ids[voc_split].append(file_id)
+            voc_class_presence[voc_split].append({o["name"] for o in objects})
+        if "coco" in formats:
+            image_id = i + 1
+            file_name = f"{image_id:012d}.jpg"
+            _write_bytes(os.path.join(coco_dir, coco_split + "2017", file_name), jpeg)
+            coco[coco_split]["images"].append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+            for obj in objects:
+                x0, y0, x1, y1 = obj["box"]
+                coco[coco_split]["annotations"].append({
+                    "id": len(coco["train"]["annotations"]) + len(coco["val"]["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": names.index(obj["name"]) + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "segmentation": obj["polygons"],
+                    "area": round(obj["area"], 4),
+                    "iscrowd": 0,
+                })
+
+    counts = {"objects": n_objects}  # train = VOC trainval / COCO train, test = VOC test / COCO val
+    if "voc" in formats:
+        main_dir = os.path.join(voc_dir, "ImageSets", "Main")
+        for split, ids in voc_ids.items():
+            _write_bytes(os.path.join(main_dir, split + ".txt"), "".join(f"{i}\n" for i in ids).encode())
+            # per-class lists like the real VOC devkit: "<id> 1" if the class is in the image, else "<id> -1"
+            for name in names:
+                lines = [f"{i} {1 if name in present else -1:2d}\n"
+                         for i, present in zip(ids, voc_class_presence[split])]
+                _write_bytes(os.path.join(main_dir, f"{name}_{split}.txt"), "".join(lines).encode())
+        counts["voc"] = {split: len(ids) for split, ids in voc_ids.items()}
+    if "coco" in formats:
+        for split, data in coco.items():
+            path = os.path.join(coco_dir, "annotations", f"instances_{split}2017.json")
+            with atomic_write(path, "w") as f:
+                json.dump(_coco_json(names, data["images"], data["annotations"]), f)
+        counts["coco"] = {split: len(data["images"]) for split, data in coco.items()}
+    return counts
+
+
+def make_voc(out_dir, classes, scenes, size, seed):
+    """Write DIR/VOC2007 (JPEGImages, Annotations, ImageSets/Main); returns counts."""
+    return _make_detection(out_dir, classes, scenes, size, seed, formats=("voc",))
+
+
+def make_coco(out_dir, classes, scenes, size, seed):
+    """Write DIR/coco/{train,val}2017 and annotations/instances_*.json (the same scenes as make_voc)."""
+    return _make_detection(out_dir, classes, scenes, size, seed, formats=("coco",))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parameters, metadata and the whole tree
+
+
+def _class_list(classes):
+    """`classes` as an int (the first N of CLASS_NAMES) or a sequence of names -> list of names."""
+    if isinstance(classes, (int, np.integer)) and not isinstance(classes, bool):
+        if not 2 <= classes <= len(CLASS_NAMES):
+            raise UsageError(f"classes={classes}: expected 2..{len(CLASS_NAMES)} (CLASS_NAMES has "
+                             f"{len(CLASS_NAMES)} shapes: {', '.join(CLASS_NAMES)})")
+        return list(CLASS_NAMES[:classes])
+    names = list(classes)
+    unknown = [n for n in names if n not in CLASS_NAMES]
+    if unknown or len(set(names)) != len(names) or len(names) < 2:
+        raise UsageError(f"classes={names!r}: expected at least 2 distinct names from {', '.join(CLASS_NAMES)}")
+    return names
+
+
+def _resolve_params(preset, seed, overrides):
+    if preset not in PRESETS:
+        raise UsageError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    unknown = set(overrides) - set(PRESETS[preset])
+    if unknown:
+        raise UsageError(f"unknown synth parameter(s) {sorted(unknown)}; expected {sorted(PRESETS[preset])}")
+    p = dict(PRESETS[preset])
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    if p["val_per_class"] is None:
+        p["val_per_class"] = max(2, p["images_per_class"] // 5)
+
+    def check_int(key, low, high=None):
+        value = p[key]
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low or \
+                (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"{low}..{high}"
+            raise UsageError(f"{key}={value!r}: expected an integer {bounds}")
+        p[key] = int(value)
+
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"seed={seed!r}: expected a non-negative integer")
+    names = _class_list(p["classes"])
+    check_int("images_per_class", 1)
+    check_int("val_per_class", 1)
+    check_int("scenes", 4)  # VOC needs >= 2 ids per split file (detectron2 reads them with np.loadtxt)
+    check_int("size", MIN_SIZE, MAX_SIZE)
+    check_int("scene_size", MIN_SCENE_SIZE, MAX_SIZE)
+    n_train, n_test = _scene_split(p["scenes"])
+    return {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "preset": preset,
+        "seed": int(seed),
+        "class_names": names,
+        "num_classes": len(names),
+        "images_per_class": p["images_per_class"],
+        "val_per_class": p["val_per_class"],
+        "scenes": p["scenes"],
+        "size": p["size"],
+        "scene_size": p["scene_size"],
+        "voc_year": VOC_YEAR,
+        "splits": {
+            "imagenet": {"train": p["images_per_class"] * len(names), "val": p["val_per_class"] * len(names)},
+            "voc": {"trainval": n_train, "test": n_test},
+            "coco": {"train": n_train, "val": n_test},
+        },
+        "paths": {
+            "imagenet_train": "imagenet/train",
+            "imagenet_val": "imagenet/val",
+            "voc": f"VOC{VOC_YEAR}",
+            "coco_train_images": "coco/train2017",
+            "coco_val_images": "coco/val2017",
+            "coco_train_json": "coco/annotations/instances_train2017.json",
+            "coco_val_json": "coco/annotations/instances_val2017.json",
+        },
+    }
+
+
+# what determines the files; two metas with the same values here describe byte-identical trees
+_PARAM_KEYS = ("version", "seed", "class_names", "images_per_class", "val_per_class", "scenes", "size", "scene_size")
+_OWNED = ("imagenet", f"VOC{VOC_YEAR}", "coco", META_FILE)
+
+
+def read_synth_meta(directory):
+    """The synth.json of a generated tree, checked; raises UsageError naming the file and the problem."""
+    path = os.path.join(os.fspath(directory), META_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(f"{path!r} does not exist: {directory!r} is not a generated dataset "
+                         f"(create one with `mocobench data synth --out {directory}`)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path!r} is not readable JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise UsageError(f"{path!r}: expected a dict with format={META_FORMAT!r}")
+    if meta.get("version") != META_VERSION:
+        raise UsageError(f"{path!r}: version {meta.get('version')!r}, this mocobench reads version {META_VERSION}; "
+                         "regenerate the data")
+    missing = [k for k in (*_PARAM_KEYS, "preset", "num_classes", "splits", "paths") if k not in meta]
+    if missing:
+        raise UsageError(f"{path!r}: missing key(s) {missing}")
+    if not (isinstance(meta["class_names"], list) and meta["class_names"]
+            and all(n in CLASS_NAMES for n in meta["class_names"])):
+        raise UsageError(f"{path!r}: class_names must be a non-empty list of names from CLASS_NAMES, "
+                         f"got {meta['class_names']!r}")
+    return meta
+
+
+def synthesize(out_dir, preset="test", seed=0, overwrite=False, **overrides):
+    """Write the whole tree (ImageNet, VOC2007, COCO) and synth.json into `out_dir`; returns the meta dict.
+
+    `overrides`: classes, images_per_class, val_per_class, scenes, size (object images), scene_size; None
+    keeps the preset's value. If `out_dir` already holds a tree generated with the same parameters, it is reused
+    as it is (synth.json is written last, so its presence means the tree is complete). A tree with other
+    parameters, or any other non-empty directory, is refused unless `overwrite`, which replaces only the
+    paths this module owns (imagenet/, VOC2007/, coco/, synth.json).
+    """
+    out_dir = os.fspath(out_dir)
+    meta = _resolve_params(preset, seed, overrides)
+    if os.path.isfile(out_dir):
+        raise UsageError(f"--out {out_dir!r} is a file; expected a directory")
+    existing = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    if existing:
+        if os.path.isfile(os.path.join(out_dir, META_FILE)):
+            old = read_synth_meta(out_dir)
+            changed = [k for k in _PARAM_KEYS if old.get(k) != meta[k]]
+            if not changed and not overwrite:
+                return old
+            if changed and not overwrite:
+                details = ", ".join(f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in changed)
+                raise UsageError(f"{out_dir!r} already holds a dataset generated with other parameters ({details}); "
+                                 "use another --out or pass --overwrite")
+        elif not overwrite:
+            raise UsageError(f"{out_dir!r} is not empty and holds no {META_FILE} (an interrupted run or another "
+                             "dataset?); use an empty or new directory, or pass --overwrite")
+        for name in _OWNED:
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(out_dir, exist_ok=True)
+
+    names = meta["class_names"]
+    make_imagenet(out_dir, names, meta["images_per_class"], meta["val_per_class"], meta["size"], meta["seed"])
+    counts = _make_detection(out_dir, names, meta["scenes"], meta["scene_size"], meta["seed"], formats=("voc", "coco"))
+    meta["objects"] = counts["objects"]
+    with atomic_write(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: mocobench data synth --out DIR
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(prog="mocobench data", description="Generated datasets in the real formats.")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    synth = actions.add_parser(
+        "synth", help="write ImageNet-style, VOC2007 and COCO trees of shape images",
+        description="Write DIR/imagenet/{train,val}, DIR/VOC2007, DIR/coco and DIR/synth.json. Explicit flags "
+                    "override the preset: " + "; ".join(
+                        f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in PRESETS.items()))
+    synth.add_argument("--out", required=True, help="output directory (empty, new, or a tree with the same params)")
+    synth.add_argument("--preset", default="test", choices=sorted(PRESETS), help="size defaults (default: test)")
+    synth.add_argument("--seed", type=int, default=0, help="same seed and sizes -> byte-identical files")
+    synth.add_argument("--classes", type=int, help=f"number of shape classes (2..{len(CLASS_NAMES)})")
+    synth.add_argument("--images-per-class", type=int, help="ImageNet train images per class")
+    synth.add_argument("--val-per-class", type=int, help="ImageNet val images per class (default: a fifth, >= 2)")
+    synth.add_argument("--scenes", type=int, help="detection scenes (a quarter -> VOC test / COCO val)")
+    synth.add_argument("--size", type=int, help=f"object image side in px (>= {MIN_SIZE})")
+    synth.add_argument("--scene-size", type=int, help=f"scene image side in px (>= {MIN_SCENE_SIZE})")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing generated tree in --out")
+    return parser
+
+
+def main(argv):
+    parser = _build_parser()
+    args = parser.parse_args(argv)  # argparse exits 2 on bad flags itself
+    if args.action != "synth":
+        parser.print_help(sys.stderr)
+        return 2
+    start = time.perf_counter()
+    before = os.path.isfile(os.path.join(args.out, META_FILE))
+    meta = synthesize(
+        args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, classes=args.classes,
+        images_per_class=args.images_per_class, val_per_class=args.val_per_class, scenes=args.scenes,
+        size=args.size, scene_size=args.scene_size)
+    seconds = time.perf_counter() - start
+    s = meta["splits"]
+    verb = "reused" if before and not args.overwrite else f"wrote in {seconds:.1f} s"
+    print(f"{args.out}: {verb} (preset {meta['preset']}, seed {meta['seed']})")
+    print(f"  classes ({meta['num_classes']}): {', '.join(meta['class_names'])}")
+    print(f"  imagenet/       {s['imagenet']['train']} train + {s['imagenet']['val']} val images, "
+          f"{meta['size']} px ({meta['images_per_class']} + {meta['val_per_class']} per class)")
+    print(f"  VOC{meta['voc_year']}/        {s['voc']['trainval']} trainval + {s['voc']['test']} test scenes, "
+          f"{meta['scene_size']} px")
+    print(f"  coco/           {s['coco']['train']} train2017 + {s['coco']['val']} val2017 scenes (same images as VOC)")
+    print(f"                  {meta['objects']['train']} + {meta['objects']['test']} annotated objects")
+    print(f"  {META_FILE}      class names, seed, sizes and preset for the later stages")
+    return 0
