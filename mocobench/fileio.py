@@ -55,7 +55,7 @@ def load_checkpoint(path, map_location="cpu"):
             f"refusing to load {path!r}: it holds objects outside torch's weights-only allow-list "
             f"(a checkpoint must contain tensors, numbers, strings and containers only): {e}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"{path!r} is not a readable torch checkpoint (truncated or another format?): {e}") from None
 
 
@@ -75,11 +75,15 @@ _NUMPY_ALLOWED = {
 }
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
 class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _NUMPY_ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not on the allow-list")
+        raise _ForbiddenGlobal(f"global '{module}.{name}' is not on the allow-list")
 
 
 def safe_unpickle(path):
@@ -91,10 +95,10 @@ def safe_unpickle(path):
         data = f.read()
     try:
         return _AllowListUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except _ForbiddenGlobal as e:
         raise UsageError(
             f"refusing to load {path!r}: {e}. A weights .pkl may hold only dicts, lists, numbers, "
             "strings and numpy arrays"
         ) from None
-    except (EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"{path!r} is not a readable pickle (truncated or another format?): {e}") from None
