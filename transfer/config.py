@@ -1,0 +1,68 @@
+"""Loading a detection config: detectron2's CfgNode plus a small MOCOBENCH namespace, with clear errors."""
+import os
+
+from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+
+# isort: split
+from detectron2.config import CfgNode, get_cfg
+
+import transfer.heads  # noqa: F401  (Res5ROIHeadsExtraNorm: configs name it, so loading one registers it)
+from mocobench.cli import UsageError
+
+
+def add_mocobench_config(cfg: CfgNode):
+    """Keys of our own; everything else is detectron2's, unknown keys stay errors."""
+    cfg.MOCOBENCH = CfgNode()
+    # period (iterations) of metrics.json / the console metric lines; detectron2's DefaultTrainer uses 20
+    cfg.MOCOBENCH.LOG_PERIOD = 20
+    # refuse to start training when MODEL.WEIGHTS is empty (the benchmark configs: a transfer run from
+    # random init is a different experiment, so it must be asked for explicitly with MODEL.WEIGHTS "")
+    cfg.MOCOBENCH.REQUIRE_WEIGHTS = False
+    # the generated-dataset directory the synth_* names point at (see transfer.datasets)
+    cfg.MOCOBENCH.SYNTH_ROOT = ""
+
+def load_config(config_file: str, opts=()) -> CfgNode:
+    """get_cfg() + our keys, merged with `config_file` and `opts`; bad keys/values raise UsageError."""
+    if not os.path.isfile(config_file):
+        raise UsageError(f"config file {config_file!r} does not exist")
+    cfg = get_cfg()
+    add_mocobench_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:  # yacs: "Non-existent config key: MODEL.FOO"
+        raise UsageError(f"{config_file}: unknown config key ({_key_error(e)})") from None
+    except (ValueError, AssertionError, TypeError) as e:
+        raise UsageError(f"{config_file}: {e}") from None
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UsageError(f"config overrides must be KEY VALUE pairs; got an odd number of items: {opts}")
+    try:
+        cfg.merge_from_list(opts)
+    except KeyError as e:
+        raise UsageError(f"command-line override: unknown config key ({_key_error(e)})") from None
+    except (ValueError, AssertionError, TypeError) as e:
+        raise UsageError(f"command-line override: {e}") from None
+    return cfg
+
+def _key_error(e: KeyError) -> str:
+    return str(e.args[0]) if e.args else str(e)
+
+def _walk(node: CfgNode, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            yield from _walk(value, f"{prefix}{key}.")
+        else:
+            yield node, key, f"{prefix}{key}", value
+
+def swap_sync_bn(cfg: CfgNode, replacement: str = "naiveSyncBN") -> list:
+    """Every `*.NORM: SyncBN` -> `replacement`; returns the keys changed.
+
+    torch's SyncBatchNorm synchronizes only CUDA tensors in a process group; detectron2's NaiveSyncBatchNorm
+    all-reduces the batch statistics with plain collectives, so it synchronizes CPU processes over gloo.
+    """
+    changed = []
+    for node, key, full_key, value in _walk(cfg):
+        if key == "NORM" and value == "SyncBN":
+            node[key] = replacement
+            changed.append(full_key)
+    return changed

@@ -1,0 +1,48 @@
+"""Evaluator by dataset: a registry keyed by the dataset's `evaluator_type` metadata.
+
+detectron2's builtin registrations set `evaluator_type` ("pascal_voc" for voc_*, "coco" for coco_*), and
+`transfer.datasets` sets it for the generated datasets, so a new family of datasets needs one entry here
+rather than another branch on the dataset's name.
+"""
+import os
+
+from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+
+# isort: split
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+from mocobench.cli import UsageError
+
+# evaluator_type -> builder(cfg, dataset_name, output_folder) -> DatasetEvaluator
+EVALUATOR_BUILDERS = {}
+
+def register_evaluator(evaluator_type):
+    def register(builder):
+        if evaluator_type in EVALUATOR_BUILDERS:
+            raise KeyError(f"an evaluator for {evaluator_type!r} is already registered")
+        EVALUATOR_BUILDERS[evaluator_type] = builder
+        return builder
+
+    return register
+
+@register_evaluator("pascal_voc")
+def _pascal_voc(cfg, dataset_name, output_folder):
+    # AP (mean over IoU .50:.05:.95), AP50, AP75; the 11-point VOC07 metric when the dataset's year is 2007
+    return PascalVOCDetectionEvaluator(dataset_name)
+
+@register_evaluator("coco")
+def _coco(cfg, dataset_name, output_folder):
+    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder)
+
+def build_evaluator(cfg, dataset_name, output_folder=None):
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if evaluator_type not in EVALUATOR_BUILDERS:
+        raise UsageError(
+            f"no evaluator for dataset {dataset_name!r} (its evaluator_type metadata is {evaluator_type!r}); "
+            f"known evaluator types: {', '.join(sorted(EVALUATOR_BUILDERS))}"
+        )
+    return EVALUATOR_BUILDERS[evaluator_type](cfg, dataset_name, output_folder)

@@ -1,0 +1,95 @@
+"""The transfer trainer: detectron2's DefaultTrainer with the evaluator registry, safe checkpoints and progress."""
+import logging
+import sys
+import weakref
+
+from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+
+# isort: split
+from detectron2.engine import DefaultTrainer, HookBase, hooks
+from detectron2.utils import comm
+
+import transfer.heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm in ROI_HEADS_REGISTRY)
+from transfer.checkpoint import SafeDetectionCheckpointer
+from transfer.evaluation import build_evaluator
+
+
+class ProgressBar(HookBase):
+    """A tqdm bar on an interactive terminal (rank 0): iterations, rate, ETA, loss and lr on one line.
+
+    Log lines (detectron2's CommonMetricPrinter, which prints its own eta) are routed above the bar by
+    `tqdm.contrib.logging.logging_redirect_tqdm` in `Trainer.train`; in a log file there is no bar.
+    """
+
+    def __init__(self, description=""):
+        self._description = description
+        self._bar = None
+
+    def before_train(self):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter, desc=self._description,
+                         unit="it", dynamic_ncols=True, leave=True)
+
+    def after_step(self):
+        self._bar.update(1)
+        storage = self.trainer.storage
+        history = storage.histories()
+        postfix = {}
+        if "total_loss" in history:
+            postfix["loss"] = f"{history['total_loss'].median(20):.3f}"
+        if "lr" in history:
+            postfix["lr"] = f"{history['lr'].latest():.2g}"
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def after_train(self):
+        if self._bar is not None:
+            self._bar.close()
+
+class Trainer(DefaultTrainer):
+    progress_description = ""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    def build_hooks(self):
+        # Loading and saving go through SafeDetectionCheckpointer (restricted unpickling, atomic writes); it is
+        # swapped in here because DefaultTrainer.__init__ creates its checkpointer right before build_hooks,
+        # which hands it to PeriodicCheckpointer.
+        self.checkpointer = SafeDetectionCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
+                                                      trainer=weakref.proxy(self))
+        ret = super().build_hooks()
+        for hook in ret:
+            if isinstance(hook, hooks.PeriodicWriter):
+                hook._period = self.cfg.MOCOBENCH.LOG_PERIOD  # DefaultTrainer hard-codes 20
+        if comm.is_main_process() and sys.stderr.isatty():
+            ret.append(ProgressBar(self.progress_description))
+        return ret
+
+    # detectron2 v0.6's DefaultTrainer checkpoints the iteration and the hooks (the lr scheduler) but not the
+    # optimizer, which lives in its inner SimpleTrainer: a resumed run lost the momentum buffers and ran its first
+    # iteration at the lr the optimizer was built with. Later detectron2 releases save it under "_trainer", as here.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()  # {"iteration", "optimizer"}
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logging.getLogger(__name__).warning(
+                "the checkpoint has no optimizer state (written by a plain detectron2 v0.6 DefaultTrainer?): "
+                "momentum starts from zero and the first resumed iteration uses the optimizer's initial lr"
+            )
+
+    def train(self):
+        if comm.is_main_process() and sys.stderr.isatty():
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm([logging.getLogger("detectron2"), logging.getLogger("fvcore"),
+                                        logging.getLogger("transfer")]):
+                return super().train()
+        return super().train()
