@@ -1,0 +1,311 @@
+"""MoCo augmentation recipes on uint8 numpy images with OpenCV.
+
+The official MoCo code builds its views with PIL + torchvision.transforms. We keep the same augmentation
+*distribution* (same crop sampler, same jitter factor ranges, same probabilities and op order) but run every
+op on a uint8 HxWx3 RGB numpy array with OpenCV, which is several times faster per worker. Outputs are not
+pixel-identical to torchvision's (different resampling and rounding), only identically distributed.
+
+Random numbers come from Python's `random` module (cheap for scalars); the data loader seeds it per worker
+(pretrain.data.worker_init_fn) or per sample (SafeImageFolder(seed=...)).
+
+    transform = build_two_view_transform("v2", 224)
+    view1, view2 = transform(rgb_uint8_image)   # float32 CHW tensors, ImageNet-normalised
+"""
+import math
+import random
+
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Per-channel float32 lookup tables uint8 -> (x/255 - mean) / std: normalising is then one cv2.LUT per channel.
+_NORMALIZE_LUTS = [
+    ((np.arange(256, dtype=np.float64) / 255.0 - m) / s).astype(np.float32) for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)
+]
+_IDENTITY = np.arange(256, dtype=np.float32)
+_SOLARIZE_LUT = np.where(np.arange(256) < 128, np.arange(256), 255 - np.arange(256)).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+def sample_crop_params(height, width, scale, ratio, rng=random):
+    """(top, left, crop_h, crop_w), sampled exactly as torchvision's RandomResizedCrop.get_params.
+
+    Area fraction ~ U[scale], aspect ratio log-uniform in `ratio`; 10 tries, then a centre crop clamped to
+    the ratio range.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize(img, out_w, out_h):
+    # INTER_LINEAR like torchvision's bilinear; for strong shrinking INTER_AREA instead, because PIL's
+    # bilinear (what the official recipe uses) antialiases and plain INTER_LINEAR would alias.
+    h, w = img.shape[:2]
+    shrinking_a_lot = w >= 2 * out_w and h >= 2 * out_h
+    return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA if shrinking_a_lot else cv2.INTER_LINEAR)
+
+
+class RandomResizedCrop:
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def __call__(self, img, rng=random):
+        top, left, h, w = sample_crop_params(img.shape[0], img.shape[1], self.scale, self.ratio, rng)
+        return _resize(img[top : top + h, left : left + w], self.size, self.size)
+
+
+class ResizeCenterCrop:
+    """Resize the shorter side to `resize`, then take the centre `size` x `size` crop (evaluation)."""
+
+    def __init__(self, resize, size):
+        self.resize, self.size = resize, size
+
+    def __call__(self, img, rng=random):
+        h, w = img.shape[:2]
+        if h <= w:
+            new_h, new_w = self.resize, int(self.resize * w / h)
+        else:
+            new_h, new_w = int(self.resize * h / w), self.resize
+        img = _resize(img, new_w, new_h)
+        top = int(round((new_h - self.size) / 2.0))
+        left = int(round((new_w - self.size) / 2.0))
+        return img[top : top + self.size, left : left + self.size]
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, img, rng=random):
+        return cv2.flip(img, 1) if rng.random() < self.p else img
+
+
+# ----------------------------------------------------------------------------------------------- photometric
+def _gray(img):
+    return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+
+
+def adjust_brightness(img, factor):
+    lut = np.clip(_IDENTITY * factor + 0.5, 0, 255).astype(np.uint8)
+    return cv2.LUT(img, lut)
+
+
+def adjust_contrast(img, factor):
+    # Blend with the mean grey level of the image (torchvision/PIL both use the grayscale mean).
+    mean = cv2.mean(_gray(img))[0]
+    lut = np.clip(_IDENTITY * factor + (1.0 - factor) * mean + 0.5, 0, 255).astype(np.uint8)
+    return cv2.LUT(img, lut)
+
+
+def adjust_saturation(img, factor):
+    # Blend with the per-pixel grayscale image; addWeighted saturates to [0, 255] for factors > 1.
+    gray3 = cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(img, factor, gray3, 1.0 - factor, 0.0)
+
+
+def adjust_hue(img, shift):
+    """Rotate hue by `shift` turns (in [-0.5, 0.5]); HSV_FULL keeps hue in 256 steps instead of 180."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
+    lut = ((np.arange(256) + int(round(shift * 256))) % 256).astype(np.uint8)
+    hsv[..., 0] = cv2.LUT(hsv[..., 0], lut)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+class ColorJitter:
+    """torchvision ColorJitter: factors U[max(0, 1-x), 1+x], hue U[-h, h], the four ops in random order."""
+
+    def __init__(self, brightness, contrast, saturation, hue):
+        self.brightness = self._range(brightness)
+        self.contrast = self._range(contrast)
+        self.saturation = self._range(saturation)
+        self.hue = (-hue, hue) if hue > 0 else None
+
+    @staticmethod
+    def _range(x):
+        return (max(0.0, 1.0 - x), 1.0 + x) if x > 0 else None
+
+    def sample_params(self, rng=random):
+        """[(op, factor), ...] in the random order they are applied."""
+        ops = [
+            (adjust_brightness, self.brightness),
+            (adjust_contrast, self.contrast),
+            (adjust_saturation, self.saturation),
+            (adjust_hue, self.hue),
+        ]
+        rng.shuffle(ops)
+        return [(op, rng.uniform(*bounds)) for op, bounds in ops if bounds is not None]
+
+    def __call__(self, img, rng=random):
+        for op, factor in self.sample_params(rng):
+            img = op(img, factor)
+        return img
+
+
+class RandomGrayscale:
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img, rng=random):
+        return cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB) if rng.random() < self.p else img
+
+
+class GaussianBlur:
+    """Blur with sigma ~ U[sigma_range]; like PIL's GaussianBlur(radius=sigma) used by the official code."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img, rng=random):
+        sigma = rng.uniform(*self.sigma)
+        # Kernel of +-3 sigma (odd size); cv2 applies it separably.
+        ksize = 2 * int(math.ceil(3.0 * sigma)) + 1
+        return cv2.GaussianBlur(img, (ksize, ksize), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+class Solarize:
+    """Invert pixels >= threshold (PIL ImageOps.solarize with threshold 128)."""
+
+    def __call__(self, img, rng=random):
+        return cv2.LUT(img, _SOLARIZE_LUT)
+
+
+class RandomApply:
+    def __init__(self, op, p):
+        self.op, self.p = op, p
+
+    def __call__(self, img, rng=random):
+        return self.op(img, rng) if rng.random() < self.p else img
+
+
+def to_normalized_tensor(img):
+    """uint8 HxWx3 RGB -> float32 3xHxW tensor, ImageNet mean/std normalised."""
+    h, w = img.shape[:2]
+    out = np.empty((3, h, w), dtype=np.float32)
+    for c, channel in enumerate(cv2.split(img)):
+        out[c] = cv2.LUT(channel, _NORMALIZE_LUTS[c])
+    return torch.from_numpy(out)
+
+
+class Compose:
+    """Apply uint8 ops in order, then normalise to a tensor."""
+
+    def __init__(self, ops):
+        self.ops = list(ops)
+
+    def __call__(self, img, rng=random):
+        img = _as_rgb_uint8(img)
+        for op in self.ops:
+            img = op(img, rng)
+        return to_normalized_tensor(img)
+
+    def __repr__(self):
+        return "Compose(" + ", ".join(type(op).__name__ for op in self.ops) + ")"
+
+
+def _as_rgb_uint8(img):
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        desc = f"{type(img).__name__} {getattr(img, 'dtype', '')} {getattr(img, 'shape', '')}"
+        raise TypeError(f"expected an RGB uint8 numpy image of shape HxWx3, got {desc}")
+    return img
+
+
+class TwoViewTransform:
+    """Two independently augmented views of one image (the query and key of MoCo)."""
+
+    def __init__(self, view1, view2):
+        self.view1, self.view2 = view1, view2
+
+    def __call__(self, img):
+        return self.view1(img), self.view2(img)
+
+    def __repr__(self):
+        return f"TwoViewTransform(view1={self.view1!r}, view2={self.view2!r})"
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+def _moco_v1(size):
+    # MoCo v1 (main_moco.py without --aug-plus): grayscale before an always-on jitter.
+    view = Compose([
+        RandomResizedCrop(size, scale=(0.2, 1.0)),
+        RandomGrayscale(0.2),
+        ColorJitter(0.4, 0.4, 0.4, 0.4),
+        RandomHorizontalFlip(),
+    ])
+    return view, view
+
+
+def _moco_v2(size):
+    # MoCo v2 "aug+", following SimCLR: jitter p=0.8, grayscale, blur p=0.5.
+    view = Compose([
+        RandomResizedCrop(size, scale=(0.2, 1.0)),
+        RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8),
+        RandomGrayscale(0.2),
+        RandomApply(GaussianBlur((0.1, 2.0)), p=0.5),
+        RandomHorizontalFlip(),
+    ])
+    return view, view
+
+
+def _moco_v3(size):
+    # MoCo v3 (BYOL recipe): asymmetric blur / solarize between the two views.
+    def view(blur_p, solarize_p):
+        return Compose([
+            RandomResizedCrop(size, scale=(0.08, 1.0)),
+            RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8),
+            RandomGrayscale(0.2),
+            RandomApply(GaussianBlur((0.1, 2.0)), p=blur_p),
+            RandomApply(Solarize(), p=solarize_p),
+            RandomHorizontalFlip(),
+        ])
+
+    return view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)
+
+
+# version -> builder(size) -> (view1 transform, view2 transform)
+TWO_VIEW_RECIPES = {
+    "v1": _moco_v1,
+    "v2": _moco_v2,
+    "v3": _moco_v3,
+}
+
+
+def build_two_view_transform(version: str, size: int):
+    """Callable: RGB uint8 HxWx3 numpy image -> (view1, view2) float32 CHW normalised tensors."""
+    if version not in TWO_VIEW_RECIPES:
+        raise ValueError(f"unknown MoCo augmentation version {version!r}; expected one of {sorted(TWO_VIEW_RECIPES)}")
+    view1, view2 = TWO_VIEW_RECIPES[version](int(size))
+    return TwoViewTransform(view1, view2)
+
+
+def build_eval_transform(size: int):
+    """Resize the shorter side to round(size * 256 / 224), centre-crop `size`, normalise (one tensor)."""
+    size = int(size)
+    return Compose([ResizeCenterCrop(int(round(size * 256 / 224)), size)])
+
+
+def build_linear_train_transform(size: int):
+    """Linear-classification training augmentation: RandomResizedCrop (scale 0.08-1) + flip."""
+    size = int(size)
+    return Compose([RandomResizedCrop(size), RandomHorizontalFlip()])

@@ -1,0 +1,190 @@
+"""Pretraining config: an fvcore CfgNode with every key and its default (detectron2 style).
+
+A YAML file sets what differs from these defaults and may inherit from another file with `_BASE_`;
+`KEY VALUE` pairs on the command line come last. Unknown keys are an error that names the key.
+
+Learning rate: SOLVER.BASE_LR is per 256 images (linear scaling rule, Goyal et al. 2017), the optimizer gets
+    lr = SOLVER.BASE_LR * SOLVER.BATCH_SIZE / 256
+with SOLVER.BATCH_SIZE the global batch (all processes together), so a config trains the same way on any
+number of devices.
+"""
+import os
+
+from fvcore.common.config import CfgNode as _FvcoreCfgNode
+
+from mocobench.cli import UsageError
+
+
+class CfgNode(_FvcoreCfgNode):
+    pass
+
+
+_C = CfgNode()
+_C.MODEL = CfgNode()
+_C.MODEL.ARCH = "resnet50"  # any torchvision ResNet: resnet18/34/50/101/152, resnext*, wide_resnet*
+_C.MODEL.ZERO_INIT_RESIDUAL = False  # MoCo v3 builds its ResNet with zero-initialised last BN of each block
+
+_C.MOCO = CfgNode()
+_C.MOCO.VERSION = "v1"  # v1 | v2 | v3
+_C.MOCO.DIM = 128  # feature dimension of q and k
+_C.MOCO.K = 65536  # queue size (v1/v2); must be divisible by SOLVER.BATCH_SIZE
+_C.MOCO.M = 0.999  # key encoder momentum (v3: start value of the cosine schedule to 1 when M_COS)
+_C.MOCO.M_COS = False
+_C.MOCO.T = 0.07  # softmax temperature
+_C.MOCO.MLP = False  # v2: 2-layer MLP head (hidden = encoder feature width, ReLU)
+_C.MOCO.MLP_DIM = 4096  # v3: hidden width of projector and predictor
+# One process: BN statistics over this many groups of the batch in both encoders, emulating the per-device BN
+# of a multi-GPU run (the key batch is shuffled first: shuffle BN). Ignored (each rank is a group) with >1 process.
+_C.MOCO.SHUFFLE_BN_SPLITS = 8
+
+_C.INPUT = CfgNode()
+_C.INPUT.SIZE = 224
+_C.INPUT.AUG = "v1"  # v1 | v2 (aug+) | v3 (asymmetric, crop scale 0.08-1): pretrain.augment
+
+_C.DATA = CfgNode()
+_C.DATA.ROOT = ""  # ImageFolder root holding train/ (and val/ for the kNN monitor)
+
+_C.DATALOADER = CfgNode()
+_C.DATALOADER.NUM_WORKERS = 8  # per process
+
+_C.SOLVER = CfgNode()
+_C.SOLVER.OPTIMIZER = "sgd"  # sgd | lars
+_C.SOLVER.EPOCHS = 200
+_C.SOLVER.BATCH_SIZE = 256  # global
+_C.SOLVER.BASE_LR = 0.03  # per 256 images
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.WEIGHT_DECAY = 1e-4
+_C.SOLVER.SCHEDULE = "step"  # step | cosine
+_C.SOLVER.STEPS = (120, 160)  # epochs at which the step schedule multiplies lr by GAMMA
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.WARMUP_EPOCHS = 0  # linear warmup from 0 (per iteration)
+# False: lr changes once per epoch (official v1/v2); True: every iteration (official v3)
+_C.SOLVER.LR_PER_ITER = False
+
+_C.AMP = CfgNode()
+_C.AMP.ENABLED = None  # None = auto: on for CUDA, off for CPU (where autocast is slower)
+_C.AMP.DTYPE = "bfloat16"  # bfloat16 | float16 (float16 uses a GradScaler); bf16 falls back to fp16 on old GPUs
+
+_C.CHANNELS_LAST = None  # None = auto: on for CUDA, off for CPU
+_C.COMPILE = False  # torch.compile the encoders (opt-in)
+_C.DEVICE = ""  # "" = cuda if available else cpu
+_C.SEED = 0
+
+_C.KNN = CfgNode()
+_C.KNN.PERIOD = 10  # epochs; 0 = never. Runs on DATA.ROOT/train -> DATA.ROOT/val when val/ exists
+_C.KNN.K = 200
+_C.KNN.T = 0.1
+_C.KNN.BATCH_SIZE = 256
+
+_C.LOG_PERIOD = 20  # iterations between metrics.json / TensorBoard records
+# A checkpoint is written after every epoch (resume point); one every CHECKPOINT_PERIOD epochs and the
+# last one are kept, the others are deleted once the next one is written.
+_C.CHECKPOINT_PERIOD = 10
+_C.OUTPUT_DIR = "./output/pretrain"
+
+_C.DEBUG = CfgNode()
+_C.DEBUG.SIGKILL_AFTER_EPOCH = 0  # tests: the process SIGKILLs itself after writing this epoch's checkpoint
+
+
+def get_cfg() -> CfgNode:
+    return _C.clone()
+
+
+_CHOICES = {
+    "MOCO.VERSION": ("v1", "v2", "v3"),
+    "INPUT.AUG": ("v1", "v2", "v3"),
+    "SOLVER.OPTIMIZER": ("sgd", "lars"),
+    "SOLVER.SCHEDULE": ("step", "cosine"),
+    "AMP.DTYPE": ("bfloat16", "float16"),
+}
+
+
+def _lookup(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def load_config(config_file=None, opts=(), moco=True) -> CfgNode:
+    """Defaults <- config_file (with its _BASE_ chain) <- opts (KEY VALUE ...); validated and frozen.
+    Bad files, unknown keys and bad values raise UsageError naming them. moco=False (the supervised
+    baseline, which ignores MOCO.*) skips the checks that only concern MoCo's queue."""
+    cfg = get_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise UsageError(f"config file {config_file!r} does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:
+            raise UsageError(f"{config_file}: unknown config key {_key_from_error(e)}") from None
+        except (ValueError, AssertionError, TypeError) as e:
+            raise UsageError(f"{config_file}: {e}") from None
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UsageError(f"config overrides must be KEY VALUE pairs; got an odd number: {opts}")
+    try:
+        cfg.merge_from_list(opts)
+    except KeyError as e:
+        raise UsageError(f"unknown config key {_key_from_error(e)} on the command line") from None
+    except (ValueError, AssertionError, TypeError) as e:
+        raise UsageError(f"bad config override: {e}") from None
+    validate(cfg, moco=moco)
+    cfg.freeze()
+    return cfg
+
+
+def _key_from_error(e):
+    # yacs raises KeyError("Non-existent config key: MOCO.KK")
+    msg = e.args[0] if e.args else str(e)
+    return repr(msg.split(":", 1)[1].strip()) if ":" in str(msg) else repr(msg)
+
+
+def validate(cfg, moco=True):
+    from pretrain.moco import RESNET_ARCHS
+
+    for key, choices in _CHOICES.items():
+        if _lookup(cfg, key) not in choices:
+            raise UsageError(f"{key} = {_lookup(cfg, key)!r} is not one of {choices}")
+    if cfg.MODEL.ARCH not in RESNET_ARCHS:
+        raise UsageError(f"MODEL.ARCH = {cfg.MODEL.ARCH!r} is not a supported torchvision ResNet; "
+                         f"expected one of {RESNET_ARCHS}")
+    positive = {"SOLVER.BATCH_SIZE": cfg.SOLVER.BATCH_SIZE, "SOLVER.EPOCHS": cfg.SOLVER.EPOCHS,
+                "MOCO.T": cfg.MOCO.T, "MOCO.DIM": cfg.MOCO.DIM, "INPUT.SIZE": cfg.INPUT.SIZE,
+                "MOCO.SHUFFLE_BN_SPLITS": cfg.MOCO.SHUFFLE_BN_SPLITS, "CHECKPOINT_PERIOD": cfg.CHECKPOINT_PERIOD,
+                "LOG_PERIOD": cfg.LOG_PERIOD}
+    if moco and cfg.MOCO.VERSION != "v3":
+        positive["MOCO.K"] = cfg.MOCO.K
+    for key, value in positive.items():
+        if value <= 0:
+            raise UsageError(f"{key} = {value} must be > 0")
+    if not 0.0 <= cfg.MOCO.M <= 1.0:
+        raise UsageError(f"MOCO.M = {cfg.MOCO.M} must be in [0, 1]")
+    if moco and cfg.MOCO.VERSION != "v3" and cfg.MOCO.K % cfg.SOLVER.BATCH_SIZE != 0:
+        raise UsageError(f"MOCO.K = {cfg.MOCO.K} must be divisible by the global batch size "
+                         f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (the queue advances by whole batches)")
+    if not cfg.DATA.ROOT:
+        raise UsageError("DATA.ROOT is empty: set it to the ImageFolder root that holds train/ (and val/)")
+
+
+def lr_at(cfg, epoch_float) -> float:
+    """Learning rate at a (fractional) epoch: linear scaling, warmup, then the step or cosine schedule."""
+    import math
+
+    base = cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256
+    e = epoch_float if cfg.SOLVER.LR_PER_ITER else math.floor(epoch_float)
+    warmup, total = cfg.SOLVER.WARMUP_EPOCHS, cfg.SOLVER.EPOCHS
+    if e < warmup:
+        return base * e / warmup
+    if cfg.SOLVER.SCHEDULE == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * (e - warmup) / (total - warmup)))
+    return base * cfg.SOLVER.GAMMA ** sum(e >= step for step in cfg.SOLVER.STEPS)
+
+
+def moco_momentum_at(cfg, epoch_float) -> float:
+    """Key encoder momentum; with MOCO.M_COS it rises from MOCO.M to 1 on a half cosine (MoCo v3)."""
+    import math
+
+    if not cfg.MOCO.M_COS:
+        return cfg.MOCO.M
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch_float / cfg.SOLVER.EPOCHS)) * (1.0 - cfg.MOCO.M)

@@ -1,0 +1,76 @@
+"""Weighted kNN accuracy: the cheap representation monitor of InstDisc / MoCo-style training.
+
+Every validation image votes with its k most similar training images (cosine similarity of L2-normalised
+features); a neighbour's vote weighs exp(similarity / t). Top-1 accuracy in percent.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def _images_and_labels(batch):
+    images, labels = batch[0], batch[1]
+    if isinstance(images, (list, tuple)):  # a two-view dataset: the first view is enough
+        images = images[0]
+    return images, labels
+
+
+@torch.no_grad()
+def extract_features(features_fn, loader, device):
+    """(features [N, D] L2-normalised float32 on `device`, labels [N] int64 on `device`)."""
+    features, labels = [], []
+    for batch in loader:
+        images, targets = _images_and_labels(batch)
+        out = features_fn(images.to(device, non_blocking=True))
+        features.append(F.normalize(out.float().flatten(1), dim=1))
+        labels.append(targets.to(device, non_blocking=True))
+    if not features:
+        raise ValueError("kNN monitor: the loader yielded no batches (empty dataset or drop_last with too few images)")
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(query, bank, bank_labels, num_classes, k=200, t=0.1, bank_chunk=65536):
+    """Weighted-kNN class scores [B, num_classes] for normalised `query` [B, D] against `bank` [N, D].
+
+    The bank is scanned in chunks of `bank_chunk` rows, keeping a running top-k, so the similarity matrix
+    held at once is at most B x (bank_chunk + k).
+    """
+    k = min(k, bank.shape[0])
+    top_sim = query.new_empty(query.shape[0], 0)
+    top_labels = bank_labels.new_empty(query.shape[0], 0)
+    for start in range(0, bank.shape[0], bank_chunk):
+        sim = query @ bank[start : start + bank_chunk].T
+        labels = bank_labels[start : start + bank_chunk].expand(query.shape[0], -1)
+        sim = torch.cat([top_sim, sim], dim=1)
+        labels = torch.cat([top_labels, labels], dim=1)
+        top_sim, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+        top_labels = labels.gather(1, idx)
+    weights = (top_sim / t).exp()
+    scores = torch.zeros(query.shape[0], num_classes, device=query.device, dtype=weights.dtype)
+    scores.scatter_add_(1, top_labels, weights)
+    return scores
+
+
+@torch.no_grad()
+def knn_accuracy(features_fn, train_loader, val_loader, k=200, t=0.1, num_classes=None, device="cpu",
+                 bank_chunk=65536):
+    """Top-1 (%) of the weighted kNN classifier built on `train_loader`, measured on `val_loader`.
+
+    `features_fn(images) -> [B, D]` (e.g. the query encoder). Runs under no_grad; putting the model in eval
+    mode is the caller's job. Memory: the train feature bank (N x D) plus one val batch against one chunk.
+    """
+    device = torch.device(device)
+    bank, bank_labels = extract_features(features_fn, train_loader, device)
+    if num_classes is None:
+        num_classes = int(bank_labels.max()) + 1
+    correct = total = 0
+    for batch in val_loader:
+        images, targets = _images_and_labels(batch)
+        query = F.normalize(features_fn(images.to(device, non_blocking=True)).float().flatten(1), dim=1)
+        scores = knn_predict(query, bank, bank_labels, num_classes, k=k, t=t, bank_chunk=bank_chunk)
+        targets = targets.to(device)
+        correct += int((scores.argmax(dim=1) == targets).sum())
+        total += targets.numel()
+    if total == 0:
+        raise ValueError("kNN monitor: the validation loader yielded no images")
+    return 100.0 * correct / total

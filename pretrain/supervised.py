@@ -1,0 +1,260 @@
+"""Supervised baseline: `mocobench supervised --config-file X.yaml [--resume auto|PATH] [KEY VALUE ...]`.
+
+The classifier MoCo is compared against: a torchvision ResNet trained with cross-entropy on the same
+images (DATA.ROOT/train) with their labels and the same budget (epochs, batch, image size). Same config
+system and keys as `mocobench pretrain` (pretrain.config; the MOCO.* and KNN.* keys are unused), same loop
+conventions, and the helpers of pretrain.train: torchrun/DDP, logging, metrics.json, progress, AMP,
+checkpoints every epoch with exact `--resume auto`.
+
+    One process:  mocobench supervised --config-file configs/pretrain/synth_R18_cpu_supervised.yaml
+    One node:     torchrun --nproc_per_node=8 -m pretrain.supervised --config-file ...
+
+Recipe (torchvision's ResNet reference): RandomResizedCrop(0.08-1) + flip, SGD with momentum, lr per 256
+images (SOLVER.BASE_LR), per-process BatchNorm. After every epoch: top-1 accuracy on DATA.ROOT/val when it
+exists (resize + centre crop), written to metrics.json as `val_top1`.
+
+Checkpoints (pretrain.checkpoint layout): `state_dict` holds plain torchvision keys (conv1.weight, bn1.*,
+layer1.0.conv1.weight, ..., fc.*), as torchvision's own resnet50-*.pth, so `mocobench convert` takes it as a
+torchvision checkpoint.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from mocobench import comm
+from mocobench.cli import UsageError
+from mocobench.fileio import atomic_write
+from pretrain import checkpoint as ckpt
+from pretrain.config import load_config, lr_at
+from pretrain.moco import resnet_builder
+from pretrain.train import (
+    MetricsWriter,
+    Progress,
+    TrainingDiverged,
+    build_optimizer,
+    end_of_epoch_checkpoint,
+    logger,
+    precision_settings,
+    resume_training,
+    seed_all,
+    setup_distributed,
+    setup_logging,
+    unwrap,
+)
+
+
+def build_classifier(cfg, num_classes):
+    """The torchvision ResNet MODEL.ARCH with a num_classes-way fc (torchvision's default initialisation)."""
+    return resnet_builder(cfg.MODEL.ARCH, zero_init_residual=cfg.MODEL.ZERO_INIT_RESIDUAL)(num_classes)
+
+
+def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision, metrics):
+    amp, amp_dtype, channels_last = precision
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    iters = len(loader)
+    progress = Progress(iters, epoch, cfg.SOLVER.EPOCHS, cfg.LOG_PERIOD)
+    window = {"loss": 0.0, "acc1": 0.0, "data_time": 0.0, "n": 0, "start": time.perf_counter()}
+    model.train()
+    end = time.perf_counter()
+    for i, (images, target) in enumerate(loader):
+        data_time = time.perf_counter() - end
+        lr = lr_at(cfg, epoch + i / iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        target = target.to(device, non_blocking=True)
+
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), target)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration + 1} (epoch {epoch + 1}, "
+                                   f"iteration {i + 1}/{iters} of the epoch); stopping")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        iteration += 1
+
+        acc1 = (logits.argmax(dim=1) == target).float().mean().item() * 100.0  # this process's share of the batch
+        window["loss"] += loss_value
+        window["acc1"] += acc1
+        window["data_time"] += data_time
+        window["n"] += 1
+        elapsed = time.perf_counter() - window["start"]
+        img_per_s = window["n"] * cfg.SOLVER.BATCH_SIZE / max(elapsed, 1e-9)
+        progress.update(i, loss=loss_value, acc1=acc1, lr=lr, img_s=round(img_per_s, 1))
+        if iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters:
+            n = window["n"]
+            metrics.write(iteration, epoch=epoch + 1, loss=window["loss"] / n, acc1=window["acc1"] / n, lr=lr,
+                          img_per_s=img_per_s, data_time=window["data_time"] / n)
+            window = {"loss": 0.0, "acc1": 0.0, "data_time": 0.0, "n": 0, "start": time.perf_counter()}
+        end = time.perf_counter()
+    progress.close()
+    return iteration
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision):
+    """(top-1 %, mean loss) over this process's share of the val set, summed over all processes: each rank
+    holds every world-th image (no padding, so every image counts exactly once)."""
+    amp, amp_dtype, channels_last = precision
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = unwrap(model)
+    if comm.get_world_size() > 1:
+        # each rank's BN running statistics last saw its own batch: evaluate rank 0's, the checkpointed model
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, images
+    try:
+        for images, target in loader:
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            target = target.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                logits = model(images).float()
+            totals[0] += (logits.argmax(dim=1) == target).sum()
+            totals[1] += F.cross_entropy(logits, target, reduction="sum")
+            totals[2] += target.numel()
+    finally:
+        model.train(was_training)
+    if comm.get_world_size() > 1:
+        dist.all_reduce(totals)
+    correct, loss_sum, seen = totals.tolist()
+    return 100.0 * correct / max(seen, 1.0), loss_sum / max(seen, 1.0)
+
+
+def build_val_loader(cfg, batch_per_rank, train_classes):
+    """This process's every world-th image of DATA.ROOT/val, or None when val/ does not exist."""
+    from pretrain.augment import build_eval_transform
+    from pretrain.data import SafeImageFolder, build_loader
+
+    val_dir = os.path.join(cfg.DATA.ROOT, "val")
+    if not os.path.isdir(val_dir):
+        return None
+    val_set = SafeImageFolder(val_dir, build_eval_transform(cfg.INPUT.SIZE))
+    if val_set.classes != train_classes:
+        raise UsageError(f"{val_dir!r} has classes {val_set.classes[:5]}... but the train folder has "
+                         f"{train_classes[:5]}...: val/ must hold the same class folders as train/")
+    shard = torch.utils.data.Subset(val_set, range(comm.get_rank(), len(val_set), comm.get_world_size()))
+    return build_loader(shard, batch_per_rank, cfg.DATALOADER.NUM_WORKERS, shuffle=False, drop_last=False,
+                        seed=cfg.SEED)
+
+
+def train(cfg, resume=None):
+    device = setup_distributed(cfg)
+    world, rank = comm.get_world_size(), comm.get_rank()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    setup_logging(cfg.OUTPUT_DIR, tag="supervised")
+    if cfg.SOLVER.BATCH_SIZE % world != 0:
+        raise UsageError(f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (global) is not divisible by the "
+                         f"{world} processes")
+    batch_per_rank = cfg.SOLVER.BATCH_SIZE // world
+    if comm.is_main_process():
+        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    logger.info(f"supervised {cfg.MODEL.ARCH}: {world} process(es) on {device}; global batch "
+                f"{cfg.SOLVER.BATCH_SIZE} ({batch_per_rank} per process), lr = {cfg.SOLVER.BASE_LR} x "
+                f"{cfg.SOLVER.BATCH_SIZE}/256 = {cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256:g}")
+
+    # Data first: a bad DATA.ROOT should fail before a model is built.
+    from pretrain.augment import build_linear_train_transform
+    from pretrain.data import SafeImageFolder, build_loader
+
+    train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), build_linear_train_transform(cfg.INPUT.SIZE))
+    loader = build_loader(train_set, batch_per_rank, cfg.DATALOADER.NUM_WORKERS, shuffle=True, drop_last=True,
+                          distributed=world > 1, seed=cfg.SEED)
+    if len(loader) == 0:
+        raise UsageError(f"{train_set.root}: {len(train_set)} images give no full batch of {batch_per_rank} "
+                         "per process; lower SOLVER.BATCH_SIZE")
+    val_loader = build_val_loader(cfg, batch_per_rank, train_set.classes)
+    logger.info(f"{len(train_set)} training images in {len(train_set.classes)} classes"
+                + (f", {len(val_loader.dataset.dataset)} val images" if val_loader else ", no val/"))
+
+    seed_all(cfg.SEED)  # same seed on every rank: identical initial weights
+    model = build_classifier(cfg, len(train_set.classes))
+    amp, amp_dtype, channels_last = precision_settings(cfg, device)
+    precision = (amp, amp_dtype, channels_last)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(cfg, list(model.parameters()), lr_at(cfg, 0.0))
+    scaler = torch.amp.GradScaler(device.type) if amp and amp_dtype == torch.float16 else None
+    seed_all(cfg.SEED + rank)
+
+    start_epoch, iteration, previous_checkpoint = resume_training(cfg, resume, model, optimizer, scaler,
+                                                                  ckpt.load_plain_state_dict)
+    if world > 1:  # DDP broadcasts rank 0's parameters and buffers when it wraps the model
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.COMPILE:
+        model.compile()
+
+    metrics = MetricsWriter(cfg.OUTPUT_DIR)
+    try:
+        for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
+            loader.sampler.set_epoch(epoch)
+            iteration = train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision,
+                                        metrics)
+            bad = train_set.check_bad_fraction()
+            if bad:
+                logger.warning(f"{bad} unreadable image(s) skipped so far, e.g. {train_set.bad_files()[:3]}")
+            if val_loader is not None:
+                top1, val_loss = evaluate(model, val_loader, device, precision)
+                logger.info(f"epoch {epoch + 1}: val top-1 {top1:.2f}%  val loss {val_loss:.4f}")
+                metrics.write(iteration, epoch=epoch + 1, val_top1=top1, val_loss=val_loss)
+            previous_checkpoint = end_of_epoch_checkpoint(cfg, epoch, model, optimizer, scaler, iteration,
+                                                          previous_checkpoint, ckpt.plain_state_dict)
+    finally:
+        metrics.close()
+    return model
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mocobench supervised",
+        description="Supervised classification pretraining of a torchvision ResNet on DATA.ROOT/train: the "
+                    "baseline MoCo is compared against (same config keys as `mocobench pretrain`).",
+        epilog="Example: mocobench supervised --config-file configs/pretrain/synth_R18_cpu_supervised.yaml "
+               "DATA.ROOT datasets/synth/imagenet OUTPUT_DIR out/sup_r18 SOLVER.EPOCHS 2",
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="YAML config (may use _BASE_)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a checkpoint path")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, e.g. SOLVER.EPOCHS 10 SOLVER.BASE_LR 0.2")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config_file, args.opts, moco=False)
+    try:
+        train(cfg, resume=args.resume)
+    except TrainingDiverged as e:
+        logger.error(f"{e}. The last good checkpoint is the one {os.path.join(cfg.OUTPUT_DIR, ckpt.LAST_CHECKPOINT)}"
+                     " names (if any); lower SOLVER.BASE_LR or check the data.")
+        print(f"mocobench supervised: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as e:  # run as `torchrun -m pretrain.supervised`: same clean error as the mocobench command
+        print(f"mocobench supervised: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,438 @@
+"""MoCo pretraining: `mocobench pretrain --config-file configs/pretrain/X.yaml [--resume auto|PATH] [KEY VALUE ...]`.
+
+One process:   mocobench pretrain --config-file ...
+One node:      torchrun --nproc_per_node=8 -m pretrain.train --config-file ...
+Several nodes: torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT \
+                   --nproc_per_node=8 -m pretrain.train --config-file ...
+(torchrun's env:// variables are all it needs; NCCL on CUDA, gloo on CPU.)
+
+A plain loop in the style of the torchvision reference scripts: build everything, then per epoch
+train_one_epoch -> kNN monitor -> checkpoint. Data order and augmentation are functions of (SEED, epoch,
+index) (pretrain.data), with any number of workers; the remaining randomness (the shuffle-BN permutation)
+comes from the torch RNG, whose state each checkpoint carries, so a resumed run repeats an uninterrupted one.
+
+Everything a run writes goes to OUTPUT_DIR: config.yaml, log.txt, metrics.json (one JSON object per line),
+TensorBoard events, checkpoint_XXXX.pth.tar and last_checkpoint.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from mocobench import comm
+from mocobench.cli import UsageError
+from mocobench.fileio import atomic_write
+from pretrain import checkpoint as ckpt
+from pretrain.config import load_config, lr_at, moco_momentum_at
+from pretrain.moco import build_model, convert_sync_bn
+
+logger = logging.getLogger("pretrain")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------------------
+def setup_distributed(cfg):
+    """Join the torchrun process group when WORLD_SIZE > 1; returns the device of this process."""
+    use_cuda = torch.cuda.is_available() and cfg.DEVICE != "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+    if cfg.DEVICE:
+        return torch.device(cfg.DEVICE if cfg.DEVICE != "cuda" else f"cuda:{local_rank}")
+    return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def setup_logging(output_dir, tag="pretrain"):
+    """Log lines "[time tag] message" to stdout and OUTPUT_DIR/log.txt, on the main process only."""
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    logger.propagate = False
+    if comm.is_main_process():
+        fmt = logging.Formatter(f"[%(asctime)s {tag}] %(message)s", "%m/%d %H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(output_dir, "log.txt"))):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+
+
+def seed_all(seed):
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg, params, lr):
+    from pretrain.lars import LARS
+
+    optimizers = {
+        "sgd": lambda: torch.optim.SGD(params, lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY),
+        "lars": lambda: LARS(params, lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY),
+    }
+    return optimizers[cfg.SOLVER.OPTIMIZER]()
+
+
+def precision_settings(cfg, device):
+    """(autocast enabled, dtype, channels_last): AMP and channels_last default to on for CUDA, off for CPU."""
+    amp = cfg.AMP.ENABLED if cfg.AMP.ENABLED is not None else device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.AMP.DTYPE == "bfloat16" else torch.float16
+    if amp and device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    channels_last = cfg.CHANNELS_LAST if cfg.CHANNELS_LAST is not None else device.type == "cuda"
+    return amp, dtype, channels_last
+
+
+def wrap_ddp(model, device):
+    """Wrap only the submodules that receive gradients (model.ddp_modules) in DDP: the key encoder and the
+    queue stay outside, so nothing but query-side gradients and BN buffers is communicated by DDP."""
+    if comm.get_world_size() == 1:
+        return
+    for name in model.ddp_modules:
+        module = getattr(model, name)
+        setattr(model, name, DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                                     else None))
+
+
+def unwrap(module):
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+# ----------------------------------------------------------------------------------------------------------
+# losses per MoCo version
+# ----------------------------------------------------------------------------------------------------------
+def moco_v1_v2_loss(model, x1, x2, m):
+    model.m = m
+    logits, labels = model(x1, x2)
+    return F.cross_entropy(logits.float(), labels), logits, labels
+
+
+def moco_v3_loss(model, x1, x2, m):
+    return model(x1, x2, m)
+
+
+LOSSES = {"v1": moco_v1_v2_loss, "v2": moco_v1_v2_loss, "v3": moco_v3_loss}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# watching it learn
+# ----------------------------------------------------------------------------------------------------------
+class MetricsWriter:
+    """metrics.json (one JSON object per line, detectron2 style) and TensorBoard, on the main process only."""
+
+    def __init__(self, output_dir):
+        self.enabled = comm.is_main_process()
+        self.tb = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.json = open(os.path.join(output_dir, "metrics.json"), "a")
+            self.tb = SummaryWriter(log_dir=output_dir)
+
+    def write(self, iteration, **scalars):
+        if not self.enabled:
+            return
+        record = {"iteration": iteration, **{k: (round(v, 6) if isinstance(v, float) else v)
+                                             for k, v in scalars.items()}}
+        self.json.write(json.dumps(record) + "\n")
+        self.json.flush()
+        for key, value in scalars.items():
+            if key != "epoch":
+                self.tb.add_scalar(key, value, iteration)
+
+    def close(self):
+        if self.enabled:
+            self.json.close()
+            self.tb.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines every LOG_PERIOD iterations otherwise. Main process only."""
+
+    def __init__(self, total, epoch, epochs, log_period):
+        self.enabled = comm.is_main_process()
+        self.bar = None
+        self.total, self.epoch, self.epochs, self.log_period = total, epoch, epochs, log_period
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, leave=True)
+
+    def update(self, i, **stats):
+        if not self.enabled:
+            return
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif (i + 1) % self.log_period == 0 or i + 1 == self.total:
+            logger.info(f"epoch {self.epoch + 1}/{self.epochs} iter {i + 1}/{self.total}  {text}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def knn_monitor(cfg, model, device, num_workers):
+    """Weighted kNN top-1 (%) of the backbone features (before the projection head), DATA.ROOT/train as the
+    memory bank and DATA.ROOT/val as queries; None when val/ does not exist. Main process only."""
+    from pretrain.augment import build_eval_transform
+    from pretrain.data import SafeImageFolder, build_loader
+    from pretrain.knn import knn_accuracy
+
+    val_dir = os.path.join(cfg.DATA.ROOT, "val")
+    if not os.path.isdir(val_dir):
+        return None
+    transform = build_eval_transform(cfg.INPUT.SIZE)
+    train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), transform)
+    val_set = SafeImageFolder(val_dir, transform)
+    loaders = [build_loader(s, cfg.KNN.BATCH_SIZE, num_workers, shuffle=False, drop_last=False, seed=cfg.SEED)
+               for s in (train_set, val_set)]
+    encoder = unwrap(model.encoder_q if cfg.MOCO.VERSION != "v3" else model.base_encoder)
+
+    def backbone_features(x):  # a torchvision ResNet up to the global average pool
+        x = encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(x))))
+        x = encoder.layer4(encoder.layer3(encoder.layer2(encoder.layer1(x))))
+        return torch.flatten(encoder.avgpool(x), 1)
+
+    was_training = model.training
+    model.eval()
+    try:
+        return knn_accuracy(backbone_features, *loaders, k=cfg.KNN.K, t=cfg.KNN.T,
+                            num_classes=len(train_set.classes), device=device)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------
+def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision, metrics):
+    amp, amp_dtype, channels_last = precision
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    compute_loss = LOSSES[cfg.MOCO.VERSION]
+    iters = len(loader)
+    progress = Progress(iters, epoch, cfg.SOLVER.EPOCHS, cfg.LOG_PERIOD)
+    window = {"loss": 0.0, "acc1": 0.0, "data_time": 0.0, "n": 0, "start": time.perf_counter()}
+    model.train()
+    end = time.perf_counter()
+    for i, ((x1, x2), _) in enumerate(loader):
+        data_time = time.perf_counter() - end
+        epoch_float = epoch + i / iters
+        lr = lr_at(cfg, epoch_float)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        moco_m = moco_momentum_at(cfg, epoch_float)
+        x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+        x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            loss, logits, labels = compute_loss(model, x1, x2, moco_m)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration + 1} (epoch {epoch + 1}, "
+                                   f"iteration {i + 1}/{iters} of the epoch); stopping")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        iteration += 1
+
+        acc1 = (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
+        window["loss"] += loss_value
+        window["acc1"] += acc1
+        window["data_time"] += data_time
+        window["n"] += 1
+        elapsed = time.perf_counter() - window["start"]
+        img_per_s = window["n"] * cfg.SOLVER.BATCH_SIZE / max(elapsed, 1e-9)
+        progress.update(i, loss=loss_value, acc1=acc1, lr=lr, img_s=round(img_per_s, 1))
+        if iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters:
+            n = window["n"]
+            scalars = {"epoch": epoch + 1, "loss": window["loss"] / n, "acc1": window["acc1"] / n, "lr": lr,
+                       "moco_m": moco_m, "img_per_s": img_per_s, "data_time": window["data_time"] / n}
+            if cfg.MOCO.VERSION != "v3":
+                scalars["queue_fill"] = min(1.0, iteration * cfg.SOLVER.BATCH_SIZE / cfg.MOCO.K)
+            metrics.write(iteration, **scalars)
+            window = {"loss": 0.0, "acc1": 0.0, "data_time": 0.0, "n": 0, "start": time.perf_counter()}
+        end = time.perf_counter()
+    progress.close()
+    return iteration
+
+
+def train(cfg, resume=None):
+    device = setup_distributed(cfg)
+    world, rank = comm.get_world_size(), comm.get_rank()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    setup_logging(cfg.OUTPUT_DIR)
+    if cfg.SOLVER.BATCH_SIZE % world != 0:
+        raise UsageError(f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (global) is not divisible by the "
+                         f"{world} processes")
+    batch_per_rank = cfg.SOLVER.BATCH_SIZE // world
+    # One process: emulate SHUFFLE_BN_SPLITS devices' BN. Several: each rank's BN is one device's (v1/v2),
+    # SyncBN for v3 (as the official v3 code).
+    bn_splits = cfg.MOCO.SHUFFLE_BN_SPLITS if world == 1 and cfg.MOCO.VERSION != "v3" else 1
+    if batch_per_rank % bn_splits != 0:
+        raise UsageError(f"MOCO.SHUFFLE_BN_SPLITS = {bn_splits} must divide the batch size "
+                         f"{batch_per_rank}")
+    if comm.is_main_process():
+        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    logger.info(f"{world} process(es) on {device}; global batch {cfg.SOLVER.BATCH_SIZE} "
+                f"({batch_per_rank} per process), lr = {cfg.SOLVER.BASE_LR} x {cfg.SOLVER.BATCH_SIZE}/256 = "
+                f"{cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256:g}")
+
+    # Data first: a bad DATA.ROOT should fail before a model is built.
+    from pretrain.augment import build_two_view_transform
+    from pretrain.data import SafeImageFolder, build_loader
+
+    train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"),
+                                build_two_view_transform(cfg.INPUT.AUG, cfg.INPUT.SIZE))
+    loader = build_loader(train_set, batch_per_rank, cfg.DATALOADER.NUM_WORKERS, shuffle=True, drop_last=True,
+                          distributed=world > 1, seed=cfg.SEED)
+    if len(loader) == 0:
+        raise UsageError(f"{train_set.root}: {len(train_set)} images give no full batch of {batch_per_rank} "
+                         "per process; lower SOLVER.BATCH_SIZE")
+
+    seed_all(cfg.SEED)  # same seed on every rank: identical initial weights and queue
+    model = build_model(cfg, bn_splits=bn_splits)
+    if world > 1 and cfg.MOCO.VERSION == "v3":
+        model = convert_sync_bn(model, device)  # torch's SyncBatchNorm on CUDA, AllReduceBatchNorm on CPU
+    amp, amp_dtype, channels_last = precision_settings(cfg, device)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, params, lr_at(cfg, 0.0))
+    scaler = torch.amp.GradScaler(device.type) if amp and amp_dtype == torch.float16 else None
+    seed_all(cfg.SEED + rank)
+
+    start_epoch, iteration, resume_path = resume_training(cfg, resume, model, optimizer, scaler)
+    if world > 1:  # every rank starts from rank 0's state, key encoder and queue included
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    wrap_ddp(model, device)
+    if cfg.COMPILE:
+        for module in model.children():
+            module.compile()
+
+    metrics = MetricsWriter(cfg.OUTPUT_DIR)
+    previous_checkpoint = resume_path
+    try:
+        for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
+            loader.sampler.set_epoch(epoch)
+            iteration = train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device,
+                                        (amp, amp_dtype, channels_last), metrics)
+            bad = train_set.check_bad_fraction()
+            if bad:
+                logger.warning(f"{bad} unreadable image(s) skipped so far, e.g. {train_set.bad_files()[:3]}")
+            last_epoch = epoch + 1 == cfg.SOLVER.EPOCHS
+            if cfg.KNN.PERIOD > 0 and ((epoch + 1) % cfg.KNN.PERIOD == 0 or last_epoch):
+                if comm.is_main_process():
+                    top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS)
+                    if top1 is not None:
+                        logger.info(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
+                        metrics.write(iteration, epoch=epoch + 1, knn_top1=top1)
+                comm.barrier()
+            previous_checkpoint = end_of_epoch_checkpoint(cfg, epoch, model, optimizer, scaler, iteration,
+                                                          previous_checkpoint)
+    finally:
+        metrics.close()
+    return model
+
+
+def resume_training(cfg, resume, model, optimizer, scaler, load_state_dict_fn=ckpt.load_official_state_dict):
+    """--resume auto|PATH: restore a checkpoint into the (not yet DDP-wrapped) model, optimizer, scaler and RNGs.
+    Returns (start_epoch, iteration, path of the checkpoint or None)."""
+    resume_path = ckpt.find_resume_path(cfg.OUTPUT_DIR, resume) if resume else None
+    if resume_path:
+        start_epoch, iteration = ckpt.load_for_resume(resume_path, model, optimizer, scaler, load_state_dict_fn)
+        logger.info(f"resumed from {resume_path}: starting at epoch {start_epoch + 1}, iteration {iteration}")
+        return start_epoch, iteration, resume_path
+    if resume == "auto":
+        logger.info(f"--resume auto: no {ckpt.LAST_CHECKPOINT} in {cfg.OUTPUT_DIR}, starting from scratch")
+    return 0, 0, None
+
+
+def end_of_epoch_checkpoint(cfg, epoch, model, optimizer, scaler, iteration, previous_checkpoint,
+                            state_dict_fn=ckpt.official_state_dict):
+    """Main process: write this epoch's checkpoint (the resume point) and delete the previous one when it was
+    only a resume point (_is_scratch). All processes: wait for it, then SIGKILL themselves if
+    DEBUG.SIGKILL_AFTER_EPOCH says so (tests of exact resume). Returns the checkpoint to remember as previous."""
+    if comm.is_main_process():
+        path = ckpt.save_checkpoint(cfg.OUTPUT_DIR, epoch, model, optimizer, scaler, iteration, cfg, state_dict_fn)
+        logger.info(f"saved {path}")
+        if previous_checkpoint and previous_checkpoint != path and _is_scratch(cfg, previous_checkpoint):
+            os.remove(previous_checkpoint)
+        previous_checkpoint = path
+    comm.barrier()
+    if cfg.DEBUG.SIGKILL_AFTER_EPOCH == epoch + 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return previous_checkpoint
+
+
+def _is_scratch(cfg, path):
+    """A checkpoint kept only as a resume point: not every CHECKPOINT_PERIOD-th epoch, not the last one."""
+    name = os.path.basename(path)
+    if not (name.startswith("checkpoint_") and name.endswith(".pth.tar")):
+        return False  # a file given with --resume PATH that we did not write
+    epochs_done = int(name[len("checkpoint_"):-len(".pth.tar")]) + 1
+    return os.path.dirname(os.path.abspath(path)) == os.path.abspath(cfg.OUTPUT_DIR) and \
+        epochs_done % cfg.CHECKPOINT_PERIOD != 0 and epochs_done != cfg.SOLVER.EPOCHS
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mocobench pretrain",
+        description="MoCo v1/v2/v3 pretraining of a torchvision ResNet (see configs/pretrain/).",
+        epilog="Example: mocobench pretrain --config-file configs/pretrain/synth_R18_cpu.yaml "
+               "DATA.ROOT /data/imagenet OUTPUT_DIR out/r18 SOLVER.EPOCHS 2",
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="YAML config (may use _BASE_)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a checkpoint path")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, e.g. SOLVER.EPOCHS 10 MOCO.K 4096")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config_file, args.opts)
+    try:
+        train(cfg, resume=args.resume)
+    except TrainingDiverged as e:
+        logger.error(f"{e}. The last good checkpoint is the one {os.path.join(cfg.OUTPUT_DIR, ckpt.LAST_CHECKPOINT)}"
+                     " names (if any); lower SOLVER.BASE_LR or check the data.")
+        print(f"mocobench pretrain: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as e:  # run as `torchrun -m pretrain.train`: same clean error as the mocobench command
+        print(f"mocobench pretrain: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,215 @@
+"""MoCo augmentations: output format, and the same distribution as the official torchvision recipes."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+
+from pretrain import augment
+from pretrain.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_eval_transform,
+    build_two_view_transform,
+    sample_crop_params,
+)
+
+
+def colourful_image(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) * 127 // max(h + w - 2, 1)], -1)
+    return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov D (max distance between the empirical CDFs)."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, grid, side="right") / len(a)
+    cdf_b = np.searchsorted(b, grid, side="right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
+
+
+def ks_critical(n, m, alpha=0.001):
+    c = math.sqrt(-0.5 * math.log(alpha / 2))  # 1.949 for alpha = 0.001
+    return c * math.sqrt((n + m) / (n * m))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_two_views_are_normalised_float_chw(version):
+    img = colourful_image(50, 70)
+    random.seed(0)
+    view1, view2 = build_two_view_transform(version, 32)(img)
+    for view in (view1, view2):
+        assert isinstance(view, torch.Tensor) and view.dtype == torch.float32 and view.shape == (3, 32, 32)
+        lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+        hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+        assert lo - 1e-5 <= float(view.min()) and float(view.max()) <= hi + 1e-5
+    assert not torch.equal(view1, view2)  # independent augmentations
+
+
+def test_unknown_version_is_named():
+    with pytest.raises(ValueError, match="'v4'"):
+        build_two_view_transform("v4", 32)
+
+
+def test_normalisation_values_exact():
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 0, 128, 255
+    out = build_eval_transform(32)(img)
+    assert out.shape == (3, 32, 32)
+    expected = [(v / 255 - m) / s for v, m, s in zip((0, 128, 255), IMAGENET_MEAN, IMAGENET_STD)]
+    for c in range(3):
+        assert torch.allclose(out[c], torch.full((32, 32), expected[c]), atol=1e-5)
+
+
+def test_eval_transform_matches_torchvision_resize_centre_crop():
+    img = colourful_image(100, 180)
+    ours = build_eval_transform(32)(img)
+    reference = T.Compose([T.Resize(37), T.CenterCrop(32), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(Image.fromarray(img))
+    assert ours.shape == reference.shape == (3, 32, 32)
+    assert float((ours - reference).abs().mean()) < 0.05  # same geometry; resampling differs slightly
+
+
+def test_wrong_input_type_is_refused():
+    with pytest.raises(TypeError, match="RGB uint8"):
+        build_eval_transform(32)(np.zeros((10, 10), np.float32))
+
+
+@pytest.mark.parametrize("hw, scale", [((350, 400), (0.2, 1.0)), ((350, 400), (0.08, 1.0)), ((30, 400), (0.2, 1.0))])
+def test_crop_distribution_matches_torchvision(hw, scale):
+    n, ratio = 3000, (3 / 4, 4 / 3)
+    h, w = hw
+    rng = random.Random(1)
+    ours = np.array([sample_crop_params(h, w, scale, ratio, rng) for _ in range(n)], dtype=np.float64)
+    torch.manual_seed(1)
+    dummy = torch.empty(3, h, w)
+    theirs = np.array([T.RandomResizedCrop.get_params(dummy, list(scale), list(ratio)) for _ in range(n)], np.float64)
+    crit = ks_critical(n, n)
+    for name, stat in {
+        "area scale": lambda p: p[:, 2] * p[:, 3] / (h * w),
+        "log aspect ratio": lambda p: np.log(p[:, 3] / p[:, 2]),
+        "top offset": lambda p: p[:, 0] / h,
+        "left offset": lambda p: p[:, 1] / w,
+    }.items():
+        d = ks_statistic(stat(ours), stat(theirs))
+        assert d < crit, f"{name}: KS D={d:.4f} >= critical {crit:.4f}"
+    assert (ours[:, 0] + ours[:, 2] <= h).all() and (ours[:, 1] + ours[:, 3] <= w).all()
+
+
+def test_ks_detects_a_different_scale_range():
+    # The test above has power: crops with scale (0.2, 1) are told apart from torchvision's (0.08, 1).
+    n, ratio = 3000, (3 / 4, 4 / 3)
+    rng = random.Random(2)
+    ours = np.array([sample_crop_params(350, 400, (0.2, 1.0), ratio, rng) for _ in range(n)], np.float64)
+    torch.manual_seed(2)
+    theirs = np.array([T.RandomResizedCrop.get_params(torch.empty(3, 350, 400), [0.08, 1.0], list(ratio))
+                       for _ in range(n)], np.float64)
+    area = lambda p: p[:, 2] * p[:, 3] / (350 * 400)  # noqa: E731
+    assert ks_statistic(area(ours), area(theirs)) > ks_critical(n, n)
+
+
+def test_jitter_factor_ranges_and_random_order():
+    jitter = augment.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    rng = random.Random(3)
+    factors = {op: [] for op in ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")}
+    first = {op: 0 for op in factors}
+    n = 4000
+    for _ in range(n):
+        params = jitter.sample_params(rng)
+        assert len(params) == 4
+        first[params[0][0].__name__] += 1
+        for op, factor in params:
+            factors[op.__name__].append(factor)
+    crit = ks_critical(n, n)
+    uniform = np.random.default_rng(0).uniform(0, 1, n)
+    for name, bounds in [("adjust_brightness", (0.6, 1.4)), ("adjust_contrast", (0.6, 1.4)),
+                         ("adjust_saturation", (0.6, 1.4)), ("adjust_hue", (-0.1, 0.1))]:
+        values = np.array(factors[name])
+        assert bounds[0] <= values.min() and values.max() <= bounds[1], name
+        unit = (values - bounds[0]) / (bounds[1] - bounds[0])
+        assert ks_statistic(unit, uniform) < crit, f"{name} factors are not uniform on {bounds}"
+    for name, count in first.items():  # each op comes first ~1/4 of the time
+        assert abs(count / n - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n), (name, count)
+    # Brightness 0.9 -> range clamped at 0, as torchvision does.
+    assert augment.ColorJitter(1.5, 0, 0, 0).brightness == (0.0, 2.5)
+    assert augment.ColorJitter(0, 0, 0, 0).sample_params(rng) == []
+
+
+def _rate_tolerance(p, n):
+    return 4 * math.sqrt(p * (1 - p) / n) + 1e-9
+
+
+def _application_rates(view, n, monkeypatch, seed=0):
+    """Run the uint8 ops of one view n times; rates of jitter, blur, solarize calls and of grayscale outputs."""
+    calls = {"jitter": 0, "blur": 0, "solarize": 0}
+
+    def counting(cls, key):
+        original = cls.__call__
+
+        def call(self, img, rng=random):
+            calls[key] += 1
+            return original(self, img, rng)
+
+        monkeypatch.setattr(cls, "__call__", call)
+
+    counting(augment.ColorJitter, "jitter")
+    counting(augment.GaussianBlur, "blur")
+    counting(augment.Solarize, "solarize")
+    rng = random.Random(seed)
+    img = colourful_image(24, 24, seed=1)
+    gray = 0
+    for _ in range(n):
+        out = img
+        for op in view.ops:
+            out = op(out, rng)
+        gray += int(np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2]))
+    return {k: v / n for k, v in calls.items()} | {"gray": gray / n}
+
+
+@pytest.mark.parametrize("version, view_index, expected", [
+    ("v1", 0, {"jitter": 1.0, "blur": 0.0, "solarize": 0.0, "gray": 0.2}),
+    ("v2", 0, {"jitter": 0.8, "blur": 0.5, "solarize": 0.0, "gray": 0.2}),
+    ("v2", 1, {"jitter": 0.8, "blur": 0.5, "solarize": 0.0, "gray": 0.2}),
+    ("v3", 0, {"jitter": 0.8, "blur": 1.0, "solarize": 0.0, "gray": 0.2}),
+    ("v3", 1, {"jitter": 0.8, "blur": 0.1, "solarize": 0.2, "gray": 0.2}),
+])
+def test_application_probabilities(version, view_index, expected, monkeypatch):
+    n = 1500
+    transform = build_two_view_transform(version, 16)
+    view = (transform.view1, transform.view2)[view_index]
+    rates = _application_rates(view, n, monkeypatch)
+    for key, p in expected.items():
+        message = f"{version} view{view_index + 1} {key}: rate {rates[key]} vs {p}"
+        assert abs(rates[key] - p) <= _rate_tolerance(p, n), message
+
+
+def test_photometric_ops_match_torchvision_functional():
+    img = colourful_image(48, 48, seed=4)
+    tensor = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    pil = Image.fromarray(img)
+
+    def diff(ours, theirs):
+        return float(np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).mean())
+
+    to_np = lambda t: t.permute(1, 2, 0).numpy()  # noqa: E731
+    assert diff(augment.adjust_brightness(img, 1.3), to_np(TF.adjust_brightness(tensor, 1.3))) < 1.0
+    assert diff(augment.adjust_contrast(img, 0.7), to_np(TF.adjust_contrast(tensor, 0.7))) < 1.0
+    assert diff(augment.adjust_saturation(img, 1.4), to_np(TF.adjust_saturation(tensor, 1.4))) < 1.0
+    assert diff(augment.adjust_hue(img, 0.08), to_np(TF.adjust_hue(tensor, 0.08))) < 3.0
+    assert diff(augment.adjust_hue(img, 0.0), img) < 2.0
+    # Blur: the official kernel is PIL GaussianBlur(radius=sigma).
+    random_state = random.Random(0)
+    sigma_probe = random_state.uniform(0.1, 2.0)
+    ours = augment.GaussianBlur((sigma_probe, sigma_probe))(img, random.Random(0))
+    theirs = np.asarray(pil.filter(ImageFilter.GaussianBlur(radius=sigma_probe)))
+    assert diff(ours, theirs) < 1.5
+    assert diff(ours, img) > 2.0  # it did blur
+    solarized = augment.Solarize()(img)
+    assert np.array_equal(solarized, np.where(img < 128, img, 255 - img))

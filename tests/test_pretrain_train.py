@@ -1,0 +1,154 @@
+"""Training script: config errors, checkpoint layout, exact resume after SIGKILL, NaN stop, a short real run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mocobench.cli import UsageError
+from mocobench.fileio import load_checkpoint
+from mocobench.synth import make_imagenet
+from pretrain import train as train_mod
+from pretrain.config import load_config, lr_at, moco_momentum_at
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
+    return os.path.join(str(out), "imagenet")
+
+
+def tiny_opts(root, out_dir, **extra):
+    opts = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 32,
+            "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 2,
+            "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2, **extra}
+    return [str(x) for kv in opts.items() for x in kv]
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_shipped_configs_load_with_official_values():
+    v1 = load_config(os.path.join(REPO, "configs/pretrain/moco_v1_R50.yaml"))
+    assert (v1.MOCO.DIM, v1.MOCO.K, v1.MOCO.M, v1.MOCO.T, v1.MOCO.MLP) == (128, 65536, 0.999, 0.07, False)
+    assert (v1.SOLVER.BASE_LR, v1.SOLVER.EPOCHS, tuple(v1.SOLVER.STEPS), v1.SOLVER.WEIGHT_DECAY) == \
+        (0.03, 200, (120, 160), 1e-4)
+    v2 = load_config(os.path.join(REPO, "configs/pretrain/moco_v2_R50_800ep.yaml"))
+    assert (v2.MOCO.MLP, v2.MOCO.T, v2.INPUT.AUG, v2.SOLVER.SCHEDULE, v2.SOLVER.EPOCHS) == \
+        (True, 0.2, "v2", "cosine", 800)
+    v3 = load_config(os.path.join(REPO, "configs/pretrain/moco_v3_R50.yaml"))
+    assert (v3.MOCO.VERSION, v3.MOCO.T, v3.MOCO.M, v3.SOLVER.OPTIMIZER, v3.SOLVER.BATCH_SIZE) == \
+        ("v3", 1.0, 0.99, "lars", 4096)
+    assert lr_at(v3, 100.0 - 1e-9) < 1e-6 and abs(lr_at(v3, 10.0) - 0.6 * 4096 / 256) < 1e-9  # 9.6 after warmup
+    assert abs(lr_at(v3, 5.0) - 4.8) < 1e-9
+    assert moco_momentum_at(v3, 0.0) == 0.99 and abs(moco_momentum_at(v3, 100.0) - 1.0) < 1e-12
+    assert lr_at(v1, 119) == pytest.approx(0.03) and lr_at(v1, 120.5) == pytest.approx(0.003)
+    synth = load_config(SYNTH_CFG)
+    assert synth.MODEL.ARCH == "resnet18" and synth.INPUT.SIZE == 64
+
+
+def test_unknown_key_and_bad_values_are_clear_errors(tmp_path):
+    with pytest.raises(UsageError, match="MOCO.KK"):
+        load_config(SYNTH_CFG, ["MOCO.KK", "5"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{SYNTH_CFG}"\nSOLVER:\n  EPOCH: 3\n')
+    with pytest.raises(UsageError, match=r"bad.yaml.*SOLVER.EPOCH"):
+        load_config(str(bad))
+    with pytest.raises(UsageError, match="MOCO.K = 500 must be divisible by the global batch size"):
+        load_config(SYNTH_CFG, ["MOCO.K", "500"])
+    with pytest.raises(UsageError, match="vgg16"):
+        load_config(SYNTH_CFG, ["MODEL.ARCH", "vgg16"])
+    with pytest.raises(UsageError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_reports_unknown_key_with_exit_code_2():
+    proc = subprocess.run([sys.executable, "-m", "mocobench.cli", "pretrain", "--config-file", SYNTH_CFG,
+                           "SOLVER.NOPE", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "SOLVER.NOPE" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ checkpoints & resume
+def _run(args, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "mocobench.cli", "pretrain", "--config-file", SYNTH_CFG, *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_checkpoint_layout_and_exact_resume_after_sigkill(tiny_imagenet, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    proc = _run(tiny_opts(tiny_imagenet, full))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(tiny_opts(tiny_imagenet, killed, **{"DEBUG.SIGKILL_AFTER_EPOCH": 1}))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert open(os.path.join(killed, "last_checkpoint")).read().strip() == "checkpoint_0000.pth.tar"
+    assert not os.path.exists(os.path.join(killed, "checkpoint_0001.pth.tar"))
+    proc = _run(["--resume", "auto", *tiny_opts(tiny_imagenet, killed)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+
+    a = load_checkpoint(os.path.join(full, "checkpoint_0001.pth.tar"))  # weights_only=True
+    b = load_checkpoint(os.path.join(killed, "checkpoint_0001.pth.tar"))
+    # official layout
+    assert a["epoch"] == 2 and a["arch"] == "resnet18"
+    keys = set(a["state_dict"])
+    assert {"module.queue", "module.queue_ptr", "module.encoder_q.conv1.weight", "module.encoder_k.fc.2.weight"} <= keys
+    assert all(k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue")) for k in keys)
+    assert "state" in a["optimizer"] and isinstance(a["config"], str) and "MOCO" in a["config"]
+    assert set(a["rng"]) == {"torch", "cuda", "numpy", "python"}
+    # bit-exact: weights, BN buffers, queue, pointer, optimizer momentum
+    assert a["iteration"] == b["iteration"] == 8
+    for key in keys:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    # the queue really moved and was filled by keys (unit columns)
+    assert int(a["state_dict"]["module.queue_ptr"]) == (8 * 16) % 32
+    torch.testing.assert_close(a["state_dict"]["module.queue"].norm(dim=0), torch.ones(32))
+    # metrics.json: one JSON object per line with the documented keys
+    records = [json.loads(line) for line in open(os.path.join(full, "metrics.json"))]
+    assert {"iteration", "epoch", "loss", "acc1", "lr", "moco_m", "img_per_s", "data_time", "queue_fill"} <= \
+        set(records[-1])
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(full))
+
+
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_imagenet, tmp_path, monkeypatch,
+                                                                           capsys):
+    out = str(tmp_path / "nan")
+    assert train_mod.main(["--config-file", SYNTH_CFG, *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 1})]) == 0
+    saved = open(os.path.join(out, "checkpoint_0000.pth.tar"), "rb").read()
+    calls = {"n": 0}
+    real_loss = train_mod.LOSSES["v2"]
+
+    def nan_on_third_iteration(model, x1, x2, m):
+        loss, logits, labels = real_loss(model, x1, x2, m)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), logits, labels
+
+    monkeypatch.setitem(train_mod.LOSSES, "v2", nan_on_third_iteration)
+    code = train_mod.main(["--config-file", SYNTH_CFG, "--resume", "auto",
+                           *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 2})])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at iteration 7 (epoch 2, iteration 3/4" in err
+    assert open(os.path.join(out, "last_checkpoint")).read().strip() == "checkpoint_0000.pth.tar"
+    assert open(os.path.join(out, "checkpoint_0000.pth.tar"), "rb").read() == saved
+    assert not os.path.exists(os.path.join(out, "checkpoint_0001.pth.tar"))
+
+
+# ------------------------------------------------------------------------------------------ it learns
+def test_synth_run_loss_falls_and_knn_beats_chance(tmp_path):
+    make_imagenet(str(tmp_path), classes=4, images_per_class=64, val_per_class=16, size=64, seed=1)
+    out = str(tmp_path / "run")
+    opts = {"DATA.ROOT": str(tmp_path / "imagenet"), "OUTPUT_DIR": out, "SOLVER.EPOCHS": 2,
+            "SOLVER.BATCH_SIZE": 32, "MOCO.K": 64, "DATALOADER.NUM_WORKERS": 0, "LOG_PERIOD": 2}
+    assert train_mod.main(["--config-file", SYNTH_CFG, *[str(x) for kv in opts.items() for x in kv]]) == 0
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    losses = [r["loss"] for r in records if "loss" in r]
+    knn = [r["knn_top1"] for r in records if "knn_top1" in r]
+    assert len(knn) == 2 and knn[-1] > 25.0 + 10.0, knn  # 4 classes: chance is 25 %
+    assert losses[-1] < max(losses) - 0.1, losses
