@@ -23,6 +23,10 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
+# the embedded demo: generated data -> MoCo -> convert -> VOC-format detection x3 inits x3 seeds -> report
+demo: setup
+	$(VENV)/bin/mocobench pipeline --config-file configs/pipeline/demo_cpu.yaml
+
 lint: setup
 	$(VENV)/bin/ruff check .
 

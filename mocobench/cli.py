@@ -10,6 +10,15 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "env": ("mocobench.env", "print the software environment and the active detectron2 fixes"),
+    "convert": ("convert.cli", "MoCo/torchvision ResNet checkpoint -> verified detectron2 backbone .pkl"),
+    "pretrain": ("pretrain.train", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
+    "lincls": ("pretrain.lincls", "linear classification on a frozen MoCo backbone (official protocol)"),
+    "supervised": ("pretrain.supervised",
+                   "supervised classification pretraining of a torchvision ResNet: the baseline"),
+    "transfer": ("transfer.run", "fine-tune detectron2 from a converted .pkl on VOC/COCO, N seeds, AP per seed"),
+    "pipeline": ("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds -> report, resumable"),
+    "report": ("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and plots from run dirs"),
+    "data": ("mocobench.synth", "generate datasets in the real on-disk formats: mocobench data synth --out DIR"),
 }
 
 
@@ -43,4 +52,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as `python -m mocobench.cli`: dispatch through the imported module so that stage modules'
+    # `mocobench.cli.UsageError` is the class caught above
+    from mocobench.cli import main as _main
+
+    sys.exit(_main())

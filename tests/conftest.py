@@ -20,4 +20,4 @@ def synth_root(tmp_path_factory):
 @pytest.fixture
 def mocobench_cmd():
     """The installed command line, run as a fresh process (exit codes and stderr as a user sees them)."""
-    return [sys.executable, "-m", "mocobench.cli"]
+    return [sys.executable, "-m", "mocobench"]
