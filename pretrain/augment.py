@@ -245,10 +245,10 @@ class TwoViewTransform:
 
 
 # ----------------------------------------------------------------------------------------------- recipes
-def _moco_v1(size):
+def _moco_v1(size, crop_scale=(0.2, 1.0)):
     # MoCo v1 (main_moco.py without --aug-plus): grayscale before an always-on jitter.
     view = Compose([
-        RandomResizedCrop(size, scale=(0.2, 1.0)),
+        RandomResizedCrop(size, scale=crop_scale),
         RandomGrayscale(0.2),
         ColorJitter(0.4, 0.4, 0.4, 0.4),
         RandomHorizontalFlip(),
@@ -256,10 +256,10 @@ def _moco_v1(size):
     return view, view
 
 
-def _moco_v2(size):
+def _moco_v2(size, crop_scale=(0.2, 1.0)):
     # MoCo v2 "aug+", following SimCLR: jitter p=0.8, grayscale, blur p=0.5.
     view = Compose([
-        RandomResizedCrop(size, scale=(0.2, 1.0)),
+        RandomResizedCrop(size, scale=crop_scale),
         RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8),
         RandomGrayscale(0.2),
         RandomApply(GaussianBlur((0.1, 2.0)), p=0.5),
@@ -268,11 +268,11 @@ def _moco_v2(size):
     return view, view
 
 
-def _moco_v3(size):
+def _moco_v3(size, crop_scale=(0.08, 1.0)):
     # MoCo v3 (BYOL recipe): asymmetric blur / solarize between the two views.
     def view(blur_p, solarize_p):
         return Compose([
-            RandomResizedCrop(size, scale=(0.08, 1.0)),
+            RandomResizedCrop(size, scale=crop_scale),
             RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8),
             RandomGrayscale(0.2),
             RandomApply(GaussianBlur((0.1, 2.0)), p=blur_p),
@@ -283,7 +283,8 @@ def _moco_v3(size):
     return view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)
 
 
-# version -> builder(size) -> (view1 transform, view2 transform)
+# version -> builder(size[, crop_scale]) -> (view1 transform, view2 transform); crop_scale defaults to the
+# official recipe's RandomResizedCrop area range
 TWO_VIEW_RECIPES = {
     "v1": _moco_v1,
     "v2": _moco_v2,
@@ -291,11 +292,14 @@ TWO_VIEW_RECIPES = {
 }
 
 
-def build_two_view_transform(version: str, size: int):
-    """Callable: RGB uint8 HxWx3 numpy image -> (view1, view2) float32 CHW normalised tensors."""
+def build_two_view_transform(version: str, size: int, crop_scale=None):
+    """Callable: RGB uint8 HxWx3 numpy image -> (view1, view2) float32 CHW normalised tensors.
+
+    crop_scale: RandomResizedCrop's (min, max) area fraction; None = the official recipe's."""
     if version not in TWO_VIEW_RECIPES:
         raise ValueError(f"unknown MoCo augmentation version {version!r}; expected one of {sorted(TWO_VIEW_RECIPES)}")
-    view1, view2 = TWO_VIEW_RECIPES[version](int(size))
+    kwargs = {"crop_scale": tuple(crop_scale)} if crop_scale else {}
+    view1, view2 = TWO_VIEW_RECIPES[version](int(size), **kwargs)
     return TwoViewTransform(view1, view2)
 
 
@@ -305,7 +309,9 @@ def build_eval_transform(size: int):
     return Compose([ResizeCenterCrop(int(round(size * 256 / 224)), size)])
 
 
-def build_linear_train_transform(size: int):
-    """Linear-classification training augmentation: RandomResizedCrop (scale 0.08-1) + flip."""
+def build_linear_train_transform(size: int, crop_scale=None):
+    """Linear-classification / supervised training augmentation: RandomResizedCrop (scale 0.08-1 unless
+    crop_scale is given) + flip."""
     size = int(size)
-    return Compose([RandomResizedCrop(size), RandomHorizontalFlip()])
+    crop = RandomResizedCrop(size, scale=tuple(crop_scale)) if crop_scale else RandomResizedCrop(size)
+    return Compose([crop, RandomHorizontalFlip()])

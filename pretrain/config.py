@@ -40,6 +40,9 @@ _C.MOCO.SHUFFLE_BN_SPLITS = 8
 _C.INPUT = CfgNode()
 _C.INPUT.SIZE = 224
 _C.INPUT.AUG = "v1"  # v1 | v2 (aug+) | v3 (asymmetric, crop scale 0.08-1): pretrain.augment
+# RandomResizedCrop area range (min, max); () = the recipe's own (0.2-1 for v1/v2, 0.08-1 for v3 and supervised).
+# Small object-centric images (the generated data) need a larger minimum, or crops miss the object entirely.
+_C.INPUT.CROP_SCALE = ()
 
 _C.DATA = CfgNode()
 _C.DATA.ROOT = ""  # ImageFolder root holding train/ (and val/ for the kNN monitor)
@@ -160,6 +163,9 @@ def validate(cfg, moco=True):
             raise UsageError(f"{key} = {value} must be > 0")
     if not 0.0 <= cfg.MOCO.M <= 1.0:
         raise UsageError(f"MOCO.M = {cfg.MOCO.M} must be in [0, 1]")
+    scale = tuple(cfg.INPUT.CROP_SCALE)
+    if scale and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise UsageError(f"INPUT.CROP_SCALE = {scale} must be () or (min, max) with 0 < min <= max <= 1")
     if moco and cfg.MOCO.VERSION != "v3" and cfg.MOCO.K % cfg.SOLVER.BATCH_SIZE != 0:
         raise UsageError(f"MOCO.K = {cfg.MOCO.K} must be divisible by the global batch size "
                          f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (the queue advances by whole batches)")

@@ -139,6 +139,8 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         reduce_dims = [0, *range(2, x.dim())]
         shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        x_input, x = x, x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in >= float32 (AMP)
+        # per channel: the sum over this rank's samples, and the sample count, summed over the ranks
         sums = _AllReduceSum.apply(torch.cat([x.sum(reduce_dims), x.new_full((1,), x.numel() // x.shape[1])]))
         count = sums[-1]
         mean = sums[:-1] / count
@@ -147,6 +149,7 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
+        out = out.to(x_input.dtype)
         if self.track_running_stats:
             with torch.no_grad():
                 n = float(count)

@@ -174,7 +174,8 @@ def train(cfg, resume=None):
     from pretrain.augment import build_linear_train_transform
     from pretrain.data import SafeImageFolder, build_loader
 
-    train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), build_linear_train_transform(cfg.INPUT.SIZE))
+    transform = build_linear_train_transform(cfg.INPUT.SIZE, cfg.INPUT.CROP_SCALE)
+    train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), transform)
     loader = build_loader(train_set, batch_per_rank, cfg.DATALOADER.NUM_WORKERS, shuffle=True, drop_last=True,
                           distributed=world > 1, seed=cfg.SEED)
     if len(loader) == 0:

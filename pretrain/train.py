@@ -307,7 +307,7 @@ def train(cfg, resume=None):
     from pretrain.data import SafeImageFolder, build_loader
 
     train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"),
-                                build_two_view_transform(cfg.INPUT.AUG, cfg.INPUT.SIZE))
+                                build_two_view_transform(cfg.INPUT.AUG, cfg.INPUT.SIZE, cfg.INPUT.CROP_SCALE))
     loader = build_loader(train_set, batch_per_rank, cfg.DATALOADER.NUM_WORKERS, shuffle=True, drop_last=True,
                           distributed=world > 1, seed=cfg.SEED)
     if len(loader) == 0:

@@ -88,5 +88,5 @@ def test_missing_checkpoint_is_caught_at_the_stage_boundary(finished_run, tmp_pa
 def test_bad_pipeline_config_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="TRANSFER.INITS"):
         run(tmp_path / "x", "TRANSFER.INITS", "['moco', 'imagenet21k']")
-    with pytest.raises(UsageError, match="unknown or invalid key"):
+    with pytest.raises(UsageError, match="Non-existent key: TRANSFER.NOPE"):
         run(tmp_path / "x", "TRANSFER.NOPE", "1")

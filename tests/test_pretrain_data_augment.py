@@ -1,5 +1,6 @@
 """MoCo augmentations: output format, and the same distribution as the official torchvision recipes."""
 import math
+import os
 import random
 
 import numpy as np
@@ -213,3 +214,21 @@ def test_photometric_ops_match_torchvision_functional():
     assert diff(ours, img) > 2.0  # it did blur
     solarized = augment.Solarize()(img)
     assert np.array_equal(solarized, np.where(img < 128, img, 255 - img))
+
+
+@pytest.mark.parametrize("version, default", [("v1", (0.2, 1.0)), ("v2", (0.2, 1.0)), ("v3", (0.08, 1.0))])
+def test_crop_scale_defaults_to_the_recipe_and_can_be_overridden(version, default):
+    crops = lambda t: {op.scale for view in (t.view1, t.view2) for op in view.ops  # noqa: E731
+                       if isinstance(op, augment.RandomResizedCrop)}
+    assert crops(augment.build_two_view_transform(version, 32)) == {default}
+    assert crops(augment.build_two_view_transform(version, 32, (0.5, 1.0))) == {(0.5, 1.0)}
+    supervised = augment.build_linear_train_transform(32, (0.5, 1.0))
+    assert [op.scale for op in supervised.ops if isinstance(op, augment.RandomResizedCrop)] == [(0.5, 1.0)]
+
+
+def test_bad_crop_scale_is_a_config_error():
+    from mocobench.cli import UsageError
+    from pretrain.config import load_config
+
+    with pytest.raises(UsageError, match="INPUT.CROP_SCALE = \\(0.5, 1.5\\)"):
+        load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain", "synth_R18_cpu.yaml"), ["INPUT.CROP_SCALE", "(0.5, 1.5)"])

@@ -61,7 +61,7 @@ def test_shipped_config_matches_the_moco_budget():
     assert sup.SOLVER.SCHEDULE == "cosine" and sup.OUTPUT_DIR != moco.OUTPUT_DIR
     # the MoCo queue constraint (MOCO.K divisible by the batch) does not apply to the supervised baseline
     assert load_config(SUP_CFG, ["SOLVER.BATCH_SIZE", "48"], moco=False).SOLVER.BATCH_SIZE == 48
-    with pytest.raises(UsageError, match="MOCO.K = 512 must be divisible"):
+    with pytest.raises(UsageError, match="MOCO.K = 1024 must be divisible"):
         load_config(SUP_CFG, ["SOLVER.BATCH_SIZE", "48"])
 
 

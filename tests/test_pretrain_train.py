@@ -138,17 +138,3 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_
     assert open(os.path.join(out, "last_checkpoint")).read().strip() == "checkpoint_0000.pth.tar"
     assert open(os.path.join(out, "checkpoint_0000.pth.tar"), "rb").read() == saved
     assert not os.path.exists(os.path.join(out, "checkpoint_0001.pth.tar"))
-
-
-# ------------------------------------------------------------------------------------------ it learns
-def test_synth_run_loss_falls_and_knn_beats_chance(tmp_path):
-    make_imagenet(str(tmp_path), classes=4, images_per_class=64, val_per_class=16, size=64, seed=1)
-    out = str(tmp_path / "run")
-    opts = {"DATA.ROOT": str(tmp_path / "imagenet"), "OUTPUT_DIR": out, "SOLVER.EPOCHS": 2,
-            "SOLVER.BATCH_SIZE": 32, "MOCO.K": 64, "DATALOADER.NUM_WORKERS": 0, "LOG_PERIOD": 2}
-    assert train_mod.main(["--config-file", SYNTH_CFG, *[str(x) for kv in opts.items() for x in kv]]) == 0
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
-    losses = [r["loss"] for r in records if "loss" in r]
-    knn = [r["knn_top1"] for r in records if "knn_top1" in r]
-    assert len(knn) == 2 and knn[-1] > 25.0 + 10.0, knn  # 4 classes: chance is 25 %
-    assert losses[-1] < max(losses) - 0.1, losses

@@ -2,6 +2,8 @@
 import glob
 import os
 
+import mocobench.d2compat  # noqa: F401  (before any detectron2 import)
+
 import pytest
 import torch
 
