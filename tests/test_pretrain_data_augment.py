@@ -231,4 +231,5 @@ def test_bad_crop_scale_is_a_config_error():
     from pretrain.config import load_config
 
     with pytest.raises(UsageError, match="INPUT.CROP_SCALE = \\(0.5, 1.5\\)"):
-        load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain", "synth_R18_cpu.yaml"), ["INPUT.CROP_SCALE", "(0.5, 1.5)"])
+        config = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain", "synth_R18_cpu.yaml")
+        load_config(config, ["INPUT.CROP_SCALE", "(0.5, 1.5)"])
