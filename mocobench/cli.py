@@ -8,17 +8,16 @@ import importlib
 import sys
 
 # name -> (module, one-line help)
-SUBCOMMANDS = {
+SUBCOMMANDS = {  # in the order data flows
     "env": ("mocobench.env", "print the software environment and the active detectron2 fixes"),
-    "convert": ("convert.cli", "MoCo/torchvision ResNet checkpoint -> verified detectron2 backbone .pkl"),
-    "pretrain": ("pretrain.train", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
-    "lincls": ("pretrain.lincls", "linear classification on a frozen MoCo backbone (official protocol)"),
-    "supervised": ("pretrain.supervised",
-                   "supervised classification pretraining of a torchvision ResNet: the baseline"),
-    "transfer": ("transfer.run", "fine-tune detectron2 from a converted .pkl on VOC/COCO, N seeds, AP per seed"),
-    "pipeline": ("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds -> report, resumable"),
-    "report": ("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and plots from run dirs"),
     "data": ("mocobench.synth", "generate datasets in the real on-disk formats: mocobench data synth --out DIR"),
+    "pretrain": ("pretrain.train", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
+    "supervised": ("pretrain.supervised", "supervised pretraining of a torchvision ResNet: the baseline"),
+    "lincls": ("pretrain.lincls", "linear classification on a frozen MoCo backbone (official protocol)"),
+    "convert": ("convert.cli", "MoCo/torchvision ResNet checkpoint -> verified detectron2 backbone .pkl"),
+    "transfer": ("transfer.run", "fine-tune detectron2 from a converted .pkl on VOC/COCO, N seeds, AP per seed"),
+    "report": ("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and plots from run dirs"),
+    "pipeline": ("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds -> report, resumable"),
 }
 
 

@@ -87,3 +87,16 @@ def test_directory_without_results_is_a_clear_error(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "no detectron2 results under" in r.stderr and "results.json" in r.stderr
+
+
+def test_pretraining_directories_are_plotted_not_counted_as_incomplete(voc_runs, tmp_path):
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    (pre / "config.yaml").write_text("MOCO:\n  K: 1024\n")
+    rows = [{"iteration": 31 * e, "epoch": e, "loss": 6.5 - e / 10, "acc1": 10.0 * e, "moco_m": 0.99}
+            for e in (1, 2)] + [{"iteration": 62, "epoch": 2, "knn_top1": 17.0}]
+    (pre / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = report.write_report([voc_runs, str(pre)], str(tmp_path / "out"))
+    assert summary["incomplete"] == []
+    assert report.pretrain_curves(rows)["knn_top1"] == [(2, 17.0)]
+    assert (tmp_path / "out" / "pretrain.png").stat().st_size > 0

@@ -94,7 +94,10 @@ def load_run(run_dir):
         if run["eval"] is None:
             run["why"] = f"{results_path} holds no bbox/segm results"
     elif os.path.exists(metrics_path):
-        run["eval"] = _eval_from_metrics(_read_json_lines(metrics_path))
+        rows = _read_json_lines(metrics_path)
+        if not any("total_loss" in r or "bbox/AP" in r for r in rows):
+            return None  # not a detectron2 run (a pretraining run also has config.yaml + metrics.json)
+        run["eval"] = _eval_from_metrics(rows)
         if run["eval"] is None:
             run["why"] = "metrics.json has no final evaluation (training unfinished or evaluation failed)"
     else:
@@ -114,10 +117,11 @@ def find_runs(paths):
                 run = load_run(dirpath)
                 if run is not None:
                     found.append(run)
-        if not found:
+        if not found and not find_pretrain_metrics([top]):
             raise UsageError(
                 f"no detectron2 results under {top!r}: expected run directories holding results.json "
-                "(mocobench transfer) or metrics.json + config.yaml with a final evaluation (detectron2)"
+                "(mocobench transfer) or metrics.json + config.yaml with a final evaluation (detectron2), "
+                "or a MoCo pretraining metrics.json (for pretrain.png)"
             )
         runs += found
     return runs
@@ -236,14 +240,14 @@ def plot_ap(summary, path):
 
 
 def find_pretrain_metrics(paths):
-    """metrics.json files of pretraining runs (lines with acc1 or knn_top1) under the given directories."""
+    """metrics.json files of MoCo pretraining runs under the given directories."""
     found = []
     for top in paths:
         for dirpath, dirnames, files in os.walk(top):
             dirnames.sort()
             if "metrics.json" in files:
                 rows = _read_json_lines(os.path.join(dirpath, "metrics.json"))
-                if any("acc1" in r or "knn_top1" in r for r in rows):
+                if any("moco_m" in r for r in rows):  # MoCo runs log the key-encoder momentum
                     found.append((dirpath, rows))
     return found
 
