@@ -20,7 +20,6 @@ torchvision checkpoint.
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
@@ -32,7 +31,7 @@ from mocobench import comm
 from mocobench.cli import UsageError
 from mocobench.fileio import atomic_write
 from pretrain import checkpoint as ckpt
-from pretrain.config import load_config, lr_at
+from pretrain.config import lr_at
 from pretrain.moco import resnet_builder
 from pretrain.train import (
     MetricsWriter,
@@ -43,9 +42,11 @@ from pretrain.train import (
     logger,
     precision_settings,
     resume_training,
+    run_command,
     seed_all,
     setup_distributed,
     setup_logging,
+    torchrun_entry,
     unwrap,
 )
 
@@ -238,24 +239,8 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.config_file, args.opts, moco=False)
-    try:
-        train(cfg, resume=args.resume)
-    except TrainingDiverged as e:
-        logger.error(f"{e}. The last good checkpoint is the one {os.path.join(cfg.OUTPUT_DIR, ckpt.LAST_CHECKPOINT)}"
-                     " names (if any); lower SOLVER.BASE_LR or check the data.")
-        print(f"mocobench supervised: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_command(build_parser(), train, argv, moco=False)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as e:  # run as `torchrun -m pretrain.supervised`: same clean error as the mocobench command
-        print(f"mocobench supervised: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    torchrun_entry(main, "mocobench supervised")

@@ -414,15 +414,16 @@ def build_parser():
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.config_file, args.opts)
+def run_command(parser, train_fn, argv, moco=True) -> int:
+    """The body of `mocobench pretrain` and `mocobench supervised`: parse, train, clean exit codes."""
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config_file, args.opts, moco=moco)
     try:
-        train(cfg, resume=args.resume)
+        train_fn(cfg, resume=args.resume)
     except TrainingDiverged as e:
         logger.error(f"{e}. The last good checkpoint is the one {os.path.join(cfg.OUTPUT_DIR, ckpt.LAST_CHECKPOINT)}"
                      " names (if any); lower SOLVER.BASE_LR or check the data.")
-        print(f"mocobench pretrain: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():
@@ -430,9 +431,18 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def torchrun_entry(main, prog):
+    """`torchrun -m pretrain.X`: the same clean error and exit code 2 as the mocobench command."""
     try:
         sys.exit(main())
-    except UsageError as e:  # run as `torchrun -m pretrain.train`: same clean error as the mocobench command
-        print(f"mocobench pretrain: error: {e}", file=sys.stderr)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv=None) -> int:
+    return run_command(build_parser(), train, argv)
+
+
+if __name__ == "__main__":
+    torchrun_entry(main, "mocobench pretrain")
