@@ -14,8 +14,8 @@ setup: $(STAMP)
 $(STAMP): setup.py tools/install_detectron2.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_PINS)
-	$(PY) tools/install_detectron2.py $(VENV)/d2cache
 	$(PIP) install -q -e '.[test]' $(TORCH_PINS)
+	$(PY) tools/install_detectron2.py $(VENV)/d2cache
 	$(VENV)/bin/mocobench env > /dev/null
 	touch $@
 

@@ -45,11 +45,13 @@ def run(cmd, **kw):
     subprocess.run(cmd, check=True, **kw)
 
 
-def detectron2_importable() -> bool:
+def detectron2_importable(report_failure=False) -> bool:
     probe = "import detectron2, sys; sys.stdout.write(detectron2.__file__)"
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     if r.returncode == 0:
-        print(f"detectron2 already importable from {r.stdout}: keeping it")
+        print(f"detectron2 importable from {r.stdout}: keeping it")
+    elif report_failure:
+        print(f"error: detectron2 does not import after the install:\n{r.stderr}", file=sys.stderr)
     return r.returncode == 0
 
 
@@ -110,7 +112,7 @@ def main() -> int:
     os.makedirs(cache_dir, exist_ok=True)
     wheel = build_wheel(fetch_sdist(cache_dir), cache_dir)
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", wheel])
-    return 0 if detectron2_importable() else 1
+    return 0 if detectron2_importable(report_failure=True) else 1
 
 
 if __name__ == "__main__":
