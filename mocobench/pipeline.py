@@ -22,6 +22,7 @@ import time
 from fvcore.common.config import CfgNode
 
 from mocobench.cli import UsageError
+from mocobench.config import merge_config
 from mocobench.fileio import atomic_write
 
 MANIFEST = "manifest.json"
@@ -55,16 +56,7 @@ def get_pipeline_cfg() -> CfgNode:
 
 
 def load_pipeline_config(config_file, opts) -> CfgNode:
-    cfg = get_pipeline_cfg()
-    if not os.path.isfile(config_file):
-        raise UsageError(f"pipeline config {config_file!r} does not exist")
-    try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
-    except KeyError as e:
-        raise UsageError(f"{config_file}: unknown or invalid key {e}") from None
-    except (AssertionError, ValueError) as e:
-        raise UsageError(f"{config_file}: {e}") from None
+    cfg = merge_config(get_pipeline_cfg(), config_file, opts)
     unknown = [i for i in cfg.TRANSFER.INITS if i not in INITS]
     if unknown or not cfg.TRANSFER.INITS:
         raise UsageError(f"TRANSFER.INITS {list(cfg.TRANSFER.INITS)}: expected a non-empty subset of {list(INITS)}")

@@ -8,11 +8,11 @@ Learning rate: SOLVER.BASE_LR is per 256 images (linear scaling rule, Goyal et a
 with SOLVER.BATCH_SIZE the global batch (all processes together), so a config trains the same way on any
 number of devices.
 """
-import os
 
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
 from mocobench.cli import UsageError
+from mocobench.config import merge_config
 
 
 class CfgNode(_FvcoreCfgNode):
@@ -113,34 +113,10 @@ def load_config(config_file=None, opts=(), moco=True) -> CfgNode:
     """Defaults <- config_file (with its _BASE_ chain) <- opts (KEY VALUE ...); validated and frozen.
     Bad files, unknown keys and bad values raise UsageError naming them. moco=False (the supervised
     baseline, which ignores MOCO.*) skips the checks that only concern MoCo's queue."""
-    cfg = get_cfg()
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise UsageError(f"config file {config_file!r} does not exist")
-        try:
-            cfg.merge_from_file(config_file)
-        except KeyError as e:
-            raise UsageError(f"{config_file}: unknown config key {_key_from_error(e)}") from None
-        except (ValueError, AssertionError, TypeError) as e:
-            raise UsageError(f"{config_file}: {e}") from None
-    opts = list(opts)
-    if len(opts) % 2:
-        raise UsageError(f"config overrides must be KEY VALUE pairs; got an odd number: {opts}")
-    try:
-        cfg.merge_from_list(opts)
-    except KeyError as e:
-        raise UsageError(f"unknown config key {_key_from_error(e)} on the command line") from None
-    except (ValueError, AssertionError, TypeError) as e:
-        raise UsageError(f"bad config override: {e}") from None
+    cfg = merge_config(get_cfg(), config_file, opts)
     validate(cfg, moco=moco)
     cfg.freeze()
     return cfg
-
-
-def _key_from_error(e):
-    # yacs raises KeyError("Non-existent config key: MOCO.KK")
-    msg = e.args[0] if e.args else str(e)
-    return repr(msg.split(":", 1)[1].strip()) if ":" in str(msg) else repr(msg)
 
 
 def validate(cfg, moco=True):

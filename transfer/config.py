@@ -1,5 +1,4 @@
 """Loading a detection config: detectron2's CfgNode plus a small MOCOBENCH namespace, with clear errors."""
-import os
 
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 
@@ -7,7 +6,7 @@ from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 from detectron2.config import CfgNode, get_cfg
 
 import transfer.heads  # noqa: F401  (Res5ROIHeadsExtraNorm: configs name it, so loading one registers it)
-from mocobench.cli import UsageError
+from mocobench.config import merge_config
 
 
 def add_mocobench_config(cfg: CfgNode):
@@ -23,29 +22,9 @@ def add_mocobench_config(cfg: CfgNode):
 
 def load_config(config_file: str, opts=()) -> CfgNode:
     """get_cfg() + our keys, merged with `config_file` and `opts`; bad keys/values raise UsageError."""
-    if not os.path.isfile(config_file):
-        raise UsageError(f"config file {config_file!r} does not exist")
     cfg = get_cfg()
     add_mocobench_config(cfg)
-    try:
-        cfg.merge_from_file(config_file)
-    except KeyError as e:  # yacs: "Non-existent config key: MODEL.FOO"
-        raise UsageError(f"{config_file}: unknown config key ({_key_error(e)})") from None
-    except (ValueError, AssertionError, TypeError) as e:
-        raise UsageError(f"{config_file}: {e}") from None
-    opts = list(opts)
-    if len(opts) % 2:
-        raise UsageError(f"config overrides must be KEY VALUE pairs; got an odd number of items: {opts}")
-    try:
-        cfg.merge_from_list(opts)
-    except KeyError as e:
-        raise UsageError(f"command-line override: unknown config key ({_key_error(e)})") from None
-    except (ValueError, AssertionError, TypeError) as e:
-        raise UsageError(f"command-line override: {e}") from None
-    return cfg
-
-def _key_error(e: KeyError) -> str:
-    return str(e.args[0]) if e.args else str(e)
+    return merge_config(cfg, config_file, opts)
 
 def _walk(node: CfgNode, prefix=""):
     for key, value in node.items():
