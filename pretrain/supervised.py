@@ -18,7 +18,6 @@ layer1.0.conv1.weight, ..., fc.*), as torchvision's own resnet50-*.pth, so `moco
 torchvision checkpoint.
 """
 import argparse
-import math
 import os
 import time
 
@@ -36,10 +35,10 @@ from pretrain.moco import resnet_builder
 from pretrain.train import (
     MetricsWriter,
     Progress,
-    TrainingDiverged,
     build_optimizer,
     end_of_epoch_checkpoint,
     logger,
+    optimization_step,
     precision_settings,
     resume_training,
     run_command,
@@ -75,18 +74,7 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), target)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration + 1} (epoch {epoch + 1}, "
-                                   f"iteration {i + 1}/{iters} of the epoch); stopping")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss_value = optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters)
         iteration += 1
 
         acc1 = (logits.argmax(dim=1) == target).float().mean().item() * 100.0  # this process's share of the batch

@@ -224,6 +224,24 @@ def knn_monitor(cfg, model, device, num_workers):
 # ----------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------
+def optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters):
+    """Backward and step (through the GradScaler for fp16); returns loss.item(). A NaN/inf loss raises
+    TrainingDiverged naming the iteration before any weight changes, so the last checkpoint stays good."""
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration + 1} (epoch {epoch + 1}, "
+                               f"iteration {i + 1}/{iters} of the epoch); stopping")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss_value
+
+
 def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision, metrics):
     amp, amp_dtype, channels_last = precision
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -245,18 +263,7 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             loss, logits, labels = compute_loss(model, x1, x2, moco_m)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration + 1} (epoch {epoch + 1}, "
-                                   f"iteration {i + 1}/{iters} of the epoch); stopping")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss_value = optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters)
         iteration += 1
 
         acc1 = (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
