@@ -245,6 +245,20 @@ class TwoViewTransform:
 
 
 # ----------------------------------------------------------------------------------------------- recipes
+OFFICIAL_SIZE = 224
+OFFICIAL_BLUR_SIGMA = (0.1, 2.0)
+
+
+def blur_sigma(size):
+    """The official blur sigma range (pixels, tuned for 224 px crops) scaled to `size` px crops.
+
+    A blur is a fraction of the object, not a number of pixels: sigma 2 px at 224 px keeps an object's outline,
+    the same 2 px on a 32 px crop (14 px at 224) wipes it out, and the two views then share only colour, which the
+    jitter destroys, so nothing is left to learn. At 224 px this is the official (0.1, 2.0)."""
+    scale = size / OFFICIAL_SIZE
+    return (OFFICIAL_BLUR_SIGMA[0] * scale, OFFICIAL_BLUR_SIGMA[1] * scale)
+
+
 def _moco_v1(size, crop_scale=(0.2, 1.0)):
     # MoCo v1 (main_moco.py without --aug-plus): grayscale before an always-on jitter.
     view = Compose([
@@ -262,7 +276,7 @@ def _moco_v2(size, crop_scale=(0.2, 1.0)):
         RandomResizedCrop(size, scale=crop_scale),
         RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8),
         RandomGrayscale(0.2),
-        RandomApply(GaussianBlur((0.1, 2.0)), p=0.5),
+        RandomApply(GaussianBlur(blur_sigma(size)), p=0.5),
         RandomHorizontalFlip(),
     ])
     return view, view
@@ -275,7 +289,7 @@ def _moco_v3(size, crop_scale=(0.08, 1.0)):
             RandomResizedCrop(size, scale=crop_scale),
             RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8),
             RandomGrayscale(0.2),
-            RandomApply(GaussianBlur((0.1, 2.0)), p=blur_p),
+            RandomApply(GaussianBlur(blur_sigma(size)), p=blur_p),
             RandomApply(Solarize(), p=solarize_p),
             RandomHorizontalFlip(),
         ])

@@ -226,6 +226,15 @@ def test_crop_scale_defaults_to_the_recipe_and_can_be_overridden(version, defaul
     assert [op.scale for op in supervised.ops if isinstance(op, augment.RandomResizedCrop)] == [(0.5, 1.0)]
 
 
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_blur_sigma_is_the_official_range_at_224_px_and_scales_with_the_crop(version):
+    blurs = lambda t: {op.op.sigma for view in (t.view1, t.view2) for op in view.ops  # noqa: E731
+                       if isinstance(op, augment.RandomApply) and isinstance(op.op, augment.GaussianBlur)}
+    assert blurs(augment.build_two_view_transform(version, 224)) == {(0.1, 2.0)}
+    [(low, high)] = blurs(augment.build_two_view_transform(version, 32))
+    assert low == pytest.approx(0.1 * 32 / 224) and high == pytest.approx(2.0 * 32 / 224)
+
+
 def test_bad_crop_scale_is_a_config_error():
     from mocobench.cli import UsageError
     from pretrain.config import load_config
