@@ -253,8 +253,8 @@ def blur_sigma(size):
     """The official blur sigma range (pixels, tuned for 224 px crops) scaled to `size` px crops.
 
     A blur is a fraction of the object, not a number of pixels: sigma 2 px at 224 px keeps an object's outline,
-    the same 2 px on a 32 px crop (14 px at 224) wipes it out, and the two views then share only colour, which the
-    jitter destroys, so nothing is left to learn. At 224 px this is the official (0.1, 2.0)."""
+    the same 2 px on a 32 px crop (14 px at 224) wipes most of it out in half of the views. At 224 px this is the
+    official (0.1, 2.0); below it, the same blur relative to the image."""
     scale = size / OFFICIAL_SIZE
     return (OFFICIAL_BLUR_SIGMA[0] * scale, OFFICIAL_BLUR_SIGMA[1] * scale)
 

@@ -10,7 +10,7 @@ import pytest
 
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 from mocobench.cli import UsageError
-from mocobench.synth import CLASS_NAMES, make_imagenet, read_synth_meta, synthesize
+from mocobench.synth import CLASS_NAMES, META_VERSION, make_imagenet, read_synth_meta, synthesize
 
 TINY = dict(classes=2, images_per_class=3, val_per_class=2, scenes=4, size=32, scene_size=64)
 
@@ -73,8 +73,12 @@ def test_read_synth_meta_rejects_missing_and_broken_files(tmp_path):
     (tmp_path / "synth.json").write_text("{not json")
     with pytest.raises(UsageError, match="not readable JSON"):
         read_synth_meta(str(tmp_path))
-    (tmp_path / "synth.json").write_text(json.dumps({"format": "mocobench-synth", "version": 1}))
+    (tmp_path / "synth.json").write_text(json.dumps({"format": "mocobench-synth", "version": META_VERSION}))
     with pytest.raises(UsageError, match="missing key"):
+        read_synth_meta(str(tmp_path))
+    # a tree from an older generator (other images for the same seed) must be regenerated, not reused
+    (tmp_path / "synth.json").write_text(json.dumps({"format": "mocobench-synth", "version": META_VERSION - 1}))
+    with pytest.raises(UsageError, match="regenerate the data"):
         read_synth_meta(str(tmp_path))
 
 
