@@ -33,6 +33,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import lr_at
 from pretrain.moco import resnet_builder
 from pretrain.train import (
+    LogWindow,
     MetricsWriter,
     Progress,
     build_optimizer,
@@ -60,7 +61,7 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     iters = len(loader)
     progress = Progress(iters, epoch, cfg.SOLVER.EPOCHS, cfg.LOG_PERIOD)
-    window = {"loss": 0.0, "acc1": 0.0, "data_time": 0.0, "n": 0, "start": time.perf_counter()}
+    window = LogWindow(cfg.SOLVER.BATCH_SIZE)
     model.train()
     end = time.perf_counter()
     for i, (images, target) in enumerate(loader):
@@ -78,18 +79,12 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
         iteration += 1
 
         acc1 = (logits.argmax(dim=1) == target).float().mean().item() * 100.0  # this process's share of the batch
-        window["loss"] += loss_value
-        window["acc1"] += acc1
-        window["data_time"] += data_time
-        window["n"] += 1
-        elapsed = time.perf_counter() - window["start"]
-        img_per_s = window["n"] * cfg.SOLVER.BATCH_SIZE / max(elapsed, 1e-9)
+        window.add(loss_value, acc1, data_time)
+        img_per_s = window.img_per_s()
         progress.update(i, loss=loss_value, acc1=acc1, lr=lr, img_s=round(img_per_s, 1))
         if iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters:
-            n = window["n"]
-            metrics.write(iteration, epoch=epoch + 1, loss=window["loss"] / n, acc1=window["acc1"] / n, lr=lr,
-                          img_per_s=img_per_s, data_time=window["data_time"] / n)
-            window = {"loss": 0.0, "acc1": 0.0, "data_time": 0.0, "n": 0, "start": time.perf_counter()}
+            metrics.write(iteration, epoch=epoch + 1, lr=lr, img_per_s=img_per_s, **window.means())
+            window.reset()
         end = time.perf_counter()
     progress.close()
     return iteration

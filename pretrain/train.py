@@ -224,6 +224,31 @@ def knn_monitor(cfg, model, device, num_workers):
 # ----------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------
+class LogWindow:
+    """Per-iteration loss / acc@1 / data time since the last metrics line, and the images per second over it."""
+
+    def __init__(self, batch_size):
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self):
+        self.loss = self.acc1 = self.data_time = 0.0
+        self.n = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss, acc1, data_time):
+        self.loss += loss
+        self.acc1 += acc1
+        self.data_time += data_time
+        self.n += 1
+
+    def img_per_s(self):
+        return self.n * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
+
+    def means(self):
+        return {"loss": self.loss / self.n, "acc1": self.acc1 / self.n, "data_time": self.data_time / self.n}
+
+
 def optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters):
     """Backward and step (through the GradScaler for fp16); returns loss.item(). A NaN/inf loss raises
     TrainingDiverged naming the iteration before any weight changes, so the last checkpoint stays good."""
@@ -248,7 +273,7 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
     compute_loss = LOSSES[cfg.MOCO.VERSION]
     iters = len(loader)
     progress = Progress(iters, epoch, cfg.SOLVER.EPOCHS, cfg.LOG_PERIOD)
-    window = {"loss": 0.0, "acc1": 0.0, "data_time": 0.0, "n": 0, "start": time.perf_counter()}
+    window = LogWindow(cfg.SOLVER.BATCH_SIZE)
     model.train()
     end = time.perf_counter()
     for i, ((x1, x2), _) in enumerate(loader):
@@ -267,21 +292,17 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
         iteration += 1
 
         acc1 = (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
-        window["loss"] += loss_value
-        window["acc1"] += acc1
-        window["data_time"] += data_time
-        window["n"] += 1
-        elapsed = time.perf_counter() - window["start"]
-        img_per_s = window["n"] * cfg.SOLVER.BATCH_SIZE / max(elapsed, 1e-9)
+        window.add(loss_value, acc1, data_time)
+        img_per_s = window.img_per_s()
         progress.update(i, loss=loss_value, acc1=acc1, lr=lr, img_s=round(img_per_s, 1))
         if iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters:
-            n = window["n"]
-            scalars = {"epoch": epoch + 1, "loss": window["loss"] / n, "acc1": window["acc1"] / n, "lr": lr,
-                       "moco_m": moco_m, "img_per_s": img_per_s, "data_time": window["data_time"] / n}
+            means = window.means()
+            scalars = {"epoch": epoch + 1, "loss": means["loss"], "acc1": means["acc1"], "lr": lr,
+                       "moco_m": moco_m, "img_per_s": img_per_s, "data_time": means["data_time"]}
             if cfg.MOCO.VERSION != "v3":
                 scalars["queue_fill"] = min(1.0, iteration * cfg.SOLVER.BATCH_SIZE / cfg.MOCO.K)
             metrics.write(iteration, **scalars)
-            window = {"loss": 0.0, "acc1": 0.0, "data_time": 0.0, "n": 0, "start": time.perf_counter()}
+            window.reset()
         end = time.perf_counter()
     progress.close()
     return iteration
