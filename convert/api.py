@@ -15,7 +15,7 @@ import numpy as np
 
 from convert.rename import detectron2_name, to_detectron2
 from convert.sources import extract_trunk, read_checkpoint
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write, safe_unpickle
 
 # the protocol MoCo's converter and detectron2's model zoo files use; any reader since Python 3.4 takes it

@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.fileio import load_checkpoint, safe_unpickle
 
 

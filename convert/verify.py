@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 
 TOLERANCE = 1e-5
 STAGES = ("res2", "res3", "res4", "res5")

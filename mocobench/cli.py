@@ -7,6 +7,8 @@ line to SUBCOMMANDS.
 import importlib
 import sys
 
+from mocobench.errors import UsageError
+
 # name -> (module, one-line help)
 SUBCOMMANDS = {  # in the order data flows
     "env": ("mocobench.env", "print the software environment and the active detectron2 fixes"),
@@ -19,10 +21,6 @@ SUBCOMMANDS = {  # in the order data flows
     "report": ("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and plots from run dirs"),
     "pipeline": ("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds -> report, resumable"),
 }
-
-
-class UsageError(Exception):
-    """Bad user input (file, key or value): printed without a traceback, exit code 2."""
 
 
 def _usage() -> str:
@@ -51,8 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # run as `python -m mocobench.cli`: dispatch through the imported module so that stage modules'
-    # `mocobench.cli.UsageError` is the class caught above
-    from mocobench.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

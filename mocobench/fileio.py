@@ -12,7 +12,7 @@ import os
 import pickle
 import tempfile
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 
 
 @contextlib.contextmanager

@@ -21,8 +21,8 @@ import time
 
 from fvcore.common.config import CfgNode
 
-from mocobench.cli import UsageError
 from mocobench.config import merge_config
+from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 
 MANIFEST = "manifest.json"

@@ -41,7 +41,7 @@ import xml.etree.ElementTree as ET
 import cv2
 import numpy as np
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 
 # Full ordered list; `classes=N` takes the first N. Shapes that a rotation maps onto each other (a diamond is a

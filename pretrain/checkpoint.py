@@ -25,7 +25,7 @@ import random
 import numpy as np
 import torch
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.fileio import atomic_torch_save, atomic_write, load_checkpoint
 
 LAST_CHECKPOINT = "last_checkpoint"

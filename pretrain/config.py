@@ -11,8 +11,8 @@ number of devices.
 
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
-from mocobench.cli import UsageError
 from mocobench.config import merge_config
+from mocobench.errors import UsageError
 
 
 class CfgNode(_FvcoreCfgNode):

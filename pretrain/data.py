@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

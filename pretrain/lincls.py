@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write, load_checkpoint
 from pretrain.augment import build_eval_transform, build_linear_train_transform
 from pretrain.data import SafeImageFolder, build_loader

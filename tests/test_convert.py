@@ -17,8 +17,8 @@ import torchvision
 import convert.api
 from convert import VerificationError, convert_checkpoint, verify_file
 from mocobench import d2compat  # noqa: F401  (before detectron2)
-from mocobench.cli import UsageError
 from mocobench.cli import main as mocobench_main
+from mocobench.errors import UsageError
 from mocobench.fileio import safe_unpickle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,8 @@ import torchvision
 from convert import convert_checkpoint
 from convert.rename import detectron2_name
 from convert.sources import extract_trunk
-from mocobench.cli import UsageError
 from mocobench.cli import main as mocobench_main
+from mocobench.errors import UsageError
 
 
 class CreatesFile:

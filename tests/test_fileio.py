@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.fileio import atomic_torch_save, atomic_write, load_checkpoint, safe_unpickle
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from mocobench import pipeline
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from mocobench import cli
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from pretrain import lincls
 from pretrain.lincls import (
     BackboneChangedError,

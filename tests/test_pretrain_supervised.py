@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from mocobench import cli
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.fileio import atomic_torch_save, load_checkpoint
 from mocobench.synth import make_imagenet
 from pretrain import supervised

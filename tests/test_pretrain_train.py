@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.fileio import load_checkpoint
 from mocobench.synth import make_imagenet
 from pretrain import train as train_mod

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from mocobench.synth import CLASS_NAMES, META_VERSION, make_imagenet, read_synth_meta, synthesize
 
 TINY = dict(classes=2, images_per_class=3, val_per_class=2, scenes=4, size=32, scene_size=64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mocobench import cli
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 from transfer.config import load_config, swap_sync_bn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

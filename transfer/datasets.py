@@ -23,7 +23,7 @@ from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

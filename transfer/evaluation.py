@@ -12,7 +12,7 @@ from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 
 # evaluator_type -> builder(cfg, dataset_name, output_folder) -> DatasetEvaluator
 EVALUATOR_BUILDERS = {}

@@ -14,7 +14,7 @@ import math
 import os
 from collections import defaultdict
 
-from mocobench.cli import UsageError
+from mocobench.errors import UsageError
 
 VOC_COLUMNS = [("bbox", "AP50"), ("bbox", "AP"), ("bbox", "AP75")]
 COCO_COLUMNS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75")]
