@@ -40,9 +40,12 @@ def main(argv=None) -> int:
     if name not in SUBCOMMANDS:
         print(f"mocobench: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
-        return int(module.main(rest) or 0)
+        from mocobench import launch  # commands that run on many processes / a cluster go through the launcher
+
+        if name in launch.STAGES:
+            return launch.main(name, rest)
+        return int(importlib.import_module(SUBCOMMANDS[name][0]).main(rest) or 0)
     except UsageError as e:
         print(f"mocobench {name}: error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,11 @@ eval mode (BatchNorm running statistics are part of the pretrained model too). A
 tensor is compared with the checkpoint: any change fails the run, as the official sanity_check does.
 
     mocobench lincls --data ROOT --pretrained checkpoint_0199.pth.tar --output out/lincls
+    mocobench lincls --nproc-per-node 8 ...     (or torchrun --nproc_per_node 8 -m pretrain.lincls ...)
+
+Several processes (as the official protocol, DDP over 8 GPUs): --batch-size is global and split over the
+ranks, only fc's gradients are all-reduced, every rank evaluates its shard of val/ and the counts are summed;
+rank 0 prints and writes the files.
 
 Recipes (official defaults; --recipe auto picks by checkpoint keys):
     v1v2: SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80
@@ -21,13 +26,18 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
+from torch.nn.parallel import DistributedDataParallel
 
+from mocobench import comm
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write, load_checkpoint
 from pretrain.augment import build_eval_transform, build_linear_train_transform
 from pretrain.data import SafeImageFolder, build_loader
+from pretrain.distributed import setup_device
+from pretrain.knn import shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +147,7 @@ def accuracy(output, target, topk=(1, 5)):
 
 
 def _progress(iterable, desc, total):
-    if sys.stdout.isatty():
+    if sys.stdout.isatty() and comm.is_main_process():
         from tqdm import tqdm
 
         return tqdm(iterable, desc=desc, total=total, leave=False)
@@ -148,7 +158,7 @@ def train_one_epoch(model, loader, optimizer, device, desc):
     # The whole model stays in eval mode: BatchNorm must not update its running statistics (official main_lincls).
     model.eval()
     criterion = nn.CrossEntropyLoss()
-    loss_sum = correct = seen = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
     for images, target in _progress(loader, desc, len(loader)):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         output = model(images)
@@ -156,20 +166,27 @@ def train_one_epoch(model, loader, optimizer, device, desc):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss.detach()) * target.numel()
-        correct += accuracy(output.detach(), target, topk=(1,))[0]
-        seen += target.numel()
+        totals += torch.tensor([float(loss.detach()) * target.numel(), accuracy(output.detach(), target, (1,))[0],
+                                target.numel()], dtype=torch.float64, device=device)
+    loss_sum, correct, seen = _sum_over_ranks(totals)
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1)}
+
+
+def _sum_over_ranks(totals):
+    if comm.get_world_size() > 1:
+        dist.all_reduce(totals)
+    return totals.tolist()
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, desc="val"):
     model.eval()
-    top1 = top5 = seen = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images (this shard)
     for images, target in _progress(loader, desc, len(loader)):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         c1, c5 = accuracy(model(images), target, topk=(1, 5))
-        top1, top5, seen = top1 + c1, top5 + c5, seen + target.numel()
+        totals += torch.tensor([c1, c5, target.numel()], dtype=torch.float64, device=device)
+    top1, top5, seen = _sum_over_ranks(totals)
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1)}
 
 
@@ -196,14 +213,25 @@ def build_parser():
                         help="epochs at which lr drops x0.1 (default 60 80 for v1v2; v3 uses cosine)")
     parser.add_argument("--size", type=int, default=224, help="image size (small tests: 32-64)")
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None,
+                        help="default: cuda (cuda:LOCAL_RANK with several processes) if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        return _main(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(args):
+    device = setup_device(args.device or "")
+    world = comm.get_world_size()
+    log = print if comm.is_main_process() else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
     checkpoint = load_checkpoint(args.pretrained)
@@ -229,20 +257,29 @@ def main(argv):
     if train_set.classes != val_set.classes:
         raise UsageError(f"{args.data!r}: train/ and val/ have different class folders "
                          f"({len(train_set.classes)} vs {len(val_set.classes)})")
-    train_loader = build_loader(train_set, batch_size, args.workers, shuffle=True, drop_last=False, seed=args.seed)
-    val_loader = build_loader(val_set, batch_size, args.workers, shuffle=False, drop_last=False, seed=args.seed)
+    if batch_size % world:
+        raise UsageError(f"--batch-size {batch_size} (global) is not divisible by the {world} processes")
+    train_loader = build_loader(train_set, batch_size // world, args.workers, shuffle=True, drop_last=False,
+                                distributed=world > 1, seed=args.seed)
+    val_loader = build_loader(shard(val_set), batch_size // world, args.workers, shuffle=False, drop_last=False,
+                              seed=args.seed)
 
     model = build_linear_model(arch, len(train_set.classes), backbone_state, args.pretrained).to(device)
+    net = model
+    if world > 1:  # only fc trains: its gradients are all that DDP reduces; BN buffers are frozen (eval mode)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == 2, "only fc.weight and fc.bias may train"
     optimizer = torch.optim.SGD(trainable, base_lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
     schedule = f"step x0.1 at {list(milestones)}" if milestones else "cosine"
-    print(f"lincls: {arch} from {args.pretrained} ({prefix}*, recipe {recipe_name}), {len(train_set.classes)} classes, "
+    log(f"lincls: {arch} from {args.pretrained} ({prefix}*, recipe {recipe_name}), {len(train_set.classes)} classes, "
           f"{len(train_set)} train / {len(val_set)} val images, {epochs} epochs, batch {batch_size}, "
-          f"lr {base_lr:g} ({schedule}), device {device}", flush=True)
+          f"lr {base_lr:g} ({schedule}), {world} process(es), device {device}", flush=True)
 
-    os.makedirs(args.output, exist_ok=True)
+    if comm.is_main_process():
+        os.makedirs(args.output, exist_ok=True)
     metrics_path = os.path.join(args.output, "metrics.json")
     records, best_top1 = [], 0.0
     for epoch in range(epochs):
@@ -251,14 +288,15 @@ def main(argv):
             group["lr"] = lr
         train_loader.sampler.set_epoch(epoch)
         start = time.time()
-        train_stats = train_one_epoch(model, train_loader, optimizer, device, f"epoch {epoch + 1}/{epochs}")
+        train_stats = train_one_epoch(net, train_loader, optimizer, device, f"epoch {epoch + 1}/{epochs}")
         val_stats = evaluate(model, val_loader, device)
         best_top1 = max(best_top1, val_stats["top1"])
         record = {"epoch": epoch + 1, "lr": lr, **train_stats, "val_top1": val_stats["top1"],
                   "val_top5": val_stats["top5"], "time_s": round(time.time() - start, 2)}
         records.append(record)
-        _write_json_lines(metrics_path, records)
-        print(f"epoch {epoch + 1}/{epochs}  lr {lr:.4g}  loss {train_stats['train_loss']:.4f}  "
+        if comm.is_main_process():
+            _write_json_lines(metrics_path, records)
+        log(f"epoch {epoch + 1}/{epochs}  lr {lr:.4g}  loss {train_stats['train_loss']:.4f}  "
               f"train@1 {train_stats['train_top1']:.2f}  val@1 {val_stats['top1']:.2f}  "
               f"val@5 {val_stats['top5']:.2f}", flush=True)
     train_set.check_bad_fraction()
@@ -267,7 +305,7 @@ def main(argv):
     # Official sanity check: reload the checkpoint and compare every backbone tensor.
     reference, _, _ = extract_backbone(load_checkpoint(args.pretrained), args.pretrained)
     check_backbone_unchanged(model.state_dict(), reference)
-    print("sanity check passed: backbone unchanged")
+    log("sanity check passed: backbone unchanged")
 
     results = {
         "pretrained": os.path.abspath(args.pretrained),
@@ -284,12 +322,16 @@ def main(argv):
         "best_top1": best_top1,
         "bad_images": train_set.num_bad + val_set.num_bad,
         "backbone_unchanged": True,
+        "world_size": world,
     }
-    with atomic_write(os.path.join(args.output, "lincls_results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"lincls: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  (best top-1 {best_top1:.2f})")
+    if comm.is_main_process():
+        with atomic_write(os.path.join(args.output, "lincls_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    log(f"lincls: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  (best top-1 {best_top1:.2f})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from pretrain.train import torchrun_entry
+
+    torchrun_entry(lambda: main(sys.argv[1:]), "mocobench lincls")

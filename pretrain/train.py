@@ -33,6 +33,7 @@ from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from pretrain import checkpoint as ckpt
 from pretrain.config import load_config, lr_at, moco_momentum_at
+from pretrain.distributed import check_replicas_equal, check_same_resume, setup_device, topology_summary
 from pretrain.moco import build_model, convert_sync_bn
 
 logger = logging.getLogger("pretrain")
@@ -46,16 +47,8 @@ class TrainingDiverged(RuntimeError):
 # setup
 # ----------------------------------------------------------------------------------------------------------
 def setup_distributed(cfg):
-    """Join the torchrun process group when WORLD_SIZE > 1; returns the device of this process."""
-    use_cuda = torch.cuda.is_available() and cfg.DEVICE != "cpu"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-    if cfg.DEVICE:
-        return torch.device(cfg.DEVICE if cfg.DEVICE != "cuda" else f"cuda:{local_rank}")
-    return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    """Join the launcher's process group when WORLD_SIZE > 1; returns the device of this process."""
+    return setup_device(cfg.DEVICE)
 
 
 def setup_logging(output_dir, tag="pretrain"):
@@ -94,7 +87,7 @@ def precision_settings(cfg, device):
     """(autocast enabled, dtype, channels_last): AMP and channels_last default to on for CUDA, off for CPU."""
     amp = cfg.AMP.ENABLED if cfg.AMP.ENABLED is not None else device.type == "cuda"
     dtype = torch.bfloat16 if cfg.AMP.DTYPE == "bfloat16" else torch.float16
-    if amp and device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if amp and device.type == "cuda" and dtype == torch.bfloat16 and not comm.bf16_supported_in_hardware(device):
         dtype = torch.float16
     channels_last = cfg.CHANNELS_LAST if cfg.CHANNELS_LAST is not None else device.type == "cuda"
     return amp, dtype, channels_last
@@ -109,6 +102,13 @@ def wrap_ddp(model, device):
         module = getattr(model, name)
         setattr(model, name, DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
                                                      else None))
+
+
+def replicated_state(model):
+    """The tensors every rank updates on its own and must hold identically: the parameters outside DDP (the
+    momentum encoder's), the queue and its pointer. (Its BN running statistics are per rank, as officially.)"""
+    params = [p for name, p in model.named_parameters() if not name.startswith(model.ddp_modules)]
+    return params + [b for name, b in model.named_buffers() if name in ("queue", "queue_ptr")]
 
 
 def unwrap(module):
@@ -192,10 +192,11 @@ class Progress:
 
 def knn_monitor(cfg, model, device, num_workers):
     """Weighted kNN top-1 (%) of the backbone features (before the projection head), DATA.ROOT/train as the
-    memory bank and DATA.ROOT/val as queries; None when val/ does not exist. Main process only."""
+    memory bank and DATA.ROOT/val as queries; None when val/ does not exist. Every process: each extracts
+    its shard of the images and the bank is all-gathered (pretrain.knn), the same answer on every rank."""
     from pretrain.augment import build_eval_transform
     from pretrain.data import SafeImageFolder, build_loader
-    from pretrain.knn import knn_accuracy
+    from pretrain.knn import knn_accuracy, shard
 
     val_dir = os.path.join(cfg.DATA.ROOT, "val")
     if not os.path.isdir(val_dir):
@@ -203,9 +204,12 @@ def knn_monitor(cfg, model, device, num_workers):
     transform = build_eval_transform(cfg.INPUT.SIZE)
     train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), transform)
     val_set = SafeImageFolder(val_dir, transform)
-    loaders = [build_loader(s, cfg.KNN.BATCH_SIZE, num_workers, shuffle=False, drop_last=False, seed=cfg.SEED)
-               for s in (train_set, val_set)]
+    loaders = [build_loader(shard(s), cfg.KNN.BATCH_SIZE, num_workers, shuffle=False, drop_last=False,
+                            seed=cfg.SEED) for s in (train_set, val_set)]
     encoder = unwrap(model.encoder_q if cfg.MOCO.VERSION != "v3" else model.base_encoder)
+    if comm.get_world_size() > 1:  # BN running statistics: rank 0's (the checkpointed ones) on every rank
+        for buffer in encoder.buffers():
+            dist.broadcast(buffer, src=0)
 
     def backbone_features(x):  # a torchvision ResNet up to the global average pool
         x = encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(x))))
@@ -253,8 +257,10 @@ def optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters):
     """Backward and step (through the GradScaler for fp16); returns loss.item(). A NaN/inf loss raises
     TrainingDiverged naming the iteration before any weight changes, so the last checkpoint stays good."""
     loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise TrainingDiverged(f"loss is {loss_value} at iteration {iteration + 1} (epoch {epoch + 1}, "
+    # every rank decides together: one rank raising alone would leave the others blocked in backward's all-reduce
+    if not comm.all_ranks_agree(math.isfinite(loss_value), loss.device):
+        what = f"{loss_value}" if not math.isfinite(loss_value) else "not finite on another rank"
+        raise TrainingDiverged(f"loss is {what} at iteration {iteration + 1} (epoch {epoch + 1}, "
                                f"iteration {i + 1}/{iters} of the epoch); stopping")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -326,9 +332,8 @@ def train(cfg, resume=None):
     if comm.is_main_process():
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
-    logger.info(f"{world} process(es) on {device}; global batch {cfg.SOLVER.BATCH_SIZE} "
-                f"({batch_per_rank} per process), lr = {cfg.SOLVER.BASE_LR} x {cfg.SOLVER.BATCH_SIZE}/256 = "
-                f"{cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256:g}")
+    logger.info(topology_summary(world, cfg.SOLVER.BATCH_SIZE, batch_per_rank // bn_splits, cfg.SOLVER.BASE_LR,
+                                 device))
 
     # Data first: a bad DATA.ROOT should fail before a model is built.
     from pretrain.augment import build_two_view_transform
@@ -354,6 +359,7 @@ def train(cfg, resume=None):
     seed_all(cfg.SEED + rank)
 
     start_epoch, iteration, resume_path = resume_training(cfg, resume, model, optimizer, scaler)
+    check_same_resume(resume_path, start_epoch, iteration)
     if world > 1:  # every rank starts from rank 0's state, key encoder and queue included
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
@@ -374,12 +380,12 @@ def train(cfg, resume=None):
                 logger.warning(f"{bad} unreadable image(s) skipped so far, e.g. {train_set.bad_files()[:3]}")
             last_epoch = epoch + 1 == cfg.SOLVER.EPOCHS
             if cfg.KNN.PERIOD > 0 and ((epoch + 1) % cfg.KNN.PERIOD == 0 or last_epoch):
-                if comm.is_main_process():
-                    top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS)
-                    if top1 is not None:
-                        logger.info(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
-                        metrics.write(iteration, epoch=epoch + 1, knn_top1=top1)
-                comm.barrier()
+                top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS)
+                if top1 is not None:
+                    logger.info(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
+                    metrics.write(iteration, epoch=epoch + 1, knn_top1=top1)
+            if world > 1:  # what DDP does not keep in step (momentum encoder weights, queue) must still agree
+                check_replicas_equal("the momentum encoder's weights and the queue", replicated_state(model))
             previous_checkpoint = end_of_epoch_checkpoint(cfg, epoch, model, optimizer, scaler, iteration,
                                                           previous_checkpoint)
     finally:

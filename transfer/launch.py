@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.errors import UsageError
 
 # isort: split
 from detectron2.engine import defaults as d2_defaults
@@ -24,7 +25,19 @@ from detectron2.utils import comm
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
-__all__ = ["launch", "launch_cpu"]
+__all__ = ["check_launch", "launch", "launch_cpu"]
+
+
+def check_launch(cfg, num_gpus, num_machines=1, dist_url="auto"):
+    """What would fail inside every worker, caught before any process starts (one-line UsageError)."""
+    world_size = num_gpus * num_machines
+    if dist_url == "auto" and num_machines > 1:
+        raise UsageError(f"--dist-url auto picks a free port on this machine only; with --num-machines "
+                         f"{num_machines} pass --dist-url tcp://HOST:PORT (HOST: the machine of rank 0)")
+    if cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise UsageError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} (images per step, all processes) is not "
+                         f"divisible by the {world_size} processes ({num_machines} machine(s) x {num_gpus})")
+
 
 def launch_cpu(main_func, num_procs_per_machine, num_machines=1, machine_rank=0, dist_url="auto", args=(),
                timeout=DEFAULT_TIMEOUT):
@@ -34,7 +47,7 @@ def launch_cpu(main_func, num_procs_per_machine, num_machines=1, machine_rank=0,
         return
     if dist_url == "auto":
         if num_machines != 1:
-            raise ValueError("dist_url 'auto' works on one machine only; pass --dist-url tcp://HOST:PORT")
+            raise UsageError("dist_url 'auto' works on one machine only; pass --dist-url tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     mp.spawn(
         _gloo_worker,

@@ -49,7 +49,7 @@ from transfer.datasets import (
     resolve_synth_root,
     uses_synth,
 )
-from transfer.launch import launch, launch_cpu
+from transfer.launch import check_launch, launch, launch_cpu
 from transfer.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -298,6 +298,7 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
     _setup_console_logging()
     cfg, _ = prepare_config(config_file, opts, world_size)  # every input error before a process starts
     check_device(cfg, num_gpus)
+    check_launch(cfg, num_gpus, num_machines, dist_url)
     check_weights(cfg, resume, eval_only)
 
     trial_dirs = [trial_dir(cfg.OUTPUT_DIR, i) for i in range(seeds)]

@@ -1,0 +1,209 @@
+"""Where a command's processes run: this process, every GPU of this node, several nodes, or a SLURM cluster.
+
+    mocobench pretrain --config-file X.yaml ...                      every visible GPU of this node (1 on CPU)
+    mocobench pretrain --nproc-per-node 8 --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT ...
+    mocobench pretrain --launcher slurm --nodes 2 --gpus-per-node 8 --partition P --timeout 4320 ...
+
+Processes are started by torch's elastic launcher (`torch.distributed.run`, the engine behind torchrun: the
+options mean what torchrun's mean, and `torchrun -m pretrain.train ...` gives the same run); SLURM jobs are
+submitted with submitit (the launcher of the MoCo v3, DeiT and MAE codebases; `pip install -e '.[slurm]'`).
+A timed-out or preempted SLURM job checkpoints and requeues itself with the command's resume flag
+(`--resume auto` for pretraining); a requeued pipeline continues from its manifest.
+
+This is the top floor: the stages know nothing of it; they read the env:// variables their launcher exports.
+"""
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+
+from mocobench.errors import UsageError
+
+# Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of sbatch.
+SUBMITIT_CLUSTER_ENV = "MOCOBENCH_SUBMITIT_CLUSTER"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    module: str  # the stage's module: main(argv) -> int
+    resume: tuple  # the flags that make a requeued job continue (prepended to its argv)
+    per_rank: bool  # True: one process (SLURM task) per GPU, env:// ; False: one per node, the command spawns
+
+
+STAGES = {
+    "pretrain": Stage("pretrain.train", ("--resume", "auto"), per_rank=True),
+    "supervised": Stage("pretrain.supervised", ("--resume", "auto"), per_rank=True),
+    "lincls": Stage("pretrain.lincls", (), per_rank=True),  # minutes per epoch: a requeue starts it again
+    "transfer": Stage("transfer.run", ("--resume",), per_rank=False),  # detectron2's launch spawns per GPU
+    "pipeline": Stage("mocobench.pipeline", (), per_rank=False),  # its manifest resumes every stage
+}
+
+
+def build_parser(command):
+    stage = STAGES[command]
+    parser = argparse.ArgumentParser(prog=f"mocobench {command}", add_help=False, allow_abbrev=False)
+    if stage.per_rank:
+        group = parser.add_argument_group("processes (torchrun's options and meaning)")
+        group.add_argument("--nproc-per-node", type=int, default=None,
+                           help="processes on this node (default: every visible CUDA device; 1 without CUDA)")
+        group.add_argument("--nnodes", default="1", help="nodes (or MIN:MAX for elastic jobs)")
+        group.add_argument("--node-rank", type=int, default=0)
+        group.add_argument("--rdzv-endpoint", default="",
+                           help="HOST:PORT every node reaches (several nodes); default: a free local port")
+        group.add_argument("--rdzv-id", default="mocobench", help="the job's id, the same on every node")
+    group = parser.add_argument_group("SLURM (submitit)")
+    group.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    group.add_argument("--nodes", type=int, default=1)
+    group.add_argument("--gpus-per-node", type=int, default=8)
+    group.add_argument("--tasks-per-node", type=int, default=None, help=argparse.SUPPRESS)  # CPU tests
+    group.add_argument("--cpus-per-task", type=int, default=10)
+    group.add_argument("--partition", default=None)
+    group.add_argument("--timeout", type=int, default=72 * 60, metavar="MINUTES")
+    group.add_argument("--account", default=None)
+    group.add_argument("--qos", default=None)
+    group.add_argument("--constraint", default=None, help="e.g. volta32gb")
+    group.add_argument("--mem", default=None, help="SLURM --mem, e.g. 400G")
+    group.add_argument("--comment", default=None)
+    group.add_argument("--job-dir", default="slurm_jobs/%j", help="submitit's folder: logs and job pickles")
+    return parser
+
+
+def main(command, argv) -> int:
+    """`mocobench COMMAND [launch options] [the command's own arguments]`."""
+    stage = STAGES[command]
+    parser = build_parser(command)
+    args, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        print()
+    if args.launcher == "slurm":
+        submit(command, args, rest)
+        return 0
+    module = importlib.import_module(stage.module)
+    if not stage.per_rank:
+        return int(module.main(rest) or 0)
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else default_nproc_per_node(rest)
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-node {nproc}: expected >= 1")
+    if nproc == 1 and args.nnodes == "1":
+        return int(module.main(rest) or 0)  # this process, as before: no launcher in the way
+    return run_elastic(stage.module, rest, nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+
+
+def default_nproc_per_node(argv=()) -> int:
+    """Every visible CUDA device; 1 without CUDA or when the command pins the CPU (DEVICE cpu, --device cpu)."""
+    import torch
+
+    pins_cpu = any(a in ("DEVICE", "--device") and b == "cpu" for a, b in zip(argv, argv[1:]))
+    return torch.cuda.device_count() if torch.cuda.is_available() and not pins_cpu else 1
+
+
+def run_elastic(module, argv, nproc, nnodes="1", node_rank=0, rdzv_endpoint="", rdzv_id="mocobench") -> int:
+    """`torchrun --nproc-per-node N [--nnodes ...] -m MODULE ARGV` through torch's own code; returns the exit code
+    of the first process that failed (2 for a UsageError), 0 when all succeed. One node without an endpoint
+    rendezvous on localhost port 0 (the OS picks a free one: no port race)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    torchrun_argv = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank)]
+    if rdzv_endpoint:
+        torchrun_argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
+    try:
+        run(get_args_parser().parse_args([*torchrun_argv, "-m", module, *argv]))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- SLURM
+def with_resume(argv, resume_flags):
+    """argv with any resume flag removed and `resume_flags` in front (what a requeued job runs)."""
+    if not resume_flags:
+        return list(argv)
+    takes_value = len(resume_flags) == 2
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == resume_flags[0]:
+            i += 2 if takes_value else 1
+            continue
+        if argv[i].startswith(resume_flags[0] + "="):
+            i += 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return [*resume_flags, *out]
+
+
+class StageJob:
+    """What submitit runs in every task of the job; picklable. checkpoint() is submitit's requeue hook."""
+
+    def __init__(self, command, argv):
+        self.command, self.argv = command, list(argv)
+
+    def __call__(self):
+        import submitit
+
+        stage = STAGES[self.command]
+        argv = self.argv
+        if stage.per_rank:  # one task per GPU: each is a rank of the env:// process group
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        else:
+            argv = self._node_argv(submitit.JobEnvironment())
+        module = importlib.import_module(stage.module)
+        code = int(module.main(argv) or 0)
+        if code:
+            raise RuntimeError(f"mocobench {self.command} exited with code {code}")
+        return code
+
+    def _node_argv(self, env):
+        if self.command != "transfer" or env.num_nodes == 1:
+            return self.argv
+        import random
+
+        port = random.Random(env.job_id).randint(20000, 60000)  # the same on every node of this job
+        return ["--num-machines", str(env.num_nodes), "--machine-rank", str(env.node),
+                "--dist-url", f"tcp://{env.hostnames[0]}:{port}", *self.argv]
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on timeout / preemption (on rank 0): the same job, continuing where it stopped."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(StageJob(self.command, with_resume(self.argv,
+                                                                                     STAGES[self.command].resume)))
+
+
+def submit(command, args, argv):
+    """Submit the command as a submitit job (sbatch); prints the job id and log paths; returns the job."""
+    try:
+        import submitit
+    except ImportError:
+        raise UsageError("--launcher slurm needs submitit: pip install -e '.[slurm]'") from None
+    stage = STAGES[command]
+    if command == "pipeline" and args.nodes != 1:
+        raise UsageError(f"--nodes {args.nodes}: the pipeline runs on one node (its stages use every GPU of it)")
+    if args.nodes < 1 or args.gpus_per_node < 0:
+        raise UsageError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: expected >= 1 and >= 0")
+    tasks = args.tasks_per_node or (max(args.gpus_per_node, 1) if stage.per_rank else 1)
+    if command == "transfer" and not any(a == "--num-gpus" or a.startswith("--num-gpus=") for a in argv):
+        argv = ["--num-gpus", str(max(args.gpus_per_node, 1)), *argv]
+    cluster = os.environ.get(SUBMITIT_CLUSTER_ENV, "slurm")
+    try:
+        executor = submitit.AutoExecutor(folder=args.job_dir, cluster=cluster, slurm_max_num_timeout=30)
+    except Exception as e:  # noqa: BLE001 - submitit says why (no sbatch on PATH, unknown cluster)
+        raise UsageError(f"--launcher slurm: submitit cannot use cluster {cluster!r} here: {e}") from None
+    executor.update_parameters(
+        name=f"mocobench-{command}", nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
+        cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
+        slurm_partition=args.partition, slurm_account=args.account, slurm_qos=args.qos,
+        slurm_constraint=args.constraint, slurm_mem=args.mem, slurm_comment=args.comment,
+        slurm_signal_delay_s=120,  # time between SLURM's warning signal and the kill: enough to checkpoint
+    )
+    job = executor.submit(StageJob(command, argv))
+    stdout, stderr = job.paths.stdout, job.paths.stderr
+    print(f"submitted mocobench {command} as job {job.job_id} ({cluster}: {args.nodes} node(s) x {tasks} "
+          f"task(s), {args.gpus_per_node} GPU(s) per node, timeout {args.timeout} min)")
+    print(f"  stdout: {stdout}\n  stderr: {stderr}\n  follow: tail -f {stdout}")
+    sys.stdout.flush()
+    return job
