@@ -106,7 +106,8 @@ def run_elastic(module, argv, nproc, nnodes="1", node_rank=0, rdzv_endpoint="", 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    torchrun_argv = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank)]
+    torchrun_argv = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+                     "--monitor-interval", "0.5"]  # how often the agent polls its workers (torchrun's default: 0.1-5 s)
     if rdzv_endpoint:
         torchrun_argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
     try:

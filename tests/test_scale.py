@@ -1,0 +1,275 @@
+"""Scale out on CPU (gloo, 2 processes): the elastic launcher, torchrun, submitit's requeue, the sharded kNN
+bank, DDP lincls, and the cross-rank checks (NaN agreement, resume, replicas). Ports: the elastic launcher
+rendezvous on port 0 (the OS picks), the in-test process groups use a FileStore (no port at all)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mocobench import launch
+from mocobench.errors import UsageError
+from mocobench.fileio import load_checkpoint
+from mocobench.synth import make_imagenet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
+ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
+    return os.path.join(str(out), "imagenet")
+
+
+def opts(root, out_dir, **extra):
+    values = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 32,
+              "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 2,
+              "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2, "DEVICE": "cpu", **extra}
+    return [str(x) for kv in values.items() for x in kv]
+
+
+def run(cmd, timeout=240, env=None):
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_checkpoint(path_a, path_b):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a["iteration"] == b["iteration"] and a["epoch"] == b["epoch"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    return a
+
+
+# ------------------------------------------------------------------------------------------ one node, N processes
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_nproc_per_node_2_matches_torchrun_and_writes_one_set_of_files(tiny_imagenet, tmp_path):
+    ours, torchrun = str(tmp_path / "ours"), str(tmp_path / "torchrun")
+    args = ["--config-file", SYNTH_CFG, *opts(tiny_imagenet, "X", **{"KNN.PERIOD": 1})]
+    proc = run([sys.executable, "-m", "mocobench", "pretrain", "--nproc-per-node", "2",
+                *[ours if a == "X" else a for a in args]])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pretrain.train",
+         *[torchrun if a == "X" else a for a in args]])
+
+    # the log's first line says how the run is split; one writer: one log, one metrics stream, one events file
+    log = open(os.path.join(ours, "log.txt")).read()
+    assert "world size 2 (2 per node) on cpu; global batch 16 = 8 per process; BN statistics over 8 images; " \
+           "lr = 0.06 x 16/256 = 0.00375" in log
+    assert log.count("saved ") == 2 and proc.stdout.count("saved ") == 2
+    files = sorted(os.listdir(ours))
+    assert [f for f in files if not f.startswith("events")] == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar",
+                                                               "config.yaml", "last_checkpoint", "log.txt",
+                                                               "metrics.json"]
+    assert sum(f.startswith("events.out.tfevents") for f in files) == 1
+    records = [json.loads(line) for line in open(os.path.join(ours, "metrics.json"))]
+    assert [r["iteration"] for r in records if "loss" in r] == [2, 4, 6, 8]  # 64 images / 16 per step, 2 epochs
+    assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2]  # the sharded kNN monitor ran each epoch
+
+    # bit for bit the run torchrun starts: weights, BN buffers, queue, pointer, optimizer state
+    ckpt = assert_same_checkpoint(os.path.join(ours, "checkpoint_0001.pth.tar"),
+                                  os.path.join(torchrun, "checkpoint_0001.pth.tar"))
+    assert ckpt["iteration"] == 8 and int(ckpt["state_dict"]["module.queue_ptr"]) == (8 * 16) % 32
+    # the queue holds every rank's keys: the training checks at every epoch that all ranks hold the same
+    # momentum encoder and queue (pretrain.distributed.check_replicas_equal); a mismatch would have failed the run
+    torch.testing.assert_close(ckpt["state_dict"]["module.queue"].norm(dim=0), torch.ones(32))
+
+
+def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
+    parser = launch.build_parser("pretrain")
+    args, rest = parser.parse_known_args(["--nproc-per-node", "2", "--config-file", "x.yaml", "--resume", "auto",
+                                          "SOLVER.EPOCHS", "3"])
+    assert args.nproc_per_node == 2 and rest == ["--config-file", "x.yaml", "--resume", "auto", "SOLVER.EPOCHS", "3"]
+    assert launch.with_resume(["--config-file", "x", "--resume", "a/b.pth", "K", "V"], ("--resume", "auto")) == \
+        ["--resume", "auto", "--config-file", "x", "K", "V"]
+    assert launch.with_resume(["--resume", "--seeds", "5"], ("--resume",)) == ["--resume", "--seeds", "5"]
+    assert launch.default_nproc_per_node(["DEVICE", "cpu"]) == 1
+    with pytest.raises(UsageError, match="--nproc-per-node 0"):
+        launch.main("pretrain", ["--nproc-per-node", "0", "--config-file", SYNTH_CFG])
+    with pytest.raises(UsageError, match="pipeline runs on one node"):
+        launch.main("pipeline", ["--launcher", "slurm", "--nodes", "2", "--config-file", "x.yaml"])
+    # a worker's UsageError: exit code 2 from the launcher, the one-line error on stderr, no traceback
+    for key in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(key, ENV[key])
+    code = launch.run_elastic("pretrain.train", ["--config-file", SYNTH_CFG, "SOLVER.NOPE", "1"], nproc=2)
+    err = capfd.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "mocobench pretrain: error:" in err and "SOLVER.NOPE" in err and "Traceback" not in err
+
+
+def test_device_cuda_n_is_refused_under_a_launcher(monkeypatch):
+    from pretrain.distributed import setup_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="'cuda:1' with 2 processes would put every rank on the same GPU"):
+        setup_device("cuda:1")
+
+
+# ------------------------------------------------------------------------------------------ cross-rank mechanisms
+def _features_fn():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten()).eval()
+    return net
+
+
+def _knn_inputs(root):
+    from pretrain.augment import build_eval_transform
+    from pretrain.data import SafeImageFolder
+
+    transform = build_eval_transform(32)
+    return (SafeImageFolder(os.path.join(root, "train"), transform),
+            SafeImageFolder(os.path.join(root, "val"), transform))
+
+
+def _rank_worker(rank, world, store, root, out):
+    import torch.distributed as dist
+
+    from mocobench import comm
+    from pretrain.data import build_loader
+    from pretrain.distributed import check_replicas_equal, check_same_resume
+    from pretrain.knn import extract_features, knn_accuracy, shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    report = {}
+    # kNN: each rank extracts its shard (counted at the feature function), the bank is all-gathered
+    net, seen = _features_fn(), []
+
+    def features(x):
+        seen.append(x.shape[0])
+        return net(x)
+
+    train_set, val_set = _knn_inputs(root)
+    loaders = [build_loader(shard(s), 5, 0, shuffle=False, drop_last=False, seed=0) for s in (train_set, val_set)]
+    bank, labels = extract_features(features, loaders[0], "cpu")
+    report["bank_share"] = sum(seen)
+    torch.save({"bank": bank, "labels": labels}, os.path.join(out, f"bank{rank}.pt"))
+    report["top1"] = knn_accuracy(net, *loaders, k=5, t=0.1)
+    # NaN agreement: rank 1 alone sees a NaN, both ranks learn it
+    report["agree"] = comm.all_ranks_agree(rank != 1)
+    # replicas: equal passes, one differing bit fails on every rank
+    check_replicas_equal("queue", [torch.arange(6.0)])
+    try:
+        check_replicas_equal("queue", [torch.arange(6.0) + (rank == 1)])
+    except RuntimeError as e:
+        report["replicas"] = str(e)
+    # resume: rank 0 found a checkpoint, rank 1 (another node, no shared OUTPUT_DIR) none
+    ckpt = os.path.join(out, "fake.pth")
+    if rank == 0:
+        open(ckpt, "wb").write(b"x")
+    try:
+        check_same_resume(ckpt if rank == 0 else None, 3 if rank == 0 else 0, 12 if rank == 0 else 0)
+    except UsageError as e:
+        report["resume"] = str(e)
+    json.dump(report, open(os.path.join(out, f"rank{rank}.json"), "w"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_knn_bank_is_sharded_and_equals_one_process_and_ranks_agree(tiny_imagenet, tmp_path):
+    from pretrain.data import build_loader
+    from pretrain.knn import extract_features, knn_accuracy
+
+    train_set, val_set = _knn_inputs(tiny_imagenet)
+    loaders = [build_loader(s, 5, 0, shuffle=False, drop_last=False, seed=0) for s in (train_set, val_set)]
+    net = _features_fn()
+    bank, labels = extract_features(net, loaders[0], "cpu")
+    top1 = knn_accuracy(net, *loaders, k=5, t=0.1)
+
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "store"), tiny_imagenet, str(tmp_path)), nprocs=2, join=True)
+    reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert [r["bank_share"] for r in reports] == [32, 32]  # 64 train images, half extracted by each rank
+    for r in range(2):
+        gathered = torch.load(tmp_path / f"bank{r}.pt")
+        torch.testing.assert_close(gathered["bank"], bank, rtol=1e-5, atol=1e-6)  # in the dataset's order
+        assert torch.equal(gathered["labels"], labels)
+    assert reports[0]["top1"] == reports[1]["top1"] == top1
+    assert [r["agree"] for r in reports] == [False, False]
+    assert all("queue differs between ranks" in r["replicas"] for r in reports)
+    for r in reports:
+        assert "ranks resume from different checkpoints" in r["resume"] and "rank 1: no checkpoint" in r["resume"]
+        assert "rank 0: epoch 3, iteration 12" in r["resume"]
+
+
+# ------------------------------------------------------------------------------------------ lincls, SLURM requeue
+@pytest.fixture(scope="module")
+def reference_run(tiny_imagenet, tmp_path_factory):
+    """An uninterrupted 3-epoch single-process run (the reference of the requeue test, the input of lincls)."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    run([sys.executable, "-m", "mocobench", "pretrain", "--config-file", SYNTH_CFG,
+         *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3})])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lincls_on_2_processes_equals_one_process(tiny_imagenet, reference_run, tmp_path):
+    from mocobench import cli
+
+    args = ["--data", tiny_imagenet, "--pretrained", os.path.join(reference_run, "checkpoint_0002.pth.tar"),
+            "--epochs", "2", "--batch-size", "16", "--lr", "1.0", "--workers", "0", "--size", "32", "--device", "cpu"]
+    assert cli.main(["lincls", *args, "--output", str(tmp_path / "one")]) == 0
+    proc = run([sys.executable, "-m", "mocobench", "lincls", "--nproc-per-node", "2", *args,
+                "--output", str(tmp_path / "two")])
+    assert proc.stdout.count("sanity check passed") == 1  # rank 0 prints and writes
+    one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.json")]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.json")]
+    for a, b in zip(one, two, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert (b["train_top1"], b["val_top1"], b["val_top5"]) == (a["train_top1"], a["val_top1"], a["val_top5"])
+    results = json.load(open(tmp_path / "two" / "lincls_results.json"))
+    assert results["world_size"] == 2 and results["top1"] == one[-1]["val_top1"]
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(tiny_imagenet, reference_run, tmp_path,
+                                                                       monkeypatch, capsys):
+    from mocobench import cli
+
+    # the real --launcher slurm path; only the executor is submitit's local one instead of sbatch
+    monkeypatch.setenv(launch.SUBMITIT_CLUSTER_ENV, "local")
+    for key in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(key, ENV[key])
+    out, jobs = str(tmp_path / "job"), str(tmp_path / "jobs")
+    assert cli.main(["pretrain", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10", "--job-dir", jobs,
+                     "--config-file", SYNTH_CFG, *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3})]) == 0
+    printed = capsys.readouterr().out
+    job_id = printed.split("as job ")[1].split()[0]
+    stdout = os.path.join(jobs, f"{job_id}_0_log.out")
+    assert f"stdout: {stdout}" in printed and f"tail -f {stdout}" in printed
+
+    deadline = time.time() + 200
+    while not os.path.exists(os.path.join(out, "last_checkpoint")):  # epoch 1 done: preempt during epoch 2
+        assert time.time() < deadline, open(stdout).read()[-3000:]
+        time.sleep(0.2)
+    [task] = _children(int(job_id))
+    os.kill(task, signal.SIGUSR2)  # what SLURM sends before a timeout / preemption (submitit's signal)
+    result = os.path.join(jobs, f"{job_id}_0_result.pkl")
+    while not os.path.exists(result):
+        assert time.time() < deadline, open(stdout).read()[-3000:]
+        time.sleep(0.5)
+    log = open(stdout).read()
+    assert "Requeued job" in log and "resumed from" in log and "Job completed successfully" in log
+    submitted = open(os.path.join(jobs, f"{job_id}_submitted.pkl"), "rb").read()
+    assert b"auto" in submitted  # the requeued submission carries --resume auto
+    assert_same_checkpoint(os.path.join(reference_run, "checkpoint_0002.pth.tar"),
+                           os.path.join(out, "checkpoint_0002.pth.tar"))
