@@ -58,6 +58,9 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     world = get_world_size()
     if world == 1:
         return tensor
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        # NHWC images (channels_last): gather the memory as it lies and hand back the same layout, no conversion
+        return all_gather_cat(tensor.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     tensor = tensor.contiguous()
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
     _all_gather_single(out, tensor)

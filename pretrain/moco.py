@@ -57,6 +57,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
     batch is shuffled), so this partition is as random as a per-device slice.
     Running statistics are updated per group and averaged back over the groups. Eval mode is plain BN,
     and the state dict is exactly BatchNorm2d's (checkpoints stay interchangeable).
+
+    channels_last (NHWC) input: that reshape is not a view there (a copy in, an NCHW result out, and the next
+    conv converts back). Splitting only the batch dimension, (N/S, S, C, H, W), is a view in any layout, so the
+    group statistics come from one var_mean over it and the output (one fused multiply-add) keeps NHWC.
     """
 
     def __init__(self, num_features, num_splits, **kwargs):
@@ -73,6 +77,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
                              "(MOCO.SHUFFLE_BN_SPLITS must divide the per-process batch size)")
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return self._forward_channels_last(x, s, momentum)
         running_mean = self.running_mean.repeat(s)
         running_var = self.running_var.repeat(s)
         out = F.batch_norm(
@@ -84,6 +90,26 @@ class SplitBatchNorm(nn.BatchNorm2d):
             self.running_mean.copy_(running_mean.view(s, c).mean(0))
             self.running_var.copy_(running_var.view(s, c).mean(0))
         return out.reshape(x.shape)
+
+    def _forward_channels_last(self, x, s, momentum):
+        n, c = x.shape[:2]
+        groups = x.view(n // s, s, *x.shape[1:])  # a view in any memory format: only the batch dim is split
+        stats_input = groups if groups.dtype in (torch.float32, torch.float64) else groups.float()  # AMP: fp32 stats
+        var, mean = torch.var_mean(stats_input, dim=(0, 3, 4), correction=0, keepdim=True)  # (1, S, C, 1, 1)
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight.view(1, 1, c, 1, 1)
+        shift = -mean * scale
+        if self.affine:
+            shift = shift + self.bias.view(1, 1, c, 1, 1)
+        out = torch.addcmul(shift.to(x.dtype), groups, scale.to(x.dtype))  # keeps the input's NHWC strides
+        with torch.no_grad():
+            count = groups.numel() // (s * c)
+            unbiased = var.view(s, c) * count / max(count - 1, 1)
+            self.running_mean.mul_(1 - momentum).add_(mean.view(s, c).mean(0).to(self.running_mean.dtype),
+                                                      alpha=momentum)
+            self.running_var.mul_(1 - momentum).add_(unbiased.mean(0).to(self.running_var.dtype), alpha=momentum)
+        return out.view(x.shape) if out.is_contiguous(memory_format=torch.channels_last) else out.reshape(x.shape)
 
 
 def convert_split_bn(module, num_splits):

@@ -31,6 +31,7 @@ from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from pretrain import checkpoint as ckpt
 from pretrain.config import lr_at
+from pretrain.distributed import check_same_resume, topology_summary
 from pretrain.moco import resnet_builder
 from pretrain.train import (
     LogWindow,
@@ -150,9 +151,8 @@ def train(cfg, resume=None):
     if comm.is_main_process():
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
-    logger.info(f"supervised {cfg.MODEL.ARCH}: {world} process(es) on {device}; global batch "
-                f"{cfg.SOLVER.BATCH_SIZE} ({batch_per_rank} per process), lr = {cfg.SOLVER.BASE_LR} x "
-                f"{cfg.SOLVER.BATCH_SIZE}/256 = {cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256:g}")
+    logger.info(f"supervised {cfg.MODEL.ARCH}: " + topology_summary(world, cfg.SOLVER.BATCH_SIZE, batch_per_rank,
+                                                                    cfg.SOLVER.BASE_LR, device))
 
     # Data first: a bad DATA.ROOT should fail before a model is built.
     from pretrain.augment import build_linear_train_transform
@@ -180,6 +180,7 @@ def train(cfg, resume=None):
 
     start_epoch, iteration, previous_checkpoint = resume_training(cfg, resume, model, optimizer, scaler,
                                                                   ckpt.load_plain_state_dict)
+    check_same_resume(previous_checkpoint, start_epoch, iteration)
     if world > 1:  # DDP broadcasts rank 0's parameters and buffers when it wraps the model
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.COMPILE:

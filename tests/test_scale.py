@@ -158,6 +158,11 @@ def _rank_worker(rank, world, store, root, out):
     report["bank_share"] = sum(seen)
     torch.save({"bank": bank, "labels": labels}, os.path.join(out, f"bank{rank}.pt"))
     report["top1"] = knn_accuracy(net, *loaders, k=5, t=0.1)
+    # all_gather_cat keeps NHWC images NHWC (the shuffle-BN gather of channels_last key batches)
+    images = (torch.arange(2 * 3 * 2 * 2.0).view(2, 3, 2, 2) + 100 * rank).to(memory_format=torch.channels_last)
+    gathered = comm.all_gather_cat(images)
+    report["gather_nhwc"] = gathered.is_contiguous(memory_format=torch.channels_last)
+    report["gather_ok"] = torch.equal(gathered, torch.cat([images - 100 * rank, images - 100 * rank + 100]))
     # NaN agreement: rank 1 alone sees a NaN, both ranks learn it
     report["agree"] = comm.all_ranks_agree(rank != 1)
     # replicas: equal passes, one differing bit fails on every rank
@@ -198,10 +203,35 @@ def test_knn_bank_is_sharded_and_equals_one_process_and_ranks_agree(tiny_imagene
         assert torch.equal(gathered["labels"], labels)
     assert reports[0]["top1"] == reports[1]["top1"] == top1
     assert [r["agree"] for r in reports] == [False, False]
+    assert all(r["gather_nhwc"] and r["gather_ok"] for r in reports)
     assert all("queue differs between ranks" in r["replicas"] for r in reports)
     for r in reports:
         assert "ranks resume from different checkpoints" in r["resume"] and "rank 1: no checkpoint" in r["resume"]
         assert "rank 0: epoch 3, iteration 12" in r["resume"]
+
+
+def test_split_batchnorm_keeps_channels_last_and_computes_the_same():
+    from pretrain.moco import SplitBatchNorm
+
+    torch.manual_seed(0)
+    nchw, nhwc = SplitBatchNorm(6, 4), SplitBatchNorm(6, 4)
+    nchw.weight.data.uniform_(0.5, 1.5)
+    nchw.bias.data.uniform_(-1, 1)
+    nhwc.load_state_dict(nchw.state_dict())
+    x = torch.randn(8, 6, 5, 5) * 3 + 1
+    x_nhwc = x.clone().to(memory_format=torch.channels_last).requires_grad_()
+    x = x.requires_grad_()
+    y, y_nhwc = nchw(x), nhwc(x_nhwc)
+    assert y_nhwc.is_contiguous(memory_format=torch.channels_last)  # no conversion for the next conv
+    torch.testing.assert_close(y_nhwc, y)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_nhwc.backward(grad)
+    torch.testing.assert_close(x_nhwc.grad, x.grad)
+    torch.testing.assert_close(nhwc.weight.grad, nchw.weight.grad)
+    torch.testing.assert_close(nhwc.bias.grad, nchw.bias.grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(nhwc, name), getattr(nchw, name))
 
 
 # ------------------------------------------------------------------------------------------ lincls, SLURM requeue
