@@ -32,6 +32,9 @@ setup(
         "termcolor>=1.1",
         "tabulate",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={
+        "slurm": ["submitit>=1.5"],  # --launcher slurm (mocobench.launch)
+        "test": ["pytest", "pytest-timeout", "ruff", "submitit>=1.5"],
+    },
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )
