@@ -31,6 +31,8 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoders (as COMPILE True)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend; the CPU dry run uses 'eager' (inductor's C++ build takes minutes)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args()
@@ -41,8 +43,9 @@ def main():
         torch.backends.cudnn.benchmark = True
     amp, dtype, channels_last = precision_settings(cfg, device)
     splits = cfg.MOCO.SHUFFLE_BN_SPLITS if cfg.MOCO.VERSION != "v3" else 1
+    compiled = args.compile_backend if args.compile else "off"
     detail = (f"{cfg.MODEL.ARCH} MoCo {cfg.MOCO.VERSION}, batch {args.batch} at {args.size} px, BN groups {splits}, "
-              f"AMP {dtype if amp else 'off'}, channels_last {channels_last}, compile {args.compile}")
+              f"AMP {dtype if amp else 'off'}, channels_last {channels_last}, compile {compiled}")
     try:
         torch.manual_seed(0)
         model = build_model(cfg, bn_splits=splits)
@@ -50,7 +53,7 @@ def main():
         model.to(device, memory_format=memory_format)
         if args.compile:
             for module in model.children():
-                module.compile()
+                module.compile(backend=args.compile_backend)
         optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], 0.03)
         scaler = torch.amp.GradScaler(device.type) if amp and dtype == torch.float16 else None
         x1 = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=memory_format)

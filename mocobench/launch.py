@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import signal
 import sys
 
 from mocobench.errors import UsageError
@@ -153,7 +154,11 @@ class StageJob:
         else:
             argv = self._node_argv(submitit.JobEnvironment())
         module = importlib.import_module(stage.module)
+        requeue, requeue_codes = _route_preemption_to_the_training_loop() if stage.resume else (None, ())
         code = int(module.main(argv) or 0)
+        if code in requeue_codes:  # stopped on the signal after an exact checkpoint: requeue the job now
+            requeue(_submitit_signal(), None)  # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
+            return code
         if code:
             raise RuntimeError(f"mocobench {self.command} exited with code {code}")
         return code
@@ -173,6 +178,35 @@ class StageJob:
 
         return submitit.helpers.DelayedSubmission(StageJob(self.command, with_resume(self.argv,
                                                                                      STAGES[self.command].resume)))
+
+
+def _submitit_signal():
+    import submitit
+
+    return submitit.JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+
+
+def _route_preemption_to_the_training_loop():
+    """SLURM sends submitit's signal (USR2) before a timeout and SIGTERM on preemption. submitit's own handler
+    would requeue at once, in the middle of an iteration (the run then repeats the work since the last epoch
+    checkpoint). When the training loop stops cleanly on SIGTERM (pretrain.preempt: finish the iteration, write
+    an exact checkpoint, return a requeue exit code), the signal is handed to it instead, and submitit's handler
+    runs once the checkpoint is written. Returns (submitit's handler, the exit codes that mean "requeue me")."""
+    try:
+        from pretrain.preempt import REQUEUE_EXIT_CODES, Preemption
+    except ImportError:  # a training loop without clean stops: submitit's handler stays as it is
+        return None, ()
+    usr = _submitit_signal()
+    submitit_handler = signal.getsignal(usr)
+
+    def forward(signum, frame):
+        if isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), Preemption):
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves at the end of this iteration
+        else:  # before or after the loop: nothing in flight to save
+            submitit_handler(signum, frame)
+
+    signal.signal(usr, forward)
+    return submitit_handler, tuple(REQUEUE_EXIT_CODES)
 
 
 def submit(command, args, argv):

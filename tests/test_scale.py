@@ -303,3 +303,17 @@ def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(tiny_imag
     assert b"auto" in submitted  # the requeued submission carries --resume auto
     assert_same_checkpoint(os.path.join(reference_run, "checkpoint_0002.pth.tar"),
                            os.path.join(out, "checkpoint_0002.pth.tar"))
+
+
+def test_transfer_launch_errors_come_before_any_process():
+    from transfer.config import load_config
+    from transfer.launch import check_launch
+
+    cfg = load_config(os.path.join(REPO, "configs", "detection", "tiny_synth_voc_R_50_C4.yaml"),
+                      ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "6"])
+    check_launch(cfg, num_gpus=3)
+    check_launch(cfg, num_gpus=3, num_machines=2, dist_url="tcp://10.0.0.1:23456")
+    with pytest.raises(UsageError, match=r"SOLVER.IMS_PER_BATCH 6 .* not divisible by the 4 processes"):
+        check_launch(cfg, num_gpus=4)
+    with pytest.raises(UsageError, match="--dist-url auto .* with --num-machines 2 pass --dist-url tcp://HOST:PORT"):
+        check_launch(cfg, num_gpus=3, num_machines=2)
