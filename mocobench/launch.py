@@ -75,29 +75,38 @@ def main(command, argv) -> int:
     stage = STAGES[command]
     parser = build_parser(command)
     args, rest = parser.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
+    if "-h" in rest or "--help" in rest:  # the launch options, then the command's own (from its parser)
         parser.print_help()
         print()
+        return int(importlib.import_module(stage.module).main(rest) or 0)
     if args.launcher == "slurm":
         submit(command, args, rest)
         return 0
-    module = importlib.import_module(stage.module)
     if not stage.per_rank:
-        return int(module.main(rest) or 0)
+        return int(importlib.import_module(stage.module).main(rest) or 0)
     nproc = args.nproc_per_node if args.nproc_per_node is not None else default_nproc_per_node(rest)
-    if nproc < 1:
-        raise UsageError(f"--nproc-per-node {nproc}: expected >= 1")
-    if nproc == 1 and args.nnodes == "1":
-        return int(module.main(rest) or 0)  # this process, as before: no launcher in the way
+    if args.nnodes == "1":
+        return run_on_this_node(stage.module, rest, nproc)
     return run_elastic(stage.module, rest, nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
 
 
 def default_nproc_per_node(argv=()) -> int:
-    """Every visible CUDA device; 1 without CUDA or when the command pins the CPU (DEVICE cpu, --device cpu)."""
+    """Every visible CUDA device; 1 without CUDA or when the command pins the CPU (DEVICE / MODEL.DEVICE /
+    --device cpu)."""
     import torch
 
-    pins_cpu = any(a in ("DEVICE", "--device") and b == "cpu" for a, b in zip(argv, argv[1:]))
+    pins_cpu = any(a in ("DEVICE", "MODEL.DEVICE", "--device") and b == "cpu" for a, b in zip(argv, argv[1:]))
     return torch.cuda.device_count() if torch.cuda.is_available() and not pins_cpu else 1
+
+
+def run_on_this_node(module, argv, nproc) -> int:
+    """MODULE.main(ARGV) on `nproc` processes of this node: in this process when 1 (no launcher in the way),
+    else through the elastic launcher. Returns the exit code. (`mocobench pretrain` and the pipeline.)"""
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-node {nproc}: expected >= 1")
+    if nproc == 1:
+        return int(importlib.import_module(module).main(argv) or 0)
+    return run_elastic(module, argv, nproc)
 
 
 def run_elastic(module, argv, nproc, nnodes="1", node_rank=0, rdzv_endpoint="", rdzv_id="mocobench") -> int:

@@ -41,6 +41,8 @@ def get_pipeline_cfg() -> CfgNode:
     cfg.PRETRAIN = CfgNode()
     cfg.PRETRAIN.CONFIG_FILE = ""
     cfg.PRETRAIN.OPTS = []
+    # processes for pretrain and supervised on this node: 0 = every visible GPU (1 on CPU); mocobench.launch
+    cfg.PRETRAIN.NPROC_PER_NODE = 0
     cfg.SUPERVISED = CfgNode()
     cfg.SUPERVISED.CONFIG_FILE = ""  # train the supervised baseline on the same images with labels ...
     cfg.SUPERVISED.OPTS = []
@@ -50,7 +52,7 @@ def get_pipeline_cfg() -> CfgNode:
     cfg.TRANSFER.OPTS = []
     cfg.TRANSFER.INITS = list(INITS)
     cfg.TRANSFER.SEEDS = 3
-    cfg.TRANSFER.NUM_GPUS = 1
+    cfg.TRANSFER.NUM_GPUS = 0  # 0 = every visible GPU when the detection config runs on CUDA, else 1 process
     cfg.TRANSFER.RANDOM_OPTS = []  # extra overrides for the random-init runs
     return cfg
 
@@ -218,7 +220,10 @@ class Pipeline:
         output_dir = self.path(subdir)
         argv = ["--config-file", node.CONFIG_FILE, "--resume", "auto",
                 "OUTPUT_DIR", output_dir, "DATA.ROOT", self.pretrain_root, *node.OPTS]
-        self._call(module.main, argv, what)
+        from mocobench import launch
+
+        nproc = self.cfg.PRETRAIN.NPROC_PER_NODE or launch.default_nproc_per_node(list(node.OPTS))
+        self._call(lambda a: launch.run_on_this_node(module.__name__, a, nproc), argv, what)
         from pretrain.checkpoint import find_resume_path
 
         ckpt = find_resume_path(output_dir, "auto")

@@ -317,3 +317,20 @@ def test_transfer_launch_errors_come_before_any_process():
         check_launch(cfg, num_gpus=4)
     with pytest.raises(UsageError, match="--dist-url auto .* with --num-machines 2 pass --dist-url tcp://HOST:PORT"):
         check_launch(cfg, num_gpus=3, num_machines=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pipeline_runs_pretraining_and_transfer_on_2_processes(tmp_path):
+    from mocobench import pipeline
+
+    out = tmp_path / "run"
+    tiny = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")
+    assert pipeline.main(["--config-file", tiny, "OUTPUT_DIR", str(out), "PRETRAIN.NPROC_PER_NODE", "2",
+                          "TRANSFER.NUM_GPUS", "2", "TRANSFER.INITS", "['moco']", "TRANSFER.SEEDS", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(stage["status"] == "done" for stage in manifest["stages"].values())
+    log = (out / "pretrain" / "log.txt").read_text()
+    assert "world size 2 (2 per node) on cpu; global batch 16 = 8 per process" in log
+    seed = out / "transfer" / "moco" / "seed0"
+    assert "2 CPU processes (gloo)" in (seed / "log.txt").read_text() and (seed / "log.txt.rank1").exists()

@@ -25,7 +25,12 @@ from detectron2.utils import comm
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
-__all__ = ["check_launch", "launch", "launch_cpu"]
+__all__ = ["check_launch", "default_num_gpus", "launch", "launch_cpu"]
+
+
+def default_num_gpus(cfg) -> int:
+    """Processes per machine when none is asked for: every visible GPU when the config trains on CUDA, else 1."""
+    return torch.cuda.device_count() if cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available() else 1
 
 
 def check_launch(cfg, num_gpus, num_machines=1, dist_url="auto"):

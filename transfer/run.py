@@ -49,7 +49,7 @@ from transfer.datasets import (
     resolve_synth_root,
     uses_synth,
 )
-from transfer.launch import check_launch, launch, launch_cpu
+from transfer.launch import check_launch, default_num_gpus, launch, launch_cpu
 from transfer.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -283,8 +283,8 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
     """Fine-tune and evaluate `seeds` trials; returns their results.json records (rank 0's machine).
 
     `opts`: detectron2 KEY VALUE overrides. `num_gpus`: processes per machine (CUDA devices, or CPU
-    processes over gloo when MODEL.DEVICE is cpu). `synth_root`: directory of a generated dataset for the
-    synth_* dataset names.
+    processes over gloo when MODEL.DEVICE is cpu; 0: every visible GPU, 1 process on CPU). `synth_root`:
+    directory of a generated dataset for the synth_* dataset names.
     """
     opts = list(opts or [])
     if synth_root:
@@ -294,6 +294,8 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
     if num_machines < 1 or not 0 <= machine_rank < num_machines:
         raise UsageError(f"--machine-rank {machine_rank} with --num-machines {num_machines}: expected "
                          f"0 <= rank < machines")
+    if num_gpus == 0:  # every visible GPU of this machine (the pipeline's default)
+        num_gpus = default_num_gpus(load_config(config_file, opts))
     world_size = num_gpus * num_machines
     _setup_console_logging()
     cfg, _ = prepare_config(config_file, opts, world_size)  # every input error before a process starts
