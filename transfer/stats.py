@@ -37,6 +37,6 @@ def welch_interval(a: dict, b: dict, confidence: float = CONFIDENCE) -> Optional
     df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
     from scipy.stats import t
 
-    half = t.ppf(0.5 + confidence / 2, df) * se
+    half = float(t.ppf(0.5 + confidence / 2, df)) * se
     low, high = diff - half, diff + half
-    return {"diff": diff, "low": low, "high": high, "df": df, "significant": low > 0 or high < 0}
+    return {"diff": diff, "low": low, "high": high, "df": df, "significant": bool(low > 0 or high < 0)}
