@@ -1,10 +1,11 @@
 """`mocobench report` on run directories written by the real `mocobench transfer`, and its statistics.
 
-The study (built once, ~7 tiny trials): two ResNet-18 backbones converted by `mocobench convert`, whose file
-names say nothing about their init ("ok.pkl" is run as `--init-name supervised`, "swav_resnet18.pkl" as
+The study (built once): a 1-epoch MoCo and a 1-epoch supervised ResNet-18 pretraining on the generated images,
+each converted by `mocobench convert` into a file whose name says nothing about its init (the supervised one
+into "ok.pkl", run as `--init-name supervised`; the MoCo one into "swav_resnet18.pkl", run as
 `--init-name moco_v2`); config A (1 iteration) for both, where one moco_v2 trial's evaluation is made to return
-NaN; config B (2 iterations, same test dataset) with one seed each; a plain detectron2 copy of one trial
-without its record; and the report called with an overlapping path.
+NaN; config B (2 iterations, same test dataset) with one seed each; a plain detectron2 copy of one trial without
+its record; and the report called with an overlapping path and the two pretraining directories.
 """
 import csv
 import json
@@ -15,8 +16,6 @@ import statistics
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 from scipy import stats as scipy_stats
 
 from mocobench.cli import main as mocobench
@@ -39,11 +38,22 @@ def transfer(synth_root, out, init_name, weights, seeds, max_iter):
     assert mocobench(argv) == 0
 
 
-def convert_random_resnet18(root, name, seed):
-    torch.manual_seed(seed)
-    torch.save(torchvision.models.resnet18().state_dict(), root / f"{name}.pth")
-    assert mocobench(["convert", str(root / f"{name}.pth"), str(root / f"{name}.pkl")]) == 0
-    return root / f"{name}.pkl"
+PRETRAIN = {  # configs/pipeline/tiny_cpu.yaml's shrunken pretraining
+    "pretrain": ("synth_R18_cpu.yaml", ["KNN.PERIOD", "1", "MOCO.K", "64", "KNN.BATCH_SIZE", "64"]),
+    "supervised": ("synth_R18_cpu_supervised.yaml", []),
+}
+
+
+def pretrain_and_convert(synth_root, root, command, pkl_name):
+    from pretrain.checkpoint import find_resume_path
+
+    config, opts = PRETRAIN[command]
+    out = root / "pretraining" / command
+    assert mocobench([command, "--config-file", os.path.join(REPO, "configs", "pretrain", config),
+                      "OUTPUT_DIR", str(out), "DATA.ROOT", os.path.join(synth_root, "imagenet"), "SOLVER.EPOCHS", "1",
+                      "SOLVER.BATCH_SIZE", "16", "DATALOADER.NUM_WORKERS", "0", "INPUT.SIZE", "32", *opts]) == 0
+    assert mocobench(["convert", find_resume_path(str(out), "auto"), str(root / pkl_name)]) == 0
+    return root / pkl_name
 
 
 def nan_evaluation_for_seed(seed):
@@ -62,8 +72,8 @@ def nan_evaluation_for_seed(seed):
 @pytest.fixture(scope="module")
 def study(synth_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    ok = convert_random_resnet18(root, "ok", seed=1)
-    swav = convert_random_resnet18(root, "swav_resnet18", seed=2)
+    ok = pretrain_and_convert(synth_root, root, "supervised", "ok.pkl")
+    swav = pretrain_and_convert(synth_root, root, "pretrain", "swav_resnet18.pkl")
     runs = root / "runs"
     transfer(synth_root, runs / "A" / "supervised", "supervised", ok, seeds=2, max_iter=1)
     with pytest.MonkeyPatch.context() as mp:
@@ -76,7 +86,8 @@ def study(synth_root, tmp_path_factory):
     shutil.copytree(runs / "A" / "supervised" / "seed0", plain, ignore=shutil.ignore_patterns("*.pth", "results.json"))
     out = root / "report"
     # runs/A/moco_v2 is inside runs: given twice, counted once
-    code = mocobench(["report", str(runs), str(runs / "A" / "moco_v2"), str(root / "plain"), "--out", str(out)])
+    code = mocobench(["report", str(runs), str(runs / "A" / "moco_v2"), str(root / "plain"),
+                      str(root / "pretraining"), "--out", str(out)])
     return {"root": root, "runs": runs, "out": out, "code": code}
 
 
@@ -84,6 +95,7 @@ def records(directory):
     return [r for _, r in record.trial_records(str(directory))]
 
 
+@pytest.mark.slow  # the study: 7 real trials, built once
 def test_tables_rows_and_n_follow_the_records(study, capsys):
     assert study["code"] == 0
     data = json.loads((study["out"] / "report.json").read_text())
@@ -113,6 +125,7 @@ def test_tables_rows_and_n_follow_the_records(study, capsys):
         records(study["runs"] / "A" / "supervised")[0]["results"][TEST_SET]["bbox"]["AP"])
 
 
+@pytest.mark.slow  # the study: 7 real trials, built once
 def test_markdown_cells_deltas_and_failure_listing(study):
     md = (study["out"] / "report.md").read_text()
     data = json.loads((study["out"] / "report.json").read_text())
@@ -120,7 +133,9 @@ def test_markdown_cells_deltas_and_failure_listing(study):
     moco = a["rows"]["moco_v2"]
     delta = moco["deltas"]["bbox/AP"]
     line = next(x for x in md.splitlines() if x.startswith("| moco_v2 |") and "n=2" in x)
-    assert f"Δ {delta['diff']:+.1f} [{delta['low']:+.1f}, {delta['high']:+.1f}]" in line
+    means = [c["mean"] for row in a["rows"].values() for c in row["cells"].values() if c["n"]]
+    d = 2 if max(means) < 1.0 else 1  # a smoke-test table (all AP < 1) prints 2 decimals, else the paper's 1
+    assert f"Δ {delta['diff']:+.{d}f} [{delta['low']:+.{d}f}, {delta['high']:+.{d}f}]" in line
     assert "Welch" in md and "Seeds left out of a mean" in md and f"seed {NAN_SEED}): bbox/AP" in md
     # n = 1: the value and n=1, no std, no interval, no verdict
     b_line = next(x for x in md.splitlines() if x.startswith("| moco_v2 |") and "n=1" in x)
@@ -130,6 +145,7 @@ def test_markdown_cells_deltas_and_failure_listing(study):
     assert "Published" not in md  # a generated-data config is no official MoCo config
 
 
+@pytest.mark.slow  # the study: 7 real trials, built once
 def test_per_seed_values_go_to_csv_including_the_nan_seed(study):
     with open(study["out"] / "report.csv") as f:
         rows = list(csv.DictReader(f))
@@ -139,10 +155,15 @@ def test_per_seed_values_go_to_csv_including_the_nan_seed(study):
     assert nan_row["value"] == ""
 
 
-def test_ap_plot_is_written(study):
+@pytest.mark.slow  # the study: 7 real trials, built once
+def test_plots_are_written_with_both_pretraining_runs(study):
     assert (study["out"] / "ap.png").stat().st_size > 10_000
+    assert (study["out"] / "pretrain.png").stat().st_size > 10_000
+    found = report.find_pretrain_runs([str(study["root"] / "pretraining")])
+    assert sorted(label for _, _, label in found) == ["pretrain (MoCo)", "supervised"]
 
 
+@pytest.mark.slow  # the study: 7 real trials, built once
 def test_unreadable_files_are_listed_and_nothing_usable_is_exit_2(study, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(study["runs"] / "B" / "moco_v2", bad / "moco_v2", ignore=shutil.ignore_patterns("*.pth"))
@@ -182,6 +203,7 @@ def test_official_config_gets_the_published_block_whatever_its_pixel_convention(
     assert "**Published**" in summary["markdown"] and "moco detection README" in summary["markdown"]
 
 
+@pytest.mark.slow  # the study: 7 real trials, built once
 def test_record_reader_names_the_file_and_field(study, tmp_path):
     rec = records(study["runs"] / "B" / "supervised")[0]
     assert rec["weights_info"]["sha256"] == record.file_sha256(study["root"] / "ok.pkl")

@@ -8,6 +8,7 @@ results_eval.json; --resume with another config is refused. Weights: a ResNet-18
 import json
 import os
 
+import pytest
 import torch
 import torchvision
 
@@ -41,6 +42,7 @@ def snapshot(trial):
     return files
 
 
+@pytest.mark.slow  # 3 real trials and 3 refused calls
 def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, tmp_path, capsys):
     pkl, out = r18_pkl(tmp_path), tmp_path / "run"
 

@@ -380,20 +380,23 @@ def summarize(runs, baseline=BASELINE):
 # ---------------------------------------------------------------------------------------------------------------
 # markdown, json, csv
 
-def _fmt(x):
-    return f"{x:.1f}"
+def _decimals(table):
+    """1 decimal as in the paper's tables; 2 when every mean is below 1 AP (a smoke-test run), where 0.1 steps
+    would print most cells and differences as 0.0."""
+    means = [c["mean"] for row in table["rows"].values() for c in row["cells"].values() if c["n"]]
+    return 2 if means and max(abs(m) for m in means) < 1.0 else 1
 
 
-def _cell_text(cell, delta):
+def _cell_text(cell, delta, d=1):
     if not cell["n"]:
         return "–"
-    text = f"{_fmt(cell['mean'])} (n=1)" if cell["n"] == 1 else \
-        f"{_fmt(cell['mean'])} ± {_fmt(cell['std'])} (n={cell['n']})"
+    text = f"{cell['mean']:.{d}f} (n=1)" if cell["n"] == 1 else \
+        f"{cell['mean']:.{d}f} ± {cell['std']:.{d}f} (n={cell['n']})"
     if delta is not None:
         if delta["low"] is None:
-            text += f", Δ {delta['diff']:+.1f} (no CI)"
+            text += f", Δ {delta['diff']:+.{d}f} (no CI)"
         else:
-            text += f", Δ {delta['diff']:+.1f} [{delta['low']:+.1f}, {delta['high']:+.1f}]"
+            text += f", Δ {delta['diff']:+.{d}f} [{delta['low']:+.{d}f}, {delta['high']:+.{d}f}]"
             text += "*" if delta["significant"] else ""
     return text
 
@@ -413,7 +416,7 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
         for init, row in table["rows"].items():
             name = init + (" ‡" if row["guessed"] else "")
             guessed |= row["guessed"]
-            cells = [_cell_text(row["cells"][c["key"]], row["deltas"].get(c["key"])) for c in cols]
+            cells = [_cell_text(row["cells"][c["key"]], row["deltas"].get(c["key"]), _decimals(table)) for c in cols]
             out.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(row['config_files'])} |")
         out.append("")
         notes = ["Mean ± sample std over the valid seeds (n); n=1: the single value, no std."]
@@ -437,7 +440,7 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
                     "| published pre-train | " + " | ".join(c["title"] for c in cols) + " | source |",
                     "|---|" + "---|" * len(cols) + "---|"]
             for p in table["published"]:
-                vals = [_fmt(p["values"][c["key"]]) if c["key"] in p["values"] else "–" for c in cols]
+                vals = [f"{p['values'][c['key']]:.1f}" if c["key"] in p["values"] else "–" for c in cols]
                 out.append(f"| {p['name']} | " + " | ".join(vals) + f" | {p['source']} |")
             out.append("")
     if problems:
@@ -549,7 +552,7 @@ def find_pretrain_runs(paths, runs=()):
             kind = _pretrain_kind(rows or [])
             if kind:
                 name = labels.get(real) or os.path.basename(os.path.normpath(dirpath))
-                found.append((dirpath, rows, f"{name} ({kind})"))
+                found.append((dirpath, rows, name if name.lower() == kind.lower() else f"{name} ({kind})"))
     return found
 
 
@@ -574,6 +577,7 @@ def plot_pretrain(found, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     panels = (("loss", "training loss (MoCo: InfoNCE, supervised: cross-entropy)"),
@@ -588,6 +592,7 @@ def plot_pretrain(found, path):
                 ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
