@@ -4,8 +4,9 @@ The study (built once): a 1-epoch MoCo and a 1-epoch supervised ResNet-18 pretra
 each converted by `mocobench convert` into a file whose name says nothing about its init (the supervised one
 into "ok.pkl", run as `--init-name supervised`; the MoCo one into "swav_resnet18.pkl", run as
 `--init-name moco_v2`); config A (1 iteration) for both, where one moco_v2 trial's evaluation is made to return
-NaN; config B (2 iterations, same test dataset) with one seed each; a plain detectron2 copy of one trial without
-its record; and the report called with an overlapping path and the two pretraining directories.
+NaN; config B (2 iterations, tested on the same VOC-format test set and on its COCO-format copy) with one seed
+each; a plain detectron2 copy of one trial without its record; and the report called with an overlapping path
+and the two pretraining directories.
 """
 import csv
 import json
@@ -31,9 +32,9 @@ TEST_SET = "synth_voc_test"
 NAN_SEED = 2
 
 
-def transfer(synth_root, out, init_name, weights, seeds, max_iter):
+def transfer(synth_root, out, init_name, weights, seeds, max_iter, opts=()):
     argv = ["transfer", "--config-file", CONFIG, "--synth-root", synth_root, "--seeds", str(seeds),
-            "--init-name", init_name, *TINY, "SOLVER.MAX_ITER", str(max_iter), "MODEL.WEIGHTS", str(weights),
+            "--init-name", init_name, *TINY, "SOLVER.MAX_ITER", str(max_iter), *opts, "MODEL.WEIGHTS", str(weights),
             "OUTPUT_DIR", str(out)]
     assert mocobench(argv) == 0
 
@@ -79,8 +80,10 @@ def study(synth_root, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(evaluation.EVALUATOR_BUILDERS, "pascal_voc", nan_evaluation_for_seed(NAN_SEED))
         transfer(synth_root, runs / "A" / "moco_v2", "moco_v2", swav, seeds=3, max_iter=1)
-    transfer(synth_root, runs / "B" / "supervised", "supervised", ok, seeds=1, max_iter=2)
-    transfer(synth_root, runs / "B" / "moco_v2", "moco_v2", swav, seeds=1, max_iter=2)
+    # config B also evaluates on the COCO-format copy of the test scenes: detectron2 nests results per dataset
+    two_tests = ["DATASETS.TEST", "('synth_voc_test', 'synth_coco_val')"]
+    transfer(synth_root, runs / "B" / "supervised", "supervised", ok, seeds=1, max_iter=2, opts=two_tests)
+    transfer(synth_root, runs / "B" / "moco_v2", "moco_v2", swav, seeds=1, max_iter=2, opts=two_tests)
     # a plain detectron2 output directory: one trial without its run record
     plain = root / "plain" / "d2run"
     shutil.copytree(runs / "A" / "supervised" / "seed0", plain, ignore=shutil.ignore_patterns("*.pth", "results.json"))
@@ -100,11 +103,16 @@ def test_tables_rows_and_n_follow_the_records(study, capsys):
     assert study["code"] == 0
     data = json.loads((study["out"] / "report.json").read_text())
     tables = list(data["tables"].values())
-    # two configs evaluated on the same test set: two tables, never averaged together
-    assert [t["dataset"] for t in tables] == [TEST_SET, TEST_SET]
-    by_iter = {t["identity"]["SOLVER.MAX_ITER"]: t for t in tables}
+    # two configs evaluated on the same test set: two tables, never averaged together; config B's second
+    # test set has its own table with the COCO columns
+    assert sorted(t["dataset"] for t in tables) == ["synth_coco_val", TEST_SET, TEST_SET]
+    by_iter = {t["identity"]["SOLVER.MAX_ITER"]: t for t in tables if t["dataset"] == TEST_SET}
     a, b = by_iter[1], by_iter[2]
-    assert a["identity_sha"] != b["identity_sha"] and "SOLVER.MAX_ITER" in a["differs_in"]
+    assert a["identity_sha"] != b["identity_sha"] and a["differs_in"] == ["DATASETS.TEST", "SOLVER.MAX_ITER"]
+    [coco] = [t for t in tables if t["dataset"] == "synth_coco_val"]
+    assert coco["identity_sha"] == b["identity_sha"] and coco["evaluator_type"] == "coco"
+    assert [c["title"] for c in coco["columns"]] == ["AP^bb", "AP^bb_50", "AP^bb_75"]  # no masks: no segm columns
+    assert {i: r["cells"]["bbox/AP"]["n"] for i, r in coco["rows"].items()} == {"supervised": 1, "moco_v2": 1}
     # row names are the --init-name values, not guesses from "ok.pkl" / "swav_resnet18.pkl"; the plain
     # detectron2 copy is labelled by its weights file and marked as guessed
     assert list(a["rows"]) == ["supervised", "moco_v2", "ok"]
@@ -129,7 +137,8 @@ def test_tables_rows_and_n_follow_the_records(study, capsys):
 def test_markdown_cells_deltas_and_failure_listing(study):
     md = (study["out"] / "report.md").read_text()
     data = json.loads((study["out"] / "report.json").read_text())
-    a, b = sorted(data["tables"].values(), key=lambda t: t["identity"]["SOLVER.MAX_ITER"])
+    a, b = sorted((t for t in data["tables"].values() if t["dataset"] == TEST_SET),
+                  key=lambda t: t["identity"]["SOLVER.MAX_ITER"])
     moco = a["rows"]["moco_v2"]
     delta = moco["deltas"]["bbox/AP"]
     line = next(x for x in md.splitlines() if x.startswith("| moco_v2 |") and "n=2" in x)
@@ -150,7 +159,7 @@ def test_per_seed_values_go_to_csv_including_the_nan_seed(study):
     with open(study["out"] / "report.csv") as f:
         rows = list(csv.DictReader(f))
     ap = [r for r in rows if r["metric"] == "bbox/AP"]
-    assert len(ap) == 2 + 3 + 1 + 1 + 1  # every trial once, the plain copy included
+    assert len(ap) == 2 + 3 + 1 + 1 + 1 + 2  # every trial once per test set, the plain copy included
     nan_row = next(r for r in ap if r["init"] == "moco_v2" and r["seed"] == str(NAN_SEED))
     assert nan_row["value"] == ""
 
