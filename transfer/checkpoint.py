@@ -5,6 +5,8 @@ through mocobench.fileio.safe_unpickle (containers and numpy arrays only), a .pt
 torch.load(weights_only=True), and every checkpoint and the `last_checkpoint` tag are written to a temp
 file and renamed, so an interrupted save never leaves a torn file for --resume to pick up.
 """
+import contextlib
+import logging
 import os
 
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
@@ -128,11 +130,23 @@ def converter_report(weights_path):
     return None
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    loggers = [logging.getLogger(n) for n in ("fvcore.common.checkpoint", "detectron2.checkpoint.c2_model_loading",
+                                              "detectron2.checkpoint.detection_checkpoint", "transfer.checkpoint")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def inspect_weights(cfg) -> dict:
     """Load cfg.MODEL.WEIGHTS into cfg's model (built on CPU) as training does; UsageError unless every backbone
     tensor came from the file with its shape. Returns what was loaded, for the run record."""
-    import logging
-
     import numpy as np
     from detectron2.modeling import build_model
 
@@ -146,23 +160,20 @@ def inspect_weights(cfg) -> dict:
     model = build_model(cfg)
     checkpointer = SafeDetectionCheckpointer(model)
     local = checkpointer.path_manager.get_local_path(weights)
-    data = checkpointer._load_file(local)
-    if not isinstance(data.get("model"), dict):
-        raise UsageError(f"MODEL.WEIGHTS {weights!r} holds no model state (expected a .pkl from `mocobench convert` "
-                         "or a detectron2 checkpoint)")
-    file_shapes = {k: tuple(np.shape(v)) for k, v in data["model"].items()}
-    heuristics = bool(data.get("matching_heuristics", False))
-    metadata = {k: v for k, v in data.items() if k != "model" and isinstance(v, (str, int, float, bool))}
-    quiet = [logging.getLogger(n) for n in ("fvcore.common.checkpoint", "detectron2.checkpoint.c2_model_loading",
-                                            "detectron2.checkpoint.detection_checkpoint")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:  # the mismatch table is ours below; training logs detectron2's own account again
-        lg.setLevel(logging.ERROR)
-    try:
+    with _quiet_loading():  # the mismatch account is ours below; training logs detectron2's own again
+        data = checkpointer._load_file(local)
+        if not isinstance(data.get("model"), dict):
+            raise UsageError(f"MODEL.WEIGHTS {weights!r} holds no model state (expected a .pkl from `mocobench "
+                             "convert` or a detectron2 checkpoint)")
+        named = data["model"]
+        if data.get("__author__") == "Caffe2":  # MSRA/Detectron1 blob names, renamed as detectron2 will
+            from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
+
+            named = convert_c2_detectron_names(dict(named))[0]
+        file_shapes = {k: tuple(np.shape(v)) for k, v in named.items()}
+        heuristics = bool(data.get("matching_heuristics", False))
+        metadata = {k: v for k, v in data.items() if k != "model" and isinstance(v, (str, int, float, bool))}
         incompatible = checkpointer._load_model(data)
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
 
     trunk = backbone_keys(model)
     not_loaded = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}

@@ -290,12 +290,12 @@ def _seed_values(run, dataset, columns):
 
 def _failure(run, dataset, values):
     bad = [k for k, v in values.items() if v is None]
-    if not bad:
-        return None
     if run.get("why"):
         why = run["why"]
     elif not run["results"].get(dataset):
         why = f"no results for {dataset} (evaluation failed, or no evaluator for it)"
+    elif not bad:
+        return None
     else:
         nan = [k for k in bad if k.split("/")[1] in run["results"][dataset].get(k.split("/")[0], {})]
         missing = [k for k in bad if k not in nan]
@@ -345,7 +345,7 @@ def summarize(runs, baseline=BASELINE):
             if run["config_file"] not in row["config_files"]:
                 row["config_files"].append(run["config_file"])
             row["seeds"].append({"dir": run["dir"], "seed": run["seed"], "values": values})
-            failure = _failure(run, dataset, values) if columns else None
+            failure = _failure(run, dataset, values)
             if failure:
                 failures.append(failure)
         for row in rows.values():
@@ -427,8 +427,8 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
         else:
             notes.append(f"No `{baseline}` row in this table, so no differences (choose one with --baseline NAME).")
         if guessed:
-            notes.append("‡ no run record (a plain detectron2 directory): the row name is guessed from the "
-                         "MODEL.WEIGHTS file name.")
+            notes.append("‡ row name guessed from the MODEL.WEIGHTS file name (a plain detectron2 directory, or a "
+                         "run without --init-name).")
         out += [" ".join(notes), ""]
         if table["failures"]:
             out += ["Seeds left out of a mean:", ""]
@@ -611,12 +611,15 @@ def write_report(paths, out_dir, baseline=BASELINE) -> dict:
     runs, problems = find_runs(paths)
     tables = summarize(runs, baseline)
     pretrain = find_pretrain_runs(paths, runs)
-    if not tables and not pretrain:
-        shown = "; ".join(f"{p['path']}: {p['why']}" for p in problems[:3])
+    usable = any(c["n"] for t in tables.values() for row in t["rows"].values() for c in row["cells"].values())
+    if not usable and not pretrain:
+        failed = [f"{f['dir']}: {f['why']}" for t in tables.values() for f in t["failures"]]
+        unread = [f"{p['path']}: {p['why']}" for p in problems]
+        shown = "; ".join((unread + failed)[:3])
         raise UsageError(
             f"no transfer results under {', '.join(map(repr, paths))}: expected run directories with results.json "
             "(mocobench transfer) or a detectron2 config.yaml + metrics.json, or pretraining runs"
-            + (f" ({len(problems)} unreadable: {shown})" if problems else ""))
+            + (f" ({len(unread)} unreadable, {len(failed)} without results: {shown})" if shown else ""))
     os.makedirs(out_dir, exist_ok=True)
     markdown = to_markdown(tables, problems, baseline)
     files = ["report.md", "report.json", "report.csv"]
