@@ -592,8 +592,10 @@ def plot_pretrain(found, path):
                 ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    last = max((r["epoch"] for _, rows, _ in found for r in rows if isinstance(r.get("epoch"), int)), default=1)
     for ax in axes:
+        ax.set_xlim(0.5, last + 0.5)  # whole epochs, also for a single one
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
