@@ -124,10 +124,17 @@ def converter_report(weights_path):
         except (OSError, ValueError):
             return {"path": path, "error": "unreadable"}
         if isinstance(data, dict):
-            kept = {k: v for k, v in data.items()
-                    if isinstance(v, (str, int, float, bool)) or v is None or (isinstance(v, dict) and len(v) <= 20)}
-            return {"path": os.path.abspath(path), **kept}
+            return {"path": os.path.abspath(path), **_small_fields(data)}
     return None
+
+
+def _small_fields(data: dict) -> dict:
+    """The scalar entries of a metadata dict, and its small dicts of scalars (source, architecture, verification)."""
+    def scalar(v):
+        return v is None or isinstance(v, (str, int, float, bool))
+
+    return {str(k): v for k, v in data.items()
+            if scalar(v) or (isinstance(v, dict) and len(v) <= 20 and all(scalar(x) for x in v.values()))}
 
 
 @contextlib.contextmanager
@@ -172,7 +179,7 @@ def inspect_weights(cfg) -> dict:
             named = convert_c2_detectron_names(dict(named))[0]
         file_shapes = {k: tuple(np.shape(v)) for k, v in named.items()}
         heuristics = bool(data.get("matching_heuristics", False))
-        metadata = {k: v for k, v in data.items() if k != "model" and isinstance(v, (str, int, float, bool))}
+        metadata = _small_fields({k: v for k, v in data.items() if k != "model"})
         incompatible = checkpointer._load_model(data)
 
     trunk = backbone_keys(model)
