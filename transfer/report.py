@@ -223,7 +223,7 @@ def _plain_detectron2_run(run_dir):
     weights = (cfg.get("MODEL") or {}).get("WEIGHTS", "")
     identity = run_record.experiment_identity(cfg)
     run = {
-        "dir": run_dir, "source": "detectron2", "init": _label_from_weights(weights), "guessed": True,
+        "dir": run_dir, "source": "metrics.json", "init": _label_from_weights(weights), "guessed": True,
         "seed": cfg.get("SEED"), "config_file": "config.yaml", "identity": identity,
         "identity_sha": run_record.identity_sha(identity), "test_datasets": test, "evaluator_types": {},
         "results": _results_from_metrics(rows, test), "weights": weights, "weights_info": None,
