@@ -212,6 +212,29 @@ def test_official_config_gets_the_published_block_whatever_its_pixel_convention(
     assert "**Published**" in summary["markdown"] and "moco detection README" in summary["markdown"]
 
 
+def test_a_metric_missing_for_one_init_is_a_dash_not_a_crash(tmp_path):
+    """Mask R-CNN records where one init's segm evaluation is absent: its segm cells print "–" with n=0."""
+    from transfer.config import load_config
+
+    path = os.path.join(REPO, "configs", "detection", "tiny_synth_coco_R_50_FPN.yaml")
+    box = {"AP": 30.0, "AP50": 50.0, "AP75": 31.0}
+    for init, seed, results in (("supervised", 0, {"bbox": box, "segm": box}), ("supervised", 1, {"bbox": box}),
+                                ("moco", 0, {"bbox": box})):
+        cfg = load_config(path, ["OUTPUT_DIR", str(tmp_path / init / f"seed{seed}"), "SEED", str(seed)])
+        rec = record.build_record(cfg, config_file=path, opts=[], init_name=init, weights_info=None, trial=seed,
+                                  world_size=1, eval_only=False, resumed=False, iteration=2, seconds=1.0,
+                                  results=results, evaluator_types={"synth_coco_val": "coco"})
+        record.write_record(tmp_path / init / f"seed{seed}" / "results.json", rec)
+    summary = report.write_report([str(tmp_path)], str(tmp_path / "out"))
+    [table] = summary["tables"].values()
+    assert [c["title"] for c in table["columns"]] == ["AP^bb", "AP^bb_50", "AP^bb_75", "AP^mk", "AP^mk_50",
+                                                      "AP^mk_75"]
+    assert [table["rows"][i]["cells"]["segm/AP"]["n"] for i in ("supervised", "moco")] == [1, 0]
+    line = next(x for x in summary["markdown"].splitlines() if x.startswith("| moco |"))
+    assert line.count("| – ") == 3 and "30.0 (n=1), Δ +0.0 (no CI)" in line
+    assert {(f["init"], f["seed"]) for f in table["failures"]} == {("supervised", 1), ("moco", 0)}
+
+
 @pytest.mark.slow  # the study: 7 real trials, built once
 def test_record_reader_names_the_file_and_field(study, tmp_path):
     rec = records(study["runs"] / "B" / "supervised")[0]

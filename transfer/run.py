@@ -414,7 +414,9 @@ def build_parser():
     parser.add_argument("--synth-root", default=None, metavar="DIR",
                         help="generated dataset (mocobench data synth) behind the synth_* dataset names "
                              "(default: $MOCOBENCH_SYNTH, else $DETECTRON2_DATASETS/synth)")
-    parser.add_argument("--init-name", default=None, help="a name for the initialization, recorded in results.json")
+    parser.add_argument("--init-name", default=None,
+                        help="the initialization's name (e.g. moco_v2, supervised): recorded in each trial's "
+                             "results.json, the row name in `mocobench report` (default: guessed from MODEL.WEIGHTS)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=None,
                         help="detectron2 config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pkl")
     return parser
