@@ -406,10 +406,14 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
     for i, table in enumerate(tables.values(), 1):
         cols = table["columns"]
         out += [f"## {i}. {table['dataset']} · config {table['identity_sha']}", "", f"{table['title']}", ""]
-        if table["differs_in"]:
-            keys = table["differs_in"]
-            out += [f"Not averaged with the other {table['dataset']} table(s): the configs differ in "
-                    f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}.", ""]
+        for j, other in enumerate(tables.values(), 1):
+            if other is table or other["dataset"] != table["dataset"]:
+                continue
+            keys = run_record.identity_diff(table["identity"], other["identity"])
+            shown = [f"{k} = {_short(table['identity'].get(k))} here, {_short(other['identity'].get(k))} there"
+                     for k in keys[:6]]
+            out += [f"Not averaged with table {j} (also {table['dataset']}): the configs differ in "
+                    f"{'; '.join(shown)}{'; ...' if len(keys) > 6 else ''}.", ""]
         out += ["| pre-train | " + " | ".join(c["title"] for c in cols) + " | config file |",
                 "|---|" + "---|" * len(cols) + "---|"]
         guessed = False
