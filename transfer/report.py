@@ -536,27 +536,31 @@ def _pretrain_kind(rows):
 
 
 def find_pretrain_runs(paths, runs=()):
-    """[(dir, rows, label)]: pretraining runs under the paths, or the ones the records' weights were converted
-    from (the converter's report beside the .pkl names its input checkpoint)."""
+    """[(dir, rows, label)]: pretraining runs under the paths (searched), and the runs the records' weights were
+    converted from, named by the init that used them."""
     labels = {}
     for run in runs:
-        report = (run.get("weights_info") or {}).get("converter_report") or {}
-        for key in ("input", "input_path", "checkpoint", "source_path"):
-            if isinstance(report.get(key), str):
-                labels.setdefault(os.path.realpath(os.path.dirname(report[key])), run["init"])
+        info = run.get("weights_info") or {}
+        # whatever the converter wrote down (its report beside the .pkl, the .pkl's metadata): a path to an
+        # existing checkpoint file leads to the pretraining run it came from
+        report = {k: v for k, v in (info.get("converter_report") or {}).items() if k != "path"}
+        values = [*report.values(), *(info.get("metadata") or {}).values()]
+        values += [x for v in values if isinstance(v, dict) for x in v.values()]
+        for value in values:
+            if isinstance(value, str) and os.path.isfile(value):
+                labels.setdefault(os.path.realpath(os.path.dirname(value)), run["init"])
+    candidates = [d for top in paths for d, _, files in os.walk(top) if "metrics.json" in files]
     found, seen = [], set()
-    for top in list(paths) + list(labels):
-        for dirpath, dirnames, files in os.walk(top):
-            dirnames.sort()
-            real = os.path.realpath(dirpath)
-            if real in seen or "metrics.json" not in files:
-                continue
-            seen.add(real)
-            rows, problem = _read_json_lines(os.path.join(dirpath, "metrics.json"))
-            kind = _pretrain_kind(rows or [])
-            if kind:
-                name = labels.get(real) or os.path.basename(os.path.normpath(dirpath))
-                found.append((dirpath, rows, name if name.lower() == kind.lower() else f"{name} ({kind})"))
+    for directory in sorted(candidates) + [d for d in labels if os.path.isfile(os.path.join(d, "metrics.json"))]:
+        real = os.path.realpath(directory)
+        if real in seen:
+            continue
+        seen.add(real)
+        rows, _ = _read_json_lines(os.path.join(directory, "metrics.json"))
+        kind = _pretrain_kind(rows or [])
+        if kind:
+            name = labels.get(real) or os.path.basename(os.path.normpath(directory))
+            found.append((directory, rows, name if name.lower() == kind.lower() else f"{name} ({kind})"))
     return found
 
 
