@@ -28,7 +28,8 @@ def tiny_imagenet(tmp_path_factory):
 def tiny_opts(root, out_dir, **extra):
     opts = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 32,
             "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 2,
-            "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2, **extra}
+            "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2,
+            "DEVICE": "cpu", **extra}  # CPU is what these test (on CUDA: AMP, cudnn.benchmark's kernel choice)
     return [str(x) for kv in opts.items() for x in kv]
 
 
