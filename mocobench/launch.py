@@ -54,13 +54,15 @@ def build_parser(command):
                            help="HOST:PORT every node reaches (several nodes); default: a free local port")
         group.add_argument("--rdzv-id", default="mocobench", help="the job's id, the same on every node")
     group = parser.add_argument_group("SLURM (submitit)")
-    group.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    group.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: this node (default); slurm: submit a job with the options below")
     group.add_argument("--nodes", type=int, default=1)
-    group.add_argument("--gpus-per-node", type=int, default=8)
+    group.add_argument("--gpus-per-node", type=int, default=8, help="also the processes (tasks) per node")
     group.add_argument("--tasks-per-node", type=int, default=None, help=argparse.SUPPRESS)  # CPU tests
     group.add_argument("--cpus-per-task", type=int, default=10)
     group.add_argument("--partition", default=None)
-    group.add_argument("--timeout", type=int, default=72 * 60, metavar="MINUTES")
+    group.add_argument("--timeout", type=int, default=72 * 60, metavar="MINUTES",
+                       help="the job's time limit; before it, the job checkpoints and requeues itself")
     group.add_argument("--account", default=None)
     group.add_argument("--qos", default=None)
     group.add_argument("--constraint", default=None, help="e.g. volta32gb")
