@@ -332,8 +332,8 @@ def train(cfg, resume=None):
     if comm.is_main_process():
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
-    logger.info(topology_summary(world, cfg.SOLVER.BATCH_SIZE, batch_per_rank // bn_splits, cfg.SOLVER.BASE_LR,
-                                 device))
+    bn_group = cfg.SOLVER.BATCH_SIZE if cfg.MOCO.VERSION == "v3" else batch_per_rank // bn_splits  # v3: SyncBN
+    logger.info(topology_summary(world, cfg.SOLVER.BATCH_SIZE, bn_group, cfg.SOLVER.BASE_LR, device))
 
     # Data first: a bad DATA.ROOT should fail before a model is built.
     from pretrain.augment import build_two_view_transform
