@@ -28,14 +28,14 @@ SUBMITIT_CLUSTER_ENV = "MOCOBENCH_SUBMITIT_CLUSTER"
 @dataclasses.dataclass(frozen=True)
 class Stage:
     module: str  # the stage's module: main(argv) -> int
-    resume: tuple  # the flags that make a requeued job continue (prepended to its argv)
+    resume: tuple  # the flags that make a requeued job continue (prepended to its argv); None: not requeued
     per_rank: bool  # True: one process (SLURM task) per GPU, env:// ; False: one per node, the command spawns
 
 
 STAGES = {
     "pretrain": Stage("pretrain.train", ("--resume", "auto"), per_rank=True),
     "supervised": Stage("pretrain.supervised", ("--resume", "auto"), per_rank=True),
-    "lincls": Stage("pretrain.lincls", (), per_rank=True),  # minutes per epoch: a requeue starts it again
+    "lincls": Stage("pretrain.lincls", None, per_rank=True),  # no checkpoints: a timed-out job ends there
     "transfer": Stage("transfer.run", ("--resume",), per_rank=False),  # detectron2's launch spawns per GPU
     "pipeline": Stage("mocobench.pipeline", (), per_rank=False),  # its manifest resumes every stage
 }
@@ -165,7 +165,9 @@ class StageJob:
         else:
             argv = self._node_argv(submitit.JobEnvironment())
         module = importlib.import_module(stage.module)
-        requeue, requeue_codes = _route_preemption_to_the_training_loop() if stage.resume else (None, ())
+        # pretrain / supervised run in this task: their loop can stop cleanly. (Elsewhere submitit's handler acts.)
+        exact = stage.per_rank and stage.resume
+        requeue, requeue_codes = _route_preemption_to_the_training_loop() if exact else (None, ())
         code = int(module.main(argv) or 0)
         if code in requeue_codes:  # stopped on the signal after an exact checkpoint: requeue the job now
             requeue(_submitit_signal(), None)  # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
@@ -184,9 +186,12 @@ class StageJob:
                 "--dist-url", f"tcp://{env.hostnames[0]}:{port}", *self.argv]
 
     def checkpoint(self, *args, **kwargs):
-        """Called by submitit on timeout / preemption (on rank 0): the same job, continuing where it stopped."""
+        """Called by submitit on timeout / preemption (on rank 0): the same job, continuing where it stopped
+        (None: not requeued)."""
         import submitit
 
+        if STAGES[self.command].resume is None:
+            return None
         return submitit.helpers.DelayedSubmission(StageJob(self.command, with_resume(self.argv,
                                                                                      STAGES[self.command].resume)))
 
