@@ -96,6 +96,10 @@ def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
         ["--resume", "auto", "--config-file", "x", "K", "V"]
     assert launch.with_resume(["--resume", "--seeds", "5"], ("--resume",)) == ["--resume", "--seeds", "5"]
     assert launch.default_nproc_per_node(["DEVICE", "cpu"]) == 1
+    # what submitit requeues on a timeout: the same command with --resume auto; lincls (no checkpoints) is not
+    requeued = launch.StageJob("pretrain", ["--config-file", "x", "K", "V"]).checkpoint()
+    assert requeued.function.argv == ["--resume", "auto", "--config-file", "x", "K", "V"]
+    assert launch.StageJob("lincls", ["--data", "d"]).checkpoint() is None
     with pytest.raises(UsageError, match="--nproc-per-node 0"):
         launch.main("pretrain", ["--nproc-per-node", "0", "--config-file", SYNTH_CFG])
     with pytest.raises(UsageError, match="pipeline runs on one node"):
