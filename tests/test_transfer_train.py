@@ -48,7 +48,7 @@ def test_r50_c4_syncbn_single_process_trains_and_evaluates_voc(synth_root, tmp_p
     # the extra norm after res5 is a (Sync)BatchNorm with running statistics, trained with the rest
     assert state["roi_heads.res5.norm.running_var"].shape == (2048,)
     config = (trial / "config.yaml").read_text()
-    assert "NORM: SyncBN" in config and "Res5ROIHeadsExtraNorm" in config
+    assert "NORM: naiveSyncBN" in config and "Res5ROIHeadsExtraNorm" in config
 
 
 def test_r50_fpn_mask_rcnn_trains_and_evaluates_coco_bbox_and_segm(synth_root, tmp_path):
