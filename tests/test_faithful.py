@@ -530,6 +530,7 @@ def test_detection_header_names_every_difference_from_the_official_file(name, tm
         ref_path = str(tmp_path / reference)
     else:
         import mocobench.d2compat  # noqa: F401  (model_zoo needs its pkg_resources shim)
+
         from detectron2 import model_zoo
 
         ref_path = model_zoo.get_config_file(reference)
