@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from mocobench import comm
+from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from pretrain import checkpoint as ckpt
@@ -108,11 +109,8 @@ def precision_settings(cfg, device):
     if amp and device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         dtype = torch.float16
     channels_last = cfg.CHANNELS_LAST if cfg.CHANNELS_LAST is not None else device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.TF32)
-    torch.backends.cudnn.allow_tf32 = bool(cfg.TF32)
     record = {"device": str(device), "amp": bool(amp), "amp_dtype": str(dtype).replace("torch.", "") if amp else None,
-              "grad_scaler": bool(amp and dtype == torch.float16),
-              "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+              "grad_scaler": bool(amp and dtype == torch.float16), **set_tf32(cfg.TF32),
               "channels_last": bool(channels_last)}
     logger.info("precision: " + ", ".join(f"{k} {v}" for k, v in record.items()))
     if comm.is_main_process() and os.path.isdir(cfg.OUTPUT_DIR):

@@ -41,6 +41,13 @@ def tiny_imagenet(tmp_path_factory):
     return os.path.join(str(out), "imagenet")
 
 
+@pytest.fixture
+def restore_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _train(config, root, out_dir, *extra):
     opts = ["DATA.ROOT", root, "OUTPUT_DIR", out_dir, "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16",
             "INPUT.SIZE", "32", "DATALOADER.NUM_WORKERS", "0", "KNN.PERIOD", "0", "LOG_PERIOD", "2",
@@ -113,7 +120,7 @@ def _assert_optimizer_state_fits(optimizer, model, trained_prefix, frozen_prefix
     assert with_state == trained and not any(n.startswith(frozen_prefix) for n in with_state)
 
 
-def test_official_main_moco_resume_loads_a_v2_checkpoint(tiny_imagenet, tmp_path):
+def test_official_main_moco_resume_loads_a_v2_checkpoint(tiny_imagenet, tmp_path, restore_tf32):
     ckpt = _train("synth_R18_cpu.yaml", tiny_imagenet, str(tmp_path / "v2"), "MOCO.K", "32")
     official = official_moco_v1_v2("resnet18", dim=128, K=32, mlp=True)
     # main_moco.py --resume: model.load_state_dict(checkpoint["state_dict"]), optimizer.load_state_dict(...)
@@ -131,6 +138,14 @@ def test_official_main_moco_resume_loads_a_v2_checkpoint(tiny_imagenet, tmp_path
     assert record == {"device": "cpu", "amp": False, "amp_dtype": None, "grad_scaler": False,
                       "tf32_matmul": False, "tf32_cudnn": False, "channels_last": False}
     assert "precision: device cpu, amp False" in (tmp_path / "v2" / "log.txt").read_text()
+    # the linear protocol sets and records TF32 too (opt-in)
+    from pretrain import lincls
+
+    assert lincls.main(["--data", tiny_imagenet, "--pretrained", str(tmp_path / "v2" / "checkpoint_0000.pth.tar"),
+                        "--output", str(tmp_path / "lin"), "--epochs", "1", "--batch-size", "32", "--workers", "0",
+                        "--size", "32", "--tf32"]) == 0
+    results = json.load(open(tmp_path / "lin" / "lincls_results.json"))
+    assert results["tf32_matmul"] is True and results["tf32_cudnn"] is True
 
 
 def test_official_moco_v3_resume_loads_a_v3_checkpoint_and_scaler(tiny_imagenet, tmp_path):
@@ -155,13 +170,6 @@ def test_official_moco_v3_resume_loads_a_v3_checkpoint_and_scaler(tiny_imagenet,
 # ------------------------------------------------------------------------------------------------------------
 # precision
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def restore_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.mark.parametrize("config, amp, dtype", [
     ("moco_v1_R50.yaml", False, None), ("moco_v2_R50_200ep.yaml", False, None),
     ("moco_v2_R50_800ep.yaml", False, None), ("moco_v3_R50.yaml", True, torch.float16),

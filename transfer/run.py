@@ -38,6 +38,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from transfer.checkpoint import SafeDetectionCheckpointer
@@ -200,8 +201,9 @@ def _run_trial(cfg, job: TransferJob, index: int):
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
     seed_all_rng(cfg.SEED + rank)  # as detectron2's default_setup: a different, deterministic stream per rank
+    tf32 = set_tf32(cfg.MOCOBENCH.TF32)
     logger.info(f"trial {index + 1}/{len(job.seeds)}: seed {cfg.SEED}, output {cfg.OUTPUT_DIR}, "
-                f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}")
+                f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}, TF32 {cfg.MOCOBENCH.TF32}")
     start = time.perf_counter()
     if job.eval_only:
         model = Trainer.build_model(cfg)
@@ -233,6 +235,7 @@ def _run_trial(cfg, job: TransferJob, index: int):
             "iteration": iteration,
             "world_size": job.world_size,
             "device": cfg.MODEL.DEVICE,
+            **tf32,
             "seconds": round(time.perf_counter() - start, 3),
             "output_dir": os.path.abspath(cfg.OUTPUT_DIR),
             "results": _plain(results or {}),
