@@ -340,21 +340,48 @@ def test_training_crops_equal_torchvision_resized_crop(size, monkeypatch, capsys
 
 
 class _PILGaussianBlur:
-    """The official v2 blur (facebookresearch/moco moco/loader.py): PIL GaussianBlur(radius=sigma ~ U[.1, 2])."""
+    """The official blur (facebookresearch/moco and moco-v3 moco/loader.py): PIL GaussianBlur(radius=sigma),
+    sigma ~ U[.1, 2]."""
 
     def __call__(self, img):
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
 
-OFFICIAL_V2_VIEW = T.Compose([  # facebookresearch/moco main_moco.py --aug-plus
-    T.RandomResizedCrop(224, scale=(0.2, 1.0)),
-    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-    T.RandomGrayscale(p=0.2),
-    T.RandomApply([_PILGaussianBlur()], p=0.5),
-    T.RandomHorizontalFlip(),
-    T.ToTensor(),
-    T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD),
-])
+class _PILSolarize:
+    """The official v3 solarize (moco-v3 moco/loader.py): PIL ImageOps.solarize (threshold 128)."""
+
+    def __call__(self, img):
+        from PIL import ImageOps
+
+        return ImageOps.solarize(img)
+
+
+_TO_TENSOR = [T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)]
+
+
+def _official_v3_view(blur_p, solarize_p):  # facebookresearch/moco-v3 main_moco.py augmentation1 / augmentation2
+    return T.Compose([
+        T.RandomResizedCrop(224, scale=(0.2, 1.0)),  # --crop-min=.2 (CONFIG.md)
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([_PILGaussianBlur()], p=blur_p),
+        *([T.RandomApply([_PILSolarize()], p=solarize_p)] if solarize_p else []),
+        T.RandomHorizontalFlip(),
+        *_TO_TENSOR,
+    ])
+
+
+OFFICIAL_VIEWS = {
+    # facebookresearch/moco main_moco.py, MoCo v1 (no --aug-plus)
+    ("v1", 0): T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0)), T.RandomGrayscale(p=0.2),
+                          T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip(), *_TO_TENSOR]),
+    # facebookresearch/moco main_moco.py --aug-plus (MoCo v2)
+    ("v2", 0): T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0)),
+                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                          T.RandomApply([_PILGaussianBlur()], p=0.5), T.RandomHorizontalFlip(), *_TO_TENSOR]),
+    ("v3", 0): _official_v3_view(blur_p=1.0, solarize_p=0.0),
+    ("v3", 1): _official_v3_view(blur_p=0.1, solarize_p=0.2),
+}
 
 
 def _view_statistics(views):
@@ -381,29 +408,32 @@ def _ks_critical(n, m, alpha):
     return math.sqrt(-0.5 * math.log(alpha / 2)) * math.sqrt((n + m) / (n * m))
 
 
-def test_v2_augmentation_is_distributed_as_the_official_recipe(monkeypatch):
-    """End to end at 224 px on a high-frequency 500x375 image: per-view statistics of our v2 views and of the
+@pytest.mark.parametrize("version, view", sorted(OFFICIAL_VIEWS))
+def test_augmentation_is_distributed_as_the_official_recipe(version, view, monkeypatch):
+    """End to end at 224 px on a high-frequency 500x375 image: per-view statistics of our views and of the
     official torchvision/PIL recipe pass two-sample KS tests (alpha 0.001 over all statistics, Bonferroni);
-    the same test rejects the previous OpenCV resampling."""
+    for v2 the same test rejects the previous OpenCV resampling (it has the power to see aliasing)."""
     n = 150
     img = high_frequency_image()
     pil = Image.fromarray(img)
-    ours_view = augment.build_two_view_transform("v2", 224).view1
+    transform = augment.build_two_view_transform(version, 224, (0.2, 1.0))
+    ours_view = (transform.view1, transform.view2)[view]
     random.seed(0)
     ours = [ours_view(img) for _ in range(n)]
     torch.manual_seed(0)
     random.seed(1)
-    official = [OFFICIAL_V2_VIEW(pil) for _ in range(n)]
-    monkeypatch.setattr(augment, "pil_resize", _old_opencv_resize)
-    random.seed(0)
-    old = [ours_view(img) for _ in range(n)]
+    official = [OFFICIAL_VIEWS[version, view](pil) for _ in range(n)]
 
-    stats_ours, stats_official, stats_old = map(_view_statistics, (ours, official, old))
+    stats_ours, stats_official = _view_statistics(ours), _view_statistics(official)
     critical = _ks_critical(n, n, 0.001 / len(stats_ours))
     for name in stats_ours:
         d = _ks(stats_ours[name], stats_official[name])
-        assert d < critical, f"{name}: KS D = {d:.3f} >= {critical:.3f}"
-    assert _ks(stats_old["high-frequency energy"], stats_official["high-frequency energy"]) > critical
+        assert d < critical, f"{version} view {view + 1} {name}: KS D = {d:.3f} >= {critical:.3f}"
+    if version == "v2":
+        monkeypatch.setattr(augment, "pil_resize", _old_opencv_resize)
+        random.seed(0)
+        old = _view_statistics([ours_view(img) for _ in range(n)])
+        assert _ks(old["high-frequency energy"], stats_official["high-frequency energy"]) > critical
 
 
 # ------------------------------------------------------------------------------------------------------------
