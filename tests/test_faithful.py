@@ -299,6 +299,24 @@ def test_eval_transform_is_torchvision_pil_resize_centre_crop(image, capsys):
     assert levels.max().item() <= 1.0 + 1e-3  # <= 1/255 per pixel
 
 
+def test_eval_images_from_jpeg_files_equal_torchvision_image_folder(tmp_path):
+    """The whole evaluation input path (our OpenCV decode + eval transform vs torchvision's ImageFolder with PIL
+    decode + Resize + CenterCrop) on JPEG files, 4:4:4 and 4:2:0 chroma: <= 1/255 per pixel."""
+    from pretrain.data import SafeImageFolder
+
+    for i, subsampling in enumerate((0, 2)):
+        os.makedirs(tmp_path / f"class{i}")
+        Image.fromarray(high_frequency_image(seed=i)).save(tmp_path / f"class{i}" / "a.jpg", quality=85,
+                                                           subsampling=subsampling)
+    ours = SafeImageFolder(str(tmp_path), augment.build_eval_transform(224))
+    reference = torchvision.datasets.ImageFolder(str(tmp_path), EVAL_REFERENCE)
+    std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
+    for i in range(2):
+        (x, label), (y, ref_label) = ours[i], reference[i]
+        assert label == ref_label == i
+        assert ((x - y) * std * 255).abs().max().item() <= 1.0 + 1e-3
+
+
 def _old_opencv_resize(img, out_w, out_h):
     """The resampling before this change (for the power checks): INTER_AREA only at >= 2x shrink."""
     import cv2
