@@ -32,6 +32,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 from mocobench import comm
+from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write, load_checkpoint
 from pretrain.augment import build_eval_transform, build_linear_train_transform
@@ -216,6 +217,8 @@ def build_parser():
     parser.add_argument("--device", default=None,
                         help="default: cuda (cuda:LOCAL_RANK with several processes) if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 matmuls/convolutions on Ampere+ GPUs (off: the official V100 fp32 protocol)")
     return parser
 
 
@@ -232,6 +235,7 @@ def _main(args):
     device = setup_device(args.device or "")
     world = comm.get_world_size()
     log = print if comm.is_main_process() else (lambda *a, **k: None)
+    tf32 = set_tf32(args.tf32)
     torch.manual_seed(args.seed)
 
     checkpoint = load_checkpoint(args.pretrained)
@@ -276,7 +280,7 @@ def _main(args):
     schedule = f"step x0.1 at {list(milestones)}" if milestones else "cosine"
     log(f"lincls: {arch} from {args.pretrained} ({prefix}*, recipe {recipe_name}), {len(train_set.classes)} classes, "
           f"{len(train_set)} train / {len(val_set)} val images, {epochs} epochs, batch {batch_size}, "
-          f"lr {base_lr:g} ({schedule}), {world} process(es), device {device}", flush=True)
+          f"lr {base_lr:g} ({schedule}), {world} process(es), device {device}, TF32 {args.tf32}", flush=True)
 
     if comm.is_main_process():
         os.makedirs(args.output, exist_ok=True)
@@ -323,6 +327,7 @@ def _main(args):
         "bad_images": train_set.num_bad + val_set.num_bad,
         "backbone_unchanged": True,
         "world_size": world,
+        **tf32,
     }
     if comm.is_main_process():
         with atomic_write(os.path.join(args.output, "lincls_results.json"), "w") as f:
