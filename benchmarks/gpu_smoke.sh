@@ -19,11 +19,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$CPU" = 1 ]; then
   # toy sizes; torch.compile with the eager backend (inductor's C++ build alone takes minutes on a CPU)
   NGPU=2; DEV=cpu; SIZE=32; BATCH=16; ARCH=(MODEL.ARCH resnet18); SPLITS=(MOCO.SHUFFLE_BN_SPLITS 2)
-  DETDEV=cpu; DETITERS=2; PERPATH=600; COMPILE_BACKEND=eager
+  DETDEV=cpu; DETITERS=2; PERPATH=600; COMPILE_BACKEND=eager; AMP=()
 else
   NGPU=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
   if [ "$NGPU" -lt 1 ]; then echo "gpu_smoke: no CUDA device visible; this checks the GPU paths (GPU_SMOKE_CPU=1 for a dry run)"; exit 2; fi
   DEV=cuda; SIZE=224; BATCH=64; ARCH=(); SPLITS=(); DETDEV=cuda; DETITERS=20; PERPATH=240; COMPILE_BACKEND=inductor
+  AMP=(AMP.ENABLED True)  # v1/v2 default to fp32 (the official recipe); the AMP path is what is checked here
 fi
 rm -rf "$OUT"; mkdir -p "$OUT"
 echo "gpu_smoke: $NGPU device(s) ($DEV), torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)'), output in $OUT"
@@ -69,15 +70,15 @@ det_img_per_s() {  # images per step / median seconds per step, from detectron2'
 step_img_per_s() { grep -o 'RESULT .* img/s' "$OUT/$1.log" | awk '{print $4}'; }
 
 PRE=(DATA.ROOT "$DATA" SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE 32 MOCO.K 256 INPUT.SIZE "$SIZE" KNN.PERIOD 1
-     KNN.BATCH_SIZE 64 DATALOADER.NUM_WORKERS 4 LOG_PERIOD 2 DEVICE "$DEV" "${ARCH[@]}")
+     KNN.BATCH_SIZE 64 DATALOADER.NUM_WORKERS 4 LOG_PERIOD 2 DEVICE "$DEV" "${ARCH[@]}" "${AMP[@]}")
 
 # ---- one GPU
 run_path moco_v2_r50_amp_channels_last "step_img_per_s moco_v2_r50_amp_channels_last" -- \
   $PY benchmarks/gpu_smoke.py --name moco_v2_r50_amp_channels_last --config-file configs/pretrain/moco_v2_R50_200ep.yaml \
-  --device "$DEV" --batch "$BATCH" --size "$SIZE" "${ARCH[@]}" "${SPLITS[@]}"
+  --device "$DEV" --batch "$BATCH" --size "$SIZE" "${ARCH[@]}" "${SPLITS[@]}" "${AMP[@]}"
 run_path moco_v2_r50_compile "step_img_per_s moco_v2_r50_compile" -- \
   $PY benchmarks/gpu_smoke.py --name moco_v2_r50_compile --compile --compile-backend "$COMPILE_BACKEND" --config-file configs/pretrain/moco_v2_R50_200ep.yaml \
-  --device "$DEV" --batch "$BATCH" --size "$SIZE" "${ARCH[@]}" "${SPLITS[@]}"
+  --device "$DEV" --batch "$BATCH" --size "$SIZE" "${ARCH[@]}" "${SPLITS[@]}" "${AMP[@]}"
 run_path pretrain_loop_1proc_splitbn "last_img_per_s $OUT/p1" -- \
   $PY -m mocobench pretrain --nproc-per-node 1 --config-file configs/pretrain/moco_v2_R50_200ep.yaml "${PRE[@]}" \
   MOCO.SHUFFLE_BN_SPLITS 4 OUTPUT_DIR "$OUT/p1"
