@@ -111,12 +111,15 @@ class Architecture:
 
 
 def refuse_non_plain(names, where):
-    """UsageError naming the first non-plain feature found among torchvision-style trunk `names`."""
+    """UsageError naming every non-plain feature found among torchvision-style trunk `names`."""
+    found = []
     for pattern, what in NON_PLAIN:
         hits = [n for n in names if pattern.search(n)]
         if hits:
-            raise UsageError(f"{where} has {what} (e.g. {hits[0]!r}); only plain torchvision-style ResNets "
-                             "convert to detectron2's ResNet")
+            found.append(f"{what} (e.g. {hits[0]!r})")
+    if found:
+        raise UsageError(f"{where} has {'; '.join(found)}: only plain torchvision-style ResNets convert to "
+                         "detectron2's ResNet")
 
 
 def infer_architecture(shapes, where="the trunk"):

@@ -389,23 +389,24 @@ def _rename(name, naming):
 
 def _naming_at(keys, prefix):
     """'torchvision' or 'sequential' if a ResNet stem and first block live under `prefix`, else None."""
-    if prefix + "conv1.weight" in keys and prefix + "layer1.0.conv1.weight" in keys:
+    if any(k.startswith(prefix + "layer1.0.") for k in keys) and any(k.startswith(prefix + "conv1.") for k in keys):
         return "torchvision"
-    if prefix + "0.weight" in keys and prefix + "4.0.conv1.weight" in keys:
+    if prefix + "0.weight" in keys and any(k.startswith(prefix + "4.0.") for k in keys):
         return "sequential"
     return None
 
 
 def _candidate_prefixes(keys):
-    """Every prefix with a ResNet stem and first block under it, in either naming."""
-    found = set()
+    """Every prefix with a ResNet stem and first block under it, in either naming, shortest first."""
+    roots = set()
     for key in keys:
-        for tail in ("layer1.0.conv1.weight", "4.0.conv1.weight"):
-            if key.endswith(tail) and (key == tail or key[-len(tail) - 1] == "."):
-                prefix = key[: -len(tail)]
-                if _naming_at(keys, prefix):
-                    found.add(prefix)
-    return sorted(found, key=lambda p: (len(p), p))
+        for marker in ("layer1.0.", "4.0."):
+            at = key.find(marker)
+            while at >= 0:
+                if at == 0 or key[at - 1] == ".":
+                    roots.add(key[:at])
+                at = key.find(marker, at + 1)
+    return sorted((p for p in roots if _naming_at(keys, p)), key=lambda p: (len(p), p))
 
 
 def _build_trunk(ckpt, source, prefix, naming, detected):
@@ -481,8 +482,8 @@ def extract_trunk(ckpt: Checkpoint, source="auto", prefix=None) -> Trunk:
     if prefix is not None:
         naming = _naming_at(keys, prefix)
         if naming is None:
-            raise UsageError(f"{ckpt.path!r}: no ResNet trunk under --prefix {prefix!r} (no {prefix}conv1.weight "
-                             f"and {prefix}layer1.0.conv1.weight). Trunks found: "
+            raise UsageError(f"{ckpt.path!r}: no ResNet trunk under --prefix {prefix!r} (no {prefix}conv1.* "
+                             f"next to {prefix}layer1.0.*). Trunks found: "
                              f"{_describe(_candidate_prefixes(keys))}")
         if source != "auto":
             chosen = SOURCES[source]
@@ -516,8 +517,8 @@ def _discover(ckpt):
     candidates = _candidate_prefixes(ckpt.tensors)
     if not candidates:
         raise UsageError(
-            f"{ckpt.path!r} holds no ResNet trunk: no key ends in conv1.weight next to layer1.0.conv1.weight "
-            f"(torchvision names) or 0.weight next to 4.0.conv1.weight (nn.Sequential of its children). "
+            f"{ckpt.path!r} holds no ResNet trunk: no prefix with conv1.* next to layer1.0.* (torchvision names) "
+            f"or 0.weight next to 4.0.* (nn.Sequential of its children). "
             f"It holds keys under: {key_prefixes(ckpt.tensors)}"
         )
     complete, errors = [], []
