@@ -25,7 +25,7 @@ from mocobench.fileio import safe_unpickle
 TRUNK_TENSORS = {"resnet18": 100, "resnet50": 265}  # conv weights + 4 BN tensors per BN (test_convert.py)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _random_trunk(arch, seed):
     torch.manual_seed(seed)
     model = getattr(torchvision.models, arch)()
@@ -107,7 +107,8 @@ def pixpro_checkpoint(t):
                 prefix + "linear2.weight": torch.randn(32, 64, 1, 1), prefix + "linear2.bias": torch.zeros(32)}
     model = _prefixed("module.encoder.", t) | _prefixed("module.encoder_k.", _perturbed(t))
     model |= proj("module.projector.") | proj("module.projector_k.")
-    model |= {"module.value_transform.weight": torch.randn(32, 32, 1, 1), "module.value_transform.bias": torch.zeros(32)}
+    model |= {"module.value_transform.weight": torch.randn(32, 32, 1, 1),
+              "module.value_transform.bias": torch.zeros(32)}
     return {"opt": argparse.Namespace(arch="resnet50", pixpro_p=2.0), "model": model, "optimizer": _optimizer(),
             "scheduler": {"last_epoch": 400}, "epoch": 400}
 
