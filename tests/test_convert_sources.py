@@ -10,6 +10,7 @@ import copy
 import functools
 import hashlib
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -426,3 +427,108 @@ def test_list_sources(capsys):
     for source in ("moco", "moco-v3", "torchvision", "(other)"):
         assert any(line.startswith(source + " ") for line in lines)
     assert mocobench_main(["convert", "only_input.pth"]) == 2
+
+
+# -- every ResNet shape ----------------------------------------------------------------------------------------
+
+# torchvision builder -> (name, MODEL.RESNETS DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS), written from
+# torchvision's resnet.py constructors (groups / width_per_group) and detectron2's build_resnet_backbone
+ARCHITECTURES = {
+    "resnet18": ("ResNet-18", 18, 1, 64, 64),
+    "resnet34": ("ResNet-34", 34, 1, 64, 64),
+    "resnet50": ("ResNet-50", 50, 1, 64, 256),
+    "resnext50_32x4d": ("ResNeXt-50 32x4d", 50, 32, 4, 256),
+    "resnet101": ("ResNet-101", 101, 1, 64, 256),
+    "resnet152": ("ResNet-152", 152, 1, 64, 256),
+    "resnext101_32x8d": ("ResNeXt-101 32x8d", 101, 32, 8, 256),
+    "resnext101_64x4d": ("ResNeXt-101 64x4d", 101, 64, 4, 256),
+    "wide_resnet50_2": ("Wide ResNet-50-2", 50, 1, 128, 256),
+    "wide_resnet101_2": ("Wide ResNet-101-2", 101, 1, 128, 256),
+}
+CI_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")  # the others: 3-8 s CPU each
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """Factory: (arch) -> (report, trunk state), converted once per session from a MoCo v2-layout checkpoint."""
+    cache, root = {}, tmp_path_factory.mktemp("convert_arch")
+
+    def make(arch):
+        if arch not in cache:
+            state = {k: v.clone() for k, v in _random_trunk(arch, 0).items()}
+            path = root / f"{arch}.pth.tar"
+            torch.save({"arch": arch, "state_dict": _prefixed("module.encoder_q.", state)}, path)
+            cache[arch] = convert_checkpoint(path, root / f"{arch}.pkl"), state
+        return cache[arch]
+    return make
+
+
+@pytest.mark.parametrize("arch", [a if a in CI_ARCHITECTURES else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in ARCHITECTURES])
+def test_every_architecture_converts_and_verifies(arch, converted):
+    report, state = converted(arch)
+    name, depth, groups, width, res2 = ARCHITECTURES[arch]
+    assert (report.arch.name, report.arch.torchvision_name, report.source) == (name, arch, "moco")
+    data = safe_unpickle(report.output_path)
+    assert data["architecture"] == name
+    assert data["resnets"] == {"DEPTH": depth, "NUM_GROUPS": groups, "WIDTH_PER_GROUP": width,
+                               "RES2_OUT_CHANNELS": res2, "STRIDE_IN_1X1": False}
+    tensors = [k for k in state if not k.endswith("num_batches_tracked")]
+    assert report.verified == len(tensors) == len(data["model"]) and report.max_rel_error <= 1e-5
+    np.testing.assert_array_equal(data["model"]["res3.1.conv2.weight"], state["layer2.1.conv2.weight"].numpy())
+
+
+def _transfer_cfg(config_file, *opts):
+    from transfer.config import load_config
+
+    return load_config(config_file, list(opts))
+
+
+def test_transfer_takes_the_architecture_from_the_pkl(converted, tmp_path):
+    from detectron2.modeling import build_model
+
+    from convert.arch import configure_resnet
+    from transfer.checkpoint import SafeDetectionCheckpointer
+    from transfer.run import prepare_config
+
+    report, _ = converted("resnext50_32x4d")
+    pkl = report.output_path
+    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", pkl, "MODEL.DEVICE", "cpu")
+    notes = configure_resnet(cfg)
+    assert (cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP, cfg.MODEL.RESNETS.DEPTH) == (32, 4, 50)
+    assert "NUM_GROUPS 32, WIDTH_PER_GROUP 4" in notes[0]
+    # the detector built from that config takes every tensor of the pkl, shapes and all
+    model = build_model(cfg)
+    checkpointer = SafeDetectionCheckpointer(model)
+    incompatible = checkpointer._load_model(checkpointer._load_file(pkl))
+    assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
+    assert torch.equal(model.backbone.res2[0].conv2.weight, torch.as_tensor(safe_unpickle(pkl)["model"]
+                                                                            ["res2.0.conv2.weight"]))
+    # the transfer command does the same before any process starts
+    cfg, _ = prepare_config("configs/detection/tiny_synth_voc_R_50_C4.yaml",
+                            ["MODEL.WEIGHTS", pkl, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
+    assert cfg.MODEL.RESNETS.NUM_GROUPS == 32
+
+    # a config that says otherwise is refused in one line
+    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", pkl,
+                        "MODEL.RESNETS.NUM_GROUPS", "64")
+    with pytest.raises(UsageError, match=r"^MODEL.RESNETS.NUM_GROUPS is 64 but MODEL.WEIGHTS .* holds a "
+                                         r"ResNeXt-50 32x4d \(NUM_GROUPS 32\)"):
+        configure_resnet(cfg)
+
+
+def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights(converted, tmp_path):
+    from convert.arch import configure_resnet
+
+    report, _ = converted("resnet18")
+    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", report.output_path)
+    with pytest.raises(UsageError, match="builds res5 from bottleneck blocks; use an FPN config"):
+        configure_resnet(cfg)
+    cfg = _transfer_cfg("configs/detection/synth_voc_R18_FPN_cpu_moco.yaml", "MODEL.WEIGHTS", report.output_path)
+    assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 18  # the config already says so
+    # weights without a recorded architecture (a model-zoo or older pkl) leave the config alone
+    data = safe_unpickle(report.output_path)
+    with open(tmp_path / "zoo.pkl", "wb") as f:
+        pickle.dump({"model": data["model"], "__author__": "zoo"}, f)
+    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", str(tmp_path / "zoo.pkl"))
+    assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 50
