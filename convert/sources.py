@@ -293,8 +293,12 @@ def read_checkpoint(path) -> Checkpoint:
 
 
 def _read_safetensors(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UsageError(f"{path!r}: reading .safetensors needs the safetensors package (pip install "
+                         "safetensors)") from None
 
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path!r} does not exist")
