@@ -59,6 +59,7 @@ class ConversionReport:
     input_sha256: str = ""
     output_sha256: str = ""
     json_path: Optional[str] = None
+    opaque: List[str] = field(default_factory=list)  # framework classes read as placeholders (convert.sources)
 
     @property
     def depth(self):
@@ -93,6 +94,7 @@ class ConversionReport:
             "detectron2_resnets": self.arch.detectron2_resnets(),
             "converted": len(self.converted),
             "dropped": [{"key": key, "reason": reason} for key, reason in self.dropped],
+            "ignored_objects": list(self.opaque),
             "verified": self.verified,
             "max_rel_error": self.max_rel_error,
             "stage_rel_errors": dict(self.stage_errors),
@@ -112,6 +114,9 @@ class ConversionReport:
         for reason, keys in self.dropped_by_reason().items():
             example = keys[0] if len(keys) == 1 else f"{keys[0]} ..."
             lines.append(f"  {'dropped':<10}{len(keys):>8}  {reason}: {example}")
+        if self.opaque:
+            lines.append(f"  {'ignored':<10}{len(self.opaque):>8}  framework objects (no weights, read as "
+                         f"placeholders): {', '.join(self.opaque)}")
         if self.verification_ran:
             lines.append(f"  {'verified':<10}{self.verified:>8}  loaded by DetectionCheckpointer, equal key by key")
             errors = ", ".join(f"{stage} {error:.1e}" for stage, error in self.stage_errors.items())
@@ -197,7 +202,7 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
     report = ConversionReport(
         input_path=input_path, output_path=None, source=trunk.source, detected=trunk.detected,
         author=trunk.author, arch=trunk.arch, prefix=trunk.prefix, converted=converted, dropped=trunk.dropped,
-        to=to,
+        to=to, opaque=list(trunk.opaque),
     )
     if verify:
         _verify(weights, trunk, report, norm, reference_state=tv_state)

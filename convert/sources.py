@@ -56,6 +56,7 @@ class Checkpoint:
     path: str
     tensors: Dict[str, torch.Tensor]
     entries: Dict[str, object]  # top-level entries that are not tensors (epoch, arch, author, args ...)
+    opaque: List[str] = field(default_factory=list)  # framework classes read as placeholders (see Opaque)
 
 
 def _has(prefix):
@@ -273,23 +274,89 @@ GENERIC = Source("generic", "mocobench", (), layout="discovered: the only comple
 
 # -- reading ----------------------------------------------------------------------------------------------
 
+# Training frameworks pickle their bookkeeping objects into checkpoints (mmengine's message_hub HistoryBuffers,
+# Lightning's AttributeDict hyper-parameters, omegaconf configs, pathlib paths). torch's weights-only loader
+# refuses them; these namespaces' objects are read as an inert `Opaque` placeholder instead -- their classes are
+# never imported, nothing of theirs runs, and they hold no weights. Any other global is still refused.
+OPAQUE_NAMESPACES = ("mmengine.", "mmcv.", "omegaconf.", "pytorch_lightning.", "lightning.", "lightning_fabric.",
+                     "pathlib.")
+# numpy arrays and scalars in that bookkeeping (mmengine's HistoryBuffer) are data: numpy's own constructors
+_NUMPY_DATA = re.compile(r"^numpy\.(ndarray|dtype|dtypes\.\w+DType|(_core|core)\.multiarray\.(_reconstruct|scalar))$")
+# type references those objects carry in their metadata (omegaconf: ref_type typing.Any, object_type dict)
+OPAQUE_TYPES = {"typing.Any", "collections.defaultdict", *(f"builtins.{t}" for t in
+                                                            ("dict", "list", "tuple", "set", "int", "float", "str",
+                                                             "bool"))}
+
+
+class Opaque:
+    """Stands in for a framework object while unpickling: whatever the arguments, an empty OrderedDict, which
+    torch's weights-only unpickler lets the pickle fill (dict items, or attributes for a BUILD), and nothing runs."""
+
+    def __new__(cls, *args, **kwargs):
+        return collections.OrderedDict()
+
+
 def read_checkpoint(path) -> Checkpoint:
     """The checkpoint, flattened (see the module docstring), never running code from the file."""
     path = os.fspath(path)
+    opaque = []
     if path.endswith(".pkl"):
         obj = safe_unpickle(path)
     elif path.endswith(".safetensors"):
         obj = _read_safetensors(path)
     else:
         try:
-            # argparse.Namespace holds plain values: DINO's `args`, PixPro's `opt` and timm's `args` are one
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = load_checkpoint(path)
-        except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            # torch's weights-only unpickler fails this way on some non-checkpoint bytes (e.g. a text file)
-            raise UsageError(f"{path!r} is not a readable torch checkpoint (truncated or another format?): "
-                             f"{type(e).__name__}: {e}") from None
-    return flatten_checkpoint(obj, path)
+            obj = _load_torch(path, [])
+        except UsageError:
+            opaque = _framework_globals(path)
+            if not opaque:
+                raise
+            obj = _load_torch(path, opaque)
+    ckpt = flatten_checkpoint(obj, path)
+    ckpt.opaque = opaque
+    return ckpt
+
+
+def _load_torch(path, opaque):
+    # argparse.Namespace holds plain values: DINO's `args`, PixPro's `opt` and timm's `args` are one
+    allowed = [argparse.Namespace, *((_numpy_global(name) or Opaque, name) for name in opaque)]
+    if any(_numpy_global(name) for name in opaque):  # an array's dtype is built as its numpy.dtypes class
+        import numpy
+
+        allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return load_checkpoint(path)
+    except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        # torch's weights-only unpickler fails this way on some non-checkpoint bytes (e.g. a text file)
+        raise UsageError(f"{path!r} is not a readable torch checkpoint (truncated or another format?): "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def _framework_globals(path):
+    """The globals of a refused torch checkpoint if every one is a framework's bookkeeping class, else []."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint, truncated ...: the first error stands
+        return []
+    names = [name for name in names if name != "argparse.Namespace"]
+    framework = [name for name in names if name.startswith(OPAQUE_NAMESPACES)]
+    if framework and all(name in framework or name in OPAQUE_TYPES or _numpy_global(name) for name in names):
+        return sorted(names)
+    return []
+
+
+def _numpy_global(name):
+    """numpy's array/scalar/dtype constructor named `name`, if it is one, else None."""
+    if not _NUMPY_DATA.match(name):
+        return None
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
 
 
 def _read_safetensors(path):
@@ -374,6 +441,7 @@ class Trunk:
     original_keys: Dict[str, str]  # torchvision name -> key in the checkpoint
     dropped: List[Tuple[str, str]]  # (key in the checkpoint, why it is not converted)
     detected: bool = True  # found by --source auto (not named by --source/--prefix)
+    opaque: List[str] = field(default_factory=list)  # framework classes in the file, read as placeholders
 
     @property
     def depth(self):
@@ -453,7 +521,7 @@ def _build_trunk(ckpt, source, prefix, naming, detected):
     for key in ckpt.tensors:
         if key not in converted:
             dropped.append((key, _what_is(key, prefix, naming, source, other_trunks)))
-    return Trunk(source.name, source.author, prefix, arch, state, original_keys, dropped, detected)
+    return Trunk(source.name, source.author, prefix, arch, state, original_keys, dropped, detected, ckpt.opaque)
 
 
 def _matches(key, prefix):

@@ -162,3 +162,29 @@ def test_official_renaming_rules():
     assert detectron2_name("layer4.1.downsample.0.weight") == "res5.1.shortcut.weight"
     assert detectron2_name("layer2.0.downsample.1.bias") == "res3.0.shortcut.norm.bias"
     assert detectron2_name("layer3.22.conv2.weight") == "res4.22.conv2.weight"
+
+
+def test_framework_placeholders_do_not_let_other_globals_through(resnet18_state, tmp_path, monkeypatch):
+    """Framework bookkeeping objects are read as placeholders; a file that also carries any other global
+    (here builtins.open) is still refused as a whole, and nothing in it runs."""
+    import sys
+    import types
+
+    module = types.ModuleType("lightning.fake")
+
+    class Bookkeeping:
+        pass
+
+    Bookkeeping.__module__, Bookkeeping.__qualname__ = module.__name__, "Bookkeeping"
+    module.Bookkeeping = Bookkeeping
+    monkeypatch.setitem(sys.modules, "lightning", module)
+    monkeypatch.setitem(sys.modules, "lightning.fake", module)
+    marker, path = tmp_path / "pwned", tmp_path / "mixed.ckpt"
+    torch.save({"state_dict": resnet18_state, "loops": Bookkeeping(), "hook": CreatesFile(marker)}, path)
+    clean = tmp_path / "clean.ckpt"
+    torch.save({"state_dict": resnet18_state, "loops": Bookkeeping()}, clean)
+    monkeypatch.delitem(sys.modules, "lightning.fake")
+    monkeypatch.delitem(sys.modules, "lightning")
+
+    _assert_refused(path, tmp_path / "out.pkl", marker, "refusing to load .*mixed.ckpt")
+    assert convert_checkpoint(clean, tmp_path / "out.pkl").opaque == ["lightning.fake.Bookkeeping"]

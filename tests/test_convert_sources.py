@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -532,3 +533,41 @@ def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights
         pickle.dump({"model": data["model"], "__author__": "zoo"}, f)
     cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", str(tmp_path / "zoo.pkl"))
     assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 50
+
+
+def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_path, monkeypatch):
+    """mmengine's message_hub and Lightning/omegaconf hyper-parameters are pickled objects that torch's
+    weights-only loader refuses; they carry no weights and are read as inert placeholders (never imported)."""
+    import types
+
+    from omegaconf import OmegaConf
+    from pytorch_lightning.utilities.parsing import AttributeDict
+
+    module = types.ModuleType("mmengine.logging.history_buffer")
+
+    class HistoryBuffer:  # what mmengine's MessageHub.state_dict() holds per logged scalar
+        def __init__(self):
+            self._log_history = np.arange(3.0)
+
+    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = module.__name__, "HistoryBuffer"
+    module.HistoryBuffer = HistoryBuffer
+    for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
+        monkeypatch.setitem(sys.modules, name, module)
+    state = trunk()
+    mm = mmselfsup_v1_byol_checkpoint(state) | {"message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}}}
+    torch.save(mm, tmp_path / "mm.pth")
+    solo = solo_learn_checkpoint(state) | {"hparams_name": "kwargs", "hyper_parameters": {
+        "cfg": OmegaConf.create({"method": "byol", "max_epochs": 400}), "extra": AttributeDict(lr=0.1)}}
+    torch.save(solo, tmp_path / "solo.ckpt")
+    for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
+        monkeypatch.delitem(sys.modules, name)  # the reader must not need (or import) the class
+
+    report = convert_checkpoint(tmp_path / "mm.pth", tmp_path / "mm.pkl")
+    assert report.source == "mmselfsup" and "mmengine.logging.history_buffer.HistoryBuffer" in report.opaque
+    assert all(name.startswith(("mmengine.", "numpy.")) for name in report.opaque)  # its numpy history too
+    assert dict(report.dropped)["target_net.module.0.conv1.weight"] == "target (momentum) network"
+    _check_conversion(report, safe_unpickle(tmp_path / "mm.pkl"), state, "backbone.")
+    assert "mmengine" not in sys.modules
+    report = convert_checkpoint(tmp_path / "solo.ckpt", tmp_path / "solo.pkl")
+    assert report.source == "solo-learn" and "omegaconf.dictconfig.DictConfig" in report.opaque
+    assert json.loads((tmp_path / "solo.json").read_text())["ignored_objects"] == report.opaque
