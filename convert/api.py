@@ -4,7 +4,7 @@ The pkl is what MoCo's tool-chain and detectron2 expect, plus the architecture i
     {"model": {detectron2 name: numpy array}, "__author__": source author, "matching_heuristics": True,
      "architecture": "ResNeXt-50 32x4d", "resnets": {DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS,
      STRIDE_IN_1X1}}
-(`convert.arch.configure_resnet` sets a transfer config's MODEL.RESNETS from it). `--to torchvision` writes
+(`configure_resnet` sets a transfer config's MODEL.RESNETS from it). `--to torchvision` writes
 the trunk's plain torchvision state dict instead (a .pth that loads strictly into the ResNet minus fc).
 Outputs are written only after verification passed, atomically: on any error there is no output file (and an
 older file at that path is left as it was). OUT.json next to the output records the conversion.
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from convert.arch import Architecture
+from convert.arch import DETECTRON2_DEFAULTS, Architecture
 from convert.rename import detectron2_name, to_detectron2
 from convert.sources import extract_trunk, read_checkpoint
 from mocobench.errors import UsageError
@@ -260,3 +260,39 @@ def verify_file(pkl_path, original_path, source="auto", norm="FrozenBN") -> Conv
             f"{pkl_path!r} failed verification against {original_path!r}:\n  " + "\n  ".join(report.problems), report
         )
     return report
+
+
+def configure_resnet(cfg, weights_path=None):
+    """Make a detectron2 cfg build the ResNet that a converted .pkl holds; returns notes for the log.
+
+    MODEL.RESNETS keys the config leaves at detectron2's defaults take the .pkl's values; a key set to
+    something else must agree, or UsageError. Weights without a recorded architecture (detectron2 model-zoo
+    files, URLs, .pth checkpoints) leave the config as it is.
+    """
+    path = weights_path if weights_path is not None else cfg.MODEL.WEIGHTS
+    if not path or not str(path).endswith(".pkl") or not os.path.isfile(path):
+        return []
+    data = safe_unpickle(path)  # any detectron2 .pkl (model zoo, Caffe2 blobs): only ours records "resnets"
+    recorded = data.get("resnets") if isinstance(data, dict) else None
+    if not isinstance(recorded, dict):
+        return []
+    resnets, changed = cfg.MODEL.RESNETS, []
+    for key, default in DETECTRON2_DEFAULTS.items():
+        if key not in recorded:
+            continue
+        want, have = recorded[key], resnets[key]
+        if have == want:
+            continue
+        if have != default:
+            raise UsageError(f"MODEL.RESNETS.{key} is {have} but MODEL.WEIGHTS {path!r} holds a "
+                             f"{data.get('architecture', 'ResNet')} ({key} {want}); drop the override or "
+                             "convert the matching checkpoint")
+        resnets[key] = want
+        changed.append(f"{key} {want}")
+    head = cfg.MODEL.ROI_HEADS.NAME
+    if recorded["RES2_OUT_CHANNELS"] == 64 and head.startswith("Res5ROIHeads"):
+        raise UsageError(f"MODEL.WEIGHTS {path!r} holds a {data.get('architecture')} (basic blocks) but "
+                         f"MODEL.ROI_HEADS.NAME {head} builds res5 from bottleneck blocks; use an FPN config")
+    if changed:
+        return [f"MODEL.RESNETS from {os.path.basename(path)} ({data.get('architecture')}): {', '.join(changed)}"]
+    return []

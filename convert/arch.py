@@ -14,7 +14,6 @@ detectron2/modeling/backbone/resnet.py, build_resnet_backbone), with STRIDE_IN_1
 strides in the 3x3 conv.
 """
 import collections
-import os
 import re
 from dataclasses import dataclass
 
@@ -152,41 +151,3 @@ def infer_architecture(shapes, where="the trunk"):
             groups = width // per_filter
             width_per_group = width // groups
     return Architecture(depth, block, groups, width_per_group)
-
-
-def configure_resnet(cfg, weights_path=None):
-    """Make a detectron2 cfg build the ResNet that a converted .pkl holds; returns notes for the log.
-
-    MODEL.RESNETS keys the config leaves at detectron2's defaults take the .pkl's values; a key set to
-    something else must agree, or UsageError. Weights without a recorded architecture (detectron2 model-zoo
-    files, URLs, .pth checkpoints) leave the config as it is.
-    """
-    from mocobench.fileio import safe_unpickle
-
-    path = weights_path if weights_path is not None else cfg.MODEL.WEIGHTS
-    if not path or not str(path).endswith(".pkl") or not os.path.isfile(path):
-        return []
-    data = safe_unpickle(path)
-    recorded = data.get("resnets") if isinstance(data, dict) else None
-    if not isinstance(recorded, dict):
-        return []
-    resnets, changed = cfg.MODEL.RESNETS, []
-    for key, default in DETECTRON2_DEFAULTS.items():
-        if key not in recorded:
-            continue
-        want, have = recorded[key], resnets[key]
-        if have == want:
-            continue
-        if have != default:
-            raise UsageError(f"MODEL.RESNETS.{key} is {have} but MODEL.WEIGHTS {path!r} holds a "
-                             f"{data.get('architecture', 'ResNet')} ({key} {want}); drop the override or "
-                             "convert the matching checkpoint")
-        resnets[key] = want
-        changed.append(f"{key} {want}")
-    head = cfg.MODEL.ROI_HEADS.NAME
-    if recorded["RES2_OUT_CHANNELS"] == 64 and head.startswith("Res5ROIHeads"):
-        raise UsageError(f"MODEL.WEIGHTS {path!r} holds a {data.get('architecture')} (basic blocks) but "
-                         f"MODEL.ROI_HEADS.NAME {head} builds res5 from bottleneck blocks; use an FPN config")
-    if changed:
-        return [f"MODEL.RESNETS from {os.path.basename(path)} ({data.get('architecture')}): {', '.join(changed)}"]
-    return []

@@ -397,7 +397,10 @@ def flatten_checkpoint(obj, path="checkpoint") -> Checkpoint:
 
 
 def _is_array(value):
-    return isinstance(value, torch.Tensor) or (type(value).__module__ == "numpy" and hasattr(value, "shape"))
+    """A tensor, or a numeric numpy array (a .pkl of numpy arrays); object/string arrays are no weights."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "kind", "") in "biufc"
 
 
 def _flatten(value, prefix, out):
@@ -587,6 +590,9 @@ def _describe(prefixes):
 def _discover(ckpt):
     """Generic discovery: the one prefix holding a complete plain ResNet trunk."""
     candidates = _candidate_prefixes(ckpt.tensors)
+    if not candidates and any(key.endswith("stem.conv1.weight") for key in ckpt.tensors):
+        raise UsageError(f"{ckpt.path!r} is in detectron2's names already (stem.*, res2.* ...): a converted "
+                         "backbone? Pass it to transfer as MODEL.WEIGHTS, or convert the original checkpoint")
     if not candidates:
         raise UsageError(
             f"{ckpt.path!r} holds no ResNet trunk: no prefix with conv1.* next to layer1.0.* (torchvision names) "

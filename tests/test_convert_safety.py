@@ -188,3 +188,11 @@ def test_framework_placeholders_do_not_let_other_globals_through(resnet18_state,
 
     _assert_refused(path, tmp_path / "out.pkl", marker, "refusing to load .*mixed.ckpt")
     assert convert_checkpoint(clean, tmp_path / "out.pkl").opaque == ["lightning.fake.Bookkeeping"]
+
+
+def test_a_converted_pkl_is_not_converted_again(resnet18_state, tmp_path):
+    torch.save(resnet18_state, tmp_path / "r18.pth")
+    convert_checkpoint(tmp_path / "r18.pth", tmp_path / "r18.pkl", verify=False)
+    with pytest.raises(UsageError, match=r"r18.pkl' is in detectron2's names already \(stem.\*, res2.\* ...\)"):
+        convert_checkpoint(tmp_path / "r18.pkl", tmp_path / "again.pkl")
+    assert not (tmp_path / "again.pkl").exists()

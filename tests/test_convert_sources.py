@@ -488,7 +488,7 @@ def _transfer_cfg(config_file, *opts):
 def test_transfer_takes_the_architecture_from_the_pkl(converted, tmp_path):
     from detectron2.modeling import build_model
 
-    from convert.arch import configure_resnet
+    from convert import configure_resnet
     from transfer.checkpoint import SafeDetectionCheckpointer
     from transfer.run import prepare_config
 
@@ -519,7 +519,7 @@ def test_transfer_takes_the_architecture_from_the_pkl(converted, tmp_path):
 
 
 def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights(converted, tmp_path):
-    from convert.arch import configure_resnet
+    from convert import configure_resnet
 
     report, _ = converted("resnet18")
     cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", report.output_path)
@@ -531,8 +531,11 @@ def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights
     data = safe_unpickle(report.output_path)
     with open(tmp_path / "zoo.pkl", "wb") as f:
         pickle.dump({"model": data["model"], "__author__": "zoo"}, f)
-    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", str(tmp_path / "zoo.pkl"))
-    assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 50
+    with open(tmp_path / "caffe2.pkl", "wb") as f:  # MSRA R-50.pkl style: Caffe2 blob names
+        pickle.dump({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}}, f)
+    for name in ("zoo.pkl", "caffe2.pkl"):
+        cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", str(tmp_path / name))
+        assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 50
 
 
 def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_path, monkeypatch):

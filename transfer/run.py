@@ -38,7 +38,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from convert.arch import configure_resnet
+from convert import configure_resnet
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from transfer.checkpoint import SafeDetectionCheckpointer
