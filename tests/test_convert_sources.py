@@ -330,6 +330,17 @@ def test_to_torchvision_loads_strictly_and_computes_the_same(trunk, tmp_path):
         convert_checkpoint(path, tmp_path / "backbone.pkl", to="torchvision")
 
 
+def test_torchvision_wrappers(trunk, tmp_path):
+    """{"net": ...} (and "state_dict"/"model", test_convert.py) around a DDP-saved classifier."""
+    state = trunk()
+    torch.save({"net": _prefixed("module.", state) | {"module.fc.weight": torch.zeros(10, 512)}, "acc": 0.5},
+               tmp_path / "classifier.pth")
+    report = convert_checkpoint(tmp_path / "classifier.pth", tmp_path / "out.pkl")
+    assert (report.source, report.prefix) == ("torchvision", "module.")
+    assert dict(report.dropped)["module.fc.weight"] == "classifier (fc)"
+    _check_conversion(report, safe_unpickle(tmp_path / "out.pkl"), state, "module.")
+
+
 # -- generic discovery ------------------------------------------------------------------------------------------
 
 def test_generic_discovery_finds_the_only_trunk(trunk, tmp_path):
