@@ -550,12 +550,11 @@ def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights
 
 
 def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_path, monkeypatch):
-    """mmengine's message_hub and Lightning/omegaconf hyper-parameters are pickled objects that torch's
+    """mmengine's message_hub and Lightning's omegaconf hyper-parameters are pickled objects that torch's
     weights-only loader refuses; they carry no weights and are read as inert placeholders (never imported)."""
     import types
 
     from omegaconf import OmegaConf
-    from pytorch_lightning.utilities.parsing import AttributeDict
 
     module = types.ModuleType("mmengine.logging.history_buffer")
 
@@ -571,7 +570,7 @@ def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_p
     mm = mmselfsup_v1_byol_checkpoint(state) | {"message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}}}
     torch.save(mm, tmp_path / "mm.pth")
     solo = solo_learn_checkpoint(state) | {"hparams_name": "kwargs", "hyper_parameters": {
-        "cfg": OmegaConf.create({"method": "byol", "max_epochs": 400}), "extra": AttributeDict(lr=0.1)}}
+        "cfg": OmegaConf.create({"method": "byol", "max_epochs": 400, "optimizer": {"lr": 1.0}})}}
     torch.save(solo, tmp_path / "solo.ckpt")
     for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
         monkeypatch.delitem(sys.modules, name)  # the reader must not need (or import) the class
