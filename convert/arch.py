@@ -128,6 +128,8 @@ def infer_architecture(shapes, where="the trunk"):
     stem = tuple(shapes.get("conv1.weight", ()))
     if stem != PLAIN_STEM:
         hint = " (a CIFAR-style 3x3 stem?)" if stem[2:] == (3, 3) else ""
+        if stem[1:] == PLAIN_STEM[1:] and stem[0] > PLAIN_STEM[0]:
+            hint = " (a width-multiplied ResNet such as SwAV's or SimCLR's RN50w2?)"
         raise UsageError(f"{where}: conv1.weight has shape {stem}, a plain ResNet stem is {PLAIN_STEM}{hint}")
     if "bn1.weight" in shapes and "bn1.running_mean" not in shapes:
         raise UsageError(f"{where}: its norm layers have no running statistics (GroupNorm?); detectron2's "

@@ -341,6 +341,20 @@ def test_torchvision_wrappers(trunk, tmp_path):
     _check_conversion(report, safe_unpickle(tmp_path / "out.pkl"), state, "module.")
 
 
+def test_safetensors_weights(trunk, tmp_path):
+    """timm's hub weights (model.safetensors): torchvision names in a safetensors file."""
+    from safetensors.torch import save_file
+
+    state = trunk()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    report = convert_checkpoint(tmp_path / "model.safetensors", tmp_path / "out.pkl")
+    assert (report.source, report.prefix) == ("torchvision", "")
+    _check_conversion(report, safe_unpickle(tmp_path / "out.pkl"), state, "")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(UsageError, match="is not a readable safetensors file"):
+        convert_checkpoint(tmp_path / "broken.safetensors", tmp_path / "x.pkl")
+
+
 # -- generic discovery ------------------------------------------------------------------------------------------
 
 def test_generic_discovery_finds_the_only_trunk(trunk, tmp_path):
@@ -426,6 +440,10 @@ def test_antialiased_and_cifar_trunks_are_refused(trunk, tmp_path):
     state = trunk() | {"conv1.weight": torch.zeros(64, 3, 3, 3)}
     torch.save(solo_learn_checkpoint(state), path)
     with pytest.raises(UsageError, match=r"conv1.weight has shape \(64, 3, 3, 3\).*CIFAR-style 3x3 stem"):
+        convert_checkpoint(path, tmp_path / "out.pkl")
+    # SwAV/SimCLR RN50w2 widen every layer, the stem included
+    torch.save(swav_checkpoint(trunk() | {"conv1.weight": torch.zeros(128, 3, 7, 7)}), path)
+    with pytest.raises(UsageError, match=r"\(128, 3, 7, 7\).*width-multiplied ResNet such as SwAV's"):
         convert_checkpoint(path, tmp_path / "out.pkl")
     assert not (tmp_path / "out.pkl").exists()
 
