@@ -35,7 +35,8 @@ setup(
     ],
     extras_require={
         "slurm": ["submitit>=1.5"],  # --launcher slurm (mocobench.launch)
-        "test": ["pytest", "pytest-timeout", "ruff", "submitit>=1.5"],
+        # timm and lightly: the tests build checkpoints of those layouts with the real packages (convert)
+        "test": ["pytest", "pytest-timeout", "ruff", "submitit>=1.5", "timm>=0.9", "lightly>=1.4"],
     },
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )
