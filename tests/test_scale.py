@@ -70,10 +70,12 @@ def test_nproc_per_node_2_matches_torchrun_and_writes_one_set_of_files(tiny_imag
            "lr = 0.06 x 16/256 = 0.00375" in log
     assert log.count("saved ") == 2 and proc.stdout.count("saved ") == 2
     files = sorted(os.listdir(ours))
-    assert [f for f in files if not f.startswith("events")] == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar",
-                                                               "config.yaml", "last_checkpoint", "log.txt",
-                                                               "metrics.json"]
+    assert [f for f in files if f.startswith("checkpoint")] == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
+    assert {"config.yaml", "last_checkpoint", "log.txt", "metrics.json"} <= set(files)
     assert sum(f.startswith("events.out.tfevents") for f in files) == 1
+    # the same layout as torchrun's run (one events file each, named by time and pid)
+    assert [f for f in files if not f.startswith("events")] == \
+        sorted(f for f in os.listdir(torchrun) if not f.startswith("events"))
     records = [json.loads(line) for line in open(os.path.join(ours, "metrics.json"))]
     assert [r["iteration"] for r in records if "loss" in r] == [2, 4, 6, 8]  # 64 images / 16 per step, 2 epochs
     assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2]  # the sharded kNN monitor ran each epoch
