@@ -63,6 +63,9 @@ _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.WARMUP_EPOCHS = 0  # linear warmup from 0 (per iteration)
 # False: lr changes once per epoch (official v1/v2); True: every iteration (official v3)
 _C.SOLVER.LR_PER_ITER = False
+# A mid-epoch resume point every this many iterations (0 = none): bounds what a SIGKILL loses to this many
+# iterations; each one replaces the previous (pretrain.resume). SIGTERM/SIGUSR1/Ctrl-C always save one.
+_C.SOLVER.CHECKPOINT_PERIOD_ITERS = 0
 
 _C.AMP = CfgNode()
 _C.AMP.ENABLED = None  # None = auto: on for CUDA, off for CPU (where autocast is slower)
@@ -137,6 +140,13 @@ def validate(cfg, moco=True):
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{key} = {value} must be > 0")
+    non_negative = {"SOLVER.BASE_LR": cfg.SOLVER.BASE_LR, "SOLVER.WEIGHT_DECAY": cfg.SOLVER.WEIGHT_DECAY,
+                    "SOLVER.MOMENTUM": cfg.SOLVER.MOMENTUM, "SOLVER.WARMUP_EPOCHS": cfg.SOLVER.WARMUP_EPOCHS,
+                    "SOLVER.CHECKPOINT_PERIOD_ITERS": cfg.SOLVER.CHECKPOINT_PERIOD_ITERS,
+                    "DATALOADER.NUM_WORKERS": cfg.DATALOADER.NUM_WORKERS}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UsageError(f"{key} = {value} must be >= 0")
     if not 0.0 <= cfg.MOCO.M <= 1.0:
         raise UsageError(f"MOCO.M = {cfg.MOCO.M} must be in [0, 1]")
     scale = tuple(cfg.INPUT.CROP_SCALE)
