@@ -70,6 +70,19 @@ def _read_config(run_dir):
         return yaml.safe_load(f) or {}
 
 
+def _read_results(path):
+    """results.json as a dict, or a one-line UsageError naming the file (random bytes, a torn write, a list)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not a readable results file (truncated or another format?): {e}") from None
+    if not isinstance(res, dict) or not isinstance(res.get("results", res), dict):
+        raise UsageError(f"{path}: expected a JSON object with the evaluation results, got a "
+                         f"{type(res).__name__}")
+    return res
+
+
 def load_run(run_dir):
     """One seed's outcome: dict(dir, task, init, seed, eval) or dict(..., eval=None, why=...) if incomplete."""
     results_path = os.path.join(run_dir, "results.json")
@@ -84,8 +97,7 @@ def load_run(run_dir):
         "eval": None,
     }
     if os.path.exists(results_path):
-        with open(results_path) as f:
-            res = json.load(f)
+        res = _read_results(results_path)
         evaluation = res.get("results", res)
         run["eval"] = {k: v for k, v in evaluation.items() if k in ("bbox", "segm")} or None
         run["task"] = res.get("dataset", run["task"])
