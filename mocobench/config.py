@@ -29,8 +29,9 @@ def check_yaml_mapping(path):
     return data
 
 
-def merge_config(cfg, config_file, opts=()):
-    """cfg <- config_file <- opts, in place; a missing file, unknown key or bad value raises UsageError naming it."""
+def merge_config(cfg, config_file, opts=(), opts_source="command-line override"):
+    """cfg <- config_file <- opts, in place; a missing file, unknown key or bad value raises UsageError naming it
+    (opts_source says where the overrides came from, e.g. "pipeline.yaml: PRETRAIN.OPTS")."""
     import yaml
 
     if config_file is not None:  # None: defaults and overrides only
@@ -50,11 +51,31 @@ def merge_config(cfg, config_file, opts=()):
             raise UsageError(f"{config_file}: {e}") from None
     opts = list(opts)
     if len(opts) % 2:
-        raise UsageError(f"config overrides must be KEY VALUE pairs; got an odd number of items: {opts}")
+        raise UsageError(f"{opts_source}: config overrides must be KEY VALUE pairs; got an odd number of "
+                         f"items: {opts}")
     try:
         cfg.merge_from_list(opts)
     except KeyError as e:
-        raise UsageError(f"command-line override: unknown config key ({_key(e)})") from None
+        raise UsageError(f"{opts_source}: unknown config key ({_key(e)})") from None
     except (ValueError, AssertionError, TypeError) as e:
-        raise UsageError(f"command-line override: {e}") from None
+        raise UsageError(f"{opts_source}: {e}") from None
     return cfg
+
+
+# The shipped configs: configs/ next to the packages (a source checkout, as `make setup` installs it)
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config_path(path, relative_to, what):
+    """An existing config file for `path`: as given when absolute; else relative to `relative_to` (the folder
+    of the file that names it), then to the directory holding the shipped configs/ (so "configs/pretrain/x.yaml"
+    works from any working directory), then to the working directory. UsageError naming `what` otherwise."""
+    if os.path.isabs(path):
+        candidates = [path]
+    else:
+        candidates = [os.path.join(relative_to, path), os.path.join(os.path.dirname(CONFIGS_DIR), path),
+                      os.path.join(CONFIGS_DIR, path), os.path.abspath(path)]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return os.path.normpath(candidate)
+    raise UsageError(f"{what} {path!r} does not exist (looked in {', '.join(dict.fromkeys(candidates))})")

@@ -112,12 +112,17 @@ def _lookup(cfg, dotted):
     return node
 
 
-def load_config(config_file=None, opts=(), moco=True) -> CfgNode:
+def load_config(config_file=None, opts=(), moco=True, opts_source="command-line override") -> CfgNode:
     """Defaults <- config_file (with its _BASE_ chain) <- opts (KEY VALUE ...); validated and frozen.
-    Bad files, unknown keys and bad values raise UsageError naming them. moco=False (the supervised
-    baseline, which ignores MOCO.*) skips the checks that only concern MoCo's queue."""
-    cfg = merge_config(get_cfg(), config_file, opts)
-    validate(cfg, moco=moco)
+    Bad files, unknown keys and bad values raise UsageError naming them (opts_source: where opts came from).
+    moco=False (the supervised baseline, which ignores MOCO.*) skips the checks that only concern MoCo's queue."""
+    cfg = merge_config(get_cfg(), config_file, opts, opts_source)
+    try:
+        validate(cfg, moco=moco)
+    except UsageError as e:
+        if opts_source == "command-line override":
+            raise
+        raise UsageError(f"{opts_source} (on {config_file}): {e}") from None
     cfg.freeze()
     return cfg
 
