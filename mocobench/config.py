@@ -35,6 +35,9 @@ def merge_config(cfg, config_file, opts=(), opts_source="command-line override")
     import yaml
 
     if config_file is not None:  # None: defaults and overrides only
+        shipped = os.path.join(os.path.dirname(CONFIGS_DIR), config_file)
+        if not os.path.isfile(config_file) and not os.path.isabs(config_file) and os.path.isfile(shipped):
+            config_file = shipped  # "configs/pretrain/x.yaml" names a shipped config from any working directory
         if not os.path.isfile(config_file):
             raise UsageError(f"config file {config_file!r} does not exist")
         check_yaml_mapping(config_file)

@@ -36,6 +36,7 @@ from mocobench.fileio import atomic_write
 
 MANIFEST = "manifest.json"
 INITS = ("moco", "supervised", "random")
+EARLIER = "an earlier stage"  # changed_inputs when they depend on a stage that has not run yet
 
 
 def get_pipeline_cfg() -> CfgNode:
@@ -376,17 +377,19 @@ class Pipeline:
                 self.stage_config(name)  # raises naming the pipeline yaml and the list
         finished = {n: s.get("seconds") for n, s in self.manifest.data["stages"].items()
                     if s.get("status") == "done" and s.get("seconds")}
-        rows, redo_from_here = [], False
+        rows = []
         for index, (name, inputs_fn, _) in enumerate(stages, 1):
             previous = self.manifest.stage(name)
-            changed = self.changed_inputs(name, inputs_fn) if previous.get("status") == "done" and \
-                not redo_from_here else []
+            # a done stage's outputs are known, so are the inputs of the stages that read them
+            changed = self.changed_inputs(name, inputs_fn) if previous.get("status") == "done" else []
             if name in self.redo:
-                action, redo_from_here = "redo (--redo)", True
+                action = "redo (--redo)"
+            elif changed == [EARLIER]:
+                action = "check (its inputs are known once an earlier stage has run)"
             elif changed:
-                action, redo_from_here = f"redo (inputs changed: {', '.join(changed)})", True
+                action = f"redo (inputs changed: {', '.join(changed)})"
             elif previous.get("status") == "done" and name != "report":
-                action = "done" if not redo_from_here else "check (an earlier stage is redone)"
+                action = "done"
                 self.outputs[name] = previous["outputs"]
             elif previous.get("status") in ("running", "failed"):
                 error = previous.get("error")
@@ -404,8 +407,11 @@ class Pipeline:
         """The input keys that differ from what the stage recorded (it then has to be redone)."""
         try:
             inputs = inputs_fn()
-        except KeyError:  # an earlier stage has no outputs (not done): this one follows it
-            return ["earlier stage"]
+        except KeyError:  # an earlier stage has no outputs yet (it runs first): this one's inputs are unknown
+            return [EARLIER]
+        return self.diff_inputs(name, inputs)
+
+    def diff_inputs(self, name, inputs):
         recorded = self.manifest.stage(name).get("inputs")
         if inputs is None or recorded is None:
             return []
@@ -457,7 +463,7 @@ class Pipeline:
             inputs = inputs_fn()
             previous = self.manifest.stage(name)
             header = f"[{index}/{len(stages)}] {name}"
-            changed = self.changed_inputs(name, inputs_fn)
+            changed = self.diff_inputs(name, inputs)
             if inputs is not None and previous.get("status") == "done" and not changed and name not in self.redo:
                 print(f"\n=== {header}: done earlier ({previous.get('seconds', 0):.0f} s), skipped", flush=True)
                 self.outputs[name] = previous["outputs"]
@@ -500,6 +506,7 @@ def main(argv) -> int:
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides (flags may come before or after)")
     args = parser.parse_intermixed_args(argv)
+    args.config_file = resolve_config_path(args.config_file, os.getcwd(), "--config-file")
     cfg = load_pipeline_config(args.config_file, args.opts)
     Pipeline(cfg, args.config_file, redo=args.redo).run(dry_run=args.dry_run)
     return 0
