@@ -13,6 +13,12 @@ comes from the torch RNG, whose state each checkpoint carries, so a resumed run 
 
 Everything a run writes goes to OUTPUT_DIR: config.yaml, log.txt, metrics.json (one JSON object per line),
 TensorBoard events, checkpoint_XXXX.pth.tar and last_checkpoint.
+
+Never losing a run (pretrain.resume, pretrain.preempt): one run per OUTPUT_DIR (another run's directory is
+refused unless --resume), nothing written before every input is validated; SIGTERM / SIGUSR1 / Ctrl-C finish
+the iteration, save an exact mid-epoch checkpoint and exit 143 / 138 / 130 with the resume command;
+SOLVER.CHECKPOINT_PERIOD_ITERS adds periodic mid-epoch checkpoints against SIGKILL; `--resume auto` continues
+bit-exactly (CPU, fixed seed) from the iteration it stopped at.
 """
 import argparse
 import json

@@ -230,8 +230,18 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(tiny_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run (checkpoint_0000.pth.tar" in err[0]
     assert "--resume auto" in err[0] and "another OUTPUT_DIR" in err[0]
-    # a bad DATA.ROOT into a finished run: refused before config.yaml is rewritten
-    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(reference + "/nope", reference)]) == 2
+    # resuming it with a bad DATA.ROOT: refused before config.yaml or anything else is rewritten
+    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+                     *opts(reference + "/nope", reference, **{"SOLVER.EPOCHS": 3})]) == 2
+    assert "nope/train' does not exist" in capsys.readouterr().err
+    # lincls: one evaluation per --output too
+    lincls_out = os.path.join(os.path.dirname(reference), "lincls")
+    lincls = ["lincls", "--data", tiny_imagenet, "--pretrained", os.path.join(reference, "checkpoint_0001.pth.tar"),
+              "--output", lincls_out, "--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32"]
+    assert cli.main(lincls) == 0
+    results = open(os.path.join(lincls_out, "lincls_results.json")).read()
+    assert cli.main(lincls) == 2 and "already holds a linear evaluation" in capsys.readouterr().err
+    assert open(os.path.join(lincls_out, "lincls_results.json")).read() == results
     # while another process holds the run, --resume auto is refused too
     lock = RunLock(reference)
     try:

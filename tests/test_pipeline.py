@@ -87,7 +87,6 @@ def test_killed_mid_transfer_then_rerun_gives_the_same_report(finished_run, tmp_
     pid = _fork(["--config-file", TINY, "OUTPUT_DIR", str(out), "--redo", "transfer_moco"], str(tmp_path / "log"))
     deadline = time.time() + 300
     moved = out / "superseded"  # the old transfer/moco goes there first; then the new seeds start
-
     while not (moved.exists() and (out / "transfer" / "moco" / "seed1").exists()):
         assert os.waitpid(pid, os.WNOHANG) == (0, 0), open(tmp_path / "log").read()[-3000:]
         assert time.time() < deadline
