@@ -309,7 +309,12 @@ class Pipeline:
 
     @staticmethod
     def _call(main, argv, what):
+        from pretrain.preempt import EXIT_CODES
+
         rc = main(argv)
+        if rc in EXIT_CODES.values():  # stopped by a signal after saving: the pipeline stops with the same code
+            print(f"{what} stopped by a signal (exit {rc}); run the same pipeline command again to resume", flush=True)
+            raise SystemExit(rc)
         if rc:
             raise UsageError(f"{what} {' '.join(argv)} exited with {rc}")
 

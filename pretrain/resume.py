@@ -107,16 +107,23 @@ def restore(point, model, optimizer, scaler, load_state_dict_fn):
     return ckpt.load_for_resume(point.path, model, optimizer, scaler, load_state_dict_fn, ckpt=point.checkpoint)
 
 
-def open_run_dir(cfg):
-    """Main process: create OUTPUT_DIR, lock it for this process's lifetime, remove stale temp files.
-    Returns the lock (close() releases it) or None on other ranks."""
+def open_run_dir(cfg, point=None):
+    """Main process: create OUTPUT_DIR, lock it for this process's lifetime, remove stale temp files and the
+    mid-epoch checkpoints other than the resume point (a kill between writing the next one and deleting the
+    previous one leaves two). Returns the lock (close() releases it) or None on other ranks."""
     if not comm.is_main_process():
         return None
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     lock = RunLock(cfg.OUTPUT_DIR)
     removed = ckpt.remove_stale_temp_files(cfg.OUTPUT_DIR)
+    keep = os.path.abspath(point.path) if point else None
+    for name in sorted(os.listdir(cfg.OUTPUT_DIR)):
+        path = os.path.abspath(os.path.join(cfg.OUTPUT_DIR, name))
+        if ckpt.is_iteration_checkpoint(name) and name.endswith(".pth.tar") and path != keep:
+            os.remove(path)
+            removed.append(name)
     if removed:
-        print(f"removed {len(removed)} temporary file(s) a killed run left in {cfg.OUTPUT_DIR}: {removed[:3]}")
+        print(f"removed {len(removed)} file(s) a killed run left in {cfg.OUTPUT_DIR}: {removed[:3]}")
     return lock
 
 

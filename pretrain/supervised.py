@@ -179,7 +179,7 @@ def train(cfg, resume=None):
     start_epoch, iteration, start_i = resume_mod.restore(point, model, optimizer, scaler,
                                                          ckpt.load_plain_state_dict)
 
-    lock = resume_mod.open_run_dir(cfg)
+    lock = resume_mod.open_run_dir(cfg, point)
     setup_logging(cfg.OUTPUT_DIR, tag="supervised")
     if comm.is_main_process():
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:

@@ -3,6 +3,8 @@ directory, on generated data. The substitutions (data paths, sizes) are listed h
 import os
 import re
 import shlex
+import sys
+import time
 
 import pytest
 
@@ -60,7 +62,9 @@ def test_every_readme_command_runs_as_written_on_generated_data(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     for argv in commands:
         argv = substitute(argv, data)
+        start = time.time()
         assert cli.main(argv) == 0, argv
+        print(f"README: mocobench {argv[0]} {time.time() - start:.1f} s", file=sys.__stdout__)
         printed = capsys.readouterr()
         assert "Traceback" not in printed.err, argv
         if argv[0] == "configs":
