@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mocobench import cli
-from mocobench.synth import make_imagenet
+from mocobench.synth import make_imagenet, synthesize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,8 +45,8 @@ def substitute(argv, data):
             token = "1"
         token = swap.get(token, token).replace("checkpoint_0199", "checkpoint_0000")
         out.append(data["synth"] + token[3:] if token == "DIR" or token.startswith("DIR/") else token)
-    if out[0] == "transfer":
-        out += ["MOCOBENCH.SYNTH_ROOT", data["synth"]]
+    if out[0] == "transfer":  # VOC: the small generated VOC of the `test` preset
+        out += ["MOCOBENCH.SYNTH_ROOT", data["voc"]]
     if out[0] == "report":  # the block trains the moco run only
         out = [t for t in out if not t.startswith("out/voc_") or os.path.isdir(t)]
     return out + SHRINK.get(out[0], [])
@@ -57,8 +57,10 @@ def test_every_readme_command_runs_as_written_on_generated_data(tmp_path, monkey
     commands = readme_commands()
     assert [c[0] for c in commands] == ["env", "configs", "data", "pretrain", "supervised", "lincls", "convert",
                                         "transfer", "report", "pipeline"]
-    data = {"imagenet": os.path.join(str(tmp_path), "small", "imagenet"), "synth": str(tmp_path / "synth")}
+    data = {"imagenet": os.path.join(str(tmp_path), "small", "imagenet"), "synth": str(tmp_path / "synth"),
+            "voc": str(tmp_path / "small_voc")}
     make_imagenet(os.path.dirname(data["imagenet"]), classes=4, images_per_class=8, val_per_class=2, size=40, seed=0)
+    synthesize(data["voc"], preset="test", seed=0)
     monkeypatch.chdir(tmp_path)
     for argv in commands:
         argv = substitute(argv, data)
