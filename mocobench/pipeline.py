@@ -369,6 +369,14 @@ class Pipeline:
         same = [t for n, t in finished.items() if n.split("_")[0] == kind and "_" in n]
         return sum(same) / len(same) if same else None
 
+    def time_left(self, names, measured):
+        """' | expected left ...' for the stages `names` (this one included), from measured stage times."""
+        known = [t for t in (self.expected_seconds(n, measured) for n in names) if t]
+        unknown = len(names) - len(known)
+        if not known:
+            return ""
+        return f" | expected left ~{sum(known):.0f} s" + (f" + {unknown} stage(s) not measured yet" if unknown else "")
+
     def plan(self):
         """Preflight: every stage's config merged and validated, every input checked. Returns
         [(index, name, action, detail, missing, size, expected seconds)]; writes nothing."""
@@ -479,8 +487,7 @@ class Pipeline:
                 self.manifest.data["stages"].pop(name, None)
                 print(f"\n=== {header}: redo ({why})" + (f"; old outputs moved to {', '.join(moved)}" if moved else ""))
             resumed = not why and previous.get("status") in ("running", "failed")
-            remaining = [self.expected_seconds(n, measured) for n, _, _ in stages[index - 1:]]
-            left = f" | expected left ~{sum(remaining):.0f} s" if all(remaining) else ""
+            left = self.time_left([n for n, _, _ in stages[index - 1:]], measured)
             print(f"\n=== {header}{' (resuming)' if resumed else ''} | pipeline elapsed "
                   f"{time.time() - start:.0f} s{left}", flush=True)
             t0 = time.time()
