@@ -150,6 +150,7 @@ def train(cfg, resume=None):
                          f"{world} processes")
     batch_per_rank = cfg.SOLVER.BATCH_SIZE // world
     point = resume_mod.plan_resume(cfg, resume, world, moco=False)  # nothing written before inputs are valid
+    comm.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
     if point is not None and point.finished:
         if comm.is_main_process():
             print(resume_mod.finished_message(cfg, point), flush=True)

@@ -356,6 +356,7 @@ def train(cfg, resume=None):
         raise UsageError(f"MOCO.SHUFFLE_BN_SPLITS = {bn_splits} must divide the batch size "
                          f"{batch_per_rank}")
     point = resume_mod.plan_resume(cfg, resume, world)  # nothing is written before every input is validated
+    comm.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
     if point is not None and point.finished:
         if comm.is_main_process():
             print(resume_mod.finished_message(cfg, point), flush=True)
