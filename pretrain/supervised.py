@@ -4,7 +4,8 @@ The classifier MoCo is compared against: a torchvision ResNet trained with cross
 images (DATA.ROOT/train) with their labels and the same budget (epochs, batch, image size). Same config
 system and keys as `mocobench pretrain` (pretrain.config; the MOCO.* and KNN.* keys are unused), same loop
 conventions, and the helpers of pretrain.train: torchrun/DDP, logging, metrics.json, progress, AMP,
-checkpoints every epoch with exact `--resume auto`.
+checkpoints every epoch with exact `--resume auto`, and pretrain.resume's run-directory rules and clean stops
+(SIGTERM / SIGUSR1 / Ctrl-C: exact mid-epoch checkpoint, exit 143 / 138 / 130).
 
     One process:  mocobench supervised --config-file configs/pretrain/synth_R18_cpu_supervised.yaml
     One node:     torchrun --nproc_per_node=8 -m pretrain.supervised --config-file ...

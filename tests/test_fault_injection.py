@@ -314,3 +314,33 @@ def test_flags_may_follow_the_overrides(tiny_imagenet, reference, capsys):
     # `--resume auto` after KEY VALUE pairs is a flag, not an override key
     assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference), "--resume", "auto"]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imagenet, tmp_path, monkeypatch, capsys):
+    # the supervised loop shares the mechanism: SIGUSR1 (a real signal to this process) during iteration 3
+    from pretrain import supervised
+
+    sup_cfg = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")
+    kv = ["DATA.ROOT", tiny_imagenet, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "8", "INPUT.SIZE", "32",
+          "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1"]
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", full]) == 0
+    real_step, calls = supervised.optimization_step, []
+
+    def step_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(*args)
+
+    monkeypatch.setattr(supervised, "optimization_step", step_then_signal)
+    assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped]) == 138
+    assert "stopped by SIGUSR1 after iteration 3/8 of epoch 1" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the old handler is back
+    monkeypatch.setattr(supervised, "optimization_step", real_step)
+    assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped, "--resume", "auto"]) == 0
+    a = load_checkpoint(os.path.join(full, "checkpoint_0001.pth.tar"))
+    b = load_checkpoint(os.path.join(stopped, "checkpoint_0001.pth.tar"))
+    assert a["iteration"] == b["iteration"] == 16
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
