@@ -90,8 +90,8 @@ def load_checkpoint(path, map_location="cpu"):
     # torch.save writes a zip archive (PK); the legacy format and plain pickles start with the pickle PROTO
     # opcode 0x80. Anything else (text, JSON, an image) is not a checkpoint: say so, not "unsafe pickle".
     if head != b"PK" and head[:1] != b"\x80":
-        raise UsageError(f"{path!r} is not a torch checkpoint (it starts with {head!r}; a torch.save file is a "
-                         "zip archive or a pickle)")
+        raise UsageError(f"{path!r} is not a readable torch checkpoint: it is not a checkpoint at all (it starts "
+                         f"with {head!r}; a torch.save file is a zip archive or a pickle)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

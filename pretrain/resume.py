@@ -57,14 +57,24 @@ class ResumePoint:
 
 def changed_state_keys(cfg, saved_config_text, moco=True):
     """[(key, value in the checkpoint, value now)] for the STATE_SHAPING_KEYS that differ."""
+    import yaml
+
     from pretrain.config import get_cfg
 
-    saved = get_cfg()
-    saved.merge_from_other_cfg(saved.load_cfg(saved_config_text))
+    defaults, saved = get_cfg(), yaml.safe_load(saved_config_text) or {}
+
+    def saved_value(dotted):  # a key the checkpoint's version did not have: its default
+        node = saved
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _lookup(defaults, dotted)
+            node = node[part]
+        return node
+
     keys = STATE_SHAPING_KEYS + (MOCO_STATE_SHAPING_KEYS if moco else ())
     if moco and cfg.MOCO.VERSION != "v3":
         keys = tuple(k for k in keys if k != "MOCO.MLP_DIM")  # v3 only
-    return [(k, _lookup(saved, k), _lookup(cfg, k)) for k in keys if _lookup(saved, k) != _lookup(cfg, k)]
+    return [(k, saved_value(k), _lookup(cfg, k)) for k in keys if saved_value(k) != _lookup(cfg, k)]
 
 
 def plan_resume(cfg, resume, world_size, moco=True):

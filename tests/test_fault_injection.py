@@ -294,8 +294,8 @@ BAD_INPUTS = [  # (argv builder, expected text in the one-line error)
      "the config changes what shapes its state: MOCO.K 32 -> 64"),
     ("OUTPUT_DIR a file", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG, *opts(r, f["file"])],
      "is a file, not a directory"),
-    ("convert a text file", lambda f, r, ref: ["convert", f["text"], f["dir"] + "/o.pkl"], "is not a torch checkpoint"),
-    ("convert a JSON file", lambda f, r, ref: ["convert", f["json"], f["dir"] + "/o.pkl"], "is not a torch checkpoint"),
+    ("convert a text file", lambda f, r, ref: ["convert", f["text"], f["dir"] + "/o.pkl"], "not a checkpoint at all"),
+    ("convert a JSON file", lambda f, r, ref: ["convert", f["json"], f["dir"] + "/o.pkl"], "not a checkpoint at all"),
     ("report on random bytes", lambda f, r, ref: ["report", f["dir"] + "/run", "--out", f["dir"] + "/rep"],
      "not a readable results file"),
 ]
