@@ -297,7 +297,7 @@ BAD_INPUTS = [  # (argv builder, expected text in the one-line error)
     ("convert a text file", lambda f, r, ref: ["convert", f["text"], f["dir"] + "/o.pkl"], "not a checkpoint at all"),
     ("convert a JSON file", lambda f, r, ref: ["convert", f["json"], f["dir"] + "/o.pkl"], "not a checkpoint at all"),
     ("report on random bytes", lambda f, r, ref: ["report", f["dir"] + "/run", "--out", f["dir"] + "/rep"],
-     "not a readable results file"),
+     "not UTF-8 text"),
 ]
 
 
