@@ -268,6 +268,7 @@ def _write(path, text):
 def bad_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "run").mkdir()
+    (d / "run" / "results.json").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(300)))
     return {
         "syntax": _write(d / "syntax.yaml", "SOLVER:\n  EPOCHS: [1,\n"),
         "empty": _write(d / "empty.yaml", ""),
@@ -276,7 +277,6 @@ def bad_files(tmp_path_factory):
         "text": _write(d / "notes.txt", "hello\n"),
         "json": _write(d / "weights.json", '{"a": 1}\n'),
         "file": _write(d / "a_file", "x"),
-        "random": _write(d / "run" / "results.json", "\x96\x00garbage"),
         "dir": str(d),
     }
 

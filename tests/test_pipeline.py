@@ -149,6 +149,7 @@ def test_missing_checkpoint_is_caught_before_anything_runs(finished_run):
     (["PRETRAIN.CONFIG_FILE", "nope.yaml"], "PRETRAIN.CONFIG_FILE 'nope.yaml' does not exist"),
     (["DATA.SYNTH", "False", "DATA.PRETRAIN_ROOT", "/nonexistent/imagenet"],
      "missing input(s): ImageFolder train/ /nonexistent/imagenet/train"),
+    (["SUPERVISED.WEIGHTS", "/nonexistent/r50.pth"], "missing input(s): SUPERVISED.WEIGHTS /nonexistent/r50.pth"),
 ])
 def test_bad_pipeline_config_fails_before_any_stage(tmp_path, opts, expected):
     with pytest.raises(UsageError) as e:
