@@ -344,3 +344,36 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imag
     assert a["iteration"] == b["iteration"] == 16
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def _agree(rank, port, queue):
+    import torch.distributed as dist
+
+    from pretrain.preempt import Preemption
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    with Preemption() as stop:
+        before = stop.agreed()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is signalled
+        after = stop.agreed()
+    queue.put((rank, before, after))
+    dist.destroy_process_group()
+
+
+def test_every_rank_agrees_to_stop_when_one_is_signalled():
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(rank, port, queue)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert results == [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
