@@ -54,9 +54,13 @@ def get_pipeline_cfg() -> CfgNode:
     cfg.SUPERVISED = CfgNode()
     cfg.SUPERVISED.CONFIG_FILE = ""  # train the supervised baseline on the same images with labels ...
     cfg.SUPERVISED.OPTS = []
-    cfg.SUPERVISED.WEIGHTS = ""  # ... or use this torchvision checkpoint (e.g. your resnet50-*.pth)
+    cfg.SUPERVISED.WEIGHTS = ""  # ... or use this torchvision checkpoint (resnet50-*.pth) or MSRA R-50.pkl
     cfg.TRANSFER = CfgNode()
     cfg.TRANSFER.CONFIG_FILE = ""
+    # per init, the detection config to use instead of CONFIG_FILE ("" = CONFIG_FILE). The paper's supervised row:
+    # SUPERVISED.WEIGHTS /path/R-50.pkl (MSRA, BGR, caffe-style; used as is, no conversion) with
+    # CONFIG_FILES.SUPERVISED configs/detection/pascal_voc_R_50_C4_24k.yaml; torchvision weights need the _moco one.
+    cfg.TRANSFER.CONFIG_FILES = CfgNode({init.upper(): "" for init in INITS})
     cfg.TRANSFER.OPTS = []
     cfg.TRANSFER.INITS = list(INITS)
     cfg.TRANSFER.SEEDS = 3
@@ -83,6 +87,10 @@ def load_pipeline_config(config_file, opts) -> CfgNode:
         if cfg[node].CONFIG_FILE:
             cfg[node].CONFIG_FILE = resolve_config_path(cfg[node].CONFIG_FILE, here,
                                                         f"{config_file}: {node}.CONFIG_FILE")
+    for init, path in cfg.TRANSFER.CONFIG_FILES.items():
+        if path:
+            cfg.TRANSFER.CONFIG_FILES[init] = resolve_config_path(path, here,
+                                                                  f"{config_file}: TRANSFER.CONFIG_FILES.{init}")
     for node, key in (("DATA", "PRETRAIN_ROOT"), ("SUPERVISED", "WEIGHTS")):
         if cfg[node][key]:
             cfg[node][key] = os.path.abspath(cfg[node][key])
@@ -207,9 +215,10 @@ class Pipeline:
         return {"config_file": os.path.basename(node.CONFIG_FILE), "config": self.stage_config(name).dump(),
                 "opts": list(node.OPTS)}
 
-    def stage_config(self, name):
-        """The merged, validated config of stage PRETRAIN / SUPERVISED / TRANSFER with its OPTS (run paths left
-        at their defaults: they are the pipeline's to set); errors name the pipeline yaml and the list."""
+    def stage_config(self, name, init=None):
+        """The merged, validated config of stage PRETRAIN / SUPERVISED / TRANSFER (of `init`, which may have its
+        own CONFIG_FILES entry) with its OPTS (run paths left at their defaults: they are the pipeline's to set);
+        errors name the pipeline yaml and the list."""
         node = self.cfg[name]
         source = f"{os.path.relpath(self.config_file)}: {name}.OPTS"
         if name == "TRANSFER":
@@ -217,7 +226,8 @@ class Pipeline:
 
             cfg = get_cfg()
             add_mocobench_config(cfg)
-            return merge_config(cfg, node.CONFIG_FILE, list(node.OPTS), source)
+            config_file = self.transfer_config_file(init) if init else node.CONFIG_FILE
+            return merge_config(cfg, config_file, list(node.OPTS), source)
         from pretrain.config import load_config
 
         return load_config(node.CONFIG_FILE, [*node.OPTS, "DATA.ROOT", "<pipeline>"], moco=name == "PRETRAIN",
@@ -232,8 +242,13 @@ class Pipeline:
         ckpt = self.outputs[init if init == "supervised" else "pretrain"]["checkpoint"]
         return self._sha_or_error(ckpt, f"{init} checkpoint")
 
+    def transfer_config_file(self, init):
+        return self.cfg.TRANSFER.CONFIG_FILES[init.upper()] or self.cfg.TRANSFER.CONFIG_FILE
+
     def _transfer_inputs(self, init):
-        inputs = self._config_inputs(self.cfg.TRANSFER) | {"seeds": self.cfg.TRANSFER.SEEDS}
+        config_file = self.transfer_config_file(init)
+        inputs = {"config_file": os.path.basename(config_file), "config": self.stage_config("TRANSFER", init).dump(),
+                  "opts": list(self.cfg.TRANSFER.OPTS), "seeds": self.cfg.TRANSFER.SEEDS}
         if init != "random":
             inputs["weights_sha256"] = self._sha_or_error(self.outputs[f"convert_{init}"]["pkl"], f"{init} .pkl")
         else:
@@ -277,6 +292,8 @@ class Pipeline:
         from convert import convert_checkpoint
 
         ckpt = self.outputs[init if init == "supervised" else "pretrain"]["checkpoint"]
+        if init == "supervised" and ckpt.endswith(".pkl"):  # detectron2/Caffe2 weights (MSRA R-50.pkl): as they are
+            return {"pkl": ckpt, "source": "pkl (used as is)", "verified": 0, "max_rel_error": None}
         pkl = self.path("convert", f"{init}.pkl")
         report = convert_checkpoint(ckpt, pkl, source="auto", verify=True)  # raises on failed verification
         print(report.summary())
@@ -292,7 +309,7 @@ class Pipeline:
         opts = [*t.OPTS, "OUTPUT_DIR", output_dir, "MODEL.WEIGHTS", weights]
         if init == "random":
             opts += ["MOCOBENCH.REQUIRE_WEIGHTS", "False", *t.RANDOM_OPTS]
-        results = run_transfer(t.CONFIG_FILE, opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS, resume=True,
+        results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS, resume=True,
                                init_name=init, synth_root=self.synth_root)
         if len(results) != t.SEEDS:
             raise UsageError(f"transfer of {init} produced {len(results)} results for {t.SEEDS} seeds: "
@@ -341,7 +358,7 @@ class Pipeline:
             return [("checkpoint", f"last checkpoint of the {name.split('_')[1]} stage", True)]
         if name.startswith("transfer_"):
             init = name.split("_", 1)[1]
-            needs = [("transfer config", cfg.TRANSFER.CONFIG_FILE, False)]
+            needs = [("transfer config", self.transfer_config_file(init), False)]
             if init != "random":
                 needs.append(("converted weights", self.path("convert", f"{init}.pkl"), True))
             if cfg.DATA.SYNTH:
@@ -356,7 +373,7 @@ class Pipeline:
             c = self.stage_config(name.upper())
             return f"{c.SOLVER.EPOCHS} epochs at batch {c.SOLVER.BATCH_SIZE}, {c.MODEL.ARCH} at {c.INPUT.SIZE} px"
         if name.startswith("transfer_"):
-            c = self.stage_config("TRANSFER")
+            c = self.stage_config("TRANSFER", name.split("_", 1)[1])
             return f"{cfg.TRANSFER.SEEDS} seeds x {c.SOLVER.MAX_ITER} iterations at {c.SOLVER.IMS_PER_BATCH} images"
         return ""
 
@@ -386,9 +403,11 @@ class Pipeline:
         unknown = sorted(self.redo - set(names))
         if unknown:
             raise UsageError(f"--redo {', '.join(unknown)}: not a stage of this pipeline; stages: {', '.join(names)}")
-        for name in ("PRETRAIN", "SUPERVISED", "TRANSFER"):
+        for name in ("PRETRAIN", "SUPERVISED"):
             if self.cfg[name].CONFIG_FILE and not (name == "SUPERVISED" and self.cfg.SUPERVISED.WEIGHTS):
                 self.stage_config(name)  # raises naming the pipeline yaml and the list
+        for init in self.cfg.TRANSFER.INITS:
+            self.stage_config("TRANSFER", init)
         finished = {n: s.get("seconds") for n, s in self.manifest.data["stages"].items()
                     if s.get("status") == "done" and s.get("seconds")}
         rows = []

@@ -183,6 +183,7 @@ def train(cfg, resume=None):
 
     lock = resume_mod.open_run_dir(cfg, point)
     setup_logging(cfg.OUTPUT_DIR, tag="supervised")
+    precision_settings(cfg, device)  # again, now that the run directory is open: log and write precision.json
     if comm.is_main_process():
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
