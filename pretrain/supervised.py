@@ -150,6 +150,7 @@ def train(cfg, resume=None):
         raise UsageError(f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (global) is not divisible by the "
                          f"{world} processes")
     batch_per_rank = cfg.SOLVER.BATCH_SIZE // world
+    logger.handlers.clear()  # until setup_logging: not into an earlier run's log.txt (in-process reruns)
     point = resume_mod.plan_resume(cfg, resume, world, moco=False)  # nothing written before inputs are valid
     comm.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
     if point is not None and point.finished:

@@ -374,6 +374,7 @@ def train(cfg, resume=None):
     if batch_per_rank % bn_splits != 0:
         raise UsageError(f"MOCO.SHUFFLE_BN_SPLITS = {bn_splits} must divide the batch size "
                          f"{batch_per_rank}")
+    logger.handlers.clear()  # until setup_logging: not into an earlier run's log.txt (in-process reruns)
     point = resume_mod.plan_resume(cfg, resume, world)  # nothing is written before every input is validated
     comm.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
     if point is not None and point.finished:
