@@ -247,8 +247,11 @@ class Pipeline:
 
     def _transfer_inputs(self, init):
         config_file = self.transfer_config_file(init)
-        inputs = {"config_file": os.path.basename(config_file), "config": self.stage_config("TRANSFER", init).dump(),
-                  "opts": list(self.cfg.TRANSFER.OPTS), "seeds": self.cfg.TRANSFER.SEEDS}
+        with open(config_file) as f:
+            text = f.read()
+        inputs = {"config_file": os.path.basename(config_file), "config_text": text,
+                  "config": self.stage_config("TRANSFER", init).dump(), "opts": list(self.cfg.TRANSFER.OPTS),
+                  "seeds": self.cfg.TRANSFER.SEEDS}
         if init != "random":
             inputs["weights_sha256"] = self._sha_or_error(self.outputs[f"convert_{init}"]["pkl"], f"{init} .pkl")
         else:
