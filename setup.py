@@ -33,6 +33,7 @@ setup(
         "termcolor>=1.1",
         "tabulate",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    # timm and lightly: the tests build checkpoints of those layouts with the real packages (convert)
+    extras_require={"test": ["pytest", "ruff", "timm>=0.9", "lightly>=1.4"]},
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )

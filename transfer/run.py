@@ -48,6 +48,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from convert import configure_resnet
 from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
@@ -98,7 +99,7 @@ def trial_dir(output_dir: str, index: int) -> str:
 def prepare_config(config_file: str, opts, world_size: int = 1):
     """The merged config, with the generated datasets registered; returns (cfg, notes to log)."""
     cfg = load_config(config_file, opts)
-    notes = []
+    notes = configure_resnet(cfg)  # MODEL.RESNETS from the architecture a converted .pkl records, or refuse
     if cfg.MODEL.DEVICE == "cpu" and world_size > 1:
         swapped = swap_sync_bn(cfg)
         if swapped:
