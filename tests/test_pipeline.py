@@ -86,8 +86,12 @@ def test_killed_mid_transfer_then_rerun_gives_the_same_report(finished_run, tmp_
     # redo transfer_moco and SIGKILL the process while its second seed trains
     pid = _fork(["--config-file", TINY, "OUTPUT_DIR", str(out), "--redo", "transfer_moco"], str(tmp_path / "log"))
     deadline = time.time() + 300
-    moved = out / "superseded"  # the old transfer/moco goes there first; then the new seeds start
-    while not (moved.exists() and (out / "transfer" / "moco" / "seed1").exists()):
+    def second_seed_of_the_redo_started():  # the old transfer/moco is moved to superseded/ first
+        moved = out / "superseded"
+        return moved.exists() and any((moved / stamp / "transfer" / "moco").exists() for stamp in os.listdir(moved)) \
+            and (out / "transfer" / "moco" / "seed1").exists()
+
+    while not second_seed_of_the_redo_started():
         assert os.waitpid(pid, os.WNOHANG) == (0, 0), open(tmp_path / "log").read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.005)
