@@ -491,8 +491,10 @@ def run_command(parser, train_fn, argv, moco=True) -> int:
         train_fn(cfg, resume=args.resume)
     except Preempted as e:
         line = f"{parser.prog}: {e}; resume with: {resume_command(parser.prog, args)}"
-        if comm.is_main_process():
-            logger.warning(line)
+        if comm.is_main_process():  # one line on stderr (the job log), the same in log.txt
+            for handler in logger.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.emit(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, line, None, None))
             print(line, file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:  # before the training loop's handler was installed, or Ctrl-C twice

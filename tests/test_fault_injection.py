@@ -335,7 +335,9 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imag
 
     monkeypatch.setattr(supervised, "optimization_step", step_then_signal)
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped]) == 138
-    assert "stopped by SIGUSR1 after iteration 3/8 of epoch 1" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "stopped by SIGUSR1 after iteration 3/8 of epoch 1" in printed.err and "stopped by" not in printed.out
+    assert open(os.path.join(stopped, "log.txt")).read().count("stopped by SIGUSR1") == 1
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the old handler is back
     monkeypatch.setattr(supervised, "optimization_step", real_step)
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped, "--resume", "auto"]) == 0
