@@ -8,9 +8,9 @@ Order of a start (nothing is written into OUTPUT_DIR before every input has been
                                          is already finished
     ... the loop validates its data and builds model and optimizer ...
     restore(point, ...)                  model, optimizer, scaler, RNG; (start epoch, iteration, epoch iteration)
-    open_run_dir(cfg)                    creates OUTPUT_DIR, takes its lock (a second process writing into the
-                                         same directory is refused), removes the temporary files a killed run
-                                         left behind
+    open_run_dir(cfg, point)             creates OUTPUT_DIR, takes its lock (a second process writing into the
+                                         same directory is refused), removes the temporary files and stale
+                                         mid-epoch checkpoints a killed run left behind
 Then, in the loop, a Checkpointer writes the resume points: after every epoch, every
 SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when SIGTERM / SIGUSR1 / SIGINT arrives (pretrain.preempt: finish
 the iteration, write an exact mid-epoch checkpoint, raise Preempted, exit 143 / 138 / 130). A mid-epoch
@@ -25,19 +25,13 @@ from mocobench import comm
 from mocobench.errors import UsageError
 from mocobench.fileio import RunLock
 from pretrain import checkpoint as ckpt
+from pretrain.config import _lookup
 from pretrain.preempt import Preempted, signal_name
 
 # Keys whose change makes a checkpoint's state the wrong shape, or its data order another one (SEED)
 STATE_SHAPING_KEYS = ("MODEL.ARCH", "SOLVER.OPTIMIZER", "SOLVER.BATCH_SIZE", "SEED")
 MOCO_STATE_SHAPING_KEYS = ("MOCO.VERSION", "MOCO.K", "MOCO.DIM", "MOCO.MLP", "MOCO.MLP_DIM")
 RUN_FILES = (ckpt.LAST_CHECKPOINT, "metrics.json")  # with checkpoint_*.pth.tar: "a run lives here"
-
-
-def _lookup(cfg, dotted):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def run_files(output_dir):
