@@ -303,8 +303,10 @@ def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(tiny_imag
     while not os.path.exists(result):
         assert time.time() < deadline, open(stdout).read()[-3000:]
         time.sleep(0.5)
-    log = open(stdout).read()
-    assert "Requeued job" in log and "resumed from" in log and "Job completed successfully" in log
+    log = open(stdout).read() + open(os.path.join(jobs, f"{job_id}_0_log.err")).read()
+    # the signal reached the training loop's clean stop: an exact mid-epoch checkpoint, then submitit's requeue
+    assert "stopped by SIGTERM" in log and "Requeued job" in log and "Job completed successfully" in log
+    assert "resumed from " + os.path.join(out, "checkpoint_iter_") in log
     submitted = open(os.path.join(jobs, f"{job_id}_submitted.pkl"), "rb").read()
     assert b"auto" in submitted  # the requeued submission carries --resume auto
     assert_same_checkpoint(os.path.join(reference_run, "checkpoint_0002.pth.tar"),
