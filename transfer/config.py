@@ -5,7 +5,7 @@ from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 # isort: split
 from detectron2.config import CfgNode, get_cfg
 
-import transfer.heads  # noqa: F401  (Res5ROIHeadsExtraNorm: configs name it, so loading one registers it)
+import transfer.heads  # noqa: F401  (Res5ROIHeadsExtraNorm, DilatedFCNHead: configs name them, loading registers)
 from mocobench.config import merge_config
 
 
@@ -19,6 +19,9 @@ def add_mocobench_config(cfg: CfgNode):
     cfg.MOCOBENCH.REQUIRE_WEIGHTS = False
     # the generated-dataset directory the synth_* names point at (see transfer.datasets)
     cfg.MOCOBENCH.SYNTH_ROOT = ""
+    # transfer.heads.DilatedFCNHead (the MoCo paper's semantic-segmentation head): its 3x3 convs and their dilation
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
+    cfg.MODEL.SEM_SEG_HEAD.DILATION = 6
 
 def load_config(config_file: str, opts=()) -> CfgNode:
     """get_cfg() + our keys, merged with `config_file` and `opts`; bad keys/values raise UsageError."""
