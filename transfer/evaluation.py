@@ -6,7 +6,7 @@ rather than another branch on the dataset's name.
 """
 import os
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench import d2compat  # before any detectron2 import; its numpy fixes for the lvis/Cityscapes scripts
 
 # isort: split
 from detectron2.data import MetadataCatalog
@@ -18,6 +18,7 @@ from detectron2.evaluation import (
     PascalVOCDetectionEvaluator,
     SemSegEvaluator,
 )
+from detectron2.utils import comm
 
 from mocobench.errors import UsageError
 
@@ -52,18 +53,36 @@ def _coco(cfg, dataset_name, output_folder):
 @register_evaluator("lvis")
 def _lvis(cfg, dataset_name, output_folder):
     # the `lvis` package's LVISEval: AP over all categories, plus APr/APc/APf by category frequency
+    d2compat.fix_evaluation_numpy("lvis")
     return LVISEvaluator(dataset_name, tasks=_instance_tasks(cfg), distributed=True, output_dir=output_folder)
+
+
+class _CityscapesInstanceEvaluator(CityscapesInstanceEvaluator):
+    """detectron2's evaluator, run inside its temporary directory: cityscapesscripts' evaluateImgLists writes
+    a "matches.json" into the current directory, which would otherwise land wherever the user started."""
+
+    def evaluate(self):
+        if comm.get_rank() > 0:
+            return super().evaluate()
+        cwd = os.getcwd()
+        os.chdir(self._temp_dir)
+        try:
+            return super().evaluate()
+        finally:
+            os.chdir(cwd)
 
 
 @register_evaluator("cityscapes_instance")
 def _cityscapes_instance(cfg, dataset_name, output_folder):
     # cityscapesscripts' evalInstanceLevelSemanticLabeling: mask AP and AP50 over the 8 instance classes
-    return CityscapesInstanceEvaluator(dataset_name)
+    d2compat.fix_evaluation_numpy("cityscapes")
+    return _CityscapesInstanceEvaluator(dataset_name)
 
 
 @register_evaluator("cityscapes_sem_seg")
 def _cityscapes_sem_seg(cfg, dataset_name, output_folder):
     # cityscapesscripts' evalPixelLevelSemanticLabeling: class IoU (mean over the 19 classes) and iIoU
+    d2compat.fix_evaluation_numpy("cityscapes")
     return CityscapesSemSegEvaluator(dataset_name)
 
 
