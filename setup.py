@@ -31,7 +31,13 @@ setup(
         "yacs>=0.1.8",
         "termcolor>=1.1",
         "tabulate",
+        # `mocobench data synth` makes the Cityscapes gtFine PNGs with its preparation tools; Cityscapes evaluation
+        "cityscapesscripts",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={
+        # the paper's other transfer tasks: LVIS evaluation (lvis), Cityscapes polygons in detectron2's loader (shapely)
+        "tasks": ["lvis", "shapely"],
+        "test": ["pytest", "ruff", "lvis", "shapely"],
+    },
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )
