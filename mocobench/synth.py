@@ -961,8 +961,9 @@ def _build_parser():
     parser = argparse.ArgumentParser(prog="mocobench data", description="Generated datasets in the real formats.")
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     synth = actions.add_parser(
-        "synth", help="write ImageNet-style, VOC2007 and COCO trees of shape images",
-        description="Write DIR/imagenet/{train,val}, DIR/VOC2007, DIR/coco and DIR/synth.json. Explicit flags "
+        "synth", help="write ImageNet-style, VOC, COCO (+ keypoints), LVIS and Cityscapes trees of shape images",
+        description="Write DIR/imagenet/{train,val}, DIR/VOC2007, DIR/VOC2012 (segmentation), DIR/coco (instances "
+                    "and person keypoints), DIR/lvis, DIR/cityscapes and DIR/synth.json. Explicit flags "
                     "override the preset: " + "; ".join(
                         f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in PRESETS.items()))
     synth.add_argument("--out", required=True, help="output directory (empty, new, or a tree with the same params)")
