@@ -25,6 +25,7 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        "scipy",  # the report's Welch confidence intervals (t quantiles)
         # detectron2 0.6 runtime needs (its own pins are stale, it is installed with --no-deps)
         "cloudpickle",
         "omegaconf>=2.1",

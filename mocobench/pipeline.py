@@ -268,7 +268,8 @@ class Pipeline:
     def run_report(self):
         from transfer.report import write_report
 
-        dirs = [self.path("transfer")] + [self.path(d) for d in ("pretrain",) if os.path.isdir(self.path(d))]
+        pretraining = [self.path(d) for d in ("pretrain", "supervised") if os.path.isdir(self.path(d))]
+        dirs = [self.path("transfer")] + pretraining
         summary = write_report(dirs, self.run_dir)
         print(summary["markdown"])
         return {"files": summary["files"]}
