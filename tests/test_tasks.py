@@ -20,6 +20,7 @@ from detectron2.structures import Instances
 from mocobench.errors import UsageError
 from mocobench.pipeline import load_pipeline_config
 from mocobench.synth import COCO_KEYPOINT_NAMES, VOC_PALETTE, read_synth_meta
+from transfer import record, report
 from transfer.config import load_config
 from transfer.datasets import check_dataset, register_synth_datasets
 from transfer.evaluation import build_evaluator
@@ -268,6 +269,11 @@ def test_paper_configs_moco_twins_and_their_published_rows(config, arch, iters):
     assert [label.split(",")[0] for label, _, _ in rows] == ["random init", "supervised IN-1M", "MoCo IN-1M"]
     assert all(set(values) == set(task.keys) and "Table 6" in source for _, values, source in rows)
     assert task.published_rows(os.path.join(CONFIGS, config.replace("_moco.yaml", ".yaml"))) == []
+    # the report finds them by experiment identity: a run of this config with its own weights, seed and device
+    run = load_config(os.path.join(CONFIGS, config), ["MODEL.WEIGHTS", "moco.pkl", "SEED", "3", "MODEL.DEVICE", "cpu"])
+    assert report.published_for(record.experiment_identity(run)) == (config, rows)
+    other = load_config(os.path.join(CONFIGS, config), ["SOLVER.MAX_ITER", str(iters // 2)])
+    assert report.published_for(record.experiment_identity(other)) == (None, [])  # another schedule: no reference
 
 
 def test_registry_columns_are_the_papers():

@@ -1,5 +1,5 @@
-"""Each of the paper's other tasks trains from a converted checkpoint on its generated data and is evaluated by
-its real evaluator: 2 iterations of a ResNet-18 (the tiny CPU twins of the paper configs), records checked."""
+"""Each of the paper's other tasks trains from a converted checkpoint on its generated data, is evaluated by its
+real evaluator and gets its report table: 2 iterations of a ResNet-18 (the tiny CPU twins of the paper configs)."""
 import math
 import os
 
@@ -11,6 +11,7 @@ import torchvision
 from convert import convert_checkpoint
 from convert.api import read_converted
 from transfer import run_transfer
+from transfer.report import write_report
 from transfer.tasks import results_value, task_for_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,13 +46,13 @@ def _stem_weight(state_dict):
 def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, groups, converted_r18, synth_root,
                                                               tmp_path):
     out = tmp_path / "run"
+    task = task_for_dataset(dataset)
     [record] = run_transfer(os.path.join(CONFIGS, config), ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", converted_r18],
                             init_name="moco", synth_root=synth_root)
     assert record["iteration"] == 2 and record["init_name"] == "moco" and record["weights"] == converted_r18
-    assert record["datasets"]["test"] == [dataset]
-    results = record["results"]
+    assert record["datasets"]["test"] == [dataset] and record["evaluator_types"][dataset] == task.evaluator_type
+    results = record["results"][dataset]
     assert groups <= set(results)
-    task = task_for_dataset(dataset)
     for key in task.keys:  # the paper's columns: real numbers, in range
         value = results_value(results, key)
         assert value is not None and math.isfinite(value) and 0.0 <= value <= 100.0, (key, results)
@@ -59,3 +60,12 @@ def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, gr
     final = torch.load(out / "seed0" / "model_final.pth", weights_only=True)["model"]
     trained, converted = _stem_weight(final), _stem_weight(read_converted(converted_r18)["model"])
     assert np.corrcoef(trained, converted)[0, 1] > 0.99
+    # the report makes the task's table with the paper's columns (no published rows: R-18 is not the paper's recipe)
+    report = write_report([str(out)], str(tmp_path / "report"))
+    [table] = report["tables"].values()
+    titles = [c["title"] for c in table["columns"]]
+    assert titles[-len(task.columns):] == [title for _, _, title in task.columns]
+    cells = table["rows"]["moco"]["cells"]
+    for key in task.keys:
+        assert cells[key]["n"] == 1 and cells[key]["mean"] == pytest.approx(results_value(results, key))
+    assert table["published"] == [] and f"{dataset} · config" in report["markdown"]
