@@ -69,3 +69,6 @@ def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, gr
     for key in task.keys:
         assert cells[key]["n"] == 1 and cells[key]["mean"] == pytest.approx(results_value(results, key))
     assert table["published"] == [] and f"{dataset} · config" in report["markdown"]
+    semantic = task.evaluator_type in ("sem_seg", "cityscapes_sem_seg")
+    assert ("DilatedFCNHead" in table["title"]) == semantic and ("+ keypoints" in table["title"]) == (
+        task.name == "coco_keypoints")

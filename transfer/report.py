@@ -330,9 +330,13 @@ def describe_identity(identity):
     """A one-line title: architecture, norm, schedule, sizes, training data."""
     g = identity.get
     backbone = g("MODEL.BACKBONE.NAME", "?").replace("build_", "").replace("_backbone", "")
-    arch = f"R-{g('MODEL.RESNETS.DEPTH', '?')} {backbone}, {g('MODEL.ROI_HEADS.NAME', '?')}"
-    if g("MODEL.MASK_ON"):
+    semantic = g("MODEL.META_ARCHITECTURE") == "SemanticSegmentor"  # no RoI heads: name the segmentation head
+    head = g("MODEL.SEM_SEG_HEAD.NAME" if semantic else "MODEL.ROI_HEADS.NAME", "?")
+    arch = f"R-{g('MODEL.RESNETS.DEPTH', '?')} {backbone}, {head}"
+    if g("MODEL.MASK_ON") and not semantic:
         arch += " + mask"
+    if g("MODEL.KEYPOINT_ON") and not semantic:
+        arch += " + keypoints"
     schedule = (f"{g('SOLVER.MAX_ITER')} it x {g('SOLVER.IMS_PER_BATCH')} img, lr {g('SOLVER.BASE_LR')}, "
                 f"steps {_short(g('SOLVER.STEPS'))}")
     sizes = f"min size train {_short(g('INPUT.MIN_SIZE_TRAIN'))} / test {g('INPUT.MIN_SIZE_TEST')}"
