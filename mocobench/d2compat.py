@@ -26,6 +26,8 @@ no other library ever sees them afterwards.
                     returning a Python int, as before numpy 2) for the lvis and cityscapesscripts evaluation
                     modules, applied when such an evaluator is built (`fix_evaluation_numpy`): importing them
                     costs a second.
+  cityscapes_pool   load_cityscapes_instances' multiprocessing.Pool: under a spawned launcher its workers are fresh
+                    interpreters that import detectron2 without the fixes above; they import this module first.
   lr_scheduler_ckpt torch >= 2.0: the LRScheduler hook saves/loads state only for the private
                     _LRScheduler; schedulers derived from the public LRScheduler (StepLR, ...) were silently
                     not checkpointed and restarted on resume.
@@ -210,6 +212,31 @@ def _fix_random_sample_set():
     common.random = local_random
 
 
+def _import_d2compat():
+    importlib.import_module("mocobench.d2compat")
+
+
+def _fix_cityscapes_pool():
+    """load_cityscapes_instances parses the json files in a multiprocessing.Pool. Under a spawned launcher
+    (detectron2's `launch`, our CPU launcher) the pool's workers are fresh interpreters that import detectron2
+    by unpickling the task, without the import-time fixes above; their pool now imports this module first."""
+    if not {"no_C_extension", "pil_linear", "pkg_resources"} & set(ACTIVE_FIXES):
+        return
+    import multiprocessing
+
+    from detectron2.data.datasets import cityscapes
+
+    ACTIVE_FIXES.append("cityscapes_pool")
+
+    def pool(processes=None):  # detectron2 calls mp.Pool(processes=...)
+        return multiprocessing.Pool(processes, initializer=_import_d2compat)
+
+    local_mp = types.ModuleType("multiprocessing", "multiprocessing whose Pool workers import mocobench.d2compat")
+    local_mp.__getattr__ = lambda name: getattr(multiprocessing, name)
+    local_mp.Pool = pool
+    cityscapes.mp = local_mp
+
+
 def _fix_lr_scheduler_ckpt():
     import torch
     from detectron2.engine import hooks
@@ -244,6 +271,7 @@ def _load_detectron2():
     _fix_coco_eval()
     _fix_random_sample_set()
     _fix_lr_scheduler_ckpt()
+    _fix_cityscapes_pool()
 
 
 def detectron2_origin() -> str:

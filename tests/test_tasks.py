@@ -101,6 +101,26 @@ def test_cityscapes_gtfine_agrees_with_the_polygons_and_the_label_ids(registered
     assert set(np.unique(train_ids)) <= set(range(19)) | {255} and {0, 2, 10} <= set(np.unique(train_ids))
 
 
+@pytest.mark.slow  # 4 fresh interpreters import detectron2: ~30 s on a loaded 2-core machine
+@pytest.mark.timeout(300)  # without the fix the workers die on import and Pool.map waits forever
+def test_cityscapes_instances_load_in_spawned_pool_workers(registered):
+    # detectron2 parses the polygons in a multiprocessing.Pool; under a spawned launcher (multi-GPU, our CPU
+    # processes) its workers are fresh interpreters, which must get d2compat's fixes before detectron2 imports
+    import multiprocessing
+
+    from detectron2.data.datasets.cityscapes import load_cityscapes_instances
+
+    meta = MetadataCatalog.get("synth_cityscapes_fine_instance_seg_val")
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        dicts = load_cityscapes_instances(meta.image_dir, meta.gt_dir, from_json=True, to_polygons=True)
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    assert len(dicts) == read_synth_meta(registered)["splits"]["cityscapes"]["val"]
+    assert all(d["annotations"] for d in dicts)
+
+
 def test_voc_segmentation_pngs_have_the_palette_borders_and_match_the_boxes(registered):
     meta = read_synth_meta(registered)
     assert tuple(VOC_PALETTE[1]) == (128, 0, 0) and tuple(VOC_PALETTE[255]) == (224, 224, 192)
