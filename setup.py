@@ -38,7 +38,8 @@ setup(
     extras_require={
         # the paper's other transfer tasks: LVIS evaluation (lvis), Cityscapes polygons in detectron2's loader (shapely)
         "tasks": ["lvis", "shapely"],
-        "test": ["pytest", "ruff", "lvis", "shapely"],
+        # timm and lightly: the tests build checkpoints of those layouts with the real packages (convert)
+        "test": ["pytest", "ruff", "timm>=0.9", "lightly>=1.4", "lvis", "shapely"],
     },
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )

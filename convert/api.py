@@ -1,10 +1,16 @@
-"""`convert_checkpoint`: MoCo / torchvision ResNet checkpoint -> verified detectron2 backbone .pkl.
+"""`convert_checkpoint`: a ResNet checkpoint of any known layout -> verified detectron2 .pkl or torchvision .pth.
 
-The pkl is what MoCo's tool-chain and detectron2 expect:
-    {"model": {detectron2 name: numpy array}, "__author__": "MOCO" | "torchvision", "matching_heuristics": True}
-It is written only after verification passed, atomically: on any error there is no output file (and an
-older file at that path is left as it was).
+The pkl is what MoCo's tool-chain and detectron2 expect, plus the architecture it holds:
+    {"model": {detectron2 name: numpy array}, "__author__": source author, "matching_heuristics": True,
+     "architecture": "ResNeXt-50 32x4d", "resnets": {DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS,
+     STRIDE_IN_1X1}}
+(`configure_resnet` sets a transfer config's MODEL.RESNETS from it). `--to torchvision` writes
+the trunk's plain torchvision state dict instead (a .pth that loads strictly into the ResNet minus fc).
+Outputs are written only after verification passed, atomically: on any error there is no output file (and an
+older file at that path is left as it was). OUT.json next to the output records the conversion.
 """
+import hashlib
+import json
 import os
 import pickle
 import time
@@ -13,13 +19,15 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from convert.arch import DETECTRON2_DEFAULTS, Architecture
 from convert.rename import detectron2_name, to_detectron2
 from convert.sources import extract_trunk, read_checkpoint
 from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write, safe_unpickle
+from mocobench.fileio import atomic_torch_save, atomic_write, safe_unpickle
 
 # the protocol MoCo's converter and detectron2's model zoo files use; any reader since Python 3.4 takes it
 PICKLE_PROTOCOL = 4
+FORMATS = {"detectron2": ".pkl", "torchvision": ".pth"}
 
 
 class VerificationError(Exception):
@@ -34,19 +42,32 @@ class VerificationError(Exception):
 class ConversionReport:
     input_path: str
     output_path: Optional[str]
-    source: str  # moco, moco-v3 or torchvision
+    source: str  # a name of convert.sources.SOURCES, or "generic"
     detected: bool  # True when --source auto found it
     author: str
-    depth: int
-    block: str
-    converted: List[Tuple[str, str]]  # (key in the checkpoint, detectron2 name)
+    arch: Architecture
+    prefix: str  # where the trunk was found
+    converted: List[Tuple[str, str]]  # (key in the checkpoint, output name)
     dropped: List[Tuple[str, str]]  # (key in the checkpoint, why it was not converted)
+    to: str = "detectron2"
     verified: int = 0  # tensors checked equal after detectron2 loaded them (0: verification skipped)
     max_rel_error: Optional[float] = None  # worst res2..res5 relative error against torchvision
     stage_errors: Dict[str, float] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
     seconds: float = 0.0  # reading + conversion + verification + writing
     verify_seconds: float = 0.0
+    input_sha256: str = ""
+    output_sha256: str = ""
+    json_path: Optional[str] = None
+    opaque: List[str] = field(default_factory=list)  # framework classes read as placeholders (convert.sources)
+
+    @property
+    def depth(self):
+        return self.arch.depth
+
+    @property
+    def block(self):
+        return self.arch.block
 
     @property
     def verification_ran(self):
@@ -58,21 +79,49 @@ class ConversionReport:
             groups.setdefault(reason, []).append(key)
         return groups
 
+    def as_dict(self):
+        return {
+            "input": os.path.abspath(self.input_path),
+            "input_sha256": self.input_sha256,
+            "output": os.path.abspath(self.output_path) if self.output_path else None,
+            "output_sha256": self.output_sha256 or None,
+            "format": self.to,
+            "source": self.source,
+            "detected": self.detected,
+            "prefix": self.prefix,
+            "author": self.author,
+            "architecture": self.arch.as_dict(),
+            "detectron2_resnets": self.arch.detectron2_resnets(),
+            "converted": len(self.converted),
+            "dropped": [{"key": key, "reason": reason} for key, reason in self.dropped],
+            "ignored_objects": list(self.opaque),
+            "verified": self.verified,
+            "max_rel_error": self.max_rel_error,
+            "stage_rel_errors": dict(self.stage_errors),
+            "problems": list(self.problems),
+            "seconds": round(self.seconds, 3),
+        }
+
     def summary(self) -> str:
         how = "detected" if self.detected else "given"
         lines = [
             f"input    {self.input_path}",
-            f"source   {self.source} ({how}), ResNet-{self.depth} ({self.block} blocks), __author__ {self.author!r}",
+            f"source   {self.source} ({how}), {self.arch.name} ({self.block} blocks) under {self.prefix!r}, "
+            f"__author__ {self.author!r}",
             "",
             f"  {'converted':<10}{len(self.converted):>8}  tensors (conv weights, BN weight/bias/running_mean/var)",
         ]
         for reason, keys in self.dropped_by_reason().items():
             example = keys[0] if len(keys) == 1 else f"{keys[0]} ..."
             lines.append(f"  {'dropped':<10}{len(keys):>8}  {reason}: {example}")
+        if self.opaque:
+            lines.append(f"  {'ignored':<10}{len(self.opaque):>8}  framework objects (no weights, read as "
+                         f"placeholders): {', '.join(self.opaque)}")
         if self.verification_ran:
             lines.append(f"  {'verified':<10}{self.verified:>8}  loaded by DetectionCheckpointer, equal key by key")
             errors = ", ".join(f"{stage} {error:.1e}" for stage, error in self.stage_errors.items())
-            lines.append(f"  {'max error':<10}{self.max_rel_error:>8.1e}  vs torchvision in eval mode ({errors})")
+            lines.append(f"  {'max error':<10}{self.max_rel_error:>8.1e}  detectron2 vs torchvision in eval mode "
+                         f"({errors})")
         else:
             lines.append(f"  {'verified':<10}{'-':>8}  verification skipped (--no-verify)")
         for problem in self.problems:
@@ -84,16 +133,32 @@ class ConversionReport:
             timing = f"{self.seconds:.1f} s"
             if self.verification_ran:
                 timing += f", verification {self.verify_seconds:.1f} s"
-            lines.append(f"wrote    {self.output_path} ({timing})")
+            lines.append(f"wrote    {self.output_path} ({self.to}, {timing})")
+            if self.json_path:
+                lines.append(f"report   {self.json_path}")
         return "\n".join(lines)
 
 
-def _verify(weights, trunk, report, norm):
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def report_path(output_path):
+    """OUT.json next to OUT.pkl / OUT.pth."""
+    return os.path.splitext(os.fspath(output_path))[0] + ".json"
+
+
+def _verify(weights, trunk, report, norm, reference_state=None):
     """Verification hook between conversion and writing (tests inject faults by wrapping `to_detectron2`)."""
     from convert.verify import verify_weights
 
     started = time.perf_counter()
-    result = verify_weights(weights, trunk.state, trunk.depth, author=trunk.author, norm=norm)
+    result = verify_weights(weights, trunk.state, trunk.arch, author=trunk.author, norm=norm,
+                            reference_state=reference_state)
     report.verify_seconds = time.perf_counter() - started
     report.verified = result.verified
     report.stage_errors = dict(result.stage_errors)
@@ -101,33 +166,46 @@ def _verify(weights, trunk, report, norm):
     report.problems = list(result.problems)
 
 
-def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm="FrozenBN") -> ConversionReport:
-    """Convert, verify (unless verify=False) and atomically write; see the module docstring.
+def torchvision_state(trunk):
+    """The trunk as torchvision's own state dict of the ResNet minus fc: float32, num_batches_tracked 0 (the
+    counter only matters to BN momentum None, and detectron2 has none to carry)."""
+    from convert.verify import build_torchvision_resnet
 
-    Raises UsageError for unusable input (unreadable, code-carrying, not a ResNet, unknown layout) and
-    VerificationError when the converted weights do not load completely or compute something else.
+    model = build_torchvision_resnet(trunk.arch, trunk.state)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm="FrozenBN", prefix=None,
+                       to="detectron2") -> ConversionReport:
+    """Convert, verify (unless verify=False), atomically write the output and OUT.json; see the module docstring.
+
+    Raises UsageError for unusable input (unreadable, code-carrying, not a plain ResNet, no or several trunks)
+    and VerificationError when the converted weights do not load completely or compute something else.
     """
     started = time.perf_counter()
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
-    if not output_path.endswith(".pkl"):
-        raise UsageError(f"output {output_path!r} must end in .pkl (detectron2 reads .pkl files as converted weights)")
-    if os.path.abspath(input_path) == os.path.abspath(output_path):
-        raise UsageError(f"output {output_path!r} would overwrite the input")
-    trunk = extract_trunk(read_checkpoint(input_path), source, input_path)
+    if to not in FORMATS:
+        raise UsageError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
+    if not output_path.endswith(FORMATS[to]):
+        raise UsageError(f"output {output_path!r} must end in {FORMATS[to]} for --to {to}")
+    if os.path.abspath(input_path) in (os.path.abspath(output_path), os.path.abspath(report_path(output_path))):
+        raise UsageError(f"output {output_path!r} (or its report {report_path(output_path)!r}) would overwrite "
+                         "the input")
+    trunk = extract_trunk(read_checkpoint(input_path), source, prefix)
     weights = to_detectron2(trunk.state)
+    tv_state = None
+    if to == "torchvision":
+        tv_state = torchvision_state(trunk)
+        converted = [(trunk.original_keys[name], name) for name in trunk.state]
+    else:
+        converted = [(trunk.original_keys[name], detectron2_name(name)) for name in trunk.state]
     report = ConversionReport(
-        input_path=input_path,
-        output_path=None,
-        source=trunk.source,
-        detected=source == "auto",
-        author=trunk.author,
-        depth=trunk.depth,
-        block=trunk.block,
-        converted=[(trunk.original_keys[name], detectron2_name(name)) for name in trunk.state],
-        dropped=trunk.dropped,
+        input_path=input_path, output_path=None, source=trunk.source, detected=trunk.detected,
+        author=trunk.author, arch=trunk.arch, prefix=trunk.prefix, converted=converted, dropped=trunk.dropped,
+        to=to, opaque=list(trunk.opaque),
     )
     if verify:
-        _verify(weights, trunk, report, norm)
+        _verify(weights, trunk, report, norm, reference_state=tv_state)
         if report.problems:
             report.seconds = time.perf_counter() - started
             raise VerificationError(
@@ -135,11 +213,21 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
                 + "\n  ".join(report.problems),
                 report,
             )
-    payload = {"model": weights, "__author__": trunk.author, "matching_heuristics": True}
-    with atomic_write(output_path) as f:
-        pickle.dump(payload, f, protocol=PICKLE_PROTOCOL)
+    if to == "torchvision":
+        atomic_torch_save(tv_state, output_path)
+    else:
+        payload = {"model": weights, "__author__": trunk.author, "matching_heuristics": True,
+                   "architecture": trunk.arch.name, "resnets": trunk.arch.detectron2_resnets()}
+        with atomic_write(output_path) as f:
+            pickle.dump(payload, f, protocol=PICKLE_PROTOCOL)
     report.output_path = output_path
+    report.input_sha256 = sha256_of(input_path)
+    report.output_sha256 = sha256_of(output_path)
     report.seconds = time.perf_counter() - started
+    report.json_path = report_path(output_path)
+    with atomic_write(report.json_path, "w") as f:
+        json.dump(report.as_dict(), f, indent=2)
+        f.write("\n")
     return report
 
 
@@ -159,16 +247,10 @@ def verify_file(pkl_path, original_path, source="auto", norm="FrozenBN") -> Conv
     started = time.perf_counter()
     pkl_path, original_path = os.fspath(pkl_path), os.fspath(original_path)
     data = read_converted(pkl_path)
-    trunk = extract_trunk(read_checkpoint(original_path), source, original_path)
+    trunk = extract_trunk(read_checkpoint(original_path), source)
     report = ConversionReport(
-        input_path=original_path,
-        output_path=pkl_path,
-        source=trunk.source,
-        detected=source == "auto",
-        author=str(data.get("__author__", trunk.author)),
-        depth=trunk.depth,
-        block=trunk.block,
-        converted=[],
+        input_path=original_path, output_path=pkl_path, source=trunk.source, detected=trunk.detected,
+        author=str(data.get("__author__", trunk.author)), arch=trunk.arch, prefix=trunk.prefix, converted=[],
         dropped=[],
     )
     _verify(data["model"], trunk, report, norm)
@@ -178,3 +260,39 @@ def verify_file(pkl_path, original_path, source="auto", norm="FrozenBN") -> Conv
             f"{pkl_path!r} failed verification against {original_path!r}:\n  " + "\n  ".join(report.problems), report
         )
     return report
+
+
+def configure_resnet(cfg, weights_path=None):
+    """Make a detectron2 cfg build the ResNet that a converted .pkl holds; returns notes for the log.
+
+    MODEL.RESNETS keys the config leaves at detectron2's defaults take the .pkl's values; a key set to
+    something else must agree, or UsageError. Weights without a recorded architecture (detectron2 model-zoo
+    files, URLs, .pth checkpoints) leave the config as it is.
+    """
+    path = weights_path if weights_path is not None else cfg.MODEL.WEIGHTS
+    if not path or not str(path).endswith(".pkl") or not os.path.isfile(path):
+        return []
+    data = safe_unpickle(path)  # any detectron2 .pkl (model zoo, Caffe2 blobs): only ours records "resnets"
+    recorded = data.get("resnets") if isinstance(data, dict) else None
+    if not isinstance(recorded, dict):
+        return []
+    resnets, changed = cfg.MODEL.RESNETS, []
+    for key, default in DETECTRON2_DEFAULTS.items():
+        if key not in recorded:
+            continue
+        want, have = recorded[key], resnets[key]
+        if have == want:
+            continue
+        if have != default:
+            raise UsageError(f"MODEL.RESNETS.{key} is {have} but MODEL.WEIGHTS {path!r} holds a "
+                             f"{data.get('architecture', 'ResNet')} ({key} {want}); drop the override or "
+                             "convert the matching checkpoint")
+        resnets[key] = want
+        changed.append(f"{key} {want}")
+    head = cfg.MODEL.ROI_HEADS.NAME
+    if recorded["RES2_OUT_CHANNELS"] == 64 and head.startswith("Res5ROIHeads"):
+        raise UsageError(f"MODEL.WEIGHTS {path!r} holds a {data.get('architecture')} (basic blocks) but "
+                         f"MODEL.ROI_HEADS.NAME {head} builds res5 from bottleneck blocks; use an FPN config")
+    if changed:
+        return [f"MODEL.RESNETS from {os.path.basename(path)} ({data.get('architecture')}): {', '.join(changed)}"]
+    return []

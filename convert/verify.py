@@ -8,8 +8,9 @@
 3. Numerics: in eval mode, detectron2's res2..res5 outputs on a random batch must equal the stage outputs of
    torchvision's ResNet holding the original weights (relative error max|d2 - tv| / max|tv| <= 1e-5, float32).
 
-The backbone is built with the settings of the `_moco` transfer configs: STRIDE_IN_1X1 False (torchvision
-puts the stride in the 3x3 conv), RGB input, RES2_OUT_CHANNELS 64 for R18/R34 (their basic blocks).
+The backbone is built with the settings of the `_moco` transfer configs (RGB input, torchvision mean/std) and
+the trunk's architecture (convert.arch): DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS (64 for the basic
+blocks of R18/R34), STRIDE_IN_1X1 False (torchvision puts the stride in the 3x3 conv).
 """
 import contextlib
 import logging
@@ -44,8 +45,8 @@ class VerifyResult:
         return not self.problems
 
 
-def detectron2_resnet_cfg(depth, norm="FrozenBN"):
-    """A detectron2 cfg for the backbone alone, with the settings of the `_moco` transfer configs."""
+def detectron2_resnet_cfg(arch, norm="FrozenBN"):
+    """A detectron2 cfg for the backbone alone: the `_moco` transfer settings and `arch`'s MODEL.RESNETS."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -54,34 +55,43 @@ def detectron2_resnet_cfg(depth, norm="FrozenBN"):
     cfg.MODEL.PIXEL_MEAN = list(PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(PIXEL_STD)
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.OUT_FEATURES = list(STAGES)
-    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = norm
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth in (18, 34) else 256
+    for key, value in arch.detectron2_resnets().items():
+        cfg.MODEL.RESNETS[key] = value
     return cfg
 
 
-def build_detectron2_resnet(depth, norm="FrozenBN"):
+def build_detectron2_resnet(arch, norm="FrozenBN"):
+    """detectron2's ResNet for `arch`, built on the meta device and materialised uninitialised: every tensor
+    is then loaded from the weights (and what is not loaded is caught key by key), so random init is wasted."""
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-    return build_resnet_backbone(detectron2_resnet_cfg(depth, norm), ShapeSpec(channels=3)).eval()
+    with torch.device("meta"):
+        model = build_resnet_backbone(detectron2_resnet_cfg(arch, norm), ShapeSpec(channels=3))
+    return model.to_empty(device="cpu").eval()
 
 
-def build_torchvision_resnet(depth, trunk_state):
-    """torchvision resnet{depth} in eval mode holding the original trunk weights (its fc stays random, unused)."""
-    import torchvision
-
-    model = getattr(torchvision.models, f"resnet{depth}")()
-    incompatible = model.load_state_dict({k: v.float() for k, v in trunk_state.items()}, strict=False)
-    # only fc (never converted) and num_batches_tracked (not copied) may stay unloaded
-    left = [k for k in incompatible.missing_keys if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))]
+def build_torchvision_resnet(arch, trunk_state, strict=False):
+    """torchvision ResNet `arch` minus fc, in eval mode, holding `trunk_state` (num_batches_tracked may be absent
+    unless `strict`). Raises UsageError when the state does not fit."""
+    with torch.device("meta"):
+        model = arch.build_torchvision()
+    model.fc = torch.nn.Identity()
+    model = model.to_empty(device="cpu")
+    for module in model.modules():  # the one buffer a trunk state may lack; keep it defined
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.num_batches_tracked.zero_()
+    try:
+        incompatible = model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                              for k, v in trunk_state.items()}, strict=strict)
+    except RuntimeError as e:
+        raise UsageError(f"the weights do not load into torchvision's {arch.name}: {e}") from None
+    left = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
     if left or incompatible.unexpected_keys:
-        raise UsageError(
-            f"the original weights do not fit torchvision resnet{depth}: missing {left[:5]}, "
-            f"unexpected {incompatible.unexpected_keys[:5]}"
-        )
+        raise UsageError(f"the weights do not fit torchvision's {arch.name}: missing {left[:5]}, "
+                         f"unexpected {incompatible.unexpected_keys[:5]}")
     return model.eval()
 
 
@@ -186,16 +196,30 @@ def check_numerics(model, reference, images, result):
             result.problems.append(f"{stage}: relative error {error:.3g} > {TOLERANCE:g} against torchvision")
 
 
-def verify_weights(weights, trunk_state, depth, author="MOCO", norm="FrozenBN", image_size=64, batch=2, seed=0):
-    """Run both checks on converted `weights` (detectron2 name -> array) against the original `trunk_state`.
+def verify_weights(weights, trunk_state, arch, author="MOCO", norm="FrozenBN", image_size=64, batch=2, seed=0,
+                   reference_state=None):
+    """Check converted detectron2 `weights` (name -> array) against the original `trunk_state` of `arch`.
 
-    Returns a VerifyResult; callers decide whether its problems are fatal (`convert_checkpoint` raises).
+    The numerical reference is torchvision's ResNet holding `reference_state` (default: the original trunk;
+    for `--to torchvision` the written file's contents, loaded strictly). Returns a VerifyResult; callers decide
+    whether its problems are fatal (`convert_checkpoint` raises).
     """
     result = VerifyResult()
-    model = build_detectron2_resnet(depth, norm)
+    model = build_detectron2_resnet(arch, norm)
     check_loading(model, weights, author, result)
     check_values(weights, trunk_state, result)
-    reference = build_torchvision_resnet(depth, trunk_state)
+    if reference_state is None:
+        reference = build_torchvision_resnet(arch, trunk_state)
+    else:
+        try:
+            reference = build_torchvision_resnet(arch, reference_state, strict=True)
+        except UsageError as e:
+            result.problems.append(str(e))
+            return result
+        changed = [name for name, tensor in trunk_state.items()
+                   if not torch.equal(reference_state[name].float(), tensor.detach().cpu().float())]
+        if changed:
+            result.problems.append(f"torchvision tensors that differ from the original checkpoint: {_short(changed)}")
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator)
     check_numerics(model, reference, images, result)

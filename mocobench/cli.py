@@ -16,7 +16,7 @@ SUBCOMMANDS = {  # in the order data flows
     "pretrain": ("pretrain.train", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
     "supervised": ("pretrain.supervised", "supervised pretraining of a torchvision ResNet: the baseline"),
     "lincls": ("pretrain.lincls", "linear classification on a frozen MoCo backbone (official protocol)"),
-    "convert": ("convert.cli", "MoCo/torchvision ResNet checkpoint -> verified detectron2 backbone .pkl"),
+    "convert": ("convert.cli", "ResNet checkpoint of any SSL framework -> verified detectron2 .pkl / torchvision .pth"),
     "transfer": ("transfer.run", "fine-tune detectron2 from a converted .pkl on VOC/COCO, N seeds, AP per seed"),
     "report": ("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and plots from run dirs"),
     "pipeline": ("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds -> report, resumable"),

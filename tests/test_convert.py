@@ -150,7 +150,10 @@ def test_conversion_follows_official_rules_and_verifies(layout, depth, trunks, c
     assert set(report.stage_errors) == {"res2", "res3", "res4", "res5"}
 
     data = safe_unpickle(out)
-    assert set(data) == {"model", "__author__", "matching_heuristics"}
+    assert set(data) == {"model", "__author__", "matching_heuristics", "architecture", "resnets"}
+    assert data["architecture"] == f"ResNet-{depth}"
+    assert data["resnets"] == {"DEPTH": depth, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64, "STRIDE_IN_1X1": False,
+                               "RES2_OUT_CHANNELS": 256 if depth == 50 else 64}
     assert data["__author__"] == ("torchvision" if layout == "torchvision" else "MOCO")
     assert data["matching_heuristics"] is True
     model = data["model"]

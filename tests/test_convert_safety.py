@@ -8,7 +8,7 @@ import torchvision
 
 from convert import convert_checkpoint
 from convert.rename import detectron2_name
-from convert.sources import extract_trunk
+from convert.sources import extract_trunk, flatten_checkpoint
 from mocobench.cli import main as mocobench_main
 from mocobench.errors import UsageError
 
@@ -97,8 +97,8 @@ def test_non_resnet_checkpoint_lists_the_prefixes_found(tmp_path):
     with pytest.raises(UsageError) as info:
         convert_checkpoint(tmp_path / "vgg.pth.tar", tmp_path / "out.pkl")
     message = str(info.value)
-    assert "not a ResNet checkpoint" in message and "module.encoder_q (22), module.encoder_k (1)" in message
-    assert "'module.encoder_q.conv1.weight'" in message and "'module.base_encoder.conv1.weight'" in message
+    assert "holds no ResNet trunk" in message and "module.encoder_q (22), module.encoder_k (1)" in message
+    assert "conv1.* next to layer1.0.*" in message
 
     # a MoCo v3 ViT: the base encoder holds no ResNet stem
     vit = {"module.base_encoder.blocks.0.attn.qkv.weight": torch.zeros(3, 1),
@@ -111,7 +111,7 @@ def test_non_resnet_checkpoint_lists_the_prefixes_found(tmp_path):
 
 def test_wrong_source_named_explicitly(resnet18_state, tmp_path):
     torch.save(resnet18_state, tmp_path / "resnet18.pth")
-    with pytest.raises(UsageError, match=r"Expected a ResNet stem at moco: 'module.encoder_q.conv1.weight'"):
+    with pytest.raises(UsageError, match=r"not a moco checkpoint: no ResNet trunk at 'module.encoder_q.conv1.weight'"):
         convert_checkpoint(tmp_path / "resnet18.pth", tmp_path / "out.pkl", source="moco")
     with pytest.raises(UsageError, match="unknown --source 'moco-v4'"):
         convert_checkpoint(tmp_path / "resnet18.pth", tmp_path / "out.pkl", source="moco-v4")
@@ -120,19 +120,19 @@ def test_wrong_source_named_explicitly(resnet18_state, tmp_path):
 def test_not_a_plain_resnet(resnet18_state):
     wide = dict(resnet18_state, **{"layer1.0.conv1.weight": torch.zeros(128, 64, 3, 3)})
     with pytest.raises(UsageError, match=r"'layer1.0.conv1.weight' has shape \(128, 64, 3, 3\).*\(64, 64, 3, 3\)"):
-        extract_trunk(wide, path="wide.pth")
+        extract_trunk(flatten_checkpoint(wide, "wide.pth"))
 
     three_blocks = {k: v for k, v in resnet18_state.items() if not k.startswith("layer3.1.")}
     with pytest.raises(UsageError, match=r"blocks per stage \(2, 2, 1, 2\), which is no ResNet depth"):
-        extract_trunk(three_blocks, path="odd.pth")
+        extract_trunk(flatten_checkpoint(three_blocks, "odd.pth"))
 
     missing = {k: v for k, v in resnet18_state.items() if k != "layer2.0.downsample.1.running_var"}
     with pytest.raises(UsageError, match="lacks 1 tensor.*layer2.0.downsample.1.running_var"):
-        extract_trunk(missing, path="missing.pth")
+        extract_trunk(flatten_checkpoint(missing, "missing.pth"))
 
     extra = dict(resnet18_state, **{"layer1.0.se.fc1.weight": torch.zeros(4, 64)})
-    with pytest.raises(UsageError, match="does not have .*layer1.0.se.fc1.weight"):
-        extract_trunk(extra, path="se.pth")
+    with pytest.raises(UsageError, match=r"squeeze-and-excitation blocks \(SE-ResNet\) \(e.g. 'layer1.0.se.fc1"):
+        extract_trunk(flatten_checkpoint(extra, "se.pth"))
 
 
 def test_existing_output_survives_a_failed_conversion(tmp_path):
@@ -162,3 +162,37 @@ def test_official_renaming_rules():
     assert detectron2_name("layer4.1.downsample.0.weight") == "res5.1.shortcut.weight"
     assert detectron2_name("layer2.0.downsample.1.bias") == "res3.0.shortcut.norm.bias"
     assert detectron2_name("layer3.22.conv2.weight") == "res4.22.conv2.weight"
+
+
+def test_framework_placeholders_do_not_let_other_globals_through(resnet18_state, tmp_path, monkeypatch):
+    """Framework bookkeeping objects are read as placeholders; a file that also carries any other global
+    (here builtins.open) is still refused as a whole, and nothing in it runs."""
+    import sys
+    import types
+
+    module = types.ModuleType("lightning.fake")
+
+    class Bookkeeping:
+        pass
+
+    Bookkeeping.__module__, Bookkeeping.__qualname__ = module.__name__, "Bookkeeping"
+    module.Bookkeeping = Bookkeeping
+    monkeypatch.setitem(sys.modules, "lightning", module)
+    monkeypatch.setitem(sys.modules, "lightning.fake", module)
+    marker, path = tmp_path / "pwned", tmp_path / "mixed.ckpt"
+    torch.save({"state_dict": resnet18_state, "loops": Bookkeeping(), "hook": CreatesFile(marker)}, path)
+    clean = tmp_path / "clean.ckpt"
+    torch.save({"state_dict": resnet18_state, "loops": Bookkeeping()}, clean)
+    monkeypatch.delitem(sys.modules, "lightning.fake")
+    monkeypatch.delitem(sys.modules, "lightning")
+
+    _assert_refused(path, tmp_path / "out.pkl", marker, "refusing to load .*mixed.ckpt")
+    assert convert_checkpoint(clean, tmp_path / "out.pkl").opaque == ["lightning.fake.Bookkeeping"]
+
+
+def test_a_converted_pkl_is_not_converted_again(resnet18_state, tmp_path):
+    torch.save(resnet18_state, tmp_path / "r18.pth")
+    convert_checkpoint(tmp_path / "r18.pth", tmp_path / "r18.pkl", verify=False)
+    with pytest.raises(UsageError, match=r"r18.pkl' is in detectron2's names already \(stem.\*, res2.\* ...\)"):
+        convert_checkpoint(tmp_path / "r18.pkl", tmp_path / "again.pkl")
+    assert not (tmp_path / "again.pkl").exists()

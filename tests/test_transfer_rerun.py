@@ -7,12 +7,14 @@ results_eval.json; --resume with another config is refused. Weights: a ResNet-18
 """
 import json
 import os
+import pickle
 
 import pytest
 import torch
 import torchvision
 
 from mocobench.cli import main as mocobench
+from mocobench.fileio import safe_unpickle
 from transfer import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,8 +90,18 @@ def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, 
 def test_resnet18_weights_in_an_r50_c4_config_stop_before_training(synth_root, tmp_path, capsys):
     pkl, out = r18_pkl(tmp_path), tmp_path / "r50"
     capsys.readouterr()
+    # the converter records the architecture in the .pkl: the config is checked against it first (convert.api)
     code = mocobench(["transfer", "--config-file", TINY_C4, "--synth-root", synth_root, "MODEL.WEIGHTS", pkl,
                       "OUTPUT_DIR", str(out)])
+    [err] = error_lines(capsys)
+    assert code == 2 and "holds a ResNet-18 (basic blocks)" in err and "builds res5 from bottleneck blocks" in err
+    assert not out.exists()
+    # weights that record nothing (another converter, an older file) meet the post-load check of the backbone
+    data = safe_unpickle(pkl)
+    with open(tmp_path / "bare.pkl", "wb") as f:
+        pickle.dump({"model": data["model"], "__author__": "torchvision", "matching_heuristics": True}, f)
+    code = mocobench(["transfer", "--config-file", TINY_C4, "--synth-root", synth_root, "MODEL.WEIGHTS",
+                      str(tmp_path / "bare.pkl"), "OUTPUT_DIR", str(out)])
     [err] = error_lines(capsys)
     assert code == 2 and "a ResNet-18 checkpoint in a DEPTH 50 config" in err
     assert "backbone.res2.0.conv1.weight (file (64, 64, 3, 3), model (64, 64, 1, 1))" in err

@@ -19,6 +19,9 @@ def add_mocobench_config(cfg: CfgNode):
     cfg.MOCOBENCH.REQUIRE_WEIGHTS = False
     # the generated-dataset directory the synth_* names point at (see transfer.datasets)
     cfg.MOCOBENCH.SYNTH_ROOT = ""
+    # TF32 tensor-core math for CUDA fp32 matmuls and cuDNN convolutions (Ampere+), set explicitly at the start of
+    # each trial and recorded in results.json; False reproduces the paper's V100 fp32 fine-tuning
+    cfg.MOCOBENCH.TF32 = False
     # transfer.heads.DilatedFCNHead (the MoCo paper's semantic-segmentation head): its 3x3 convs and their dilation
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
     cfg.MODEL.SEM_SEG_HEAD.DILATION = 6

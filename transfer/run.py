@@ -48,6 +48,8 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from convert import configure_resnet
+from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from transfer import record as run_record
@@ -97,7 +99,7 @@ def trial_dir(output_dir: str, index: int) -> str:
 def prepare_config(config_file: str, opts, world_size: int = 1):
     """The merged config, with the generated datasets registered; returns (cfg, notes to log)."""
     cfg = load_config(config_file, opts)
-    notes = []
+    notes = configure_resnet(cfg)  # MODEL.RESNETS from the architecture a converted .pkl records, or refuse
     if cfg.MODEL.DEVICE == "cpu" and world_size > 1:
         swapped = swap_sync_bn(cfg)
         if swapped:
@@ -208,8 +210,9 @@ def _run_trial(cfg, job: TransferJob, index: int):
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
     seed_all_rng(cfg.SEED + rank)  # as detectron2's default_setup: a different, deterministic stream per rank
+    set_tf32(cfg.MOCOBENCH.TF32)  # explicit; the value is in config.yaml and the record's config hash
     logger.info(f"trial {index + 1}/{len(job.seeds)}: seed {cfg.SEED}, output {cfg.OUTPUT_DIR}, "
-                f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}")
+                f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}, TF32 {cfg.MOCOBENCH.TF32}")
     start = time.perf_counter()
     if job.eval_only:
         model = Trainer.build_model(cfg)
