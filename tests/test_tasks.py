@@ -281,9 +281,11 @@ def test_paper_configs_moco_twins_and_their_published_rows(config, arch, iters):
     assert cfg.MODEL.META_ARCHITECTURE == arch and cfg.SOLVER.MAX_ITER == iters and cfg.MODEL.RESNETS.DEPTH == 50
     assert cfg.INPUT.FORMAT == "RGB" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
     assert cfg.MODEL.PIXEL_STD == pytest.approx([58.395, 57.120, 57.375])
-    assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN" and cfg.MOCOBENCH.REQUIRE_WEIGHTS
+    norms = {cfg.MODEL.RESNETS.NORM} | ({cfg.MODEL.SEM_SEG_HEAD.NORM} if arch == "SemanticSegmentor" else
+                                       {cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM})
+    assert norms == {"naiveSyncBN"} and cfg.MOCOBENCH.REQUIRE_WEIGHTS  # BN tuned and synchronized, as MoCo's repo
     base = load_config(os.path.join(CONFIGS, config.replace("_moco.yaml", ".yaml")))
-    assert base.MODEL.RESNETS.NORM == "SyncBN" and base.INPUT.FORMAT == "BGR"
+    assert base.MODEL.RESNETS.NORM == "naiveSyncBN" and base.INPUT.FORMAT == "BGR" and base.MODEL.RESNETS.STRIDE_IN_1X1
     task = task_for_dataset(cfg.DATASETS.TEST[0])
     assert task is not None and task_for_dataset("synth_" + cfg.DATASETS.TEST[0].replace("_coco_2017", "")
                                                  .replace("_v0.5", "")) is task
