@@ -12,7 +12,7 @@ from PIL import Image
 from mocobench import d2compat  # before any detectron2 import; its evaluation-module numpy fixes are checked
 
 # isort: split
-from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, detection_utils
 from detectron2.data.datasets.builtin_meta import COCO_PERSON_KEYPOINT_NAMES
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
@@ -26,6 +26,7 @@ from transfer.datasets import check_dataset, register_synth_datasets
 from transfer.evaluation import build_evaluator
 from transfer.run import prepare_config
 from transfer.tasks import TASKS, results_value, task_for_dataset
+from transfer.trainer import semantic_train_augmentations
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -260,6 +261,19 @@ def test_paper_fcn_is_stride_16_with_dilation_6_and_predicts_at_input_size():
     with torch.no_grad():
         [out] = model([{"image": image, "height": 140, "width": 186}])
     assert out["sem_seg"].shape == (21, 140, 186)  # original size (sem_seg_postprocess), from stride 16
+
+
+def test_segmentation_training_scales_then_crops(registered, tmp_path):
+    # shorter side scaled to 96, then a 64 px crop: 64 x 64 (detectron2's default order would crop the 128 px
+    # original to 64 and then scale that crop to 96)
+    cfg, _ = prepare_config(os.path.join(CONFIGS, TINY["voc_sem_seg"]),
+                            ["OUTPUT_DIR", str(tmp_path), "MOCOBENCH.SYNTH_ROOT", registered,
+                             "INPUT.MIN_SIZE_TRAIN", "(96, 96)"])
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=semantic_train_augmentations(cfg))
+    for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:3]:
+        mapped = mapper(dict(d))
+        assert tuple(mapped["image"].shape) == (3, 64, 64) and tuple(mapped["sem_seg"].shape) == (64, 64)
+        assert set(mapped["sem_seg"].unique().tolist()) <= set(range(5)) | {255}
 
 
 # ---------------------------------------------------------------------------------------------------------------
