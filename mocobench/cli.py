@@ -12,6 +12,7 @@ from mocobench.errors import UsageError
 # name -> (module, one-line help)
 SUBCOMMANDS = {  # in the order data flows
     "env": ("mocobench.env", "print the software environment and the active detectron2 fixes"),
+    "configs": ("mocobench.catalog", "list the shipped configs: kind (paper / cpu / test / base) and purpose"),
     "data": ("mocobench.synth", "generate datasets in the real on-disk formats: mocobench data synth --out DIR"),
     "pretrain": ("pretrain.train", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
     "supervised": ("pretrain.supervised", "supervised pretraining of a torchvision ResNet: the baseline"),
@@ -19,7 +20,8 @@ SUBCOMMANDS = {  # in the order data flows
     "convert": ("convert.cli", "ResNet checkpoint of any SSL framework -> verified detectron2 .pkl / torchvision .pth"),
     "transfer": ("transfer.run", "fine-tune detectron2 from a converted .pkl on VOC/COCO, N seeds, AP per seed"),
     "report": ("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and plots from run dirs"),
-    "pipeline": ("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds -> report, resumable"),
+    "pipeline": ("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds -> report, resumable "
+                                      "(--dry-run: the plan and what is missing)"),
 }
 
 

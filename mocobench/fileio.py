@@ -1,7 +1,10 @@
 """Checkpoint and file I/O that never tears a file and never runs code from one.
 
 - `atomic_write`: write to a temp file in the same directory, fsync, then `os.replace`: a crash leaves
-  either the old file or the new one, never half of one.
+  either the old file or the new one, never half of one. The file gets the permissions the umask gives a new
+  file (as open() would), not mkstemp's 0600.
+- `RunLock`: an exclusive lock on a run directory for the life of the process (released by the kernel even
+  on SIGKILL): a second process writing into the same directory is refused.
 - `load_checkpoint`: `torch.load(weights_only=True)` with an error that names the file.
 - `safe_unpickle`: an allow-list unpickler for .pkl files (detectron2 weights): plain containers and
   numpy arrays only; anything else (a `__reduce__` that calls os.system, say) is refused.
@@ -23,6 +26,7 @@ def atomic_write(path, mode="wb"):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -32,6 +36,39 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class RunLock:
+    """Exclusive, non-blocking lock on DIR/.lock (fcntl.flock); UsageError when another process holds it."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory):
+        import fcntl
+
+        self.path = os.path.join(directory, self.NAME)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "?"
+            self._file.close()
+            raise UsageError(f"another process (pid {holder}) is writing into {directory!r}; wait for it to "
+                             "finish or stop it, or choose another output directory") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def close(self):
+        self._file.close()  # closing releases the flock
 
 
 def atomic_torch_save(obj, path):
@@ -48,6 +85,13 @@ def load_checkpoint(path, map_location="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (PK); the legacy format and plain pickles start with the pickle PROTO
+    # opcode 0x80. Anything else (text, JSON, an image) is not a checkpoint: say so, not "unsafe pickle".
+    if head != b"PK" and head[:1] != b"\x80":
+        raise UsageError(f"{path!r} is not a readable torch checkpoint: it is not a checkpoint at all (it starts "
+                         f"with {head!r}; a torch.save file is a zip archive or a pickle)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,4 +1,4 @@
-"""`mocobench pipeline --config-file configs/pipeline/X.yaml [KEY VALUE ...]`: the whole experiment.
+"""`mocobench pipeline --config-file configs/pipeline/X.yaml [--dry-run] [--redo STAGE] [KEY VALUE ...]`.
 
     data (optional: generate) -> pretrain MoCo -> supervised baseline (train, or a given checkpoint)
     -> convert both (verified) -> transfer {moco, supervised, random} x seeds -> report
@@ -6,10 +6,19 @@
 Each stage calls the same function as its own subcommand (`mocobench data synth`, `pretrain`,
 `supervised`, `convert`, `transfer`, `report`); there is no second implementation here, only the wiring.
 
-The run directory's `manifest.json` records, per stage, its inputs (config text, overrides, sha256 of
-the checkpoints it reads), outputs, status and timings, plus the software versions and the git commit.
-Re-running the same command skips stages that are done with unchanged inputs, and resumes an
-interrupted one (pretraining from its last checkpoint, transfer from each seed's last checkpoint).
+Before any stage runs (and alone with --dry-run) a preflight merges and validates every stage's config with
+its OPTS (an error names the pipeline yaml and the list), checks that every input file exists, and prints the
+plan: each stage, what it needs, what is missing, whether it is done, to run, to resume or to redo, and its
+size and expected time (when known from an earlier run of the stage). Relative sub-config paths resolve
+against the pipeline yaml's folder, then the shipped configs (mocobench.config.resolve_config_path), so a
+pipeline runs from any working directory.
+
+The run directory's `manifest.json` records, per stage, its inputs (merged config, overrides, sha256 of
+the checkpoints it reads), outputs, status, timings and the git commit that ran it, plus the software
+versions. Re-running the same command skips stages that are done with unchanged inputs, resumes an
+interrupted or failed one (pretraining from its last checkpoint, transfer from each seed's), and redoes a
+stage whose inputs changed, or one named with --redo: its old outputs are moved to superseded/<time>/, never
+deleted, and the stages after it see the new inputs and are redone in turn.
 """
 import argparse
 import hashlib
@@ -21,12 +30,13 @@ import time
 
 from fvcore.common.config import CfgNode
 
-from mocobench.config import merge_config
+from mocobench.config import merge_config, resolve_config_path
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 
 MANIFEST = "manifest.json"
 INITS = ("moco", "supervised", "random")
+EARLIER = "an earlier stage"  # changed_inputs when they depend on a stage that has not run yet
 
 
 def get_pipeline_cfg() -> CfgNode:
@@ -60,6 +70,8 @@ def get_pipeline_cfg() -> CfgNode:
 
 
 def load_pipeline_config(config_file, opts) -> CfgNode:
+    """The pipeline config with every path made absolute: sub-configs found by resolve_config_path (relative
+    to this yaml's folder first), data paths and OUTPUT_DIR relative to the working directory."""
     cfg = merge_config(get_pipeline_cfg(), config_file, opts)
     unknown = [i for i in cfg.TRANSFER.INITS if i not in INITS]
     if unknown or not cfg.TRANSFER.INITS:
@@ -68,9 +80,21 @@ def load_pipeline_config(config_file, opts) -> CfgNode:
         node, leaf = key.split(".")
         if not cfg[node][leaf]:
             raise UsageError(f"{config_file}: {key} is required")
+    if cfg.TRANSFER.SEEDS < 1:
+        raise UsageError(f"{config_file}: TRANSFER.SEEDS = {cfg.TRANSFER.SEEDS} must be >= 1")
+    here = os.path.dirname(os.path.abspath(config_file))
+    for node in ("PRETRAIN", "SUPERVISED", "TRANSFER"):
+        if cfg[node].CONFIG_FILE:
+            cfg[node].CONFIG_FILE = resolve_config_path(cfg[node].CONFIG_FILE, here,
+                                                        f"{config_file}: {node}.CONFIG_FILE")
     for init, path in cfg.TRANSFER.CONFIG_FILES.items():
-        if path and not os.path.isfile(path):
-            raise UsageError(f"TRANSFER.CONFIG_FILES.{init} {path!r} does not exist; expected a detection config")
+        if path:
+            cfg.TRANSFER.CONFIG_FILES[init] = resolve_config_path(path, here,
+                                                                  f"{config_file}: TRANSFER.CONFIG_FILES.{init}")
+    for node, key in (("DATA", "PRETRAIN_ROOT"), ("SUPERVISED", "WEIGHTS")):
+        if cfg[node][key]:
+            cfg[node][key] = os.path.abspath(cfg[node][key])
+    cfg.OUTPUT_DIR = os.path.abspath(cfg.OUTPUT_DIR)
     cfg.freeze()
     return cfg
 
@@ -81,11 +105,6 @@ def sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _file_text(path):
-    with open(path) as f:
-        return f.read()
 
 
 def software_versions() -> dict:
@@ -134,16 +153,14 @@ class Manifest:
 
 
 class Pipeline:
-    def __init__(self, cfg, config_file):
+    def __init__(self, cfg, config_file, redo=()):
         self.cfg = cfg
         self.config_file = os.path.abspath(config_file)
         self.run_dir = os.path.abspath(cfg.OUTPUT_DIR)
-        os.makedirs(self.run_dir, exist_ok=True)
-        self.manifest = Manifest(self.run_dir)
-        self.manifest.data.update(config_file=self.config_file, config=cfg.dump(), versions=software_versions(),
-                                  git_commit=git_commit())
-        self.manifest.save()
+        self.manifest = Manifest(self.run_dir)  # read only; written once the preflight has passed
         self.outputs = {}  # stage name -> outputs, for the stages after it
+        self.redo = set(redo)
+        self.commit = git_commit()
 
     # ---- paths --------------------------------------------------------------------------------------------
     def path(self, *parts):
@@ -194,7 +211,27 @@ class Pipeline:
         return out
 
     def _config_inputs(self, node):
-        return {"config_file": node.CONFIG_FILE, "config_text": _file_text(node.CONFIG_FILE), "opts": list(node.OPTS)}
+        name = [n for n in ("PRETRAIN", "SUPERVISED", "TRANSFER") if self.cfg[n] is node][0]
+        return {"config_file": os.path.basename(node.CONFIG_FILE), "config": self.stage_config(name).dump(),
+                "opts": list(node.OPTS)}
+
+    def stage_config(self, name, init=None):
+        """The merged, validated config of stage PRETRAIN / SUPERVISED / TRANSFER (of `init`, which may have its
+        own CONFIG_FILES entry) with its OPTS (run paths left at their defaults: they are the pipeline's to set);
+        errors name the pipeline yaml and the list."""
+        node = self.cfg[name]
+        source = f"{os.path.relpath(self.config_file)}: {name}.OPTS"
+        if name == "TRANSFER":
+            from transfer.config import add_mocobench_config, get_cfg  # detectron2's, after mocobench.d2compat
+
+            cfg = get_cfg()
+            add_mocobench_config(cfg)
+            config_file = self.transfer_config_file(init) if init else node.CONFIG_FILE
+            return merge_config(cfg, config_file, list(node.OPTS), source)
+        from pretrain.config import load_config
+
+        return load_config(node.CONFIG_FILE, [*node.OPTS, "DATA.ROOT", "<pipeline>"], moco=name == "PRETRAIN",
+                           opts_source=source)
 
     def _sha_or_error(self, path, what):
         if not os.path.isfile(path):
@@ -210,8 +247,11 @@ class Pipeline:
 
     def _transfer_inputs(self, init):
         config_file = self.transfer_config_file(init)
-        inputs = self._config_inputs(self.cfg.TRANSFER) | {"config_file": config_file, "config_text": _file_text(
-            config_file), "seeds": self.cfg.TRANSFER.SEEDS}
+        with open(config_file) as f:
+            text = f.read()
+        inputs = {"config_file": os.path.basename(config_file), "config_text": text,
+                  "config": self.stage_config("TRANSFER", init).dump(), "opts": list(self.cfg.TRANSFER.OPTS),
+                  "seeds": self.cfg.TRANSFER.SEEDS}
         if init != "random":
             inputs["weights_sha256"] = self._sha_or_error(self.outputs[f"convert_{init}"]["pkl"], f"{init} .pkl")
         else:
@@ -290,34 +330,192 @@ class Pipeline:
 
     @staticmethod
     def _call(main, argv, what):
+        from pretrain.preempt import EXIT_CODES
+
         rc = main(argv)
+        if rc in EXIT_CODES.values():  # stopped by a signal after saving: the pipeline stops with the same code
+            print(f"{what} stopped by a signal (exit {rc}); run the same pipeline command again to resume", flush=True)
+            raise SystemExit(rc)
         if rc:
             raise UsageError(f"{what} {' '.join(argv)} exited with {rc}")
 
-    # ---- driver -------------------------------------------------------------------------------------------
-    def run(self):
+    # ---- preflight, plan, driver ---------------------------------------------------------------------------
+    def stage_outputs(self, name):
+        """The files and folders a stage writes (moved aside when it is redone)."""
+        init = name.split("_", 1)[1] if "_" in name else None
+        return {"data": [self.path("data")], "pretrain": [self.path("pretrain")],
+                "supervised": [self.path("supervised")] if self.cfg.SUPERVISED.CONFIG_FILE and
+                not self.cfg.SUPERVISED.WEIGHTS else [],
+                "report": []}.get(name) or ([self.path("convert", f"{init}.pkl")] if name.startswith("convert_")
+                                            else [self.path("transfer", init)] if name.startswith("transfer_") else [])
+
+    def needs(self, name):
+        """[(what, path, produced by an earlier stage?)] of the files a stage reads."""
+        cfg = self.cfg
+        if name in ("pretrain", "supervised") and not (name == "supervised" and cfg.SUPERVISED.WEIGHTS):
+            return [(f"{name} config", cfg[name.upper()].CONFIG_FILE, False),
+                    ("ImageFolder train/", os.path.join(self.pretrain_root, "train"), bool(cfg.DATA.SYNTH))]
+        if name == "supervised":
+            return [("SUPERVISED.WEIGHTS", cfg.SUPERVISED.WEIGHTS, False)]
+        if name.startswith("convert_"):
+            return [("checkpoint", f"last checkpoint of the {name.split('_')[1]} stage", True)]
+        if name.startswith("transfer_"):
+            init = name.split("_", 1)[1]
+            needs = [("transfer config", self.transfer_config_file(init), False)]
+            if init != "random":
+                needs.append(("converted weights", self.path("convert", f"{init}.pkl"), True))
+            if cfg.DATA.SYNTH:
+                needs.append(("generated detection data", self.path("data"), True))
+            return needs
+        return []
+
+    def size(self, name):
+        """What the stage computes, in the units its time scales with."""
+        cfg = self.cfg
+        if name in ("pretrain", "supervised") and not (name == "supervised" and cfg.SUPERVISED.WEIGHTS):
+            c = self.stage_config(name.upper())
+            return f"{c.SOLVER.EPOCHS} epochs at batch {c.SOLVER.BATCH_SIZE}, {c.MODEL.ARCH} at {c.INPUT.SIZE} px"
+        if name.startswith("transfer_"):
+            c = self.stage_config("TRANSFER", name.split("_", 1)[1])
+            return f"{cfg.TRANSFER.SEEDS} seeds x {c.SOLVER.MAX_ITER} iterations at {c.SOLVER.IMS_PER_BATCH} images"
+        return ""
+
+    def expected_seconds(self, name, finished):
+        """An estimate from this run's own measurements: the stage's earlier run, else a finished stage of the
+        same kind (transfer_*, convert_*), else None."""
+        previous = self.manifest.stage(name).get("seconds")
+        if previous and self.manifest.stage(name).get("status") == "done":
+            return previous
+        kind = name.split("_")[0]
+        same = [t for n, t in finished.items() if n.split("_")[0] == kind and "_" in n]
+        return sum(same) / len(same) if same else None
+
+    def time_left(self, names, measured):
+        """' | expected left ...' for the stages `names` (this one included), from measured stage times."""
+        known = [t for t in (self.expected_seconds(n, measured) for n in names) if t]
+        unknown = len(names) - len(known)
+        if not known:
+            return ""
+        return f" | expected left ~{sum(known):.0f} s" + (f" + {unknown} stage(s) not measured yet" if unknown else "")
+
+    def plan(self):
+        """Preflight: every stage's config merged and validated, every input checked. Returns
+        [(index, name, action, detail, missing, size, expected seconds)]; writes nothing."""
         stages = self.stages()
-        start = time.time()
+        names = [name for name, _, _ in stages]
+        unknown = sorted(self.redo - set(names))
+        if unknown:
+            raise UsageError(f"--redo {', '.join(unknown)}: not a stage of this pipeline; stages: {', '.join(names)}")
+        for name in ("PRETRAIN", "SUPERVISED"):
+            if self.cfg[name].CONFIG_FILE and not (name == "SUPERVISED" and self.cfg.SUPERVISED.WEIGHTS):
+                self.stage_config(name)  # raises naming the pipeline yaml and the list
+        for init in self.cfg.TRANSFER.INITS:
+            self.stage_config("TRANSFER", init)
+        finished = {n: s.get("seconds") for n, s in self.manifest.data["stages"].items()
+                    if s.get("status") == "done" and s.get("seconds")}
+        rows = []
+        for index, (name, inputs_fn, _) in enumerate(stages, 1):
+            previous = self.manifest.stage(name)
+            # a done stage's outputs are known, so are the inputs of the stages that read them
+            changed = self.changed_inputs(name, inputs_fn) if previous.get("status") == "done" else []
+            if name in self.redo:
+                action = "redo (--redo)"
+            elif changed == [EARLIER]:
+                action = "check (its inputs are known once an earlier stage has run)"
+            elif changed:
+                action = f"redo (inputs changed: {', '.join(changed)})"
+            elif previous.get("status") == "done" and name != "report":
+                action = "done"
+                self.outputs[name] = previous["outputs"]
+            elif previous.get("status") in ("running", "failed"):
+                error = previous.get("error")
+                action = f"resume ({previous['status']}" + (f": {error}" if error else "") + ")"
+            else:
+                action = "run"
+            missing = [f"{what} {path}" for what, path, produced in self.needs(name)
+                       if not produced and not os.path.exists(path)]
+            rows.append((index, name, action, self.needs(name), missing, self.size(name),
+                         None if action == "done" else self.expected_seconds(name, finished)))
+        self.outputs = {}
+        return rows
+
+    def changed_inputs(self, name, inputs_fn):
+        """The input keys that differ from what the stage recorded (it then has to be redone)."""
+        try:
+            inputs = inputs_fn()
+        except KeyError:  # an earlier stage has no outputs yet (it runs first): this one's inputs are unknown
+            return [EARLIER]
+        return self.diff_inputs(name, inputs)
+
+    def diff_inputs(self, name, inputs):
+        recorded = self.manifest.stage(name).get("inputs")
+        if inputs is None or recorded is None:
+            return []
+        return sorted(k for k in set(inputs) | set(recorded) if inputs.get(k) != recorded.get(k))
+
+    def print_plan(self, rows):
+        print(f"pipeline {self.config_file} -> {self.run_dir}")
+        for index, name, action, needs, _, size, seconds in rows:
+            eta = f"~{seconds:.0f} s" if seconds else "time unknown until it runs once"
+            print(f"  [{index}/{len(rows)}] {name:<20} {action}" + (f" | {size}" if size else "")
+                  + ("" if action == "done" else f" | {eta}"))
+            for what, path, produced in needs:
+                state = "MISSING" if not produced and not os.path.exists(path) else \
+                    ("from an earlier stage" if produced and not os.path.exists(path) else "ok")
+                print(f"        needs {what}: {path} [{state}]")
+        missing = [m for row in rows for m in row[4]]
+        known = [row[6] for row in rows if row[2] != "done"]
+        if all(known):
+            print(f"  expected time of the remaining stages: ~{sum(known):.0f} s")
+        print(f"  missing inputs: {', '.join(missing)}" if missing else "  all inputs present", flush=True)
+        return missing
+
+    def move_aside(self, name, stamp):
+        """Move a redone stage's old outputs to superseded/<stamp>/ (nothing is deleted)."""
+        moved = []
+        for path in self.stage_outputs(name):
+            if os.path.exists(path):
+                target = self.path("superseded", stamp, os.path.relpath(path, self.run_dir))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(path, target)
+                moved.append(os.path.relpath(target, self.run_dir))
+        return moved
+
+    def run(self, dry_run=False):
+        rows = self.plan()
+        missing = self.print_plan(rows)
+        if missing:
+            raise UsageError(f"{self.config_file}: missing input(s): {'; '.join(missing)} (nothing was run)")
+        if dry_run:
+            return None
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.manifest.data.update(config_file=self.config_file, config=self.cfg.dump(), versions=software_versions(),
+                                  git_commit=self.commit)
+        self.manifest.save()
+        stages = self.stages()
+        start, stamp = time.time(), time.strftime("%Y%m%d-%H%M%S")
+        measured = {}
         for index, (name, inputs_fn, run) in enumerate(stages, 1):
             inputs = inputs_fn()
             previous = self.manifest.stage(name)
             header = f"[{index}/{len(stages)}] {name}"
-            if inputs is not None and previous.get("inputs") not in (None, inputs):
-                changed = sorted(k for k in set(inputs) | set(previous["inputs"])
-                                 if inputs.get(k) != previous["inputs"].get(k))
-                raise UsageError(
-                    f"stage {name!r} ran in {self.run_dir} with other inputs (changed: {', '.join(changed)}); "
-                    "resuming would mix old and new results. Use a new OUTPUT_DIR, or delete that stage's "
-                    f"outputs and its entry in {self.manifest.path} to redo it")
-            if inputs is not None and previous.get("status") == "done":
+            changed = self.diff_inputs(name, inputs)
+            if inputs is not None and previous.get("status") == "done" and not changed and name not in self.redo:
                 print(f"\n=== {header}: done earlier ({previous.get('seconds', 0):.0f} s), skipped", flush=True)
                 self.outputs[name] = previous["outputs"]
                 continue
-            resumed = previous.get("status") in ("running", "failed")
+            why = "--redo" if name in self.redo else f"inputs changed: {', '.join(changed)}" if changed else None
+            if why:
+                moved = self.move_aside(name, stamp)
+                self.manifest.data["stages"].pop(name, None)
+                print(f"\n=== {header}: redo ({why})" + (f"; old outputs moved to {', '.join(moved)}" if moved else ""))
+            resumed = not why and previous.get("status") in ("running", "failed")
+            left = self.time_left([n for n, _, _ in stages[index - 1:]], measured)
             print(f"\n=== {header}{' (resuming)' if resumed else ''} | pipeline elapsed "
-                  f"{time.time() - start:.0f} s", flush=True)
+                  f"{time.time() - start:.0f} s{left}", flush=True)
             t0 = time.time()
-            self.manifest.update(name, status="running", inputs=inputs, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self.manifest.update(name, status="running", inputs=inputs, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 git_commit=self.commit)
             try:
                 outputs = run()
             except BaseException as e:
@@ -325,7 +523,8 @@ class Pipeline:
                                      seconds=time.time() - t0)
                 raise
             self.outputs[name] = outputs
-            self.manifest.update(name, status="done", outputs=outputs, seconds=time.time() - t0, error=None)
+            measured[name] = time.time() - t0
+            self.manifest.update(name, status="done", outputs=outputs, seconds=measured[name], error=None)
         print(f"\npipeline finished in {time.time() - start:.0f} s: {self.run_dir}", flush=True)
         return self.outputs
 
@@ -334,10 +533,15 @@ def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="mocobench pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="configs/pipeline/*.yaml")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
-    args = parser.parse_args(argv)
-    if len(args.opts) % 2:
-        raise UsageError(f"overrides must come in KEY VALUE pairs, got {args.opts}")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate every stage, list the stages, their inputs (what is missing) and expected "
+                             "times; run nothing, write nothing")
+    parser.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                        help="run STAGE again even if it is done (its old outputs go to superseded/); repeatable")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="config overrides (flags may come before or after)")
+    args = parser.parse_intermixed_args(argv)
+    args.config_file = resolve_config_path(args.config_file, os.getcwd(), "--config-file")
     cfg = load_pipeline_config(args.config_file, args.opts)
-    Pipeline(cfg, args.config_file).run()
+    Pipeline(cfg, args.config_file, redo=args.redo).run(dry_run=args.dry_run)
     return 0

@@ -1,6 +1,7 @@
 """Pretraining checkpoints in the official MoCo layout, loadable with torch.load(weights_only=True).
 
     checkpoint_{epoch:04d}.pth.tar   (epoch = index of the finished epoch, 0-based, as main_moco.py names them)
+    checkpoint_iter_{iteration:08d}.pth.tar   a mid-epoch resume point (preemption, SOLVER.CHECKPOINT_PERIOD_ITERS)
         epoch       number of finished epochs (the epoch to start from when resuming), as in main_moco.py
         arch        MODEL.ARCH
         state_dict  module.encoder_q.*, module.encoder_k.*, module.queue, module.queue_ptr   (v1/v2)
@@ -10,6 +11,9 @@
         optimizer   optimizer.state_dict()
       ours, for exact resume:
         iteration   global iteration count
+        epoch_iteration   iterations already done in epoch `epoch` (0 at an epoch boundary): a resumed run
+                    skips that many batches of the epoch's order, a function of (sampler_seed, epoch)
+        sampler_seed, world_size   what that order and the per-process shards depend on
         scaler      GradScaler state (fp16); a default GradScaler's otherwise (official v3 layout)
         rng         torch / cuda / numpy / python RNG states as tensors and plain numbers
         config      the full config as a YAML string
@@ -17,7 +21,8 @@
 
 The "module." prefix is what the official code's DistributedDataParallel wrapper puts there; we wrap only the
 trainable submodules in DDP, so `official_state_dict` removes their own ".module" and adds the outer one.
-Every file is written to a temporary name and renamed (mocobench.fileio): a crash never leaves half a file.
+Every file is written to a temporary name and renamed (mocobench.fileio): a crash never leaves half a file;
+`remove_stale_temp_files` deletes the temporary files a killed run left behind.
 """
 import os
 import random
@@ -33,6 +38,29 @@ LAST_CHECKPOINT = "last_checkpoint"
 
 def checkpoint_name(epoch_index):
     return f"checkpoint_{epoch_index:04d}.pth.tar"
+
+
+def iteration_checkpoint_name(iteration):
+    return f"checkpoint_iter_{iteration:08d}.pth.tar"
+
+
+def is_iteration_checkpoint(path):
+    return os.path.basename(path).startswith("checkpoint_iter_")
+
+
+# What a killed run can leave half-written: mocobench.fileio.atomic_write's ".<name>.<random>.tmp" of these files
+_OWN_FILES = ("checkpoint_", LAST_CHECKPOINT, "config.yaml", "metrics.json")
+
+
+def remove_stale_temp_files(output_dir):
+    """Delete the temporary files of this run's own files (a SIGKILL during a save leaves one behind: the size
+    of a checkpoint). Call it only while no other process writes into output_dir. Returns the removed names."""
+    removed = []
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        if name.endswith(".tmp") and name.startswith(tuple("." + own for own in _OWN_FILES)):
+            os.remove(os.path.join(output_dir, name))
+            removed.append(name)
+    return removed
 
 
 def official_state_dict(model):
@@ -68,7 +96,11 @@ def load_plain_state_dict(model, state_dict, source):
 def load_official_state_dict(model, state_dict, source):
     """Inverse of official_state_dict for a model not (yet) wrapped in DDP; every key must match."""
     stripped = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    missing, unexpected = model.load_state_dict(stripped, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(stripped, strict=False)
+    except RuntimeError as e:  # shape mismatch, e.g. another MOCO.K or MOCO.DIM
+        raise UsageError(f"{source}: state_dict does not match the model (MODEL.ARCH / MOCO.* differ?): "
+                         f"{str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise UsageError(f"{source}: state_dict does not match the model (MODEL.ARCH / MOCO.* differ?): "
                          f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
@@ -100,18 +132,23 @@ def set_rng_state(state):
 
 
 def save_checkpoint(output_dir, epoch_index, model, optimizer, scaler, iteration, cfg,
-                    state_dict_fn=official_state_dict):
-    """Write checkpoint_{epoch_index:04d}.pth.tar, then point last_checkpoint at it. Returns the path.
-    state_dict_fn(model) gives the 'state_dict' entry: the MoCo layout by default, plain_state_dict for a
-    classifier."""
-    name = checkpoint_name(epoch_index)
+                    state_dict_fn=official_state_dict, epoch_iteration=None, world_size=1):
+    """Write checkpoint_{epoch_index:04d}.pth.tar (epoch epoch_index finished), or with epoch_iteration=i the
+    mid-epoch checkpoint_iter_{iteration:08d}.pth.tar (i iterations of epoch epoch_index done); then point
+    last_checkpoint at it. Returns the path. state_dict_fn(model) gives the 'state_dict' entry: the MoCo
+    layout by default, plain_state_dict for a classifier."""
+    mid_epoch = epoch_iteration is not None
+    name = iteration_checkpoint_name(iteration) if mid_epoch else checkpoint_name(epoch_index)
     path = os.path.join(output_dir, name)
     atomic_torch_save({
-        "epoch": epoch_index + 1,
+        "epoch": epoch_index if mid_epoch else epoch_index + 1,
         "arch": cfg.MODEL.ARCH,
         "state_dict": state_dict_fn(model),
         "optimizer": optimizer.state_dict(),
         "iteration": iteration,
+        "epoch_iteration": epoch_iteration if mid_epoch else 0,
+        "sampler_seed": cfg.SEED,
+        "world_size": world_size,
         "scaler": scaler_state_dict(scaler),
         "rng": get_rng_state(),
         "config": cfg.dump(),
@@ -142,17 +179,29 @@ def find_resume_path(output_dir, resume):
     return path
 
 
-def load_for_resume(path, model, optimizer, scaler, load_state_dict_fn=load_official_state_dict):
-    """Restore model, optimizer, scaler and RNG states; returns (start_epoch, iteration).
-    load_state_dict_fn(model, state_dict, path) is the inverse of save_checkpoint's state_dict_fn."""
+def read_resume_checkpoint(path):
+    """The checkpoint dict, checked for the entries a resume needs."""
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{path}: not a pretraining checkpoint (a {type(ckpt).__name__}, not a dict)")
     for key in ("epoch", "state_dict", "optimizer"):
         if key not in ckpt:
             raise UsageError(f"{path}: not a pretraining checkpoint (no {key!r} entry)")
+    return ckpt
+
+
+def load_for_resume(path, model, optimizer, scaler, load_state_dict_fn=load_official_state_dict, ckpt=None):
+    """Restore model, optimizer, scaler and RNG states from `path` (or its already read dict `ckpt`); returns
+    (start_epoch, iteration, epoch_iteration). load_state_dict_fn(model, state_dict, path) is the inverse of
+    save_checkpoint's state_dict_fn."""
+    ckpt = read_resume_checkpoint(path) if ckpt is None else ckpt
     load_state_dict_fn(model, ckpt["state_dict"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{path}: optimizer state does not match the model (MODEL.* differ?): {e}") from None
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
-    return int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+    return int(ckpt["epoch"]), int(ckpt.get("iteration", 0)), int(ckpt.get("epoch_iteration", 0))

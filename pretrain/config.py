@@ -63,6 +63,9 @@ _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.WARMUP_EPOCHS = 0  # linear warmup from 0 (per iteration)
 # False: lr changes once per epoch (official v1/v2); True: every iteration (official v3)
 _C.SOLVER.LR_PER_ITER = False
+# A mid-epoch resume point every this many iterations (0 = none): bounds what a SIGKILL loses to this many
+# iterations; each one replaces the previous (pretrain.resume). SIGTERM/SIGUSR1/Ctrl-C always save one.
+_C.SOLVER.CHECKPOINT_PERIOD_ITERS = 0
 
 # Precision. The official recipes: MoCo v1/v2 train in fp32 (facebookresearch/moco main_moco.py has no autocast);
 # MoCo v3 trains under fp16 autocast with a GradScaler (facebookresearch/moco-v3 main_moco.py:
@@ -117,12 +120,17 @@ def _lookup(cfg, dotted):
     return node
 
 
-def load_config(config_file=None, opts=(), moco=True) -> CfgNode:
+def load_config(config_file=None, opts=(), moco=True, opts_source="command-line override") -> CfgNode:
     """Defaults <- config_file (with its _BASE_ chain) <- opts (KEY VALUE ...); validated and frozen.
-    Bad files, unknown keys and bad values raise UsageError naming them. moco=False (the supervised
-    baseline, which ignores MOCO.*) skips the checks that only concern MoCo's queue."""
-    cfg = merge_config(get_cfg(), config_file, opts)
-    validate(cfg, moco=moco)
+    Bad files, unknown keys and bad values raise UsageError naming them (opts_source: where opts came from).
+    moco=False (the supervised baseline, which ignores MOCO.*) skips the checks that only concern MoCo's queue."""
+    cfg = merge_config(get_cfg(), config_file, opts, opts_source)
+    try:
+        validate(cfg, moco=moco)
+    except UsageError as e:
+        if opts_source == "command-line override":
+            raise
+        raise UsageError(f"{opts_source} (on {config_file}): {e}") from None
     cfg.freeze()
     return cfg
 
@@ -145,6 +153,13 @@ def validate(cfg, moco=True):
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{key} = {value} must be > 0")
+    non_negative = {"SOLVER.BASE_LR": cfg.SOLVER.BASE_LR, "SOLVER.WEIGHT_DECAY": cfg.SOLVER.WEIGHT_DECAY,
+                    "SOLVER.MOMENTUM": cfg.SOLVER.MOMENTUM, "SOLVER.WARMUP_EPOCHS": cfg.SOLVER.WARMUP_EPOCHS,
+                    "SOLVER.CHECKPOINT_PERIOD_ITERS": cfg.SOLVER.CHECKPOINT_PERIOD_ITERS,
+                    "DATALOADER.NUM_WORKERS": cfg.DATALOADER.NUM_WORKERS}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UsageError(f"{key} = {value} must be >= 0")
     if not 0.0 <= cfg.MOCO.M <= 1.0:
         raise UsageError(f"MOCO.M = {cfg.MOCO.M} must be in [0, 1]")
     scale = tuple(cfg.INPUT.CROP_SCALE)

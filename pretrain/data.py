@@ -18,6 +18,7 @@ Determinism. `build_loader(..., seed)` makes the sample order a function of (see
 of each sample a function of (seed, epoch, index), whatever the number of workers: an exact resume needs only
 the epoch number.
 """
+import itertools
 import logging
 import os
 import random
@@ -182,12 +183,20 @@ class EpochShuffleSampler(DistributedSampler):
     the same permutation.
     """
 
+    start_index = 0
+
     def __iter__(self):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
         indices = super().__iter__()
         self.epoch += 1
+        if self.start_index:  # an exact mid-epoch resume: the rest of this epoch's order, once
+            indices, self.start_index = itertools.islice(indices, self.start_index, None), 0
         return indices
+
+    def skip(self, num_indices):
+        """The next pass starts after its first num_indices indices (pretrain.resume)."""
+        self.start_index = int(num_indices)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -195,10 +204,14 @@ class EpochShuffleSampler(DistributedSampler):
 
 def worker_init_fn(worker_id):
     """Seed `random` and numpy from the worker's torch seed (base_seed + worker_id, drawn from the loader's
-    generator), so a loader built with the same seed produces the same random streams."""
+    generator), so a loader built with the same seed produces the same random streams; leave stop signals to the
+    main process (pretrain.preempt)."""
+    from pretrain.preempt import ignore_in_worker
+
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    ignore_in_worker()  # SIGTERM / Ctrl-C reach the whole process group; the main process saves and stops
 
 
 def build_loader(dataset, batch_size, num_workers, shuffle=True, drop_last=True, distributed=False, seed=0):

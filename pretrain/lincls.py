@@ -204,8 +204,19 @@ def build_parser():
     return parser
 
 
+def check_output_dir(output):
+    """One run per directory: refuse an --output that holds another linear evaluation (nothing is written)."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"--output {output!r} is a file, not a directory")
+    existing = [n for n in ("lincls_results.json", "metrics.json") if os.path.exists(os.path.join(output, n))]
+    if existing:
+        raise UsageError(f"--output {output!r} already holds a linear evaluation ({', '.join(existing)}); choose "
+                         "another --output, or move that one away to redo it")
+
+
 def main(argv):
     args = build_parser().parse_args(argv)
+    check_output_dir(args.output)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tf32 = set_tf32(args.tf32)
     torch.manual_seed(args.seed)

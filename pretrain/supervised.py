@@ -4,7 +4,8 @@ The classifier MoCo is compared against: a torchvision ResNet trained with cross
 images (DATA.ROOT/train) with their labels and the same budget (epochs, batch, image size). Same config
 system and keys as `mocobench pretrain` (pretrain.config; the MOCO.* and KNN.* keys are unused), same loop
 conventions, and the helpers of pretrain.train: torchrun/DDP, logging, metrics.json, progress, AMP,
-checkpoints every epoch with exact `--resume auto`.
+checkpoints every epoch with exact `--resume auto`, and pretrain.resume's run-directory rules and clean stops
+(SIGTERM / SIGUSR1 / Ctrl-C: exact mid-epoch checkpoint, exit 143 / 138 / 130).
 
     One process:  mocobench supervised --config-file configs/pretrain/synth_R18_cpu_supervised.yaml
     One node:     torchrun --nproc_per_node=8 -m pretrain.supervised --config-file ...
@@ -30,18 +31,19 @@ from mocobench import comm
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from pretrain import checkpoint as ckpt
+from pretrain import resume as resume_mod
 from pretrain.config import lr_at
 from pretrain.moco import resnet_builder
+from pretrain.preempt import Preemption
 from pretrain.train import (
     LogWindow,
     MetricsWriter,
     Progress,
     build_optimizer,
-    end_of_epoch_checkpoint,
+    log_resume,
     logger,
     optimization_step,
     precision_settings,
-    resume_training,
     run_command,
     seed_all,
     setup_distributed,
@@ -56,7 +58,8 @@ def build_classifier(cfg, num_classes):
     return resnet_builder(cfg.MODEL.ARCH, zero_init_residual=cfg.MODEL.ZERO_INIT_RESIDUAL)(num_classes)
 
 
-def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision, metrics):
+def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision, metrics,
+                    start_i=0, checkpointer=None):
     amp, amp_dtype, channels_last = precision
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     iters = len(loader)
@@ -64,7 +67,7 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
     window = LogWindow(cfg.SOLVER.BATCH_SIZE)
     model.train()
     end = time.perf_counter()
-    for i, (images, target) in enumerate(loader):
+    for i, (images, target) in enumerate(loader, start_i):
         data_time = time.perf_counter() - end
         lr = lr_at(cfg, epoch + i / iters)
         for group in optimizer.param_groups:
@@ -85,6 +88,8 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
         if iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters:
             metrics.write(iteration, epoch=epoch + 1, lr=lr, img_per_s=img_per_s, **window.means())
             window.reset()
+        if checkpointer is not None:
+            checkpointer.after_iteration(epoch, i, iters, iteration)
         end = time.perf_counter()
     progress.close()
     return iteration
@@ -141,18 +146,17 @@ def build_val_loader(cfg, batch_per_rank, train_classes):
 def train(cfg, resume=None):
     device = setup_distributed(cfg)
     world, rank = comm.get_world_size(), comm.get_rank()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    setup_logging(cfg.OUTPUT_DIR, tag="supervised")
     if cfg.SOLVER.BATCH_SIZE % world != 0:
         raise UsageError(f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (global) is not divisible by the "
                          f"{world} processes")
     batch_per_rank = cfg.SOLVER.BATCH_SIZE // world
-    if comm.is_main_process():
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
-    logger.info(f"supervised {cfg.MODEL.ARCH}: {world} process(es) on {device}; global batch "
-                f"{cfg.SOLVER.BATCH_SIZE} ({batch_per_rank} per process), lr = {cfg.SOLVER.BASE_LR} x "
-                f"{cfg.SOLVER.BATCH_SIZE}/256 = {cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256:g}")
+    logger.handlers.clear()  # until setup_logging: not into an earlier run's log.txt (in-process reruns)
+    point = resume_mod.plan_resume(cfg, resume, world, moco=False)  # nothing written before inputs are valid
+    comm.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
+    if point is not None and point.finished:
+        if comm.is_main_process():
+            print(resume_mod.finished_message(cfg, point), flush=True)
+        return None
 
     # Data first: a bad DATA.ROOT should fail before a model is built.
     from pretrain.augment import build_linear_train_transform
@@ -166,8 +170,6 @@ def train(cfg, resume=None):
         raise UsageError(f"{train_set.root}: {len(train_set)} images give no full batch of {batch_per_rank} "
                          "per process; lower SOLVER.BATCH_SIZE")
     val_loader = build_val_loader(cfg, batch_per_rank, train_set.classes)
-    logger.info(f"{len(train_set)} training images in {len(train_set.classes)} classes"
-                + (f", {len(val_loader.dataset.dataset)} val images" if val_loader else ", no val/"))
 
     seed_all(cfg.SEED)  # same seed on every rank: identical initial weights
     model = build_classifier(cfg, len(train_set.classes))
@@ -177,31 +179,49 @@ def train(cfg, resume=None):
     optimizer = build_optimizer(cfg, list(model.parameters()), lr_at(cfg, 0.0))
     scaler = torch.amp.GradScaler(device.type) if amp and amp_dtype == torch.float16 else None
     seed_all(cfg.SEED + rank)
+    start_epoch, iteration, start_i = resume_mod.restore(point, model, optimizer, scaler,
+                                                         ckpt.load_plain_state_dict)
 
-    start_epoch, iteration, previous_checkpoint = resume_training(cfg, resume, model, optimizer, scaler,
-                                                                  ckpt.load_plain_state_dict)
+    lock = resume_mod.open_run_dir(cfg, point)
+    setup_logging(cfg.OUTPUT_DIR, tag="supervised")
+    precision_settings(cfg, device)  # again, now that the run directory is open: log and write precision.json
+    if comm.is_main_process():
+        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    logger.info(f"supervised {cfg.MODEL.ARCH}: {world} process(es) on {device}; global batch "
+                f"{cfg.SOLVER.BATCH_SIZE} ({batch_per_rank} per process), lr = {cfg.SOLVER.BASE_LR} x "
+                f"{cfg.SOLVER.BATCH_SIZE}/256 = {cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256:g}")
+    logger.info(f"{len(train_set)} training images in {len(train_set.classes)} classes"
+                + (f", {len(val_loader.dataset.dataset)} val images" if val_loader else ", no val/"))
+    log_resume(point, start_epoch, start_i, iteration, len(loader))
     if world > 1:  # DDP broadcasts rank 0's parameters and buffers when it wraps the model
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.COMPILE:
         model.compile()
 
-    metrics = MetricsWriter(cfg.OUTPUT_DIR)
+    metrics = MetricsWriter(cfg.OUTPUT_DIR, iteration)
     try:
-        for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
-            loader.sampler.set_epoch(epoch)
-            iteration = train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision,
-                                        metrics)
-            bad = train_set.check_bad_fraction()
-            if bad:
-                logger.warning(f"{bad} unreadable image(s) skipped so far, e.g. {train_set.bad_files()[:3]}")
-            if val_loader is not None:
-                top1, val_loss = evaluate(model, val_loader, device, precision)
-                logger.info(f"epoch {epoch + 1}: val top-1 {top1:.2f}%  val loss {val_loss:.4f}")
-                metrics.write(iteration, epoch=epoch + 1, val_top1=top1, val_loss=val_loss)
-            previous_checkpoint = end_of_epoch_checkpoint(cfg, epoch, model, optimizer, scaler, iteration,
-                                                          previous_checkpoint, ckpt.plain_state_dict)
+        with Preemption() as stop:
+            checkpointer = resume_mod.Checkpointer(cfg, model, optimizer, scaler, ckpt.plain_state_dict, stop,
+                                                   device, point.path if point else None, logger)
+            for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
+                loader.sampler.set_epoch(epoch)
+                loader.sampler.skip(start_i * batch_per_rank)
+                iteration = train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device,
+                                            precision, metrics, start_i, checkpointer)
+                start_i = 0
+                bad = train_set.check_bad_fraction()
+                if bad:
+                    logger.warning(f"{bad} unreadable image(s) skipped so far, e.g. {train_set.bad_files()[:3]}")
+                if val_loader is not None:
+                    top1, val_loss = evaluate(model, val_loader, device, precision)
+                    logger.info(f"epoch {epoch + 1}: val top-1 {top1:.2f}%  val loss {val_loss:.4f}")
+                    metrics.write(iteration, epoch=epoch + 1, val_top1=top1, val_loss=val_loss)
+                checkpointer.after_epoch(epoch, iteration)
     finally:
         metrics.close()
+        if lock is not None:
+            lock.close()
     return model
 
 
@@ -216,7 +236,7 @@ def build_parser():
     parser.add_argument("--config-file", required=True, metavar="FILE", help="YAML config (may use _BASE_)")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a checkpoint path")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides, e.g. SOLVER.EPOCHS 10 SOLVER.BASE_LR 0.2")
     return parser
 

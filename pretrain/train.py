@@ -13,12 +13,19 @@ comes from the torch RNG, whose state each checkpoint carries, so a resumed run 
 
 Everything a run writes goes to OUTPUT_DIR: config.yaml, log.txt, metrics.json (one JSON object per line),
 TensorBoard events, checkpoint_XXXX.pth.tar and last_checkpoint.
+
+Never losing a run (pretrain.resume, pretrain.preempt): one run per OUTPUT_DIR (another run's directory is
+refused unless --resume), nothing written before every input is validated; SIGTERM / SIGUSR1 / Ctrl-C finish
+the iteration, save an exact mid-epoch checkpoint and exit 143 / 138 / 130 with the resume command;
+SOLVER.CHECKPOINT_PERIOD_ITERS adds periodic mid-epoch checkpoints against SIGKILL; `--resume auto` continues
+bit-exactly (CPU, fixed seed) from the iteration it stopped at.
 """
 import argparse
 import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -33,8 +40,10 @@ from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from pretrain import checkpoint as ckpt
+from pretrain import resume as resume_mod
 from pretrain.config import load_config, lr_at, moco_momentum_at
 from pretrain.moco import build_model, convert_sync_bn
+from pretrain.preempt import EXIT_CODES, Preempted, Preemption
 
 logger = logging.getLogger("pretrain")
 
@@ -154,16 +163,36 @@ LOSSES = {"v1": moco_v1_v2_loss, "v2": moco_v1_v2_loss, "v3": moco_v3_loss}
 # watching it learn
 # ----------------------------------------------------------------------------------------------------------
 class MetricsWriter:
-    """metrics.json (one JSON object per line, detectron2 style) and TensorBoard, on the main process only."""
+    """metrics.json (one JSON object per line, detectron2 style) and TensorBoard, on the main process only.
+    A run resumed at iteration N first drops the records after N (they are about to be written again) and a
+    line a kill cut in half; TensorBoard purges its events after N the same way (purge_step)."""
 
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, start_iteration=0):
         self.enabled = comm.is_main_process()
         self.tb = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.json = open(os.path.join(output_dir, "metrics.json"), "a")
-            self.tb = SummaryWriter(log_dir=output_dir)
+            path = os.path.join(output_dir, "metrics.json")
+            self._truncate(path, start_iteration)
+            self.json = open(path, "a")
+            self.tb = SummaryWriter(log_dir=output_dir, purge_step=start_iteration + 1 if start_iteration else None)
+
+    @staticmethod
+    def _truncate(path, start_iteration):
+        if not os.path.exists(path):
+            return
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # half a line: the process was killed while writing it
+                if isinstance(record, dict) and record.get("iteration", 0) <= start_iteration:
+                    kept.append(json.dumps(record) + "\n")
+        with atomic_write(path, "w") as f:
+            f.writelines(kept)
 
     def write(self, iteration, **scalars):
         if not self.enabled:
@@ -286,7 +315,10 @@ def optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters):
     return loss_value
 
 
-def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision, metrics):
+def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device, precision, metrics,
+                    start_i=0, checkpointer=None):
+    """One epoch from its iteration start_i (an exact mid-epoch resume: the sampler skips what was done);
+    checkpointer.after_iteration (pretrain.resume) runs after every iteration: periodic and preemption saves."""
     amp, amp_dtype, channels_last = precision
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     compute_loss = LOSSES[cfg.MOCO.VERSION]
@@ -295,7 +327,7 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
     window = LogWindow(cfg.SOLVER.BATCH_SIZE)
     model.train()
     end = time.perf_counter()
-    for i, ((x1, x2), _) in enumerate(loader):
+    for i, ((x1, x2), _) in enumerate(loader, start_i):
         data_time = time.perf_counter() - end
         epoch_float = epoch + i / iters
         lr = lr_at(cfg, epoch_float)
@@ -322,6 +354,8 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
                 scalars["queue_fill"] = min(1.0, iteration * cfg.SOLVER.BATCH_SIZE / cfg.MOCO.K)
             metrics.write(iteration, **scalars)
             window.reset()
+        if checkpointer is not None:
+            checkpointer.after_iteration(epoch, i, iters, iteration)
         end = time.perf_counter()
     progress.close()
     return iteration
@@ -330,8 +364,6 @@ def train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, dev
 def train(cfg, resume=None):
     device = setup_distributed(cfg)
     world, rank = comm.get_world_size(), comm.get_rank()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    setup_logging(cfg.OUTPUT_DIR)
     if cfg.SOLVER.BATCH_SIZE % world != 0:
         raise UsageError(f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (global) is not divisible by the "
                          f"{world} processes")
@@ -342,12 +374,13 @@ def train(cfg, resume=None):
     if batch_per_rank % bn_splits != 0:
         raise UsageError(f"MOCO.SHUFFLE_BN_SPLITS = {bn_splits} must divide the batch size "
                          f"{batch_per_rank}")
-    if comm.is_main_process():
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
-    logger.info(f"{world} process(es) on {device}; global batch {cfg.SOLVER.BATCH_SIZE} "
-                f"({batch_per_rank} per process), lr = {cfg.SOLVER.BASE_LR} x {cfg.SOLVER.BATCH_SIZE}/256 = "
-                f"{cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256:g}")
+    logger.handlers.clear()  # until setup_logging: not into an earlier run's log.txt (in-process reruns)
+    point = resume_mod.plan_resume(cfg, resume, world)  # nothing is written before every input is validated
+    comm.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
+    if point is not None and point.finished:
+        if comm.is_main_process():
+            print(resume_mod.finished_message(cfg, point), flush=True)
+        return None
 
     # Data first: a bad DATA.ROOT should fail before a model is built.
     from pretrain.augment import build_two_view_transform
@@ -370,8 +403,19 @@ def train(cfg, resume=None):
     optimizer = build_optimizer(cfg, model.parameters(), lr_at(cfg, 0.0))  # all of them: the official layout
     scaler = torch.amp.GradScaler(device.type) if amp and amp_dtype == torch.float16 else None
     seed_all(cfg.SEED + rank)
+    start_epoch, iteration, start_i = resume_mod.restore(point, model, optimizer, scaler,
+                                                         ckpt.load_official_state_dict)
 
-    start_epoch, iteration, resume_path = resume_training(cfg, resume, model, optimizer, scaler)
+    lock = resume_mod.open_run_dir(cfg, point)
+    setup_logging(cfg.OUTPUT_DIR)
+    precision_settings(cfg, device)  # again, now that the run directory is open: log and write precision.json
+    if comm.is_main_process():
+        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    logger.info(f"{world} process(es) on {device}; global batch {cfg.SOLVER.BATCH_SIZE} "
+                f"({batch_per_rank} per process), lr = {cfg.SOLVER.BASE_LR} x {cfg.SOLVER.BATCH_SIZE}/256 = "
+                f"{cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256:g}")
+    log_resume(point, start_epoch, start_i, iteration, len(loader))
     if world > 1:  # every rank starts from rank 0's state, key encoder and queue included
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
@@ -380,69 +424,40 @@ def train(cfg, resume=None):
         for module in model.children():
             module.compile()
 
-    metrics = MetricsWriter(cfg.OUTPUT_DIR)
-    previous_checkpoint = resume_path
+    metrics = MetricsWriter(cfg.OUTPUT_DIR, iteration)
     try:
-        for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
-            loader.sampler.set_epoch(epoch)
-            iteration = train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device,
-                                        (amp, amp_dtype, channels_last), metrics)
-            bad = train_set.check_bad_fraction()
-            if bad:
-                logger.warning(f"{bad} unreadable image(s) skipped so far, e.g. {train_set.bad_files()[:3]}")
-            last_epoch = epoch + 1 == cfg.SOLVER.EPOCHS
-            if cfg.KNN.PERIOD > 0 and ((epoch + 1) % cfg.KNN.PERIOD == 0 or last_epoch):
-                if comm.is_main_process():
-                    top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS)
-                    if top1 is not None:
-                        logger.info(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
-                        metrics.write(iteration, epoch=epoch + 1, knn_top1=top1)
-                comm.barrier()
-            previous_checkpoint = end_of_epoch_checkpoint(cfg, epoch, model, optimizer, scaler, iteration,
-                                                          previous_checkpoint)
+        with Preemption() as stop:
+            checkpointer = resume_mod.Checkpointer(cfg, model, optimizer, scaler, ckpt.official_state_dict, stop,
+                                                   device, point.path if point else None, logger)
+            for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
+                loader.sampler.set_epoch(epoch)
+                loader.sampler.skip(start_i * batch_per_rank)
+                iteration = train_one_epoch(cfg, model, loader, optimizer, scaler, epoch, iteration, device,
+                                            (amp, amp_dtype, channels_last), metrics, start_i, checkpointer)
+                start_i = 0
+                bad = train_set.check_bad_fraction()
+                if bad:
+                    logger.warning(f"{bad} unreadable image(s) skipped so far, e.g. {train_set.bad_files()[:3]}")
+                last_epoch = epoch + 1 == cfg.SOLVER.EPOCHS
+                if cfg.KNN.PERIOD > 0 and ((epoch + 1) % cfg.KNN.PERIOD == 0 or last_epoch):
+                    if comm.is_main_process():
+                        top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS)
+                        if top1 is not None:
+                            logger.info(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
+                            metrics.write(iteration, epoch=epoch + 1, knn_top1=top1)
+                    comm.barrier()
+                checkpointer.after_epoch(epoch, iteration)
     finally:
         metrics.close()
+        if lock is not None:
+            lock.close()
     return model
 
 
-def resume_training(cfg, resume, model, optimizer, scaler, load_state_dict_fn=ckpt.load_official_state_dict):
-    """--resume auto|PATH: restore a checkpoint into the (not yet DDP-wrapped) model, optimizer, scaler and RNGs.
-    Returns (start_epoch, iteration, path of the checkpoint or None)."""
-    resume_path = ckpt.find_resume_path(cfg.OUTPUT_DIR, resume) if resume else None
-    if resume_path:
-        start_epoch, iteration = ckpt.load_for_resume(resume_path, model, optimizer, scaler, load_state_dict_fn)
-        logger.info(f"resumed from {resume_path}: starting at epoch {start_epoch + 1}, iteration {iteration}")
-        return start_epoch, iteration, resume_path
-    if resume == "auto":
-        logger.info(f"--resume auto: no {ckpt.LAST_CHECKPOINT} in {cfg.OUTPUT_DIR}, starting from scratch")
-    return 0, 0, None
-
-
-def end_of_epoch_checkpoint(cfg, epoch, model, optimizer, scaler, iteration, previous_checkpoint,
-                            state_dict_fn=ckpt.official_state_dict):
-    """Main process: write this epoch's checkpoint (the resume point) and delete the previous one when it was
-    only a resume point (_is_scratch). All processes: wait for it, then SIGKILL themselves if
-    DEBUG.SIGKILL_AFTER_EPOCH says so (tests of exact resume). Returns the checkpoint to remember as previous."""
-    if comm.is_main_process():
-        path = ckpt.save_checkpoint(cfg.OUTPUT_DIR, epoch, model, optimizer, scaler, iteration, cfg, state_dict_fn)
-        logger.info(f"saved {path}")
-        if previous_checkpoint and previous_checkpoint != path and _is_scratch(cfg, previous_checkpoint):
-            os.remove(previous_checkpoint)
-        previous_checkpoint = path
-    comm.barrier()
-    if cfg.DEBUG.SIGKILL_AFTER_EPOCH == epoch + 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return previous_checkpoint
-
-
-def _is_scratch(cfg, path):
-    """A checkpoint kept only as a resume point: not every CHECKPOINT_PERIOD-th epoch, not the last one."""
-    name = os.path.basename(path)
-    if not (name.startswith("checkpoint_") and name.endswith(".pth.tar")):
-        return False  # a file given with --resume PATH that we did not write
-    epochs_done = int(name[len("checkpoint_"):-len(".pth.tar")]) + 1
-    return os.path.dirname(os.path.abspath(path)) == os.path.abspath(cfg.OUTPUT_DIR) and \
-        epochs_done % cfg.CHECKPOINT_PERIOD != 0 and epochs_done != cfg.SOLVER.EPOCHS
+def log_resume(point, start_epoch, start_i, iteration, iters):
+    if point is not None:
+        logger.info(f"resumed from {point.path}: starting at epoch {start_epoch + 1}"
+                    + (f", iteration {start_i + 1}/{iters} of it" if start_i else "") + f" (iteration {iteration})")
 
 
 def build_parser():
@@ -455,17 +470,37 @@ def build_parser():
     parser.add_argument("--config-file", required=True, metavar="FILE", help="YAML config (may use _BASE_)")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a checkpoint path")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides, e.g. SOLVER.EPOCHS 10 MOCO.K 4096")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="config overrides, e.g. SOLVER.EPOCHS 10 MOCO.K 4096 (flags may come before or after)")
     return parser
 
 
+def resume_command(prog, args):
+    """The command line that continues this run (printed when it stops on a signal)."""
+    return " ".join(shlex.quote(x) for x in [*prog.split(), "--config-file", args.config_file, "--resume", "auto",
+                                              *args.opts])
+
+
 def run_command(parser, train_fn, argv, moco=True) -> int:
-    """The body of `mocobench pretrain` and `mocobench supervised`: parse, train, clean exit codes."""
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    """The body of `mocobench pretrain` and `mocobench supervised`: parse, train, clean exit codes:
+    0 done, 1 diverged, 2 bad input (UsageError, raised to the caller), 130 / 143 / 138 stopped by
+    SIGINT / SIGTERM / SIGUSR1 after saving (pretrain.preempt)."""
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config_file, args.opts, moco=moco)
     try:
         train_fn(cfg, resume=args.resume)
+    except Preempted as e:
+        line = f"{parser.prog}: {e}; resume with: {resume_command(parser.prog, args)}"
+        if comm.is_main_process():  # one line on stderr (the job log), the same in log.txt
+            for handler in logger.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.emit(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, line, None, None))
+            print(line, file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:  # before the training loop's handler was installed, or Ctrl-C twice
+        print(f"{parser.prog}: interrupted; resume from the last checkpoint with: "
+              f"{resume_command(parser.prog, args)}", file=sys.stderr, flush=True)
+        return EXIT_CODES[int(signal.SIGINT)]
     except TrainingDiverged as e:
         logger.error(f"{e}. The last good checkpoint is the one {os.path.join(cfg.OUTPUT_DIR, ckpt.LAST_CHECKPOINT)}"
                      " names (if any); lower SOLVER.BASE_LR or check the data.")

@@ -1,6 +1,9 @@
-"""`mocobench pipeline`: a shrunken demo end to end, then resume, skip and stage-boundary errors."""
+"""`mocobench pipeline`: a shrunken demo end to end from another working directory, then a real kill mid-transfer
+and a re-run, skip / redo decisions, the dry-run preflight and fail-fast config errors."""
 import json
 import os
+import signal
+import time
 
 import pytest
 
@@ -9,6 +12,8 @@ from mocobench.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")
+STAGES = ["data", "pretrain", "supervised", "convert_moco", "convert_supervised",
+          "transfer_moco", "transfer_supervised", "transfer_random", "report"]
 
 
 def run(out, *opts):
@@ -21,19 +26,27 @@ def manifest(out):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
+    """The tiny pipeline, run from a working directory that is not the repository (shipped sub-config paths
+    are relative: they must resolve against the pipeline yaml / the shipped configs, not the cwd)."""
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    assert run(out) == 0
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        assert run(out) == 0
+    finally:
+        os.chdir(cwd)
+    assert not os.listdir(elsewhere)  # nothing written into the working directory
     return out
 
 
 def test_shrunken_demo_runs_every_stage_and_reports(finished_run):
     out = finished_run
     m = manifest(out)
-    names = ["data", "pretrain", "supervised", "convert_moco", "convert_supervised",
-             "transfer_moco", "transfer_supervised", "transfer_random", "report"]
-    assert list(m["stages"]) == names
-    assert all(m["stages"][n]["status"] == "done" for n in names)
+    assert list(m["stages"]) == STAGES
+    assert all(m["stages"][n]["status"] == "done" for n in STAGES)
     assert m["versions"]["torch"] and "git_commit" in m
+    assert all("git_commit" in m["stages"][n] for n in STAGES)  # the commit that ran each stage
     assert m["stages"]["convert_moco"]["outputs"]["verified"] > 0
     assert m["stages"]["convert_supervised"]["outputs"]["source"] == "torchvision"
     pretrain_sha = m["stages"]["convert_moco"]["inputs"]["checkpoint_sha256"]
@@ -45,36 +58,81 @@ def test_shrunken_demo_runs_every_stage_and_reports(finished_run):
     for init in ("moco", "supervised", "random"):
         seeds = {json.loads((out / "transfer" / init / f"seed{i}" / "results.json").read_text())["seed"]
                  for i in range(2)}
-        assert len(seeds) == 2
+        assert seeds == {0, 1}
     md = (out / "report.md").read_text()
     assert "| moco |" in md and "(n=2)" in md
     assert (out / "ap.png").stat().st_size > 0 and (out / "pretrain.png").stat().st_size > 0
 
 
-def test_rerun_skips_done_stages_and_resumes_an_interrupted_one(finished_run, capsys):
+def _fork(argv, log):
+    """pipeline.main(argv) in a forked child (a real process for a real SIGKILL); returns its pid."""
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = pipeline.main(argv)
+        except BaseException:  # noqa: BLE001 - the exit code says it
+            code = 3
+        os._exit(code)
+    return pid
+
+
+def test_killed_mid_transfer_then_rerun_gives_the_same_report(finished_run, tmp_path, capsys):
     out = finished_run
+    report_before = json.loads((out / "report.json").read_text())["tables"]
+    started = manifest(out)["stages"]
+    # redo transfer_moco and SIGKILL the process while its second seed trains
+    pid = _fork(["--config-file", TINY, "OUTPUT_DIR", str(out), "--redo", "transfer_moco"], str(tmp_path / "log"))
+    deadline = time.time() + 300
+    def second_seed_of_the_redo_started():  # the old transfer/moco is moved to superseded/ first
+        moved = out / "superseded"
+        return moved.exists() and any((moved / stamp / "transfer" / "moco").exists() for stamp in os.listdir(moved)) \
+            and (out / "transfer" / "moco" / "seed1").exists()
+
+    while not second_seed_of_the_redo_started():
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), open(tmp_path / "log").read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
     m = manifest(out)
-    # interrupt transfer_random: its second seed never finished, the manifest says it was running
-    (out / "transfer" / "random" / "seed1" / "results.json").unlink()
-    m["stages"]["transfer_random"]["status"] = "running"
-    (out / "manifest.json").write_text(json.dumps(m))
-    before = {n: s["started"] for n, s in m["stages"].items()}
-    assert run(out) == 0
+    assert m["stages"]["transfer_moco"]["status"] == "running"
+    [stamp] = os.listdir(out / "superseded")  # the old outputs were moved, not deleted
+    assert (out / "superseded" / stamp / "transfer" / "moco" / "seed1" / "results.json").exists()
+    assert (out / "transfer" / "moco" / "seed0" / "results.json").exists()
+    assert not (out / "transfer" / "moco" / "seed1" / "results.json").exists()
+
+    assert run(out) == 0  # the same command again, no hand edits
     printed = capsys.readouterr().out
     after = manifest(out)["stages"]
-    for name in ("data", "pretrain", "supervised", "convert_moco", "transfer_moco"):
-        assert after[name]["started"] == before[name], f"{name} ran again"
+    for name in ("data", "pretrain", "supervised", "convert_moco", "convert_supervised", "transfer_supervised",
+                 "transfer_random"):
+        assert after[name]["started"] == started[name]["started"], f"{name} ran again"
         assert f"{name}: done earlier" in printed
-    assert after["transfer_random"]["status"] == "done" and "transfer_random (resuming)" in printed
-    assert (out / "transfer" / "random" / "seed1" / "results.json").exists()
+    assert "transfer_moco (resuming)" in printed and after["transfer_moco"]["status"] == "done"
+    assert json.loads((out / "report.json").read_text())["tables"] == report_before
 
 
-def test_changed_inputs_are_refused_not_mixed(finished_run):
-    with pytest.raises(UsageError, match="stage 'transfer_moco' ran .* with other inputs \\(changed: seeds\\)"):
-        run(finished_run, "TRANSFER.SEEDS", "3")
+def test_dry_run_lists_the_plan_and_what_changed_and_writes_nothing(finished_run, capsys):
+    before = (finished_run / "manifest.json").read_text()
+    assert run(finished_run, "--dry-run", "TRANSFER.SEEDS", "3") == 0
+    printed = capsys.readouterr().out
+    lines = {line.split()[1]: line for line in printed.splitlines() if line.strip().startswith("[")}
+    assert list(lines) == STAGES
+    assert " done" in lines["pretrain"] and " done" in lines["convert_moco"]
+    for init in ("moco", "supervised", "random"):
+        assert "redo (inputs changed: seeds)" in lines[f"transfer_{init}"]
+        assert "3 seeds x 2 iterations" in lines[f"transfer_{init}"]
+        assert " s" in lines[f"transfer_{init}"].split("|")[-1]  # an expected time from the measured run
+    assert "all inputs present" in printed
+    assert (finished_run / "manifest.json").read_text() == before
+    with pytest.raises(UsageError, match="--redo pretrian: not a stage of this pipeline; stages: data, pretrain"):
+        run(finished_run, "--redo", "pretrian", "--dry-run")
 
 
-def test_missing_checkpoint_is_caught_at_the_stage_boundary(finished_run, tmp_path):
+def test_missing_checkpoint_is_caught_before_anything_runs(finished_run):
     m = manifest(finished_run)
     ckpt = m["stages"]["pretrain"]["outputs"]["checkpoint"]
     os.rename(ckpt, ckpt + ".moved")
@@ -83,10 +141,22 @@ def test_missing_checkpoint_is_caught_at_the_stage_boundary(finished_run, tmp_pa
             run(finished_run)
     finally:
         os.rename(ckpt + ".moved", ckpt)
+    assert manifest(finished_run) == m
 
 
-def test_bad_pipeline_config_is_a_clear_error(tmp_path):
-    with pytest.raises(UsageError, match="TRANSFER.INITS"):
-        run(tmp_path / "x", "TRANSFER.INITS", "['moco', 'imagenet21k']")
-    with pytest.raises(UsageError, match="Non-existent key: TRANSFER.NOPE"):
-        run(tmp_path / "x", "TRANSFER.NOPE", "1")
+@pytest.mark.parametrize("opts,expected", [
+    (["TRANSFER.INITS", "['moco', 'imagenet21k']"], "TRANSFER.INITS"),
+    (["TRANSFER.NOPE", "1"], "Non-existent key: TRANSFER.NOPE"),
+    (["TRANSFER.OPTS", "['SOLVER.MAX_ITRE', '2']"],
+     "tiny_cpu.yaml: TRANSFER.OPTS: Non-existent key: SOLVER.MAX_ITRE"),
+    (["PRETRAIN.OPTS", "['SOLVER.BASE_LR', '-1.0']"], "tiny_cpu.yaml: PRETRAIN.OPTS (on "),
+    (["PRETRAIN.CONFIG_FILE", "nope.yaml"], "PRETRAIN.CONFIG_FILE 'nope.yaml' does not exist"),
+    (["DATA.SYNTH", "False", "DATA.PRETRAIN_ROOT", "/nonexistent/imagenet"],
+     "missing input(s): ImageFolder train/ /nonexistent/imagenet/train"),
+    (["SUPERVISED.WEIGHTS", "/nonexistent/r50.pth"], "missing input(s): SUPERVISED.WEIGHTS /nonexistent/r50.pth"),
+])
+def test_bad_pipeline_config_fails_before_any_stage(tmp_path, opts, expected):
+    with pytest.raises(UsageError) as e:
+        run(tmp_path / "x", *opts)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x").exists()  # nothing written, no stage started

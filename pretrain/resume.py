@@ -1,0 +1,191 @@
+"""One run per OUTPUT_DIR, exact resume and clean stops for the pretraining loops (pretrain.train and
+pretrain.supervised).
+
+Order of a start (nothing is written into OUTPUT_DIR before every input has been validated):
+    plan_resume(cfg, resume, world)      refuses a directory that holds another run unless resuming; reads the
+                                         resume checkpoint (weights_only), checks that the config did not change
+                                         anything that shapes the state (STATE_SHAPING_KEYS), says when the run
+                                         is already finished
+    ... the loop validates its data and builds model and optimizer ...
+    restore(point, ...)                  model, optimizer, scaler, RNG; (start epoch, iteration, epoch iteration)
+    open_run_dir(cfg, point)             creates OUTPUT_DIR, takes its lock (a second process writing into the
+                                         same directory is refused), removes the temporary files and stale
+                                         mid-epoch checkpoints a killed run left behind
+Then, in the loop, a Checkpointer writes the resume points: after every epoch, every
+SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when SIGTERM / SIGUSR1 / SIGINT arrives (pretrain.preempt: finish
+the iteration, write an exact mid-epoch checkpoint, raise Preempted, exit 143 / 138 / 130). A mid-epoch
+checkpoint records the data-loader position (epoch, iterations done in it, sampler seed); the resumed run skips
+those batches of the epoch's order, which is a function of (SEED, epoch), so it repeats the rest exactly.
+"""
+import dataclasses
+import os
+import signal
+
+from mocobench import comm
+from mocobench.errors import UsageError
+from mocobench.fileio import RunLock
+from pretrain import checkpoint as ckpt
+from pretrain.config import _lookup
+from pretrain.preempt import Preempted, signal_name
+
+# Keys whose change makes a checkpoint's state the wrong shape, or its data order another one (SEED)
+STATE_SHAPING_KEYS = ("MODEL.ARCH", "SOLVER.OPTIMIZER", "SOLVER.BATCH_SIZE", "SEED")
+MOCO_STATE_SHAPING_KEYS = ("MOCO.VERSION", "MOCO.K", "MOCO.DIM", "MOCO.MLP", "MOCO.MLP_DIM")
+RUN_FILES = (ckpt.LAST_CHECKPOINT, "metrics.json")  # with checkpoint_*.pth.tar: "a run lives here"
+
+
+def run_files(output_dir):
+    """The files in output_dir that show a run was started there."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir)
+                  if n in RUN_FILES or (n.startswith("checkpoint_") and n.endswith(".pth.tar")))
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    path: str
+    checkpoint: dict
+    finished: bool
+
+
+def changed_state_keys(cfg, saved_config_text, moco=True):
+    """[(key, value in the checkpoint, value now)] for the STATE_SHAPING_KEYS that differ."""
+    import yaml
+
+    from pretrain.config import get_cfg
+
+    defaults, saved = get_cfg(), yaml.safe_load(saved_config_text) or {}
+
+    def saved_value(dotted):  # a key the checkpoint's version did not have: its default
+        node = saved
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _lookup(defaults, dotted)
+            node = node[part]
+        return node
+
+    keys = STATE_SHAPING_KEYS + (MOCO_STATE_SHAPING_KEYS if moco else ())
+    if moco and cfg.MOCO.VERSION != "v3":
+        keys = tuple(k for k in keys if k != "MOCO.MLP_DIM")  # v3 only
+    return [(k, saved_value(k), _lookup(cfg, k)) for k in keys if saved_value(k) != _lookup(cfg, k)]
+
+
+def plan_resume(cfg, resume, world_size, moco=True):
+    """The checkpoint to resume from (None: start from scratch); raises UsageError, writes nothing."""
+    out = cfg.OUTPUT_DIR
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"OUTPUT_DIR {out!r} is a file, not a directory")
+    path = ckpt.find_resume_path(out, resume) if resume else None
+    if path is None:
+        existing = run_files(out)
+        if existing and not resume:
+            raise UsageError(f"OUTPUT_DIR {out!r} already holds a run ({', '.join(existing[:3])}); continue it "
+                             "with --resume auto, or set another OUTPUT_DIR")
+        return None
+    saved = ckpt.read_resume_checkpoint(path)
+    if isinstance(saved.get("config"), str):
+        changed = changed_state_keys(cfg, saved["config"], moco)
+        if changed:
+            raise UsageError(f"cannot resume from {path}: the config changes what shapes its state: "
+                             + "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)
+                             + ". Keep those values, or start a new run in another OUTPUT_DIR")
+    if int(saved.get("epoch_iteration", 0)) and int(saved.get("world_size", 1)) != world_size:
+        raise UsageError(f"cannot resume the mid-epoch checkpoint {path} with {world_size} process(es): it was "
+                         f"written by {saved.get('world_size')} (the data order of the epoch is sharded by the "
+                         "process count); resume with that many processes")
+    finished = int(saved["epoch"]) >= cfg.SOLVER.EPOCHS and not int(saved.get("epoch_iteration", 0))
+    return ResumePoint(path, saved, finished)
+
+
+def finished_message(cfg, point):
+    return (f"{cfg.OUTPUT_DIR}: the run is already finished ({point.checkpoint['epoch']} epochs done, "
+            f"SOLVER.EPOCHS = {cfg.SOLVER.EPOCHS}; {os.path.basename(point.path)}). Nothing to do; raise "
+            "SOLVER.EPOCHS to train longer")
+
+
+def restore(point, model, optimizer, scaler, load_state_dict_fn):
+    """(start_epoch, iteration, iterations already done in start_epoch); (0, 0, 0) without a resume point."""
+    if point is None:
+        return 0, 0, 0
+    return ckpt.load_for_resume(point.path, model, optimizer, scaler, load_state_dict_fn, ckpt=point.checkpoint)
+
+
+def open_run_dir(cfg, point=None):
+    """Main process: create OUTPUT_DIR, lock it for this process's lifetime, remove stale temp files and the
+    mid-epoch checkpoints other than the resume point (a kill between writing the next one and deleting the
+    previous one leaves two). Returns the lock (close() releases it) or None on other ranks."""
+    if not comm.is_main_process():
+        return None
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    lock = RunLock(cfg.OUTPUT_DIR)
+    removed = ckpt.remove_stale_temp_files(cfg.OUTPUT_DIR)
+    keep = os.path.abspath(point.path) if point else None
+    for name in sorted(os.listdir(cfg.OUTPUT_DIR)):
+        path = os.path.abspath(os.path.join(cfg.OUTPUT_DIR, name))
+        if ckpt.is_iteration_checkpoint(name) and name.endswith(".pth.tar") and path != keep:
+            os.remove(path)
+            removed.append(name)
+    if removed:
+        print(f"removed {len(removed)} file(s) a killed run left in {cfg.OUTPUT_DIR}: {removed[:3]}")
+    return lock
+
+
+class Checkpointer:
+    """Writes one run's resume points (main process; every rank calls the methods at the same points) and
+    keeps only what is worth keeping: every CHECKPOINT_PERIOD-th epoch and the last one; any other checkpoint
+    is deleted once a newer one exists."""
+
+    def __init__(self, cfg, model, optimizer, scaler, state_dict_fn, stop, device, previous=None, logger=None):
+        self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
+        self.state_dict_fn, self.stop, self.device, self.previous = state_dict_fn, stop, device, previous
+        self.logger = logger
+
+    def after_iteration(self, epoch, i, iters, iteration):
+        """Called after iteration i (0-based) of the epoch; iteration = iterations done in the run."""
+        signum = self.stop.agreed(self.device)
+        period = self.cfg.SOLVER.CHECKPOINT_PERIOD_ITERS
+        if signum or (period and iteration % period == 0 and i + 1 < iters):
+            path = self._save(epoch, iteration, epoch_iteration=i + 1)
+            if signum:
+                raise Preempted(signum, f"stopped by {signal_name(signum)} after iteration {i + 1}/{iters} of epoch "
+                                        f"{epoch + 1} (iteration {iteration} of the run): saved {path}")
+
+    def after_epoch(self, epoch, iteration):
+        path = self._save(epoch, iteration)
+        if self.cfg.DEBUG.SIGKILL_AFTER_EPOCH == epoch + 1:  # tests of exact resume
+            os.kill(os.getpid(), signal.SIGKILL)
+        signum = self.stop.agreed(self.device)
+        if signum and epoch + 1 < self.cfg.SOLVER.EPOCHS:
+            raise Preempted(signum, f"stopped by {signal_name(signum)} after epoch {epoch + 1}: saved {path}")
+        return path
+
+    def _save(self, epoch, iteration, epoch_iteration=None):
+        path = None
+        if comm.is_main_process():
+            path = ckpt.save_checkpoint(self.cfg.OUTPUT_DIR, epoch, self.model, self.optimizer, self.scaler,
+                                        iteration, self.cfg, self.state_dict_fn, epoch_iteration,
+                                        comm.get_world_size())
+            if self.logger is not None:
+                self.logger.info(f"saved {path}")
+            if self.previous and self.previous != path and self._is_scratch(self.previous):
+                os.remove(self.previous)
+            self.previous = path
+        comm.barrier()
+        return path
+
+    def _is_scratch(self, path):
+        """A checkpoint kept only as a resume point: a mid-epoch one, or not every CHECKPOINT_PERIOD-th epoch
+        and not the last one. Files outside OUTPUT_DIR (--resume PATH) are never deleted."""
+        name = os.path.basename(path)
+        if os.path.dirname(os.path.abspath(path)) != os.path.abspath(self.cfg.OUTPUT_DIR):
+            return False
+        if ckpt.is_iteration_checkpoint(name):
+            return True
+        if not (name.startswith("checkpoint_") and name.endswith(".pth.tar")):
+            return False
+        try:
+            epochs_done = int(name[len("checkpoint_"):-len(".pth.tar")]) + 1
+        except ValueError:
+            return False
+        return epochs_done % self.cfg.CHECKPOINT_PERIOD != 0 and epochs_done != self.cfg.SOLVER.EPOCHS

@@ -1,0 +1,381 @@
+"""Never lose a run: SIGKILL at random moments (during saves too), SIGTERM / Ctrl-C mid-epoch, a second run
+into the same directory, and every bad input a one-line error. Real processes, real signals, real files."""
+import hashlib
+import json
+import os
+import random
+import shlex
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+from mocobench import cli
+from mocobench.fileio import RunLock, load_checkpoint
+from mocobench.synth import make_imagenet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
+ITERS_PER_EPOCH, EPOCHS = 8, 2  # 64 images / batch 8
+
+
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
+    return os.path.join(str(out), "imagenet")
+
+
+def opts(root, out_dir, **extra):
+    kv = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": EPOCHS, "SOLVER.BATCH_SIZE": 8, "MOCO.K": 32,
+          "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 1, "CHECKPOINT_PERIOD": 1,
+          "MOCO.SHUFFLE_BN_SPLITS": 2, **extra}
+    return [str(x) for pair in kv.items() for x in pair]
+
+
+def command(*args):
+    return ["pretrain", "--config-file", SYNTH_CFG, *args]
+
+
+class Run:
+    """`mocobench ARGV` in a child process forked from this one (a real process that real signals reach; no
+    second import of torch, which costs more CPU than the training these tests do). stdout and stderr go to
+    files, as a scheduler's job log would."""
+
+    _count = 0
+
+    def __init__(self, argv, log_dir):
+        import multiprocessing
+
+        Run._count += 1
+        self.log = os.path.join(str(log_dir), f"run{Run._count}")
+        self.proc = multiprocessing.get_context("fork").Process(target=self._child, args=(list(argv), self.log))
+        self.proc.start()
+
+    @staticmethod
+    def _child(argv, log):
+        torch.set_num_threads(1)
+        out, err = open(log + ".out", "w", buffering=1), open(log + ".err", "w", buffering=1)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = out, err
+        code = cli.main(argv)
+        out.flush()
+        err.flush()
+        os._exit(code)
+
+    def poll(self):
+        return self.proc.exitcode
+
+    def send_signal(self, sig):
+        os.kill(self.proc.pid, sig)
+
+    def communicate(self, timeout=300):
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            raise TimeoutError(self.log)
+        return open(self.log + ".out").read(), open(self.log + ".err").read()
+
+    @property
+    def returncode(self):
+        return self.proc.exitcode
+
+
+def wait_for(predicate, proc, timeout=120):
+    """Poll predicate() every 5 ms until it holds (True) or the process has exited (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise TimeoutError
+
+
+def metrics_iterations(out):
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # being written
+    return [r["iteration"] for r in rows if "loss" in r]
+
+
+def assert_same_final_state(reference_dir, out_dir):
+    a = load_checkpoint(os.path.join(reference_dir, "checkpoint_0001.pth.tar"))
+    b = load_checkpoint(os.path.join(out_dir, "checkpoint_0001.pth.tar"))
+    assert a["iteration"] == b["iteration"] == ITERS_PER_EPOCH * EPOCHS
+    assert set(a["state_dict"]) == set(b["state_dict"])
+    for key in a["state_dict"]:  # weights, BN buffers, queue, queue_ptr
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def sha256_tree(directory):
+    return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))}
+
+
+def stat_tree(directory):
+    """(inode, size, mtime) per file: any rewrite, even an atomic replace, changes it."""
+    return {e.name: (e.inode(), e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(directory)}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_imagenet, tmp_path_factory):
+    """An uninterrupted run (no iteration checkpoints), in this process."""
+    out = str(tmp_path_factory.mktemp("reference") / "run")
+    assert cli.main(command(*opts(tiny_imagenet, out))) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(tiny_imagenet, reference, tmp_path):
+    out = str(tmp_path / "killed")
+    args = command("--resume", "auto", *opts(tiny_imagenet, out, **{"SOLVER.CHECKPOINT_PERIOD_ITERS": 1}))
+    rng = random.Random(0)
+    kills = during_save = 0
+    torn_temp_files = set()
+    for round_ in range(30):
+        if kills == 10:
+            break
+        proc = Run(args, tmp_path)
+        pointer = os.path.join(out, "last_checkpoint")
+        before = open(pointer).read() if os.path.exists(pointer) else None
+        if round_ % 2 == 0:  # during a save: the moment its temporary file exists
+            def saving():
+                return any(n.startswith(".checkpoint_") and n.endswith(".tmp")
+                           for n in (os.listdir(out) if os.path.isdir(out) else []))
+            alive = wait_for(saving, proc)
+        else:  # a random moment after this process saved at least once
+            def saved_once(pointer=pointer, before=before):
+                return os.path.exists(pointer) and open(pointer).read() != before
+            alive = wait_for(saved_once, proc)
+            time.sleep(rng.uniform(0.0, 0.2))  # at most a few of the 16 iterations per round
+            alive = alive and proc.poll() is None
+        if not alive:
+            proc.communicate()
+            break  # the run finished before the kill
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        kills += 1
+        temps = {n for n in os.listdir(out) if n.endswith(".tmp")}
+        during_save += bool(temps) and round_ % 2 == 0
+        torn_temp_files |= temps
+        for name in os.listdir(out):  # every checkpoint on disk is whole and weights-only loadable
+            if name.endswith(".pth.tar"):
+                load_checkpoint(os.path.join(out, name))
+    proc = Run(args, tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert kills == 10 and during_save >= 4, (kills, during_save)
+    assert torn_temp_files and not torn_temp_files & set(os.listdir(out)), "a killed save's temp file survived"
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp") or n.startswith("checkpoint_iter_")]
+    assert_same_final_state(reference, out)
+    assert metrics_iterations(out) == list(range(1, 17))  # no row twice after 10 resumes
+    print(f"\nfault injection: {kills} SIGKILLs ({during_save} during a save), {kills} resumes, final state "
+          "bit-exact")
+
+
+@pytest.mark.slow
+def test_sigterm_and_ctrl_c_mid_epoch_save_exactly_and_print_the_resume_command(tiny_imagenet, reference, tmp_path,
+                                                                                 capsys):
+    out = str(tmp_path / "preempted")
+    resume_cmd = None
+    for sig, stop_at, code in ((signal.SIGTERM, 3, 143), (signal.SIGINT, 11, 130)):
+        proc = Run(resume_cmd or command(*opts(tiny_imagenet, out)), tmp_path)
+        assert wait_for(lambda: any(i >= stop_at for i in metrics_iterations(out)), proc)  # noqa: B023
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == code, stderr[-3000:]
+        [line] = [x for x in stderr.splitlines() if "stopped by" in x]
+        saved = load_checkpoint(os.path.join(out, open(os.path.join(out, "last_checkpoint")).read().strip()))
+        done = saved["iteration"]
+        assert done >= stop_at and saved["epoch_iteration"] == (done - 1) % ITERS_PER_EPOCH + 1
+        assert saved["epoch"] == (done - 1) // ITERS_PER_EPOCH
+        assert f"stopped by {sig.name} after iteration {saved['epoch_iteration']}/{ITERS_PER_EPOCH} of epoch " \
+               f"{saved['epoch'] + 1}" in line and f"checkpoint_iter_{done:08d}.pth.tar" in line
+        assert metrics_iterations(out)[-1] == done
+        printed = shlex.split(line.split("resume with: ", 1)[1])
+        assert printed[:2] == ["mocobench", "pretrain"] and "--resume" in printed
+        resume_cmd = printed[1:]  # the printed command, as printed, after `mocobench`
+    proc = Run(resume_cmd, tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout and f"iteration {done % ITERS_PER_EPOCH + 1}/{ITERS_PER_EPOCH}" in stdout
+    assert_same_final_state(reference, out)
+    assert metrics_iterations(out) == list(range(1, 17))
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint_iter_")]  # resume points are scratch
+    # once more: the run is finished, it says so, exits 0 and writes nothing
+    before = sha256_tree(out)
+    assert cli.main(resume_cmd) == 0
+    assert "already finished (2 epochs done, SOLVER.EPOCHS = 2" in capsys.readouterr().out
+    assert sha256_tree(out) == before
+
+
+def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(tiny_imagenet, reference, capsys):
+    before = sha256_tree(reference)
+    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run (checkpoint_0000.pth.tar" in err[0]
+    assert "--resume auto" in err[0] and "another OUTPUT_DIR" in err[0]
+    # resuming it with a bad DATA.ROOT: refused before config.yaml or anything else is rewritten
+    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+                     *opts(reference + "/nope", reference, **{"SOLVER.EPOCHS": 3})]) == 2
+    assert "nope/train' does not exist" in capsys.readouterr().err
+    # lincls: one evaluation per --output too
+    lincls_out = os.path.join(os.path.dirname(reference), "lincls")
+    lincls = ["lincls", "--data", tiny_imagenet, "--pretrained", os.path.join(reference, "checkpoint_0001.pth.tar"),
+              "--output", lincls_out, "--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32"]
+    assert cli.main(lincls) == 0
+    results = open(os.path.join(lincls_out, "lincls_results.json")).read()
+    assert cli.main(lincls) == 2 and "already holds a linear evaluation" in capsys.readouterr().err
+    assert open(os.path.join(lincls_out, "lincls_results.json")).read() == results
+    # while another process holds the run, --resume auto is refused too
+    lock = RunLock(reference)
+    try:
+        assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+                         *opts(tiny_imagenet, reference, **{"SOLVER.EPOCHS": 3})]) == 2
+        assert f"(pid {os.getpid()}) is writing into" in capsys.readouterr().err
+    finally:
+        lock.close()
+    after = sha256_tree(reference)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    mode = os.stat(os.path.join(reference, "checkpoint_0001.pth.tar")).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "run").mkdir()
+    (d / "run" / "results.json").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(300)))
+    return {
+        "syntax": _write(d / "syntax.yaml", "SOLVER:\n  EPOCHS: [1,\n"),
+        "empty": _write(d / "empty.yaml", ""),
+        "list": _write(d / "list.yaml", "- 1\n- 2\n"),
+        "base": _write(d / "base.yaml", '_BASE_: "nope.yaml"\nSOLVER:\n  EPOCHS: 1\n'),
+        "text": _write(d / "notes.txt", "hello\n"),
+        "json": _write(d / "weights.json", '{"a": 1}\n'),
+        "file": _write(d / "a_file", "x"),
+        "dir": str(d),
+    }
+
+
+BAD_INPUTS = [  # (argv builder, expected text in the one-line error)
+    ("negative lr", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG, *opts(r, f["dir"] + "/o",
+                                                                                  **{"SOLVER.BASE_LR": -0.1})],
+     "SOLVER.BASE_LR = -0.1 must be >= 0"),
+    ("YAML syntax", lambda f, r, ref: ["pretrain", "--config-file", f["syntax"]], "not valid YAML at line 3"),
+    ("empty YAML", lambda f, r, ref: ["supervised", "--config-file", f["empty"]], "the file is empty"),
+    ("YAML list", lambda f, r, ref: ["pretrain", "--config-file", f["list"]], "expected a mapping"),
+    ("missing _BASE_", lambda f, r, ref: ["pretrain", "--config-file", f["base"]], "_BASE_ chain names"),
+    ("changed MOCO.K", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+                                          *opts(r, ref, **{"MOCO.K": 64, "SOLVER.EPOCHS": 3})],
+     "the config changes what shapes its state: MOCO.K 32 -> 64"),
+    ("OUTPUT_DIR a file", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG, *opts(r, f["file"])],
+     "is a file, not a directory"),
+    ("convert a text file", lambda f, r, ref: ["convert", f["text"], f["dir"] + "/o.pkl"], "not a checkpoint at all"),
+    ("convert a JSON file", lambda f, r, ref: ["convert", f["json"], f["dir"] + "/o.pkl"], "not a checkpoint at all"),
+    ("report on random bytes", lambda f, r, ref: ["report", f["dir"] + "/run", "--out", f["dir"] + "/rep"],
+     "not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("argv_fn,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(argv_fn, expected, bad_files, tiny_imagenet, reference, capsys):
+    before = stat_tree(reference)
+    assert cli.main(argv_fn(bad_files, tiny_imagenet, reference)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "Traceback" not in err[0], err
+    assert stat_tree(reference) == before
+
+
+def test_flags_may_follow_the_overrides(tiny_imagenet, reference, capsys):
+    # `--resume auto` after KEY VALUE pairs is a flag, not an override key
+    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference), "--resume", "auto"]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imagenet, tmp_path, monkeypatch, capsys):
+    # the supervised loop shares the mechanism: SIGUSR1 (a real signal to this process) during iteration 3
+    from pretrain import supervised
+
+    sup_cfg = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")
+    kv = ["DATA.ROOT", tiny_imagenet, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "8", "INPUT.SIZE", "32",
+          "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1"]
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", full]) == 0
+    real_step, calls = supervised.optimization_step, []
+
+    def step_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(*args)
+
+    monkeypatch.setattr(supervised, "optimization_step", step_then_signal)
+    assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped]) == 138
+    printed = capsys.readouterr()
+    assert "stopped by SIGUSR1 after iteration 3/8 of epoch 1" in printed.err and "stopped by" not in printed.out
+    assert open(os.path.join(stopped, "log.txt")).read().count("stopped by SIGUSR1") == 1
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the old handler is back
+    monkeypatch.setattr(supervised, "optimization_step", real_step)
+    assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped, "--resume", "auto"]) == 0
+    a = load_checkpoint(os.path.join(full, "checkpoint_0001.pth.tar"))
+    b = load_checkpoint(os.path.join(stopped, "checkpoint_0001.pth.tar"))
+    assert a["iteration"] == b["iteration"] == 16
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def _agree(rank, port, queue):
+    import torch.distributed as dist
+
+    from pretrain.preempt import Preemption
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    with Preemption() as stop:
+        before = stop.agreed()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is signalled
+        after = stop.agreed()
+    queue.put((rank, before, after))
+    dist.destroy_process_group()
+
+
+def test_every_rank_agrees_to_stop_when_one_is_signalled():
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(rank, port, queue)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert results == [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
