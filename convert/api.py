@@ -289,8 +289,9 @@ def configure_resnet(cfg, weights_path=None):
                              "convert the matching checkpoint")
         resnets[key] = want
         changed.append(f"{key} {want}")
-    head = cfg.MODEL.ROI_HEADS.NAME
-    if recorded["RES2_OUT_CHANNELS"] == 64 and head.startswith("Res5ROIHeads"):
+    head = cfg.MODEL.ROI_HEADS.NAME  # unused by a SemanticSegmentor, whose default still names Res5ROIHeads
+    if recorded["RES2_OUT_CHANNELS"] == 64 and head.startswith("Res5ROIHeads") and \
+            cfg.MODEL.META_ARCHITECTURE != "SemanticSegmentor":
         raise UsageError(f"MODEL.WEIGHTS {path!r} holds a {data.get('architecture')} (basic blocks) but "
                          f"MODEL.ROI_HEADS.NAME {head} builds res5 from bottleneck blocks; use an FPN config")
     if changed:

@@ -22,6 +22,12 @@ no other library ever sees them afterwards.
                     resource_filename() built on importlib.resources.
   random_sample_set Python >= 3.11 random.sample() refuses sets; data/common.py MapDataset samples its
                     fallback candidates (a set) exactly when a mapper returns None. Its Random sorts first.
+  numpy_aliases_{lvis,cityscapes}  the same numpy aliases (and np.in1d, gone in numpy 2.4; count_nonzero
+                    returning a Python int, as before numpy 2) for the lvis and cityscapesscripts evaluation
+                    modules, applied when such an evaluator is built (`fix_evaluation_numpy`): importing them
+                    costs a second.
+  cityscapes_pool   load_cityscapes_instances' multiprocessing.Pool: under a spawned launcher its workers are fresh
+                    interpreters that import detectron2 without the fixes above; they import this module first.
   lr_scheduler_ckpt torch >= 2.0: the LRScheduler hook saves/loads state only for the private
                     _LRScheduler; schedulers derived from the public LRScheduler (StepLR, ...) were silently
                     not checkpointed and restarted on resume.
@@ -118,7 +124,19 @@ def _numpy_with_aliases():
     proxy = types.ModuleType("numpy", "numpy with the aliases removed in numpy 1.24 (for detectron2 v0.6)")
     proxy.__getattr__ = lambda name: getattr(numpy, name)
     proxy.int, proxy.float, proxy.str, proxy.object = int, float, str, object
+    if not hasattr(numpy, "in1d"):  # removed in numpy 2.4; isin(...).ravel() is what in1d returned
+        proxy.in1d = lambda a, b, assume_unique=False, invert=False: numpy.isin(
+            a, b, assume_unique=assume_unique, invert=invert).ravel()
     return proxy
+
+
+def _count_nonzero_as_int(a, axis=None, **kwargs):
+    """numpy < 2 returned a Python int without `axis`; cityscapesscripts json-dumps those counts with
+    `default=lambda o: o.__dict__`, which a numpy integer does not have."""
+    import numpy
+
+    count = numpy.count_nonzero(a, axis=axis, **kwargs)
+    return int(count) if axis is None else count
 
 
 def _fix_numpy_aliases():
@@ -130,6 +148,34 @@ def _fix_numpy_aliases():
     proxy = _numpy_with_aliases()
     for name in ("detectron2.data.build", "detectron2.data.datasets.pascal_voc",
                  "detectron2.evaluation.sem_seg_evaluation"):
+        importlib.import_module(name).np = proxy
+
+
+# Evaluation code that detectron2's evaluators call, from the `lvis` and `cityscapesscripts` packages, written for
+# numpy < 1.24 / < 2 (np.float in lvis' accumulate; np.in1d and int-valued count_nonzero in the Cityscapes ones).
+# They are imported only when an evaluator of that family is built (lvis pulls in matplotlib: ~1 s), so the fix is
+# applied then.
+EVALUATION_MODULES = {
+    "lvis": ("lvis.eval",),
+    "cityscapes": ("cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling",
+                   "cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling"),
+}
+
+
+def fix_evaluation_numpy(family: str):
+    """Give the `family` evaluation modules a numpy with the removed names; a no-op on a numpy that has them."""
+    import numpy
+
+    numpy2 = isinstance(numpy.count_nonzero(numpy.ones(1)), numpy.integer)
+    if hasattr(numpy, "float") and hasattr(numpy, "in1d") and not numpy2:
+        return
+    fix = f"numpy_aliases_{family}"
+    if fix not in ACTIVE_FIXES:
+        ACTIVE_FIXES.append(fix)
+    proxy = _numpy_with_aliases()
+    if numpy2:
+        proxy.count_nonzero = _count_nonzero_as_int
+    for name in EVALUATION_MODULES[family]:
         importlib.import_module(name).np = proxy
 
 
@@ -166,6 +212,31 @@ def _fix_random_sample_set():
     common.random = local_random
 
 
+def _import_d2compat():
+    importlib.import_module("mocobench.d2compat")
+
+
+def _fix_cityscapes_pool():
+    """load_cityscapes_instances parses the json files in a multiprocessing.Pool. Under a spawned launcher
+    (detectron2's `launch`, our CPU launcher) the pool's workers are fresh interpreters that import detectron2
+    by unpickling the task, without the import-time fixes above; their pool now imports this module first."""
+    if not {"no_C_extension", "pil_linear", "pkg_resources"} & set(ACTIVE_FIXES):
+        return
+    import multiprocessing
+
+    from detectron2.data.datasets import cityscapes
+
+    ACTIVE_FIXES.append("cityscapes_pool")
+
+    def pool(processes=None):  # detectron2 calls mp.Pool(processes=...)
+        return multiprocessing.Pool(processes, initializer=_import_d2compat)
+
+    local_mp = types.ModuleType("multiprocessing", "multiprocessing whose Pool workers import mocobench.d2compat")
+    local_mp.__getattr__ = lambda name: getattr(multiprocessing, name)
+    local_mp.Pool = pool
+    cityscapes.mp = local_mp
+
+
 def _fix_lr_scheduler_ckpt():
     import torch
     from detectron2.engine import hooks
@@ -200,6 +271,7 @@ def _load_detectron2():
     _fix_coco_eval()
     _fix_random_sample_set()
     _fix_lr_scheduler_ckpt()
+    _fix_cityscapes_pool()
 
 
 def detectron2_origin() -> str:

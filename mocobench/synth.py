@@ -10,6 +10,14 @@ detection (PASCAL VOC 2007, COCO 2017), all of the same shape classes:
     DIR/VOC2007/ImageSets/Main/{trainval,test}.txt          (+ <class>_<split>.txt like the real set)
     DIR/coco/{train,val}2017/000000000001.jpg               the same scenes as VOC (trainval->train, test->val)
     DIR/coco/annotations/instances_{train,val}2017.json     bbox xywh, polygon segmentation, area, iscrowd 0
+    DIR/coco/annotations/person_keypoints_{train,val}2017.json  stick figures (images 001000000001.jpg, ...)
+                                                            with COCO's 17 keypoints and visibility flags
+    DIR/lvis/lvis_v0.5_{train,val}.json                     the COCO scenes in LVIS v0.5's federated format
+    DIR/cityscapes/leftImg8bit/{train,val}/<city>/*.png     2:1 street scenes; gtFine/ polygons json + the
+                                                            labelIds/labelTrainIds/instanceIds PNGs
+    DIR/VOC2012/SegmentationClass/000001.png                the VOC2007 scenes' labels, VOC palette, 255 borders
+    DIR/VOC2012/SegmentationClassAug/000001.png             the same labels as greyscale (train_aug's format)
+    DIR/VOC2012/ImageSets/Segmentation/{train_aug,val}.txt
     DIR/synth.json                                          class names, seed, sizes, preset (read_synth_meta)
 
 The class of an object is its shape identity only. Colour (muted), shading, size, a small rotation (objects stand
@@ -60,7 +68,7 @@ PRESETS = {
 
 META_FILE = "synth.json"
 META_FORMAT = "mocobench-synth"
-META_VERSION = 2  # 2: muted colours, upright objects, no clutter
+META_VERSION = 3  # 2: muted colours, upright objects, no clutter; 3: + keypoints, LVIS, Cityscapes, VOC2012 seg
 VOC_YEAR = 2007
 JPEG_QUALITY = 90
 MIN_SIZE = 32          # smallest object-image side: below this the shapes stop being recognisable
@@ -68,7 +76,7 @@ MIN_SCENE_SIZE = 64    # smallest scene side: 2-6 objects must fit with the smal
 MAX_SIZE = 1024
 
 # seed streams, so that ImageNet train/val and the scenes never share random numbers
-_STREAM_TRAIN, _STREAM_VAL, _STREAM_SCENE = 0, 1, 2
+_STREAM_TRAIN, _STREAM_VAL, _STREAM_SCENE, _STREAM_PERSON, _STREAM_STREET = 0, 1, 2, 3, 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,7 +261,8 @@ def _mask_annotation(mask):
     """Tight box (pixel edges, x0 y0 x1 y1), outline polygons and polygon area of a binary mask, or None.
 
     Specks (connected parts smaller than 4 px or 5% of the largest part, left by anti-aliasing or occlusion)
-    are dropped first, so the box and the polygons describe the same pixels.
+    are dropped first, so the box and the polygons describe the same pixels; "mask" is what is left (the
+    pixels of the semantic-segmentation labels).
     """
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     if n <= 1:
@@ -275,7 +284,7 @@ def _mask_annotation(mask):
         polygons.append([float(v) for v in pts.reshape(-1)])
     if not polygons:
         return None
-    return {"box": box, "polygons": polygons, "area": area, "mask_pixels": int(kept.sum())}
+    return {"box": box, "polygons": polygons, "area": area, "mask_pixels": int(kept.sum()), "mask": kept}
 
 
 def render_scene(class_names, size, rng):
@@ -367,18 +376,336 @@ def _coco_json(class_names, images, annotations):
     }
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the other transfer tasks of the MoCo paper (Table 6): VOC semantic segmentation, LVIS, COCO keypoints, Cityscapes
+
+VOC_SEG_YEAR = 2012  # VOC semantic segmentation is VOC2012's (train_aug / val)
+VOC_IGNORE = 255     # VOC's "void" label: object outlines (and, in the real set, hard pixels)
+
+
+def _voc_palette():
+    """PASCAL VOC's colour map (the devkit's bit-interleaving labelcolormap): index i -> RGB, 255 -> (224,224,192)."""
+    palette = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c, rgb = i, [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((c >> channel) & 1) << (7 - bit)
+            c >>= 3
+        palette[i] = rgb
+    return palette
+
+
+VOC_PALETTE = _voc_palette()
+
+
+def _png(labels, palette=None):
+    """uint8 labels -> PNG bytes: palette ("P") mode like VOC's SegmentationClass, else greyscale ("L")."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8), mode="L")
+    if palette is not None:
+        image = image.convert("P")  # indices kept: an "L" image converts to "P" with the identity palette
+        image.putpalette(palette.reshape(-1).tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _voc_seg_labels(names, size, objects):
+    """Per-pixel class index (0 background, k+1 for names[k]) with VOC's void band (255) along every outline."""
+    labels = np.zeros((size, size), np.uint8)
+    for obj in objects:  # visible masks: each pixel belongs to at most one object
+        labels[obj["mask"]] = names.index(obj["name"]) + 1
+    kernel = np.ones((3, 3), np.uint8)
+    border = cv2.dilate(labels, kernel) != cv2.erode(labels, kernel)
+    labels[border] = VOC_IGNORE
+    return labels
+
+
+def _lvis_frequency(train_images):
+    # LVIS (Gupta et al., 2019, Sec. 4): rare = 1-10 training images, common = 11-100, frequent = > 100
+    return "r" if train_images <= 10 else "c" if train_images <= 100 else "f"
+
+
+def _lvis_json(class_names, split, images, annotations, train):
+    """LVIS v0.5 json of COCO-format `images`/`annotations`: federated image lists, category frequencies.
+
+    Every class absent from an image is listed in its neg_category_ids (verified absent: the generator knows),
+    none as not exhaustive. Frequencies come from the training split, as in the real files.
+    """
+    def image_sets(anns):
+        sets = {}
+        for ann in anns:
+            sets.setdefault(ann["category_id"], set()).add(ann["image_id"])
+        return sets
+
+    train_sets, split_sets = image_sets(train["annotations"]), image_sets(annotations)
+    category_ids = range(1, len(class_names) + 1)
+    lvis_images = []
+    for image in images:
+        present = {c for c in category_ids if image["id"] in split_sets.get(c, ())}
+        lvis_images.append({
+            "id": image["id"], "width": image["width"], "height": image["height"],
+            "coco_url": f"http://images.cocodataset.org/{split}2017/{image['file_name']}",  # detectron2 reads it
+            "not_exhaustive_category_ids": [],
+            "neg_category_ids": [c for c in category_ids if c not in present],
+        })
+    lvis_annotations = [{k: a[k] for k in ("id", "image_id", "category_id", "bbox", "segmentation", "area")}
+                        for a in annotations]
+    categories = [{
+        "id": c, "name": name, "synonyms": [name], "synset": f"{name}.n.01", "def": f"a {name} shape",
+        "frequency": _lvis_frequency(len(train_sets.get(c, ()))),
+        "image_count": len(split_sets.get(c, ())),
+        "instance_count": sum(a["category_id"] == c for a in annotations),
+    } for c, name in zip(category_ids, class_names)]
+    return {"info": {"description": "mocobench synthetic shapes (mocobench.synth)", "version": "0.5"},
+            "licenses": [], "images": lvis_images, "annotations": lvis_annotations, "categories": categories}
+
+
+# COCO person keypoints: names, order and skeleton of COCO's person_keypoints json (cocodataset.org/#format-data;
+# tests compare the names with detectron2's COCO_PERSON_KEYPOINT_NAMES)
+COCO_KEYPOINT_NAMES = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
+)
+COCO_SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9],
+                 [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7]]
+KEYPOINT_IMAGE_ID_OFFSET = 1_000_000  # person images get their own ids next to the shape scenes in coco/*2017/
+
+
+def _person_pose(rng):
+    """17 keypoints (COCO order) of an upright stick figure facing the camera, in units of its height.
+
+    The person's left is on the image's right (COCO's convention). Arms and legs swing at random.
+    """
+    k = {"nose": (0, 0.09), "left_eye": (0.025, 0.07), "right_eye": (-0.025, 0.07), "left_ear": (0.05, 0.08),
+         "right_ear": (-0.05, 0.08), "left_shoulder": (0.11, 0.2), "right_shoulder": (-0.11, 0.2),
+         "left_hip": (0.07, 0.52), "right_hip": (-0.07, 0.52)}
+    for side, sign in (("left", 1), ("right", -1)):
+        a, b = rng.uniform(-0.3, 1.6), rng.uniform(-0.5, 1.0)  # upper arm from the vertical, elbow bend
+        sx, sy = k[f"{side}_shoulder"]
+        ex, ey = sx + sign * 0.16 * math.sin(a), sy + 0.16 * math.cos(a)
+        k[f"{side}_elbow"] = (ex, ey)
+        k[f"{side}_wrist"] = (ex + sign * 0.14 * math.sin(a + b), ey + 0.14 * math.cos(a + b))
+        c, d = rng.uniform(-0.1, 0.4), rng.uniform(-0.3, 0.3)  # thigh from the vertical, knee bend
+        hx, hy = k[f"{side}_hip"]
+        kx, ky = hx + sign * 0.22 * math.sin(c), hy + 0.22 * math.cos(c)
+        k[f"{side}_knee"] = (kx, ky)
+        k[f"{side}_ankle"] = (kx + sign * 0.22 * math.sin(c + d), ky + 0.22 * math.cos(c + d))
+    pose = np.array([k[name] for name in COCO_KEYPOINT_NAMES], np.float64)
+    pose[:, 0] *= math.exp(rng.uniform(-0.15, 0.15))  # build
+    return pose
+
+
+_LIMBS = [("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"), ("right_shoulder", "right_elbow"),
+          ("right_elbow", "right_wrist"), ("left_hip", "left_knee"), ("left_knee", "left_ankle"),
+          ("right_hip", "right_knee"), ("right_knee", "right_ankle")]
+
+
+def _person_alpha(points, height, canvas_hw):
+    """Coverage (uint8) of a stick figure: head disc, torso quadrilateral, neck and limbs as thick lines."""
+    alpha = np.zeros(canvas_hw, np.uint8)
+    p = {name: np.round((xy - 0.5) * 16).astype(np.int32) for name, xy in zip(COCO_KEYPOINT_NAMES, points)}
+    cv2.circle(alpha, tuple(int(v) for v in p["nose"]), int(round(0.075 * height * 16)), 255, -1, cv2.LINE_AA, 4)
+    torso = np.stack([p["left_shoulder"], p["right_shoulder"], p["right_hip"], p["left_hip"]])
+    cv2.fillPoly(alpha, [torso], 255, cv2.LINE_AA, 4)
+    neck = (p["left_shoulder"] + p["right_shoulder"]) // 2
+    width = max(2, int(round(0.05 * height)))
+    cv2.line(alpha, tuple(int(v) for v in p["nose"]), tuple(int(v) for v in neck), 255, width, cv2.LINE_AA, 4)
+    for a, b in _LIMBS:
+        cv2.line(alpha, tuple(int(v) for v in p[a]), tuple(int(v) for v in p[b]), 255, width, cv2.LINE_AA, 4)
+    return alpha
+
+
+def render_person_scene(size, rng):
+    """1-3 stick figures on a background; returns (RGB float32 image, list of person dicts).
+
+    Each person: box, polygons, area of its visible mask, and 17 keypoints (x, y, v) in COCO's convention:
+    integer pixel indices, v=2 visible, v=1 labelled but hidden by a person drawn later, v=0 (and x=y=0) outside
+    the image. A placement is redrawn when it would hide more than 40% of an earlier person.
+    """
+    placed = []
+    for _ in range(rng.integers(1, 4)):
+        for _attempt in range(30):
+            height = size * rng.uniform(0.45, 0.9)
+            origin = np.array([rng.uniform(0.1, 0.9) * size, rng.uniform(-0.05 * size, size - 0.9 * height)])
+            points = _person_pose(rng) * height + origin
+            alpha = _person_alpha(points, height, (size, size))
+            full = alpha >= 128
+            if full.sum() < 40 or any((p["visible"] & ~full).sum() < 0.6 * p["full"].sum() for p in placed):
+                continue
+            for p in placed:
+                p["visible"] = p["visible"] & ~full
+            placed.append(dict(points=points, alpha=alpha, full=full, visible=full.copy()))
+            break
+    img = _background(rng, size, size)
+    xx, yy = _grid(size, size)
+    for p in placed:
+        _composite(img, _object_appearance(rng, xx, yy, img.mean(axis=(0, 1))), p["alpha"])
+    people = []
+    for index, p in enumerate(placed):
+        ann = _mask_annotation(p["visible"])
+        if ann is None:
+            continue
+        keypoints = []
+        for x, y in p["points"]:
+            xi, yi = int(math.floor(x)), int(math.floor(y))
+            if not (0 <= xi < size and 0 <= yi < size):
+                keypoints += [0, 0, 0]
+            elif any(q["full"][yi, xi] for q in placed[index + 1:]):
+                keypoints += [xi, yi, 1]
+            else:
+                keypoints += [xi, yi, 2]
+        people.append(dict(keypoints=keypoints, **ann))
+    return img, people
+
+
+def make_coco_keypoints(out_dir, scenes, size, seed):
+    """Write person images into DIR/coco/{train,val}2017 and annotations/person_keypoints_*.json; returns counts."""
+    coco_dir = os.path.join(out_dir, "coco")
+    for sub in ("train2017", "val2017", "annotations"):
+        os.makedirs(os.path.join(coco_dir, sub), exist_ok=True)
+    n_train, _ = _scene_split(scenes)
+    data = {split: {"images": [], "annotations": []} for split in ("train", "val")}
+    n_annotations = 0
+    for i in range(scenes):
+        img, people = render_person_scene(size, _rng(seed, _STREAM_PERSON, i))
+        split = "train" if i < n_train else "val"
+        image_id = KEYPOINT_IMAGE_ID_OFFSET + i + 1
+        file_name = f"{image_id:012d}.jpg"
+        _write_bytes(os.path.join(coco_dir, split + "2017", file_name), _encode_jpeg(img))
+        data[split]["images"].append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        for person in people:
+            x0, y0, x1, y1 = person["box"]
+            n_annotations += 1
+            data[split]["annotations"].append({
+                "id": n_annotations, "image_id": image_id, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "segmentation": person["polygons"], "area": round(person["area"], 4), "iscrowd": 0,
+                "keypoints": person["keypoints"], "num_keypoints": sum(v > 0 for v in person["keypoints"][2::3]),
+            })
+    for split, d in data.items():
+        payload = _coco_json(["person"], d["images"], d["annotations"])
+        payload["categories"] = [{"id": 1, "name": "person", "supercategory": "person",
+                                  "keypoints": list(COCO_KEYPOINT_NAMES), "skeleton": COCO_SKELETON}]
+        with atomic_write(os.path.join(coco_dir, "annotations", f"person_keypoints_{split}2017.json"), "w") as f:
+            json.dump(payload, f)
+    return {split: len(d["images"]) for split, d in data.items()}
+
+
+# Cityscapes: label names/ids are cityscapesscripts' (helpers/labels.py); its evaluation scripts only know those.
+# Shape class k is drawn as the k-th (mod 8) of the 8 instance classes of Cityscapes' instance benchmark.
+CITYSCAPES_THINGS = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+CITYSCAPES_CITIES = {"train": "aachen", "val": "frankfurt"}  # one real city name per split
+
+
+def render_street_scene(class_names, width, height, rng):
+    """A 2:1 street scene: sky, buildings, road, and 2-6 non-overlapping objects standing on the road.
+
+    Returns (RGB float32 image, Cityscapes polygon objects in drawing order: stuff first, then things).
+    """
+    h1 = int(height * rng.uniform(0.2, 0.35))
+    h2 = int(height * rng.uniform(0.5, 0.65))
+    img = np.zeros((height, width, 3), np.float32)
+    img[:h1] = np.array([110, 150, 200], np.float32) + rng.uniform(-20, 20, 3)  # sky
+    img[h1:h2] = _muted_colour(rng)  # buildings
+    img[h2:] = rng.uniform(60, 110) + rng.uniform(-8, 8, 3)  # road
+    img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0, 6)
+    objects = [{"label": label, "polygon": [[0, top], [width - 1, top], [width - 1, bottom], [0, bottom]]}
+               for label, top, bottom in (("sky", 0, h1), ("building", h1, h2), ("road", h2, height - 1))]
+    xx, yy = _grid(height, width)
+    occupied = np.zeros((height, width), bool)
+    for _ in range(rng.integers(2, 7)):
+        for _attempt in range(30):
+            name = class_names[rng.integers(len(class_names))]
+            radius = height * math.exp(rng.uniform(math.log(0.08), math.log(0.25)))
+            center = (rng.uniform(0, width), rng.uniform(h2 - 0.5 * radius, height - 0.3 * radius))
+            alpha = _shape_alpha(name, center, radius, math.exp(rng.uniform(-0.25, 0.25)),
+                                 rng.uniform(-UPRIGHT, UPRIGHT), (height, width))
+            full = alpha >= 128
+            ann = _mask_annotation(full)
+            if ann is None or full.sum() < 24 or (full & occupied).any():
+                continue
+            occupied |= full
+            _composite(img, _object_appearance(rng, xx, yy, img.mean(axis=(0, 1))), alpha)
+            # one polygon per object (the largest part); Cityscapes stores integer pixel indices
+            outline = max(ann["polygons"], key=len)
+            polygon = [[int(round(x - 0.5)), int(round(y - 0.5))] for x, y in zip(outline[0::2], outline[1::2])]
+            objects.append({"label": CITYSCAPES_THINGS[CLASS_NAMES.index(name) % len(CITYSCAPES_THINGS)],
+                            "polygon": polygon})
+            break
+    return np.clip(img, 0, 255), objects
+
+
+def make_cityscapes(out_dir, classes, scenes, size, seed):
+    """Write DIR/cityscapes/{leftImg8bit,gtFine}/{train,val}/<city>/ in Cityscapes' layout; returns counts.
+
+    Street scenes of size x size/2 px; gtFine_polygons.json is written here, and the gtFine labelIds,
+    labelTrainIds and instanceIds PNGs are made from it by cityscapesscripts' own preparation tools
+    (json2labelImg, createInstanceImage), as the real ones are.
+    """
+    from cityscapesscripts.helpers.annotation import Annotation
+    from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
+    from cityscapesscripts.preparation.json2labelImg import json2labelImg
+
+    names = _class_list(classes)
+    width, height = size, size // 2
+    n_train, _ = _scene_split(scenes)
+    counts = {"train": 0, "val": 0}
+    for i in range(scenes):
+        split = "train" if i < n_train else "val"
+        city = CITYSCAPES_CITIES[split]
+        img, objects = render_street_scene(names, width, height, _rng(seed, _STREAM_STREET, i))
+        image_dir = os.path.join(out_dir, "cityscapes", "leftImg8bit", split, city)
+        gt_dir = os.path.join(out_dir, "cityscapes", "gtFine", split, city)
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(gt_dir, exist_ok=True)
+        stem = f"{city}_000000_{i:06d}"
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(np.round(img).astype(np.uint8)[..., ::-1]))
+        if not ok:
+            raise RuntimeError("cv2 could not encode a PNG")
+        _write_bytes(os.path.join(image_dir, f"{stem}_leftImg8bit.png"), png.tobytes())
+        polygons = os.path.join(gt_dir, f"{stem}_gtFine_polygons.json")
+        with atomic_write(polygons, "w") as f:
+            json.dump({"imgHeight": height, "imgWidth": width, "objects": objects}, f)
+        json2labelImg(polygons, os.path.join(gt_dir, f"{stem}_gtFine_labelIds.png"), "ids")
+        json2labelImg(polygons, os.path.join(gt_dir, f"{stem}_gtFine_labelTrainIds.png"), "trainIds")
+        # createInstanceImage draws a 32-bit "I" image, which current Pillow cannot write as PNG: saved as the real
+        # files are, 16-bit greyscale (ids up to 33999 = label id * 1000 + instance)
+        annotation = Annotation()
+        annotation.fromJsonFile(polygons)
+        instance_ids = np.asarray(createInstanceImage(annotation, "ids"), dtype=np.int64)
+        ok, png = cv2.imencode(".png", instance_ids.astype(np.uint16))
+        _write_bytes(os.path.join(gt_dir, f"{stem}_gtFine_instanceIds.png"), png.tobytes())
+        counts[split] += 1
+    return counts
+
+
 def _make_detection(out_dir, classes, scenes, size, seed, formats):
-    """Draw the scenes once and write them in each of `formats` ("voc", "coco"); returns counts."""
+    """Draw the scenes once and write them in each of `formats` ("voc", "coco", "lvis", "voc_seg"); returns counts.
+
+    "lvis" annotates the images of "coco" (as LVIS annotates COCO's), so it needs "coco" in the same call.
+    """
     names = _class_list(classes)
     n_train, _ = _scene_split(scenes)
     voc_dir = os.path.join(out_dir, f"VOC{VOC_YEAR}")
     coco_dir = os.path.join(out_dir, "coco")
+    seg_dir = os.path.join(out_dir, f"VOC{VOC_SEG_YEAR}")
+    if "lvis" in formats and "coco" not in formats:
+        raise ValueError("the LVIS annotations describe the COCO images: write 'coco' with 'lvis'")
     if "voc" in formats:
         for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
             os.makedirs(os.path.join(voc_dir, sub), exist_ok=True)
     if "coco" in formats:
         for sub in ("train2017", "val2017", "annotations"):
             os.makedirs(os.path.join(coco_dir, sub), exist_ok=True)
+    if "voc_seg" in formats:
+        for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
+                    os.path.join("ImageSets", "Segmentation")):
+            os.makedirs(os.path.join(seg_dir, sub), exist_ok=True)
 
     voc_ids = {"trainval": [], "test": []}
     voc_class_presence = {"trainval": [], "test": []}
@@ -389,12 +716,17 @@ def _make_detection(out_dir, classes, scenes, size, seed, formats):
         jpeg = _encode_jpeg(img)
         voc_split, coco_split = ("trainval", "train") if i < n_train else ("test", "val")
         n_objects["train" if i < n_train else "test"] += len(objects)
+        file_id = f"{i + 1:06d}"
         if "voc" in formats:
-            file_id = f"{i + 1:06d}"
             _write_bytes(os.path.join(voc_dir, "JPEGImages", file_id + ".jpg"), jpeg)
             _write_bytes(os.path.join(voc_dir, "Annotations", file_id + ".xml"), _voc_xml(file_id, size, objects))
             voc_ids[voc_split].append(file_id)
             voc_class_presence[voc_split].append({o["name"] for o in objects})
+        if "voc_seg" in formats:
+            _write_bytes(os.path.join(seg_dir, "JPEGImages", file_id + ".jpg"), jpeg)
+            labels = _voc_seg_labels(names, size, objects)
+            _write_bytes(os.path.join(seg_dir, "SegmentationClass", file_id + ".png"), _png(labels, VOC_PALETTE))
+            _write_bytes(os.path.join(seg_dir, "SegmentationClassAug", file_id + ".png"), _png(labels))
         if "coco" in formats:
             image_id = i + 1
             file_name = f"{image_id:012d}.jpg"
@@ -423,12 +755,25 @@ def _make_detection(out_dir, classes, scenes, size, seed, formats):
                          for i, present in zip(ids, voc_class_presence[split])]
                 _write_bytes(os.path.join(main_dir, f"{name}_{split}.txt"), "".join(lines).encode())
         counts["voc"] = {split: len(ids) for split, ids in voc_ids.items()}
+    if "voc_seg" in formats:
+        # VOC2012's segmentation lists, plus train_aug (the paper's training set: VOC train + SBD; here: train)
+        ids = [f"{i + 1:06d}" for i in range(scenes)]
+        lists = {"train": ids[:n_train], "val": ids[n_train:], "trainval": ids, "train_aug": ids[:n_train]}
+        for split, split_ids in lists.items():
+            _write_bytes(os.path.join(seg_dir, "ImageSets", "Segmentation", split + ".txt"),
+                         "".join(f"{i}\n" for i in split_ids).encode())
+        counts["voc_seg"] = {split: len(split_ids) for split, split_ids in lists.items()}
     if "coco" in formats:
         for split, data in coco.items():
             path = os.path.join(coco_dir, "annotations", f"instances_{split}2017.json")
             with atomic_write(path, "w") as f:
                 json.dump(_coco_json(names, data["images"], data["annotations"]), f)
         counts["coco"] = {split: len(data["images"]) for split, data in coco.items()}
+    if "lvis" in formats:
+        os.makedirs(os.path.join(out_dir, "lvis"), exist_ok=True)
+        for split, data in coco.items():
+            with atomic_write(os.path.join(out_dir, "lvis", f"lvis_v0.5_{split}.json"), "w") as f:
+                json.dump(_lvis_json(names, split, data["images"], data["annotations"], coco["train"]), f)
     return counts
 
 
@@ -505,6 +850,10 @@ def _resolve_params(preset, seed, overrides):
             "imagenet": {"train": p["images_per_class"] * len(names), "val": p["val_per_class"] * len(names)},
             "voc": {"trainval": n_train, "test": n_test},
             "coco": {"train": n_train, "val": n_test},
+            "coco_keypoints": {"train": n_train, "val": n_test},
+            "lvis": {"train": n_train, "val": n_test},
+            "cityscapes": {"train": n_train, "val": n_test},
+            "voc_seg": {"train_aug": n_train, "val": n_test},
         },
         "paths": {
             "imagenet_train": "imagenet/train",
@@ -514,13 +863,20 @@ def _resolve_params(preset, seed, overrides):
             "coco_val_images": "coco/val2017",
             "coco_train_json": "coco/annotations/instances_train2017.json",
             "coco_val_json": "coco/annotations/instances_val2017.json",
+            "coco_keypoints_train_json": "coco/annotations/person_keypoints_train2017.json",
+            "coco_keypoints_val_json": "coco/annotations/person_keypoints_val2017.json",
+            "lvis_image_root": "coco/",
+            "lvis_train_json": "lvis/lvis_v0.5_train.json",
+            "lvis_val_json": "lvis/lvis_v0.5_val.json",
+            "cityscapes": "cityscapes",
+            "voc_seg": f"VOC{VOC_SEG_YEAR}",
         },
     }
 
 
 # what determines the files; two metas with the same values here describe byte-identical trees
 _PARAM_KEYS = ("version", "seed", "class_names", "images_per_class", "val_per_class", "scenes", "size", "scene_size")
-_OWNED = ("imagenet", f"VOC{VOC_YEAR}", "coco", META_FILE)
+_OWNED = ("imagenet", f"VOC{VOC_YEAR}", "coco", "lvis", "cityscapes", f"VOC{VOC_SEG_YEAR}", META_FILE)
 
 
 def read_synth_meta(directory):
@@ -550,13 +906,13 @@ def read_synth_meta(directory):
 
 
 def synthesize(out_dir, preset="test", seed=0, overwrite=False, **overrides):
-    """Write the whole tree (ImageNet, VOC2007, COCO) and synth.json into `out_dir`; returns the meta dict.
+    """Write the whole tree (ImageNet, VOC2007, COCO, LVIS, Cityscapes, VOC2012 seg) and synth.json; returns the meta.
 
     `overrides`: classes, images_per_class, val_per_class, scenes, size (object images), scene_size; None
     keeps the preset's value. If `out_dir` already holds a tree generated with the same parameters, it is reused
     as it is (synth.json is written last, so its presence means the tree is complete). A tree with other
     parameters, or any other non-empty directory, is refused unless `overwrite`, which replaces only the
-    paths this module owns (imagenet/, VOC2007/, coco/, synth.json).
+    paths this module owns (imagenet/, VOC2007/, VOC2012/, coco/, lvis/, cityscapes/, synth.json).
     """
     out_dir = os.fspath(out_dir)
     meta = _resolve_params(preset, seed, overrides)
@@ -586,8 +942,11 @@ def synthesize(out_dir, preset="test", seed=0, overwrite=False, **overrides):
 
     names = meta["class_names"]
     make_imagenet(out_dir, names, meta["images_per_class"], meta["val_per_class"], meta["size"], meta["seed"])
-    counts = _make_detection(out_dir, names, meta["scenes"], meta["scene_size"], meta["seed"], formats=("voc", "coco"))
+    counts = _make_detection(out_dir, names, meta["scenes"], meta["scene_size"], meta["seed"],
+                             formats=("voc", "coco", "lvis", "voc_seg"))
     meta["objects"] = counts["objects"]
+    make_coco_keypoints(out_dir, meta["scenes"], meta["scene_size"], meta["seed"])
+    make_cityscapes(out_dir, names, meta["scenes"], meta["scene_size"], meta["seed"])
     with atomic_write(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -602,8 +961,9 @@ def _build_parser():
     parser = argparse.ArgumentParser(prog="mocobench data", description="Generated datasets in the real formats.")
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     synth = actions.add_parser(
-        "synth", help="write ImageNet-style, VOC2007 and COCO trees of shape images",
-        description="Write DIR/imagenet/{train,val}, DIR/VOC2007, DIR/coco and DIR/synth.json. Explicit flags "
+        "synth", help="write ImageNet-style, VOC, COCO (+ keypoints), LVIS and Cityscapes trees of shape images",
+        description="Write DIR/imagenet/{train,val}, DIR/VOC2007, DIR/VOC2012 (segmentation), DIR/coco (instances "
+                    "and person keypoints), DIR/lvis, DIR/cityscapes and DIR/synth.json. Explicit flags "
                     "override the preset: " + "; ".join(
                         f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in PRESETS.items()))
     synth.add_argument("--out", required=True, help="output directory (empty, new, or a tree with the same params)")
@@ -642,5 +1002,12 @@ def main(argv):
           f"{meta['scene_size']} px")
     print(f"  coco/           {s['coco']['train']} train2017 + {s['coco']['val']} val2017 scenes (same images as VOC)")
     print(f"                  {meta['objects']['train']} + {meta['objects']['test']} annotated objects")
+    print(f"                  + {s['coco_keypoints']['train']} + {s['coco_keypoints']['val']} person scenes "
+          "(person_keypoints_*.json, 17 COCO keypoints)")
+    print(f"  lvis/           LVIS v0.5 json of the coco/ scenes ({s['lvis']['train']} train + {s['lvis']['val']} val)")
+    print(f"  cityscapes/     {s['cityscapes']['train']} train + {s['cityscapes']['val']} val street scenes "
+          f"({meta['scene_size']}x{meta['scene_size'] // 2} px, leftImg8bit + gtFine)")
+    print(f"  VOC{VOC_SEG_YEAR}/        {s['voc_seg']['train_aug']} train_aug + {s['voc_seg']['val']} val "
+          "segmentation labels (the VOC2007 scenes)")
     print(f"  {META_FILE}      class names, seed, sizes and preset for the later stages")
     return 0

@@ -20,6 +20,7 @@ import torchvision
 
 from convert import convert_checkpoint
 from convert.rename import detectron2_name
+from mocobench import d2compat  # noqa: F401  (before detectron2)
 from mocobench.cli import main as mocobench_main
 from mocobench.errors import UsageError
 from mocobench.fileio import safe_unpickle

@@ -37,14 +37,20 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     a, b, c = (synthesize(str(tmp_path / n), seed=s, **TINY) for n, s in (("a", 3), ("b", 3), ("c", 4)))
     assert a == b and a["seed"] == 3 and c["seed"] == 4
     files_a, files_b, files_c = (_tree_bytes(tmp_path / n) for n in "abc")
-    # 2 classes x (3 + 2) images, 4 scenes x (jpg + xml) in VOC, 4 jpgs + 2 json in COCO, split lists, synth.json
+    # 2 classes x (3 + 2) images, 4 scenes x (jpg + xml) in VOC2007, 4 scene + 4 person jpgs and 4 json in COCO,
+    # the 4 scenes again in VOC2012 (jpg + 2 label PNGs), 4 Cityscapes scenes (image + 3 gtFine PNGs + json)
     assert len([f for f in files_a if f.startswith("imagenet")]) == 10
-    assert len([f for f in files_a if f.endswith(".jpg") and "coco" in f]) == 4
+    assert len([f for f in files_a if f.endswith(".jpg") and "coco" in f]) == 8
+    assert len([f for f in files_a if f.startswith("VOC2012/Segmentation")]) == 8
+    assert len([f for f in files_a if f.startswith("cityscapes") and f.endswith(".png")]) == 16
     assert files_a == files_b
     assert files_a.keys() == files_c.keys()
     changed = [k for k in files_a if files_a[k] != files_c[k]]
-    assert sum(k.endswith(".jpg") for k in changed) == 10 + 4 + 4
-    assert "coco/annotations/instances_train2017.json" in changed
+    assert sum(k.endswith(".jpg") for k in changed) == 10 + 4 + 8 + 4
+    assert sum(k.endswith("leftImg8bit.png") for k in changed) == 4
+    for name in ("coco/annotations/instances_train2017.json", "coco/annotations/person_keypoints_train2017.json",
+                 "lvis/lvis_v0.5_train.json"):
+        assert name in changed
 
 
 def test_class_images_do_not_depend_on_the_number_of_classes(synth_root, tmp_path):
@@ -266,7 +272,7 @@ def test_cli_writes_the_tree_and_rejects_bad_input(tmp_path):
     assert "2 trainval + 2 test scenes" in result.stdout
     meta = read_synth_meta(out)
     assert (meta["seed"], meta["num_classes"], meta["val_per_class"]) == (5, 2, 2)
-    assert sorted(os.listdir(out)) == ["VOC2007", "coco", "imagenet", "synth.json"]
+    assert sorted(os.listdir(out)) == ["VOC2007", "VOC2012", "cityscapes", "coco", "imagenet", "lvis", "synth.json"]
 
     again = _cli("--out", out, "--seed", "5", *flags)
     assert again.returncode == 0 and "reused" in again.stdout

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 
+from mocobench import d2compat  # noqa: F401  (before detectron2)
 from mocobench.cli import main as mocobench
 from mocobench.fileio import safe_unpickle
 from transfer import record

@@ -5,7 +5,7 @@ from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 # isort: split
 from detectron2.config import CfgNode, get_cfg
 
-import transfer.heads  # noqa: F401  (Res5ROIHeadsExtraNorm: configs name it, so loading one registers it)
+import transfer.heads  # noqa: F401  (Res5ROIHeadsExtraNorm, DilatedFCNHead: configs name them, loading registers)
 from mocobench.config import merge_config
 
 
@@ -22,6 +22,9 @@ def add_mocobench_config(cfg: CfgNode):
     # TF32 tensor-core math for CUDA fp32 matmuls and cuDNN convolutions (Ampere+), set explicitly at the start of
     # each trial and recorded in results.json; False reproduces the paper's V100 fp32 fine-tuning
     cfg.MOCOBENCH.TF32 = False
+    # transfer.heads.DilatedFCNHead (the MoCo paper's semantic-segmentation head): its 3x3 convs and their dilation
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
+    cfg.MODEL.SEM_SEG_HEAD.DILATION = 6
 
 def load_config(config_file: str, opts=()) -> CfgNode:
     """get_cfg() + our keys, merged with `config_file` and `opts`; bad keys/values raise UsageError."""

@@ -6,11 +6,19 @@ rather than another branch on the dataset's name.
 """
 import os
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench import d2compat  # before any detectron2 import; its numpy fixes for the lvis/Cityscapes scripts
 
 # isort: split
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
+    COCOEvaluator,
+    LVISEvaluator,
+    PascalVOCDetectionEvaluator,
+    SemSegEvaluator,
+)
+from detectron2.utils import comm
 
 from mocobench.errors import UsageError
 
@@ -31,10 +39,57 @@ def _pascal_voc(cfg, dataset_name, output_folder):
     # AP (mean over IoU .50:.05:.95), AP50, AP75; the 11-point VOC07 metric when the dataset's year is 2007
     return PascalVOCDetectionEvaluator(dataset_name)
 
+def _instance_tasks(cfg):
+    return ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+
+
 @register_evaluator("coco")
 def _coco(cfg, dataset_name, output_folder):
-    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-    return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder)
+    # keypoints: OKS with COCO's per-keypoint sigmas (pycocotools' defaults unless TEST.KEYPOINT_OKS_SIGMAS)
+    return COCOEvaluator(dataset_name, tasks=_instance_tasks(cfg), distributed=True, output_dir=output_folder,
+                         kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS)
+
+
+@register_evaluator("lvis")
+def _lvis(cfg, dataset_name, output_folder):
+    # the `lvis` package's LVISEval: AP over all categories, plus APr/APc/APf by category frequency
+    d2compat.fix_evaluation_numpy("lvis")
+    return LVISEvaluator(dataset_name, tasks=_instance_tasks(cfg), distributed=True, output_dir=output_folder)
+
+
+class _CityscapesInstanceEvaluator(CityscapesInstanceEvaluator):
+    """detectron2's evaluator, run inside its temporary directory: cityscapesscripts' evaluateImgLists writes
+    a "matches.json" into the current directory, which would otherwise land wherever the user started."""
+
+    def evaluate(self):
+        if comm.get_rank() > 0:
+            return super().evaluate()
+        cwd = os.getcwd()
+        os.chdir(self._temp_dir)
+        try:
+            return super().evaluate()
+        finally:
+            os.chdir(cwd)
+
+
+@register_evaluator("cityscapes_instance")
+def _cityscapes_instance(cfg, dataset_name, output_folder):
+    # cityscapesscripts' evalInstanceLevelSemanticLabeling: mask AP and AP50 over the 8 instance classes
+    d2compat.fix_evaluation_numpy("cityscapes")
+    return _CityscapesInstanceEvaluator(dataset_name)
+
+
+@register_evaluator("cityscapes_sem_seg")
+def _cityscapes_sem_seg(cfg, dataset_name, output_folder):
+    # cityscapesscripts' evalPixelLevelSemanticLabeling: class IoU (mean over the 19 classes) and iIoU
+    d2compat.fix_evaluation_numpy("cityscapes")
+    return CityscapesSemSegEvaluator(dataset_name)
+
+
+@register_evaluator("sem_seg")
+def _sem_seg(cfg, dataset_name, output_folder):
+    # mIoU, fwIoU, mACC, pACC over the dataset's stuff_classes, pixels labelled ignore_label left out
+    return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
     if output_folder is None:

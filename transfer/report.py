@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from mocobench.errors import UsageError
 from transfer import record as run_record
 from transfer.stats import CONFIDENCE, describe, welch_interval
+from transfer.tasks import TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "supervised"
@@ -70,6 +71,15 @@ register_metrics("pascal_voc", [("bbox", "AP50", "AP50"), ("bbox", "AP", "AP"), 
 register_metrics("coco", [("bbox", "AP", "AP^bb"), ("bbox", "AP50", "AP^bb_50"), ("bbox", "AP75", "AP^bb_75"),
                           ("segm", "AP", "AP^mk"), ("segm", "AP50", "AP^mk_50"), ("segm", "AP75", "AP^mk_75")],
                  recognizes=lambda r: "bbox" in r or "segm" in r)
+# He et al. 2020, Table 6: the other tasks' columns (transfer/tasks.py). COCO keypoints share COCOEvaluator with
+# COCO detection, so a keypoint run's table shows its box AP beside AP^kp.
+for _task in TASKS:
+    if _task.evaluator_type in METRIC_COLUMNS:
+        METRIC_COLUMNS[_task.evaluator_type] += [Column(*c) for c in _task.columns]
+    else:
+        register_metrics(_task.evaluator_type, _task.columns, recognizes=(
+            (lambda r, m=_task.columns[0][1]: set(r) == {"sem_seg"} and m in r["sem_seg"])
+            if _task.columns[0][0] == "sem_seg" else None))
 
 
 def columns_for(evaluator_type, results_seen):
@@ -126,15 +136,20 @@ PUBLISHED = {
         ("MoCo IG-1B", dict(zip(_COCO, (41.1, 60.7, 44.8, 35.6, 57.4, 38.1))), "He et al. 2020, Table 5d"),
     ],
 }
+# Table 6 (the other tasks): rows attached to their _moco configs, cited in transfer/tasks.py
+for _task in TASKS:
+    PUBLISHED.update(_task.published)
 _official_identities = {}
 
 
 def official_identity(config_name):
-    """The experiment identity of configs/detection/<config_name> (loads detectron2's config; cached)."""
+    """The experiment identity of configs/detection/<config_name>, or configs/<dir/name> for a name with a
+    folder (the Table 6 tasks' configs); loads detectron2's config, cached."""
     if config_name not in _official_identities:
         from transfer.config import load_config
 
-        cfg = load_config(os.path.join(REPO, "configs", "detection", config_name))
+        folder = () if "/" in config_name else ("detection",)
+        cfg = load_config(os.path.join(REPO, "configs", *folder, *config_name.split("/")))
         _official_identities[config_name] = run_record.experiment_identity(cfg)
     return _official_identities[config_name]
 
@@ -315,9 +330,13 @@ def describe_identity(identity):
     """A one-line title: architecture, norm, schedule, sizes, training data."""
     g = identity.get
     backbone = g("MODEL.BACKBONE.NAME", "?").replace("build_", "").replace("_backbone", "")
-    arch = f"R-{g('MODEL.RESNETS.DEPTH', '?')} {backbone}, {g('MODEL.ROI_HEADS.NAME', '?')}"
-    if g("MODEL.MASK_ON"):
+    semantic = g("MODEL.META_ARCHITECTURE") == "SemanticSegmentor"  # no RoI heads: name the segmentation head
+    head = g("MODEL.SEM_SEG_HEAD.NAME" if semantic else "MODEL.ROI_HEADS.NAME", "?")
+    arch = f"R-{g('MODEL.RESNETS.DEPTH', '?')} {backbone}, {head}"
+    if g("MODEL.MASK_ON") and not semantic:
         arch += " + mask"
+    if g("MODEL.KEYPOINT_ON") and not semantic:
+        arch += " + keypoints"
     schedule = (f"{g('SOLVER.MAX_ITER')} it x {g('SOLVER.IMS_PER_BATCH')} img, lr {g('SOLVER.BASE_LR')}, "
                 f"steps {_short(g('SOLVER.STEPS'))}")
     sizes = f"min size train {_short(g('INPUT.MIN_SIZE_TRAIN'))} / test {g('INPUT.MIN_SIZE_TEST')}"

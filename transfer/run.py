@@ -428,8 +428,11 @@ def build_parser():
                         help="detectron2 config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pkl")
     return parser
 
+HEADLINE_METRICS = ("AP", "AP50", "AP75", "mIoU", "IoU")  # detection/keypoints; semantic segmentation (Cityscapes: IoU)
+
+
 def _format_metrics(tasks, fmt) -> str:
-    return ", ".join(f"{task} " + " ".join(f"{n} {fmt(m[n])}" for n in ("AP", "AP50", "AP75") if n in m)
+    return ", ".join(f"{task} " + " ".join(f"{n} {fmt(m[n])}" for n in HEADLINE_METRICS if n in m)
                      for task, m in tasks.items())
 
 
@@ -442,7 +445,7 @@ def _format_summary(records) -> str:
     if len(records) > 1:
         for dataset, metrics in summarize(records).items():
             shown = ", ".join(f"{k} {v['mean']:.2f} ± {v['std']:.2f} (n={v['n']})" for k, v in metrics.items()
-                              if k.split("/")[1] in ("AP", "AP50", "AP75") and v["n"] > 1)
+                              if k.split("/")[1] in HEADLINE_METRICS and v["n"] > 1)
             lines.append(f"{dataset}: mean ± sample std over the valid seeds: {shown or 'fewer than 2 valid seeds'}")
     return "\n".join(lines)
 

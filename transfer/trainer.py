@@ -6,10 +6,12 @@ import weakref
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
+from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
-import transfer.heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm in ROI_HEADS_REGISTRY)
+import transfer.heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm and DilatedFCNHead in detectron2's registries)
 from transfer.checkpoint import SafeDetectionCheckpointer
 from transfer.evaluation import build_evaluator
 
@@ -46,8 +48,29 @@ class ProgressBar(HookBase):
         if self._bar is not None:
             self._bar.close()
 
+def semantic_train_augmentations(cfg) -> list:
+    """Scale, then crop, then flip: the MoCo paper's segmentation training (Appendix A.5: "random scaling ...,
+    cropping, and horizontal flipping") in the order of detectron2's DeepLab project (projects/DeepLab/train_net.py,
+    build_sem_seg_train_aug). detectron2's DatasetMapper puts INPUT.CROP *before* the resize (right for its
+    detection crops), which would crop 513 px of the original image and then rescale the crop."""
+    augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
+    if cfg.INPUT.CROP.ENABLED:
+        # a plain random crop (DeepLab's category-area constraint at its default 1.0 is the same; the paper
+        # says "cropping"); absolute crops larger than the scaled image keep the image whole
+        augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+    augs.append(T.RandomFlip())
+    return augs
+
+
 class Trainer(DefaultTrainer):
     progress_description = ""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+            mapper = DatasetMapper(cfg, is_train=True, augmentations=semantic_train_augmentations(cfg))
+            return build_detection_train_loader(cfg, mapper=mapper)
+        return super().build_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

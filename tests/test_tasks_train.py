@@ -1,0 +1,74 @@
+"""Each of the paper's other tasks trains from a converted checkpoint on its generated data, is evaluated by its
+real evaluator and gets its report table: 2 iterations of a ResNet-18 (the tiny CPU twins of the paper configs)."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from convert import convert_checkpoint
+from convert.api import read_converted
+from transfer import run_transfer
+from transfer.report import write_report
+from transfer.tasks import results_value, task_for_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+TINY = [
+    ("keypoints/tiny_synth_keypoint_rcnn_R18_FPN_cpu.yaml", "synth_keypoints_val", {"bbox", "keypoints"}),
+    ("lvis/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_lvis_val", {"bbox", "segm"}),
+    ("cityscapes/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_cityscapes_fine_instance_seg_val", {"segm"}),
+    ("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml", "synth_cityscapes_fine_sem_seg_val", {"sem_seg"}),
+    ("semseg/tiny_synth_voc_R18_FCN_cpu.yaml", "synth_voc_2012_sem_seg_val", {"sem_seg"}),
+]
+
+
+@pytest.fixture(scope="module")
+def converted_r18(tmp_path_factory):
+    """A random torchvision ResNet-18 checkpoint through the real converter (verified), as `mocobench convert`."""
+    root = tmp_path_factory.mktemp("r18")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), root / "resnet18_random.pth")
+    report = convert_checkpoint(root / "resnet18_random.pth", root / "r18.pkl")
+    assert report.verified
+    return str(root / "r18.pkl")
+
+
+def _stem_weight(state_dict):
+    [key] = [k for k in state_dict if k.endswith("stem.conv1.weight")]
+    return np.asarray(state_dict[key], dtype=np.float64).ravel()
+
+
+@pytest.mark.parametrize("config,dataset,groups", TINY,
+                         ids=["keypoints", "lvis", "cityscapes_instance", "cityscapes_sem_seg", "voc_sem_seg"])
+def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, groups, converted_r18, synth_root,
+                                                              tmp_path):
+    out = tmp_path / "run"
+    task = task_for_dataset(dataset)
+    [record] = run_transfer(os.path.join(CONFIGS, config), ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", converted_r18],
+                            init_name="moco", synth_root=synth_root)
+    assert record["iteration"] == 2 and record["init_name"] == "moco" and record["weights"] == converted_r18
+    assert record["datasets"]["test"] == [dataset] and record["evaluator_types"][dataset] == task.evaluator_type
+    results = record["results"][dataset]
+    assert groups <= set(results)
+    for key in task.keys:  # the paper's columns: real numbers, in range
+        value = results_value(results, key)
+        assert value is not None and math.isfinite(value) and 0.0 <= value <= 100.0, (key, results)
+    # the converted backbone was loaded: after 2 small steps the stem is still the converted one, not a random init
+    final = torch.load(out / "seed0" / "model_final.pth", weights_only=True)["model"]
+    trained, converted = _stem_weight(final), _stem_weight(read_converted(converted_r18)["model"])
+    assert np.corrcoef(trained, converted)[0, 1] > 0.99
+    # the report makes the task's table with the paper's columns (no published rows: R-18 is not the paper's recipe)
+    report = write_report([str(out)], str(tmp_path / "report"))
+    [table] = report["tables"].values()
+    titles = [c["title"] for c in table["columns"]]
+    assert titles[-len(task.columns):] == [title for _, _, title in task.columns]
+    cells = table["rows"]["moco"]["cells"]
+    for key in task.keys:
+        assert cells[key]["n"] == 1 and cells[key]["mean"] == pytest.approx(results_value(results, key))
+    assert table["published"] == [] and f"{dataset} · config" in report["markdown"]
+    semantic = task.evaluator_type in ("sem_seg", "cityscapes_sem_seg")
+    assert ("DilatedFCNHead" in table["title"]) == semantic and ("+ keypoints" in table["title"]) == (
+        task.name == "coco_keypoints")
