@@ -9,7 +9,6 @@ the trunk's plain torchvision state dict instead (a .pth that loads strictly int
 Outputs are written only after verification passed, atomically: on any error there is no output file (and an
 older file at that path is left as it was). OUT.json next to the output records the conversion.
 """
-import hashlib
 import json
 import os
 import pickle
@@ -23,7 +22,7 @@ from convert.arch import DETECTRON2_DEFAULTS, Architecture
 from convert.rename import detectron2_name, to_detectron2
 from convert.sources import extract_trunk, read_checkpoint
 from mocobench.errors import UsageError
-from mocobench.fileio import atomic_torch_save, atomic_write, safe_unpickle
+from mocobench.fileio import atomic_torch_save, atomic_write, file_sha256, safe_unpickle
 
 # the protocol MoCo's converter and detectron2's model zoo files use; any reader since Python 3.4 takes it
 PICKLE_PROTOCOL = 4
@@ -139,13 +138,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def report_path(output_path):
     """OUT.json next to OUT.pkl / OUT.pth."""
@@ -221,8 +213,8 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
         with atomic_write(output_path) as f:
             pickle.dump(payload, f, protocol=PICKLE_PROTOCOL)
     report.output_path = output_path
-    report.input_sha256 = sha256_of(input_path)
-    report.output_sha256 = sha256_of(output_path)
+    report.input_sha256 = file_sha256(input_path)
+    report.output_sha256 = file_sha256(output_path)
     report.seconds = time.perf_counter() - started
     report.json_path = report_path(output_path)
     with atomic_write(report.json_path, "w") as f:

@@ -13,6 +13,17 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def software_versions() -> dict:
+    """The versions a run record or manifest keeps (None: not installed)."""
+    out = {"python": sys.version.split()[0]}
+    for dist in ("torch", "torchvision", "detectron2", "fvcore", "pycocotools", "mocobench"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def collect_env() -> list:
     """(name, value) rows; never raises, a broken import is reported as such."""
     rows = [("Python", f"{sys.version.split()[0]} ({sys.executable})"), ("Platform", platform.platform())]

@@ -10,6 +10,7 @@
   numpy arrays only; anything else (a `__reduce__` that calls os.system, say) is refused.
 """
 import contextlib
+import hashlib
 import io
 import os
 import pickle
@@ -128,6 +129,15 @@ class _AllowListUnpickler(pickle.Unpickler):
         if (module, name) in _NUMPY_ALLOWED:
             return super().find_class(module, name)
         raise _ForbiddenGlobal(f"global '{module}.{name}' is not on the allow-list")
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (checkpoints are GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def safe_unpickle(path):

@@ -21,18 +21,17 @@ stage whose inputs changed, or one named with --redo: its old outputs are moved 
 deleted, and the stages after it see the new inputs and are redone in turn.
 """
 import argparse
-import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 
 from fvcore.common.config import CfgNode
 
 from mocobench.config import merge_config, resolve_config_path
+from mocobench.env import software_versions
 from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write
+from mocobench.fileio import atomic_write, file_sha256
 
 MANIFEST = "manifest.json"
 INITS = ("moco", "supervised", "random")
@@ -101,24 +100,6 @@ def load_pipeline_config(config_file, opts) -> CfgNode:
     return cfg
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def software_versions() -> dict:
-    import importlib.metadata
-
-    out = {"python": sys.version.split()[0]}
-    for dist in ("torch", "torchvision", "detectron2", "fvcore", "pycocotools", "mocobench"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def git_commit():
@@ -238,7 +219,7 @@ class Pipeline:
     def _sha_or_error(self, path, what):
         if not os.path.isfile(path):
             raise UsageError(f"{what} {path!r} does not exist")
-        return sha256(path)
+        return file_sha256(path)
 
     def _upstream_sha(self, init):
         ckpt = self.outputs[init if init == "supervised" else "pretrain"]["checkpoint"]

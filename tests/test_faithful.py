@@ -22,7 +22,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
-from mocobench.fileio import load_checkpoint
+from mocobench.fileio import file_sha256, load_checkpoint
 from mocobench.synth import make_imagenet
 from pretrain import augment
 from pretrain import train as train_mod
@@ -628,7 +628,7 @@ def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row
     run.outputs["convert_supervised"] = converted
     supervised = run._transfer_inputs("supervised")
     assert supervised["config_file"].endswith("pascal_voc_R_50_C4_24k.yaml") and 'FORMAT: "BGR"' in \
-        supervised["config_text"] and supervised["weights_sha256"] == pipeline.sha256(weights)
+        supervised["config_text"] and supervised["weights_sha256"] == file_sha256(weights)
 
 
 def test_pipeline_config_files_must_exist(tmp_path, monkeypatch):

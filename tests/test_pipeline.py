@@ -9,6 +9,7 @@ import pytest
 
 from mocobench import pipeline
 from mocobench.errors import UsageError
+from mocobench.fileio import file_sha256
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")
@@ -50,7 +51,7 @@ def test_shrunken_demo_runs_every_stage_and_reports(finished_run):
     assert m["stages"]["convert_moco"]["outputs"]["verified"] > 0
     assert m["stages"]["convert_supervised"]["outputs"]["source"] == "torchvision"
     pretrain_sha = m["stages"]["convert_moco"]["inputs"]["checkpoint_sha256"]
-    assert pretrain_sha == pipeline.sha256(m["stages"]["pretrain"]["outputs"]["checkpoint"])
+    assert pretrain_sha == file_sha256(m["stages"]["pretrain"]["outputs"]["checkpoint"])
     report = json.loads((out / "report.json").read_text())
     [table] = report["tables"].values()
     assert list(table["rows"]) == ["random", "supervised", "moco"]

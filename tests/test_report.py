@@ -20,6 +20,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from mocobench.cli import main as mocobench
+from mocobench.fileio import file_sha256
 from transfer import evaluation, record, report
 from transfer.stats import describe, welch_interval
 
@@ -238,7 +239,7 @@ def test_a_metric_missing_for_one_init_is_a_dash_not_a_crash(tmp_path):
 @pytest.mark.slow  # the study: 7 real trials, built once
 def test_record_reader_names_the_file_and_field(study, tmp_path):
     rec = records(study["runs"] / "B" / "supervised")[0]
-    assert rec["weights_info"]["sha256"] == record.file_sha256(study["root"] / "ok.pkl")
+    assert rec["weights_info"]["sha256"] == file_sha256(study["root"] / "ok.pkl")
     assert rec["weights_info"]["architecture"] == "ResNet-18" and rec["weights_info"]["backbone_loaded"] == 100
     rec["results"][TEST_SET]["bbox"]["AP"] = "high"
     path = tmp_path / "results.json"

@@ -15,7 +15,7 @@ import torchvision
 
 from mocobench import d2compat  # noqa: F401  (before detectron2)
 from mocobench.cli import main as mocobench
-from mocobench.fileio import safe_unpickle
+from mocobench.fileio import file_sha256, safe_unpickle
 from transfer import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,7 @@ def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, 
     assert "was made by another experiment (differs in SOLVER.MAX_ITER)" in err and snapshot(seed0) == before
 
     rec = record.read_record(seed0 / "results.json")  # what was loaded is recorded
-    assert rec["weights_info"]["sha256"] == record.file_sha256(pkl) and rec["weights_info"]["author"] == "torchvision"
+    assert rec["weights_info"]["sha256"] == file_sha256(pkl) and rec["weights_info"]["author"] == "torchvision"
     assert rec["schedule"] == {"MAX_ITER": 1, "STEPS": [], "BASE_LR": 0.01, "IMS_PER_BATCH": 2}
 
 

@@ -158,7 +158,7 @@ def inspect_weights(cfg) -> dict:
     from detectron2.modeling import build_model
 
     from mocobench.errors import UsageError
-    from transfer.record import file_sha256
+    from mocobench.fileio import file_sha256
 
     weights = cfg.MODEL.WEIGHTS
     cfg = cfg.clone()

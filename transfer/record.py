@@ -22,6 +22,7 @@ import math
 import os
 import time
 
+from mocobench.env import software_versions
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 
@@ -78,25 +79,6 @@ def identity_diff(a: dict, b: dict) -> list:
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def software_versions() -> dict:
-    import importlib.metadata
-    import sys
-
-    out = {"python": sys.version.split()[0]}
-    for dist in ("torch", "torchvision", "detectron2", "fvcore", "pycocotools", "mocobench"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
