@@ -152,11 +152,37 @@ def test_split_bn_rejects_indivisible_batch():
         split(torch.randn(6, 4, 2, 2))
 
 
-def test_single_process_shuffle_is_inverse():
-    x = torch.arange(12.0).view(6, 2)
+def test_single_process_shuffle_is_a_random_permutation_and_unshuffle_its_inverse():
+    x = torch.arange(16.0).view(8, 2)
+    torch.manual_seed(3)
+    perm = torch.randperm(8)
+    assert not torch.equal(perm, torch.arange(8))
+    torch.manual_seed(3)
     shuffled, idx = batch_shuffle(x)
-    assert sorted(shuffled[:, 0].tolist()) == x[:, 0].tolist()
+    # exactly the permutation drawn from torch's generator (the official code's torch.randperm), not the identity
+    assert torch.equal(shuffled, x[perm]) and torch.equal(idx, torch.argsort(perm))
     assert torch.equal(batch_unshuffle(shuffled, idx), x)
+    # every draw is a new permutation
+    draws = {tuple(batch_shuffle(x)[1].tolist()) for _ in range(5)}
+    assert len(draws) == 5
+
+
+def test_forward_computes_keys_on_the_shuffled_batch_with_split_bn():
+    """Shuffling BN (MoCo paper, Sec. 3.3): the key encoder sees the batch in another order, so a sample's key and
+    query are normalised with statistics of different sample groups. The keys the forward enqueues must equal
+    the key encoder on the permuted batch, put back in order, and differ from the keys of the unshuffled batch."""
+    model = tiny_moco(bn_splits=4)
+    x_q, x_k = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    torch.manual_seed(11)
+    perm = torch.randperm(8)  # the forward's only random draw: its shuffle
+    torch.manual_seed(11)
+    model(x_q, x_k)
+    keys = model.queue[:, :8].t()
+    with torch.no_grad():  # train-mode BN: the output depends on the weights and the batch only
+        shuffled_keys = F.normalize(model.encoder_k(x_k[perm]), dim=1)[torch.argsort(perm)]
+        unshuffled_keys = F.normalize(model.encoder_k(x_k), dim=1)
+    torch.testing.assert_close(keys, shuffled_keys, rtol=1e-5, atol=1e-6)
+    assert (keys - unshuffled_keys).abs().max() > 1e-2  # the BN groups really differ
 
 
 def test_resnet_builder_accepts_torchvision_resnets_only():
@@ -248,6 +274,10 @@ def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path):
     global_x = torch.cat([r0["x"], r1["x"]])
     got = torch.cat([r0["shuffled"], r1["shuffled"]])
     assert sorted(got[:, 0].tolist()) == sorted(global_x[:, 0].tolist())
+    # ... namely the global batch in the order of rank 0's permutation (rank 1 drew another one and ignored it)
+    torch.manual_seed(100)
+    assert torch.equal(got, global_x[torch.randperm(8)])
+    assert not torch.equal(r0["shuffled"], r0["x"])
     assert torch.equal(r0["restored"], r0["x"]) and torch.equal(r1["restored"], r1["x"])
     # queues identical on both ranks, holding the keys of both ranks in rank order
     assert torch.equal(r0["queue"], r1["queue"]) and int(r0["ptr"]) == int(r1["ptr"]) == 0
