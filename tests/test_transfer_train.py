@@ -35,6 +35,56 @@ def assert_ap_metrics(metrics):
     assert all(0.0 <= metrics[k] <= 100.0 for k in ("AP", "AP50", "AP75"))
 
 
+def _truth_as_predictions(records, shift_classes=0, num_classes=1):
+    """detectron2 model outputs that repeat the annotations of `records` (score 1), classes shifted by
+    `shift_classes` modulo `num_classes`."""
+    from detectron2.structures import Boxes, BoxMode, Instances
+
+    outputs = []
+    for r in records:
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in r["annotations"]]
+        instances = Instances((r["height"], r["width"]))
+        instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        instances.scores = torch.ones(len(boxes))
+        instances.pred_classes = torch.tensor(
+            [(a["category_id"] + shift_classes) % num_classes for a in r["annotations"]], dtype=torch.long)
+        outputs.append({"instances": instances})
+    return outputs
+
+
+def test_voc_evaluation_scores_the_test_split_against_ground_truth(synth_root, tmp_path):
+    """The generated VOC test split, evaluated by the evaluator the trainer builds for it, scored with truth taken
+    from the other writer of the same scenes (COCO val = VOC test): boxes of the right images and classes give
+    AP 100; the right boxes with classes shifted, or the boxes of the trainval scenes, give ~0."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from transfer.evaluation import build_evaluator
+    from transfer.run import prepare_config
+
+    cfg, _ = prepare_config(R18, ["MOCOBENCH.SYNTH_ROOT", synth_root, "OUTPUT_DIR", str(tmp_path)])
+    assert list(cfg.DATASETS.TEST) == ["synth_voc_test"]
+    meta = json.loads(open(os.path.join(synth_root, "synth.json")).read())
+    classes = MetadataCatalog.get("synth_voc_test").thing_classes
+    assert list(classes) == meta["class_names"] == list(MetadataCatalog.get("synth_coco_val").thing_classes)
+    coco_val, coco_train = DatasetCatalog.get("synth_coco_val"), DatasetCatalog.get("synth_coco_train")
+    voc_test = DatasetCatalog.get("synth_voc_test")
+    # the VOC test split holds the COCO val scenes: image i of the generator is VOC id {i:06d} and COCO id i
+    assert [r["image_id"] for r in voc_test] == [f"{r['image_id']:06d}" for r in coco_val]
+    assert len(voc_test) == meta["splits"]["voc"]["test"] >= 2
+
+    def evaluate(records, **shift):
+        evaluator = build_evaluator(cfg, "synth_voc_test")
+        evaluator.reset()
+        inputs = [{"image_id": r["image_id"]} for r in voc_test]  # the boxes of `records`, one per test image
+        evaluator.process(inputs, _truth_as_predictions(records, num_classes=len(classes), **shift))
+        return evaluator.evaluate()["bbox"]
+
+    perfect = evaluate(coco_val)
+    assert perfect == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0})
+    assert evaluate(coco_val, shift_classes=1)["AP50"] < 10.0
+    assert evaluate(coco_train[:len(voc_test)])["AP50"] < 10.0  # the trainval scenes' boxes
+
+
 def test_r50_c4_syncbn_single_process_trains_and_evaluates_voc(synth_root, tmp_path):
     out = tmp_path / "c4"
     [result] = run_transfer(os.path.join(CONFIG_DIR, "tiny_synth_voc_R_50_C4.yaml"), ["OUTPUT_DIR", str(out)],
