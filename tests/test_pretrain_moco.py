@@ -1,7 +1,7 @@
 """MoCo core: InfoNCE logits, momentum update, queue, split BN, shuffle BN and queues on 2 gloo ranks."""
 import copy
+import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -231,15 +231,13 @@ def test_lars_skips_1d_params_and_scales_by_trust_ratio():
 
 
 # ------------------------------------------------------------------------------------------ 2 gloo ranks
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _init_gloo(rank, world, init_method):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a lost peer fails in 2 min, not 30
 
 
-def _two_rank_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _two_rank_worker(rank, world, init_method, out_dir):
+    _init_gloo(rank, world, init_method)
     torch.set_num_threads(1)
     try:
         # shuffle / unshuffle across ranks
@@ -267,8 +265,9 @@ def _two_rank_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path):
-    mp.spawn(_two_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.slow
+def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path, rendezvous):
+    mp.spawn(_two_rank_worker, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # shuffle: each rank got half of the global batch, a permutation of it overall, and not simply its own
     global_x = torch.cat([r0["x"], r1["x"]])
@@ -293,7 +292,7 @@ def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path):
 # ------------------------------------------------------------------------------------------ MoCo v3 under DDP
 V3_OPTS = ["MODEL.ARCH", "resnet18", "INPUT.SIZE", "32", "MOCO.DIM", "16", "MOCO.MLP_DIM", "32",
            "MOCO.M", "0.9", "MOCO.M_COS", "False", "SOLVER.BATCH_SIZE", "16", "SOLVER.OPTIMIZER", "sgd",
-           "SOLVER.BASE_LR", "2.0", "SOLVER.WARMUP_EPOCHS", "0", "DEVICE", "cpu"]
+           "SOLVER.BASE_LR", "2.0", "SOLVER.WARMUP_EPOCHS", "0", "DEVICE", "cpu", "LOG_PERIOD", "1"]
 V3_STEPS = 2
 
 
@@ -310,32 +309,40 @@ def _v3_global_batches():
             for _ in range(V3_STEPS)]
 
 
+class _StepLog:
+    """What train_one_epoch reports per logged iteration (LOG_PERIOD 1): its `metrics` sink, kept in memory
+    because only the main process writes metrics.json and both ranks' losses are compared here."""
+
+    def __init__(self):
+        self.rows = []
+
+    def write(self, iteration, **scalars):
+        self.rows.append({"iteration": iteration, **scalars})
+
+
 def _v3_train(cfg, model, device, batches):
-    """pretrain.train.train_one_epoch's step (fp32 on CPU): v3 loss, zero_grad, backward, optimizer step."""
+    """One epoch of pretrain.train.train_one_epoch (fp32 on CPU) over `batches`, with the optimizer
+    pretrain.train builds: v3 loss, lr and momentum schedules, optimization_step."""
     from pretrain import train as train_mod
-    from pretrain.config import lr_at, moco_momentum_at
+    from pretrain.config import lr_at
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = train_mod.build_optimizer(cfg, params, lr_at(cfg, 0.0))
-    model.train()
-    losses = []
-    for x1, x2 in batches:
-        loss, logits, labels = train_mod.LOSSES["v3"](model, x1.to(device), x2.to(device), moco_momentum_at(cfg, 0.0))
-        losses.append(loss.item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    loader = [((x1, x2), torch.zeros(len(x1), dtype=torch.long)) for x1, x2 in batches]
+    log = _StepLog()
+    iteration = train_mod.train_one_epoch(cfg, model, loader, optimizer, None, 0, 0, device,
+                                          (False, torch.float32, False), log)
+    assert iteration == len(batches) and [r["iteration"] for r in log.rows] == list(range(1, len(batches) + 1))
     grads = {n.replace(".module.", "."): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     state = {k.replace(".module.", "."): v.clone() for k, v in model.state_dict().items()}
-    return losses, grads, state
+    return [r["loss"] for r in log.rows], grads, state
 
 
-def _v3_ddp_worker(rank, world, port, out_dir):
+def _v3_ddp_worker(rank, world, init_method, out_dir):
     from pretrain import train as train_mod
     from pretrain.moco import AllReduceBatchNorm, build_model, convert_sync_bn
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _init_gloo(rank, world, init_method)
     torch.set_num_threads(1)
     try:
         cfg = _v3_cfg()
@@ -359,10 +366,11 @@ def _v3_ddp_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_moco_v3_ddp_two_ranks_with_syncbn_equals_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.slow
+def test_moco_v3_ddp_two_ranks_with_syncbn_equals_one_process_on_the_global_batch(tmp_path, rendezvous):
     from pretrain.moco import build_model
 
-    mp.spawn(_v3_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_v3_ddp_worker, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"v3_rank{r}.pt", weights_only=True) for r in (0, 1))
 
     # the ranks agree bit for bit: DDP-averaged gradients, parameters, momentum encoder and BN running stats

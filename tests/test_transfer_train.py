@@ -114,13 +114,13 @@ def test_two_cpu_processes_over_gloo_with_naive_sync_bn(synth_root, tmp_path):
     out = tmp_path / "gloo"
     [result] = run_transfer(R18, R18_TINY + ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out), "SEED", "5"],
                             num_gpus=2, synth_root=synth_root)
-    assert result["world_size"] == 2 and result["seed"] == 5
+    assert result["world_size"] == 2 and result["seed"] == 5  # the process group's size, recorded by rank 0
     assert_ap_metrics(result["results"]["bbox"])
     trial = out / "seed0"
     config = (trial / "config.yaml").read_text()
     assert "NORM: naiveSyncBN" in config and "NORM: SyncBN" not in config
     assert "SyncBN -> naiveSyncBN" in (trial / "log.txt").read_text()
-    assert (trial / "log.txt.rank1").is_file()  # rank 1 ran the same trial
+    assert "trial 1/1: seed 5" in (trial / "log.txt.rank1").read_text()  # rank 1 ran the same trial
     metrics = read_metrics(trial / "metrics.json")
     assert sorted(metrics) == [0, 1]
 

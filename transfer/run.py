@@ -231,7 +231,7 @@ def _run_trial(cfg, job: TransferJob, index: int):
             "resumed": job.resume,
             "max_iter": cfg.SOLVER.MAX_ITER,
             "iteration": iteration,
-            "world_size": job.world_size,
+            "world_size": comm.get_world_size(),  # what ran, not what was asked for
             "device": cfg.MODEL.DEVICE,
             "seconds": round(time.perf_counter() - start, 3),
             "output_dir": os.path.abspath(cfg.OUTPUT_DIR),
