@@ -85,6 +85,7 @@ def binomial_tail(k, n, p):
     return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
 
 
+@pytest.mark.slow
 def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_it(tmp_path):
     # the shipped config as it is (ResNet-18, 32 px crops, K 1024, batch 64, its lr and augmentations); only the
     # data size, the schedule length and the logging differ
@@ -116,8 +117,10 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
                      "--epochs", "2", "--batch-size", "64", "--workers", "0", "--size", "32"]) == 0
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
     assert results["backbone_unchanged"] is True and results["num_classes"] == 4
-    # 2 epochs of the linear protocol (lr 30) are a noisy estimate; the significance test is the kNN's above
-    assert 25.0 < results["top1"] <= results["top5"] == 100.0, results
+    # the linear classifier on the frozen features beats guessing: P(hits or more of 512 | chance 1/4) < 1e-3
+    # (>= 160 hits, 31.3 %). top-5 is not checked: with 4 classes it is 100 % whatever the model does.
+    hits = round(results["top1"] * 512 / 100)
+    assert binomial_tail(hits, 512, 0.25) < 1e-3, f"linear top-1 {results['top1']} % on 512 images, chance 25 %"
 
 
 def test_checkpoint_layout_and_exact_resume_after_sigkill(tiny_imagenet, tmp_path):
