@@ -8,7 +8,6 @@ environment, and PYTHONPATH names the checkout whose code the tests import (unde
 """
 import os
 import shutil
-import stat
 import sys
 import tempfile
 
@@ -52,28 +51,32 @@ def pytest_unconfigure(config):
         shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
-def _make_read_only(root):
-    """Shared data must not be changed by the tests that share it: a test that writes into it fails."""
+def _tree_state(root):
+    """{relative path: (size, mtime)} of every file under root."""
+    state = {}
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             path = os.path.join(dirpath, name)
-            os.chmod(path, os.stat(path).st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    for dirpath, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
-        os.chmod(dirpath, os.stat(dirpath).st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            st = os.stat(path)
+            state[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return state
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
-    """DIR with imagenet/, VOC2007/, coco/ and synth.json, generated once (seed 0, test preset), read-only."""
+    """DIR with imagenet/, VOC2007/, coco/ and synth.json, generated once (seed 0, test preset).
+
+    Shared by every test that uses it, so no test may change it (copy it to tmp_path first): the session ends
+    with an error naming the files if one did. (Permission bits would not stop a test running as root.)"""
     from mocobench.synth import synthesize
 
-    parent = tmp_path_factory.mktemp("synth")
-    root = parent / "tree"
-    synthesize(str(root), preset="test", seed=0)
-    _make_read_only(str(root))
-    yield str(root)
-    for dirpath, _, _ in os.walk(root):  # writable again, so that pytest can clean up old base temp dirs
-        os.chmod(dirpath, 0o755)
+    root = str(tmp_path_factory.mktemp("synth"))
+    synthesize(root, preset="test", seed=0)
+    before = _tree_state(root)
+    yield root
+    after = _tree_state(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared synth_root tree: {changed[:10]}"
 
 
 @pytest.fixture

@@ -123,6 +123,7 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
     assert binomial_tail(hits, 512, 0.25) < 1e-3, f"linear top-1 {results['top1']} % on 512 images, chance 25 %"
 
 
+@pytest.mark.slow
 def test_checkpoint_layout_and_exact_resume_after_sigkill(tiny_imagenet, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     proc = _run(tiny_opts(tiny_imagenet, full))
