@@ -32,6 +32,8 @@ setup(
         "termcolor>=1.1",
         "tabulate",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    # pytest-timeout: per-test limit (pytest.ini); pytest-xdist: `make test` on 2 workers; mutmut: `make mutation`;
+    # scipy: binomial bounds in the accuracy tests
+    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "mutmut==3.8.1", "scipy", "ruff"]},
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )
