@@ -185,6 +185,98 @@ def test_forward_computes_keys_on_the_shuffled_batch_with_split_bn():
     assert (keys - unshuffled_keys).abs().max() > 1e-2  # the BN groups really differ
 
 
+@pytest.fixture
+def one_rank_group(tmp_path, monkeypatch):
+    """A real 1-process gloo group, with the world size reported as 2 so that code takes its multi-process path:
+    every all-reduce/all-gather then runs for real and sums over the one rank."""
+    from mocobench import comm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(one_rank_group, momentum):
+    from pretrain.moco import AllReduceBatchNorm, convert_sync_bn
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    sync = convert_sync_bn(nn.Sequential(copy.deepcopy(bn)), "cpu")[0]
+    assert type(sync) is AllReduceBatchNorm
+    for step in range(2):
+        x = (torch.randn(6, 4, 3, 5) * 3 + 1).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        grad_out = torch.randn(6, 4, 3, 5)
+        out, ref = sync(x), bn(x_ref)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        out.backward(grad_out)
+        ref.backward(grad_out)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(sync, name).grad, getattr(bn, name).grad, rtol=1e-4, atol=1e-5)
+        # running statistics as BatchNorm2d keeps them: unbiased variance, momentum (or the cumulative average)
+        torch.testing.assert_close(sync.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sync.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+        assert int(sync.num_batches_tracked) == int(bn.num_batches_tracked) == step + 1
+    # statistics in float32 under AMP: a bfloat16 input gives a bfloat16 output close to the float32 result
+    xb = torch.randn(6, 4, 3, 5) * 3 + 1
+    out_b = copy.deepcopy(sync)(xb.to(torch.bfloat16))
+    assert out_b.dtype == torch.bfloat16
+    torch.testing.assert_close(out_b.float(), copy.deepcopy(bn)(xb), rtol=0.05, atol=0.05)
+    sync.eval()
+    bn.eval()
+    torch.testing.assert_close(sync(xb), bn(xb))
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        sync(torch.randn(4))
+
+
+def test_convert_sync_bn_keeps_parameters_and_flags_and_leaves_split_bn():
+    from pretrain.moco import AllReduceBatchNorm, convert_sync_bn
+
+    frozen = nn.BatchNorm1d(3)
+    for p in frozen.parameters():
+        p.requires_grad = False
+    model = nn.Sequential(nn.BatchNorm2d(5, eps=1e-3, momentum=0.2), nn.Sequential(frozen),
+                          SplitBatchNorm(2, num_splits=2), nn.BatchNorm2d(2, affine=False))
+    model[1].eval()
+    weight = model[0].weight
+    converted = convert_sync_bn(model, "cpu")
+    a, b, split, c = converted[0], converted[1][0], converted[2], converted[3]
+    assert [type(m) for m in (a, b, split, c)] == [AllReduceBatchNorm, AllReduceBatchNorm, SplitBatchNorm,
+                                                    AllReduceBatchNorm]
+    assert a.weight is weight and (a.eps, a.momentum, a.num_features) == (1e-3, 0.2, 5)
+    assert not b.weight.requires_grad and not b.training and a.training
+    assert not c.affine and c.weight is None and c.track_running_stats
+
+
+def test_build_model_passes_the_config_on(tmp_path):
+    from pretrain.config import load_config
+    from pretrain.moco import build_model
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    small = ["DATA.ROOT", "unused", "MODEL.ARCH", "resnet18", "SOLVER.BATCH_SIZE", "16"]
+    v1 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v1_R50.yaml"),
+                                 small + ["MOCO.K", "64", "MOCO.DIM", "8"]), bn_splits=2)
+    assert type(v1) is MoCo and (v1.K, v1.m, v1.T, v1.bn_splits) == (64, 0.999, 0.07, 2)
+    assert isinstance(v1.encoder_q.fc, nn.Linear) and v1.encoder_q.fc.out_features == 8
+    assert v1.queue.shape == (8, 64) and isinstance(v1.encoder_q.bn1, SplitBatchNorm)
+    v2 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v2_R50_200ep.yaml"),
+                                 small + ["MOCO.K", "64", "MODEL.ZERO_INIT_RESIDUAL", "True"]))
+    assert type(v2) is MoCo and v2.T == 0.2 and isinstance(v2.encoder_q.fc, nn.Sequential)
+    assert type(v2.encoder_q.bn1) is nn.BatchNorm2d
+    assert float(v2.encoder_q.layer1[0].bn2.weight.abs().max()) == 0.0  # zero-init residual reached torchvision
+    v3 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v3_R50.yaml"),
+                                 small + ["MOCO.DIM", "8", "MOCO.MLP_DIM", "12"]))
+    assert type(v3) is MoCoV3 and v3.T == 1.0
+    assert v3.base_encoder.fc[0].out_features == 12 and v3.base_encoder.fc[3].out_features == 8
+    assert v3.predictor[0].in_features == 8 and v3.predictor[3].out_features == 8
+
+
 def test_resnet_builder_accepts_torchvision_resnets_only():
     model = resnet_builder("resnet18")(10)
     assert model.fc.out_features == 10

@@ -77,7 +77,7 @@ def test_cli_reports_unknown_key_with_exit_code_2():
 def _run(args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "mocobench.cli", "pretrain", "--config-file", SYNTH_CFG, *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
 def binomial_tail(k, n, p):
@@ -86,6 +86,7 @@ def binomial_tail(k, n, p):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~2 min on 2 idle cores; 7+ min when the machine is shared
 def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_it(tmp_path):
     # the shipped config as it is (ResNet-18, 32 px crops, K 1024, batch 64, its lr and augmentations); only the
     # data size, the schedule length and the logging differ
@@ -120,6 +121,7 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
     # the linear classifier on the frozen features beats guessing: P(hits or more of 512 | chance 1/4) < 1e-3
     # (>= 160 hits, 31.3 %). top-5 is not checked: with 4 classes it is 100 % whatever the model does.
     hits = round(results["top1"] * 512 / 100)
+    print(f"linear top-1 {results['top1']} %")
     assert binomial_tail(hits, 512, 0.25) < 1e-3, f"linear top-1 {results['top1']} % on 512 images, chance 25 %"
 
 
