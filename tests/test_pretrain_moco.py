@@ -291,6 +291,12 @@ def test_moco_v3_heads_and_symmetric_loss():
     assert isinstance(proj[-1], nn.BatchNorm1d) and not proj[-1].affine  # projector ends with BN(affine=False)
     assert isinstance(pred[-1], nn.Linear)  # predictor: no last BN (official builder.py)
     assert [type(m) for m in proj] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert [type(m) for m in pred] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    # official moco-v3 builder.py _build_mlp: Linear(..., bias=False) everywhere, hidden BN affine
+    assert all(m.bias is None for m in (*proj, *pred) if isinstance(m, nn.Linear))
+    assert proj[1].affine and pred[1].affine
+    assert [(m.in_features, m.out_features) for m in pred if isinstance(m, nn.Linear)] == [(4, 6), (6, 4)]
+    assert model.T == 1.0 and all(not p.requires_grad for p in model.momentum_encoder.parameters())
     x1, x2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     k_before = [p.clone() for p in model.momentum_encoder.parameters()]
     loss, logits, labels = model(x1, x2, 0.9)
