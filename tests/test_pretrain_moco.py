@@ -284,9 +284,10 @@ def test_resnet_builder_accepts_torchvision_resnets_only():
         resnet_builder("vgg16")
 
 
-def test_moco_v3_heads_and_symmetric_loss():
+@pytest.mark.parametrize("T", [1.0, 0.2])
+def test_moco_v3_heads_and_symmetric_loss(T):
     torch.manual_seed(0)
-    model = MoCoV3(TinyEncoder, dim=4, mlp_dim=6, T=1.0)
+    model = MoCoV3(TinyEncoder, dim=4, mlp_dim=6, T=T)
     proj, pred = model.base_encoder.fc, model.predictor
     assert isinstance(proj[-1], nn.BatchNorm1d) and not proj[-1].affine  # projector ends with BN(affine=False)
     assert isinstance(pred[-1], nn.Linear)  # predictor: no last BN (official builder.py)
@@ -296,7 +297,7 @@ def test_moco_v3_heads_and_symmetric_loss():
     assert all(m.bias is None for m in (*proj, *pred) if isinstance(m, nn.Linear))
     assert proj[1].affine and pred[1].affine
     assert [(m.in_features, m.out_features) for m in pred if isinstance(m, nn.Linear)] == [(4, 6), (6, 4)]
-    assert model.T == 1.0 and all(not p.requires_grad for p in model.momentum_encoder.parameters())
+    assert model.T == T and all(not p.requires_grad for p in model.momentum_encoder.parameters())
     x1, x2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     k_before = [p.clone() for p in model.momentum_encoder.parameters()]
     loss, logits, labels = model(x1, x2, 0.9)
@@ -311,9 +312,19 @@ def test_moco_v3_heads_and_symmetric_loss():
 
     def ctr(q, k):
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        return F.cross_entropy(q @ k.t() / 1.0, torch.arange(6)) * 2.0
+        return F.cross_entropy(q @ k.t() / T, torch.arange(6)) * 2.0 * T  # official: scaled by 2T
 
     torch.testing.assert_close(loss, ctr(q1, k2) + ctr(q2, k1), rtol=1e-5, atol=1e-5)
+
+
+def test_defaults_are_the_official_ones():
+    # moco main_moco.py: --moco-dim 128, --moco-k 65536, --moco-m 0.999, --moco-t 0.07 (v1); moco-v3 main_moco.py:
+    # --moco-dim 256, --moco-mlp-dim 4096, --moco-t 1.0
+    v1 = MoCo(TinyEncoder)
+    assert (v1.K, v1.m, v1.T, v1.bn_splits, v1.queue.shape) == (65536, 0.999, 0.07, 1, (128, 65536))
+    assert isinstance(v1.encoder_q.fc, nn.Linear) and type(v1.encoder_q.bn) is nn.BatchNorm2d
+    v3 = MoCoV3(TinyEncoder)
+    assert v3.T == 1.0 and v3.base_encoder.fc[0].out_features == 4096 and v3.predictor[-1].out_features == 256
 
 
 def test_lars_skips_1d_params_and_scales_by_trust_ratio():
