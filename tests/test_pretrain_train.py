@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_optimizer_states_equal
 
 from mocobench.errors import UsageError
 from mocobench.fileio import load_checkpoint
@@ -151,8 +152,7 @@ def test_checkpoint_layout_and_exact_resume_after_sigkill(tiny_imagenet, tmp_pat
     assert a["iteration"] == b["iteration"] == 8
     for key in keys:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])  # every parameter's momentum buffer, same keys
     # the queue really moved and was filled by keys (unit columns)
     assert int(a["state_dict"]["module.queue_ptr"]) == (8 * 16) % 32
     torch.testing.assert_close(a["state_dict"]["module.queue"].norm(dim=0), torch.ones(32))
