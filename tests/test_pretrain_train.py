@@ -87,7 +87,7 @@ def binomial_tail(k, n, p):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # ~2 min on 2 idle cores; 7+ min when the machine is shared
+@pytest.mark.timeout(1800)  # ~2 min on 2 idle cores; 20 min measured on 2 cores shared by 7 test runs
 def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_it(tmp_path):
     # the shipped config as it is (ResNet-18, 32 px crops, K 1024, batch 64, its lr and augmentations); only the
     # data size, the schedule length and the logging differ
@@ -120,9 +120,9 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
     assert results["backbone_unchanged"] is True and results["num_classes"] == 4
     # the linear classifier on the frozen features beats guessing: P(hits or more of 512 | chance 1/4) < 1e-3
-    # (>= 160 hits, 31.3 %). top-5 is not checked: with 4 classes it is 100 % whatever the model does.
+    # (>= 160 hits, 31.3 %; the seeded run: 174 hits, 34.0 %, p = 3e-6). top-5 is not checked: with 4 classes it
+    # is 100 % whatever the model does.
     hits = round(results["top1"] * 512 / 100)
-    print(f"linear top-1 {results['top1']} %")
     assert binomial_tail(hits, 512, 0.25) < 1e-3, f"linear top-1 {results['top1']} % on 512 images, chance 25 %"
 
 
