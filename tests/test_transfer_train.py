@@ -85,6 +85,7 @@ def test_voc_evaluation_scores_the_test_split_against_ground_truth(synth_root, t
     assert evaluate(coco_train[:len(voc_test)])["AP50"] < 10.0  # the trainval scenes' boxes
 
 
+@pytest.mark.slow
 def test_r50_c4_syncbn_single_process_trains_and_evaluates_voc(synth_root, tmp_path):
     out = tmp_path / "c4"
     [result] = run_transfer(os.path.join(CONFIG_DIR, "tiny_synth_voc_R_50_C4.yaml"), ["OUTPUT_DIR", str(out)],
@@ -101,6 +102,7 @@ def test_r50_c4_syncbn_single_process_trains_and_evaluates_voc(synth_root, tmp_p
     assert "NORM: SyncBN" in config and "Res5ROIHeadsExtraNorm" in config
 
 
+@pytest.mark.slow
 def test_r50_fpn_mask_rcnn_trains_and_evaluates_coco_bbox_and_segm(synth_root, tmp_path):
     [result] = run_transfer(os.path.join(CONFIG_DIR, "tiny_synth_coco_R_50_FPN.yaml"),
                             ["OUTPUT_DIR", str(tmp_path / "fpn")], synth_root=synth_root)
@@ -110,10 +112,11 @@ def test_r50_fpn_mask_rcnn_trains_and_evaluates_coco_bbox_and_segm(synth_root, t
     assert sorted(read_metrics(tmp_path / "fpn" / "seed0" / "metrics.json")) == [0, 1]
 
 
-def test_two_cpu_processes_over_gloo_with_naive_sync_bn(synth_root, tmp_path):
+@pytest.mark.slow
+def test_two_cpu_processes_over_gloo_with_naive_sync_bn(synth_root, tmp_path, rendezvous):
     out = tmp_path / "gloo"
     [result] = run_transfer(R18, R18_TINY + ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out), "SEED", "5"],
-                            num_gpus=2, synth_root=synth_root)
+                            num_gpus=2, synth_root=synth_root, dist_url=rendezvous)
     assert result["world_size"] == 2 and result["seed"] == 5  # the process group's size, recorded by rank 0
     assert_ap_metrics(result["results"]["bbox"])
     trial = out / "seed0"
@@ -125,6 +128,7 @@ def test_two_cpu_processes_over_gloo_with_naive_sync_bn(synth_root, tmp_path):
     assert sorted(metrics) == [0, 1]
 
 
+@pytest.mark.slow
 def test_seeds_write_one_result_per_trial_with_distinct_seeds(synth_root, tmp_path):
     out = tmp_path / "seeds"
     results = run_transfer(R18, R18_TINY + ["SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out), "SEED", "11",
@@ -143,6 +147,7 @@ def test_seeds_write_one_result_per_trial_with_distinct_seeds(synth_root, tmp_pa
     assert ap["mean"] == pytest.approx(sum(ap["values"]) / 2)
 
 
+@pytest.mark.slow
 def test_resume_restores_iteration_and_lr_schedule_across_steps_then_eval_only(synth_root, tmp_path):
     # 5 iterations at 64 px, warm-up over 1, lr x0.1 at 3 and again at 4; checkpoints after iterations 1 and 3
     schedule = R18_TINY + ["SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(3, 4)", "SOLVER.WARMUP_ITERS", "1",
