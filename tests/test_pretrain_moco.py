@@ -167,22 +167,28 @@ def test_single_process_shuffle_is_a_random_permutation_and_unshuffle_its_invers
     assert len(draws) == 5
 
 
-def test_forward_computes_keys_on_the_shuffled_batch_with_split_bn():
+@pytest.mark.parametrize("bn_splits", [2, 4])
+def test_forward_computes_keys_on_the_shuffled_batch_with_split_bn(bn_splits):
     """Shuffling BN (MoCo paper, Sec. 3.3): the key encoder sees the batch in another order, so a sample's key and
     query are normalised with statistics of different sample groups. The keys the forward enqueues must equal
-    the key encoder on the permuted batch, put back in order, and differ from the keys of the unshuffled batch."""
-    model = tiny_moco(bn_splits=4)
+    the key encoder on the permuted batch, put back in order, and differ from the keys of the unshuffled batch;
+    the logits are those of the normalised query against that key and the queue as it was before the step."""
+    model = tiny_moco(bn_splits=bn_splits)
+    queue_before = model.queue.clone()
     x_q, x_k = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
     torch.manual_seed(11)
     perm = torch.randperm(8)  # the forward's only random draw: its shuffle
     torch.manual_seed(11)
-    model(x_q, x_k)
+    logits, _ = model(x_q, x_k)
     keys = model.queue[:, :8].t()
     with torch.no_grad():  # train-mode BN: the output depends on the weights and the batch only
         shuffled_keys = F.normalize(model.encoder_k(x_k[perm]), dim=1)[torch.argsort(perm)]
         unshuffled_keys = F.normalize(model.encoder_k(x_k), dim=1)
+        q = F.normalize(model.encoder_q(x_q), dim=1)
     torch.testing.assert_close(keys, shuffled_keys, rtol=1e-5, atol=1e-6)
     assert (keys - unshuffled_keys).abs().max() > 1e-2  # the BN groups really differ
+    reference = torch.cat([(q * keys).sum(1, keepdim=True), q @ queue_before], dim=1) / model.T
+    torch.testing.assert_close(logits.detach(), reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture
@@ -233,6 +239,12 @@ def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(on
     torch.testing.assert_close(sync(xb), bn(xb))
     with pytest.raises(ValueError, match="expected at least 2D input"):
         sync(torch.randn(4))
+    # (N, C) input: the BatchNorm1d layers of the v3 projector and predictor
+    bn1d = nn.BatchNorm1d(5, momentum=momentum)
+    sync1d = convert_sync_bn(nn.Sequential(copy.deepcopy(bn1d)), "cpu")[0]
+    x2d = torch.randn(7, 5) * 2 - 1
+    torch.testing.assert_close(sync1d(x2d), bn1d(x2d), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sync1d.running_var, bn1d.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_convert_sync_bn_keeps_parameters_and_flags_and_leaves_split_bn():
