@@ -25,6 +25,7 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        "scipy",  # the report's Welch confidence intervals (t quantiles)
         # detectron2 0.6 runtime needs (its own pins are stale, it is installed with --no-deps)
         "cloudpickle",
         "omegaconf>=2.1",
@@ -32,8 +33,7 @@ setup(
         "termcolor>=1.1",
         "tabulate",
     ],
-    # pytest-timeout: per-test limit (pytest.ini); pytest-xdist: `make test` on 2 workers; mutmut: `make mutation`;
-    # scipy: binomial bounds in the accuracy tests
-    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "mutmut==3.8.1", "scipy", "ruff"]},
+    # pytest-timeout: per-test limit (pytest.ini); pytest-xdist: `pytest -n 2`; mutmut: `make mutation`
+    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "mutmut==3.8.1", "ruff"]},
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )

@@ -1,8 +1,10 @@
-"""Two-view MoCo v2 (aug+) throughput: our OpenCV uint8 pipeline vs the official PIL + torchvision recipe.
+"""Two-view MoCo v2 (aug+) throughput: our pipeline (OpenCV uint8 ops, PIL's antialiased bilinear resize) vs the
+official PIL + torchvision recipe; and the evaluation transform (Resize 256 + CenterCrop 224) against torchvision's.
 
 One worker, one thread (cv2.setNumThreads(1), torch.set_num_threads(1)): what one DataLoader worker does per
 image, JPEG decode included. Variants are interleaved over several rounds so machine noise hits both alike;
-medians are printed with the ratio (ours / official).
+medians are printed with the ratio (ours / official). Ratios are what to compare across machines: both sides of
+a ratio are measured in the same run, interleaved, so a loaded machine slows both alike.
 
     python benchmarks/augment_throughput.py [--rounds 7] [--images 64]
 """
@@ -21,7 +23,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pretrain.augment import build_two_view_transform  # noqa: E402
+from pretrain.augment import build_eval_transform, build_two_view_transform  # noqa: E402
 from pretrain.data import read_rgb  # noqa: E402
 
 
@@ -59,6 +61,26 @@ def ours_two_view(size):
     return lambda path: two_view(read_rgb(path))
 
 
+def official_eval(size):
+    view = transforms.Compose([
+        transforms.Resize(round(size * 256 / 224)),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+
+    def load(path):
+        with open(path, "rb") as f:
+            return view(Image.open(f).convert("RGB"))
+
+    return load
+
+
+def ours_eval(size):
+    transform = build_eval_transform(size)
+    return lambda path: transform(read_rgb(path))
+
+
 def photo_like_image(rng, height, width):
     """Smooth random colour field plus a few shapes and mild noise: compresses like a photo, not like noise."""
     coarse = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
@@ -91,11 +113,11 @@ def images_per_second(load, paths):
     return len(paths) / (time.perf_counter() - start)
 
 
-def run_case(name, size, image_hw, count, rounds):
+def run_case(name, size, image_hw, count, rounds, ours=ours_two_view, official=official_two_view):
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(tmp, count, *image_hw)
         mean_kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
-        variants = {"ours (OpenCV uint8)": ours_two_view(size), "official (PIL+torchvision)": official_two_view(size)}
+        variants = {"ours": ours(size), "official (PIL+torchvision)": official(size)}
         for load in variants.values():  # warm-up: page cache, lazy imports, allocator
             images_per_second(load, paths[:8])
         results = {k: [] for k in variants}
@@ -103,12 +125,12 @@ def run_case(name, size, image_hw, count, rounds):
             for key, load in variants.items():
                 results[key].append(images_per_second(load, paths))
     medians = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\n{name}: {size} px views from ~{image_hw[1]}x{image_hw[0]} JPEGs ({mean_kb:.0f} KiB mean), "
+    print(f"\n{name}: {size} px from ~{image_hw[1]}x{image_hw[0]} JPEGs ({mean_kb:.0f} KiB mean), "
           f"{count} images x {rounds} rounds")
     for key, values in results.items():
         spread = f"min {min(values):.0f} / max {max(values):.0f}"
         print(f"  {key:<28} median {medians[key]:8.1f} img/s   ({spread})")
-    ratio = medians["ours (OpenCV uint8)"] / medians["official (PIL+torchvision)"]
+    ratio = medians["ours"] / medians["official (PIL+torchvision)"]
     print(f"  ratio ours/official: {ratio:.2f}x")
     return ratio
 
@@ -124,10 +146,12 @@ def main():
     random.seed(0)
     print(f"torch {torch.__version__}, opencv {cv2.__version__}, single worker, single thread")
     ratios = {
-        "224": run_case("ImageNet-like", 224, (350, 400), args.images, args.rounds),
-        "64": run_case("small", 64, (80, 80), args.images * 4, args.rounds),
+        "224 px": run_case("ImageNet-like, two v2 views", 224, (350, 400), args.images, args.rounds),
+        "64 px": run_case("small, two v2 views", 64, (80, 80), args.images * 4, args.rounds),
     }
-    print("\nsummary: " + ", ".join(f"{k} px {v:.2f}x" for k, v in ratios.items()) + " (target >= 2.0x)")
+    evaluation = run_case("evaluation transform", 224, (375, 500), args.images, args.rounds, ours_eval, official_eval)
+    print("\nsummary (training augmentation, target >= 2.0x): "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + f"; evaluation transform {evaluation:.2f}x")
     return 0
 
 

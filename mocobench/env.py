@@ -50,6 +50,17 @@ def collect_env() -> list:
     return rows
 
 
+def set_tf32(enabled: bool) -> dict:
+    """Set TF32 tensor-core math for CUDA float32 matmuls and cuDNN convolutions, both explicitly (torch's own
+    defaults differ: matmul off, cuDNN on, so an "fp32" run on an Ampere+ GPU is partly TF32 unless told).
+    Returns the flags as set, for the log and the run record. False reproduces the papers' V100 fp32."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+
+
 def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="mocobench env", description=__doc__)
     parser.parse_args(argv)

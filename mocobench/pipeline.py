@@ -44,9 +44,13 @@ def get_pipeline_cfg() -> CfgNode:
     cfg.SUPERVISED = CfgNode()
     cfg.SUPERVISED.CONFIG_FILE = ""  # train the supervised baseline on the same images with labels ...
     cfg.SUPERVISED.OPTS = []
-    cfg.SUPERVISED.WEIGHTS = ""  # ... or use this torchvision checkpoint (e.g. your resnet50-*.pth)
+    cfg.SUPERVISED.WEIGHTS = ""  # ... or use this torchvision checkpoint (resnet50-*.pth) or MSRA R-50.pkl
     cfg.TRANSFER = CfgNode()
     cfg.TRANSFER.CONFIG_FILE = ""
+    # per init, the detection config to use instead of CONFIG_FILE ("" = CONFIG_FILE). The paper's supervised row:
+    # SUPERVISED.WEIGHTS /path/R-50.pkl (MSRA, BGR, caffe-style; used as is, no conversion) with
+    # CONFIG_FILES.SUPERVISED configs/detection/pascal_voc_R_50_C4_24k.yaml; torchvision weights need the _moco one.
+    cfg.TRANSFER.CONFIG_FILES = CfgNode({init.upper(): "" for init in INITS})
     cfg.TRANSFER.OPTS = []
     cfg.TRANSFER.INITS = list(INITS)
     cfg.TRANSFER.SEEDS = 3
@@ -64,6 +68,9 @@ def load_pipeline_config(config_file, opts) -> CfgNode:
         node, leaf = key.split(".")
         if not cfg[node][leaf]:
             raise UsageError(f"{config_file}: {key} is required")
+    for init, path in cfg.TRANSFER.CONFIG_FILES.items():
+        if path and not os.path.isfile(path):
+            raise UsageError(f"TRANSFER.CONFIG_FILES.{init} {path!r} does not exist; expected a detection config")
     cfg.freeze()
     return cfg
 
@@ -198,8 +205,13 @@ class Pipeline:
         ckpt = self.outputs[init if init == "supervised" else "pretrain"]["checkpoint"]
         return self._sha_or_error(ckpt, f"{init} checkpoint")
 
+    def transfer_config_file(self, init):
+        return self.cfg.TRANSFER.CONFIG_FILES[init.upper()] or self.cfg.TRANSFER.CONFIG_FILE
+
     def _transfer_inputs(self, init):
-        inputs = self._config_inputs(self.cfg.TRANSFER) | {"seeds": self.cfg.TRANSFER.SEEDS}
+        config_file = self.transfer_config_file(init)
+        inputs = self._config_inputs(self.cfg.TRANSFER) | {"config_file": config_file, "config_text": _file_text(
+            config_file), "seeds": self.cfg.TRANSFER.SEEDS}
         if init != "random":
             inputs["weights_sha256"] = self._sha_or_error(self.outputs[f"convert_{init}"]["pkl"], f"{init} .pkl")
         else:
@@ -243,6 +255,8 @@ class Pipeline:
         from convert import convert_checkpoint
 
         ckpt = self.outputs[init if init == "supervised" else "pretrain"]["checkpoint"]
+        if init == "supervised" and ckpt.endswith(".pkl"):  # detectron2/Caffe2 weights (MSRA R-50.pkl): as they are
+            return {"pkl": ckpt, "source": "pkl (used as is)", "verified": 0, "max_rel_error": None}
         pkl = self.path("convert", f"{init}.pkl")
         report = convert_checkpoint(ckpt, pkl, source="auto", verify=True)  # raises on failed verification
         print(report.summary())
@@ -258,7 +272,7 @@ class Pipeline:
         opts = [*t.OPTS, "OUTPUT_DIR", output_dir, "MODEL.WEIGHTS", weights]
         if init == "random":
             opts += ["MOCOBENCH.REQUIRE_WEIGHTS", "False", *t.RANDOM_OPTS]
-        results = run_transfer(t.CONFIG_FILE, opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS, resume=True,
+        results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS, resume=True,
                                init_name=init, synth_root=self.synth_root)
         if len(results) != t.SEEDS:
             raise UsageError(f"transfer of {init} produced {len(results)} results for {t.SEEDS} seeds: "
@@ -268,7 +282,8 @@ class Pipeline:
     def run_report(self):
         from transfer.report import write_report
 
-        dirs = [self.path("transfer")] + [self.path(d) for d in ("pretrain",) if os.path.isdir(self.path(d))]
+        pretraining = [self.path(d) for d in ("pretrain", "supervised") if os.path.isdir(self.path(d))]
+        dirs = [self.path("transfer")] + pretraining
         summary = write_report(dirs, self.run_dir)
         print(summary["markdown"])
         return {"files": summary["files"]}

@@ -1,9 +1,15 @@
 """MoCo augmentation recipes on uint8 numpy images with OpenCV.
 
 The official MoCo code builds its views with PIL + torchvision.transforms. We keep the same augmentation
-*distribution* (same crop sampler, same jitter factor ranges, same probabilities and op order) but run every
-op on a uint8 HxWx3 RGB numpy array with OpenCV, which is several times faster per worker. Outputs are not
-pixel-identical to torchvision's (different resampling and rounding), only identically distributed.
+*distribution* (same crop sampler, same jitter factor ranges, same probabilities and op order) but run the
+photometric ops on a uint8 HxWx3 RGB numpy array with OpenCV, which is several times faster per worker; their
+outputs are identically distributed, not pixel-identical (rounding differs by about one grey level).
+Resampling is PIL's own bilinear resize, the op torchvision's PIL path calls: it antialiases at every shrink
+factor (a triangle filter stretched by the factor), which OpenCV's INTER_LINEAR does not and INTER_AREA does
+only with a narrower box. So a crop box gives the same pixels as torchvision's RandomResizedCrop, and the eval
+transform equals torchvision's PIL Resize(256) + CenterCrop(224) to <= 1/255 (tests/test_faithful.py).
+torch's antialiased uint8 kernel was ~10 % faster end to end but up to 2 grey levels off PIL; with PIL the
+training pipeline stays ~3x the official one (benchmarks/augment_throughput.py, target >= 2x).
 
 Random numbers come from Python's `random` module (cheap for scalars); the data loader seeds it per worker
 (pretrain.data.worker_init_fn) or per sample (SafeImageFolder(seed=...)).
@@ -17,6 +23,7 @@ import random
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,12 +66,11 @@ def sample_crop_params(height, width, scale, ratio, rng=random):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize(img, out_w, out_h):
-    # INTER_LINEAR like torchvision's bilinear; for strong shrinking INTER_AREA instead, because PIL's
-    # bilinear (what the official recipe uses) antialiases and plain INTER_LINEAR would alias.
-    h, w = img.shape[:2]
-    shrinking_a_lot = w >= 2 * out_w and h >= 2 * out_h
-    return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA if shrinking_a_lot else cv2.INTER_LINEAR)
+def pil_resize(img, out_w, out_h, box=None):
+    """PIL's BILINEAR resize of a uint8 HxWx3 array (what torchvision's RandomResizedCrop / Resize run on PIL
+    images): antialiased at every shrink factor, plain bilinear when enlarging. box=(x0, y0, x1, y1) resizes
+    only that region of the image, with the filter taps reaching outside it exactly as in the full resize."""
+    return np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BILINEAR, box=box))
 
 
 class RandomResizedCrop:
@@ -73,11 +79,16 @@ class RandomResizedCrop:
 
     def __call__(self, img, rng=random):
         top, left, h, w = sample_crop_params(img.shape[0], img.shape[1], self.scale, self.ratio, rng)
-        return _resize(img[top : top + h, left : left + w], self.size, self.size)
+        # crop, then resize the crop (torchvision's resized_crop): the filter does not reach past the crop edges
+        return pil_resize(img[top : top + h, left : left + w], self.size, self.size)
 
 
 class ResizeCenterCrop:
-    """Resize the shorter side to `resize`, then take the centre `size` x `size` crop (evaluation)."""
+    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image (evaluation), computing only the crop.
+
+    Sizes and offsets follow torchvision: the shorter side becomes `resize`, the longer int(resize * long /
+    short); the crop starts at int(round((new - size) / 2)). Only the centre size x size output pixels are
+    resampled (PIL's box argument: the same filter centres and taps as the full resize)."""
 
     def __init__(self, resize, size):
         self.resize, self.size = resize, size
@@ -88,10 +99,11 @@ class ResizeCenterCrop:
             new_h, new_w = self.resize, int(self.resize * w / h)
         else:
             new_h, new_w = int(self.resize * h / w), self.resize
-        img = _resize(img, new_w, new_h)
         top = int(round((new_h - self.size) / 2.0))
         left = int(round((new_w - self.size) / 2.0))
-        return img[top : top + self.size, left : left + self.size]
+        sx, sy = w / new_w, h / new_h  # input pixels per output pixel
+        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        return pil_resize(img, self.size, self.size, box)
 
 
 class RandomHorizontalFlip:

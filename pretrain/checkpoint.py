@@ -10,7 +10,7 @@
         optimizer   optimizer.state_dict()
       ours, for exact resume:
         iteration   global iteration count
-        scaler      GradScaler state (fp16) or {}
+        scaler      GradScaler state (fp16); a default GradScaler's otherwise (official v3 layout)
         rng         torch / cuda / numpy / python RNG states as tensors and plain numbers
         config      the full config as a YAML string
     last_checkpoint  text file naming the newest checkpoint (what `--resume auto` reads)
@@ -112,13 +112,19 @@ def save_checkpoint(output_dir, epoch_index, model, optimizer, scaler, iteration
         "state_dict": state_dict_fn(model),
         "optimizer": optimizer.state_dict(),
         "iteration": iteration,
-        "scaler": scaler.state_dict() if scaler is not None else {},
+        "scaler": scaler_state_dict(scaler),
         "rng": get_rng_state(),
         "config": cfg.dump(),
     }, path)
     with atomic_write(os.path.join(output_dir, LAST_CHECKPOINT), "w") as f:
         f.write(name)
     return path
+
+
+def scaler_state_dict(scaler):
+    """The GradScaler state; without one (fp32/bf16 runs) the state of a fresh default GradScaler, because the
+    official MoCo v3 main_moco.py --resume calls scaler.load_state_dict, which rejects an empty dict."""
+    return (scaler if scaler is not None else torch.amp.GradScaler("cpu")).state_dict()
 
 
 def find_resume_path(output_dir, resume):

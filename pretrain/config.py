@@ -64,9 +64,17 @@ _C.SOLVER.WARMUP_EPOCHS = 0  # linear warmup from 0 (per iteration)
 # False: lr changes once per epoch (official v1/v2); True: every iteration (official v3)
 _C.SOLVER.LR_PER_ITER = False
 
+# Precision. The official recipes: MoCo v1/v2 train in fp32 (facebookresearch/moco main_moco.py has no autocast);
+# MoCo v3 trains under fp16 autocast with a GradScaler (facebookresearch/moco-v3 main_moco.py:
+# torch.cuda.amp.autocast(True) + torch.cuda.amp.GradScaler()). Under AMP the MoCo v1/v2 logits and loss are still
+# computed in fp32 against the fp32 queue (pretrain.moco.MoCo.contrastive_logits).
 _C.AMP = CfgNode()
-_C.AMP.ENABLED = None  # None = auto: on for CUDA, off for CPU (where autocast is slower)
-_C.AMP.DTYPE = "bfloat16"  # bfloat16 | float16 (float16 uses a GradScaler); bf16 falls back to fp16 on old GPUs
+_C.AMP.ENABLED = None  # None = the recipe's: on for MoCo v3 on CUDA, off for v1/v2 and on CPU. True/False forces it
+_C.AMP.DTYPE = "float16"  # float16 (official v3, with a GradScaler) | bfloat16 (opt-in; fp16 on GPUs without bf16)
+# TF32 tensor-core math for CUDA float32 matmuls and cuDNN convolutions (Ampere and newer GPUs). False reproduces the
+# papers' fp32 (their V100s have no TF32); True is faster on A100/H100. Set explicitly at start (torch's own defaults
+# differ: matmul off, cuDNN on), written to log.txt and OUTPUT_DIR/precision.json.
+_C.TF32 = False
 
 _C.CHANNELS_LAST = None  # None = auto: on for CUDA, off for CPU
 _C.COMPILE = False  # torch.compile the encoders (opt-in)

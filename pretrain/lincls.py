@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write, load_checkpoint
 from pretrain.augment import build_eval_transform, build_linear_train_transform
@@ -198,12 +199,15 @@ def build_parser():
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 matmuls/convolutions on Ampere+ GPUs (off: the official V100 fp32 protocol)")
     return parser
 
 
 def main(argv):
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tf32 = set_tf32(args.tf32)
     torch.manual_seed(args.seed)
 
     checkpoint = load_checkpoint(args.pretrained)
@@ -240,7 +244,7 @@ def main(argv):
     schedule = f"step x0.1 at {list(milestones)}" if milestones else "cosine"
     print(f"lincls: {arch} from {args.pretrained} ({prefix}*, recipe {recipe_name}), {len(train_set.classes)} classes, "
           f"{len(train_set)} train / {len(val_set)} val images, {epochs} epochs, batch {batch_size}, "
-          f"lr {base_lr:g} ({schedule}), device {device}", flush=True)
+          f"lr {base_lr:g} ({schedule}), device {device}, TF32 {args.tf32}", flush=True)
 
     os.makedirs(args.output, exist_ok=True)
     metrics_path = os.path.join(args.output, "metrics.json")
@@ -284,6 +288,7 @@ def main(argv):
         "best_top1": best_top1,
         "bad_images": train_set.num_bad + val_set.num_bad,
         "backbone_unchanged": True,
+        **tf32,
     }
     with atomic_write(os.path.join(args.output, "lincls_results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -248,22 +248,25 @@ class MoCo(nn.Module):
         self.queue_ptr[0] = (ptr + n) % self.K
 
     def contrastive_logits(self, q, k):
-        """[q.k+, q.queue] / T: N x (1+K) with the positive at index 0."""
-        q = q / self.T  # scaling q costs N x C multiplications, scaling the logits N x (1+K)
-        l_pos = (q * k.to(q.dtype)).sum(dim=1, keepdim=True)
-        # a copy: autograd keeps it for the gradient of q, and the enqueue after the forward writes the queue
-        l_neg = torch.mm(q, self.queue.clone().to(q.dtype))
-        return torch.cat([l_pos, l_neg], dim=1)
+        """[q.k+, q.queue] / T: N x (1+K) with the positive at index 0, always in float32 against the float32
+        queue: under AMP a bf16 q.queue product is off by up to ~3e-2 at T = 0.07 (logits up to 1/T = 14.3),
+        where InfoNCE is sensitive, while l_pos would stay exact. The official v1/v2 recipe runs in fp32."""
+        with torch.autocast(q.device.type, enabled=False):
+            q = q.float() / self.T  # scaling q costs N x C multiplications, scaling the logits N x (1+K)
+            l_pos = (q * k.float()).sum(dim=1, keepdim=True)
+            # a copy: autograd keeps it for the gradient of q, and the enqueue after the forward writes the queue
+            l_neg = torch.mm(q, self.queue.clone())
+            return torch.cat([l_pos, l_neg], dim=1)
 
     def forward(self, im_q, im_k):
         """Returns the InfoNCE logits N x (1+K) and the labels (all 0: the positive is at index 0)."""
-        q = F.normalize(self.encoder_q(im_q), dim=1)
+        q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # fp32 under AMP (autocast keeps fp32 inputs)
         with torch.no_grad():
             self.momentum_update_key_encoder()
             shuffle = comm.get_world_size() > 1 or self.bn_splits > 1
             if shuffle:
                 im_k, idx_unshuffle = batch_shuffle(im_k)
-            k = F.normalize(self.encoder_k(im_k), dim=1)
+            k = F.normalize(self.encoder_k(im_k).float(), dim=1)
             if shuffle:
                 k = batch_unshuffle(k, idx_unshuffle)
         logits = self.contrastive_logits(q, k)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from mocobench import comm
+from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
 from pretrain import checkpoint as ckpt
@@ -81,6 +82,10 @@ def seed_all(seed):
 
 
 def build_optimizer(cfg, params, lr):
+    """SGD or LARS over `params`. Pass model.parameters() of the unwrapped MoCo model, as the official
+    main_moco.py does (SGD / LARS over all parameters of the DDP model, frozen key encoder included, in module
+    order): parameters without a gradient get no state, so the training is the same, and the optimizer
+    state_dict then has the official layout, which the official `optimizer.load_state_dict` (--resume) accepts."""
     from pretrain.lars import LARS
 
     optimizers = {
@@ -90,13 +95,27 @@ def build_optimizer(cfg, params, lr):
     return optimizers[cfg.SOLVER.OPTIMIZER]()
 
 
+PRECISION_RECORD = "precision.json"
+
+
 def precision_settings(cfg, device):
-    """(autocast enabled, dtype, channels_last): AMP and channels_last default to on for CUDA, off for CPU."""
-    amp = cfg.AMP.ENABLED if cfg.AMP.ENABLED is not None else device.type == "cuda"
+    """(autocast enabled, dtype, channels_last), and the TF32 switches set from cfg.TF32.
+
+    AMP.ENABLED None follows the official recipe: fp16 autocast + GradScaler for MoCo v3 on CUDA, fp32 for v1/v2
+    (and on CPU, where autocast is slower). channels_last defaults to on for CUDA. The resolved precision is
+    logged and written to OUTPUT_DIR/precision.json (main process), so a run says what it computed in."""
+    amp = cfg.AMP.ENABLED if cfg.AMP.ENABLED is not None else (device.type == "cuda" and cfg.MOCO.VERSION == "v3")
     dtype = torch.bfloat16 if cfg.AMP.DTYPE == "bfloat16" else torch.float16
     if amp and device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         dtype = torch.float16
     channels_last = cfg.CHANNELS_LAST if cfg.CHANNELS_LAST is not None else device.type == "cuda"
+    record = {"device": str(device), "amp": bool(amp), "amp_dtype": str(dtype).replace("torch.", "") if amp else None,
+              "grad_scaler": bool(amp and dtype == torch.float16), **set_tf32(cfg.TF32),
+              "channels_last": bool(channels_last)}
+    logger.info("precision: " + ", ".join(f"{k} {v}" for k, v in record.items()))
+    if comm.is_main_process() and os.path.isdir(cfg.OUTPUT_DIR):
+        with atomic_write(os.path.join(cfg.OUTPUT_DIR, PRECISION_RECORD), "w") as f:
+            json.dump(record, f, indent=2)
     return amp, dtype, channels_last
 
 
@@ -348,8 +367,7 @@ def train(cfg, resume=None):
         model = convert_sync_bn(model, device)  # torch's SyncBatchNorm on CUDA, AllReduceBatchNorm on CPU
     amp, amp_dtype, channels_last = precision_settings(cfg, device)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params, lr_at(cfg, 0.0))
+    optimizer = build_optimizer(cfg, model.parameters(), lr_at(cfg, 0.0))  # all of them: the official layout
     scaler = torch.amp.GradScaler(device.type) if amp and amp_dtype == torch.float16 else None
     seed_all(cfg.SEED + rank)
 

@@ -41,7 +41,7 @@ def test_shrunken_demo_runs_every_stage_and_reports(finished_run):
     report = json.loads((out / "report.json").read_text())
     [table] = report["tables"].values()
     assert list(table["rows"]) == ["random", "supervised", "moco"]
-    assert all(table["rows"][i]["bbox/AP"]["n"] == 2 for i in table["rows"])  # 2 seeds each
+    assert all(table["rows"][i]["cells"]["bbox/AP"]["n"] == 2 for i in table["rows"])  # 2 seeds each
     for init in ("moco", "supervised", "random"):
         seeds = {json.loads((out / "transfer" / init / f"seed{i}" / "results.json").read_text())["seed"]
                  for i in range(2)}

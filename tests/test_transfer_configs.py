@@ -39,8 +39,11 @@ def test_config_merges_and_builds_its_model(path):
     depth = cfg.MODEL.RESNETS.DEPTH
     assert n_params > (10e6 if depth == 18 else 30e6)
     if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm":
+        from detectron2.layers import NaiveSyncBatchNorm
+
         norm = model.roi_heads.res5.norm
-        assert isinstance(norm, torch.nn.SyncBatchNorm) and norm.num_features == 2048
+        expected = NaiveSyncBatchNorm if cfg.MODEL.RESNETS.NORM == "naiveSyncBN" else torch.nn.SyncBatchNorm
+        assert isinstance(norm, expected) and norm.num_features == 2048
     if cfg.MODEL.MASK_ON:
         assert hasattr(model.roi_heads, "mask_head")
 
@@ -50,7 +53,8 @@ def test_base_c4_values_equal_moco():
     assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
     assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == (6000, 1000)
     assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
-    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.NORM == "SyncBN"
+    # naiveSyncBN: the official repository since commit d00ef73 ("use naiveSyncBN for moco")
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
     assert cfg.TEST.PRECISE_BN.ENABLED and cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 0.02
 
 
@@ -81,11 +85,13 @@ def test_coco_schedules(arch):
         assert list(cfg.MODEL.PIXEL_MEAN) == MOCO_PIXELS["mean"] and cfg.INPUT.FORMAT == "RGB"
     if arch == "FPN":
         assert {one.MODEL.RESNETS.NORM, one.MODEL.FPN.NORM, one.MODEL.ROI_BOX_HEAD.NORM,
-                one.MODEL.ROI_MASK_HEAD.NORM} == {"SyncBN"}
+                one.MODEL.ROI_MASK_HEAD.NORM} == {"naiveSyncBN"}
 
 
 def test_swap_sync_bn_changes_every_norm_key():
-    cfg = cfg_of("coco_R_50_FPN_1x_moco.yaml")
+    # SyncBN is one override per norm away from the shipped naiveSyncBN
+    cfg = cfg_of("coco_R_50_FPN_1x_moco.yaml", "MODEL.RESNETS.NORM", "SyncBN", "MODEL.FPN.NORM", "SyncBN",
+                 "MODEL.ROI_BOX_HEAD.NORM", "SyncBN", "MODEL.ROI_MASK_HEAD.NORM", "SyncBN")
     changed = swap_sync_bn(cfg)
     assert sorted(changed) == ["MODEL.FPN.NORM", "MODEL.RESNETS.NORM", "MODEL.ROI_BOX_HEAD.NORM",
                                "MODEL.ROI_MASK_HEAD.NORM"]

@@ -19,6 +19,9 @@ def add_mocobench_config(cfg: CfgNode):
     cfg.MOCOBENCH.REQUIRE_WEIGHTS = False
     # the generated-dataset directory the synth_* names point at (see transfer.datasets)
     cfg.MOCOBENCH.SYNTH_ROOT = ""
+    # TF32 tensor-core math for CUDA fp32 matmuls and cuDNN convolutions (Ampere+), set explicitly at the start of
+    # each trial and recorded in results.json; False reproduces the paper's V100 fp32 fine-tuning
+    cfg.MOCOBENCH.TF32 = False
 
 def load_config(config_file: str, opts=()) -> CfgNode:
     """get_cfg() + our keys, merged with `config_file` and `opts`; bad keys/values raise UsageError."""

@@ -1,265 +1,577 @@
-"""`mocobench report RUN_DIR... [--out DIR]`: the paper's transfer tables from detectron2 output directories.
+"""`mocobench report RUN_DIR... [--out DIR] [--baseline NAME]`: the paper's transfer tables from run directories.
 
-A *run* is one detectron2 output directory (one seed). Its final evaluation is read from `results.json`
-(written by `mocobench transfer`) or, for a plain detectron2 directory, from the last `metrics.json` line
-carrying `bbox/AP` (what detectron2's EvalHook logs). Runs are grouped by task (the test dataset) and by
-initialisation (`init` in results.json, else a name derived from MODEL.WEIGHTS in config.yaml), and each
-cell is mean ± sample std over seeds with n. Deltas are against the `supervised` row, as in the MoCo
-paper's tables; a delta smaller than the combined std sqrt(s_a^2 + s_b^2) is marked as within noise.
-Directories with training logs but no final evaluation are listed as incomplete, never averaged.
+A *run* is one trial directory. Its outcome comes from its run record (results.json, or results_eval.json for
+an evaluation-only trial; `transfer.record`), or, for a plain detectron2 directory without one, from
+config.yaml and the last metrics.json line with `.../AP` scalars; such a run's row name is guessed from the
+MODEL.WEIGHTS file name and marked as guessed. Paths are searched recursively; a directory reached twice
+(overlapping arguments, symlinks) counts once.
+
+Tables. One per experiment: (test dataset, config identity). The identity is the merged config without the
+keys that only say how a run was initialised or where it ran (`transfer.record.experiment_identity`), so a
+supervised Caffe2-style config and its `_moco` twin land in one table while runs that differ in architecture,
+schedule, input size or datasets are never averaged. A row per init name, a column per metric (from the
+registry `METRIC_COLUMNS`, keyed by the dataset's evaluator type). Each cell: mean ± sample std (n) over the
+valid seeds; one seed prints its value and n=1. Rows other than the baseline (`--baseline`, default
+supervised) show the difference of means with a 95 % Welch interval (t quantile at the Welch-Satterthwaite
+degrees of freedom), marked * only when the interval excludes 0. A seed whose metric is NaN or missing is
+listed under its table and left out of n. When a table's identity equals an official MoCo detection config,
+the published numbers for that config follow in a separate block (`PUBLISHED`, every number cited).
+
+Outputs in --out: report.md (also printed), report.json and report.csv (every seed's values), ap.png, and
+pretrain.png when pretraining runs are among the paths or reachable from the records' weights. Exit 0 when at
+least one table was made, 2 (one-line error) when nothing usable was found.
 """
 import argparse
+import csv
 import json
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 from mocobench.errors import UsageError
+from transfer import record as run_record
+from transfer.stats import CONFIDENCE, describe, welch_interval
 
-VOC_COLUMNS = [("bbox", "AP50"), ("bbox", "AP"), ("bbox", "AP75")]
-COCO_COLUMNS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75")]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "supervised"
-INIT_ORDER = ["random", BASELINE, "moco"]  # the paper's row order; other names follow alphabetically
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# metric columns by evaluator type (a new task registers its columns here)
+
+@dataclass(frozen=True)
+class Column:
+    task: str  # the evaluator's result group: bbox, segm, keypoints, sem_seg ...
+    metric: str  # the key in that group: AP, AP50, mIoU ...
+    title: str  # the column title, as in the paper's tables
+
+    @property
+    def key(self):
+        return f"{self.task}/{self.metric}"
+
+
+METRIC_COLUMNS = {}  # evaluator_type -> [Column], in the paper's column order
+_RECOGNIZERS = []  # (evaluator_type, predicate(results of one dataset)) for runs that do not record the type
+
+
+def register_metrics(evaluator_type, columns, recognizes=None):
+    if evaluator_type in METRIC_COLUMNS:
+        raise KeyError(f"metric columns for {evaluator_type!r} are already registered")
+    METRIC_COLUMNS[evaluator_type] = [Column(*c) for c in columns]
+    if recognizes is not None:
+        _RECOGNIZERS.append((evaluator_type, recognizes))
+
+
+# He et al. 2020, Table 2 (VOC): AP50, AP, AP75 of detectron2's PascalVOCDetectionEvaluator
+register_metrics("pascal_voc", [("bbox", "AP50", "AP50"), ("bbox", "AP", "AP"), ("bbox", "AP75", "AP75")],
+                 recognizes=lambda r: set(r) == {"bbox"} and set(r["bbox"]) <= {"AP", "AP50", "AP75"})
+# He et al. 2020, Table 5 (COCO): box and mask AP of COCOEvaluator
+register_metrics("coco", [("bbox", "AP", "AP^bb"), ("bbox", "AP50", "AP^bb_50"), ("bbox", "AP75", "AP^bb_75"),
+                          ("segm", "AP", "AP^mk"), ("segm", "AP50", "AP^mk_50"), ("segm", "AP75", "AP^mk_75")],
+                 recognizes=lambda r: "bbox" in r or "segm" in r)
+
+
+def columns_for(evaluator_type, results_seen):
+    """The registered columns that occur in the results, or every task/metric seen for an unregistered type."""
+    present = {f"{t}/{m}" for res in results_seen for t, ms in res.items() for m in ms}
+    if evaluator_type in METRIC_COLUMNS:
+        return [c for c in METRIC_COLUMNS[evaluator_type] if c.key in present]
+    return [Column(*k.split("/", 1), k) for k in sorted(present)]
+
+
+def guess_evaluator_type(results):
+    return next((name for name, recognizes in _RECOGNIZERS if recognizes(results)), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# published numbers for the official configs (compared by config identity, not by file name)
+#
+# VOC: Faster R-CNN R50-C4, VOC07+12 trainval, 24k iterations, VOC07 test; means of 5 trials.
+#   [T2]   He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020, Table 2
+#   [D]    github.com/facebookresearch/moco, detection/README.md ("Results"; means of 5 trials)
+# COCO: Mask R-CNN, coco_2017_train -> coco_2017_val, SyncBN tuned, 1x = 90k / 2x = 180k iterations.
+#   [T5x]  He et al., CVPR 2020, Table 5 (a) R50-FPN 1x, (b) R50-FPN 2x, (c) R50-C4 1x, (d) R50-C4 2x
+# Checked while writing this against copies read through the code-search tool: [D] verbatim; Table 2, 5b and 5d
+# in a transcription of the paper; 5c's supervised row in another README that quotes it. Table 5a and 5c's MoCo
+# rows are from the paper as remembered, not cross-checked here.
+_VOC = ("bbox/AP50", "bbox/AP", "bbox/AP75")
+_COCO = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
+PUBLISHED = {
+    "pascal_voc_R_50_C4_24k_moco.yaml": [
+        ("supervised IN-1M", dict(zip(_VOC, (81.3, 53.5, 58.8))), "He et al. 2020, Table 2; moco detection README"),
+        ("MoCo v1 IN-1M, 200ep", dict(zip(_VOC, (81.5, 55.9, 62.6))), "He et al. 2020, Table 2; moco detection README"),
+        ("MoCo v1 IG-1B", dict(zip(_VOC, (82.2, 57.2, 63.7))), "He et al. 2020, Table 2"),
+        ("MoCo v2 IN-1M, 200ep", dict(zip(_VOC, (82.4, 57.0, 63.6))), "moco detection README"),
+        ("MoCo v2 IN-1M, 800ep", dict(zip(_VOC, (82.5, 57.4, 64.0))), "moco detection README"),
+    ],
+    "coco_R_50_FPN_1x_moco.yaml": [
+        ("supervised IN-1M", dict(zip(_COCO, (38.9, 59.6, 42.7, 35.4, 56.5, 38.1))), "He et al. 2020, Table 5a"),
+        ("MoCo IN-1M", dict(zip(_COCO, (38.5, 58.9, 42.0, 35.1, 55.9, 37.7))), "He et al. 2020, Table 5a"),
+        ("MoCo IG-1B", dict(zip(_COCO, (38.9, 59.4, 42.3, 35.4, 56.5, 37.9))), "He et al. 2020, Table 5a"),
+    ],
+    "coco_R_50_FPN_2x_moco.yaml": [
+        ("supervised IN-1M", dict(zip(_COCO, (40.6, 61.3, 44.4, 36.8, 58.1, 39.5))), "He et al. 2020, Table 5b"),
+        ("MoCo IN-1M", dict(zip(_COCO, (40.8, 61.6, 44.7, 36.9, 58.4, 39.7))), "He et al. 2020, Table 5b"),
+        ("MoCo IG-1B", dict(zip(_COCO, (41.1, 61.8, 45.1, 37.4, 59.1, 40.2))), "He et al. 2020, Table 5b"),
+    ],
+    "coco_R_50_C4_1x_moco.yaml": [
+        ("supervised IN-1M", dict(zip(_COCO, (38.2, 58.2, 41.2, 33.3, 54.7, 35.2))), "He et al. 2020, Table 5c"),
+        ("MoCo IN-1M", dict(zip(_COCO, (38.5, 58.3, 41.6, 33.6, 54.8, 35.6))), "He et al. 2020, Table 5c"),
+        ("MoCo IG-1B", dict(zip(_COCO, (39.1, 58.7, 42.2, 34.1, 55.4, 36.4))), "He et al. 2020, Table 5c"),
+    ],
+    "coco_R_50_C4_2x_moco.yaml": [
+        ("supervised IN-1M", dict(zip(_COCO, (40.0, 59.9, 43.1, 34.7, 56.5, 36.9))), "He et al. 2020, Table 5d"),
+        ("MoCo IN-1M", dict(zip(_COCO, (40.7, 60.5, 44.1, 35.4, 57.3, 37.6))), "He et al. 2020, Table 5d"),
+        ("MoCo IG-1B", dict(zip(_COCO, (41.1, 60.7, 44.8, 35.6, 57.4, 38.1))), "He et al. 2020, Table 5d"),
+    ],
+}
+_official_identities = {}
+
+
+def official_identity(config_name):
+    """The experiment identity of configs/detection/<config_name> (loads detectron2's config; cached)."""
+    if config_name not in _official_identities:
+        from transfer.config import load_config
+
+        cfg = load_config(os.path.join(REPO, "configs", "detection", config_name))
+        _official_identities[config_name] = run_record.experiment_identity(cfg)
+    return _official_identities[config_name]
+
+
+def published_for(identity):
+    """(official config name, rows) whose identity equals `identity`, else (None, [])."""
+    if identity.get("MODEL.RESNETS.DEPTH") != 50:  # every official config is R-50: skip loading them otherwise
+        return None, []
+    for name, rows in PUBLISHED.items():
+        if official_identity(name) == identity:
+            return name, rows
+    return None, []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding and reading runs
 
 def _read_json_lines(path):
+    """(rows, problem): a torn last line marks an unfinished run; undecodable text is a problem."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    # a run killed mid-write leaves a torn last line: that run is incomplete, not broken
-                    rows.append({"_torn_line": n})
-    return rows
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass  # a run killed mid-write leaves a torn line; the lines before it still count
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text ({e.reason} at byte {e.start})"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror})"
+    return [r for r in rows if isinstance(r, dict)], None
 
 
-def _eval_from_metrics(rows):
-    """Nested {task: {metric: value}} from the last metrics.json line that has bbox/AP."""
+def _eval_tasks():
+    return {c.task for columns in METRIC_COLUMNS.values() for c in columns}
+
+
+def _results_from_metrics(rows, test_datasets):
+    """{dataset: {task: {metric: value}}} from the last metrics.json line with evaluation scalars."""
+    tasks = _eval_tasks()
     for row in reversed(rows):
-        if "bbox/AP" in row:
-            out = defaultdict(dict)
-            for key, value in row.items():
-                if "/" in key and key.split("/")[0] in ("bbox", "segm"):
-                    task, metric = key.split("/", 1)
-                    out[task][metric] = value
-            return dict(out)
+        if not any(k.endswith("/AP") or k.endswith("/mIoU") for k in row):
+            continue
+        out = defaultdict(lambda: defaultdict(dict))
+        for key, value in row.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[1] in tasks:
+                dataset, task, metric = parts
+            elif len(parts) == 2 and parts[0] in tasks and test_datasets:
+                (task, metric), dataset = parts, test_datasets[0]
+            else:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            out[dataset][task][metric] = float(value) if ok else None
+        return {d: {t: dict(m) for t, m in ts.items()} for d, ts in out.items()}
     return None
 
 
-def _init_from_weights(weights: str) -> str:
+def _label_from_weights(weights):
     if not weights:
-        return "random"
-    name = os.path.splitext(os.path.basename(weights))[0].lower()
-    if "moco" in name:
-        return "moco"
-    if any(k in name for k in ("torchvision", "supervised", "r-50", "msra", "resnet")):
-        return BASELINE
-    return name
+        return "random init"
+    return os.path.splitext(os.path.basename(weights))[0]
 
 
-def _read_config(run_dir):
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        return {}
+def _plain_detectron2_run(run_dir):
+    """A detectron2 output directory without a run record: (run or None, problem or None)."""
     import yaml
 
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
-
-
-def load_run(run_dir):
-    """One seed's outcome: dict(dir, task, init, seed, eval) or dict(..., eval=None, why=...) if incomplete."""
-    results_path = os.path.join(run_dir, "results.json")
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    cfg = _read_config(run_dir)
-    model_cfg, data_cfg = cfg.get("MODEL", {}), cfg.get("DATASETS", {})
+    rows, problem = _read_json_lines(os.path.join(run_dir, "metrics.json"))
+    if problem:
+        return None, f"{os.path.join(run_dir, 'metrics.json')}: {problem}"
+    if not any("total_loss" in r for r in rows) and _results_from_metrics(rows, ["?"]) is None:
+        return None, None  # not a detectron2 run (a pretraining run has config.yaml + metrics.json too)
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        return None, f"{path}: not a readable detectron2 config ({type(e).__name__}: {str(e).splitlines()[0]})"
+    test = list((cfg.get("DATASETS") or {}).get("TEST") or [])
+    weights = (cfg.get("MODEL") or {}).get("WEIGHTS", "")
+    identity = run_record.experiment_identity(cfg)
     run = {
-        "dir": run_dir,
-        "task": (data_cfg.get("TEST") or ["?"])[0],
-        "init": _init_from_weights(model_cfg.get("WEIGHTS", "")),
-        "seed": cfg.get("SEED"),
-        "eval": None,
+        "dir": run_dir, "source": "metrics.json", "init": _label_from_weights(weights), "guessed": True,
+        "seed": cfg.get("SEED"), "config_file": "config.yaml", "identity": identity,
+        "identity_sha": run_record.identity_sha(identity), "test_datasets": test, "evaluator_types": {},
+        "results": _results_from_metrics(rows, test), "weights": weights, "weights_info": None,
     }
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            res = json.load(f)
-        evaluation = res.get("results", res)
-        run["eval"] = {k: v for k, v in evaluation.items() if k in ("bbox", "segm")} or None
-        run["task"] = res.get("dataset", run["task"])
-        run["init"] = res.get("init") or run["init"]
-        run["seed"] = res.get("seed", run["seed"])
-        if run["eval"] is None:
-            run["why"] = f"{results_path} holds no bbox/segm results"
-    elif os.path.exists(metrics_path):
-        rows = _read_json_lines(metrics_path)
-        if not any("total_loss" in r or "bbox/AP" in r for r in rows):
-            return None  # not a detectron2 run (a pretraining run also has config.yaml + metrics.json)
-        run["eval"] = _eval_from_metrics(rows)
-        if run["eval"] is None:
-            run["why"] = "metrics.json has no final evaluation (training unfinished or evaluation failed)"
-    else:
-        return None
-    return run
+    if run["results"] is None:
+        run["results"] = {}
+        run["why"] = "metrics.json has no final evaluation (training unfinished, or evaluation failed)"
+    return run, None
+
+
+def _record_run(run_dir, path):
+    rec = run_record.read_record(path)
+    return {
+        "dir": run_dir, "source": os.path.basename(path),
+        "init": rec["init_name"] or _label_from_weights(rec["weights"]), "guessed": rec["init_name"] is None,
+        "seed": rec["seed"], "config_file": os.path.basename(rec["config_file"]),
+        "identity": rec["identity"], "identity_sha": rec["identity_sha"], "test_datasets": rec["datasets"]["test"],
+        "evaluator_types": rec["evaluator_types"], "results": rec["results"], "weights": rec["weights"],
+        "weights_info": rec["weights_info"],
+    }
 
 
 def find_runs(paths):
-    runs = []
+    """(runs, problems): every run under the paths, each directory once (by real path)."""
+    runs, problems, seen = [], [], set()
     for top in paths:
         if not os.path.isdir(top):
-            raise UsageError(f"{top!r} is not a directory")
-        found = []
-        for dirpath, dirnames, files in os.walk(top):
+            problems.append({"path": top, "why": "not a directory"})
+            continue
+        for dirpath, dirnames, files in os.walk(top, followlinks=True):
             dirnames.sort()
-            if "results.json" in files or ("metrics.json" in files and "config.yaml" in files):
-                run = load_run(dirpath)
-                if run is not None:
-                    found.append(run)
-        if not found and not find_pretrain_metrics([top]):
-            raise UsageError(
-                f"no detectron2 results under {top!r}: expected run directories holding results.json "
-                "(mocobench transfer) or metrics.json + config.yaml with a final evaluation (detectron2), "
-                "or a MoCo pretraining metrics.json (for pretrain.png)"
-            )
-        runs += found
-    return runs
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []  # reached before (overlapping arguments, a symlink): count it once
+                continue
+            seen.add(real)
+            record_file = next((f for f in (run_record.RESULTS_FILE, run_record.EVAL_FILE) if f in files), None)
+            try:
+                if record_file:
+                    runs.append(_record_run(dirpath, os.path.join(dirpath, record_file)))
+                elif "metrics.json" in files and "config.yaml" in files:
+                    run, problem = _plain_detectron2_run(dirpath)
+                    if problem:
+                        problems.append({"path": dirpath, "why": problem})
+                    elif run is not None:
+                        runs.append(run)
+            except run_record.RecordError as e:
+                problems.append({"path": os.path.join(dirpath, record_file), "why": str(e)})
+    return runs, problems
 
 
-def _stats(values):
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n, "values": values}
+# ---------------------------------------------------------------------------------------------------------------
+# tables
+
+def _row_order(init, baseline):
+    order = ["random", "random init", baseline]
+    return (order.index(init), "") if init in order else (len(order), init)
 
 
-def _row_order(init):
-    return (INIT_ORDER.index(init), "") if init in INIT_ORDER else (len(INIT_ORDER), init)
+def _seed_values(run, dataset, columns):
+    metrics = run["results"].get(dataset, {})
+    return {c.key: metrics.get(c.task, {}).get(c.metric) for c in columns}
 
 
-def summarize(runs):
-    """{task: {"columns": [...], "rows": {init: {col: stats}}, "seeds": {init: [...]}}, "incomplete": [...]}."""
-    complete = [r for r in runs if r["eval"]]
+def _failure(run, dataset, values):
+    bad = [k for k, v in values.items() if v is None]
+    if run.get("why"):
+        why = run["why"]
+    elif not run["results"].get(dataset):
+        why = f"no results for {dataset} (evaluation failed, or no evaluator for it)"
+    elif not bad:
+        return None
+    else:
+        nan = [k for k in bad if k.split("/")[1] in run["results"][dataset].get(k.split("/")[0], {})]
+        missing = [k for k in bad if k not in nan]
+        parts = ([f"{', '.join(nan)} NaN (null in {run['source']}; e.g. an evaluation without detections)"]
+                 if nan else []) + ([f"{', '.join(missing)} missing"] if missing else [])
+        why = "; ".join(parts)
+    return {"dir": run["dir"], "init": run["init"], "seed": run["seed"], "why": why}
+
+
+def _short(value):
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def describe_identity(identity):
+    """A one-line title: architecture, norm, schedule, sizes, training data."""
+    g = identity.get
+    backbone = g("MODEL.BACKBONE.NAME", "?").replace("build_", "").replace("_backbone", "")
+    arch = f"R-{g('MODEL.RESNETS.DEPTH', '?')} {backbone}, {g('MODEL.ROI_HEADS.NAME', '?')}"
+    if g("MODEL.MASK_ON"):
+        arch += " + mask"
+    schedule = (f"{g('SOLVER.MAX_ITER')} it x {g('SOLVER.IMS_PER_BATCH')} img, lr {g('SOLVER.BASE_LR')}, "
+                f"steps {_short(g('SOLVER.STEPS'))}")
+    sizes = f"min size train {_short(g('INPUT.MIN_SIZE_TRAIN'))} / test {g('INPUT.MIN_SIZE_TEST')}"
+    return (f"{arch}, norm {g('MODEL.RESNETS.NORM')}; {schedule}; {sizes}; "
+            f"train {', '.join(g('DATASETS.TRAIN') or [])}")
+
+
+def summarize(runs, baseline=BASELINE):
+    """{"<test dataset> <config identity>": table}, in that order (see the module docstring)."""
+    groups = defaultdict(list)
+    for run in runs:
+        for dataset in run["test_datasets"] or list(run["results"]):
+            groups[(dataset, run["identity_sha"])].append(run)
     tables = {}
-    by_task = defaultdict(list)
-    for r in complete:
-        by_task[r["task"]].append(r)
-    for task, task_runs in sorted(by_task.items()):
-        has_segm = any("segm" in r["eval"] for r in task_runs)
-        is_voc = all(set(r["eval"]["bbox"]) <= {"AP", "AP50", "AP75"} for r in task_runs) and not has_segm
-        columns = VOC_COLUMNS if is_voc else [c for c in COCO_COLUMNS if has_segm or c[0] == "bbox"]
-        rows, seeds = {}, {}
-        for init in sorted({r["init"] for r in task_runs}, key=_row_order):
-            members = [r for r in task_runs if r["init"] == init]
-            rows[init] = {
-                f"{t}/{m}": _stats([r["eval"][t][m] for r in members if m in r["eval"].get(t, {})])
-                for t, m in columns
-            }
-            seeds[init] = [r["seed"] for r in members]
-        tables[task] = {"columns": [f"{t}/{m}" for t, m in columns], "rows": rows, "seeds": seeds}
-    incomplete = [{"dir": r["dir"], "why": r.get("why", "")} for r in runs if not r["eval"]]
-    return {"tables": tables, "incomplete": incomplete}
+    for (dataset, sha), members in sorted(groups.items(), key=lambda kv: kv[0]):
+        etype = next((r["evaluator_types"].get(dataset) for r in members if r["evaluator_types"].get(dataset)), None)
+        seen = [r["results"][dataset] for r in members if r["results"].get(dataset)]
+        etype = etype or next((guess_evaluator_type(s) for s in seen if guess_evaluator_type(s)), None)
+        columns = columns_for(etype, seen)
+        rows, failures = {}, []
+        for run in sorted(members, key=lambda r: (_row_order(r["init"], baseline), str(r["seed"]), r["dir"])):
+            values = _seed_values(run, dataset, columns)
+            row = rows.setdefault(run["init"], {"guessed": False, "config_files": [], "seeds": []})
+            row["guessed"] |= run["guessed"]
+            if run["config_file"] not in row["config_files"]:
+                row["config_files"].append(run["config_file"])
+            row["seeds"].append({"dir": run["dir"], "seed": run["seed"], "values": values})
+            failure = _failure(run, dataset, values)
+            if failure:
+                failures.append(failure)
+        for row in rows.values():
+            row["cells"] = {c.key: describe([s["values"][c.key] for s in row["seeds"]
+                                             if s["values"][c.key] is not None]) for c in columns}
+        base = rows.get(baseline)
+        for init, row in rows.items():
+            row["deltas"] = {}
+            if base is not None and init != baseline:
+                for c in columns:
+                    cell, ref = row["cells"][c.key], base["cells"][c.key]
+                    if cell["n"] and ref["n"]:
+                        row["deltas"][c.key] = (welch_interval(cell, ref)
+                                                or {"diff": cell["mean"] - ref["mean"], "low": None, "high": None,
+                                                    "df": None, "significant": None})
+        identity = members[0]["identity"]
+        official, published = published_for(identity)
+        tables[f"{dataset} {sha}"] = {
+            "dataset": dataset, "identity_sha": sha, "identity": identity, "evaluator_type": etype,
+            "title": describe_identity(identity), "columns": [c.__dict__ | {"key": c.key} for c in columns],
+            "rows": rows, "baseline": baseline if base is not None else None, "failures": failures,
+            "official_config": official,
+            "published": [{"name": n, "values": v, "source": s} for n, v, s in published],
+        }
+    for table in tables.values():  # say what separates tables of the same test dataset
+        others = [t for t in tables.values() if t["dataset"] == table["dataset"] and t is not table]
+        table["differs_in"] = sorted({k for o in others for k in run_record.identity_diff(o["identity"],
+                                                                                           table["identity"])})
+    return tables
 
 
-def _delta(cell, base):
-    diff = cell["mean"] - base["mean"]
-    combined = math.sqrt(cell["std"] ** 2 + base["std"] ** 2)
-    return diff, abs(diff) < combined
+# ---------------------------------------------------------------------------------------------------------------
+# markdown, json, csv
+
+def _decimals(table):
+    """1 decimal as in the paper's tables; 2 when every mean is below 1 AP (a smoke-test run), where 0.1 steps
+    would print most cells and differences as 0.0."""
+    means = [c["mean"] for row in table["rows"].values() for c in row["cells"].values() if c["n"]]
+    return 2 if means and max(abs(m) for m in means) < 1.0 else 1
 
 
-def _column_title(col):
-    task, metric = col.split("/")
-    prefix = {"bbox": "AP^bb", "segm": "AP^mk"}[task]
-    return prefix + metric[2:] if metric != "AP" else prefix
-
-
-def to_markdown(summary) -> str:
-    out = ["# Transfer results", ""]
-    for task, table in summary["tables"].items():
-        cols = table["columns"]
-        voc = all(c.startswith("bbox/") for c in cols) and len(cols) == 3
-        titles = [c.split("/")[1] for c in cols] if voc else [_column_title(c) for c in cols]
-        out += [f"## {task}", "", "| pre-train | " + " | ".join(titles) + " |",
-                "|---|" + "---|" * len(cols)]
-        base = table["rows"].get(BASELINE)
-        noisy = False
-        for init, cells in table["rows"].items():
-            parts = []
-            for c in cols:
-                s = cells[c]
-                if not s["n"]:
-                    parts.append("–")
-                    continue
-                text = f"{s['mean']:.1f} ± {s['std']:.1f} (n={s['n']})"
-                if base is not None and init != BASELINE and base[c]["n"]:
-                    diff, within = _delta(s, base[c])
-                    text += f" ({diff:+.1f}{'†' if within else ''})"
-                    noisy |= within
-                parts.append(text)
-            out.append(f"| {init} | " + " | ".join(parts) + " |")
-        out.append("")
-        if base is not None:
-            out.append(f"Mean ± sample std over seeds; (±x) is the difference to the {BASELINE} row.")
-            if noisy:
-                out.append("† the difference is smaller than the combined std sqrt(s1² + s2²): within seed noise.")
+def _cell_text(cell, delta, d=1):
+    if not cell["n"]:
+        return "–"
+    text = f"{cell['mean']:.{d}f} (n=1)" if cell["n"] == 1 else \
+        f"{cell['mean']:.{d}f} ± {cell['std']:.{d}f} (n={cell['n']})"
+    if delta is not None:
+        if delta["low"] is None:
+            text += f", Δ {delta['diff']:+.{d}f} (no CI)"
         else:
-            out.append(f"Mean ± sample std over seeds (no `{BASELINE}` row, so no deltas).")
+            text += f", Δ {delta['diff']:+.{d}f} [{delta['low']:+.{d}f}, {delta['high']:+.{d}f}]"
+            text += "*" if delta["significant"] else ""
+    return text
+
+
+def to_markdown(tables, problems, baseline=BASELINE) -> str:
+    out = ["# Transfer results", ""]
+    for i, table in enumerate(tables.values(), 1):
+        cols = table["columns"]
+        out += [f"## {i}. {table['dataset']} · config {table['identity_sha']}", "", f"{table['title']}", ""]
+        for j, other in enumerate(tables.values(), 1):
+            if other is table or other["dataset"] != table["dataset"]:
+                continue
+            keys = run_record.identity_diff(table["identity"], other["identity"])
+            shown = [f"{k} = {_short(table['identity'].get(k))} here, {_short(other['identity'].get(k))} there"
+                     for k in keys[:6]]
+            out += [f"Not averaged with table {j} (also {table['dataset']}): the configs differ in "
+                    f"{'; '.join(shown)}{'; ...' if len(keys) > 6 else ''}.", ""]
+        out += ["| pre-train | " + " | ".join(c["title"] for c in cols) + " | config file |",
+                "|---|" + "---|" * len(cols) + "---|"]
+        guessed = False
+        for init, row in table["rows"].items():
+            name = init + (" ‡" if row["guessed"] else "")
+            guessed |= row["guessed"]
+            cells = [_cell_text(row["cells"][c["key"]], row["deltas"].get(c["key"]), _decimals(table)) for c in cols]
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(row['config_files'])} |")
         out.append("")
-    if summary["incomplete"]:
-        out += ["## Incomplete runs (not averaged)", ""]
-        out += [f"- `{r['dir']}`: {r['why']}" for r in summary["incomplete"]]
+        notes = ["Mean ± sample std over the valid seeds (n); n=1: the single value, no std."]
+        if table["baseline"]:
+            notes.append(f"Δ: difference of means to the `{table['baseline']}` row with its {CONFIDENCE:.0%} "
+                         "confidence interval (Welch's t-test: unequal variances, Welch–Satterthwaite degrees of "
+                         "freedom); * the interval excludes 0. No CI when either row has n < 2 (or zero variance).")
+        else:
+            notes.append(f"No `{baseline}` row in this table, so no differences (choose one with --baseline NAME).")
+        if guessed:
+            notes.append("‡ row name guessed from the MODEL.WEIGHTS file name (a plain detectron2 directory, or a "
+                         "run without --init-name).")
+        out += [" ".join(notes), ""]
+        if table["failures"]:
+            out += ["Seeds left out of a mean:", ""]
+            out += [f"- `{f['dir']}` ({f['init']}, seed {f['seed']}): {f['why']}" for f in table["failures"]]
+            out.append("")
+        if table["published"]:
+            out += [f"**Published** for this config ({table['official_config']}): what a faithful reproduction "
+                    "should be near (means of 5 trials).", "",
+                    "| published pre-train | " + " | ".join(c["title"] for c in cols) + " | source |",
+                    "|---|" + "---|" * len(cols) + "---|"]
+            for p in table["published"]:
+                vals = [f"{p['values'][c['key']]:.1f}" if c["key"] in p["values"] else "–" for c in cols]
+                out.append(f"| {p['name']} | " + " | ".join(vals) + f" | {p['source']} |")
+            out.append("")
+    if problems:
+        out += ["## Not read", ""]
+        out += [f"- `{p['path']}`: {p['why']}" for p in problems]
         out.append("")
     return "\n".join(out)
 
 
-def plot_ap(summary, path):
+def write_csv(tables, path):
+    from mocobench.fileio import atomic_write
+
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "config", "init", "seed", "metric", "value", "dir"])
+        for t in tables.values():
+            for init, row in t["rows"].items():
+                for s in row["seeds"]:
+                    for key, value in s["values"].items():
+                        writer.writerow([t["dataset"], t["identity_sha"], init, s["seed"], key,
+                                         "" if value is None else value, s["dir"]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plots
+
+def plot_ap(tables, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tables = summary["tables"]
-    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
-    for ax, (task, table) in zip(axes[0], tables.items()):
-        inits = list(table["rows"])
+    fig, axes = plt.subplots(len(tables), 2, figsize=(13, 4.2 * len(tables)), squeeze=False)
+    for (ax, dax), table in zip(axes, tables.values()):
+        cols, inits = table["columns"], list(table["rows"])
         width = 0.8 / max(len(inits), 1)
         for i, init in enumerate(inits):
-            cells = [table["rows"][init][c] for c in table["columns"]]
-            xs = [j + (i - (len(inits) - 1) / 2) * width for j in range(len(cells))]
-            ax.bar(xs, [c["mean"] for c in cells], width, yerr=[c["std"] for c in cells], capsize=3,
-                   label=f"{init} (n={cells[0]['n']})")
-        ax.set_xticks(range(len(table["columns"])))
-        ax.set_xticklabels(table["columns"], rotation=20)
-        ax.set_title(task)
+            row = table["rows"][init]
+            color = f"C{i}"
+            ns = sorted({row["cells"][c["key"]]["n"] for c in cols})
+            n_text = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}"
+            for j, c in enumerate(cols):
+                x = j + (i - (len(inits) - 1) / 2) * width
+                values = [s["values"][c["key"]] for s in row["seeds"] if s["values"][c["key"]] is not None]
+                ax.scatter([x] * len(values), values, s=14, color=color, alpha=0.6,
+                           label=f"{init} ({n_text})" if j == 0 else None)
+                cell = row["cells"][c["key"]]
+                if cell["n"] >= 2:
+                    ax.errorbar(x + width * 0.25, cell["mean"], yerr=cell["std"], fmt="_", color=color,
+                                markersize=12, capsize=4, elinewidth=1.5)
+                delta = row["deltas"].get(c["key"])
+                if delta is not None and delta["low"] is not None:
+                    err = [[delta["diff"] - delta["low"]], [delta["high"] - delta["diff"]]]
+                    dax.errorbar(x, delta["diff"], yerr=err, fmt="o", color=color, capsize=4,
+                                 label=init if j == 0 else None)
+                elif delta is not None:
+                    dax.scatter([x], [delta["diff"]], marker="x", color=color,
+                                label=f"{init} (no CI)" if j == 0 else None)
+        for a in (ax, dax):
+            a.set_xticks(range(len(cols)))
+            a.set_xticklabels([c["title"] for c in cols])
+            a.set_xlim(-0.6, len(cols) - 0.4)
+        ax.margins(y=0.15)
         ax.set_ylabel("AP (%)")
+        ax.set_title(f"{table['dataset']} · config {table['identity_sha']}", fontsize=10)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+        dax.axhline(0.0, color="0.3", linewidth=1)
+        dax.margins(y=0.15)
+        dax.set_ylabel("Δ AP (points)")
+        if table["baseline"]:
+            dax.set_title(f"difference to {table['baseline']}, {CONFIDENCE:.0%} Welch CI", fontsize=10)
+            if any(row["deltas"] for row in table["rows"].values()):
+                dax.legend(fontsize=8)
+        else:
+            dax.set_title("no baseline row: no differences", fontsize=10)
+    fig.text(0.01, 0.005, "left: dots = seeds, bar = mean ± sample std (n ≥ 2); right: mean difference to the "
+             f"baseline with its {CONFIDENCE:.0%} Welch confidence interval (x: n < 2, no interval)", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def find_pretrain_metrics(paths):
-    """metrics.json files of MoCo pretraining runs under the given directories."""
-    found = []
-    for top in paths:
-        for dirpath, dirnames, files in os.walk(top):
-            dirnames.sort()
-            if "metrics.json" in files:
-                rows = _read_json_lines(os.path.join(dirpath, "metrics.json"))
-                if any("moco_m" in r for r in rows):  # MoCo runs log the key-encoder momentum
-                    found.append((dirpath, rows))
+def _pretrain_kind(rows):
+    if any("moco_m" in r for r in rows):  # MoCo logs the key encoder's momentum
+        return "MoCo"
+    if any("epoch" in r and "acc1" in r for r in rows):
+        return "supervised"
+    return None
+
+
+def find_pretrain_runs(paths, runs=()):
+    """[(dir, rows, label)]: pretraining runs under the paths (searched), and the runs the records' weights were
+    converted from, named by the init that used them."""
+    labels = {}
+    for run in runs:
+        info = run.get("weights_info") or {}
+        # whatever the converter wrote down (its report beside the .pkl, the .pkl's metadata): a path to an
+        # existing checkpoint file leads to the pretraining run it came from
+        report = {k: v for k, v in (info.get("converter_report") or {}).items() if k != "path"}
+        values = [*report.values(), *(info.get("metadata") or {}).values()]
+        values += [x for v in values if isinstance(v, dict) for x in v.values()]
+        for value in values:
+            if isinstance(value, str) and os.path.isfile(value):
+                labels.setdefault(os.path.realpath(os.path.dirname(value)), run["init"])
+    candidates = [d for top in paths for d, _, files in os.walk(top) if "metrics.json" in files]
+    found, seen = [], set()
+    for directory in sorted(candidates) + [d for d in labels if os.path.isfile(os.path.join(d, "metrics.json"))]:
+        real = os.path.realpath(directory)
+        if real in seen:
+            continue
+        seen.add(real)
+        rows, _ = _read_json_lines(os.path.join(directory, "metrics.json"))
+        kind = _pretrain_kind(rows or [])
+        if kind:
+            name = labels.get(real) or os.path.basename(os.path.normpath(directory))
+            found.append((directory, rows, name if name.lower() == kind.lower() else f"{name} ({kind})"))
     return found
 
 
 def pretrain_curves(rows):
-    """Per-epoch mean loss and acc@1, and kNN top-1 where measured."""
+    """Per-epoch mean loss and acc@1, and held-out top-1 (kNN for MoCo, val for supervised) where measured."""
     per_epoch = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if "epoch" not in r:
             continue
-        for key in ("loss", "acc1", "knn_top1"):
-            if key in r:
+        for key in ("loss", "acc1", "knn_top1", "val_top1"):
+            if isinstance(r.get(key), (int, float)):
                 per_epoch[r["epoch"]][key].append(r[key])
     curves = defaultdict(list)
     for epoch in sorted(per_epoch):
@@ -273,55 +585,80 @@ def plot_pretrain(found, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
-    for run_dir, rows in found:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    panels = (("loss", "training loss (MoCo: InfoNCE, supervised: cross-entropy)"),
+              ("acc1", "training acc@1 (%) (MoCo: instance discrimination)"),
+              ("top1", "held-out top-1 (%) (MoCo: kNN, supervised: val)"))
+    for i, (_, rows, label) in enumerate(found):
         curves = pretrain_curves(rows)
-        label = os.path.basename(os.path.normpath(run_dir))
-        for ax, key, title in zip(axes, ("loss", "acc1", "knn_top1"),
-                                  ("InfoNCE loss", "contrastive acc@1 (%)", "kNN top-1 (%)")):
+        curves["top1"] = curves.get("knn_top1") or curves.get("val_top1") or []
+        for ax, (key, title) in zip(axes, panels):
             if curves.get(key):
                 xs, ys = zip(*curves[key])
-                ax.plot(xs, ys, marker="o", label=label)
-            ax.set_title(title)
+                ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    last = max((r["epoch"] for _, rows, _ in found for r in rows if isinstance(r.get("epoch"), int)), default=1)
+    for ax in axes:
+        ax.set_xlim(0.5, last + 0.5)  # whole epochs, also for a single one
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_report(paths, out_dir) -> dict:
+# ---------------------------------------------------------------------------------------------------------------
+# the entry points
+
+def write_report(paths, out_dir, baseline=BASELINE) -> dict:
+    """Read, tabulate and write report.md/.json/.csv and the plots; UsageError when no table could be made."""
     from mocobench.fileio import atomic_write
 
-    summary = summarize(find_runs(paths))
+    runs, problems = find_runs(paths)
+    tables = summarize(runs, baseline)
+    pretrain = find_pretrain_runs(paths, runs)
+    usable = any(c["n"] for t in tables.values() for row in t["rows"].values() for c in row["cells"].values())
+    if not usable and not pretrain:
+        failed = [f"{f['dir']}: {f['why']}" for t in tables.values() for f in t["failures"]]
+        unread = [f"{p['path']}: {p['why']}" for p in problems]
+        shown = "; ".join((unread + failed)[:3])
+        raise UsageError(
+            f"no transfer results under {', '.join(map(repr, paths))}: expected run directories with results.json "
+            "(mocobench transfer) or a detectron2 config.yaml + metrics.json, or pretraining runs"
+            + (f" ({len(unread)} unreadable, {len(failed)} without results: {shown})" if shown else ""))
     os.makedirs(out_dir, exist_ok=True)
-    markdown = to_markdown(summary)
+    markdown = to_markdown(tables, problems, baseline)
+    files = ["report.md", "report.json", "report.csv"]
     with atomic_write(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown)
     with atomic_write(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    files = ["report.md", "report.json"]
-    if summary["tables"]:
-        plot_ap(summary, os.path.join(out_dir, "ap.png"))
+        json.dump({"baseline": baseline, "confidence": CONFIDENCE, "tables": tables, "not_read": problems}, f,
+                  indent=2)
+    write_csv(tables, os.path.join(out_dir, "report.csv"))
+    if tables:
+        plot_ap(tables, os.path.join(out_dir, "ap.png"))
         files.append("ap.png")
-    pretrain = find_pretrain_metrics(paths)
     if pretrain:
         plot_pretrain(pretrain, os.path.join(out_dir, "pretrain.png"))
         files.append("pretrain.png")
-    summary["markdown"] = markdown
-    summary["files"] = [os.path.join(out_dir, f) for f in files]
-    return summary
+    return {"tables": tables, "not_read": problems, "markdown": markdown,
+            "files": [os.path.join(out_dir, f) for f in files]}
 
 
 def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="mocobench report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="detectron2 output directories (searched)")
-    parser.add_argument("--out", default=None, help="where to write report.md/.json and the plots "
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (searched recursively)")
+    parser.add_argument("--out", default=None, help="where to write report.md/.json/.csv and the plots "
                         "(default: the first RUN_DIR)")
+    parser.add_argument("--baseline", default=BASELINE, metavar="NAME",
+                        help=f"the init name the differences are taken to (default: {BASELINE})")
     args = parser.parse_args(argv)
-    summary = write_report(args.run_dirs, args.out or args.run_dirs[0])
+    summary = write_report(args.run_dirs, args.out or args.run_dirs[0], args.baseline)
     print(summary["markdown"])
     print("wrote " + ", ".join(summary["files"]))
     return 0

@@ -7,21 +7,30 @@ Everything runs on detectron2's own engine (DefaultTrainer, launch, DetectionChe
 what is ours: the Res5ROIHeadsExtraNorm head (transfer.heads), the evaluator registry (transfer.evaluation),
 the generated datasets and dataset checks (transfer.datasets), the CPU/gloo launcher (transfer.launch), and
 the seeds: trial i trains into OUTPUT_DIR/seed{i}/ (detectron2's metrics.json, log.txt, config.yaml,
-checkpoints) and writes results.json with its final evaluation; OUTPUT_DIR/summary.json has mean and std
-over the trials. Detection on VOC varies by 0.2-0.4 AP from run to run (MoCo's detection README reports
+checkpoints) and writes its run record, results.json (transfer.record: init, weights and their sha256, config
+identity, schedule, versions, results per test dataset); OUTPUT_DIR/summary.json has mean and std over every
+trial record present. Detection on VOC varies by 0.2-0.4 AP from run to run (MoCo's detection README reports
 means of 5 trials), so one trial is not a result.
+
+Re-runs never destroy results: an OUTPUT_DIR whose trials have started or finished is refused without
+--resume; --resume keeps finished trials as they are (same config and weights, or it is refused) and
+continues or starts the others; --eval-only writes results_eval.json and leaves training records alone.
 
 Seeds: trial i uses SEED + i when the config's SEED >= 0, else a random seed; --resume and --eval-only reuse
 the seed recorded in the trial's config.yaml.
+
+Weights: every backbone tensor (for C4 also res5 in the ROI head) must load from MODEL.WEIGHTS with its
+shape, checked before any process starts (transfer.checkpoint.inspect_weights); a mismatch is an error,
+never a silently random-initialised backbone.
 
 Weights: MODEL.WEIGHTS is a local file (a .pkl from `mocobench convert`, or any detectron2 checkpoint), or a
 URL/`detectron2://` path that detectron2 fetches into its cache. mocobench never downloads anything itself;
 when such a fetch fails (as on a machine without internet) the error says where to put the file instead.
 """
 import argparse
+import glob
 import json
 import logging
-import math
 import os
 import secrets
 import sys
@@ -33,14 +42,17 @@ import torch
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
+from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
-from transfer.checkpoint import SafeDetectionCheckpointer
+from transfer import record as run_record
+from transfer.checkpoint import SafeDetectionCheckpointer, inspect_weights
 from transfer.config import load_config, swap_sync_bn
 from transfer.datasets import (
     check_datasets,
@@ -50,12 +62,16 @@ from transfer.datasets import (
     uses_synth,
 )
 from transfer.launch import launch, launch_cpu
+from transfer.stats import describe
 from transfer.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = run_record.RESULTS_FILE
+EVAL_FILE = run_record.EVAL_FILE
 SUMMARY_FILE = "summary.json"
+# what detectron2 leaves in a trial directory once training has started
+TRAINING_FILES = ("metrics.json", "last_checkpoint", "model_*.pth", "events.out.tfevents.*")
 LOGGERS = ("detectron2", "fvcore", "transfer")
 
 @dataclass
@@ -70,7 +86,8 @@ class TransferJob:
     resume: bool = False
     eval_only: bool = False
     init_name: str = None
-    extra: dict = field(default_factory=dict)
+    weights_info: dict = None
+    skip: list = field(default_factory=list)  # trial indices already finished (--resume)
 
 def trial_dir(output_dir: str, index: int) -> str:
     return os.path.join(output_dir, f"seed{index}")
@@ -182,26 +199,19 @@ class _TrialLogFile:
             logging.getLogger(name).removeHandler(self.handler)
         self.handler.close()
 
-def _plain(value):
-    """Evaluation results (OrderedDicts of numpy/python floats) -> JSON-safe values (NaN -> None)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _evaluator_types(cfg) -> dict:
+    return {name: MetadataCatalog.get(name).get("evaluator_type", None) for name in cfg.DATASETS.TEST}
+
 
 def _run_trial(cfg, job: TransferJob, index: int):
     rank = comm.get_rank()
-    if comm.is_main_process():
+    if comm.is_main_process() and not job.eval_only:  # --eval-only leaves the training trial's files alone
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
     seed_all_rng(cfg.SEED + rank)  # as detectron2's default_setup: a different, deterministic stream per rank
+    set_tf32(cfg.MOCOBENCH.TF32)  # explicit; the value is in config.yaml and the record's config hash
     logger.info(f"trial {index + 1}/{len(job.seeds)}: seed {cfg.SEED}, output {cfg.OUTPUT_DIR}, "
-                f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}")
+                f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}, TF32 {cfg.MOCOBENCH.TF32}")
     start = time.perf_counter()
     if job.eval_only:
         model = Trainer.build_model(cfg)
@@ -219,33 +229,23 @@ def _run_trial(cfg, job: TransferJob, index: int):
         results = getattr(trainer, "_last_eval_results", None)
         iteration = trainer.iter
     if comm.is_main_process():
-        record = {
-            "seed": cfg.SEED,
-            "trial": index,
-            "config_file": os.path.abspath(job.config_file),
-            "opts": list(job.opts),
-            "weights": cfg.MODEL.WEIGHTS,
-            "init_name": job.init_name,
-            "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
-            "eval_only": job.eval_only,
-            "resumed": job.resume,
-            "max_iter": cfg.SOLVER.MAX_ITER,
-            "iteration": iteration,
-            "world_size": comm.get_world_size(),  # what ran, not what was asked for
-            "device": cfg.MODEL.DEVICE,
-            "seconds": round(time.perf_counter() - start, 3),
-            "output_dir": os.path.abspath(cfg.OUTPUT_DIR),
-            "results": _plain(results or {}),
-        }
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
+        record = run_record.build_record(
+            cfg, config_file=job.config_file, opts=job.opts, init_name=job.init_name, weights_info=job.weights_info,
+            trial=index, world_size=comm.get_world_size(), eval_only=job.eval_only, resumed=job.resume,
+            iteration=iteration, seconds=time.perf_counter() - start, results=results,
+            evaluator_types=_evaluator_types(cfg),
+        )
+        run_record.write_record(os.path.join(cfg.OUTPUT_DIR, EVAL_FILE if job.eval_only else RESULTS_FILE), record)
     comm.synchronize()
+
 
 def _run_trials(job: TransferJob):
     _setup_console_logging()
     base_cfg, notes = prepare_config(job.config_file, job.opts, job.world_size)  # registers datasets here
     for index, (seed, directory) in enumerate(zip(job.seeds, job.trial_dirs)):
+        if index in job.skip:
+            logger.info(f"trial {index + 1}/{len(job.seeds)}: finished earlier ({directory}/{RESULTS_FILE}), kept")
+            continue
         cfg = base_cfg.clone()
         cfg.OUTPUT_DIR = directory
         cfg.SEED = seed
@@ -259,32 +259,94 @@ def _run_trials(job: TransferJob):
             _run_trial(cfg, job, index)
 
 # ----------------------------------------------------------------------------------------------------------------
+# re-runs: what an OUTPUT_DIR already holds
+
+def _training_files(directory) -> list:
+    found = [os.path.join(directory, RESULTS_FILE)] if os.path.isfile(os.path.join(directory, RESULTS_FILE)) else []
+    for pattern in TRAINING_FILES:
+        found += sorted(glob.glob(os.path.join(directory, pattern)))
+    return [os.path.basename(p) for p in found]
+
+
+def check_output_dir(cfg, trial_dirs, resume: bool, eval_only: bool, init_name, weights_info) -> list:
+    """Trial indices to skip; UsageError when this call would overwrite, mix with or append to earlier trials."""
+    if eval_only:
+        return []  # writes results_eval.json only
+    skip = []
+    identity = run_record.experiment_identity(cfg)
+    for index, directory in enumerate(trial_dirs):
+        present = _training_files(directory)
+        if not present:
+            continue
+        if not resume:
+            finished = [d for d in trial_dirs if os.path.isfile(os.path.join(d, RESULTS_FILE))]
+            what = (f"finished trials ({', '.join(os.path.join(os.path.basename(d), RESULTS_FILE) for d in finished)})"
+                    if finished else f"a started trial ({os.path.basename(directory)}: {', '.join(present[:3])})")
+            raise UsageError(
+                f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} already holds {what}; a new run would overwrite them or append "
+                "to their logs. Pass --resume to keep finished trials and continue the others, --eval-only to "
+                "re-evaluate (writes results_eval.json), or choose another OUTPUT_DIR")
+        path = os.path.join(directory, RESULTS_FILE)
+        if not os.path.isfile(path):
+            continue  # started, not finished: detectron2 resumes it from its last checkpoint
+        earlier = run_record.read_record(path)
+        changed = run_record.identity_diff(earlier["identity"], identity)
+        if earlier["init_name"] != init_name:
+            changed.append(f"--init-name ({earlier['init_name']!r} -> {init_name!r})")
+        earlier_sha = (earlier.get("weights_info") or {}).get("sha256")
+        if earlier_sha != (weights_info or {}).get("sha256"):
+            changed.append("MODEL.WEIGHTS (another file)")
+        if changed:
+            raise UsageError(
+                f"--resume: {path} was made by another experiment (differs in {', '.join(changed[:5])}"
+                f"{' ...' if len(changed) > 5 else ''}); its trials and this call's would be averaged together. "
+                "Use another OUTPUT_DIR")
+        skip.append(index)
+    return skip
+
+# ----------------------------------------------------------------------------------------------------------------
 # the API and the command
 
-def summarize(results: list) -> dict:
-    """{"bbox/AP": {"mean", "std", "values"}, ...} over the trials (std: sample std, 0 for one trial)."""
+def summarize(records: list) -> dict:
+    """{dataset: {"bbox/AP": describe(finite values), ...}} over trial records (std None for one trial)."""
     values = {}
-    for record in results:
-        for task, metrics in (record.get("results") or {}).items():
-            if not isinstance(metrics, dict):
-                continue
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    values.setdefault(f"{task}/{name}", []).append(float(value))
-    summary = {}
-    for key, vals in values.items():
-        mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-        summary[key] = {"mean": mean, "std": std, "n": len(vals), "values": vals}
+    for rec in records:
+        for dataset, tasks in rec["results"].items():
+            for task, metrics in tasks.items():
+                for name, value in metrics.items():
+                    key = f"{task}/{name}"
+                    values.setdefault(dataset, {}).setdefault(key, [])
+                    if value is not None:  # NaN (null) does not enter the mean; n says how many did
+                        values[dataset][key].append(float(value))
+    return {dataset: {k: describe(v) for k, v in metrics.items()} for dataset, metrics in values.items()}
+
+
+def write_summary(output_dir) -> dict:
+    """OUTPUT_DIR/summary.json from every trial record present (not only this call's seeds)."""
+    found = run_record.trial_records(output_dir)
+    records = [r for _, r in found if isinstance(r, dict)]
+    summary = {
+        "output_dir": os.path.abspath(output_dir),
+        "trials": [os.path.basename(d) for d, r in found if isinstance(r, dict)],
+        "init_names": sorted({str(r["init_name"]) for r in records}),
+        "config_files": sorted({r["config_file"] for r in records}),
+        "seeds": [r["seed"] for r in records],
+        "unreadable": [str(r) for _, r in found if not isinstance(r, dict)],
+        "metrics": summarize(records),
+    }
+    with atomic_write(os.path.join(output_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
     return summary
+
 
 def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only=False, init_name=None, *,
                  num_machines=1, machine_rank=0, dist_url="auto", synth_root=None) -> list:
-    """Fine-tune and evaluate `seeds` trials; returns their results.json records (rank 0's machine).
+    """Fine-tune and evaluate `seeds` trials; returns their run records (rank 0's machine).
 
     `opts`: detectron2 KEY VALUE overrides. `num_gpus`: processes per machine (CUDA devices, or CPU
     processes over gloo when MODEL.DEVICE is cpu). `synth_root`: directory of a generated dataset for the
-    synth_* dataset names.
+    synth_* dataset names. With `eval_only` the records are the trials' results_eval.json.
     """
     opts = list(opts or [])
     if synth_root:
@@ -299,8 +361,10 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
     cfg, _ = prepare_config(config_file, opts, world_size)  # every input error before a process starts
     check_device(cfg, num_gpus)
     check_weights(cfg, resume, eval_only)
+    weights_info = inspect_weights(cfg) if cfg.MODEL.WEIGHTS else None
 
     trial_dirs = [trial_dir(cfg.OUTPUT_DIR, i) for i in range(seeds)]
+    skip = check_output_dir(cfg, trial_dirs, resume, eval_only, init_name, weights_info)
     job = TransferJob(
         config_file=config_file,
         opts=opts,
@@ -310,27 +374,23 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
         resume=resume,
         eval_only=eval_only,
         init_name=init_name,
+        weights_info=weights_info,
+        skip=skip,
     )
-    if cfg.MODEL.DEVICE == "cpu":
-        launch_cpu(_run_trials, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
+    if len(skip) < len(trial_dirs):
+        if cfg.MODEL.DEVICE == "cpu":
+            launch_cpu(_run_trials, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
+                       dist_url=dist_url, args=(job,))
+        else:
+            launch(_run_trials, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
                    args=(job,))
-    else:
-        launch(_run_trials, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
-               args=(job,))
 
-    results = []
-    for directory in trial_dirs:
-        path = os.path.join(directory, RESULTS_FILE)
-        if os.path.isfile(path):  # only on the machine of rank 0
-            with open(path) as f:
-                results.append(json.load(f))
-    if results:
-        summary = {"config_file": os.path.abspath(config_file), "init_name": init_name,
-                   "seeds": [r["seed"] for r in results], "metrics": summarize(results)}
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-    return results
+    name = EVAL_FILE if eval_only else RESULTS_FILE
+    paths = [os.path.join(d, name) for d in trial_dirs]
+    records = [run_record.read_record(p) for p in paths if os.path.isfile(p)]  # only on the machine of rank 0
+    if records and not eval_only:
+        write_summary(cfg.OUTPUT_DIR)
+    return records
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -356,24 +416,29 @@ def build_parser():
     parser.add_argument("--synth-root", default=None, metavar="DIR",
                         help="generated dataset (mocobench data synth) behind the synth_* dataset names "
                              "(default: $MOCOBENCH_SYNTH, else $DETECTRON2_DATASETS/synth)")
-    parser.add_argument("--init-name", default=None, help="a name for the initialization, recorded in results.json")
+    parser.add_argument("--init-name", default=None,
+                        help="the initialization's name (e.g. moco_v2, supervised): recorded in each trial's "
+                             "results.json, the row name in `mocobench report` (default: guessed from MODEL.WEIGHTS)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=None,
                         help="detectron2 config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pkl")
     return parser
 
-def _format_summary(results) -> str:
-    summary = summarize(results)
+def _format_metrics(tasks, fmt) -> str:
+    return ", ".join(f"{task} " + " ".join(f"{n} {fmt(m[n])}" for n in ("AP", "AP50", "AP75") if n in m)
+                     for task, m in tasks.items())
+
+
+def _format_summary(records) -> str:
     lines = []
-    for record in results:
-        metrics = [(k, v) for k, v in record["results"].items() if isinstance(v, dict)]
-        shown = ", ".join(f"{task} " + " ".join(f"{n} {m[n]:.2f}" for n in ("AP", "AP50", "AP75")
-                                                if isinstance(m.get(n), (int, float)))
-                          for task, m in metrics)
-        lines.append(f"seed {record['seed']}: {shown}  ({record['output_dir']})")
-    if len(results) > 1:
-        shown = ", ".join(f"{k} {v['mean']:.2f} ± {v['std']:.2f}" for k, v in summary.items()
-                          if k.split("/")[1] in ("AP", "AP50", "AP75"))
-        lines.append(f"mean ± std over {len(results)} seeds: {shown}")
+    for rec in records:
+        for dataset, tasks in rec["results"].items():
+            shown = _format_metrics(tasks, lambda v: "NaN" if v is None else f"{v:.2f}")
+            lines.append(f"seed {rec['seed']} {dataset}: {shown}  ({rec['output_dir']})")
+    if len(records) > 1:
+        for dataset, metrics in summarize(records).items():
+            shown = ", ".join(f"{k} {v['mean']:.2f} ± {v['std']:.2f} (n={v['n']})" for k, v in metrics.items()
+                              if k.split("/")[1] in ("AP", "AP50", "AP75") and v["n"] > 1)
+            lines.append(f"{dataset}: mean ± sample std over the valid seeds: {shown or 'fewer than 2 valid seeds'}")
     return "\n".join(lines)
 
 def main(argv=None) -> int:
