@@ -229,11 +229,21 @@ def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(on
         torch.testing.assert_close(sync.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sync.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
         assert int(sync.num_batches_tracked) == int(bn.num_batches_tracked) == step + 1
-    # statistics in float32 under AMP: a bfloat16 input gives a bfloat16 output close to the float32 result
-    xb = torch.randn(6, 4, 3, 5) * 3 + 1
-    out_b = copy.deepcopy(sync)(xb.to(torch.bfloat16))
+    # the synchronised path really ran: its sums went through torch.distributed (mean, then variance)
+    calls = []
+    real_all_reduce = dist.all_reduce
+    dist.all_reduce = lambda tensor, *a, **k: calls.append(tensor.shape) or real_all_reduce(tensor, *a, **k)
+    try:
+        copy.deepcopy(sync)(torch.randn(6, 4, 3, 5))
+    finally:
+        dist.all_reduce = real_all_reduce
+    assert calls == [(5,), (4,)]  # 4 channel sums + the count, then 4 squared-deviation sums
+    # statistics in float32 under AMP: a bfloat16 input (4096 values per channel around 100, where bfloat16 sums
+    # are off by ~0.2) gives the float32 result, rounded to bfloat16
+    xb = (torch.randn(16, 4, 16, 16) + 100).to(torch.bfloat16)
+    out_b = copy.deepcopy(sync)(xb)
     assert out_b.dtype == torch.bfloat16
-    torch.testing.assert_close(out_b.float(), copy.deepcopy(bn)(xb), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(out_b.float(), copy.deepcopy(bn)(xb.float()), rtol=0, atol=0.03)
     sync.eval()
     bn.eval()
     torch.testing.assert_close(sync(xb), bn(xb))
@@ -245,6 +255,16 @@ def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(on
     x2d = torch.randn(7, 5) * 2 - 1
     torch.testing.assert_close(sync1d(x2d), bn1d(x2d), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sync1d.running_var, bn1d.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_all_reduce_bn_in_one_process_is_batchnorm():
+    from pretrain.moco import convert_sync_bn
+
+    bn = nn.BatchNorm2d(3)
+    sync = convert_sync_bn(nn.Sequential(copy.deepcopy(bn)), "cpu")[0]
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(sync(x), bn(x))  # no process group: no collective is called
+    torch.testing.assert_close(sync.running_var, bn.running_var)
 
 
 def test_convert_sync_bn_keeps_parameters_and_flags_and_leaves_split_bn():

@@ -111,3 +111,7 @@ def test_num_classes_follow_a_synth_tree_and_must_match_builtin_data(synth_root)
     voc.MODEL.ROI_HEADS.NUM_CLASSES = 21
     with pytest.raises(UsageError, match="NUM_CLASSES is 21 but dataset 'voc_2007_trainval' has 20 classes"):
         datasets.check_num_classes(voc)
+    # every dataset is checked, not only up to the first that matches
+    cfg.DATASETS.TEST = ("voc_2007_test",)
+    with pytest.raises(UsageError, match=f"NUM_CLASSES is {n} but dataset 'voc_2007_test' has 20 classes"):
+        datasets.check_num_classes(cfg)
