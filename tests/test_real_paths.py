@@ -78,3 +78,41 @@ def test_our_supervised_checkpoint_converts_through_the_command(imagenet, tmp_pa
     assert torch.equal(torch.as_tensor(converted["res4.0.shortcut.norm.running_mean"]),
                        trained["layer3.0.downsample.1.running_mean"])
     assert not any(k.startswith("fc") for k in converted)
+
+
+def _pretrain_rank(rank, world, init_method, argv):
+    """One process of a multi-process `mocobench pretrain`: the process group torchrun would set up (here through
+    a file rendezvous), then the command's own main."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from pretrain import train as train_mod
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    assert train_mod.main(argv) == 0  # destroys the process group on its way out
+
+
+@pytest.mark.slow
+def test_two_process_moco_v2_pretraining_through_the_command(imagenet, tmp_path, rendezvous):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "ddp")
+    argv = ["--config-file", os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml"), *_opts(**{
+        "DATA.ROOT": imagenet, "OUTPUT_DIR": out, "SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 48,
+        "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 1, "DEVICE": "cpu"})]
+    mp.spawn(_pretrain_rank, args=(2, rendezvous, argv), nprocs=2, join=True)
+    assert "2 process(es) on cpu; global batch 16 (8 per process)" in open(os.path.join(out, "log.txt")).read()
+    steps = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]  # 64 images / global batch 16, rank 0 writes
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint_0000.pth.tar"))
+    assert ckpt["iteration"] == 4
+    # the queue advanced by the global batch each step (both ranks' keys): 4 x 16 = 64 -> 64 % 48 = 16
+    # (a rank's own 8 keys per step would leave it at 32)
+    state = ckpt["state_dict"]
+    assert int(state["module.queue_ptr"]) == 16
+    assert not any(k.startswith("module.encoder_q.module.") for k in state)  # the DDP wrapper is unwrapped
+    assert cli.main(["convert", os.path.join(out, "checkpoint_0000.pth.tar"), str(tmp_path / "ddp.pkl")]) == 0
