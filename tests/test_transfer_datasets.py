@@ -65,7 +65,8 @@ def test_unregistered_name_lists_the_known_ones():
         datasets.check_dataset("voc_2007_tset")
     message = str(e.value)
     assert "'voc_2007_tset' is not registered" in message
-    assert "voc_2007_test, voc_2007_train" in message and "synth_voc_trainval" in message
+    assert "voc_2007_test, voc_2007_train" in message
+    assert "synth_voc_trainval, synth_voc_test, synth_coco_train, synth_coco_val" in message
     assert datasets.SYNTH_ENV in message
 
 
@@ -82,12 +83,33 @@ def test_missing_voc_files_of_a_synth_tree_name_the_path_and_root(synth_root, tm
                               " does not exist (generated dataset root")
     assert "ImageSets/Main/test.txt   (one image id per line)" in message and "JPEGImages/<id>.jpg" in message
     datasets.check_dataset("synth_voc_trainval")  # the other split is still complete
+    shutil.rmtree(root / "VOC2007" / "Annotations")
+    with pytest.raises(UsageError, match="Annotations' does not exist"):
+        datasets.check_dataset("synth_voc_trainval")
     shutil.rmtree(root / "VOC2007" / "JPEGImages")
+    os.makedirs(root / "VOC2007" / "Annotations")
     with pytest.raises(UsageError, match="JPEGImages' does not exist"):
         datasets.check_dataset("synth_voc_trainval")
     cfg = load_config(os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"))
     with pytest.raises(UsageError, match="synth_voc_trainval"):  # the first of the config's datasets
         datasets.check_datasets(cfg)
+
+
+def test_a_json_dataset_with_a_dirname_is_checked_by_its_json(tmp_path):
+    """Only datasets that detectron2 evaluates as PASCAL VOC are checked for the VOC layout; any other dataset
+    with a json_file is checked for that file, whatever other metadata (a `dirname`) it carries."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = "mocobench_test_json_dataset_with_dirname"
+    DatasetCatalog.register(name, list)
+    try:
+        MetadataCatalog.get(name).set(evaluator_type="coco", dirname=str(tmp_path), image_root=str(tmp_path),
+                                      json_file=str(tmp_path / "instances.json"))
+        with pytest.raises(UsageError, match=r"(?s)instances.json' does not exist .*\(COCO instances json\)"):
+            datasets.check_dataset(name)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def test_builtin_names_point_at_detectron2_datasets():
