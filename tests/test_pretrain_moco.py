@@ -119,25 +119,26 @@ def test_queue_size_not_divisible_by_batch_is_a_clear_error():
         model.dequeue_and_enqueue(torch.randn(12, 16))
 
 
-def test_split_bn_statistics_are_per_group():
+@pytest.mark.parametrize("splits,momentum,eps", [(4, 0.1, 1e-5), (2, None, 0.5)])
+def test_split_bn_statistics_are_per_group(splits, momentum, eps):
     torch.manual_seed(0)
-    bn = nn.BatchNorm2d(4)
+    bn = nn.BatchNorm2d(4, momentum=momentum, eps=eps)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
-    split = convert_split_bn(copy.deepcopy(nn.Sequential(bn)), 4)[0]
+    split = convert_split_bn(copy.deepcopy(nn.Sequential(bn)), splits)[0]
     assert isinstance(split, SplitBatchNorm) and set(split.state_dict()) == set(bn.state_dict())
-    x = torch.randn(16, 4, 5, 5) * 3 + 1
-    out = split(x)
-    means, vars_ = [], []
-    for g in range(4):  # group g = samples g, g+4, g+8, g+12
-        ref = copy.deepcopy(bn)
-        torch.testing.assert_close(out[g::4], ref(x[g::4]), rtol=1e-5, atol=1e-5)
-        means.append(ref.running_mean)
-        vars_.append(ref.running_var)
-    # running stats: the average of what each device's BN would hold
-    torch.testing.assert_close(split.running_mean, torch.stack(means).mean(0))
-    torch.testing.assert_close(split.running_var, torch.stack(vars_).mean(0))
+    assert (split.num_splits, split.momentum, split.eps) == (splits, momentum, eps)
+    refs = [copy.deepcopy(bn) for _ in range(splits)]  # one BN per emulated device
+    for _ in range(2):  # two steps: the running statistics follow the momentum (or the cumulative average)
+        x = torch.randn(16, 4, 5, 5) * 3 + 1
+        out = split(x)
+        for g in range(splits):  # group g = samples g, g+S, g+2S, ...
+            torch.testing.assert_close(out[g::splits], refs[g](x[g::splits]), rtol=1e-5, atol=1e-5)
+        # running stats: the average of what each device's BN would hold
+        torch.testing.assert_close(split.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+        torch.testing.assert_close(split.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    assert int(split.num_batches_tracked) == 2
     # and the groups really differ from one whole-batch BN
     assert not torch.allclose(out, copy.deepcopy(bn)(x), atol=1e-3)
     split.eval()
@@ -146,9 +147,25 @@ def test_split_bn_statistics_are_per_group():
     torch.testing.assert_close(split(x), bn(x))
 
 
+def test_split_bn_without_affine_parameters_and_conversion_flags():
+    plain = nn.BatchNorm2d(3, affine=False, track_running_stats=True, eps=1e-3, momentum=0.3)
+    split = convert_split_bn(nn.Sequential(plain), 2)[0]
+    assert type(split) is SplitBatchNorm and not split.affine and split.weight is None
+    assert (split.eps, split.momentum, split.track_running_stats) == (1e-3, 0.3, True)
+    x = torch.randn(8, 3, 4, 4)
+    torch.testing.assert_close(split(x)[0::2], copy.deepcopy(plain)(x[0::2]), rtol=1e-5, atol=1e-5)
+    untracked = convert_split_bn(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), 2)[0]
+    assert type(untracked) is SplitBatchNorm and not untracked.track_running_stats
+    one = nn.Sequential(nn.BatchNorm2d(3))
+    assert type(convert_split_bn(one, 1)[0]) is nn.BatchNorm2d  # one group: plain BN, left as it is
+    direct = SplitBatchNorm(3, num_splits=2, eps=0.25, momentum=0.5)
+    assert (direct.eps, direct.momentum) == (0.25, 0.5)
+
+
 def test_split_bn_rejects_indivisible_batch():
     split = SplitBatchNorm(4, num_splits=4)
-    with pytest.raises(ValueError, match="not divisible into 4 BN groups"):
+    message = r"batch of 6 samples is not divisible into 4 BN groups \(MOCO.SHUFFLE_BN_SPLITS must divide the per-"
+    with pytest.raises(ValueError, match=message + r"process batch size\)"):
         split(torch.randn(6, 4, 2, 2))
 
 
@@ -312,6 +329,9 @@ def test_build_model_passes_the_config_on(tmp_path):
 def test_resnet_builder_accepts_torchvision_resnets_only():
     model = resnet_builder("resnet18")(10)
     assert model.fc.out_features == 10
+    # zero-init of the last BN of each residual block (Goyal et al.) only when asked: torchvision's default is off
+    assert float(model.layer1[0].bn2.weight.min()) == 1.0
+    assert float(resnet_builder("resnet18", zero_init_residual=True)(10).layer1[0].bn2.weight.abs().max()) == 0.0
     with pytest.raises(ValueError, match="vgg16"):
         resnet_builder("vgg16")
 
@@ -354,6 +374,9 @@ def test_defaults_are_the_official_ones():
     # --moco-dim 256, --moco-mlp-dim 4096, --moco-t 1.0
     v1 = MoCo(TinyEncoder)
     assert (v1.K, v1.m, v1.T, v1.bn_splits, v1.queue.shape) == (65536, 0.999, 0.07, 1, (128, 65536))
+    # the queue starts as random unit keys (columns), the pointer as a long like the official buffer
+    torch.testing.assert_close(v1.queue.norm(dim=0), torch.ones(65536))
+    assert v1.queue_ptr.dtype == torch.long and int(v1.queue_ptr) == 0
     assert isinstance(v1.encoder_q.fc, nn.Linear) and type(v1.encoder_q.bn) is nn.BatchNorm2d
     v3 = MoCoV3(TinyEncoder)
     assert v3.T == 1.0 and v3.base_encoder.fc[0].out_features == 4096 and v3.predictor[-1].out_features == 256
