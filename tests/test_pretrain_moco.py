@@ -225,7 +225,7 @@ def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(on
     from pretrain.moco import AllReduceBatchNorm, convert_sync_bn
 
     torch.manual_seed(0)
-    bn = nn.BatchNorm2d(4, momentum=momentum)
+    bn = nn.BatchNorm2d(4, momentum=momentum, eps=1e-5 if momentum else 0.5)  # a large eps must be added
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
@@ -269,7 +269,7 @@ def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(on
     # (N, C) input: the BatchNorm1d layers of the v3 projector and predictor
     bn1d = nn.BatchNorm1d(5, momentum=momentum)
     sync1d = convert_sync_bn(nn.Sequential(copy.deepcopy(bn1d)), "cpu")[0]
-    x2d = torch.randn(7, 5) * 2 - 1
+    x2d = torch.randn(2, 5) * 2 - 1  # 2 samples: the unbiased variance is twice the biased one
     torch.testing.assert_close(sync1d(x2d), bn1d(x2d), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sync1d.running_var, bn1d.running_var, rtol=1e-5, atol=1e-6)
 
@@ -291,7 +291,7 @@ def test_convert_sync_bn_keeps_parameters_and_flags_and_leaves_split_bn():
     for p in frozen.parameters():
         p.requires_grad = False
     model = nn.Sequential(nn.BatchNorm2d(5, eps=1e-3, momentum=0.2), nn.Sequential(frozen),
-                          SplitBatchNorm(2, num_splits=2), nn.BatchNorm2d(2, affine=False))
+                          SplitBatchNorm(2, num_splits=2), nn.BatchNorm2d(2, affine=False, track_running_stats=False))
     model[1].eval()
     weight = model[0].weight
     converted = convert_sync_bn(model, "cpu")
@@ -300,7 +300,7 @@ def test_convert_sync_bn_keeps_parameters_and_flags_and_leaves_split_bn():
                                                     AllReduceBatchNorm]
     assert a.weight is weight and (a.eps, a.momentum, a.num_features) == (1e-3, 0.2, 5)
     assert not b.weight.requires_grad and not b.training and a.training
-    assert not c.affine and c.weight is None and c.track_running_stats
+    assert not c.affine and c.weight is None and not c.track_running_stats
 
 
 def test_build_model_passes_the_config_on(tmp_path):
@@ -310,8 +310,8 @@ def test_build_model_passes_the_config_on(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     small = ["DATA.ROOT", "unused", "MODEL.ARCH", "resnet18", "SOLVER.BATCH_SIZE", "16"]
     v1 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v1_R50.yaml"),
-                                 small + ["MOCO.K", "64", "MOCO.DIM", "8"]), bn_splits=2)
-    assert type(v1) is MoCo and (v1.K, v1.m, v1.T, v1.bn_splits) == (64, 0.999, 0.07, 2)
+                                 small + ["MOCO.K", "64", "MOCO.DIM", "8", "MOCO.M", "0.99"]), bn_splits=2)
+    assert type(v1) is MoCo and (v1.K, v1.m, v1.T, v1.bn_splits) == (64, 0.99, 0.07, 2)
     assert isinstance(v1.encoder_q.fc, nn.Linear) and v1.encoder_q.fc.out_features == 8
     assert v1.queue.shape == (8, 64) and isinstance(v1.encoder_q.bn1, SplitBatchNorm)
     v2 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v2_R50_200ep.yaml"),
@@ -320,8 +320,8 @@ def test_build_model_passes_the_config_on(tmp_path):
     assert type(v2.encoder_q.bn1) is nn.BatchNorm2d
     assert float(v2.encoder_q.layer1[0].bn2.weight.abs().max()) == 0.0  # zero-init residual reached torchvision
     v3 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v3_R50.yaml"),
-                                 small + ["MOCO.DIM", "8", "MOCO.MLP_DIM", "12"]))
-    assert type(v3) is MoCoV3 and v3.T == 1.0
+                                 small + ["MOCO.DIM", "8", "MOCO.MLP_DIM", "12", "MOCO.T", "0.2"]))
+    assert type(v3) is MoCoV3 and v3.T == 0.2
     assert v3.base_encoder.fc[0].out_features == 12 and v3.base_encoder.fc[3].out_features == 8
     assert v3.predictor[0].in_features == 8 and v3.predictor[3].out_features == 8
 
