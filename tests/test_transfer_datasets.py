@@ -81,7 +81,9 @@ def test_missing_voc_files_of_a_synth_tree_name_the_path_and_root(synth_root, tm
     message = str(e.value)
     assert message.startswith(f"dataset 'synth_voc_test': {str(root / 'VOC2007' / 'ImageSets' / 'Main' / 'test.txt')!r}"
                               " does not exist (generated dataset root")
-    assert "ImageSets/Main/test.txt   (one image id per line)" in message and "JPEGImages/<id>.jpg" in message
+    layout = f"{root / 'VOC2007'}/\n  Annotations/<id>.xml\n  ImageSets/Main/test.txt   (one image id per line)"
+    assert layout in message
+    assert "JPEGImages/<id>.jpg" in message
     datasets.check_dataset("synth_voc_trainval")  # the other split is still complete
     shutil.rmtree(root / "VOC2007" / "Annotations")
     with pytest.raises(UsageError, match="Annotations' does not exist"):
@@ -105,8 +107,10 @@ def test_a_json_dataset_with_a_dirname_is_checked_by_its_json(tmp_path):
     try:
         MetadataCatalog.get(name).set(evaluator_type="coco", dirname=str(tmp_path), image_root=str(tmp_path),
                                       json_file=str(tmp_path / "instances.json"))
-        with pytest.raises(UsageError, match=r"(?s)instances.json' does not exist .*\(COCO instances json\)"):
+        with pytest.raises(UsageError, match=r"instances.json' does not exist") as e:
             datasets.check_dataset(name)
+        assert (f"{tmp_path / 'instances.json'}   (COCO instances json)\n{tmp_path}/<file_name>   (the images it "
+                "lists)") in str(e.value)
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
