@@ -42,6 +42,7 @@ def test_registration_follows_the_root_and_sets_the_evaluator(synth_root, tmp_pa
             records = DatasetCatalog.get(name)
             assert len(records) == meta["splits"][fmt][split], name
             assert all(r["file_name"].startswith(os.path.abspath(root) + os.sep) for r in records)
+            assert all(os.path.isfile(r["file_name"]) for r in records), name  # the images are where it points
             if fmt == "voc":
                 assert info.evaluator_type == "pascal_voc" and info.split == split and info.year == meta["voc_year"]
             else:
