@@ -2,9 +2,10 @@
 
     python tools/mutation_score.py [--equivalents tests/mutation_equivalents.txt] [--strict]
 
-A mutant counts as killed when a test failed (or timed out) with it; "no tests" and "survived" are survivors.
-Survivors listed in the equivalents file (one `mutant_name  reason` per line, # comments) are left out of the
-total; every other survivor is printed, so it can get a test. --strict: exit 1 if any unlisted survivor is left.
+A mutant counts as killed when a test failed (or timed out: the timeouts column says how many, which on a loaded
+machine can be spurious) with it; "no tests" and "survived" are survivors. Mutants listed in the equivalents file
+(one `mutant_name  reason` per line, # comments) are left out of the total whatever their status; every other
+survivor is printed, so it can get a test. --strict: exit 1 if any unlisted survivor is left.
 The lr/momentum schedules of pretrain/config.py are scored on their own (the rest of that file is config
 validation, scored as pretrain.config).
 """
@@ -16,6 +17,7 @@ import sys
 
 # mutmut's worker exit codes (mutmut/stats.py status_by_exit_code)
 KILLED = {1, 3, 24, -24, 36, 152, 255}
+TIMEOUT = {24, -24, 36, 152, 255}
 NO_TESTS = {5, 33}
 SURVIVED = {0}
 # function groups scored separately: name -> (module, function-name markers in the mutant key)
@@ -62,17 +64,18 @@ def main(argv=None):
         if code is None:
             continue  # not run (a module left out of this run)
         units.setdefault(unit_of(key), []).append((key, code))
-    print("| module | mutants | equivalent | killed | survived | no tests | score |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| module | mutants | equivalent | killed | (of which timeouts) | survived | no tests | score |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     left = []
     for unit, rows in units.items():
-        equivalent = [k for k, c in rows if k in equivalents and c not in KILLED]
-        killed = sum(c in KILLED for _, c in rows)
+        equivalent = [k for k, c in rows if k in equivalents]  # left out whatever their status
+        killed = sum(c in KILLED for k, c in rows if k not in equivalents)
+        timeouts = sum(c in TIMEOUT for k, c in rows if k not in equivalents)
         survived = [k for k, c in rows if c in SURVIVED and k not in equivalents]
         no_tests = [k for k, c in rows if c in NO_TESTS and k not in equivalents]
         scored = len(rows) - len(equivalent)
-        print(f"| {unit} | {len(rows)} | {len(equivalent)} | {killed} | {len(survived)} | {len(no_tests)} | "
-              f"{100.0 * killed / max(scored, 1):.1f} % |")
+        cells = [unit, len(rows), len(equivalent), killed, timeouts, len(survived), len(no_tests)]
+        print("| " + " | ".join(map(str, cells)) + f" | {100.0 * killed / max(scored, 1):.1f} % |")
         left += survived + no_tests
     if left:
         print(f"\n{len(left)} survivor(s) not listed in {args.equivalents} (`mutmut show NAME` shows the diff):")
