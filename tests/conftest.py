@@ -1,23 +1,106 @@
-"""Shared fixtures: one generated dataset per test session (the `test` preset of `mocobench data synth`)."""
+"""Shared fixtures and the test environment.
+
+The environment is pinned before any test runs, so results do not depend on the user's shell: a
+DETECTRON2_DATASETS pointing at real data, a torchrun's WORLD_SIZE/RANK, a warm model cache or a second
+checkout on PYTHONPATH would all change what the code under test sees. Subprocesses inherit the same
+environment, and PYTHONPATH names the checkout whose code the tests import (under `make mutation` that is
+./mutants), so a command run as a subprocess runs the same code as the test.
+"""
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# variables whose user values would change what the tests see; unset for the whole session
+CLEARED_ENV = (
+    "MOCOBENCH_SYNTH",
+    "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+    "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SUBMITIT_EXECUTOR",
+    "DETECTRON2_ENV_MODULE",
+)
+_SESSION_DIR = None
+
+
+def pytest_configure(config):
+    global _SESSION_DIR
+    import pretrain
+
+    _SESSION_DIR = tempfile.mkdtemp(prefix="mocobench-tests-env-")
+    for var in CLEARED_ENV:
+        os.environ.pop(var, None)
+    os.environ.update(
+        # an empty datasets root: builtin VOC/COCO names resolve to paths that do not exist
+        DETECTRON2_DATASETS=os.path.join(_SESSION_DIR, "datasets"),
+        # empty download caches (detectron2/fvcore, torch hub): nothing is found or fetched from a previous run
+        FVCORE_CACHE=os.path.join(_SESSION_DIR, "fvcore_cache"),
+        TORCH_HOME=os.path.join(_SESSION_DIR, "torch_home"),
+        MPLBACKEND="Agg",
+        PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(pretrain.__file__))),
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_unconfigure(config):
+    if _SESSION_DIR:
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+def _tree_state(root):
+    """{relative path: (size, mtime)} of every file under root."""
+    state = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            state[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return state
+
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
-    """DIR with imagenet/, VOC2007/, coco/ and synth.json, generated once (seed 0, test preset)."""
+    """DIR with imagenet/, VOC2007/, coco/ and synth.json, generated once (seed 0, test preset).
+
+    Shared by every test that uses it, so no test may change it (copy it to tmp_path first): the session ends
+    with an error naming the files if one did. (Permission bits would not stop a test running as root.)"""
     from mocobench.synth import synthesize
 
-    root = tmp_path_factory.mktemp("synth")
-    synthesize(str(root), preset="test", seed=0)
-    return str(root)
+    root = str(tmp_path_factory.mktemp("synth"))
+    synthesize(root, preset="test", seed=0)
+    before = _tree_state(root)
+    yield root
+    after = _tree_state(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared synth_root tree: {changed[:10]}"
 
 
 @pytest.fixture
 def mocobench_cmd():
     """The installed command line, run as a fresh process (exit codes and stderr as a user sees them)."""
     return [sys.executable, "-m", "mocobench"]
+
+
+@pytest.fixture
+def rendezvous(tmp_path):
+    """A torch.distributed init_method for the processes of one test: a file store, so no TCP port is
+    picked, released and re-bound (another process can take a free port in between)."""
+    return f"file://{tmp_path / 'rendezvous'}"
+
+
+def assert_optimizer_states_equal(a, b):
+    """Two optimizer state_dicts hold the same state for the same parameters (no zip that stops at the shorter)."""
+    import torch
+
+    assert len(a["state"]) > 0, "an empty optimizer state compares equal to anything"
+    assert a["state"].keys() == b["state"].keys()
+    for index, state in a["state"].items():
+        assert state.keys() == b["state"][index].keys(), index
+        for name, value in state.items():
+            other = b["state"][index][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, name)
+    assert a["param_groups"] == b["param_groups"]

@@ -1,7 +1,7 @@
 """MoCo core: InfoNCE logits, momentum update, queue, split BN, shuffle BN and queues on 2 gloo ranks."""
 import copy
+import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -119,25 +119,26 @@ def test_queue_size_not_divisible_by_batch_is_a_clear_error():
         model.dequeue_and_enqueue(torch.randn(12, 16))
 
 
-def test_split_bn_statistics_are_per_group():
+@pytest.mark.parametrize("splits,momentum,eps", [(4, 0.1, 1e-5), (2, None, 0.5)])
+def test_split_bn_statistics_are_per_group(splits, momentum, eps):
     torch.manual_seed(0)
-    bn = nn.BatchNorm2d(4)
+    bn = nn.BatchNorm2d(4, momentum=momentum, eps=eps)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
-    split = convert_split_bn(copy.deepcopy(nn.Sequential(bn)), 4)[0]
+    split = convert_split_bn(copy.deepcopy(nn.Sequential(bn)), splits)[0]
     assert isinstance(split, SplitBatchNorm) and set(split.state_dict()) == set(bn.state_dict())
-    x = torch.randn(16, 4, 5, 5) * 3 + 1
-    out = split(x)
-    means, vars_ = [], []
-    for g in range(4):  # group g = samples g, g+4, g+8, g+12
-        ref = copy.deepcopy(bn)
-        torch.testing.assert_close(out[g::4], ref(x[g::4]), rtol=1e-5, atol=1e-5)
-        means.append(ref.running_mean)
-        vars_.append(ref.running_var)
-    # running stats: the average of what each device's BN would hold
-    torch.testing.assert_close(split.running_mean, torch.stack(means).mean(0))
-    torch.testing.assert_close(split.running_var, torch.stack(vars_).mean(0))
+    assert (split.num_splits, split.momentum, split.eps) == (splits, momentum, eps)
+    refs = [copy.deepcopy(bn) for _ in range(splits)]  # one BN per emulated device
+    for _ in range(2):  # two steps: the running statistics follow the momentum (or the cumulative average)
+        x = torch.randn(16, 4, 5, 5) * 3 + 1
+        out = split(x)
+        for g in range(splits):  # group g = samples g, g+S, g+2S, ...
+            torch.testing.assert_close(out[g::splits], refs[g](x[g::splits]), rtol=1e-5, atol=1e-5)
+        # running stats: the average of what each device's BN would hold
+        torch.testing.assert_close(split.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+        torch.testing.assert_close(split.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    assert int(split.num_batches_tracked) == 2
     # and the groups really differ from one whole-batch BN
     assert not torch.allclose(out, copy.deepcopy(bn)(x), atol=1e-3)
     split.eval()
@@ -146,33 +147,210 @@ def test_split_bn_statistics_are_per_group():
     torch.testing.assert_close(split(x), bn(x))
 
 
+def test_split_bn_without_affine_parameters_and_conversion_flags():
+    plain = nn.BatchNorm2d(3, affine=False, track_running_stats=True, eps=1e-3, momentum=0.3)
+    split = convert_split_bn(nn.Sequential(plain), 2)[0]
+    assert type(split) is SplitBatchNorm and not split.affine and split.weight is None
+    assert (split.eps, split.momentum, split.track_running_stats) == (1e-3, 0.3, True)
+    x = torch.randn(8, 3, 4, 4)
+    torch.testing.assert_close(split(x)[0::2], copy.deepcopy(plain)(x[0::2]), rtol=1e-5, atol=1e-5)
+    untracked = convert_split_bn(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), 2)[0]
+    assert type(untracked) is SplitBatchNorm and not untracked.track_running_stats
+    one = nn.Sequential(nn.BatchNorm2d(3))
+    assert type(convert_split_bn(one, 1)[0]) is nn.BatchNorm2d  # one group: plain BN, left as it is
+    direct = SplitBatchNorm(3, num_splits=2, eps=0.25, momentum=0.5)
+    assert (direct.eps, direct.momentum) == (0.25, 0.5)
+
+
 def test_split_bn_rejects_indivisible_batch():
     split = SplitBatchNorm(4, num_splits=4)
-    with pytest.raises(ValueError, match="not divisible into 4 BN groups"):
+    message = r"batch of 6 samples is not divisible into 4 BN groups \(MOCO.SHUFFLE_BN_SPLITS must divide the per-"
+    with pytest.raises(ValueError, match=message + r"process batch size\)"):
         split(torch.randn(6, 4, 2, 2))
 
 
-def test_single_process_shuffle_is_inverse():
-    x = torch.arange(12.0).view(6, 2)
+def test_single_process_shuffle_is_a_random_permutation_and_unshuffle_its_inverse():
+    x = torch.arange(16.0).view(8, 2)
+    torch.manual_seed(3)
+    perm = torch.randperm(8)
+    assert not torch.equal(perm, torch.arange(8))
+    torch.manual_seed(3)
     shuffled, idx = batch_shuffle(x)
-    assert sorted(shuffled[:, 0].tolist()) == x[:, 0].tolist()
+    # exactly the permutation drawn from torch's generator (the official code's torch.randperm), not the identity
+    assert torch.equal(shuffled, x[perm]) and torch.equal(idx, torch.argsort(perm))
     assert torch.equal(batch_unshuffle(shuffled, idx), x)
+    # every draw is a new permutation
+    draws = {tuple(batch_shuffle(x)[1].tolist()) for _ in range(5)}
+    assert len(draws) == 5
+
+
+@pytest.mark.parametrize("bn_splits", [2, 4])
+def test_forward_computes_keys_on_the_shuffled_batch_with_split_bn(bn_splits):
+    """Shuffling BN (MoCo paper, Sec. 3.3): the key encoder sees the batch in another order, so a sample's key and
+    query are normalised with statistics of different sample groups. The keys the forward enqueues must equal
+    the key encoder on the permuted batch, put back in order, and differ from the keys of the unshuffled batch;
+    the logits are those of the normalised query against that key and the queue as it was before the step."""
+    model = tiny_moco(bn_splits=bn_splits)
+    queue_before = model.queue.clone()
+    x_q, x_k = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    torch.manual_seed(11)
+    perm = torch.randperm(8)  # the forward's only random draw: its shuffle
+    torch.manual_seed(11)
+    logits, _ = model(x_q, x_k)
+    keys = model.queue[:, :8].t()
+    with torch.no_grad():  # train-mode BN: the output depends on the weights and the batch only
+        shuffled_keys = F.normalize(model.encoder_k(x_k[perm]), dim=1)[torch.argsort(perm)]
+        unshuffled_keys = F.normalize(model.encoder_k(x_k), dim=1)
+        q = F.normalize(model.encoder_q(x_q), dim=1)
+    torch.testing.assert_close(keys, shuffled_keys, rtol=1e-5, atol=1e-6)
+    assert (keys - unshuffled_keys).abs().max() > 1e-2  # the BN groups really differ
+    reference = torch.cat([(q * keys).sum(1, keepdim=True), q @ queue_before], dim=1) / model.T
+    torch.testing.assert_close(logits.detach(), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path, monkeypatch):
+    """A real 1-process gloo group, with the world size reported as 2 so that code takes its multi-process path:
+    every all-reduce/all-gather then runs for real and sums over the one rank."""
+    from mocobench import comm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(one_rank_group, momentum):
+    from pretrain.moco import AllReduceBatchNorm, convert_sync_bn
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, momentum=momentum, eps=1e-5 if momentum else 0.5)  # a large eps must be added
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    sync = convert_sync_bn(nn.Sequential(copy.deepcopy(bn)), "cpu")[0]
+    assert type(sync) is AllReduceBatchNorm
+    for step in range(2):
+        x = (torch.randn(6, 4, 3, 5) * 3 + 1).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        grad_out = torch.randn(6, 4, 3, 5)
+        out, ref = sync(x), bn(x_ref)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        out.backward(grad_out)
+        ref.backward(grad_out)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(sync, name).grad, getattr(bn, name).grad, rtol=1e-4, atol=1e-5)
+        # running statistics as BatchNorm2d keeps them: unbiased variance, momentum (or the cumulative average)
+        torch.testing.assert_close(sync.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sync.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+        assert int(sync.num_batches_tracked) == int(bn.num_batches_tracked) == step + 1
+    # the synchronised path really ran: its sums went through torch.distributed (mean, then variance)
+    calls = []
+    real_all_reduce = dist.all_reduce
+    dist.all_reduce = lambda tensor, *a, **k: calls.append(tensor.shape) or real_all_reduce(tensor, *a, **k)
+    try:
+        copy.deepcopy(sync)(torch.randn(6, 4, 3, 5))
+    finally:
+        dist.all_reduce = real_all_reduce
+    assert calls == [(5,), (4,)]  # 4 channel sums + the count, then 4 squared-deviation sums
+    # statistics in float32 under AMP: a bfloat16 input (4096 values per channel around 100, where bfloat16 sums
+    # are off by ~0.2) gives the float32 result, rounded to bfloat16
+    xb = (torch.randn(16, 4, 16, 16) + 100).to(torch.bfloat16)
+    out_b = copy.deepcopy(sync)(xb)
+    assert out_b.dtype == torch.bfloat16
+    torch.testing.assert_close(out_b.float(), copy.deepcopy(bn)(xb.float()), rtol=0, atol=0.03)
+    sync.eval()
+    bn.eval()
+    torch.testing.assert_close(sync(xb), bn(xb))
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        sync(torch.randn(4))
+    # (N, C) input: the BatchNorm1d layers of the v3 projector and predictor
+    bn1d = nn.BatchNorm1d(5, momentum=momentum)
+    sync1d = convert_sync_bn(nn.Sequential(copy.deepcopy(bn1d)), "cpu")[0]
+    x2d = torch.randn(2, 5) * 2 - 1  # 2 samples: the unbiased variance is twice the biased one
+    torch.testing.assert_close(sync1d(x2d), bn1d(x2d), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sync1d.running_var, bn1d.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_all_reduce_bn_in_one_process_is_batchnorm():
+    from pretrain.moco import convert_sync_bn
+
+    bn = nn.BatchNorm2d(3)
+    sync = convert_sync_bn(nn.Sequential(copy.deepcopy(bn)), "cpu")[0]
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(sync(x), bn(x))  # no process group: no collective is called
+    torch.testing.assert_close(sync.running_var, bn.running_var)
+
+
+def test_convert_sync_bn_keeps_parameters_and_flags_and_leaves_split_bn():
+    from pretrain.moco import AllReduceBatchNorm, convert_sync_bn
+
+    frozen = nn.BatchNorm1d(3)
+    for p in frozen.parameters():
+        p.requires_grad = False
+    model = nn.Sequential(nn.BatchNorm2d(5, eps=1e-3, momentum=0.2), nn.Sequential(frozen),
+                          SplitBatchNorm(2, num_splits=2), nn.BatchNorm2d(2, affine=False, track_running_stats=False))
+    model[1].eval()
+    weight = model[0].weight
+    converted = convert_sync_bn(model, "cpu")
+    a, b, split, c = converted[0], converted[1][0], converted[2], converted[3]
+    assert [type(m) for m in (a, b, split, c)] == [AllReduceBatchNorm, AllReduceBatchNorm, SplitBatchNorm,
+                                                    AllReduceBatchNorm]
+    assert a.weight is weight and (a.eps, a.momentum, a.num_features) == (1e-3, 0.2, 5)
+    assert not b.weight.requires_grad and not b.training and a.training
+    assert not c.affine and c.weight is None and not c.track_running_stats
+
+
+def test_build_model_passes_the_config_on(tmp_path):
+    from pretrain.config import load_config
+    from pretrain.moco import build_model
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    small = ["DATA.ROOT", "unused", "MODEL.ARCH", "resnet18", "SOLVER.BATCH_SIZE", "16"]
+    v1 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v1_R50.yaml"),
+                                 small + ["MOCO.K", "64", "MOCO.DIM", "8", "MOCO.M", "0.99"]), bn_splits=2)
+    assert type(v1) is MoCo and (v1.K, v1.m, v1.T, v1.bn_splits) == (64, 0.99, 0.07, 2)
+    assert isinstance(v1.encoder_q.fc, nn.Linear) and v1.encoder_q.fc.out_features == 8
+    assert v1.queue.shape == (8, 64) and isinstance(v1.encoder_q.bn1, SplitBatchNorm)
+    v2 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v2_R50_200ep.yaml"),
+                                 small + ["MOCO.K", "64", "MODEL.ZERO_INIT_RESIDUAL", "True"]))
+    assert type(v2) is MoCo and v2.T == 0.2 and isinstance(v2.encoder_q.fc, nn.Sequential)
+    assert type(v2.encoder_q.bn1) is nn.BatchNorm2d
+    # zero-init residual reaches torchvision
+    assert float(v2.encoder_q.layer1[0].bn2.weight.detach().abs().max()) == 0.0
+    v3 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v3_R50.yaml"),
+                                 small + ["MOCO.DIM", "8", "MOCO.MLP_DIM", "12", "MOCO.T", "0.2"]))
+    assert type(v3) is MoCoV3 and v3.T == 0.2
+    assert v3.base_encoder.fc[0].out_features == 12 and v3.base_encoder.fc[3].out_features == 8
+    assert v3.predictor[0].in_features == 8 and v3.predictor[3].out_features == 8
 
 
 def test_resnet_builder_accepts_torchvision_resnets_only():
     model = resnet_builder("resnet18")(10)
     assert model.fc.out_features == 10
+    # zero-init of the last BN of each residual block (Goyal et al.) only when asked: torchvision's default is off
+    assert float(model.layer1[0].bn2.weight.min()) == 1.0
+    assert float(resnet_builder("resnet18", zero_init_residual=True)(10).layer1[0].bn2.weight.abs().max()) == 0.0
     with pytest.raises(ValueError, match="vgg16"):
         resnet_builder("vgg16")
 
 
-def test_moco_v3_heads_and_symmetric_loss():
+@pytest.mark.parametrize("T", [1.0, 0.2])
+def test_moco_v3_heads_and_symmetric_loss(T):
     torch.manual_seed(0)
-    model = MoCoV3(TinyEncoder, dim=4, mlp_dim=6, T=1.0)
+    model = MoCoV3(TinyEncoder, dim=4, mlp_dim=6, T=T)
     proj, pred = model.base_encoder.fc, model.predictor
     assert isinstance(proj[-1], nn.BatchNorm1d) and not proj[-1].affine  # projector ends with BN(affine=False)
     assert isinstance(pred[-1], nn.Linear)  # predictor: no last BN (official builder.py)
     assert [type(m) for m in proj] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert [type(m) for m in pred] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    # official moco-v3 builder.py _build_mlp: Linear(..., bias=False) everywhere, hidden BN affine
+    assert all(m.bias is None for m in (*proj, *pred) if isinstance(m, nn.Linear))
+    assert proj[1].affine and pred[1].affine
+    assert [(m.in_features, m.out_features) for m in pred if isinstance(m, nn.Linear)] == [(4, 6), (6, 4)]
+    assert model.T == T and all(not p.requires_grad for p in model.momentum_encoder.parameters())
     x1, x2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     k_before = [p.clone() for p in model.momentum_encoder.parameters()]
     loss, logits, labels = model(x1, x2, 0.9)
@@ -187,9 +365,22 @@ def test_moco_v3_heads_and_symmetric_loss():
 
     def ctr(q, k):
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        return F.cross_entropy(q @ k.t() / 1.0, torch.arange(6)) * 2.0
+        return F.cross_entropy(q @ k.t() / T, torch.arange(6)) * 2.0 * T  # official: scaled by 2T
 
     torch.testing.assert_close(loss, ctr(q1, k2) + ctr(q2, k1), rtol=1e-5, atol=1e-5)
+
+
+def test_defaults_are_the_official_ones():
+    # moco main_moco.py: --moco-dim 128, --moco-k 65536, --moco-m 0.999, --moco-t 0.07 (v1); moco-v3 main_moco.py:
+    # --moco-dim 256, --moco-mlp-dim 4096, --moco-t 1.0
+    v1 = MoCo(TinyEncoder)
+    assert (v1.K, v1.m, v1.T, v1.bn_splits, v1.queue.shape) == (65536, 0.999, 0.07, 1, (128, 65536))
+    # the queue starts as random unit keys (columns), the pointer as a long like the official buffer
+    torch.testing.assert_close(v1.queue.norm(dim=0), torch.ones(65536))
+    assert v1.queue_ptr.dtype == torch.long and int(v1.queue_ptr) == 0
+    assert isinstance(v1.encoder_q.fc, nn.Linear) and type(v1.encoder_q.bn) is nn.BatchNorm2d
+    v3 = MoCoV3(TinyEncoder)
+    assert v3.T == 1.0 and v3.base_encoder.fc[0].out_features == 4096 and v3.predictor[-1].out_features == 256
 
 
 def test_lars_skips_1d_params_and_scales_by_trust_ratio():
@@ -205,15 +396,13 @@ def test_lars_skips_1d_params_and_scales_by_trust_ratio():
 
 
 # ------------------------------------------------------------------------------------------ 2 gloo ranks
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _init_gloo(rank, world, init_method):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a lost peer fails in 2 min, not 30
 
 
-def _two_rank_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _two_rank_worker(rank, world, init_method, out_dir):
+    _init_gloo(rank, world, init_method)
     torch.set_num_threads(1)
     try:
         # shuffle / unshuffle across ranks
@@ -241,13 +430,18 @@ def _two_rank_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path):
-    mp.spawn(_two_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.slow
+def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path, rendezvous):
+    mp.spawn(_two_rank_worker, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # shuffle: each rank got half of the global batch, a permutation of it overall, and not simply its own
     global_x = torch.cat([r0["x"], r1["x"]])
     got = torch.cat([r0["shuffled"], r1["shuffled"]])
     assert sorted(got[:, 0].tolist()) == sorted(global_x[:, 0].tolist())
+    # ... namely the global batch in the order of rank 0's permutation (rank 1 drew another one and ignored it)
+    torch.manual_seed(100)
+    assert torch.equal(got, global_x[torch.randperm(8)])
+    assert not torch.equal(r0["shuffled"], r0["x"])
     assert torch.equal(r0["restored"], r0["x"]) and torch.equal(r1["restored"], r1["x"])
     # queues identical on both ranks, holding the keys of both ranks in rank order
     assert torch.equal(r0["queue"], r1["queue"]) and int(r0["ptr"]) == int(r1["ptr"]) == 0
@@ -263,7 +457,7 @@ def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path):
 # ------------------------------------------------------------------------------------------ MoCo v3 under DDP
 V3_OPTS = ["MODEL.ARCH", "resnet18", "INPUT.SIZE", "32", "MOCO.DIM", "16", "MOCO.MLP_DIM", "32",
            "MOCO.M", "0.9", "MOCO.M_COS", "False", "SOLVER.BATCH_SIZE", "16", "SOLVER.OPTIMIZER", "sgd",
-           "SOLVER.BASE_LR", "2.0", "SOLVER.WARMUP_EPOCHS", "0", "DEVICE", "cpu"]
+           "SOLVER.BASE_LR", "2.0", "SOLVER.WARMUP_EPOCHS", "0", "DEVICE", "cpu", "LOG_PERIOD", "1"]
 V3_STEPS = 2
 
 
@@ -280,32 +474,40 @@ def _v3_global_batches():
             for _ in range(V3_STEPS)]
 
 
+class _StepLog:
+    """What train_one_epoch reports per logged iteration (LOG_PERIOD 1): its `metrics` sink, kept in memory
+    because only the main process writes metrics.json and both ranks' losses are compared here."""
+
+    def __init__(self):
+        self.rows = []
+
+    def write(self, iteration, **scalars):
+        self.rows.append({"iteration": iteration, **scalars})
+
+
 def _v3_train(cfg, model, device, batches):
-    """pretrain.train.train_one_epoch's step (fp32 on CPU): v3 loss, zero_grad, backward, optimizer step."""
+    """One epoch of pretrain.train.train_one_epoch (fp32 on CPU) over `batches`, with the optimizer
+    pretrain.train builds: v3 loss, lr and momentum schedules, optimization_step."""
     from pretrain import train as train_mod
-    from pretrain.config import lr_at, moco_momentum_at
+    from pretrain.config import lr_at
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = train_mod.build_optimizer(cfg, params, lr_at(cfg, 0.0))
-    model.train()
-    losses = []
-    for x1, x2 in batches:
-        loss, logits, labels = train_mod.LOSSES["v3"](model, x1.to(device), x2.to(device), moco_momentum_at(cfg, 0.0))
-        losses.append(loss.item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    loader = [((x1, x2), torch.zeros(len(x1), dtype=torch.long)) for x1, x2 in batches]
+    log = _StepLog()
+    iteration = train_mod.train_one_epoch(cfg, model, loader, optimizer, None, 0, 0, device,
+                                          (False, torch.float32, False), log)
+    assert iteration == len(batches) and [r["iteration"] for r in log.rows] == list(range(1, len(batches) + 1))
     grads = {n.replace(".module.", "."): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     state = {k.replace(".module.", "."): v.clone() for k, v in model.state_dict().items()}
-    return losses, grads, state
+    return [r["loss"] for r in log.rows], grads, state
 
 
-def _v3_ddp_worker(rank, world, port, out_dir):
+def _v3_ddp_worker(rank, world, init_method, out_dir):
     from pretrain import train as train_mod
     from pretrain.moco import AllReduceBatchNorm, build_model, convert_sync_bn
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _init_gloo(rank, world, init_method)
     torch.set_num_threads(1)
     try:
         cfg = _v3_cfg()
@@ -329,10 +531,11 @@ def _v3_ddp_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_moco_v3_ddp_two_ranks_with_syncbn_equals_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.slow
+def test_moco_v3_ddp_two_ranks_with_syncbn_equals_one_process_on_the_global_batch(tmp_path, rendezvous):
     from pretrain.moco import build_model
 
-    mp.spawn(_v3_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_v3_ddp_worker, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"v3_rank{r}.pt", weights_only=True) for r in (0, 1))
 
     # the ranks agree bit for bit: DDP-averaged gradients, parameters, momentum encoder and BN running stats

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import assert_optimizer_states_equal
 
 from mocobench import cli
 from mocobench.errors import UsageError
@@ -131,8 +132,7 @@ def test_exact_resume_after_sigkill(tiny_imagenet, tmp_path):
     assert list(a["state_dict"]) == list(b["state_dict"])
     for key in a["state_dict"]:  # bit-exact: weights and BN buffers
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])  # every parameter's momentum buffer, same keys
     # the resumed run's epoch-2 val accuracy is the uninterrupted run's
     val = [[json.loads(line)["val_top1"] for line in open(os.path.join(d, "metrics.json")) if "val_top1" in line]
            for d in (full, killed)]

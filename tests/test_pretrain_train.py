@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_optimizer_states_equal
 
 from mocobench.errors import UsageError
 from mocobench.fileio import load_checkpoint
@@ -78,7 +79,7 @@ def test_cli_reports_unknown_key_with_exit_code_2():
 def _run(args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "mocobench.cli", "pretrain", "--config-file", SYNTH_CFG, *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
 def binomial_tail(k, n, p):
@@ -86,6 +87,8 @@ def binomial_tail(k, n, p):
     return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~2 min on 2 idle cores; 20 min measured on 2 cores shared by 7 test runs
 def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_it(tmp_path):
     # the shipped config as it is (ResNet-18, 32 px crops, K 1024, batch 64, its lr and augmentations); only the
     # data size, the schedule length and the logging differ
@@ -117,10 +120,14 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
                      "--epochs", "2", "--batch-size", "64", "--workers", "0", "--size", "32"]) == 0
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
     assert results["backbone_unchanged"] is True and results["num_classes"] == 4
-    # 2 epochs of the linear protocol (lr 30) are a noisy estimate; the significance test is the kNN's above
-    assert 25.0 < results["top1"] <= results["top5"] == 100.0, results
+    # the linear classifier on the frozen features beats guessing: P(hits or more of 512 | chance 1/4) < 1e-3
+    # (>= 160 hits, 31.3 %; the seeded run: 174 hits, 34.0 %, p = 3e-6). top-5 is not checked: with 4 classes it
+    # is 100 % whatever the model does.
+    hits = round(results["top1"] * 512 / 100)
+    assert binomial_tail(hits, 512, 0.25) < 1e-3, f"linear top-1 {results['top1']} % on 512 images, chance 25 %"
 
 
+@pytest.mark.slow
 def test_checkpoint_layout_and_exact_resume_after_sigkill(tiny_imagenet, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     proc = _run(tiny_opts(tiny_imagenet, full))
@@ -146,8 +153,7 @@ def test_checkpoint_layout_and_exact_resume_after_sigkill(tiny_imagenet, tmp_pat
     assert a["iteration"] == b["iteration"] == 8
     for key in keys:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])  # every parameter's momentum buffer, same keys
     # the queue really moved and was filled by keys (unit columns)
     assert int(a["state_dict"]["module.queue_ptr"]) == (8 * 16) % 32
     torch.testing.assert_close(a["state_dict"]["module.queue"].norm(dim=0), torch.ones(32))

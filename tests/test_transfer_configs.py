@@ -1,6 +1,7 @@
 """Every shipped detection config merges and builds; key values equal MoCo's; bad input fails clearly (exit 2)."""
 import glob
 import os
+import socket
 
 import mocobench.d2compat  # noqa: F401  (before any detectron2 import)
 
@@ -155,9 +156,12 @@ def test_weights_required_and_must_exist(synth_root, tmp_path, capsys):
     missing = str(tmp_path / "nope.pkl")
     assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root, "MODEL.WEIGHTS", missing]) == 2
     assert missing in capsys.readouterr().err
-    # a URL whose fetch fails: the error says nothing is downloaded by mocobench (port 9: connection refused)
-    url = "http://127.0.0.1:9/R-50.pkl"
-    assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root, "MODEL.WEIGHTS", url]) == 2
+    # a URL whose fetch fails: the error says nothing is downloaded by mocobench. The port is bound here and
+    # never listened on, so the connection is refused (a fixed port such as 9 may have a listener on some machine)
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed_port.getsockname()[1]}/R-50.pkl"
+        assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root, "MODEL.WEIGHTS", url]) == 2
     err = capsys.readouterr().err
     assert url in err and "downloads nothing" in err
 

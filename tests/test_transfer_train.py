@@ -35,6 +35,57 @@ def assert_ap_metrics(metrics):
     assert all(0.0 <= metrics[k] <= 100.0 for k in ("AP", "AP50", "AP75"))
 
 
+def _truth_as_predictions(records, shift_classes=0, num_classes=1):
+    """detectron2 model outputs that repeat the annotations of `records` (score 1), classes shifted by
+    `shift_classes` modulo `num_classes`."""
+    from detectron2.structures import Boxes, BoxMode, Instances
+
+    outputs = []
+    for r in records:
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in r["annotations"]]
+        instances = Instances((r["height"], r["width"]))
+        instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        instances.scores = torch.ones(len(boxes))
+        instances.pred_classes = torch.tensor(
+            [(a["category_id"] + shift_classes) % num_classes for a in r["annotations"]], dtype=torch.long)
+        outputs.append({"instances": instances})
+    return outputs
+
+
+def test_voc_evaluation_scores_the_test_split_against_ground_truth(synth_root, tmp_path):
+    """The generated VOC test split, evaluated by the evaluator the trainer builds for it, scored with truth taken
+    from the other writer of the same scenes (COCO val = VOC test): boxes of the right images and classes give
+    AP 100; the right boxes with classes shifted, or the boxes of the trainval scenes, give ~0."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from transfer.evaluation import build_evaluator
+    from transfer.run import prepare_config
+
+    cfg, _ = prepare_config(R18, ["MOCOBENCH.SYNTH_ROOT", synth_root, "OUTPUT_DIR", str(tmp_path)])
+    assert list(cfg.DATASETS.TEST) == ["synth_voc_test"]
+    meta = json.loads(open(os.path.join(synth_root, "synth.json")).read())
+    classes = MetadataCatalog.get("synth_voc_test").thing_classes
+    assert list(classes) == meta["class_names"] == list(MetadataCatalog.get("synth_coco_val").thing_classes)
+    coco_val, coco_train = DatasetCatalog.get("synth_coco_val"), DatasetCatalog.get("synth_coco_train")
+    voc_test = DatasetCatalog.get("synth_voc_test")
+    # the VOC test split holds the COCO val scenes: image i of the generator is VOC id {i:06d} and COCO id i
+    assert [r["image_id"] for r in voc_test] == [f"{r['image_id']:06d}" for r in coco_val]
+    assert len(voc_test) == meta["splits"]["voc"]["test"] >= 2
+
+    def evaluate(records, **shift):
+        evaluator = build_evaluator(cfg, "synth_voc_test")
+        evaluator.reset()
+        inputs = [{"image_id": r["image_id"]} for r in voc_test]  # the boxes of `records`, one per test image
+        evaluator.process(inputs, _truth_as_predictions(records, num_classes=len(classes), **shift))
+        return evaluator.evaluate()["bbox"]
+
+    perfect = evaluate(coco_val)
+    assert perfect == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0})
+    assert evaluate(coco_val, shift_classes=1)["AP50"] < 10.0
+    assert evaluate(coco_train[:len(voc_test)])["AP50"] < 10.0  # the trainval scenes' boxes
+
+
+@pytest.mark.slow
 def test_r50_c4_naive_syncbn_single_process_trains_and_evaluates_voc(synth_root, tmp_path):
     out = tmp_path / "c4"
     [result] = run_transfer(os.path.join(CONFIG_DIR, "tiny_synth_voc_R_50_C4.yaml"), ["OUTPUT_DIR", str(out)],
@@ -52,6 +103,7 @@ def test_r50_c4_naive_syncbn_single_process_trains_and_evaluates_voc(synth_root,
     assert "NORM: naiveSyncBN" in config and "Res5ROIHeadsExtraNorm" in config
 
 
+@pytest.mark.slow
 def test_r50_fpn_mask_rcnn_trains_and_evaluates_coco_bbox_and_segm(synth_root, tmp_path):
     [result] = run_transfer(os.path.join(CONFIG_DIR, "tiny_synth_coco_R_50_FPN.yaml"),
                             ["OUTPUT_DIR", str(tmp_path / "fpn")], synth_root=synth_root)
@@ -61,21 +113,23 @@ def test_r50_fpn_mask_rcnn_trains_and_evaluates_coco_bbox_and_segm(synth_root, t
     assert sorted(read_metrics(tmp_path / "fpn" / "seed0" / "metrics.json")) == [0, 1]
 
 
-def test_two_cpu_processes_over_gloo_with_naive_sync_bn(synth_root, tmp_path):
+@pytest.mark.slow
+def test_two_cpu_processes_over_gloo_with_naive_sync_bn(synth_root, tmp_path, rendezvous):
     out = tmp_path / "gloo"
     [result] = run_transfer(R18, R18_TINY + ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out), "SEED", "5"],
-                            num_gpus=2, synth_root=synth_root)
-    assert result["world_size"] == 2 and result["seed"] == 5
+                            num_gpus=2, synth_root=synth_root, dist_url=rendezvous)
+    assert result["world_size"] == 2 and result["seed"] == 5  # the process group's size, recorded by rank 0
     assert_ap_metrics(result["results"]["synth_voc_test"]["bbox"])
     trial = out / "seed0"
     config = (trial / "config.yaml").read_text()
     assert "NORM: naiveSyncBN" in config and "NORM: SyncBN" not in config
     assert "SyncBN -> naiveSyncBN" in (trial / "log.txt").read_text()
-    assert (trial / "log.txt.rank1").is_file()  # rank 1 ran the same trial
+    assert "trial 1/1: seed 5" in (trial / "log.txt.rank1").read_text()  # rank 1 ran the same trial
     metrics = read_metrics(trial / "metrics.json")
     assert sorted(metrics) == [0, 1]
 
 
+@pytest.mark.slow
 def test_seeds_write_one_result_per_trial_with_distinct_seeds(synth_root, tmp_path):
     out = tmp_path / "seeds"
     results = run_transfer(R18, R18_TINY + ["SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out), "SEED", "11",
@@ -94,6 +148,7 @@ def test_seeds_write_one_result_per_trial_with_distinct_seeds(synth_root, tmp_pa
     assert ap["mean"] == pytest.approx(sum(ap["values"]) / 2)
 
 
+@pytest.mark.slow
 def test_resume_restores_iteration_and_lr_schedule_across_steps_then_eval_only(synth_root, tmp_path):
     # 5 iterations at 64 px, warm-up over 1, lr x0.1 at 3 and again at 4; checkpoints after iterations 1 and 3
     schedule = R18_TINY + ["SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(3, 4)", "SOLVER.WARMUP_ITERS", "1",

@@ -232,7 +232,7 @@ def _run_trial(cfg, job: TransferJob, index: int):
     if comm.is_main_process():
         record = run_record.build_record(
             cfg, config_file=job.config_file, opts=job.opts, init_name=job.init_name, weights_info=job.weights_info,
-            trial=index, world_size=job.world_size, eval_only=job.eval_only, resumed=job.resume,
+            trial=index, world_size=comm.get_world_size(), eval_only=job.eval_only, resumed=job.resume,
             iteration=iteration, seconds=time.perf_counter() - start, results=results,
             evaluator_types=_evaluator_types(cfg),
         )

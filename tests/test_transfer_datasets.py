@@ -1,0 +1,144 @@
+"""transfer.datasets: where the generated datasets are found, their registration, and the checks that run before
+any training process starts (errors name the dataset, the path and the expected layout)."""
+import os
+import shutil
+
+import pytest
+
+from mocobench.errors import UsageError
+from mocobench.synth import synthesize
+from transfer import datasets
+from transfer.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "configs", "detection")
+TINY = dict(classes=2, images_per_class=1, val_per_class=1, scenes=4, size=32, scene_size=64)
+
+
+def test_synth_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "d2"))
+    monkeypatch.delenv(datasets.SYNTH_ENV, raising=False)
+    assert datasets.datasets_root() == str(tmp_path / "d2")
+    assert datasets.resolve_synth_root() == os.path.join(str(tmp_path / "d2"), "synth")
+    monkeypatch.setenv(datasets.SYNTH_ENV, str(tmp_path / "env"))
+    assert datasets.resolve_synth_root() == str(tmp_path / "env")
+    assert datasets.resolve_synth_root(str(tmp_path / "flag")) == str(tmp_path / "flag")
+    monkeypatch.delenv(datasets.SYNTH_ENV)
+    monkeypatch.delenv("DETECTRON2_DATASETS")
+    assert datasets.datasets_root() == "datasets"  # detectron2's own default
+    assert datasets.resolve_synth_root() == os.path.join("datasets", "synth")
+
+
+def test_registration_follows_the_root_and_sets_the_evaluator(synth_root, tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    other = str(tmp_path / "other")
+    meta_other = synthesize(other, seed=5, **TINY)
+    for root in (synth_root, other, synth_root):  # re-registered whenever the root changes
+        meta = datasets.register_synth_datasets(root)
+        for name, (fmt, split) in datasets.SYNTH_DATASETS.items():
+            info = MetadataCatalog.get(name)
+            assert info.synth_root == os.path.abspath(root) and list(info.thing_classes) == meta["class_names"]
+            records = DatasetCatalog.get(name)
+            assert len(records) == meta["splits"][fmt][split], name
+            assert all(r["file_name"].startswith(os.path.abspath(root) + os.sep) for r in records)
+            assert all(os.path.isfile(r["file_name"]) for r in records), name  # the images are where it points
+            if fmt == "voc":
+                assert info.evaluator_type == "pascal_voc" and info.split == split and info.year == meta["voc_year"]
+            else:
+                assert info.evaluator_type == "coco"
+    assert len(meta_other["class_names"]) == 2 != len(datasets.register_synth_datasets(synth_root)["class_names"])
+
+
+def test_names_and_synth_detection_of_a_config():
+    cfg = load_config(os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"))
+    assert datasets.dataset_names(cfg) == ["synth_voc_trainval", "synth_voc_test"]
+    assert datasets.uses_synth(cfg)
+    voc = load_config(os.path.join(CONFIG_DIR, "pascal_voc_R_50_C4_24k_moco.yaml"))
+    assert datasets.dataset_names(voc) == ["voc_2007_trainval", "voc_2012_trainval", "voc_2007_test"]
+    assert not datasets.uses_synth(voc)
+    voc.DATASETS.TEST = ("synth_voc_test",)
+    assert datasets.uses_synth(voc)  # any one generated name counts
+
+
+def test_unregistered_name_lists_the_known_ones():
+    with pytest.raises(UsageError) as e:
+        datasets.check_dataset("voc_2007_tset")
+    message = str(e.value)
+    assert "'voc_2007_tset' is not registered" in message
+    assert "voc_2007_test, voc_2007_train" in message
+    assert "synth_voc_trainval, synth_voc_test, synth_coco_train, synth_coco_val" in message
+    assert datasets.SYNTH_ENV in message
+
+
+def test_missing_voc_files_of_a_synth_tree_name_the_path_and_root(synth_root, tmp_path):
+    root = tmp_path / "synth"
+    shutil.copytree(synth_root, root)
+    datasets.register_synth_datasets(str(root))
+    datasets.check_dataset("synth_voc_test")  # complete: no error
+    os.remove(root / "VOC2007" / "ImageSets" / "Main" / "test.txt")
+    with pytest.raises(UsageError) as e:
+        datasets.check_dataset("synth_voc_test")
+    message = str(e.value)
+    assert message.startswith(f"dataset 'synth_voc_test': {str(root / 'VOC2007' / 'ImageSets' / 'Main' / 'test.txt')!r}"
+                              " does not exist (generated dataset root")
+    layout = f"{root / 'VOC2007'}/\n  Annotations/<id>.xml\n  ImageSets/Main/test.txt   (one image id per line)"
+    assert layout in message
+    assert "JPEGImages/<id>.jpg" in message
+    datasets.check_dataset("synth_voc_trainval")  # the other split is still complete
+    shutil.rmtree(root / "VOC2007" / "Annotations")
+    with pytest.raises(UsageError, match="Annotations' does not exist"):
+        datasets.check_dataset("synth_voc_trainval")
+    shutil.rmtree(root / "VOC2007" / "JPEGImages")
+    os.makedirs(root / "VOC2007" / "Annotations")
+    with pytest.raises(UsageError, match="JPEGImages' does not exist"):
+        datasets.check_dataset("synth_voc_trainval")
+    cfg = load_config(os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"))
+    with pytest.raises(UsageError, match="synth_voc_trainval"):  # the first of the config's datasets
+        datasets.check_datasets(cfg)
+
+
+def test_a_json_dataset_with_a_dirname_is_checked_by_its_json(tmp_path):
+    """Only datasets that detectron2 evaluates as PASCAL VOC are checked for the VOC layout; any other dataset
+    with a json_file is checked for that file, whatever other metadata (a `dirname`) it carries."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = "mocobench_test_json_dataset_with_dirname"
+    DatasetCatalog.register(name, list)
+    try:
+        MetadataCatalog.get(name).set(evaluator_type="coco", dirname=str(tmp_path), image_root=str(tmp_path),
+                                      json_file=str(tmp_path / "instances.json"))
+        with pytest.raises(UsageError, match=r"instances.json' does not exist") as e:
+            datasets.check_dataset(name)
+        assert (f"{tmp_path / 'instances.json'}   (COCO instances json)\n{tmp_path}/<file_name>   (the images it "
+                "lists)") in str(e.value)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_builtin_names_point_at_detectron2_datasets():
+    with pytest.raises(UsageError) as e:
+        datasets.check_dataset("coco_2017_val")
+    message = str(e.value)
+    assert f"DETECTRON2_DATASETS={datasets.datasets_root()!r}" in message
+    assert "instances_val2017.json" in message and "(COCO instances json)" in message
+
+
+def test_num_classes_follow_a_synth_tree_and_must_match_builtin_data(synth_root):
+    datasets.register_synth_datasets(synth_root)
+    n = len(datasets.register_synth_datasets(synth_root)["class_names"])
+    cfg = load_config(os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"), ["MODEL.ROI_HEADS.NUM_CLASSES", "7"])
+    notes = datasets.check_num_classes(cfg)
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == n and len(notes) == 1
+    assert notes[0] == f"MODEL.ROI_HEADS.NUM_CLASSES 7 -> {n} (the classes of generated dataset 'synth_voc_trainval')"
+    assert datasets.check_num_classes(cfg) == []  # now it matches: nothing changed
+    voc = load_config(os.path.join(CONFIG_DIR, "pascal_voc_R_50_C4_24k_moco.yaml"))
+    assert voc.MODEL.ROI_HEADS.NUM_CLASSES == 20 and datasets.check_num_classes(voc) == []
+    voc.MODEL.ROI_HEADS.NUM_CLASSES = 21
+    with pytest.raises(UsageError, match="NUM_CLASSES is 21 but dataset 'voc_2007_trainval' has 20 classes"):
+        datasets.check_num_classes(voc)
+    # every dataset is checked, not only up to the first that matches
+    cfg.DATASETS.TEST = ("voc_2007_test",)
+    with pytest.raises(UsageError, match=f"NUM_CLASSES is {n} but dataset 'voc_2007_test' has 20 classes"):
+        datasets.check_num_classes(cfg)
