@@ -19,9 +19,10 @@ $(STAMP): setup.py tools/install_detectron2.py Makefile
 	$(VENV)/bin/mocobench env > /dev/null
 	touch $@
 
+# two pytest-xdist workers: the suite is mostly single-process training and subprocesses, so 2 cores halve it
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 # the embedded demo: generated data -> MoCo -> convert -> VOC-format detection x3 inits x3 seeds -> report
 demo: setup
