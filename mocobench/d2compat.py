@@ -229,7 +229,8 @@ def _fix_cityscapes_pool():
     ACTIVE_FIXES.append("cityscapes_pool")
 
     def pool(processes=None):  # detectron2 calls mp.Pool(processes=...)
-        return multiprocessing.Pool(processes, initializer=_import_d2compat)
+        # spawn, not fork: forking a process that runs torch's and pytest-xdist's threads hung a worker for good
+        return multiprocessing.get_context("spawn").Pool(processes, initializer=_import_d2compat)
 
     local_mp = types.ModuleType("multiprocessing", "multiprocessing whose Pool workers import mocobench.d2compat")
     local_mp.__getattr__ = lambda name: getattr(multiprocessing, name)

@@ -105,7 +105,8 @@ def test_two_process_moco_v2_pretraining_through_the_command(imagenet, tmp_path,
         "DATA.ROOT": imagenet, "OUTPUT_DIR": out, "SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 48,
         "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 1, "DEVICE": "cpu"})]
     mp.spawn(_pretrain_rank, args=(2, rendezvous, argv), nprocs=2, join=True)
-    assert "2 process(es) on cpu; global batch 16 (8 per process)" in open(os.path.join(out, "log.txt")).read()
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "world size 2 (2 per node) on cpu; global batch 16 = 8 per process" in log
     steps = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     assert [r["iteration"] for r in steps] == [1, 2, 3, 4]  # 64 images / global batch 16, rank 0 writes
     ckpt = load_checkpoint(os.path.join(out, "checkpoint_0000.pth.tar"))
