@@ -30,7 +30,7 @@ demo: setup
 
 # mutation testing of the modules that carry the science and the numbers (mutmut, config in setup.cfg); not part
 # of `make test`. One module at a time; results are cached in ./mutants, so a rerun only tests what changed.
-MUTATION_MODULES ?= pretrain.moco pretrain.config pretrain.augment transfer.datasets convert transfer.report
+MUTATION_MODULES ?= pretrain.moco pretrain.config pretrain.augment transfer.datasets convert transfer.report transfer.record transfer.stats
 MUTATION_JOBS ?= 2
 mutation: setup
 	for m in $(MUTATION_MODULES); do nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) "$$m.*" || exit 1; done
