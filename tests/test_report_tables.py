@@ -1,0 +1,343 @@
+"""`mocobench report` on run directories made by the real writers, fast: the numbers in every table, line and file.
+
+Inputs come from the writers `mocobench transfer` and pretraining use, without training: run records from
+`transfer.record.build_record`/`write_record` on a config loaded by `transfer.config.load_config` (what
+transfer/run.py does after its final evaluation), a plain detectron2 directory from `CfgNode.dump` and
+detectron2's own `EventStorage` + `JSONWriter` (what `DefaultTrainer` writes), and a pretraining run from
+`pretrain.train.MetricsWriter`. tests/test_report.py runs the same report on real trials (slow); these are what
+`make mutation` runs against transfer/report.py.
+"""
+import csv
+import json
+import math
+import os
+import statistics
+
+import pytest
+
+from mocobench import d2compat  # noqa: F401  (before detectron2)
+from mocobench.errors import UsageError
+from transfer import record, report
+from transfer.config import load_config
+from transfer.stats import describe, welch_interval
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
+TEST_SET = "synth_voc_test"
+VOC = ("AP50", "AP", "AP75")
+# (init name, seed) -> (AP50, AP, AP75) of config A (MAX_ITER 300, the yaml's)
+A = {("supervised", 0): (80.0, 50.0, 55.0), ("supervised", 1): (81.0, 52.0, 56.0), ("supervised", 2): (82.0, 51.0, 60.0),
+     ("moco_v2", 0): (83.0, 53.0, 58.0), ("moco_v2", 1): (84.0, 54.0, 59.0), ("moco_v2", 2): (85.5, 55.5, math.nan)}
+
+
+def write_trial(root, init, seed, values, opts=(), weights="", results_key=None):
+    out = root / (init or "none") / f"seed{seed}"
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(out), "SEED", str(seed), "MODEL.WEIGHTS", weights, *opts])
+    results = {"bbox": dict(zip(VOC, values))}
+    rec = record.build_record(cfg, config_file=CONFIG, opts=list(opts), init_name=init, weights_info=None,
+                              trial=seed, world_size=1, eval_only=False, resumed=False, iteration=300, seconds=1.0,
+                              results={results_key: results} if results_key else results,
+                              evaluator_types={TEST_SET: "pascal_voc"})
+    record.write_record(out / record.RESULTS_FILE, rec)
+    return out
+
+
+def write_plain_detectron2_run(directory, cfg, results, iterations=3):
+    """What DefaultTrainer leaves: config.yaml (cfg.dump) and metrics.json (JSONWriter), the evaluation last."""
+    from detectron2.evaluation.testing import flatten_results_dict
+    from detectron2.utils.events import EventStorage, JSONWriter
+
+    os.makedirs(directory)
+    with open(os.path.join(directory, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    writer = JSONWriter(os.path.join(directory, "metrics.json"))
+    with EventStorage(0) as storage:
+        for iteration in range(iterations):
+            storage.iter = iteration
+            storage.put_scalars(total_loss=1.0 / (iteration + 1))
+            if iteration == iterations - 1 and results:
+                storage.put_scalars(**flatten_results_dict(results), smoothing_hint=False)
+            writer.write()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Config A: supervised and moco_v2 x 3 seeds (moco seed 2's AP75 NaN), a random-init run without a name, a
+    plain detectron2 copy of an R-18 run with swav weights; config B (MAX_ITER 2): one supervised seed."""
+    root = tmp_path_factory.mktemp("runs")
+    for (init, seed), values in A.items():
+        write_trial(root / "A", init, seed, values)
+    write_trial(root / "A", None, 0, (10.0, 5.0, 4.0))  # no --init-name, no weights: "random init", guessed
+    write_trial(root / "B", "supervised", 0, (0.75, 0.5, 0.25), opts=["SOLVER.MAX_ITER", "2"])
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(root / "plain"), "MODEL.WEIGHTS", "/w/swav_800ep.pkl"])
+    write_plain_detectron2_run(str(root / "plain" / "d2run"), cfg, {"bbox": {"AP": 40.0, "AP50": 70.0, "AP75": 41.0}})
+    return root
+
+
+@pytest.fixture(scope="module")
+def summary(runs, tmp_path_factory):
+    return report.write_report([str(runs)], str(tmp_path_factory.mktemp("out")))
+
+
+def table_of(summary, max_iter):
+    [table] = [t for t in summary["tables"].values() if t["identity"]["SOLVER.MAX_ITER"] == max_iter]
+    return table
+
+
+def column(values, metric):
+    return [v[VOC.index(metric)] for v in values if not math.isnan(v[VOC.index(metric)])]
+
+
+def test_one_table_per_experiment_rows_in_order(summary, runs):
+    assert len(summary["tables"]) == 2
+    a, b = table_of(summary, 300), table_of(summary, 2)
+    assert list(summary["tables"]) == sorted(summary["tables"])
+    assert list(summary["tables"]) == [f"{TEST_SET} {t['identity_sha']}" for t in summary["tables"].values()]
+    assert a["dataset"] == b["dataset"] == TEST_SET and a["evaluator_type"] == "pascal_voc"
+    # random init first, then the baseline, then the others by name
+    assert list(a["rows"]) == ["random init", "supervised", "moco_v2", "swav_800ep"]
+    assert [a["rows"][i]["guessed"] for i in a["rows"]] == [True, False, False, True]
+    assert [c["key"] for c in a["columns"]] == ["bbox/AP50", "bbox/AP", "bbox/AP75"]
+    assert [c["title"] for c in a["columns"]] == ["AP50", "AP", "AP75"]
+    assert a["rows"]["swav_800ep"]["config_files"] == ["config.yaml"]
+    assert a["rows"]["supervised"]["config_files"] == ["synth_voc_R18_FPN_cpu.yaml"]
+    assert [s["seed"] for s in a["rows"]["supervised"]["seeds"]] == [0, 1, 2]
+    assert a["rows"]["supervised"]["seeds"][1]["dir"] == str(runs / "A" / "supervised" / "seed1")
+    assert list(b["rows"]) == ["supervised"] and b["baseline"] == "supervised"
+    assert a["differs_in"] == b["differs_in"] == ["SOLVER.MAX_ITER"]
+    assert a["official_config"] is None and a["published"] == []
+    assert a["title"] == ("R-18 resnet_fpn, StandardROIHeads, norm SyncBN; 300 it x 8 img, lr 0.01, steps 225,275; "
+                          "min size train 96,112,128,144,160 / test 128; train synth_voc_trainval")
+
+
+def test_cells_are_mean_std_n_of_the_valid_seeds(summary):
+    a = table_of(summary, 300)
+    for init in ("supervised", "moco_v2"):
+        values = [v for (i, _), v in A.items() if i == init]
+        for metric in VOC:
+            cell = a["rows"][init]["cells"][f"bbox/{metric}"]
+            valid = column(values, metric)
+            assert cell["n"] == len(valid) and cell["values"] == valid
+            assert cell["mean"] == pytest.approx(statistics.mean(valid))
+            assert cell["std"] == pytest.approx(statistics.stdev(valid))
+    assert a["rows"]["moco_v2"]["cells"]["bbox/AP75"]["n"] == 2  # the NaN seed is left out of n
+    assert a["rows"]["swav_800ep"]["cells"]["bbox/AP"] == {"mean": 40.0, "std": None, "n": 1, "values": [40.0]}
+
+
+def test_deltas_are_welch_intervals_to_the_baseline(summary):
+    a = table_of(summary, 300)
+    sup, moco = a["rows"]["supervised"], a["rows"]["moco_v2"]
+    assert sup["deltas"] == {}  # the baseline has no difference to itself
+    for key in ("bbox/AP50", "bbox/AP", "bbox/AP75"):
+        assert moco["deltas"][key] == welch_interval(moco["cells"][key], sup["cells"][key])
+    assert moco["deltas"]["bbox/AP"]["significant"] is True  # 54.2 vs 51.0, stds ~1.3 and 1.0
+    assert moco["deltas"]["bbox/AP"]["diff"] == pytest.approx(54.1666667 - 51.0)
+    # one seed: the difference of means without an interval
+    assert a["rows"]["swav_800ep"]["deltas"]["bbox/AP"] == {"diff": pytest.approx(-11.0), "low": None, "high": None,
+                                                             "df": None, "significant": None}
+
+
+def test_failures_name_the_seed_and_the_nan_metric(summary, runs):
+    a = table_of(summary, 300)
+    assert a["failures"] == [{"dir": str(runs / "A" / "moco_v2" / "seed2"), "init": "moco_v2", "seed": 2,
+                              "why": "bbox/AP75 NaN (null in results.json; e.g. an evaluation without detections)"}]
+    assert table_of(summary, 2)["failures"] == []
+
+
+def test_markdown_lines(summary):
+    md = summary["markdown"]
+    lines = md.splitlines()
+    a = table_of(summary, 300)
+    index = list(summary["tables"].values()).index(a) + 1
+    other = 3 - index
+    assert lines[0] == "# Transfer results"
+    assert f"## {index}. {TEST_SET} · config {a['identity_sha']}" in lines
+    assert (f"Not averaged with table {other} (also {TEST_SET}): the configs differ in SOLVER.MAX_ITER = 300 here, "
+            "2 there.") in lines
+    assert "| pre-train | AP50 | AP | AP75 | config file |" in lines and "|---|---|---|---|---|" in lines
+    assert "| supervised | 81.0 ± 1.0 (n=3) | 51.0 ± 1.0 (n=3) | 57.0 ± 2.6 (n=3) | synth_voc_R18_FPN_cpu.yaml |" in lines
+    d = a["rows"]["moco_v2"]["deltas"]["bbox/AP"]
+    moco = next(x for x in lines if x.startswith("| moco_v2 |"))
+    assert f"54.2 ± 1.3 (n=3), Δ {d['diff']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]*" in moco
+    assert "| random init ‡ | 10.0 (n=1), Δ -71.0 (no CI) | 5.0 (n=1), Δ -46.0 (no CI) |" in md
+    assert "| swav_800ep ‡ | 70.0 (n=1), Δ -11.0 (no CI) |" in md
+    assert ("Mean ± sample std over the valid seeds (n); n=1: the single value, no std. Δ: difference of means to the "
+            "`supervised` row with its 95% confidence interval (Welch's t-test: unequal variances, Welch–Satterthwaite "
+            "degrees of freedom); * the interval excludes 0. No CI when either row has n < 2 (or zero variance). ‡ row "
+            "name guessed from the MODEL.WEIGHTS file name (a plain detectron2 directory, or a run without "
+            "--init-name).") in lines
+    assert "Seeds left out of a mean:" in lines
+    # config B: every mean below 1 AP, so 2 decimals
+    assert "| supervised | 0.75 (n=1) | 0.50 (n=1) | 0.25 (n=1) | synth_voc_R18_FPN_cpu.yaml |" in lines
+    assert "## Not read" not in md
+
+
+def test_csv_and_json_hold_every_seed(summary, runs):
+    out = os.path.dirname(summary["files"][0])
+    assert [os.path.basename(f) for f in summary["files"]] == ["report.md", "report.json", "report.csv", "ap.png"]
+    assert all(os.path.getsize(f) > 0 for f in summary["files"])
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+        assert f.read() == summary["markdown"]
+    with open(os.path.join(out, "report.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["dataset", "config", "init", "seed", "metric", "value", "dir"]
+    assert len(rows) == 1 + 3 * (3 + 3 + 1 + 1 + 1)  # (seeds of A's four rows + B's one) x 3 metrics
+    a = table_of(summary, 300)
+    nan_row = [TEST_SET, a["identity_sha"], "moco_v2", "2", "bbox/AP75", "", str(runs / "A" / "moco_v2" / "seed2")]
+    assert nan_row in rows
+    assert [TEST_SET, a["identity_sha"], "supervised", "1", "bbox/AP", "52.0",
+            str(runs / "A" / "supervised" / "seed1")] in rows
+    with open(os.path.join(out, "report.json")) as f:
+        data = json.load(f)
+    assert data["baseline"] == "supervised" and data["confidence"] == 0.95 and data["not_read"] == []
+    assert data["tables"][f"{TEST_SET} {a['identity_sha']}"]["rows"]["moco_v2"]["cells"]["bbox/AP75"]["n"] == 2
+
+
+def test_plain_detectron2_run_reads_its_metrics(runs):
+    run, problem = report._plain_detectron2_run(str(runs / "plain" / "d2run"))
+    assert problem is None
+    assert run["results"] == {TEST_SET: {"bbox": {"AP": 40.0, "AP50": 70.0, "AP75": 41.0}}}
+    assert (run["init"], run["guessed"], run["seed"], run["source"]) == ("swav_800ep", True, -1, "metrics.json")
+    assert run["test_datasets"] == [TEST_SET] and run["weights"] == "/w/swav_800ep.pkl"
+    # the same experiment as the records of config A
+    [sha] = {r["identity_sha"] for r in report.find_runs([str(runs / "A" / "supervised")])[0]}
+    assert run["identity_sha"] == sha
+
+
+def test_plain_detectron2_run_edge_cases(tmp_path):
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path), "DATASETS.TEST", "('synth_voc_test', 'synth_coco_val')"])
+    # two test datasets: detectron2 keeps the dataset level in the scalar names; a NaN AP is null
+    results = {TEST_SET: {"bbox": {"AP": 40.0}}, "synth_coco_val": {"bbox": {"AP": math.nan, "AP50": 1.5}}}
+    write_plain_detectron2_run(str(tmp_path / "two"), cfg, results)
+    run, _ = report._plain_detectron2_run(str(tmp_path / "two"))
+    assert run["results"] == {TEST_SET: {"bbox": {"AP": 40.0}}, "synth_coco_val": {"bbox": {"AP": None, "AP50": 1.5}}}
+    # training without an evaluation: a run without results, and why
+    write_plain_detectron2_run(str(tmp_path / "unfinished"), cfg, None)
+    run, problem = report._plain_detectron2_run(str(tmp_path / "unfinished"))
+    assert problem is None and run["results"] == {}
+    assert run["why"] == "metrics.json has no final evaluation (training unfinished, or evaluation failed)"
+    # a pretraining run also has config.yaml + metrics.json: not a detectron2 run, not a problem
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "config.yaml").write_text("MOCO:\n  K: 64\n")
+    (tmp_path / "pre" / "metrics.json").write_text(json.dumps({"iteration": 1, "loss": 2.0}) + "\n")
+    assert report._plain_detectron2_run(str(tmp_path / "pre")) == (None, None)
+    # an unreadable config
+    (tmp_path / "two" / "config.yaml").write_text("- a list\n")
+    run, problem = report._plain_detectron2_run(str(tmp_path / "two"))
+    assert run is None and problem == (f"{tmp_path / 'two' / 'config.yaml'}: not a readable detectron2 config "
+                                       "(ValueError: not a mapping)")
+    (tmp_path / "two" / "metrics.json").write_bytes(b"\xff\xfe")
+    run, problem = report._plain_detectron2_run(str(tmp_path / "two"))
+    assert problem == f"{tmp_path / 'two' / 'metrics.json'}: not UTF-8 text (invalid start byte at byte 0)"
+
+
+def test_torn_last_line_still_counts_the_lines_before(tmp_path):
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path)])
+    write_plain_detectron2_run(str(tmp_path / "run"), cfg, {"bbox": {"AP": 12.5, "AP50": 20.0, "AP75": 10.0}})
+    with open(tmp_path / "run" / "metrics.json", "a") as f:
+        f.write('{"iteration": 3, "total_lo')  # killed mid-write
+    rows, problem = report._read_json_lines(str(tmp_path / "run" / "metrics.json"))
+    assert problem is None and len(rows) == 3 and rows[-1]["bbox/AP"] == 12.5
+    assert report._read_json_lines(str(tmp_path / "absent.json")) == (None, "cannot be read (No such file or directory)")
+
+
+def test_find_runs_counts_a_directory_once_and_lists_what_it_cannot_read(runs, tmp_path):
+    found, problems = report.find_runs([str(runs / "A"), str(runs / "A" / "moco_v2"), str(tmp_path / "absent")])
+    assert len(found) == 7  # 3 + 3 + the random-init run; moco_v2 given twice counts once
+    assert problems == [{"path": str(tmp_path / "absent"), "why": "not a directory"}]
+    bad = tmp_path / "bad" / "seed0"
+    bad.mkdir(parents=True)
+    (bad / "results.json").write_text("{")
+    (tmp_path / "bad" / "seed1").mkdir()
+    os.symlink(runs / "A" / "supervised" / "seed0", tmp_path / "bad" / "seed1" / "link")
+    found, problems = report.find_runs([str(tmp_path / "bad")])
+    assert [r["seed"] for r in found] == [0] and found[0]["source"] == "results.json"
+    assert problems == [{"path": str(bad / "results.json"),
+                         "why": f"{bad / 'results.json'}: not valid JSON (Expecting property name enclosed in double "
+                                "quotes at line 1, column 2)"}]
+    # an evaluation-only record is read under its own name
+    os.rename(runs / "B" / "supervised" / "seed0" / "results.json", tmp_path / "kept.json")
+    try:
+        os.symlink(tmp_path / "kept.json", runs / "B" / "supervised" / "seed0" / "results_eval.json")
+        [run], _ = report.find_runs([str(runs / "B")])
+        assert run["source"] == "results_eval.json" and run["init"] == "supervised"
+    finally:
+        os.remove(runs / "B" / "supervised" / "seed0" / "results_eval.json")
+        os.rename(tmp_path / "kept.json", runs / "B" / "supervised" / "seed0" / "results.json")
+
+
+def test_another_baseline_and_none(runs, tmp_path, capsys):
+    assert report.main([str(runs / "A"), "--out", str(tmp_path / "o"), "--baseline", "moco_v2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Transfer results\n")
+    assert out.rstrip().endswith("wrote " + ", ".join(str(tmp_path / "o" / f) for f in
+                                                      ("report.md", "report.json", "report.csv", "ap.png")))
+    with open(tmp_path / "o" / "report.json") as f:
+        [table] = json.load(f)["tables"].values()
+    assert list(table["rows"]) == ["random init", "moco_v2", "supervised"]
+    assert table["rows"]["moco_v2"]["deltas"] == {} and table["baseline"] == "moco_v2"
+    assert table["rows"]["supervised"]["deltas"]["bbox/AP"]["diff"] == pytest.approx(51.0 - 54.1666667)
+    assert "difference of means to the `moco_v2` row" in out
+    # a baseline no table has: no differences, and how to choose one; --out defaults to the first directory
+    copy = tmp_path / "B"
+    os.makedirs(copy / "x" / "seed0")
+    with open(runs / "B" / "supervised" / "seed0" / "results.json") as f:
+        (copy / "x" / "seed0" / "results.json").write_text(f.read())
+    assert report.main([str(copy), "--baseline", "nobody"]) == 0
+    md = (copy / "report.md").read_text()
+    assert "No `nobody` row in this table, so no differences (choose one with --baseline NAME)." in md
+    assert "| supervised | 0.75 (n=1) | 0.50 (n=1) | 0.25 (n=1) |" in md
+
+
+def test_nothing_usable_is_a_one_line_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError) as e:
+        report.write_report([str(tmp_path / "empty")], str(tmp_path / "out"))
+    assert str(e.value) == (f"no transfer results under {str(tmp_path / 'empty')!r}: expected run directories with "
+                            "results.json (mocobench transfer) or a detectron2 config.yaml + metrics.json, or "
+                            "pretraining runs")
+    bad = tmp_path / "bad" / "seed0"
+    bad.mkdir(parents=True)
+    (bad / "results.json").write_text("[]")
+    nan = write_trial(tmp_path / "nan", "supervised", 0, (math.nan, math.nan, math.nan))
+    with pytest.raises(UsageError) as e:
+        report.write_report([str(tmp_path / "bad"), str(tmp_path / "nan")], str(tmp_path / "out"))
+    assert str(e.value).endswith(
+        f" (1 unreadable, 1 without results: {bad / 'results.json'}: {bad / 'results.json'}: expected a JSON object "
+        f"(a mocobench run record), got list; {nan}: bbox/AP50, bbox/AP, bbox/AP75 NaN (null in results.json; e.g. "
+        "an evaluation without detections))")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_pretraining_runs_are_found_and_their_curves_averaged_per_epoch(tmp_path):
+    from pretrain.train import MetricsWriter
+
+    moco = tmp_path / "pretraining" / "m1"
+    moco.mkdir(parents=True)
+    writer = MetricsWriter(str(moco))
+    for iteration, (epoch, loss, acc1) in enumerate([(1, 6.0, 10.0), (1, 5.0, 20.0), (2, 4.0, 40.0)], 1):
+        writer.write(iteration, epoch=epoch, loss=loss, acc1=acc1, moco_m=0.99)
+    writer.write(3, epoch=2, knn_top1=35.5)
+    writer.close()
+    supervised = tmp_path / "pretraining" / "supervised"
+    supervised.mkdir()
+    writer = MetricsWriter(str(supervised))
+    writer.write(1, epoch=1, loss=2.0, acc1=30.0)
+    writer.write(1, epoch=1, val_top1=28.0)
+    writer.close()
+    other = tmp_path / "pretraining" / "neither"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({"iteration": 1, "total_loss": 1.0}) + "\n")
+    found = report.find_pretrain_runs([str(tmp_path)])
+    assert [(d, label) for d, _, label in found] == [(str(moco), "m1 (MoCo)"), (str(supervised), "supervised")]
+    rows = found[0][1]
+    assert report.pretrain_curves(rows) == {"loss": [(1, 5.5), (2, 4.0)], "acc1": [(1, 15.0), (2, 40.0)],
+                                            "knn_top1": [(2, 35.5)]}
+    assert report.pretrain_curves(found[1][1]) == {"loss": [(1, 2.0)], "acc1": [(1, 30.0)], "val_top1": [(1, 28.0)]}
+    # pretraining runs alone make a report: the plot, no table
+    summary = report.write_report([str(tmp_path)], str(tmp_path / "out"))
+    assert summary["tables"] == {}
+    assert [os.path.basename(f) for f in summary["files"]] == ["report.md", "report.json", "report.csv",
+                                                               "pretrain.png"]
+    assert os.path.getsize(tmp_path / "out" / "pretrain.png") > 0
