@@ -19,14 +19,15 @@ from mocobench import d2compat  # noqa: F401  (before detectron2)
 from mocobench.errors import UsageError
 from transfer import record, report
 from transfer.config import load_config
-from transfer.stats import describe, welch_interval
+from transfer.stats import welch_interval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
 TEST_SET = "synth_voc_test"
 VOC = ("AP50", "AP", "AP75")
 # (init name, seed) -> (AP50, AP, AP75) of config A (MAX_ITER 300, the yaml's)
-A = {("supervised", 0): (80.0, 50.0, 55.0), ("supervised", 1): (81.0, 52.0, 56.0), ("supervised", 2): (82.0, 51.0, 60.0),
+A = {("supervised", 0): (80.0, 50.0, 55.0), ("supervised", 1): (81.0, 52.0, 56.0),
+     ("supervised", 2): (82.0, 51.0, 60.0),
      ("moco_v2", 0): (83.0, 53.0, 58.0), ("moco_v2", 1): (84.0, 54.0, 59.0), ("moco_v2", 2): (85.5, 55.5, math.nan)}
 
 
@@ -156,7 +157,8 @@ def test_markdown_lines(summary):
     assert (f"Not averaged with table {other} (also {TEST_SET}): the configs differ in SOLVER.MAX_ITER = 300 here, "
             "2 there.") in lines
     assert "| pre-train | AP50 | AP | AP75 | config file |" in lines and "|---|---|---|---|---|" in lines
-    assert "| supervised | 81.0 ± 1.0 (n=3) | 51.0 ± 1.0 (n=3) | 57.0 ± 2.6 (n=3) | synth_voc_R18_FPN_cpu.yaml |" in lines
+    assert ("| supervised | 81.0 ± 1.0 (n=3) | 51.0 ± 1.0 (n=3) | 57.0 ± 2.6 (n=3) | synth_voc_R18_FPN_cpu.yaml |"
+            in lines)
     d = a["rows"]["moco_v2"]["deltas"]["bbox/AP"]
     moco = next(x for x in lines if x.startswith("| moco_v2 |"))
     assert f"54.2 ± 1.3 (n=3), Δ {d['diff']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]*" in moco
@@ -239,7 +241,8 @@ def test_torn_last_line_still_counts_the_lines_before(tmp_path):
         f.write('{"iteration": 3, "total_lo')  # killed mid-write
     rows, problem = report._read_json_lines(str(tmp_path / "run" / "metrics.json"))
     assert problem is None and len(rows) == 3 and rows[-1]["bbox/AP"] == 12.5
-    assert report._read_json_lines(str(tmp_path / "absent.json")) == (None, "cannot be read (No such file or directory)")
+    absent = report._read_json_lines(str(tmp_path / "absent.json"))
+    assert absent == (None, "cannot be read (No such file or directory)")
 
 
 def test_find_runs_counts_a_directory_once_and_lists_what_it_cannot_read(runs, tmp_path):

@@ -81,8 +81,9 @@ def test_identity_leaves_out_init_and_run_keys_only(tmp_path):
     assert base["MODEL.RESNETS.DEPTH"] == 18 and base["INPUT.MIN_SIZE_TRAIN"] == [96, 112, 128, 144, 160]
     assert base["DATASETS.TRAIN"] == ["synth_voc_trainval"]  # tuples as lists: equal after a JSON trip
     # how a trial was initialised or where it ran: the same experiment
-    same = config(tmp_path / "other", "SEED", "7", "MODEL.WEIGHTS", "x.pkl", "MODEL.PIXEL_MEAN", "[103.53, 116.28, 123.675]",
-                  "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]", "INPUT.FORMAT", "BGR", "MODEL.RESNETS.STRIDE_IN_1X1", "True",
+    same = config(tmp_path / "other", "SEED", "7", "MODEL.WEIGHTS", "x.pkl",
+                  "MODEL.PIXEL_MEAN", "[103.53, 116.28, 123.675]", "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]",
+                  "INPUT.FORMAT", "BGR", "MODEL.RESNETS.STRIDE_IN_1X1", "True",
                   "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "7", "TEST.EVAL_PERIOD", "3",
                   "MOCOBENCH.LOG_PERIOD", "1")
     assert record.experiment_identity(same) == base
@@ -173,7 +174,7 @@ def test_nullable_fields_and_numbers_are_accepted(tmp_path, field, value):
 def test_every_field_is_required(tmp_path):
     path, rec = written(tmp_path)
     for field in record.FIELDS:
-        edited(path, lambda r: r.pop(field))
+        edited(path, lambda r, field=field: r.pop(field))
         with pytest.raises(record.RecordError) as e:
             record.read_record(path)
         assert str(e.value) == f"{path}: field {field!r} is missing"
