@@ -242,3 +242,35 @@ def test_bad_crop_scale_is_a_config_error():
     with pytest.raises(UsageError, match="INPUT.CROP_SCALE = \\(0.5, 1.5\\)"):
         config = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain", "synth_R18_cpu.yaml")
         load_config(config, ["INPUT.CROP_SCALE", "(0.5, 1.5)"])
+
+
+@pytest.mark.parametrize("hw", [(100, 180), (180, 100), (90, 90), (101, 57)])
+def test_resize_centre_crop_is_torchvision_pil_on_landscape_portrait_and_square(hw):
+    """The eval geometry on every shape: the shorter side to 37, the longer int(37 * long / short), centre 32;
+    the same pixels as torchvision's PIL Resize + CenterCrop (<= 1 grey level, PIL's resize on both sides)."""
+    img = colourful_image(*hw, seed=5)
+    ours = augment.ResizeCenterCrop(37, 32)(img)
+    theirs = np.asarray(T.CenterCrop(32)(T.Resize(37)(Image.fromarray(img))))
+    assert ours.shape == theirs.shape == (32, 32, 3)
+    assert int(np.abs(ours.astype(int) - theirs.astype(int)).max()) <= 1
+
+
+def test_linear_train_transform_crops_and_flips_to_size():
+    img = colourful_image(50, 70)
+    random.seed(0)
+    transform = augment.build_linear_train_transform(24.0)  # sizes from a yaml may be floats
+    out = transform(img)
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 24, 24) and out.dtype == torch.float32
+    crop, flip = transform.ops
+    assert (type(crop), crop.size, crop.scale, crop.ratio) == (augment.RandomResizedCrop, 24, (0.08, 1.0),
+                                                               (3 / 4, 4 / 3))
+    assert type(flip) is augment.RandomHorizontalFlip and flip.p == 0.5
+    assert augment.build_linear_train_transform(16, [0.5, 1.0])(img).shape == (3, 16, 16)
+    assert augment.build_eval_transform(24.0)(img).shape == (3, 24, 24)
+
+
+def test_recipes_print_their_ops():
+    assert repr(build_two_view_transform("v1", 32)) == (
+        "TwoViewTransform(view1=Compose(RandomResizedCrop, RandomGrayscale, ColorJitter, RandomHorizontalFlip), "
+        "view2=Compose(RandomResizedCrop, RandomGrayscale, ColorJitter, RandomHorizontalFlip))")
+    assert repr(build_eval_transform(32)) == "Compose(ResizeCenterCrop)"
