@@ -274,3 +274,42 @@ def test_recipes_print_their_ops():
         "TwoViewTransform(view1=Compose(RandomResizedCrop, RandomGrayscale, ColorJitter, RandomHorizontalFlip), "
         "view2=Compose(RandomResizedCrop, RandomGrayscale, ColorJitter, RandomHorizontalFlip))")
     assert repr(build_eval_transform(32)) == "Compose(ResizeCenterCrop)"
+
+
+@pytest.mark.parametrize("img, shown", [
+    (np.zeros((10, 10, 3), np.float32), "ndarray float32 (10, 10, 3)"),
+    (np.zeros((10, 10), np.uint8), "ndarray uint8 (10, 10)"),
+    (np.zeros((10, 10, 4), np.uint8), "ndarray uint8 (10, 10, 4)"),
+    (Image.new("RGB", (10, 10)), "Image  "),
+])
+def test_only_rgb_uint8_arrays_are_taken(img, shown):
+    with pytest.raises(TypeError) as e:
+        build_eval_transform(8)(img)
+    assert str(e.value) == f"expected an RGB uint8 numpy image of shape HxWx3, got {shown}"
+
+
+def _ops(view, cls):
+    return [op.op if isinstance(op, augment.RandomApply) else op for op in view.ops
+            if isinstance(op.op if isinstance(op, augment.RandomApply) else op, cls)]
+
+
+@pytest.mark.parametrize("version, jitter, jitter_p", [
+    # facebookresearch/moco main_moco.py: v1 ColorJitter(0.4, 0.4, 0.4, 0.4) always; aug+ (v2)
+    # RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8); moco-v3 main_moco.py: ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8
+    ("v1", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.4, 0.4)), None),
+    ("v2", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)), 0.8),
+    ("v3", ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)), 0.8),
+])
+def test_recipe_jitter_strengths_are_the_official_ones(version, jitter, jitter_p):
+    transform = build_two_view_transform(version, 32)
+    for view in (transform.view1, transform.view2):
+        [op] = _ops(view, augment.ColorJitter)
+        got = (op.brightness, op.contrast, op.saturation, op.hue)
+        assert np.allclose(got, jitter, rtol=0, atol=1e-12), got
+        [wrapper] = [o for o in view.ops if isinstance(o, augment.RandomApply) and o.op is op] or [None]
+        assert (wrapper.p if wrapper else None) == jitter_p
+        [gray] = _ops(view, augment.RandomGrayscale)
+        assert gray.p == 0.2
+        [flip] = _ops(view, augment.RandomHorizontalFlip)
+        assert flip.p == 0.5
+        assert isinstance(view.ops[0], augment.RandomResizedCrop) and view.ops[0].size == 32

@@ -329,9 +329,12 @@ def test_pretraining_runs_are_found_and_their_curves_averaged_per_epoch(tmp_path
     writer.write(1, epoch=1, loss=2.0, acc1=30.0)
     writer.write(1, epoch=1, val_top1=28.0)
     writer.close()
-    other = tmp_path / "pretraining" / "neither"
+    other = tmp_path / "pretraining" / "neither"  # epochs without acc@1, acc@1 without epochs: not a pretraining
     other.mkdir()
-    (other / "metrics.json").write_text(json.dumps({"iteration": 1, "total_loss": 1.0}) + "\n")
+    writer = MetricsWriter(str(other))
+    writer.write(1, epoch=1, lr=0.1)
+    writer.write(2, acc1=3.0)
+    writer.close()
     found = report.find_pretrain_runs([str(tmp_path)])
     assert [(d, label) for d, _, label in found] == [(str(moco), "m1 (MoCo)"), (str(supervised), "supervised")]
     rows = found[0][1]
