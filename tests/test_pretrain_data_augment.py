@@ -295,7 +295,8 @@ def _ops(view, cls):
 
 @pytest.mark.parametrize("version, jitter, jitter_p", [
     # facebookresearch/moco main_moco.py: v1 ColorJitter(0.4, 0.4, 0.4, 0.4) always; aug+ (v2)
-    # RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8); moco-v3 main_moco.py: ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8
+    # RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8); facebookresearch/moco-v3 main_moco.py:
+    # RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8); RandomGrayscale(p=0.2) and flip in all three
     ("v1", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.4, 0.4)), None),
     ("v2", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)), 0.8),
     ("v3", ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)), 0.8),
