@@ -603,3 +603,52 @@ def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_p
     report = convert_checkpoint(tmp_path / "solo.ckpt", tmp_path / "solo.pkl")
     assert report.source == "solo-learn" and "omegaconf.dictconfig.DictConfig" in report.opaque
     assert json.loads((tmp_path / "solo.json").read_text())["ignored_objects"] == report.opaque
+
+
+def test_the_summary_and_the_json_report_say_what_was_converted(converted):
+    """What `mocobench convert` prints and writes to OUT.json for the MoCo v2-layout R-18 of `converted`."""
+    import re
+
+    report, state = converted("resnet18")
+    path = report.input_path
+    prefix = "module.encoder_q."
+    lines = report.summary().splitlines()
+    assert lines[:7] == [
+        f"input    {path}",
+        f"source   moco (detected), ResNet-18 (basic blocks) under {prefix!r}, __author__ 'MOCO'",
+        "",
+        "  converted      100  tensors (conv weights, BN weight/bias/running_mean/var)",
+        "  dropped         20  BN num_batches_tracked (detectron2 has no such buffer): "
+        f"{prefix}bn1.num_batches_tracked ...",
+        "  verified       100  loaded by DetectionCheckpointer, equal key by key",
+        f"  max error  {report.max_rel_error:.1e}  detectron2 vs torchvision in eval mode (res2 "
+        f"{report.stage_errors['res2']:.1e}, res3 {report.stage_errors['res3']:.1e}, res4 "
+        f"{report.stage_errors['res4']:.1e}, res5 {report.stage_errors['res5']:.1e})",
+    ]
+    assert lines[7] == ""
+    assert re.fullmatch(rf"wrote    {re.escape(report.output_path)} \(detectron2, \d+\.\d s, verification \d+\.\d s\)",
+                        lines[8])
+    assert lines[9:] == [f"report   {report.json_path}"]
+    assert report.json_path == report.output_path[:-len(".pkl")] + ".json"
+    with open(report.json_path) as f:
+        written = json.load(f)
+    bns = sorted(k[:-len(".num_batches_tracked")] for k in state if k.endswith("num_batches_tracked"))
+    assert len(bns) == 20
+    assert written["dropped"] == [{"key": f"{prefix}{bn}.num_batches_tracked",
+                                   "reason": "BN num_batches_tracked (detectron2 has no such buffer)"}
+                                  for bn in sorted(bns, key=lambda b: list(state).index(f"{b}.num_batches_tracked"))]
+    assert {k: written[k] for k in ("input", "output", "format", "source", "detected", "prefix", "author",
+                                    "converted", "verified", "ignored_objects", "problems")} == {
+        "input": path, "output": report.output_path, "format": "detectron2", "source": "moco", "detected": True,
+        "prefix": prefix, "author": "MOCO", "converted": 100, "verified": 100, "ignored_objects": [], "problems": []}
+    assert written["architecture"] == {"name": "ResNet-18", "torchvision": "resnet18", "depth": 18, "block": "basic",
+                                       "groups": 1, "width_per_group": 64}
+    assert written["detectron2_resnets"] == {"DEPTH": 18, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64,
+                                             "RES2_OUT_CHANNELS": 64, "STRIDE_IN_1X1": False}
+    assert written["input_sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert written["output_sha256"] == hashlib.sha256(open(report.output_path, "rb").read()).hexdigest()
+    assert written["max_rel_error"] == report.max_rel_error <= 1e-5
+    assert written["stage_rel_errors"] == report.stage_errors and list(report.stage_errors) == ["res2", "res3", "res4",
+                                                                                                "res5"]
+    assert 0 < written["seconds"] == round(report.seconds, 3) and report.verify_seconds < report.seconds
+    assert (report.depth, report.block) == (18, "basic")
