@@ -652,3 +652,37 @@ def test_the_summary_and_the_json_report_say_what_was_converted(converted):
                                                                                                 "res5"]
     assert 0 < written["seconds"] == round(report.seconds, 3) and report.verify_seconds < report.seconds
     assert (report.depth, report.block) == (18, "basic")
+
+
+def test_cli_flags_no_verify_list_dropped_and_help(trunk, tmp_path, capsys):
+    state = trunk()
+    torch.save({"state_dict": _prefixed("module.encoder_q.", state)}, tmp_path / "moco.pth.tar")
+    out = tmp_path / "fast.pkl"
+    assert mocobench_main(["convert", str(tmp_path / "moco.pth.tar"), str(out), "--no-verify", "--list-dropped"]) == 0
+    printed = capsys.readouterr().out
+    assert "  verified         -  verification skipped (--no-verify)" in printed.splitlines()
+    bns = [k for k in state if k.endswith("num_batches_tracked")]
+    listing = printed.split("\ndropped: BN num_batches_tracked (detectron2 has no such buffer) (20)\n", 1)[1]
+    assert listing.splitlines() == [f"  module.encoder_q.{k}" for k in bns]
+    assert len(safe_unpickle(out)["model"]) == 100
+    with pytest.raises(SystemExit) as e:
+        mocobench_main(["convert", "--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert help_text.startswith("usage: mocobench convert [-h]")
+    assert "Convert a ResNet checkpoint (MoCo, DINO, SwAV, Barlow Twins, DenseCL, PixPro, solo-learn" in help_text
+    assert "exit codes: 0 ok, 1 verification failed (nothing written), 2 bad input" in help_text
+    for flag in ("--source", "--prefix", "--to {detectron2,torchvision}", "--no-verify", "--list-dropped",
+                 "--list-sources"):
+        assert flag in help_text
+
+
+def test_key_prefixes_shows_the_largest_twelve_then_a_count():
+    from convert.sources import key_prefixes
+
+    keys = [f"head{i:02d}.w{j}" for i in range(13) for j in range(i + 1)] + ["module.encoder_q.conv1.weight", "x"]
+    assert key_prefixes(keys, limit=15) == ", ".join(  # 15 prefixes, most keys first, then by name
+        [f"head{i:02d} ({i + 1})" for i in range(12, 0, -1)] + ["head00 (1)", "module.encoder_q (1)", "x (1)"])
+    twelve = key_prefixes(keys[:-2])  # 13 prefixes: 12 shown
+    assert twelve.endswith("head01 (2), ... 1 more") and "head00" not in twelve
+    assert key_prefixes(keys[1:-2]) == ", ".join(f"head{i:02d} ({i + 1})" for i in range(12, 0, -1))  # exactly 12
