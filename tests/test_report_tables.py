@@ -347,3 +347,25 @@ def test_pretraining_runs_are_found_and_their_curves_averaged_per_epoch(tmp_path
     assert [os.path.basename(f) for f in summary["files"]] == ["report.md", "report.json", "report.csv",
                                                                "pretrain.png"]
     assert os.path.getsize(tmp_path / "out" / "pretrain.png") > 0
+
+
+@pytest.mark.parametrize("config, title", [
+    ("keypoints/tiny_synth_keypoint_rcnn_R18_FPN_cpu.yaml", "R-18 resnet_fpn, StandardROIHeads + keypoints, "),
+    ("detection/tiny_synth_coco_R_50_FPN.yaml", "R-50 resnet_fpn, StandardROIHeads + mask, "),
+    ("detection/tiny_synth_voc_R_50_C4.yaml", "R-50 resnet, Res5ROIHeadsExtraNorm, "),
+    # a SemanticSegmentor has no RoI heads (whatever MASK_ON/KEYPOINT_ON say): its segmentation head is named
+    ("semseg/voc_R_50_FCN_30k_moco.yaml", "R-50 resnet, DilatedFCNHead, "),
+])
+def test_table_titles_name_the_heads(config, title):
+    identity = record.experiment_identity(load_config(os.path.join(REPO, "configs", config),
+                                                      ["MODEL.MASK_ON", "True", "MODEL.KEYPOINT_ON", "True"]
+                                                      if config.startswith("semseg") else []))
+    assert report.describe_identity(identity).startswith(title)
+
+
+def test_a_plain_detectron2_run_alone_gets_its_evaluator_guessed(runs, tmp_path):
+    summary = report.write_report([str(runs / "plain")], str(tmp_path / "out"))
+    [table] = summary["tables"].values()
+    assert table["evaluator_type"] == "pascal_voc"  # results with bbox AP/AP50/AP75 only: the VOC columns
+    assert [c["key"] for c in table["columns"]] == ["bbox/AP50", "bbox/AP", "bbox/AP75"]
+    assert table["baseline"] is None and list(table["rows"]) == ["swav_800ep"]
