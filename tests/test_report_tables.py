@@ -169,7 +169,8 @@ def test_markdown_lines(summary):
             "degrees of freedom); * the interval excludes 0. No CI when either row has n < 2 (or zero variance). ‡ row "
             "name guessed from the MODEL.WEIGHTS file name (a plain detectron2 directory, or a run without "
             "--init-name).") in lines
-    assert "Seeds left out of a mean:" in lines
+    i = lines.index("Seeds left out of a mean:")
+    assert lines[i + 1:i + 3] == ["", f"- `{a['failures'][0]['dir']}` (moco_v2, seed 2): {a['failures'][0]['why']}"]
     # config B: every mean below 1 AP, so 2 decimals
     assert "| supervised | 0.75 (n=1) | 0.50 (n=1) | 0.25 (n=1) | synth_voc_R18_FPN_cpu.yaml |" in lines
     assert "## Not read" not in md
@@ -369,3 +370,14 @@ def test_a_plain_detectron2_run_alone_gets_its_evaluator_guessed(runs, tmp_path)
     assert table["evaluator_type"] == "pascal_voc"  # results with bbox AP/AP50/AP75 only: the VOC columns
     assert [c["key"] for c in table["columns"]] == ["bbox/AP50", "bbox/AP", "bbox/AP75"]
     assert table["baseline"] is None and list(table["rows"]) == ["swav_800ep"]
+
+
+def test_configs_differing_in_many_keys_show_six_then_dots(tmp_path):
+    write_trial(tmp_path, "supervised", 0, (1.0, 2.0, 3.0))
+    many = ["SOLVER.MAX_ITER", "7", "SOLVER.BASE_LR", "0.5", "SOLVER.IMS_PER_BATCH", "4", "INPUT.MIN_SIZE_TEST", "64",
+            "INPUT.MAX_SIZE_TEST", "99", "SOLVER.WARMUP_ITERS", "3", "SOLVER.STEPS", "(5,)"]
+    write_trial(tmp_path / "other", "supervised", 0, (1.0, 2.0, 3.0), opts=many)
+    md = report.write_report([str(tmp_path)], str(tmp_path / "out"))["markdown"]
+    [line] = [x for x in md.splitlines() if x.startswith("Not averaged with table 2")]
+    assert line.count(" here, ") == 6 and line.endswith("; ....")
+    assert "INPUT.MAX_SIZE_TEST = 213 here, 99 there; INPUT.MIN_SIZE_TEST = 128 here, 64 there" in line
