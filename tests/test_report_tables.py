@@ -381,3 +381,22 @@ def test_configs_differing_in_many_keys_show_six_then_dots(tmp_path):
     [line] = [x for x in md.splitlines() if x.startswith("Not averaged with table 2")]
     assert line.count(" here, ") == 6 and line.endswith("; ....")
     assert "INPUT.MAX_SIZE_TEST = 213 here, 99 there; INPUT.MIN_SIZE_TEST = 128 here, 64 there" in line
+
+
+def test_a_new_task_registers_its_columns_once_and_is_recognised(monkeypatch):
+    monkeypatch.setattr(report, "METRIC_COLUMNS", dict(report.METRIC_COLUMNS))  # the registries, restored after
+    monkeypatch.setattr(report, "_RECOGNIZERS", list(report._RECOGNIZERS))
+    report.register_metrics("depth", [("depth", "AbsRel", "AbsRel"), ("depth", "RMSE", "RMSE")],
+                            recognizes=lambda r: set(r) == {"depth"})
+    assert report.METRIC_COLUMNS["depth"] == [report.Column("depth", "AbsRel", "AbsRel"),
+                                              report.Column("depth", "RMSE", "RMSE")]
+    assert report.guess_evaluator_type({"depth": {"RMSE": 0.3}}) == "depth"
+    assert report.columns_for("depth", [{"depth": {"RMSE": 0.3}}]) == [report.Column("depth", "RMSE", "RMSE")]
+    assert report.guess_evaluator_type({"bbox": {"AP": 1.0, "AP50": 2.0}}) == "pascal_voc"
+    assert report.guess_evaluator_type({"bbox": {"APs": 1.0}}) == "coco"
+    assert report.guess_evaluator_type({"panoptic": {"PQ": 1.0}}) is None
+    # an unregistered type: every task/metric seen, by name
+    assert report.columns_for(None, [{"panoptic": {"PQ": 1.0, "SQ": 2.0}}]) == [
+        report.Column("panoptic", "PQ", "panoptic/PQ"), report.Column("panoptic", "SQ", "panoptic/SQ")]
+    with pytest.raises(KeyError, match="metric columns for 'depth' are already registered"):
+        report.register_metrics("depth", [("depth", "AbsRel", "AbsRel")])
