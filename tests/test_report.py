@@ -274,3 +274,5 @@ def test_one_seed_has_no_std_and_no_interval():
     assert describe([]) == {"mean": None, "std": None, "n": 0, "values": []}
     flat = welch_interval(describe([1.0, 1.0]), describe([1.0, 1.0]))
     assert flat["significant"] is None and flat["low"] is None  # zero variance: no interval, no verdict
+    assert welch_interval(describe([1.0, 1.0]), describe([2.5, 2.5, 2.5])) == {
+        "diff": -1.5, "low": None, "high": None, "df": None, "significant": None}
