@@ -330,3 +330,35 @@ def test_gaussian_blur_is_a_gaussian_of_that_sigma_cut_at_3_sigma(sigma):
     # OpenCV filters uint8 in fixed point: measured <= 1.25 grey levels off the exact filter; a wrong sigma or
     # border is 3-50 levels off
     assert np.abs(ours - theirs).max() <= 1.5
+
+
+@pytest.mark.parametrize("hw, scale", [((400, 30), (0.9, 1.0)), ((30, 400), (0.9, 1.0)), ((50, 60), (1.5, 2.0))])
+def test_fallback_centre_crop_is_torchvision_s(hw, scale):
+    """When 10 tries find no crop that fits (too tall, too wide, area over 1): torchvision's centre crop, clamped
+    to the ratio range; deterministic, so equal to torchvision's exactly."""
+    ratio = (3 / 4, 4 / 3)
+    theirs = tuple(T.RandomResizedCrop.get_params(torch.empty(3, *hw), list(scale), list(ratio)))
+    assert sample_crop_params(*hw, scale, ratio, random.Random(0)) == theirs
+    assert theirs == {(400, 30): (180, 0, 40, 30), (30, 400): (0, 180, 30, 40), (50, 60): (0, 0, 50, 60)}[hw]
+
+
+class _ScriptedRandom:
+    """A `random` stand-in that returns scripted draws (uniform) and the lowest offset (randint)."""
+
+    def __init__(self, uniforms):
+        self.uniforms = list(uniforms)
+
+    def uniform(self, low, high):
+        return self.uniforms.pop(0)
+
+    def randint(self, low, high):
+        return high  # the last offset: the crop touches the bottom/right edge
+
+
+def test_a_crop_as_wide_or_as_tall_as_the_image_is_accepted():
+    # try 1: area 0.5, aspect 4 on a 100x200 image -> w = 200 (the full width), h = 50: accepted, as torchvision
+    # (`0 < w <= width`); a second try (area 0.5, aspect 1) would give a 100x100 crop
+    rng = _ScriptedRandom([0.5, math.log(4.0), 0.5, 0.0])
+    assert sample_crop_params(100, 200, (0.08, 1.0), (0.25, 4.0), rng) == (50, 0, 50, 200)
+    rng = _ScriptedRandom([0.125, math.log(0.25), 0.5, 0.0])  # h = 100, the full height, w = 25
+    assert sample_crop_params(100, 200, (0.08, 1.0), (0.25, 4.0), rng) == (0, 175, 100, 25)
