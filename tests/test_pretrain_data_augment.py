@@ -362,3 +362,10 @@ def test_a_crop_as_wide_or_as_tall_as_the_image_is_accepted():
     assert sample_crop_params(100, 200, (0.08, 1.0), (0.25, 4.0), rng) == (50, 0, 50, 200)
     rng = _ScriptedRandom([0.125, math.log(0.25), 0.5, 0.0])  # h = 100, the full height, w = 25
     assert sample_crop_params(100, 200, (0.08, 1.0), (0.25, 4.0), rng) == (0, 175, 100, 25)
+
+
+@pytest.mark.parametrize("size, resize", [(224, 256), (32, 37), (24, 27), (64, 73)])
+def test_eval_resize_keeps_the_official_256_to_224_ratio(size, resize):
+    # facebookresearch/moco main_lincls.py: Resize(256) + CenterCrop(224); smaller inputs keep the ratio, rounded
+    [op] = build_eval_transform(size).ops
+    assert (type(op), op.resize, op.size) == (augment.ResizeCenterCrop, resize, size)
