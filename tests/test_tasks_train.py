@@ -1,6 +1,12 @@
 """Each of the paper's other tasks trains from a converted checkpoint on its generated data, is evaluated by its
-real evaluator and gets its report table: a ResNet-18 (the tiny CPU twins of the paper configs). The semantic
-twins train long enough (40-100 iterations) to beat every constant prediction scored by the same evaluator."""
+real evaluator and gets its report table: a ResNet-18 (the tiny CPU twins of the paper configs).
+
+The semantic twins train long enough (40 and 100 iterations) to beat every constant prediction scored by the same
+evaluator (VOC: mIoU 28.2 vs 17.0 for all-background; Cityscapes: 34.8 vs 6.2 for all-road, SEED 0). The instance
+twins (keypoints, LVIS, Cityscapes instances) train 2 iterations: that checks loading, training, evaluation and
+the report, not learning. Their AP^kp / AP^mk is 0, the score of predicting nothing, and stays there for far
+longer than a test can run (60 iterations on a loaded 2-core machine: keypoints 75 s with AP^kp still 0, LVIS
+162 s for AP^mk 1.8)."""
 import math
 import os
 
@@ -29,8 +35,7 @@ TINY = [
     ("keypoints/tiny_synth_keypoint_rcnn_R18_FPN_cpu.yaml", "synth_keypoints_val", {"bbox", "keypoints"}),
     ("lvis/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_lvis_val", {"bbox", "segm"}),
     ("cityscapes/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_cityscapes_fine_instance_seg_val", {"segm"}),
-    pytest.param("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml", "synth_cityscapes_fine_sem_seg_val", {"sem_seg"},
-                 marks=pytest.mark.slow),
+    ("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml", "synth_cityscapes_fine_sem_seg_val", {"sem_seg"}),
     pytest.param("semseg/tiny_synth_voc_R18_FCN_cpu.yaml", "synth_voc_2012_sem_seg_val", {"sem_seg"},
                  marks=pytest.mark.slow),
 ]
@@ -65,8 +70,10 @@ def _best_constant_prediction(cfg, dataset, key):
     return best
 
 
-def _stem_weight(state_dict):
-    [key] = [k for k in state_dict if k.endswith("stem.conv1.weight")]
+def _res4_weight(state_dict):
+    # a large backbone tensor that every twin builds (the semantic ones stop at res4): 100 iterations at lr 0.05
+    # move the 9k-weight stem far (correlation ~0.5 with its start), this 590k-weight conv much less
+    [key] = [k for k in state_dict if k.endswith("res4.1.conv2.weight")]
     return np.asarray(state_dict[key], dtype=np.float64).ravel()
 
 
@@ -92,10 +99,10 @@ def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, gr
         [key] = task.keys
         degenerate = _best_constant_prediction(cfg, dataset, key)
         assert results_value(results, key) > degenerate + 1.0, (results, degenerate)
-    # the converted backbone was loaded: the trained stem still correlates with the converted one (an independent
+    # the converted backbone was loaded: the trained res4 still correlates with the converted one (an independent
     # random init would correlate near 0)
     final = torch.load(out / "seed0" / "model_final.pth", weights_only=True)["model"]
-    trained, converted = _stem_weight(final), _stem_weight(read_converted(converted_r18)["model"])
+    trained, converted = _res4_weight(final), _res4_weight(read_converted(converted_r18)["model"])
     assert np.corrcoef(trained, converted)[0, 1] > 0.9
     # the report makes the task's table with the paper's columns (no published rows: R-18 is not the paper's recipe)
     report = write_report([str(out)], str(tmp_path / "report"))
