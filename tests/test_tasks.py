@@ -268,7 +268,7 @@ def test_segmentation_training_scales_then_crops(registered, tmp_path):
     # original to 64 and then scale that crop to 96)
     cfg, _ = prepare_config(os.path.join(CONFIGS, TINY["voc_sem_seg"]),
                             ["OUTPUT_DIR", str(tmp_path), "MOCOBENCH.SYNTH_ROOT", registered,
-                             "INPUT.MIN_SIZE_TRAIN", "(96, 96)"])
+                             "INPUT.MIN_SIZE_TRAIN", "(96, 96)", "INPUT.CROP.SIZE", "(64, 64)"])
     mapper = DatasetMapper(cfg, is_train=True, augmentations=semantic_train_augmentations(cfg))
     for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:3]:
         mapped = mapper(dict(d))
