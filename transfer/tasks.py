@@ -14,18 +14,20 @@ Instagram-1B, "super. IN-1M" = ImageNet supervised, "random init." = from scratc
 for all entries of a task (the paper's appendix A.2-A.5); averages of 5 trials.
 
 Every published row carries its own source string, which the report prints beside it. How far each was checked
-(with the code-search tool, the only reference reachable here; the paper's Table 6 itself is an image in every
-copy found, so no cell of it could be read directly):
-  [A.4]   verified: LVIS, Appendix A.4's table of 1x and 2x results (super. IN-1M BN frozen / tuned, MoCo IN-1M,
-          MoCo IG-1B) is text in a transcription of the paper (repository file with the paper's sections in
-          Chinese, found by find_string "MoCo IG-1B"), and A.4 says Table 6 quotes 2x ("24.9 vs. 24.4").
-  [VOCss] corroborated: VOC semantic segmentation, MoCo IN-1M 72.5 and MoCo IG-1B 73.6 mIoU are listed for the
-          paper by a papers-with-code-derived benchmark page (wizwand.com), and Sec. 4.2.3's text ("on VOC
-          semantic segmentation MoCo is worse by at least 0.8 point") fits 74.4 - 73.6.
-  [T6?]   UNVERIFIED: the other Table 6 cells (keypoints, Cityscapes instance and semantic, VOC semantic random
-          init and supervised, LVIS random init) are the table as remembered. Sec. 4.2.3's text agrees with them
-          qualitatively (keypoints: supervised no clear gain over random, MoCo better in all metrics; Cityscapes
-          semantic: MoCo better by up to 0.9) but gives no number. Check against the paper before quoting them.
+(with the code-search tool, the only reference reachable here; Table 6 itself is an image in every copy of the
+paper found, so no cell of it could be read from the paper directly):
+  verified      LVIS: Appendix A.4's table of 1x and 2x results (super. IN-1M with BN frozen / tuned, MoCo IN-1M,
+                MoCo IG-1B) is text in a transcription of the paper (a public repository file with the paper's
+                sections in Chinese, found by find_string "MoCo IG-1B"); A.4 says Table 6 quotes the 2x numbers
+                ("24.9 vs. 24.4").
+  corroborated  a paper review in a public repository (Chinese-language notes, found by the same search; it also
+                reproduces Tables 2, 5b and 5d exactly as transfer/report.py has them) quotes Table 6 as one metric
+                per task for super. IN-1M / MoCo IN-1M / MoCo IG-1B: AP^kp 65.8 / 66.8 / 66.9, AP^dp_75 50.6 /
+                53.9 / 54.3, LVIS AP^mk 24.4 / 24.1 / 24.9, Cityscapes instance AP^mk_50 59.6 / 59.3 / 60.3,
+                Cityscapes semantic mIoU 74.6 / 75.3 / 75.5, VOC semantic mIoU 74.4 / 72.5 / 73.6. The paper's
+                Sec. 4.2.3 text agrees ("up to 0.9" on Cityscapes, "at least 0.8" worse on VOC, AP^dp_75 +3.7).
+  UNVERIFIED    the remaining cells (every random-init row, AP^kp_50 / AP^kp_75, Cityscapes instance AP^mk) are
+                the table as remembered: check them against the paper before quoting them.
 
 DensePose (Table 6's fifth task) is not here: see the README ("What DensePose would take").
 
@@ -36,7 +38,9 @@ from dataclasses import dataclass, field
 
 PAPER = "He et al., CVPR 2020 (arXiv:1911.05722)"
 T6_UNVERIFIED = f"{PAPER}, Table 6 (UNVERIFIED: remembered, no readable copy found)"
-VOC_SS = f"{PAPER}, Table 6 (corroborated: papers-with-code listing, Sec. 4.2.3 text)"
+T6_CORROBORATED = f"{PAPER}, Table 6 (corroborated by a review quoting it)"
+T6_KP = f"{PAPER}, Table 6 (AP^kp corroborated by a review quoting it; AP^kp_50, AP^kp_75 UNVERIFIED)"
+T6_CITY = f"{PAPER}, Table 6 (AP^mk_50 corroborated by a review quoting it; AP^mk UNVERIFIED)"
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ TASKS = (
         columns=KEYPOINT_COLUMNS,
         published={"keypoints/keypoint_rcnn_R_50_FPN_2x_moco.yaml": _rows(
             KEYPOINT_COLUMNS, ("random", (65.9, 86.5, 71.7), T6_UNVERIFIED),
-            ("supervised", (65.8, 86.9, 71.9), T6_UNVERIFIED), ("moco", (66.8, 87.4, 72.5), T6_UNVERIFIED))},
+            ("supervised", (65.8, 86.9, 71.9), T6_KP), ("moco", (66.8, 87.4, 72.5), T6_KP))},
     ),
     Task(
         name="lvis_v0.5",
@@ -115,8 +119,8 @@ TASKS = (
         datasets=("cityscapes_fine_instance_seg_val", "synth_cityscapes_fine_instance_seg_val"),
         columns=MASK_COLUMNS[:2],  # cityscapesscripts reports AP and AP50
         published={"cityscapes/mask_rcnn_R_50_FPN_moco.yaml": _rows(
-            MASK_COLUMNS, ("random", (25.4, 51.1), T6_UNVERIFIED), ("supervised", (32.9, 59.6), T6_UNVERIFIED),
-            ("moco", (32.3, 59.3), T6_UNVERIFIED))},
+            MASK_COLUMNS, ("random", (25.4, 51.1), T6_UNVERIFIED), ("supervised", (32.9, 59.6), T6_CITY),
+            ("moco", (32.3, 59.3), T6_CITY))},
     ),
     Task(
         name="cityscapes_sem_seg",
@@ -126,7 +130,8 @@ TASKS = (
         columns=(("sem_seg", "IoU", "mIoU"),),  # CityscapesSemSegEvaluator: mean class IoU over the 19 classes
         published={"semseg/cityscapes_R_50_FCN_90k_moco.yaml": _rows(
             (("sem_seg", "IoU", "mIoU"),), ("random", (65.3,), T6_UNVERIFIED),
-            ("supervised", (74.6,), T6_UNVERIFIED), ("moco", (75.3,), T6_UNVERIFIED))},
+            ("supervised", (74.6,), T6_CORROBORATED), ("moco", (75.3,), T6_CORROBORATED),
+            ("moco_ig1b", (75.5,), T6_CORROBORATED))},
     ),
     Task(
         name="voc_sem_seg",
@@ -136,7 +141,8 @@ TASKS = (
         columns=(("sem_seg", "mIoU", "mIoU"),),
         published={"semseg/voc_R_50_FCN_30k_moco.yaml": _rows(
             (("sem_seg", "mIoU", "mIoU"),), ("random", (39.5,), T6_UNVERIFIED),
-            ("supervised", (74.4,), T6_UNVERIFIED), ("moco", (72.5,), VOC_SS), ("moco_ig1b", (73.6,), VOC_SS))},
+            ("supervised", (74.4,), T6_CORROBORATED), ("moco", (72.5,), T6_CORROBORATED),
+            ("moco_ig1b", (73.6,), T6_CORROBORATED))},
     ),
 )
 
