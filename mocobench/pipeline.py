@@ -298,8 +298,14 @@ class Pipeline:
         opts = [*t.OPTS, "OUTPUT_DIR", output_dir, "MODEL.WEIGHTS", weights]
         if init == "random":
             opts += ["MOCOBENCH.REQUIRE_WEIGHTS", "False", *t.RANDOM_OPTS]
-        results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS, resume=True,
-                               init_name=init, synth_root=self.synth_root)
+        from pretrain.preempt import Preempted
+
+        try:
+            results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS,
+                                   resume=True, init_name=init, synth_root=self.synth_root)
+        except Preempted as e:  # as _call does for the other stages: the pipeline stops with the same code
+            print(f"mocobench transfer ({init}) {e}; run the same pipeline command again to resume", flush=True)
+            raise SystemExit(e.exit_code) from None
         if len(results) != t.SEEDS:
             raise UsageError(f"transfer of {init} produced {len(results)} results for {t.SEEDS} seeds: "
                              f"see the log.txt files under {output_dir}")
