@@ -132,7 +132,7 @@ def checkpoints(trunks, tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def r50_moco_pkl(checkpoints, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("convert_out") / "moco_r50.pkl")
     convert_checkpoint(checkpoints["moco", 50], out)
