@@ -538,7 +538,12 @@ class Pipeline:
 
     def run(self, dry_run=False):
         self.check_machines()
-        self.preflight()
+        rows = self.preflight()
+        if self.only:  # the stages before it are other runs' (jobs') to do
+            for _, name, action, *_ in rows[:[row[1] for row in rows].index(self.only)]:
+                if action != "done":
+                    raise UsageError(f"--stage {self.only}: the earlier stage {name} is not done ({action}); "
+                                     f"run the pipeline (or its --stage {name}) first")
         if dry_run:
             return None
         if self.manifest.writable:
@@ -560,11 +565,6 @@ class Pipeline:
                 print(f"\n=== {header}: done earlier ({previous.get('seconds', 0):.0f} s), skipped", flush=True)
                 self.outputs[name] = previous["outputs"]
                 continue
-            if self.only and name != self.only:  # an earlier stage is another run's (job's) to do
-                state = previous.get("status", "not run") + (f", inputs changed: {', '.join(changed)}"
-                                                             if changed else "")
-                raise UsageError(f"--stage {self.only}: the earlier stage {name} is not done ({state}); "
-                                 f"run the pipeline (or its --stage {name}) first")
             why = "--redo" if name in self.redo else f"inputs changed: {', '.join(changed)}" if changed else None
             if why and self.manifest.writable:
                 moved = self.move_aside(name, stamp)
