@@ -461,3 +461,39 @@ def test_transfer_on_two_slurm_nodes_takes_its_place_from_submitit(monkeypatch):
     assert url0 == url1 and url0.startswith("tcp://gpu-node07:")  # machine 0's host, one port for the whole job
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
     assert launch.StageJob("transfer", argv)._node_argv(submitit.JobEnvironment()) == argv
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pipeline_on_slurm_runs_each_stage_as_its_own_job_in_order_and_a_resubmission_skips_done_stages(
+        tmp_path, monkeypatch, capsys):
+    from mocobench import cli
+
+    # the real --launcher slurm path; only the executor is submitit's local one (it runs the chain in order)
+    monkeypatch.setenv(launch.SUBMITIT_CLUSTER_ENV, "local")
+    out, jobs = tmp_path / "run", tmp_path / "jobs"
+    argv = ["pipeline", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10", "--job-dir", str(jobs),
+            "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']", "TRANSFER.SEEDS", "1"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    stages = ["data", "pretrain", "convert_moco", "transfer_moco", "report"]
+    assert "submitting 5 job(s), one per stage" in printed
+    ids = [printed.split(f"submitted pipeline stage {stage} as job ")[1].split()[0] for stage in stages]
+    assert len(set(ids)) == len(stages)  # a job (a process of its own) per stage
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["stages"]) == stages and all(s["status"] == "done" for s in manifest["stages"].values())
+    for i, (stage, job_id) in enumerate(zip(stages, ids)):
+        log = (jobs / f"{job_id}_0_log.out").read_text()
+        # its own stage, after every earlier one had finished (found done in the manifest), and nothing after it
+        assert f"=== [{i + 1}/5] {stage} | pipeline elapsed" in log and f"stage {stage} finished in" in log
+        assert all(f"=== [{j + 1}/5] {earlier}: done earlier" in log for j, earlier in enumerate(stages[:i]))
+        assert not any(f"=== [{j + 1}/5] {later}" in log for j, later in enumerate(stages[i + 1:], i + 1))
+    assert (out / "report.md").exists()
+
+    # submitted again: the manifest says what is done; only the report (always redone) gets a job
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "submitting 1 job(s)" in printed and printed.count("submitted pipeline stage ") == 1
+    assert "submitted pipeline stage report as job" in printed
+    again = json.loads((out / "manifest.json").read_text())["stages"]
+    assert all(again[s]["started"] == manifest["stages"][s]["started"] for s in stages[:-1])
