@@ -497,3 +497,42 @@ def test_pipeline_on_slurm_runs_each_stage_as_its_own_job_in_order_and_a_resubmi
     assert "submitted pipeline stage report as job" in printed
     again = json.loads((out / "manifest.json").read_text())["stages"]
     assert all(again[s]["started"] == manifest["stages"][s]["started"] for s in stages[:-1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_transfer_job_on_two_simulated_slurm_nodes_trains_as_one_world(synth_root, tmp_path):
+    """Two tasks of a 2-node SLURM job (both on this machine, node list "localhost"): each runs the transfer job
+    as submitit would (StageJob), takes its machine rank from submitit's JobEnvironment, and the two form one
+    gloo world of 2 processes that trains and evaluates once."""
+    import random
+    import socket
+
+    job_id = 4242
+    while True:  # the job's port (derived from its id, as on every node): one that is free here
+        port = random.Random(str(job_id)).randint(20000, 60000)
+        with socket.socket() as s:
+            if s.connect_ex(("localhost", port)) != 0:
+                break
+        job_id += 1
+    out = tmp_path / "run"
+    config = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
+    argv = ["--num-gpus", "1", "--config-file", config,
+            "--synth-root", synth_root, "MODEL.WEIGHTS", "", "MOCOBENCH.REQUIRE_WEIGHTS", "False",
+            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
+            "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+            "INPUT.MIN_SIZE_TEST", "96", "SEED", "0", "OUTPUT_DIR", str(out)]
+    code = "import sys; from mocobench.launch import StageJob; StageJob('transfer', sys.argv[1:])()"
+    procs = []
+    for node in (0, 1):
+        env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NUM_NODES": "2",
+               "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_NODEID": str(node),
+               "SLURM_PROCID": str(node), "SLURM_LOCALID": "0"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env, text=True,
+                                      stdout=open(tmp_path / f"node{node}.log", "w"), stderr=subprocess.STDOUT))
+    for node, proc in enumerate(procs):
+        assert proc.wait(timeout=360) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    record = json.loads((out / "seed0" / "results.json").read_text())
+    assert record["world_size"] == 2 and record["iteration"] == 2
+    log = (out / "seed0" / "log.txt").read_text()
+    assert "2 CPU processes (gloo)" in log and (out / "seed0" / "log.txt.rank1").exists()  # rank 1: machine 1
