@@ -135,18 +135,22 @@ def with_resume(argv, resume_flags):
     """argv with any resume flag removed and `resume_flags` in front (what a requeued job runs)."""
     if not resume_flags:
         return list(argv)
-    takes_value = len(resume_flags) == 2
+    return [*resume_flags, *without_flag(argv, resume_flags[0], takes_value=len(resume_flags) == 2)]
+
+
+def without_flag(argv, flag, takes_value):
+    """argv without `flag` (and its value: `flag V` or `flag=V`)."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] == resume_flags[0]:
+        if argv[i] == flag:
             i += 2 if takes_value else 1
             continue
-        if argv[i].startswith(resume_flags[0] + "="):
+        if argv[i].startswith(flag + "="):
             i += 1
             continue
         out.append(argv[i])
         i += 1
-    return [*resume_flags, *out]
+    return out
 
 
 class StageJob:
@@ -195,8 +199,10 @@ class StageJob:
 
         if STAGES[self.command].resume is None:
             return None
-        return submitit.helpers.DelayedSubmission(StageJob(self.command, with_resume(self.argv,
-                                                                                     STAGES[self.command].resume)))
+        argv = with_resume(self.argv, STAGES[self.command].resume)
+        if self.command == "pipeline":  # the redo has begun (old outputs moved aside): the requeued job resumes it
+            argv = without_flag(argv, "--redo", takes_value=True)
+        return submitit.helpers.DelayedSubmission(StageJob(self.command, argv))
 
 
 def _submitit_signal():
@@ -281,8 +287,9 @@ def submit_pipeline(args, argv):
             try:
                 job.result()
             except Exception as e:  # noqa: BLE001 - submitit's FailedJobError carries the job's traceback
+                last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                 raise UsageError(f"pipeline stage {name} (job {job.job_id}) failed: see {job.paths.stderr}: "
-                                 f"{str(e).strip().splitlines()[-1]}") from None
+                                 f"{last_line}") from None
     if jobs:
         print(f"follow the chain: squeue -j {','.join(job.job_id for job in jobs)}")
     sys.stdout.flush()

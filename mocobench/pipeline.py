@@ -19,6 +19,12 @@ versions. Re-running the same command skips stages that are done with unchanged 
 interrupted or failed one (pretraining from its last checkpoint, transfer from each seed's), and redoes a
 stage whose inputs changed, or one named with --redo: its old outputs are moved to superseded/<time>/, never
 deleted, and the stages after it see the new inputs and are redone in turn.
+
+`--stage STAGE` runs one stage (those before it must be done). `--launcher slurm` (mocobench.launch) submits
+one job per stage that is not done, each running `--stage STAGE` with the stage's own resources (NUM_NODES
+nodes for pretrain, supervised and transfer) after the previous job succeeded; a stage that spans several nodes
+gets this node's place as transfer's --num-machines / --machine-rank / --dist-url, and machine 0 writes the
+manifest.
 """
 import argparse
 import json

@@ -102,6 +102,9 @@ def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
     requeued = launch.StageJob("pretrain", ["--config-file", "x", "K", "V"]).checkpoint()
     assert requeued.function.argv == ["--resume", "auto", "--config-file", "x", "K", "V"]
     assert launch.StageJob("lincls", ["--data", "d"]).checkpoint() is None
+    # a pipeline stage's job: requeued as it was, except that a --redo (begun) is not done again
+    requeued = launch.StageJob("pipeline", ["--config-file", "x", "--stage", "s", "--redo", "s", "K", "V"]).checkpoint()
+    assert requeued.function.argv == ["--config-file", "x", "--stage", "s", "K", "V"]
     with pytest.raises(UsageError, match="--nproc-per-node 0"):
         launch.main("pretrain", ["--nproc-per-node", "0", "--config-file", SYNTH_CFG])
     # a worker's UsageError: exit code 2 from the launcher, the one-line error on stderr, no traceback
@@ -381,7 +384,8 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(tmp_path
     out, jobs = tmp_path / "run", tmp_path / "jobs"
     assert cli.main(["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--partition", "P", "--timeout", "600",
                      "--job-dir", str(jobs), "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "NUM_NODES", "2",
-                     "PRETRAIN.NPROC_PER_NODE", "8", "TRANSFER.INITS", "['moco', 'random']"]) == 0
+                     "PRETRAIN.NPROC_PER_NODE", "8", "TRANSFER.INITS", "['moco', 'random']",
+                     "--redo", "transfer_moco"]) == 0
     printed = capsys.readouterr().out
     stages = ["data", "pretrain", "convert_moco", "transfer_moco", "transfer_random", "report"]
     ids = [str(101 + i) for i in range(len(stages))]
@@ -407,6 +411,7 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(tmp_path
         job = submitit.helpers.DelayedSubmission.load(jobs / f"{job_id}_submitted.pkl").function
         assert job.command == "pipeline" and job.argv[:4] == ["--config-file", TINY_PIPELINE, "--stage", stage]
         assert job.argv[-2:] == ["OUTPUT_DIR", str(out)]
+        assert ("--redo" in job.argv) == (stage == "transfer_moco")  # --redo goes to its stage's job only
 
 
 def test_num_nodes_and_single_stage_errors(tmp_path, capsys):
