@@ -143,8 +143,8 @@ def test_conversion_follows_official_rules_and_verifies(layout, depth, trunks, c
     out = tmp_path / "out.pkl"
     report = convert_checkpoint(checkpoints[layout, depth], out)
 
-    assert (report.source, report.detected, report.depth) == (layout, True, depth)
-    assert report.block == ("bottleneck" if depth == 50 else "basic")
+    assert (report.source, report.detected, report.arch.depth) == (layout, True, depth)
+    assert report.arch.block == ("bottleneck" if depth == 50 else "basic")
     assert report.verified == TRUNK_TENSORS[depth]
     assert report.max_rel_error <= 1e-5 and not report.problems
     assert set(report.stage_errors) == {"res2", "res3", "res4", "res5"}
