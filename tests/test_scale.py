@@ -504,30 +504,23 @@ def test_pipeline_on_slurm_runs_each_stage_as_its_own_job_in_order_and_a_resubmi
     assert all(again[s]["started"] == manifest["stages"][s]["started"] for s in stages[:-1])
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_transfer_job_on_two_simulated_slurm_nodes_trains_as_one_world(synth_root, tmp_path):
-    """Two tasks of a 2-node SLURM job (both on this machine, node list "localhost"): each runs the transfer job
-    as submitit would (StageJob), takes its machine rank from submitit's JobEnvironment, and the two form one
-    gloo world of 2 processes that trains and evaluates once."""
+def _job_id_with_a_free_port():
+    """A SLURM job id whose port (StageJob derives it from the id, the same on every node) is free here."""
     import random
     import socket
 
     job_id = 4242
-    while True:  # the job's port (derived from its id, as on every node): one that is free here
-        port = random.Random(str(job_id)).randint(20000, 60000)
+    while True:
         with socket.socket() as s:
-            if s.connect_ex(("localhost", port)) != 0:
-                break
+            if s.connect_ex(("localhost", random.Random(str(job_id)).randint(20000, 60000))) != 0:
+                return job_id
         job_id += 1
-    out = tmp_path / "run"
-    config = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
-    argv = ["--num-gpus", "1", "--config-file", config,
-            "--synth-root", synth_root, "MODEL.WEIGHTS", "", "MOCOBENCH.REQUIRE_WEIGHTS", "False",
-            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
-            "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False", "INPUT.MIN_SIZE_TRAIN", "(96,)",
-            "INPUT.MIN_SIZE_TEST", "96", "SEED", "0", "OUTPUT_DIR", str(out)]
-    code = "import sys; from mocobench.launch import StageJob; StageJob('transfer', sys.argv[1:])()"
+
+
+def _run_on_two_simulated_slurm_nodes(command, argv, job_id, tmp_path):
+    """StageJob(command, argv) in the two tasks of a 2-node SLURM job, as submitit runs it, both on this machine
+    (node list "localhost"); SLURM's variables as SLURM sets them. Returns the two logs."""
+    code = f"import sys; from mocobench.launch import StageJob; StageJob({command!r}, sys.argv[1:])()"
     procs = []
     for node in (0, 1):
         env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NUM_NODES": "2",
@@ -535,9 +528,50 @@ def test_transfer_job_on_two_simulated_slurm_nodes_trains_as_one_world(synth_roo
                "SLURM_PROCID": str(node), "SLURM_LOCALID": "0"}
         procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env, text=True,
                                       stdout=open(tmp_path / f"node{node}.log", "w"), stderr=subprocess.STDOUT))
+    logs = []
     for node, proc in enumerate(procs):
-        assert proc.wait(timeout=360) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+        rc = proc.wait(timeout=360)
+        logs.append((tmp_path / f"node{node}.log").read_text())
+        assert rc == 0, logs[-1][-3000:]
+    return logs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_transfer_job_on_two_simulated_slurm_nodes_trains_as_one_world(synth_root, tmp_path):
+    """Two tasks of a 2-node SLURM job (both on this machine, node list "localhost"): each runs the transfer job
+    as submitit would (StageJob), takes its machine rank from submitit's JobEnvironment, and the two form one
+    gloo world of 2 processes that trains and evaluates once."""
+    job_id = _job_id_with_a_free_port()
+    out = tmp_path / "run"
+    config = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
+    argv = ["--num-gpus", "1", "--config-file", config,
+            "--synth-root", synth_root, "MODEL.WEIGHTS", "", "MOCOBENCH.REQUIRE_WEIGHTS", "False",
+            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
+            "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+            "INPUT.MIN_SIZE_TEST", "96", "SEED", "0", "OUTPUT_DIR", str(out)]
+    _run_on_two_simulated_slurm_nodes("transfer", argv, job_id, tmp_path)
     record = json.loads((out / "seed0" / "results.json").read_text())
     assert record["world_size"] == 2 and record["iteration"] == 2
     log = (out / "seed0" / "log.txt").read_text()
     assert "2 CPU processes (gloo)" in log and (out / "seed0" / "log.txt.rank1").exists()  # rank 1: machine 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pipeline_pretrain_stage_spans_num_nodes_under_slurm(tmp_path):
+    """NUM_NODES 2: the pretrain stage's job on two simulated SLURM nodes (both here) rendezvous as one world of
+    2 processes (1 per node); machine 0 records the stage in the manifest."""
+    from mocobench import pipeline
+
+    out = tmp_path / "run"
+    argv = ["--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']", "NUM_NODES", "2",
+            "PRETRAIN.NPROC_PER_NODE", "1"]
+    assert pipeline.main([*argv, "--stage", "data"]) == 0  # a one-node stage; its job ran before
+    logs = _run_on_two_simulated_slurm_nodes("pipeline", [*argv, "--stage", "pretrain"], _job_id_with_a_free_port(),
+                                             tmp_path)
+    assert all("=== [2/5] pretrain | pipeline elapsed" in log and "stage pretrain finished" in log for log in logs)
+    stage = json.loads((out / "manifest.json").read_text())["stages"]["pretrain"]
+    assert stage["status"] == "done" and os.path.isfile(stage["outputs"]["checkpoint"])
+    log = (out / "pretrain" / "log.txt").read_text()
+    assert "world size 2 (1 per node) on cpu; global batch 16 = 8 per process" in log
