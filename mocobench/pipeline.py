@@ -340,9 +340,16 @@ class Pipeline:
         opts = [*t.OPTS, "OUTPUT_DIR", output_dir, "MODEL.WEIGHTS", weights]
         if init == "random":
             opts += ["MOCOBENCH.REQUIRE_WEIGHTS", "False", *t.RANDOM_OPTS]
-        results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS, resume=True,
-                               init_name=init, synth_root=self.synth_root, num_machines=self.num_machines,
-                               machine_rank=self.machine_rank, dist_url=self.dist_url)
+        from pretrain.preempt import Preempted
+
+        try:
+            results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS,
+                                   resume=True, init_name=init, synth_root=self.synth_root,
+                                   num_machines=self.num_machines, machine_rank=self.machine_rank,
+                                   dist_url=self.dist_url)
+        except Preempted as e:  # as _call does for the other stages: the pipeline stops with the same code
+            print(f"mocobench transfer ({init}) {e}; run the same pipeline command again to resume", flush=True)
+            raise SystemExit(e.exit_code) from None
         if self.machine_rank:  # rank 0's machine writes the results (machine 0 checks and records them)
             return {"output_dir": output_dir}
         if len(results) != t.SEEDS:

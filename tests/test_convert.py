@@ -6,6 +6,7 @@ defaults (mean 0, var 1, weight 1, bias 0) would hide a swapped mean/var or weig
 """
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -117,9 +118,9 @@ def trunks():
     return {depth: random_resnet_state(depth, seed=depth) for depth in (18, 50)}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def checkpoints(trunks, tmp_path_factory):
-    """(layout, depth) -> path of a saved checkpoint."""
+    """(layout, depth) -> path of a saved checkpoint (0.7 GB in all: deleted when the module ends)."""
     root = tmp_path_factory.mktemp("convert_ckpts")
     paths = {}
     for depth, trunk in trunks.items():
@@ -127,7 +128,8 @@ def checkpoints(trunks, tmp_path_factory):
             name = f"resnet{depth}-random.pth" if layout == "torchvision" else f"{layout}_r{depth}.pth.tar"
             paths[layout, depth] = str(root / name)
             torch.save(make(trunk, depth), paths[layout, depth])
-    return paths
+    yield paths
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -136,7 +137,8 @@ def reference(tiny_imagenet, tmp_path_factory):
     """An uninterrupted run (no iteration checkpoints), in this process."""
     out = str(tmp_path_factory.mktemp("reference") / "run")
     assert cli.main(command(*opts(tiny_imagenet, out))) == 0
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -380,3 +382,55 @@ def test_every_rank_agrees_to_stop_when_one_is_signalled():
     for p in procs:
         p.join(60)
     assert results == [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
+
+
+TRANSFER_CFG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
+
+
+@pytest.mark.slow
+def test_transfer_stops_on_sigterm_after_the_iteration_and_resumes_from_it(synth_root, tmp_path):
+    """detectron2 fine-tuning under a scheduler's SIGTERM: a checkpoint of the running iteration (not only the
+    last periodic one), exit 143 with the resume command, and the printed command finishes the schedule."""
+    import transfer.run  # noqa: F401  (detectron2 loaded once here, not in every forked run)
+
+    out = tmp_path / "transfer"
+    trial = out / "seed0"
+    argv = ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root, "SOLVER.MAX_ITER", "12",
+            "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+            "MOCOBENCH.LOG_PERIOD", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SEED", "3",
+            "OUTPUT_DIR", str(out)]
+    proc = Run(argv, tmp_path)
+    assert wait_for(lambda: len(metrics_iterations_d2(trial)) >= 2, proc, timeout=500)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if "stopped by" in x]
+    name = (trial / "last_checkpoint").read_text().strip()
+    done = load_checkpoint(trial / name)["iteration"]  # detectron2 counts from 0: iteration `done` finished
+    assert name == f"model_{done:07d}.pth" and 2 <= done + 1 < 12
+    assert f"trial 1/1 stopped by SIGTERM after iteration {done + 1}/12, saved {trial / name}" in line
+    assert not (trial / "model_final.pth").exists() and not (trial / "results.json").exists()
+    printed = shlex.split(line.split("resume with: ", 1)[1])
+    assert printed[:3] == ["mocobench", "transfer", "--resume"] and printed[3:] == argv[1:]
+
+    proc = Run(printed[1:], tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"Starting training from iteration {done + 1}" in (trial / "log.txt").read_text()
+    record = json.loads((trial / "results.json").read_text())
+    assert record["resumed"] and record["iteration"] == 12
+
+
+def metrics_iterations_d2(trial):
+    """Training iterations detectron2 wrote to metrics.json so far (lines with an lr)."""
+    path = trial / "metrics.json"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # being written
+    return [r["iteration"] for r in rows if "lr" in r]

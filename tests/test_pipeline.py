@@ -2,6 +2,7 @@
 and a re-run, skip / redo decisions, the dry-run preflight and fail-fast config errors."""
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -38,7 +39,8 @@ def finished_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     assert not os.listdir(elsewhere)  # nothing written into the working directory
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # 1.3 GB of checkpoints
 
 
 def test_shrunken_demo_runs_every_stage_and_reports(finished_run):

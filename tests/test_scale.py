@@ -3,6 +3,7 @@ bank, DDP lincls, and the cross-rank checks (NaN agreement, resume, replicas). P
 rendezvous on port 0 (the OS picks), the in-test process groups use a FileStore (no port at all)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,7 +249,8 @@ def reference_run(tiny_imagenet, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("reference"))
     run([sys.executable, "-m", "mocobench", "pretrain", "--config-file", SYNTH_CFG,
          *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3})])
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.slow
