@@ -32,7 +32,7 @@ def tiny_imagenet(tmp_path_factory):
 def opts(root, out_dir, **extra):
     kv = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": EPOCHS, "SOLVER.BATCH_SIZE": 8, "MOCO.K": 32,
           "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 1, "CHECKPOINT_PERIOD": 1,
-          "MOCO.SHUFFLE_BN_SPLITS": 2, **extra}
+          "MOCO.SHUFFLE_BN_SPLITS": 2, "DEVICE": "cpu", **extra}  # CPU: bit-exact resume is what these check
     return [str(x) for pair in kv.items() for x in pair]
 
 
@@ -239,7 +239,8 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(tiny_
     # lincls: one evaluation per --output too
     lincls_out = os.path.join(os.path.dirname(reference), "lincls")
     lincls = ["lincls", "--data", tiny_imagenet, "--pretrained", os.path.join(reference, "checkpoint_0001.pth.tar"),
-              "--output", lincls_out, "--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32"]
+              "--output", lincls_out, "--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32",
+              "--device", "cpu"]
     assert cli.main(lincls) == 0
     results = open(os.path.join(lincls_out, "lincls_results.json")).read()
     assert cli.main(lincls) == 2 and "already holds a linear evaluation" in capsys.readouterr().err
@@ -324,7 +325,7 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imag
 
     sup_cfg = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")
     kv = ["DATA.ROOT", tiny_imagenet, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "8", "INPUT.SIZE", "32",
-          "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1"]
+          "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1", "DEVICE", "cpu"]
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", full]) == 0
     real_step, calls = supervised.optimization_step, []

@@ -117,7 +117,7 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
     from mocobench import cli
 
     assert cli.main(["lincls", "--data", str(data / "imagenet"), "--pretrained", ckpt, "--output", lin,
-                     "--epochs", "4", "--batch-size", "64", "--workers", "0", "--size", "32"]) == 0
+                     "--epochs", "4", "--batch-size", "64", "--workers", "0", "--size", "32", "--device", "cpu"]) == 0
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
     assert results["backbone_unchanged"] is True and results["num_classes"] == 4
     # the linear classifier on the frozen features beats guessing: P(hits or more of 512 | chance 1/4) < 1e-3
