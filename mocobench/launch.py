@@ -169,10 +169,15 @@ class StageJob:
         else:
             argv = self._node_argv(submitit.JobEnvironment())
         module = importlib.import_module(stage.module)
-        # pretrain / supervised run in this task: their loop can stop cleanly. (Elsewhere submitit's handler acts.)
-        exact = stage.per_rank and stage.resume
-        requeue, requeue_codes = _route_preemption_to_the_training_loop() if exact else (None, ())
-        code = int(module.main(argv) or 0)
+        # pretrain / supervised train in this task: submitit's warning signal is handed to their loop, which stops
+        # cleanly. transfer and the pipeline spawn their workers: submitit's handler requeues at once on it. Every
+        # stage that stopped on SIGTERM after its checkpoint (exit 143 / 138) is requeued below.
+        requeue, requeue_codes = (_route_preemption_to_the_training_loop(forward_warning=stage.per_rank)
+                                  if stage.resume is not None else (None, ()))
+        try:
+            code = int(module.main(argv) or 0)
+        except SystemExit as e:  # the pipeline stops with its stage's exit code
+            code = e.code if isinstance(e.code, int) else 1
         if code in requeue_codes:  # stopped on the signal after an exact checkpoint: requeue the job now
             requeue(_submitit_signal(), None)  # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
             return code
@@ -211,12 +216,13 @@ def _submitit_signal():
     return submitit.JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
 
 
-def _route_preemption_to_the_training_loop():
+def _route_preemption_to_the_training_loop(forward_warning=True):
     """SLURM sends submitit's signal (USR2) before a timeout and SIGTERM on preemption. submitit's own handler
     would requeue at once, in the middle of an iteration (the run then repeats the work since the last epoch
     checkpoint). When the training loop stops cleanly on SIGTERM (pretrain.preempt: finish the iteration, write
     an exact checkpoint, return a requeue exit code), the signal is handed to it instead, and submitit's handler
-    runs once the checkpoint is written. Returns (submitit's handler, the exit codes that mean "requeue me")."""
+    runs once the checkpoint is written (only with `forward_warning`). Returns (submitit's handler, the exit codes
+    that mean "requeue me")."""
     try:
         from pretrain.preempt import REQUEUE_EXIT_CODES, Preemption
     except ImportError:  # a training loop without clean stops: submitit's handler stays as it is
@@ -230,7 +236,8 @@ def _route_preemption_to_the_training_loop():
         else:  # before or after the loop: nothing in flight to save
             submitit_handler(signum, frame)
 
-    signal.signal(usr, forward)
+    if forward_warning:
+        signal.signal(usr, forward)
     return submitit_handler, tuple(REQUEUE_EXIT_CODES)
 
 

@@ -316,6 +316,47 @@ def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(tiny_imag
                            os.path.join(out, "checkpoint_0002.pth.tar"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_slurm_transfer_job_stopped_by_sigterm_is_requeued_and_finishes(synth_root, tmp_path, monkeypatch, capsys):
+    """transfer under --launcher slurm: SIGTERM (SLURM's preemption) -> detectron2's loop saves the running
+    iteration and exits 143 -> the job requeues itself with --resume and finishes the schedule."""
+    from mocobench import cli
+
+    monkeypatch.setenv(launch.SUBMITIT_CLUSTER_ENV, "local")
+    for key in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(key, ENV[key])
+    out, jobs = tmp_path / "transfer", str(tmp_path / "jobs")
+    trial = out / "seed0"
+    assert cli.main(["transfer", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10", "--job-dir", jobs,
+                     "--config-file", os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml"),
+                     "--synth-root", synth_root, "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
+                     "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MOCOBENCH.LOG_PERIOD", "1",
+                     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "TEST.PRECISE_BN.ENABLED", "False",
+                     "MODEL.WEIGHTS", "", "MOCOBENCH.REQUIRE_WEIGHTS", "False", "SEED", "3",
+                     "OUTPUT_DIR", str(out)]) == 0
+    job_id = capsys.readouterr().out.split("as job ")[1].split()[0]
+    stdout = os.path.join(jobs, f"{job_id}_0_log.out")
+    deadline = time.time() + 300
+    while not (trial / "metrics.json").exists() or (trial / "metrics.json").read_text().count('"lr"') < 2:
+        assert time.time() < deadline, open(stdout).read()[-3000:]
+        time.sleep(0.2)
+    [task] = _children(int(job_id))
+    os.kill(task, signal.SIGTERM)
+    result = os.path.join(jobs, f"{job_id}_0_result.pkl")
+    while not os.path.exists(result):
+        assert time.time() < deadline, open(stdout).read()[-3000:]
+        time.sleep(0.5)
+    log = open(stdout).read() + open(os.path.join(jobs, f"{job_id}_0_log.err")).read()
+    assert "stopped by SIGTERM after iteration" in log and "Requeued job" in log, log[-3000:]
+    assert "Job completed successfully" in log
+    saved = sorted(p.name for p in trial.glob("model_0*.pth"))
+    assert len(saved) == 1  # the stop's checkpoint (CHECKPOINT_PERIOD is past the schedule)
+    assert f"Starting training from iteration {int(saved[0][6:13]) + 1}" in (trial / "log.txt").read_text()
+    record = json.loads((trial / "results.json").read_text())
+    assert record["resumed"] and record["iteration"] == 12
+
+
 def test_transfer_launch_errors_come_before_any_process():
     from transfer.config import load_config
     from transfer.launch import check_launch
