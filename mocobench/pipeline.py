@@ -9,9 +9,10 @@ Each stage calls the same function as its own subcommand (`mocobench data synth`
 Before any stage runs (and alone with --dry-run) a preflight merges and validates every stage's config with
 its OPTS (an error names the pipeline yaml and the list), checks that every input file exists, and prints the
 plan: each stage, what it needs, what is missing, whether it is done, to run, to resume or to redo, and its
-size and expected time (when known from an earlier run of the stage). Relative sub-config paths resolve
-against the pipeline yaml's folder, then the shipped configs (mocobench.config.resolve_config_path), so a
-pipeline runs from any working directory.
+size and expected time: from this run's own measurements, else scaled from the same work measured by an
+earlier pipeline on this machine (`stage_seconds.json` in $MOCOBENCH_CACHE, default ~/.cache/mocobench).
+Relative sub-config paths resolve against the pipeline yaml's folder, then the shipped configs
+(mocobench.config.resolve_config_path), so a pipeline runs from any working directory.
 
 The run directory's `manifest.json` records, per stage, its inputs (merged config, overrides, sha256 of
 the checkpoints it reads), outputs, status, timings and the git commit that ran it, plus the software
@@ -40,6 +41,7 @@ from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write, file_sha256
 
 MANIFEST = "manifest.json"
+CACHE_ENV = "MOCOBENCH_CACHE"
 INITS = ("moco", "supervised", "random")
 EARLIER = "an earlier stage"  # changed_inputs when they depend on a stage that has not run yet
 
@@ -418,15 +420,68 @@ class Pipeline:
             return f"{cfg.TRANSFER.SEEDS} seeds x {c.SOLVER.MAX_ITER} iterations at {c.SOLVER.IMS_PER_BATCH} images"
         return ""
 
+    def work(self, name):
+        """(what a stage computes, except its length; its length in units its time scales with): two stages
+        with the same first part run at the same seconds per unit on one machine."""
+        cfg = self.cfg
+        if name in ("pretrain", "supervised") and not (name == "supervised" and cfg.SUPERVISED.WEIGHTS):
+            c = self.stage_config(name.upper())
+            data = self.pretrain_root if not cfg.DATA.SYNTH else \
+                f"synth {cfg.DATA.SYNTH_PRESET} {list(cfg.DATA.SYNTH_OPTS)}"
+            return (f"{name} {c.MODEL.ARCH} {c.INPUT.SIZE} px, batch {c.SOLVER.BATCH_SIZE}, device "
+                    f"{c.DEVICE or 'auto'} x {cfg.PRETRAIN.NPROC_PER_NODE} x {cfg.NUM_NODES} nodes, data {data}",
+                    c.SOLVER.EPOCHS)
+        if name.startswith("transfer_"):
+            init = name.split("_", 1)[1]
+            c = self.stage_config("TRANSFER", init)
+            return (f"transfer {os.path.basename(self.transfer_config_file(init))} {c.MODEL.RESNETS.DEPTH}, "
+                    f"{c.INPUT.MIN_SIZE_TRAIN} px, {c.SOLVER.IMS_PER_BATCH} images, device {c.MODEL.DEVICE} x "
+                    f"{cfg.TRANSFER.NUM_GPUS} x {cfg.NUM_NODES} nodes, test {list(c.DATASETS.TEST)}",
+                    cfg.TRANSFER.SEEDS * c.SOLVER.MAX_ITER)
+        if name == "data":
+            return f"data synth {cfg.DATA.SYNTH_PRESET} {list(cfg.DATA.SYNTH_OPTS)}", 1
+        return name.split("_")[0], 1  # convert, report: about the same whatever the run
+
+    @staticmethod
+    def rates_file():
+        root = os.environ.get(CACHE_ENV) or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mocobench")
+        return os.path.join(root, "stage_seconds.json")
+
+    @classmethod
+    def read_rates(cls):
+        try:
+            with open(cls.rates_file()) as f:
+                rates = json.load(f)
+            return rates if isinstance(rates, dict) else {}
+        except (OSError, ValueError):  # none yet, or unreadable: no estimates from it
+            return {}
+
+    def record_rate(self, name, seconds):
+        """This machine's seconds per unit of the stage's work, for the estimates of later pipelines."""
+        key, units = self.work(name)
+        rates = self.read_rates()
+        rates[key] = {"seconds_per_unit": seconds / max(units, 1), "measured": time.strftime("%Y-%m-%d")}
+        try:
+            with atomic_write(self.rates_file(), "w") as f:
+                json.dump(rates, f, indent=1, sort_keys=True)
+        except OSError:  # a read-only home: only the estimates are lost
+            pass
+
     def expected_seconds(self, name, finished):
         """An estimate from this run's own measurements: the stage's earlier run, else a finished stage of the
-        same kind (transfer_*, convert_*), else None."""
+        same kind (transfer_*, convert_*); else the same work's rate measured by an earlier pipeline on this
+        machine times this stage's length; else None."""
         previous = self.manifest.stage(name).get("seconds")
         if previous and self.manifest.stage(name).get("status") == "done":
             return previous
         kind = name.split("_")[0]
         same = [t for n, t in finished.items() if n.split("_")[0] == kind and "_" in n]
-        return sum(same) / len(same) if same else None
+        if same:
+            return sum(same) / len(same)
+        key, units = self.work(name)
+        rate = self.read_rates().get(key)
+        return rate["seconds_per_unit"] * units if rate else None
 
     def time_left(self, names, measured):
         """' | expected left ...' for the stages `names` (this one included), from measured stage times."""
@@ -494,7 +549,7 @@ class Pipeline:
     def print_plan(self, rows):
         print(f"pipeline {self.config_file} -> {self.run_dir}")
         for index, name, action, needs, _, size, seconds in rows:
-            eta = f"~{seconds:.0f} s" if seconds else "time unknown until it runs once"
+            eta = f"~{seconds:.0f} s" if seconds else "time unknown until it runs once on this machine"
             print(f"  [{index}/{len(rows)}] {name:<20} {action}" + (f" | {size}" if size else "")
                   + ("" if action == "done" else f" | {eta}"))
             for what, path, produced in needs:
@@ -599,6 +654,8 @@ class Pipeline:
             self.outputs[name] = outputs
             measured[name] = time.time() - t0
             self.manifest.update(name, status="done", outputs=outputs, seconds=measured[name], error=None)
+            if self.machine_rank == 0:
+                self.record_rate(name, measured[name])
         what = f"stage {self.only}" if self.only else "pipeline"
         print(f"\n{what} finished in {time.time() - start:.0f} s: {self.run_dir}", flush=True)
         return self.outputs

@@ -39,6 +39,8 @@ def pytest_configure(config):
         # empty download caches (detectron2/fvcore, torch hub): nothing is found or fetched from a previous run
         FVCORE_CACHE=os.path.join(_SESSION_DIR, "fvcore_cache"),
         TORCH_HOME=os.path.join(_SESSION_DIR, "torch_home"),
+        # the pipeline's machine-local stage timings (estimates of later runs): this session's, not the user's
+        MOCOBENCH_CACHE=os.path.join(_SESSION_DIR, "mocobench_cache"),
         MPLBACKEND="Agg",
         PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(pretrain.__file__))),
     )

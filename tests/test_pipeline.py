@@ -135,6 +135,29 @@ def test_dry_run_lists_the_plan_and_what_changed_and_writes_nothing(finished_run
         run(finished_run, "--redo", "pretrian", "--dry-run")
 
 
+def test_dry_run_of_a_new_run_estimates_every_stage_from_this_machines_earlier_pipeline(finished_run, tmp_path,
+                                                                                       capsys):
+    def estimates(*opts):
+        assert run(tmp_path / "new", "--dry-run", *opts) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("[")]
+        return {line.split()[1]: float(line.rsplit("~", 1)[1].split()[0]) for line in rows if "~" in line}
+
+    measured = {name: stage["seconds"] for name, stage in manifest(finished_run)["stages"].items()}
+    two_seeds = estimates()
+    assert list(two_seeds) == STAGES  # nothing of this run has run: every estimate is the earlier pipeline's
+    assert two_seeds["pretrain"] == pytest.approx(measured["pretrain"], abs=0.5)
+    # the same work, twice as long: twice the time (transfer: seconds per seed-iteration; pretrain: per epoch)
+    pretrain_opts = list(pipeline.load_pipeline_config(TINY, []).PRETRAIN.OPTS)
+    pretrain_opts[pretrain_opts.index("SOLVER.EPOCHS") + 1] = "2"
+    longer = estimates("TRANSFER.SEEDS", "4", "PRETRAIN.OPTS", repr(pretrain_opts))
+    for name in ("transfer_moco", "transfer_random"):
+        assert longer[name] == pytest.approx(2 * two_seeds[name], abs=1.0)
+    assert longer["pretrain"] == pytest.approx(2 * measured["pretrain"], abs=1.0)
+    # other work (another input size) has no rate yet
+    assert "transfer_moco" not in estimates("TRANSFER.OPTS", "['INPUT.MIN_SIZE_TRAIN', '(72,)']")
+    assert not (tmp_path / "new").exists()  # a dry run writes nothing
+
+
 def test_missing_checkpoint_is_caught_before_anything_runs(finished_run):
     m = manifest(finished_run)
     ckpt = m["stages"]["pretrain"]["outputs"]["checkpoint"]
