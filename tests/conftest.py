@@ -87,6 +87,16 @@ def mocobench_cmd():
     return [sys.executable, "-m", "mocobench"]
 
 
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    """A generated ImageFolder root (4 classes, 16 train and 4 val images each, 40 px), one per test module."""
+    from mocobench.synth import make_imagenet
+
+    out = tmp_path_factory.mktemp("synth")
+    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
+    return os.path.join(str(out), "imagenet")
+
+
 @pytest.fixture
 def rendezvous(tmp_path):
     """A torch.distributed init_method for the processes of one test: a file store, so no TCP port is

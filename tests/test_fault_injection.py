@@ -15,18 +15,10 @@ import torch
 
 from mocobench import cli
 from mocobench.fileio import RunLock, load_checkpoint
-from mocobench.synth import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
 ITERS_PER_EPOCH, EPOCHS = 8, 2  # 64 images / batch 8
-
-
-@pytest.fixture(scope="module")
-def tiny_imagenet(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
-    return os.path.join(str(out), "imagenet")
 
 
 def opts(root, out_dir, **extra):

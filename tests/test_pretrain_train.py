@@ -19,13 +19,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
 
 
-@pytest.fixture(scope="module")
-def tiny_imagenet(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
-    return os.path.join(str(out), "imagenet")
-
-
 def tiny_opts(root, out_dir, **extra):
     opts = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 32,
             "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 2,
