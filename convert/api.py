@@ -61,14 +61,6 @@ class ConversionReport:
     opaque: List[str] = field(default_factory=list)  # framework classes read as placeholders (convert.sources)
 
     @property
-    def depth(self):
-        return self.arch.depth
-
-    @property
-    def block(self):
-        return self.arch.block
-
-    @property
     def verification_ran(self):
         return self.max_rel_error is not None
 
@@ -105,7 +97,7 @@ class ConversionReport:
         how = "detected" if self.detected else "given"
         lines = [
             f"input    {self.input_path}",
-            f"source   {self.source} ({how}), {self.arch.name} ({self.block} blocks) under {self.prefix!r}, "
+            f"source   {self.source} ({how}), {self.arch.name} ({self.arch.block} blocks) under {self.prefix!r}, "
             f"__author__ {self.author!r}",
             "",
             f"  {'converted':<10}{len(self.converted):>8}  tensors (conv weights, BN weight/bias/running_mean/var)",

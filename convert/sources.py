@@ -446,14 +446,6 @@ class Trunk:
     detected: bool = True  # found by --source auto (not named by --source/--prefix)
     opaque: List[str] = field(default_factory=list)  # framework classes in the file, read as placeholders
 
-    @property
-    def depth(self):
-        return self.arch.depth
-
-    @property
-    def block(self):
-        return self.arch.block
-
 
 def _rename(name, naming):
     if naming == "sequential":

@@ -12,15 +12,13 @@ The backbone is built with the settings of the `_moco` transfer configs (RGB inp
 the trunk's architecture (convert.arch): DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS (64 for the basic
 blocks of R18/R34), STRIDE_IN_1X1 False (torchvision puts the stride in the 3x3 conv).
 """
-import contextlib
-import logging
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 import numpy as np
 import torch
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench import d2compat  # before any detectron2 import
 from mocobench.errors import UsageError
 
 TOLERANCE = 1e-5
@@ -104,20 +102,6 @@ def torchvision_stage_outputs(model, images):
     return outputs
 
 
-@contextlib.contextmanager
-def _quiet_checkpoint_logs():
-    """detectron2/fvcore print a matching table per load; our report says the same, checked."""
-    loggers = [logging.getLogger(n) for n in ("detectron2.checkpoint.c2_model_loading", "fvcore.common.checkpoint")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _short(names, limit=6):
     names = list(names)
     return ", ".join(map(str, names[:limit])) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
@@ -129,7 +113,7 @@ def check_loading(model, weights, author, result):
 
     checkpoint = {"model": dict(weights), "__author__": author, "matching_heuristics": True}
     try:
-        with _quiet_checkpoint_logs():
+        with d2compat.quiet_checkpoint_logs():  # the problems list below is the account
             incompatible = DetectionCheckpointer(model)._load_model(checkpoint)
     except (ValueError, RuntimeError) as e:  # e.g. one pkl name matching two model names
         result.problems.append(f"DetectionCheckpointer could not load the weights: {e}")

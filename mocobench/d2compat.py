@@ -290,4 +290,26 @@ def detectron2_origin() -> str:
     return "user build"
 
 
+# the loggers that print a matching table or a "loading from" line on every checkpoint load
+CHECKPOINT_LOGGERS = ("fvcore.common.checkpoint", "detectron2.checkpoint.c2_model_loading",
+                      "detectron2.checkpoint.detection_checkpoint")
+
+
+@contextlib.contextmanager
+def quiet_checkpoint_logs(*more_loggers):
+    """Only errors from detectron2/fvcore's checkpoint loggers (and `more_loggers`) inside the block: callers that
+    check a load themselves and report the result would otherwise print the same account twice."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in CHECKPOINT_LOGGERS + more_loggers]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 _load_detectron2()

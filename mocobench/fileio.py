@@ -1,8 +1,8 @@
 """Checkpoint and file I/O that never tears a file and never runs code from one.
 
 - `atomic_write`: write to a temp file in the same directory, fsync, then `os.replace`: a crash leaves
-  either the old file or the new one, never half of one. The file gets the permissions the umask gives a new
-  file (as open() would), not mkstemp's 0600.
+  either the old file or the new one, never half of one; a full disk is a one-line UsageError. The file gets
+  the permissions the umask gives a new file (as open() would), not mkstemp's 0600.
 - `RunLock`: an exclusive lock on a run directory for the life of the process (released by the kernel even
   on SIGKILL): a second process writing into the same directory is refused.
 - `load_checkpoint`: `torch.load(weights_only=True)` with an error that names the file.
@@ -10,10 +10,12 @@
   numpy arrays only; anything else (a `__reduce__` that calls os.system, say) is refused.
 """
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import pickle
+import shutil
 import tempfile
 
 from mocobench.errors import UsageError
@@ -33,10 +35,29 @@ def atomic_write(path, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _out_of_room(e):
+            free_mib = shutil.disk_usage(directory).free / 2**20
+            raise UsageError(f"no room to write {path!r}: {_out_of_room(e)} ({free_mib:.0f} MiB free there); "
+                             "files written before are intact; free some space and resume") from None
         raise
+
+
+# ENOSPC: disk full; EDQUOT: quota; EFBIG: over the file-size limit (ulimit -f)
+_NO_ROOM = {errno.ENOSPC: "the device is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "the file-size limit is exceeded"}
+
+
+def _out_of_room(error):
+    """Why `error` (or an exception it was raised while handling: torch.save reports a full disk as a
+    RuntimeError from its zip writer, with the OSError as context) means there is no room; else ''."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _NO_ROOM:
+            return _NO_ROOM[error.errno]
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 def _umask():

@@ -135,18 +135,22 @@ def with_resume(argv, resume_flags):
     """argv with any resume flag removed and `resume_flags` in front (what a requeued job runs)."""
     if not resume_flags:
         return list(argv)
-    takes_value = len(resume_flags) == 2
+    return [*resume_flags, *without_flag(argv, resume_flags[0], takes_value=len(resume_flags) == 2)]
+
+
+def without_flag(argv, flag, takes_value):
+    """argv without `flag` (and its value: `flag V` or `flag=V`)."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] == resume_flags[0]:
+        if argv[i] == flag:
             i += 2 if takes_value else 1
             continue
-        if argv[i].startswith(resume_flags[0] + "="):
+        if argv[i].startswith(flag + "="):
             i += 1
             continue
         out.append(argv[i])
         i += 1
-    return [*resume_flags, *out]
+    return out
 
 
 class StageJob:
@@ -165,10 +169,15 @@ class StageJob:
         else:
             argv = self._node_argv(submitit.JobEnvironment())
         module = importlib.import_module(stage.module)
-        # pretrain / supervised run in this task: their loop can stop cleanly. (Elsewhere submitit's handler acts.)
-        exact = stage.per_rank and stage.resume
-        requeue, requeue_codes = _route_preemption_to_the_training_loop() if exact else (None, ())
-        code = int(module.main(argv) or 0)
+        # pretrain / supervised train in this task: submitit's warning signal is handed to their loop, which stops
+        # cleanly. transfer and the pipeline spawn their workers: submitit's handler requeues at once on it. Every
+        # stage that stopped on SIGTERM after its checkpoint (exit 143 / 138) is requeued below.
+        requeue, requeue_codes = (_route_preemption_to_the_training_loop(forward_warning=stage.per_rank)
+                                  if stage.resume is not None else (None, ()))
+        try:
+            code = int(module.main(argv) or 0)
+        except SystemExit as e:  # the pipeline stops with its stage's exit code
+            code = e.code if isinstance(e.code, int) else 1
         if code in requeue_codes:  # stopped on the signal after an exact checkpoint: requeue the job now
             requeue(_submitit_signal(), None)  # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
             return code
@@ -177,7 +186,10 @@ class StageJob:
         return code
 
     def _node_argv(self, env):
-        if self.command != "transfer" or env.num_nodes == 1:
+        """transfer (and a pipeline stage) on several nodes: this node's place, from submitit's JobEnvironment
+        (SLURM_JOB_NUM_NODES, SLURM_NODEID, SLURM_JOB_NODELIST), in transfer's --num-machines / --machine-rank /
+        --dist-url (machine 0: the job's first host)."""
+        if self.command not in ("transfer", "pipeline") or env.num_nodes == 1:
             return self.argv
         import random
 
@@ -192,8 +204,10 @@ class StageJob:
 
         if STAGES[self.command].resume is None:
             return None
-        return submitit.helpers.DelayedSubmission(StageJob(self.command, with_resume(self.argv,
-                                                                                     STAGES[self.command].resume)))
+        argv = with_resume(self.argv, STAGES[self.command].resume)
+        if self.command == "pipeline":  # the redo has begun (old outputs moved aside): the requeued job resumes it
+            argv = without_flag(argv, "--redo", takes_value=True)
+        return submitit.helpers.DelayedSubmission(StageJob(self.command, argv))
 
 
 def _submitit_signal():
@@ -202,12 +216,13 @@ def _submitit_signal():
     return submitit.JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
 
 
-def _route_preemption_to_the_training_loop():
+def _route_preemption_to_the_training_loop(forward_warning=True):
     """SLURM sends submitit's signal (USR2) before a timeout and SIGTERM on preemption. submitit's own handler
     would requeue at once, in the middle of an iteration (the run then repeats the work since the last epoch
     checkpoint). When the training loop stops cleanly on SIGTERM (pretrain.preempt: finish the iteration, write
     an exact checkpoint, return a requeue exit code), the signal is handed to it instead, and submitit's handler
-    runs once the checkpoint is written. Returns (submitit's handler, the exit codes that mean "requeue me")."""
+    runs once the checkpoint is written (only with `forward_warning`). Returns (submitit's handler, the exit codes
+    that mean "requeue me")."""
     try:
         from pretrain.preempt import REQUEUE_EXIT_CODES, Preemption
     except ImportError:  # a training loop without clean stops: submitit's handler stays as it is
@@ -221,40 +236,103 @@ def _route_preemption_to_the_training_loop():
         else:  # before or after the loop: nothing in flight to save
             submitit_handler(signum, frame)
 
-    signal.signal(usr, forward)
+    if forward_warning:
+        signal.signal(usr, forward)
     return submitit_handler, tuple(REQUEUE_EXIT_CODES)
 
 
 def submit(command, args, argv):
-    """Submit the command as a submitit job (sbatch); prints the job id and log paths; returns the job."""
+    """Submit the command as a submitit job (sbatch); prints the job id and log paths; returns the job (the
+    pipeline: a job per stage, see submit_pipeline; returns the list)."""
+    stage = STAGES[command]
+    if command == "pipeline" and args.nodes != 1:
+        raise UsageError(f"--nodes {args.nodes}: the pipeline's stages take their node count from its config "
+                         f"(NUM_NODES {args.nodes})")
+    if args.nodes < 1 or args.gpus_per_node < 0:
+        raise UsageError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: expected >= 1 and >= 0")
+    if command == "pipeline":
+        return submit_pipeline(args, argv)
+    tasks = args.tasks_per_node or (max(args.gpus_per_node, 1) if stage.per_rank else 1)
+    if command == "transfer" and not any(a == "--num-gpus" or a.startswith("--num-gpus=") for a in argv):
+        argv = ["--num-gpus", str(max(args.gpus_per_node, 1)), *argv]
+    executor, cluster = _executor(args)
+    executor.update_parameters(**_job_parameters(args, f"mocobench-{command}", args.nodes, args.gpus_per_node, tasks))
+    job = executor.submit(StageJob(command, argv))
+    _print_job(job, f"mocobench {command}", f"{cluster}: {args.nodes} node(s) x {tasks} task(s), "
+                                            f"{args.gpus_per_node} GPU(s) per node, timeout {args.timeout} min")
+    return job
+
+
+def submit_pipeline(args, argv):
+    """`mocobench pipeline --launcher slurm`: the pipeline's preflight here, then a job per stage that is not
+    done, each with the stage's own resources (pretrain / supervised / transfer: NUM_NODES nodes x their GPUs;
+    data, convert, report: one node, no GPU) and each after the previous one succeeded (SLURM afterok; the chain
+    stops at a failed stage). One stage at a time, as one process would run them: the jobs share manifest.json.
+    Every job runs `mocobench pipeline --stage STAGE` through the manifest: a requeued job resumes its stage,
+    a re-submitted pipeline submits only the stages that are not done. Returns the jobs."""
+    from mocobench import pipeline
+
+    stage_jobs, dry_run = pipeline.stage_jobs(argv, args.gpus_per_node)
+    if dry_run:
+        for name, nodes, gpus, _ in stage_jobs:
+            print(f"would submit {name}: {nodes} node(s), {gpus} GPU(s) per node")
+        return []
+    _, cluster = _executor(args)  # submitit is there and can submit, before anything is said to be submitted
+    print(f"submitting {len(stage_jobs)} job(s), one per stage, each after the previous one succeeded", flush=True)
+    jobs = []
+    for name, nodes, gpus, job_argv in stage_jobs:
+        executor, cluster = _executor(args)  # a fresh one per job: submitit's parameters only accumulate
+        after = jobs[-1].job_id if jobs else None
+        executor.update_parameters(**_job_parameters(args, f"mocobench-pipeline-{name}", nodes, gpus, tasks=1,
+                                                     after=after))
+        job = executor.submit(StageJob("pipeline", job_argv))
+        jobs.append(job)
+        _print_job(job, f"pipeline stage {name}", f"{cluster}: {nodes} node(s), {gpus} GPU(s) per node, timeout "
+                                                  f"{args.timeout} min" + (f", after job {after}" if after else ""))
+        if cluster == "local":
+            # submitit's local executor (tests) ignores SLURM dependencies: run the chain in order here instead
+            try:
+                job.result()
+            except Exception as e:  # noqa: BLE001 - submitit's FailedJobError carries the job's traceback
+                last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                raise UsageError(f"pipeline stage {name} (job {job.job_id}) failed: see {job.paths.stderr}: "
+                                 f"{last_line}") from None
+    if jobs:
+        print(f"follow the chain: squeue -j {','.join(job.job_id for job in jobs)}")
+    sys.stdout.flush()
+    return jobs
+
+
+def _executor(args):
+    """(submitit executor, cluster name): sbatch, or submitit's local executor under the test switch."""
     try:
         import submitit
     except ImportError:
         raise UsageError("--launcher slurm needs submitit: pip install -e '.[slurm]'") from None
-    stage = STAGES[command]
-    if command == "pipeline" and args.nodes != 1:
-        raise UsageError(f"--nodes {args.nodes}: the pipeline runs on one node (its stages use every GPU of it)")
-    if args.nodes < 1 or args.gpus_per_node < 0:
-        raise UsageError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: expected >= 1 and >= 0")
-    tasks = args.tasks_per_node or (max(args.gpus_per_node, 1) if stage.per_rank else 1)
-    if command == "transfer" and not any(a == "--num-gpus" or a.startswith("--num-gpus=") for a in argv):
-        argv = ["--num-gpus", str(max(args.gpus_per_node, 1)), *argv]
     cluster = os.environ.get(SUBMITIT_CLUSTER_ENV, "slurm")
     try:
-        executor = submitit.AutoExecutor(folder=args.job_dir, cluster=cluster, slurm_max_num_timeout=30)
+        return submitit.AutoExecutor(folder=args.job_dir, cluster=cluster, slurm_max_num_timeout=30), cluster
     except Exception as e:  # noqa: BLE001 - submitit says why (no sbatch on PATH, unknown cluster)
         raise UsageError(f"--launcher slurm: submitit cannot use cluster {cluster!r} here: {e}") from None
-    executor.update_parameters(
-        name=f"mocobench-{command}", nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
+
+
+def _job_parameters(args, name, nodes, gpus_per_node, tasks, after=None):
+    """submitit's parameters of one job; `after`: the job id it waits for (runs only if that one succeeded)."""
+    dependency = {}
+    if after is not None:  # kill_on_invalid_dep: a failed predecessor cancels this job instead of leaving it pending
+        dependency = {"slurm_dependency": f"afterok:{after}",
+                      "slurm_additional_parameters": {"kill_on_invalid_dep": "yes"}}
+    return dict(
+        name=name, nodes=nodes, gpus_per_node=gpus_per_node or None, tasks_per_node=tasks,
         cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
         slurm_partition=args.partition, slurm_account=args.account, slurm_qos=args.qos,
         slurm_constraint=args.constraint, slurm_mem=args.mem, slurm_comment=args.comment,
         slurm_signal_delay_s=120,  # time between SLURM's warning signal and the kill: enough to checkpoint
+        **dependency,
     )
-    job = executor.submit(StageJob(command, argv))
+
+
+def _print_job(job, what, resources):
     stdout, stderr = job.paths.stdout, job.paths.stderr
-    print(f"submitted mocobench {command} as job {job.job_id} ({cluster}: {args.nodes} node(s) x {tasks} "
-          f"task(s), {args.gpus_per_node} GPU(s) per node, timeout {args.timeout} min)")
-    print(f"  stdout: {stdout}\n  stderr: {stderr}\n  follow: tail -f {stdout}")
-    sys.stdout.flush()
-    return job
+    print(f"submitted {what} as job {job.job_id} ({resources})")
+    print(f"  stdout: {stdout}\n  stderr: {stderr}\n  follow: tail -f {stdout}", flush=True)

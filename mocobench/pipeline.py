@@ -9,9 +9,10 @@ Each stage calls the same function as its own subcommand (`mocobench data synth`
 Before any stage runs (and alone with --dry-run) a preflight merges and validates every stage's config with
 its OPTS (an error names the pipeline yaml and the list), checks that every input file exists, and prints the
 plan: each stage, what it needs, what is missing, whether it is done, to run, to resume or to redo, and its
-size and expected time (when known from an earlier run of the stage). Relative sub-config paths resolve
-against the pipeline yaml's folder, then the shipped configs (mocobench.config.resolve_config_path), so a
-pipeline runs from any working directory.
+size and expected time: from this run's own measurements, else scaled from the same work measured by an
+earlier pipeline on this machine (`stage_seconds.json` in $MOCOBENCH_CACHE, default ~/.cache/mocobench).
+Relative sub-config paths resolve against the pipeline yaml's folder, then the shipped configs
+(mocobench.config.resolve_config_path), so a pipeline runs from any working directory.
 
 The run directory's `manifest.json` records, per stage, its inputs (merged config, overrides, sha256 of
 the checkpoints it reads), outputs, status, timings and the git commit that ran it, plus the software
@@ -19,6 +20,12 @@ versions. Re-running the same command skips stages that are done with unchanged 
 interrupted or failed one (pretraining from its last checkpoint, transfer from each seed's), and redoes a
 stage whose inputs changed, or one named with --redo: its old outputs are moved to superseded/<time>/, never
 deleted, and the stages after it see the new inputs and are redone in turn.
+
+`--stage STAGE` runs one stage (those before it must be done). `--launcher slurm` (mocobench.launch) submits
+one job per stage that is not done, each running `--stage STAGE` with the stage's own resources (NUM_NODES
+nodes for pretrain, supervised and transfer) after the previous job succeeded; a stage that spans several nodes
+gets this node's place as transfer's --num-machines / --machine-rank / --dist-url, and machine 0 writes the
+manifest.
 """
 import argparse
 import json
@@ -34,6 +41,7 @@ from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write, file_sha256
 
 MANIFEST = "manifest.json"
+CACHE_ENV = "MOCOBENCH_CACHE"
 INITS = ("moco", "supervised", "random")
 EARLIER = "an earlier stage"  # changed_inputs when they depend on a stage that has not run yet
 
@@ -50,7 +58,7 @@ def get_pipeline_cfg() -> CfgNode:
     cfg.PRETRAIN = CfgNode()
     cfg.PRETRAIN.CONFIG_FILE = ""
     cfg.PRETRAIN.OPTS = []
-    # processes for pretrain and supervised on this node: 0 = every visible GPU (1 on CPU); mocobench.launch
+    # processes for pretrain and supervised on each node: 0 = every visible GPU (1 on CPU); mocobench.launch
     cfg.PRETRAIN.NPROC_PER_NODE = 0
     cfg.SUPERVISED = CfgNode()
     cfg.SUPERVISED.CONFIG_FILE = ""  # train the supervised baseline on the same images with labels ...
@@ -67,6 +75,9 @@ def get_pipeline_cfg() -> CfgNode:
     cfg.TRANSFER.SEEDS = 3
     cfg.TRANSFER.NUM_GPUS = 0  # 0 = every visible GPU when the detection config runs on CUDA, else 1 process
     cfg.TRANSFER.RANDOM_OPTS = []  # extra overrides for the random-init runs
+    # nodes of the stages that train (pretrain, supervised, transfer_*); the others run on one. Several nodes need
+    # a launcher that starts each stage on all of them: `mocobench pipeline --launcher slurm` (a job per stage)
+    cfg.NUM_NODES = 1
     return cfg
 
 
@@ -83,6 +94,8 @@ def load_pipeline_config(config_file, opts) -> CfgNode:
             raise UsageError(f"{config_file}: {key} is required")
     if cfg.TRANSFER.SEEDS < 1:
         raise UsageError(f"{config_file}: TRANSFER.SEEDS = {cfg.TRANSFER.SEEDS} must be >= 1")
+    if cfg.NUM_NODES < 1:
+        raise UsageError(f"{config_file}: NUM_NODES = {cfg.NUM_NODES} must be >= 1")
     here = os.path.dirname(os.path.abspath(config_file))
     for node in ("PRETRAIN", "SUPERVISED", "TRANSFER"):
         if cfg[node].CONFIG_FILE:
@@ -100,8 +113,6 @@ def load_pipeline_config(config_file, opts) -> CfgNode:
     return cfg
 
 
-
-
 def git_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -115,14 +126,17 @@ def git_commit():
 class Manifest:
     """manifest.json in the run directory, rewritten atomically after every change."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, writable=True):
         self.path = os.path.join(run_dir, MANIFEST)
+        self.writable = writable  # False on the other machines of a multi-node stage: machine 0 records
         self.data = {"stages": {}}
         if os.path.exists(self.path):
             with open(self.path) as f:
                 self.data = json.load(f)
 
     def save(self):
+        if not self.writable:
+            return
         with atomic_write(self.path, "w") as f:
             json.dump(self.data, f, indent=2)
             f.write("\n")
@@ -136,13 +150,19 @@ class Manifest:
 
 
 class Pipeline:
-    def __init__(self, cfg, config_file, redo=()):
+    def __init__(self, cfg, config_file, redo=(), only=None, num_machines=1, machine_rank=0, dist_url="auto"):
+        """`only`: run this stage alone (the stages before it must be done): one job of `--launcher slurm`.
+        `num_machines`, `machine_rank`, `dist_url`: this machine's place in a stage that spans NUM_NODES
+        machines (transfer's --num-machines / --machine-rank / --dist-url); machine 0 writes the manifest."""
         self.cfg = cfg
         self.config_file = os.path.abspath(config_file)
         self.run_dir = os.path.abspath(cfg.OUTPUT_DIR)
-        self.manifest = Manifest(self.run_dir)  # read only; written once the preflight has passed
+        self.num_machines, self.machine_rank, self.dist_url = num_machines, machine_rank, dist_url
+        # read only; written once the preflight has passed
+        self.manifest = Manifest(self.run_dir, writable=machine_rank == 0)
         self.outputs = {}  # stage name -> outputs, for the stages after it
         self.redo = set(redo)
+        self.only = only
         self.commit = git_commit()
 
     # ---- paths --------------------------------------------------------------------------------------------
@@ -162,6 +182,23 @@ class Pipeline:
         raise UsageError("set DATA.PRETRAIN_ROOT (an ImageFolder root with train/) or DATA.SYNTH True")
 
     # ---- stages -------------------------------------------------------------------------------------------
+    def trains(self, name):
+        """Stages that train on many processes: they span NUM_NODES nodes with their GPUs; the others run on one
+        node without a GPU (data generation, conversion, the report)."""
+        return name in ("pretrain", "supervised") and not (name == "supervised" and self.cfg.SUPERVISED.WEIGHTS) \
+            or name.startswith("transfer_")
+
+    def stage_nodes(self, name):
+        return self.cfg.NUM_NODES if self.trains(name) else 1
+
+    def stage_gpus(self, name, gpus_per_node):
+        """GPUs per node of the stage's job: its own process count (PRETRAIN.NPROC_PER_NODE, TRANSFER.NUM_GPUS),
+        else `gpus_per_node` (the launcher's --gpus-per-node); 0 for the stages that do not train."""
+        if not self.trains(name):
+            return 0
+        own = self.cfg.TRANSFER.NUM_GPUS if name.startswith("transfer_") else self.cfg.PRETRAIN.NPROC_PER_NODE
+        return own or gpus_per_node
+
     def stages(self):
         """(name, inputs, run) in order; inputs are evaluated when the stage is reached."""
         cfg = self.cfg
@@ -256,7 +293,14 @@ class Pipeline:
         from mocobench import launch
 
         nproc = self.cfg.PRETRAIN.NPROC_PER_NODE or launch.default_nproc_per_node(list(node.OPTS))
-        self._call(lambda a: launch.run_on_this_node(module.__name__, a, nproc), argv, what)
+        if self.num_machines == 1:
+            self._call(lambda a: launch.run_on_this_node(module.__name__, a, nproc), argv, what)
+        else:  # torchrun's multi-node rendezvous on machine 0's address
+            endpoint = self.dist_url.removeprefix("tcp://")
+            self._call(lambda a: launch.run_elastic(module.__name__, a, nproc, str(self.num_machines),
+                                                    self.machine_rank, endpoint), argv, what)
+        if self.machine_rank:  # this machine's share is done; machine 0 checks and records the outputs
+            return {}
         from pretrain.checkpoint import find_resume_path
 
         ckpt = find_resume_path(output_dir, "auto")
@@ -298,8 +342,18 @@ class Pipeline:
         opts = [*t.OPTS, "OUTPUT_DIR", output_dir, "MODEL.WEIGHTS", weights]
         if init == "random":
             opts += ["MOCOBENCH.REQUIRE_WEIGHTS", "False", *t.RANDOM_OPTS]
-        results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS, resume=True,
-                               init_name=init, synth_root=self.synth_root)
+        from pretrain.preempt import Preempted
+
+        try:
+            results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS,
+                                   resume=True, init_name=init, synth_root=self.synth_root,
+                                   num_machines=self.num_machines, machine_rank=self.machine_rank,
+                                   dist_url=self.dist_url)
+        except Preempted as e:  # as _call does for the other stages: the pipeline stops with the same code
+            print(f"mocobench transfer ({init}) {e}; run the same pipeline command again to resume", flush=True)
+            raise SystemExit(e.exit_code) from None
+        if self.machine_rank:  # rank 0's machine writes the results (machine 0 checks and records them)
+            return {"output_dir": output_dir}
         if len(results) != t.SEEDS:
             raise UsageError(f"transfer of {init} produced {len(results)} results for {t.SEEDS} seeds: "
                              f"see the log.txt files under {output_dir}")
@@ -366,15 +420,68 @@ class Pipeline:
             return f"{cfg.TRANSFER.SEEDS} seeds x {c.SOLVER.MAX_ITER} iterations at {c.SOLVER.IMS_PER_BATCH} images"
         return ""
 
+    def work(self, name):
+        """(what a stage computes, except its length; its length in units its time scales with): two stages
+        with the same first part run at the same seconds per unit on one machine."""
+        cfg = self.cfg
+        if name in ("pretrain", "supervised") and not (name == "supervised" and cfg.SUPERVISED.WEIGHTS):
+            c = self.stage_config(name.upper())
+            data = self.pretrain_root if not cfg.DATA.SYNTH else \
+                f"synth {cfg.DATA.SYNTH_PRESET} {list(cfg.DATA.SYNTH_OPTS)}"
+            return (f"{name} {c.MODEL.ARCH} {c.INPUT.SIZE} px, batch {c.SOLVER.BATCH_SIZE}, device "
+                    f"{c.DEVICE or 'auto'} x {cfg.PRETRAIN.NPROC_PER_NODE} x {cfg.NUM_NODES} nodes, data {data}",
+                    c.SOLVER.EPOCHS)
+        if name.startswith("transfer_"):
+            init = name.split("_", 1)[1]
+            c = self.stage_config("TRANSFER", init)
+            return (f"transfer {os.path.basename(self.transfer_config_file(init))} {c.MODEL.RESNETS.DEPTH}, "
+                    f"{c.INPUT.MIN_SIZE_TRAIN} px, {c.SOLVER.IMS_PER_BATCH} images, device {c.MODEL.DEVICE} x "
+                    f"{cfg.TRANSFER.NUM_GPUS} x {cfg.NUM_NODES} nodes, test {list(c.DATASETS.TEST)}",
+                    cfg.TRANSFER.SEEDS * c.SOLVER.MAX_ITER)
+        if name == "data":
+            return f"data synth {cfg.DATA.SYNTH_PRESET} {list(cfg.DATA.SYNTH_OPTS)}", 1
+        return name.split("_")[0], 1  # convert, report: about the same whatever the run
+
+    @staticmethod
+    def rates_file():
+        root = os.environ.get(CACHE_ENV) or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mocobench")
+        return os.path.join(root, "stage_seconds.json")
+
+    @classmethod
+    def read_rates(cls):
+        try:
+            with open(cls.rates_file()) as f:
+                rates = json.load(f)
+            return rates if isinstance(rates, dict) else {}
+        except (OSError, ValueError):  # none yet, or unreadable: no estimates from it
+            return {}
+
+    def record_rate(self, name, seconds):
+        """This machine's seconds per unit of the stage's work, for the estimates of later pipelines."""
+        key, units = self.work(name)
+        rates = self.read_rates()
+        rates[key] = {"seconds_per_unit": seconds / max(units, 1), "measured": time.strftime("%Y-%m-%d")}
+        try:
+            with atomic_write(self.rates_file(), "w") as f:
+                json.dump(rates, f, indent=1, sort_keys=True)
+        except OSError:  # a read-only home: only the estimates are lost
+            pass
+
     def expected_seconds(self, name, finished):
         """An estimate from this run's own measurements: the stage's earlier run, else a finished stage of the
-        same kind (transfer_*, convert_*), else None."""
+        same kind (transfer_*, convert_*); else the same work's rate measured by an earlier pipeline on this
+        machine times this stage's length; else None."""
         previous = self.manifest.stage(name).get("seconds")
         if previous and self.manifest.stage(name).get("status") == "done":
             return previous
         kind = name.split("_")[0]
         same = [t for n, t in finished.items() if n.split("_")[0] == kind and "_" in n]
-        return sum(same) / len(same) if same else None
+        if same:
+            return sum(same) / len(same)
+        key, units = self.work(name)
+        rate = self.read_rates().get(key)
+        return rate["seconds_per_unit"] * units if rate else None
 
     def time_left(self, names, measured):
         """' | expected left ...' for the stages `names` (this one included), from measured stage times."""
@@ -442,7 +549,7 @@ class Pipeline:
     def print_plan(self, rows):
         print(f"pipeline {self.config_file} -> {self.run_dir}")
         for index, name, action, needs, _, size, seconds in rows:
-            eta = f"~{seconds:.0f} s" if seconds else "time unknown until it runs once"
+            eta = f"~{seconds:.0f} s" if seconds else "time unknown until it runs once on this machine"
             print(f"  [{index}/{len(rows)}] {name:<20} {action}" + (f" | {size}" if size else "")
                   + ("" if action == "done" else f" | {eta}"))
             for what, path, produced in needs:
@@ -467,14 +574,48 @@ class Pipeline:
                 moved.append(os.path.relpath(target, self.run_dir))
         return moved
 
-    def run(self, dry_run=False):
+    def check_machines(self):
+        """Each stage this command runs is started on as many machines as it spans: NUM_NODES for the stages
+        that train, one for the others. (`--launcher slurm` submits each stage as a job of that many nodes.)"""
+        names = [name for name, _, _ in self.stages()]
+        if self.only and self.only not in names:
+            raise UsageError(f"--stage {self.only}: not a stage of this pipeline; stages: {', '.join(names)}")
+        if self.only and self.redo - {self.only}:
+            raise UsageError(f"--redo {', '.join(sorted(self.redo - {self.only}))} with --stage {self.only}: "
+                             f"a single-stage run redoes only its own stage")
+        for name in [self.only] if self.only else names:
+            nodes = self.stage_nodes(name)
+            if nodes != self.num_machines and self.num_machines == 1:
+                raise UsageError(f"{self.config_file}: NUM_NODES {self.cfg.NUM_NODES}: stage {name} "
+                                 f"spans {nodes} nodes, which needs a launcher that starts it on each: "
+                                 f"mocobench pipeline --launcher slurm (a job per stage); on one node set NUM_NODES 1")
+            if nodes != self.num_machines:
+                raise UsageError(f"--num-machines {self.num_machines}: stage {name} runs on {nodes} machine(s) "
+                                 f"(NUM_NODES {self.cfg.NUM_NODES} is for pretrain, supervised and transfer)")
+        if self.num_machines > 1 and not self.dist_url.startswith("tcp://"):
+            raise UsageError(f"--dist-url {self.dist_url} with --num-machines {self.num_machines}: expected "
+                             f"tcp://HOST:PORT (HOST: machine 0)")
+
+    def preflight(self):
+        """plan(), printed; a missing input is an error before anything runs or is written."""
         rows = self.plan()
         missing = self.print_plan(rows)
         if missing:
             raise UsageError(f"{self.config_file}: missing input(s): {'; '.join(missing)} (nothing was run)")
+        return rows
+
+    def run(self, dry_run=False):
+        self.check_machines()
+        rows = self.preflight()
+        if self.only:  # the stages before it are other runs' (jobs') to do
+            for _, name, action, *_ in rows[:[row[1] for row in rows].index(self.only)]:
+                if action != "done":
+                    raise UsageError(f"--stage {self.only}: the earlier stage {name} is not done ({action}); "
+                                     f"run the pipeline (or its --stage {name}) first")
         if dry_run:
             return None
-        os.makedirs(self.run_dir, exist_ok=True)
+        if self.manifest.writable:
+            os.makedirs(self.run_dir, exist_ok=True)
         self.manifest.data.update(config_file=self.config_file, config=self.cfg.dump(), versions=software_versions(),
                                   git_commit=self.commit)
         self.manifest.save()
@@ -482,6 +623,8 @@ class Pipeline:
         start, stamp = time.time(), time.strftime("%Y%m%d-%H%M%S")
         measured = {}
         for index, (name, inputs_fn, run) in enumerate(stages, 1):
+            if self.only and index > [n for n, _, _ in stages].index(self.only) + 1:
+                break  # the stages after it: their own runs (jobs)
             inputs = inputs_fn()
             previous = self.manifest.stage(name)
             header = f"[{index}/{len(stages)}] {name}"
@@ -491,7 +634,7 @@ class Pipeline:
                 self.outputs[name] = previous["outputs"]
                 continue
             why = "--redo" if name in self.redo else f"inputs changed: {', '.join(changed)}" if changed else None
-            if why:
+            if why and self.manifest.writable:
                 moved = self.move_aside(name, stamp)
                 self.manifest.data["stages"].pop(name, None)
                 print(f"\n=== {header}: redo ({why})" + (f"; old outputs moved to {', '.join(moved)}" if moved else ""))
@@ -511,11 +654,14 @@ class Pipeline:
             self.outputs[name] = outputs
             measured[name] = time.time() - t0
             self.manifest.update(name, status="done", outputs=outputs, seconds=measured[name], error=None)
-        print(f"\npipeline finished in {time.time() - start:.0f} s: {self.run_dir}", flush=True)
+            if self.machine_rank == 0:
+                self.record_rate(name, measured[name])
+        what = f"stage {self.only}" if self.only else "pipeline"
+        print(f"\n{what} finished in {time.time() - start:.0f} s: {self.run_dir}", flush=True)
         return self.outputs
 
 
-def main(argv) -> int:
+def build_parser():
     parser = argparse.ArgumentParser(prog="mocobench pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="configs/pipeline/*.yaml")
@@ -524,10 +670,53 @@ def main(argv) -> int:
                              "times; run nothing, write nothing")
     parser.add_argument("--redo", action="append", default=[], metavar="STAGE",
                         help="run STAGE again even if it is done (its old outputs go to superseded/); repeatable")
+    parser.add_argument("--stage", default=None, metavar="STAGE",
+                        help="run STAGE alone; the stages before it must be done (what each job of --launcher "
+                             "slurm runs)")
+    group = parser.add_argument_group("machines of a stage that spans NUM_NODES nodes (set by --launcher slurm; "
+                                      "transfer's meaning)")
+    group.add_argument("--num-machines", type=int, default=1)
+    group.add_argument("--machine-rank", type=int, default=0)
+    group.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides (flags may come before or after)")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def parse(argv):
+    """(args, Pipeline) of a `mocobench pipeline` command line; the config is merged and validated."""
+    args = build_parser().parse_intermixed_args(argv)
     args.config_file = resolve_config_path(args.config_file, os.getcwd(), "--config-file")
     cfg = load_pipeline_config(args.config_file, args.opts)
-    Pipeline(cfg, args.config_file, redo=args.redo).run(dry_run=args.dry_run)
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise UsageError(f"--machine-rank {args.machine_rank} with --num-machines {args.num_machines}: expected "
+                         f"0 <= rank < machines")
+    return args, Pipeline(cfg, args.config_file, redo=args.redo, only=args.stage, num_machines=args.num_machines,
+                          machine_rank=args.machine_rank, dist_url=args.dist_url)
+
+
+def stage_jobs(argv, gpus_per_node):
+    """For `mocobench pipeline --launcher slurm ARGV`: the preflight (printed; a missing input is an error,
+    nothing is submitted), then one job per stage that is not done, in order, as
+    [(stage, nodes, GPUs per node, the job's `mocobench pipeline` argv)]; and whether it is a --dry-run.
+    Each job runs `--stage STAGE` through the manifest, so a re-submitted pipeline continues where it stopped."""
+    args, pipeline = parse(argv)
+    if args.stage or args.num_machines != 1:
+        raise UsageError("--stage / --num-machines with --launcher slurm: the launcher submits a job per stage and "
+                         "sets them; submit the whole pipeline")
+    rows = pipeline.preflight()
+    jobs = []
+    for _, name, action, *_ in rows:
+        if action == "done":
+            continue
+        job_argv = ["--config-file", pipeline.config_file, "--stage", name,
+                    *(["--redo", name] if name in pipeline.redo else []), *args.opts,
+                    "OUTPUT_DIR", pipeline.run_dir]  # absolute: the same run wherever the job starts
+        jobs.append((name, pipeline.stage_nodes(name), pipeline.stage_gpus(name, gpus_per_node), job_argv))
+    return jobs, args.dry_run
+
+
+def main(argv) -> int:
+    args, pipeline = parse(argv)
+    pipeline.run(dry_run=args.dry_run)
     return 0

@@ -39,6 +39,8 @@ def pytest_configure(config):
         # empty download caches (detectron2/fvcore, torch hub): nothing is found or fetched from a previous run
         FVCORE_CACHE=os.path.join(_SESSION_DIR, "fvcore_cache"),
         TORCH_HOME=os.path.join(_SESSION_DIR, "torch_home"),
+        # the pipeline's machine-local stage timings (estimates of later runs): this session's, not the user's
+        MOCOBENCH_CACHE=os.path.join(_SESSION_DIR, "mocobench_cache"),
         MPLBACKEND="Agg",
         PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(pretrain.__file__))),
     )
@@ -83,6 +85,16 @@ def synth_root(tmp_path_factory):
 def mocobench_cmd():
     """The installed command line, run as a fresh process (exit codes and stderr as a user sees them)."""
     return [sys.executable, "-m", "mocobench"]
+
+
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    """A generated ImageFolder root (4 classes, 16 train and 4 val images each, 40 px), one per test module."""
+    from mocobench.synth import make_imagenet
+
+    out = tmp_path_factory.mktemp("synth")
+    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
+    return os.path.join(str(out), "imagenet")
 
 
 @pytest.fixture

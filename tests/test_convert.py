@@ -6,6 +6,7 @@ defaults (mean 0, var 1, weight 1, bias 0) would hide a swapped mean/var or weig
 """
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -117,9 +118,9 @@ def trunks():
     return {depth: random_resnet_state(depth, seed=depth) for depth in (18, 50)}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def checkpoints(trunks, tmp_path_factory):
-    """(layout, depth) -> path of a saved checkpoint."""
+    """(layout, depth) -> path of a saved checkpoint (0.7 GB in all: deleted when the module ends)."""
     root = tmp_path_factory.mktemp("convert_ckpts")
     paths = {}
     for depth, trunk in trunks.items():
@@ -127,10 +128,11 @@ def checkpoints(trunks, tmp_path_factory):
             name = f"resnet{depth}-random.pth" if layout == "torchvision" else f"{layout}_r{depth}.pth.tar"
             paths[layout, depth] = str(root / name)
             torch.save(make(trunk, depth), paths[layout, depth])
-    return paths
+    yield paths
+    shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def r50_moco_pkl(checkpoints, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("convert_out") / "moco_r50.pkl")
     convert_checkpoint(checkpoints["moco", 50], out)
@@ -143,8 +145,8 @@ def test_conversion_follows_official_rules_and_verifies(layout, depth, trunks, c
     out = tmp_path / "out.pkl"
     report = convert_checkpoint(checkpoints[layout, depth], out)
 
-    assert (report.source, report.detected, report.depth) == (layout, True, depth)
-    assert report.block == ("bottleneck" if depth == 50 else "basic")
+    assert (report.source, report.detected, report.arch.depth) == (layout, True, depth)
+    assert report.arch.block == ("bottleneck" if depth == 50 else "basic")
     assert report.verified == TRUNK_TENSORS[depth]
     assert report.max_rel_error <= 1e-5 and not report.problems
     assert set(report.stage_errors) == {"res2", "res3", "res4", "res5"}

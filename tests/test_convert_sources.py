@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -479,9 +480,11 @@ ARCHITECTURES = {
 CI_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")  # the others: 3-8 s CPU each
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Factory: (arch) -> (report, trunk state), converted once per session from a MoCo v2-layout checkpoint."""
+    """Factory: (arch) -> (report, trunk state), converted once per module from a MoCo v2-layout checkpoint.
+    The inputs are deleted once converted and the outputs when the module ends: all nine ResNets together are
+    4 GB on disk."""
     cache, root = {}, tmp_path_factory.mktemp("convert_arch")
 
     def make(arch):
@@ -490,8 +493,10 @@ def converted(tmp_path_factory):
             path = root / f"{arch}.pth.tar"
             torch.save({"arch": arch, "state_dict": _prefixed("module.encoder_q.", state)}, path)
             cache[arch] = convert_checkpoint(path, root / f"{arch}.pkl"), state
+            path.unlink()
         return cache[arch]
-    return make
+    yield make
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.parametrize("arch", [a if a in CI_ARCHITECTURES else pytest.param(a, marks=pytest.mark.slow)

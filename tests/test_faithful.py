@@ -23,7 +23,6 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
 from mocobench.fileio import file_sha256, load_checkpoint
-from mocobench.synth import make_imagenet
 from pretrain import augment
 from pretrain import train as train_mod
 from pretrain.config import load_config
@@ -32,13 +31,6 @@ from pretrain.lars import LARS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_CONFIGS = os.path.join(REPO, "configs", "pretrain")
 DETECTION_CONFIGS = os.path.join(REPO, "configs", "detection")
-
-
-@pytest.fixture(scope="module")
-def tiny_imagenet(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
-    return os.path.join(str(out), "imagenet")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -14,24 +15,16 @@ import torch
 
 from mocobench import cli
 from mocobench.fileio import RunLock, load_checkpoint
-from mocobench.synth import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
 ITERS_PER_EPOCH, EPOCHS = 8, 2  # 64 images / batch 8
 
 
-@pytest.fixture(scope="module")
-def tiny_imagenet(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
-    return os.path.join(str(out), "imagenet")
-
-
 def opts(root, out_dir, **extra):
     kv = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": EPOCHS, "SOLVER.BATCH_SIZE": 8, "MOCO.K": 32,
           "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 1, "CHECKPOINT_PERIOD": 1,
-          "MOCO.SHUFFLE_BN_SPLITS": 2, **extra}
+          "MOCO.SHUFFLE_BN_SPLITS": 2, "DEVICE": "cpu", **extra}  # CPU: bit-exact resume is what these check
     return [str(x) for pair in kv.items() for x in pair]
 
 
@@ -136,7 +129,8 @@ def reference(tiny_imagenet, tmp_path_factory):
     """An uninterrupted run (no iteration checkpoints), in this process."""
     out = str(tmp_path_factory.mktemp("reference") / "run")
     assert cli.main(command(*opts(tiny_imagenet, out))) == 0
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -237,7 +231,8 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(tiny_
     # lincls: one evaluation per --output too
     lincls_out = os.path.join(os.path.dirname(reference), "lincls")
     lincls = ["lincls", "--data", tiny_imagenet, "--pretrained", os.path.join(reference, "checkpoint_0001.pth.tar"),
-              "--output", lincls_out, "--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32"]
+              "--output", lincls_out, "--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32",
+              "--device", "cpu"]
     assert cli.main(lincls) == 0
     results = open(os.path.join(lincls_out, "lincls_results.json")).read()
     assert cli.main(lincls) == 2 and "already holds a linear evaluation" in capsys.readouterr().err
@@ -322,7 +317,7 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imag
 
     sup_cfg = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")
     kv = ["DATA.ROOT", tiny_imagenet, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "8", "INPUT.SIZE", "32",
-          "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1"]
+          "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1", "DEVICE", "cpu"]
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", full]) == 0
     real_step, calls = supervised.optimization_step, []
@@ -379,3 +374,55 @@ def test_every_rank_agrees_to_stop_when_one_is_signalled():
     for p in procs:
         p.join(60)
     assert results == [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
+
+
+TRANSFER_CFG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
+
+
+@pytest.mark.slow
+def test_transfer_stops_on_sigterm_after_the_iteration_and_resumes_from_it(synth_root, tmp_path):
+    """detectron2 fine-tuning under a scheduler's SIGTERM: a checkpoint of the running iteration (not only the
+    last periodic one), exit 143 with the resume command, and the printed command finishes the schedule."""
+    import transfer.run  # noqa: F401  (detectron2 loaded once here, not in every forked run)
+
+    out = tmp_path / "transfer"
+    trial = out / "seed0"
+    argv = ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root, "SOLVER.MAX_ITER", "12",
+            "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+            "MOCOBENCH.LOG_PERIOD", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SEED", "3",
+            "OUTPUT_DIR", str(out)]
+    proc = Run(argv, tmp_path)
+    assert wait_for(lambda: len(metrics_iterations_d2(trial)) >= 2, proc, timeout=500)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if "stopped by" in x]
+    name = (trial / "last_checkpoint").read_text().strip()
+    done = load_checkpoint(trial / name)["iteration"]  # detectron2 counts from 0: iteration `done` finished
+    assert name == f"model_{done:07d}.pth" and 2 <= done + 1 < 12
+    assert f"trial 1/1 stopped by SIGTERM after iteration {done + 1}/12, saved {trial / name}" in line
+    assert not (trial / "model_final.pth").exists() and not (trial / "results.json").exists()
+    printed = shlex.split(line.split("resume with: ", 1)[1])
+    assert printed[:3] == ["mocobench", "transfer", "--resume"] and printed[3:] == argv[1:]
+
+    proc = Run(printed[1:], tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"Starting training from iteration {done + 1}" in (trial / "log.txt").read_text()
+    record = json.loads((trial / "results.json").read_text())
+    assert record["resumed"] and record["iteration"] == 12
+
+
+def metrics_iterations_d2(trial):
+    """Training iterations detectron2 wrote to metrics.json so far (lines with an lr)."""
+    path = trial / "metrics.json"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # being written
+    return [r["iteration"] for r in rows if "lr" in r]

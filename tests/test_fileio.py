@@ -1,6 +1,8 @@
 """Safe I/O: atomic writes never tear a file, loaders never run code from one."""
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,31 @@ def test_atomic_write_keeps_old_file_and_leaves_no_temp_on_error(tmp_path):
             raise RuntimeError("crash mid-write")
     assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pth"]
+
+
+def test_a_full_disk_is_a_one_line_error_naming_the_file_and_keeps_the_old_checkpoint(tmp_path):
+    """A real refused write: the child runs under a 1 MiB file-size limit (EFBIG, what a full disk's ENOSPC
+    looks like to the writer); torch.save reports it as a RuntimeError from its zip writer."""
+    path = tmp_path / "checkpoint.pth.tar"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    child = (
+        "import resource, signal, sys, torch\n"
+        "from mocobench.errors import UsageError\n"
+        "from mocobench.fileio import atomic_torch_save\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))\n"
+        "try:\n"
+        "    atomic_torch_save({'w': torch.zeros(2**20)}, sys.argv[1])\n"
+        "except UsageError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(2)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"no room to write '{path}': the file-size limit is exceeded (")
+    assert proc.stdout.count("\n") == 1
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
 
 
 class _Payload:

@@ -2,6 +2,7 @@
 and a re-run, skip / redo decisions, the dry-run preflight and fail-fast config errors."""
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -38,7 +39,8 @@ def finished_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     assert not os.listdir(elsewhere)  # nothing written into the working directory
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # 1.3 GB of checkpoints
 
 
 def test_shrunken_demo_runs_every_stage_and_reports(finished_run):
@@ -131,6 +133,29 @@ def test_dry_run_lists_the_plan_and_what_changed_and_writes_nothing(finished_run
     assert (finished_run / "manifest.json").read_text() == before
     with pytest.raises(UsageError, match="--redo pretrian: not a stage of this pipeline; stages: data, pretrain"):
         run(finished_run, "--redo", "pretrian", "--dry-run")
+
+
+def test_dry_run_of_a_new_run_estimates_every_stage_from_this_machines_earlier_pipeline(finished_run, tmp_path,
+                                                                                       capsys):
+    def estimates(*opts):
+        assert run(tmp_path / "new", "--dry-run", *opts) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("[")]
+        return {line.split()[1]: float(line.rsplit("~", 1)[1].split()[0]) for line in rows if "~" in line}
+
+    measured = {name: stage["seconds"] for name, stage in manifest(finished_run)["stages"].items()}
+    two_seeds = estimates()
+    assert list(two_seeds) == STAGES  # nothing of this run has run: every estimate is the earlier pipeline's
+    assert two_seeds["pretrain"] == pytest.approx(measured["pretrain"], abs=0.5)
+    # the same work, twice as long: twice the time (transfer: seconds per seed-iteration; pretrain: per epoch)
+    pretrain_opts = list(pipeline.load_pipeline_config(TINY, []).PRETRAIN.OPTS)
+    pretrain_opts[pretrain_opts.index("SOLVER.EPOCHS") + 1] = "2"
+    longer = estimates("TRANSFER.SEEDS", "4", "PRETRAIN.OPTS", repr(pretrain_opts))
+    for name in ("transfer_moco", "transfer_random"):
+        assert longer[name] == pytest.approx(2 * two_seeds[name], abs=1.0)
+    assert longer["pretrain"] == pytest.approx(2 * measured["pretrain"], abs=1.0)
+    # other work (another input size) has no rate yet
+    assert "transfer_moco" not in estimates("TRANSFER.OPTS", "['INPUT.MIN_SIZE_TRAIN', '(72,)']")
+    assert not (tmp_path / "new").exists()  # a dry run writes nothing
 
 
 def test_missing_checkpoint_is_caught_before_anything_runs(finished_run):

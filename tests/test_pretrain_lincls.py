@@ -82,7 +82,7 @@ def test_lincls_end_to_end_v2_checkpoint(tiny_data, v2_checkpoint, tmp_path, cap
     ckpt = v2_checkpoint[0]
     out = str(tmp_path / "out")
     rc = cli.main(["lincls", "--data", tiny_data, "--pretrained", ckpt, "--output", out, "--epochs", "3",
-                   "--batch-size", "6", "--size", "32", "--workers", "0", "--lr", "0.5"])
+                   "--batch-size", "6", "--size", "32", "--workers", "0", "--lr", "0.5", "--device", "cpu"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "recipe v1v2" in printed and "sanity check passed" in printed and "top-5" in printed
@@ -106,7 +106,7 @@ def test_lincls_v3_checkpoint_auto_recipe(tiny_data, tmp_path, capsys):
     fake_moco_checkpoint(ckpt, layout="v3")
     out = str(tmp_path / "out")
     assert lincls.main(["--data", tiny_data, "--pretrained", ckpt, "--output", out, "--epochs", "1",
-                        "--batch-size", "8", "--size", "32", "--workers", "0"]) == 0
+                        "--batch-size", "8", "--size", "32", "--workers", "0", "--device", "cpu"]) == 0
     results = json.load(open(os.path.join(out, "lincls_results.json")))
     assert results["recipe"] == "v3" and results["schedule"] == "cosine"
     assert results["lr"] == pytest.approx(0.1 * 8 / 256)  # v3 scales lr by batch / 256
@@ -126,7 +126,7 @@ def test_extract_backbone_layouts(tmp_path):
 def test_bad_checkpoints_exit_2(tiny_data, v2_checkpoint, tmp_path, capsys):
     not_moco = str(tmp_path / "plain.pth")
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}, "arch": "resnet18"}, not_moco)
-    args = ["--data", tiny_data, "--output", str(tmp_path / "o"), "--epochs", "1", "--workers", "0"]
+    args = ["--data", tiny_data, "--output", str(tmp_path / "o"), "--epochs", "1", "--workers", "0", "--device", "cpu"]
     assert cli.main(["lincls", "--pretrained", not_moco, *args]) == 2
     assert "not a MoCo checkpoint" in capsys.readouterr().err
     wrong_shape = str(tmp_path / "wrong_shape.pth")

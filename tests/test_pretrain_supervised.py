@@ -103,7 +103,7 @@ def test_learns_an_easy_task_and_writes_a_verified_torchvision_checkpoint(tmp_pa
     from convert import convert_checkpoint
 
     report = convert_checkpoint(path, str(tmp_path / "sup.pkl"))  # source auto; raises if verification fails
-    assert report.source == "torchvision" and report.detected and report.depth == 18
+    assert report.source == "torchvision" and report.detected and report.arch.depth == 18
     assert report.verified == 100 and report.max_rel_error < 1e-4 and os.path.isfile(tmp_path / "sup.pkl")
 
 

@@ -19,13 +19,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
 
 
-@pytest.fixture(scope="module")
-def tiny_imagenet(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
-    return os.path.join(str(out), "imagenet")
-
-
 def tiny_opts(root, out_dir, **extra):
     opts = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 32,
             "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 2,
@@ -117,7 +110,7 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
     from mocobench import cli
 
     assert cli.main(["lincls", "--data", str(data / "imagenet"), "--pretrained", ckpt, "--output", lin,
-                     "--epochs", "4", "--batch-size", "64", "--workers", "0", "--size", "32"]) == 0
+                     "--epochs", "4", "--batch-size", "64", "--workers", "0", "--size", "32", "--device", "cpu"]) == 0
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
     assert results["backbone_unchanged"] is True and results["num_classes"] == 4
     # the linear classifier on the frozen features beats guessing: P(hits or more of 512 | chance 1/4) < 1e-3

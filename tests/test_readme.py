@@ -13,12 +13,13 @@ from mocobench.synth import make_imagenet, synthesize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Size-only overrides appended per subcommand (the README's commands are sized for ImageNet and 8 GPUs)
+# Size-only overrides appended per subcommand (the README's commands are sized for ImageNet and 8 GPUs), and the
+# CPU (one process; without it a GPU machine would start one per GPU)
 SHRINK = {
     "pretrain": ["SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16", "MOCO.K", "64", "INPUT.SIZE", "32",
-                 "DATALOADER.NUM_WORKERS", "0", "KNN.PERIOD", "0", "MOCO.SHUFFLE_BN_SPLITS", "2"],
-    "supervised": ["SOLVER.EPOCHS", "1", "DATALOADER.NUM_WORKERS", "0"],
-    "lincls": ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32"],
+                 "DATALOADER.NUM_WORKERS", "0", "KNN.PERIOD", "0", "MOCO.SHUFFLE_BN_SPLITS", "2", "DEVICE", "cpu"],
+    "supervised": ["SOLVER.EPOCHS", "1", "DATALOADER.NUM_WORKERS", "0", "DEVICE", "cpu"],
+    "lincls": ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32", "--device", "cpu"],
 }
 
 

@@ -56,7 +56,7 @@ def test_our_moco_v3_checkpoint_converts_from_the_base_encoder_and_feeds_lincls(
 
     lin = str(tmp_path / "lincls")
     assert cli.main(["lincls", "--data", imagenet, "--pretrained", ckpt, "--output", lin, "--epochs", "1",
-                     "--batch-size", "16", "--size", "32", "--workers", "0"]) == 0
+                     "--batch-size", "16", "--size", "32", "--workers", "0", "--device", "cpu"]) == 0
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
     assert results["recipe"] == "v3" and results["arch"] == "resnet18" and results["num_classes"] == 4
     assert results["backbone_unchanged"] is True

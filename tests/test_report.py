@@ -53,7 +53,8 @@ def pretrain_and_convert(synth_root, root, command, pkl_name):
     out = root / "pretraining" / command
     assert mocobench([command, "--config-file", os.path.join(REPO, "configs", "pretrain", config),
                       "OUTPUT_DIR", str(out), "DATA.ROOT", os.path.join(synth_root, "imagenet"), "SOLVER.EPOCHS", "1",
-                      "SOLVER.BATCH_SIZE", "16", "DATALOADER.NUM_WORKERS", "0", "INPUT.SIZE", "32", *opts]) == 0
+                      "SOLVER.BATCH_SIZE", "16", "DATALOADER.NUM_WORKERS", "0", "INPUT.SIZE", "32", "DEVICE", "cpu",
+                      *opts]) == 0
     assert mocobench(["convert", find_resume_path(str(out), "auto"), str(root / pkl_name)]) == 0
     return root / pkl_name
 

@@ -3,6 +3,7 @@ bank, DDP lincls, and the cross-rank checks (NaN agreement, resume, replicas). P
 rendezvous on port 0 (the OS picks), the in-test process groups use a FileStore (no port at all)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,18 +16,10 @@ import torch.multiprocessing as mp
 from mocobench import launch
 from mocobench.errors import UsageError
 from mocobench.fileio import load_checkpoint
-from mocobench.synth import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny_imagenet(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
-    return os.path.join(str(out), "imagenet")
 
 
 def opts(root, out_dir, **extra):
@@ -102,10 +95,11 @@ def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
     requeued = launch.StageJob("pretrain", ["--config-file", "x", "K", "V"]).checkpoint()
     assert requeued.function.argv == ["--resume", "auto", "--config-file", "x", "K", "V"]
     assert launch.StageJob("lincls", ["--data", "d"]).checkpoint() is None
+    # a pipeline stage's job: requeued as it was, except that a --redo (begun) is not done again
+    requeued = launch.StageJob("pipeline", ["--config-file", "x", "--stage", "s", "--redo", "s", "K", "V"]).checkpoint()
+    assert requeued.function.argv == ["--config-file", "x", "--stage", "s", "K", "V"]
     with pytest.raises(UsageError, match="--nproc-per-node 0"):
         launch.main("pretrain", ["--nproc-per-node", "0", "--config-file", SYNTH_CFG])
-    with pytest.raises(UsageError, match="pipeline runs on one node"):
-        launch.main("pipeline", ["--launcher", "slurm", "--nodes", "2", "--config-file", "x.yaml"])
     # a worker's UsageError: exit code 2 from the launcher, the one-line error on stderr, no traceback
     for key in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(key, ENV[key])
@@ -247,7 +241,8 @@ def reference_run(tiny_imagenet, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("reference"))
     run([sys.executable, "-m", "mocobench", "pretrain", "--config-file", SYNTH_CFG,
          *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3})])
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -313,6 +308,47 @@ def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(tiny_imag
                            os.path.join(out, "checkpoint_0002.pth.tar"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_slurm_transfer_job_stopped_by_sigterm_is_requeued_and_finishes(synth_root, tmp_path, monkeypatch, capsys):
+    """transfer under --launcher slurm: SIGTERM (SLURM's preemption) -> detectron2's loop saves the running
+    iteration and exits 143 -> the job requeues itself with --resume and finishes the schedule."""
+    from mocobench import cli
+
+    monkeypatch.setenv(launch.SUBMITIT_CLUSTER_ENV, "local")
+    for key in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(key, ENV[key])
+    out, jobs = tmp_path / "transfer", str(tmp_path / "jobs")
+    trial = out / "seed0"
+    assert cli.main(["transfer", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10", "--job-dir", jobs,
+                     "--config-file", os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml"),
+                     "--synth-root", synth_root, "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
+                     "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MOCOBENCH.LOG_PERIOD", "1",
+                     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "TEST.PRECISE_BN.ENABLED", "False",
+                     "MODEL.WEIGHTS", "", "MOCOBENCH.REQUIRE_WEIGHTS", "False", "SEED", "3",
+                     "OUTPUT_DIR", str(out)]) == 0
+    job_id = capsys.readouterr().out.split("as job ")[1].split()[0]
+    stdout = os.path.join(jobs, f"{job_id}_0_log.out")
+    deadline = time.time() + 300
+    while not (trial / "metrics.json").exists() or (trial / "metrics.json").read_text().count('"lr"') < 2:
+        assert time.time() < deadline, open(stdout).read()[-3000:]
+        time.sleep(0.2)
+    [task] = _children(int(job_id))
+    os.kill(task, signal.SIGTERM)
+    result = os.path.join(jobs, f"{job_id}_0_result.pkl")
+    while not os.path.exists(result):
+        assert time.time() < deadline, open(stdout).read()[-3000:]
+        time.sleep(0.5)
+    log = open(stdout).read() + open(os.path.join(jobs, f"{job_id}_0_log.err")).read()
+    assert "stopped by SIGTERM after iteration" in log and "Requeued job" in log, log[-3000:]
+    assert "Job completed successfully" in log
+    saved = sorted(p.name for p in trial.glob("model_0*.pth"))
+    assert len(saved) == 1  # the stop's checkpoint (CHECKPOINT_PERIOD is past the schedule)
+    assert f"Starting training from iteration {int(saved[0][6:13]) + 1}" in (trial / "log.txt").read_text()
+    record = json.loads((trial / "results.json").read_text())
+    assert record["resumed"] and record["iteration"] == 12
+
+
 def test_transfer_launch_errors_come_before_any_process():
     from transfer.config import load_config
     from transfer.launch import check_launch
@@ -342,3 +378,235 @@ def test_pipeline_runs_pretraining_and_transfer_on_2_processes(tmp_path):
     assert "world size 2 (2 per node) on cpu; global batch 16 = 8 per process" in log
     seed = out / "transfer" / "moco" / "seed0"
     assert "2 CPU processes (gloo)" in (seed / "log.txt").read_text() and (seed / "log.txt.rank1").exists()
+
+
+# ------------------------------------------------------------------------------------------ the pipeline on SLURM
+TINY_PIPELINE = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")
+FAKE_SBATCH = """#!/bin/sh
+# what sbatch answers; keeps the submitted script (submitit's own: the #SBATCH lines it wrote)
+n=$(($(cat "{state}/count" 2>/dev/null || echo 100) + 1))
+echo $n > "{state}/count"
+cp "$1" "{state}/job$n.sh"
+echo "Submitted batch job $n"
+"""
+
+
+def _sbatch_flags(path):
+    flags = {}
+    for line in open(path):
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].strip().partition("=")
+            flags[key] = value
+    return flags
+
+
+def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(tmp_path, monkeypatch, capsys):
+    """The real SLURM path of submitit (sbatch scripts written by its SlurmExecutor), with sbatch and srun
+    replaced by scripts: each stage its own job with its own resources, each after the previous one."""
+    import submitit
+
+    from mocobench import cli
+
+    bin_dir, state = tmp_path / "bin", tmp_path / "sbatch"
+    bin_dir.mkdir()
+    state.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(state=state))
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only looks for it on PATH
+    for exe in ("sbatch", "srun"):
+        (bin_dir / exe).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv(launch.SUBMITIT_CLUSTER_ENV, raising=False)
+    out, jobs = tmp_path / "run", tmp_path / "jobs"
+    assert cli.main(["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--partition", "P", "--timeout", "600",
+                     "--job-dir", str(jobs), "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "NUM_NODES", "2",
+                     "PRETRAIN.NPROC_PER_NODE", "8", "TRANSFER.INITS", "['moco', 'random']",
+                     "--redo", "transfer_moco"]) == 0
+    printed = capsys.readouterr().out
+    stages = ["data", "pretrain", "convert_moco", "transfer_moco", "transfer_random", "report"]
+    ids = [str(101 + i) for i in range(len(stages))]
+    for stage, job_id in zip(stages, ids):
+        assert f"submitted pipeline stage {stage} as job {job_id} " in printed
+        assert f"tail -f {jobs / f'{job_id}_0_log.out'}" in printed
+    assert f"follow the chain: squeue -j {','.join(ids)}" in printed
+    assert not out.exists()  # submitting runs nothing
+
+    flags = [_sbatch_flags(state / f"job{job_id}.sh") for job_id in ids]
+    assert [f["job-name"] for f in flags] == [f"mocobench-pipeline-{s}" for s in stages]
+    assert "dependency" not in flags[0]
+    for previous, f in zip(ids, flags[1:]):
+        assert f["dependency"] == f"afterok:{previous}" and f["kill-on-invalid-dep"] == "yes"
+    # the stages that train span NUM_NODES nodes with their own process counts; the others: one node, no GPU
+    resources = {s: (f["nodes"], f.get("gpus-per-node"), f["ntasks-per-node"]) for s, f in zip(stages, flags)}
+    assert resources == {"data": ("1", None, "1"), "pretrain": ("2", "8", "1"), "convert_moco": ("1", None, "1"),
+                         "transfer_moco": ("2", "4", "1"), "transfer_random": ("2", "4", "1"),
+                         "report": ("1", None, "1")}
+    assert all(f["partition"] == "P" and f["time"] == "600" for f in flags)
+    # each job runs its own stage of the same pipeline through the manifest
+    for stage, job_id in zip(stages, ids):
+        job = submitit.helpers.DelayedSubmission.load(jobs / f"{job_id}_submitted.pkl").function
+        assert job.command == "pipeline" and job.argv[:4] == ["--config-file", TINY_PIPELINE, "--stage", stage]
+        assert job.argv[-2:] == ["OUTPUT_DIR", str(out)]
+        assert ("--redo" in job.argv) == (stage == "transfer_moco")  # --redo goes to its stage's job only
+
+
+def test_num_nodes_and_single_stage_errors(tmp_path, capsys):
+    from mocobench import cli
+
+    base = ["pipeline", "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(tmp_path / "run")]
+    cases = [
+        (["NUM_NODES", "2"], f"{TINY_PIPELINE}: NUM_NODES 2: stage pretrain spans 2 nodes, which needs a launcher "
+                             "that starts it on each: mocobench pipeline --launcher slurm"),
+        (["--stage", "transfer_moco", "NUM_NODES", "2"], "NUM_NODES 2: stage transfer_moco spans 2 nodes"),
+        (["NUM_NODES", "0"], "NUM_NODES = 0 must be >= 1"),
+        (["--stage", "pretrian"], "--stage pretrian: not a stage of this pipeline; stages: data, pretrain"),
+        (["--stage", "report", "--redo", "pretrain"], "--redo pretrain with --stage report: a single-stage run"),
+        (["--stage", "data", "--num-machines", "2", "--dist-url", "tcp://h:1"],
+         "--num-machines 2: stage data runs on 1 machine(s)"),
+        (["--stage", "pretrain", "--num-machines", "2", "NUM_NODES", "2"], "--dist-url auto with --num-machines 2"),
+        (["--stage", "convert_moco"], "--stage convert_moco: the earlier stage data is not done (run)"),
+        (["--launcher", "slurm", "--nodes", "2"], "--nodes 2: the pipeline's stages take their node count from its "
+                                                  "config (NUM_NODES 2)"),
+        (["--launcher", "slurm", "--stage", "data"], "--stage / --num-machines with --launcher slurm"),
+    ]
+    for extra, expected in cases:
+        assert cli.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and err.startswith("mocobench pipeline: error:"), err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_transfer_on_two_slurm_nodes_takes_its_place_from_submitit(monkeypatch):
+    """What SLURM exports to the task on each node of a 2-node job, read by submitit's own JobEnvironment."""
+    import submitit
+
+    from transfer.run import build_parser
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2",
+                       "SLURM_JOB_NODELIST": "gpu-node[07-08]", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    argv = ["--num-gpus", "8", "--config-file", "x.yaml", "--seeds", "5", "MODEL.WEIGHTS", "m.pkl"]
+    places = []
+    for node in (0, 1):
+        monkeypatch.setenv("SLURM_NODEID", str(node))
+        monkeypatch.setenv("SLURM_PROCID", str(node))
+        env = submitit.JobEnvironment()
+        node_argv = launch.StageJob("transfer", argv)._node_argv(env)
+        assert node_argv[6:] == argv
+        assert launch.StageJob("pipeline", argv)._node_argv(env) == node_argv  # a pipeline stage: the same place
+        args = build_parser().parse_args(node_argv)
+        places.append((args.num_machines, args.machine_rank, args.dist_url, args.num_gpus))
+    (m0, r0, url0, g0), (m1, r1, url1, g1) = places
+    assert (m0, r0, m1, r1, g0, g1) == (2, 0, 2, 1, 8, 8)
+    assert url0 == url1 and url0.startswith("tcp://gpu-node07:")  # machine 0's host, one port for the whole job
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    assert launch.StageJob("transfer", argv)._node_argv(submitit.JobEnvironment()) == argv
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pipeline_on_slurm_runs_each_stage_as_its_own_job_in_order_and_a_resubmission_skips_done_stages(
+        tmp_path, monkeypatch, capsys):
+    from mocobench import cli
+
+    # the real --launcher slurm path; only the executor is submitit's local one (it runs the chain in order)
+    monkeypatch.setenv(launch.SUBMITIT_CLUSTER_ENV, "local")
+    out, jobs = tmp_path / "run", tmp_path / "jobs"
+    argv = ["pipeline", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10", "--job-dir", str(jobs),
+            "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']", "TRANSFER.SEEDS", "1"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    stages = ["data", "pretrain", "convert_moco", "transfer_moco", "report"]
+    assert "submitting 5 job(s), one per stage" in printed
+    ids = [printed.split(f"submitted pipeline stage {stage} as job ")[1].split()[0] for stage in stages]
+    assert len(set(ids)) == len(stages)  # a job (a process of its own) per stage
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["stages"]) == stages and all(s["status"] == "done" for s in manifest["stages"].values())
+    for i, (stage, job_id) in enumerate(zip(stages, ids)):
+        log = (jobs / f"{job_id}_0_log.out").read_text()
+        # its own stage, after every earlier one had finished (found done in the manifest), and nothing after it
+        assert f"=== [{i + 1}/5] {stage} | pipeline elapsed" in log and f"stage {stage} finished in" in log
+        assert all(f"=== [{j + 1}/5] {earlier}: done earlier" in log for j, earlier in enumerate(stages[:i]))
+        assert not any(f"=== [{j + 1}/5] {later}" in log for j, later in enumerate(stages[i + 1:], i + 1))
+    assert (out / "report.md").exists()
+
+    # submitted again: the manifest says what is done; only the report (always redone) gets a job
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "submitting 1 job(s)" in printed and printed.count("submitted pipeline stage ") == 1
+    assert "submitted pipeline stage report as job" in printed
+    again = json.loads((out / "manifest.json").read_text())["stages"]
+    assert all(again[s]["started"] == manifest["stages"][s]["started"] for s in stages[:-1])
+
+
+def _job_id_with_a_free_port():
+    """A SLURM job id whose port (StageJob derives it from the id, the same on every node) is free here."""
+    import random
+    import socket
+
+    job_id = 4242
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("localhost", random.Random(str(job_id)).randint(20000, 60000))) != 0:
+                return job_id
+        job_id += 1
+
+
+def _run_on_two_simulated_slurm_nodes(command, argv, job_id, tmp_path):
+    """StageJob(command, argv) in the two tasks of a 2-node SLURM job, as submitit runs it, both on this machine
+    (node list "localhost"); SLURM's variables as SLURM sets them. Returns the two logs."""
+    code = f"import sys; from mocobench.launch import StageJob; StageJob({command!r}, sys.argv[1:])()"
+    procs = []
+    for node in (0, 1):
+        env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NUM_NODES": "2",
+               "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_NODEID": str(node),
+               "SLURM_PROCID": str(node), "SLURM_LOCALID": "0"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env, text=True,
+                                      stdout=open(tmp_path / f"node{node}.log", "w"), stderr=subprocess.STDOUT))
+    logs = []
+    for node, proc in enumerate(procs):
+        rc = proc.wait(timeout=540)  # 100-180 s on 2 loaded cores
+        logs.append((tmp_path / f"node{node}.log").read_text())
+        assert rc == 0, logs[-1][-3000:]
+    return logs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_transfer_job_on_two_simulated_slurm_nodes_trains_as_one_world(synth_root, tmp_path):
+    """Two tasks of a 2-node SLURM job (both on this machine, node list "localhost"): each runs the transfer job
+    as submitit would (StageJob), takes its machine rank from submitit's JobEnvironment, and the two form one
+    gloo world of 2 processes that trains and evaluates once."""
+    job_id = _job_id_with_a_free_port()
+    out = tmp_path / "run"
+    config = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
+    argv = ["--num-gpus", "1", "--config-file", config,
+            "--synth-root", synth_root, "MODEL.WEIGHTS", "", "MOCOBENCH.REQUIRE_WEIGHTS", "False",
+            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
+            "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+            "INPUT.MIN_SIZE_TEST", "96", "SEED", "0", "OUTPUT_DIR", str(out)]
+    _run_on_two_simulated_slurm_nodes("transfer", argv, job_id, tmp_path)
+    record = json.loads((out / "seed0" / "results.json").read_text())
+    assert record["world_size"] == 2 and record["iteration"] == 2
+    log = (out / "seed0" / "log.txt").read_text()
+    assert "2 CPU processes (gloo)" in log and (out / "seed0" / "log.txt.rank1").exists()  # rank 1: machine 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pipeline_pretrain_stage_spans_num_nodes_under_slurm(tmp_path):
+    """NUM_NODES 2: the pretrain stage's job on two simulated SLURM nodes (both here) rendezvous as one world of
+    2 processes (1 per node); machine 0 records the stage in the manifest."""
+    from mocobench import pipeline
+
+    out = tmp_path / "run"
+    argv = ["--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']", "NUM_NODES", "2",
+            "PRETRAIN.NPROC_PER_NODE", "1"]
+    assert pipeline.main([*argv, "--stage", "data"]) == 0  # a one-node stage; its job ran before
+    logs = _run_on_two_simulated_slurm_nodes("pipeline", [*argv, "--stage", "pretrain"], _job_id_with_a_free_port(),
+                                             tmp_path)
+    assert all("=== [2/5] pretrain | pipeline elapsed" in log and "stage pretrain finished" in log for log in logs)
+    stage = json.loads((out / "manifest.json").read_text())["stages"]["pretrain"]
+    assert stage["status"] == "done" and os.path.isfile(stage["outputs"]["checkpoint"])
+    log = (out / "pretrain" / "log.txt").read_text()
+    assert "world size 2 (1 per node) on cpu; global batch 16 = 8 per process" in log

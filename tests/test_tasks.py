@@ -268,7 +268,7 @@ def test_segmentation_training_scales_then_crops(registered, tmp_path):
     # original to 64 and then scale that crop to 96)
     cfg, _ = prepare_config(os.path.join(CONFIGS, TINY["voc_sem_seg"]),
                             ["OUTPUT_DIR", str(tmp_path), "MOCOBENCH.SYNTH_ROOT", registered,
-                             "INPUT.MIN_SIZE_TRAIN", "(96, 96)"])
+                             "INPUT.MIN_SIZE_TRAIN", "(96, 96)", "INPUT.CROP.SIZE", "(64, 64)"])
     mapper = DatasetMapper(cfg, is_train=True, augmentations=semantic_train_augmentations(cfg))
     for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:3]:
         mapped = mapper(dict(d))
@@ -280,17 +280,20 @@ def test_segmentation_training_scales_then_crops(registered, tmp_path):
 # configs and the task registry
 
 
-PAPER_CONFIGS = [
-    ("keypoints/keypoint_rcnn_R_50_FPN_2x_moco.yaml", "GeneralizedRCNN", 180000),
-    ("lvis/mask_rcnn_R_50_FPN_1x_moco.yaml", "GeneralizedRCNN", 90000),
-    ("cityscapes/mask_rcnn_R_50_FPN_moco.yaml", "GeneralizedRCNN", 24000),
-    ("semseg/voc_R_50_FCN_30k_moco.yaml", "SemanticSegmentor", 30000),
-    ("semseg/cityscapes_R_50_FCN_90k_moco.yaml", "SemanticSegmentor", 90000),
+T6 = ["random init", "supervised IN-1M", "MoCo IN-1M"]
+A4 = ["supervised IN-1M", "supervised IN-1M", "MoCo IN-1M", "MoCo IG-1B"]  # BN frozen, BN tuned, MoCo (A.4's table)
+PAPER_CONFIGS = [  # config, architecture, MAX_ITER, the published rows' labels (before the first comma)
+    ("keypoints/keypoint_rcnn_R_50_FPN_2x_moco.yaml", "GeneralizedRCNN", 180000, T6),
+    ("lvis/mask_rcnn_R_50_FPN_2x_moco.yaml", "GeneralizedRCNN", 180000, ["random init", *A4]),  # Table 6's LVIS
+    ("lvis/mask_rcnn_R_50_FPN_1x_moco.yaml", "GeneralizedRCNN", 90000, A4),
+    ("cityscapes/mask_rcnn_R_50_FPN_moco.yaml", "GeneralizedRCNN", 24000, T6),
+    ("semseg/voc_R_50_FCN_30k_moco.yaml", "SemanticSegmentor", 30000, [*T6, "MoCo IG-1B"]),
+    ("semseg/cityscapes_R_50_FCN_90k_moco.yaml", "SemanticSegmentor", 90000, [*T6, "MoCo IG-1B"]),
 ]
 
 
-@pytest.mark.parametrize("config,arch,iters", PAPER_CONFIGS)
-def test_paper_configs_moco_twins_and_their_published_rows(config, arch, iters):
+@pytest.mark.parametrize("config,arch,iters,labels", PAPER_CONFIGS)
+def test_paper_configs_moco_twins_and_their_published_rows(config, arch, iters, labels):
     cfg = load_config(os.path.join(CONFIGS, config))
     assert cfg.MODEL.META_ARCHITECTURE == arch and cfg.SOLVER.MAX_ITER == iters and cfg.MODEL.RESNETS.DEPTH == 50
     assert cfg.INPUT.FORMAT == "RGB" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
@@ -304,8 +307,11 @@ def test_paper_configs_moco_twins_and_their_published_rows(config, arch, iters):
     assert task is not None and task_for_dataset("synth_" + cfg.DATASETS.TEST[0].replace("_coco_2017", "")
                                                  .replace("_v0.5", "")) is task
     rows = task.published_rows(os.path.join(CONFIGS, config))
-    assert [label.split(",")[0] for label, _, _ in rows] == ["random init", "supervised IN-1M", "MoCo IN-1M"]
-    assert all(set(values) == set(task.keys) and "Table 6" in source for _, values, source in rows)
+    assert [label.split(",")[0] for label, _, _ in rows] == labels
+    for _, values, source in rows:  # every number cited, and whether it was checked
+        assert set(values) == set(task.keys) and source.startswith("He et al., CVPR 2020")
+        assert ("Table 6" in source) != ("Appendix A.4" in source)
+        assert any(word in source for word in ("UNVERIFIED", "verified", "corroborated"))
     assert task.published_rows(os.path.join(CONFIGS, config.replace("_moco.yaml", ".yaml"))) == []
     # the report finds them by experiment identity: a run of this config with its own weights, seed and device
     run = load_config(os.path.join(CONFIGS, config), ["MODEL.WEIGHTS", "moco.pkl", "SEED", "3", "MODEL.DEVICE", "cpu"])

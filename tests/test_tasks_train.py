@@ -1,5 +1,12 @@
 """Each of the paper's other tasks trains from a converted checkpoint on its generated data, is evaluated by its
-real evaluator and gets its report table: 2 iterations of a ResNet-18 (the tiny CPU twins of the paper configs)."""
+real evaluator and gets its report table: a ResNet-18 (the tiny CPU twins of the paper configs).
+
+The semantic twins train long enough (40 and 100 iterations) to beat every constant prediction scored by the same
+evaluator (VOC: mIoU 28.2 vs 17.0 for all-background; Cityscapes: 34.8 vs 6.2 for all-road, SEED 0). The instance
+twins (keypoints, LVIS, Cityscapes instances) train 2 iterations: that checks loading, training, evaluation and
+the report, not learning. Their AP^kp / AP^mk is 0, the score of predicting nothing, and stays there for far
+longer than a test can run (60 iterations on a loaded 2-core machine: keypoints 75 s with AP^kp still 0, LVIS
+162 s for AP^mk 1.8)."""
 import math
 import os
 
@@ -7,11 +14,19 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
+
+from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+
+# isort: split
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from convert import convert_checkpoint
 from convert.api import read_converted
 from transfer import run_transfer
+from transfer.evaluation import build_evaluator
 from transfer.report import write_report
+from transfer.run import prepare_config
 from transfer.tasks import results_value, task_for_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,9 +34,12 @@ CONFIGS = os.path.join(REPO, "configs")
 TINY = [
     ("keypoints/tiny_synth_keypoint_rcnn_R18_FPN_cpu.yaml", "synth_keypoints_val", {"bbox", "keypoints"}),
     ("lvis/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_lvis_val", {"bbox", "segm"}),
-    ("cityscapes/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_cityscapes_fine_instance_seg_val", {"segm"}),
-    ("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml", "synth_cityscapes_fine_sem_seg_val", {"sem_seg"}),
-    ("semseg/tiny_synth_voc_R18_FCN_cpu.yaml", "synth_voc_2012_sem_seg_val", {"sem_seg"}),
+    pytest.param("cityscapes/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_cityscapes_fine_instance_seg_val", {"segm"},
+                 marks=pytest.mark.slow),  # cityscapesscripts' evaluation: 164 s on the loaded machine
+    pytest.param("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml", "synth_cityscapes_fine_sem_seg_val", {"sem_seg"},
+                 marks=pytest.mark.slow),  # 11 s alone, 28 s on the loaded machine
+    pytest.param("semseg/tiny_synth_voc_R18_FCN_cpu.yaml", "synth_voc_2012_sem_seg_val", {"sem_seg"},
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -36,8 +54,28 @@ def converted_r18(tmp_path_factory):
     return str(root / "r18.pkl")
 
 
-def _stem_weight(state_dict):
-    [key] = [k for k in state_dict if k.endswith("stem.conv1.weight")]
+def _best_constant_prediction(cfg, dataset, key):
+    """The highest score the real evaluator gives a prediction of one class everywhere (the degenerate model that
+    the class prior alone makes: all background on VOC), over every class."""
+    num_classes = len(MetadataCatalog.get(dataset).stuff_classes)
+    best = 0.0
+    for c in range(num_classes):
+        evaluator = build_evaluator(cfg, dataset)
+        evaluator.reset()
+        for d in DatasetCatalog.get(dataset):
+            width, height = Image.open(d["file_name"]).size
+            scores = torch.zeros(num_classes, height, width)
+            scores[c] = 1.0
+            evaluator.process([{k: d[k] for k in ("file_name", "image_id", "height", "width") if k in d}],
+                              [{"sem_seg": scores}])
+        best = max(best, results_value(evaluator.evaluate(), key))
+    return best
+
+
+def _res4_weight(state_dict):
+    # a large backbone tensor that every twin builds (the semantic ones stop at res4): 100 iterations at lr 0.05
+    # move the 9k-weight stem far (correlation ~0.5 with its start), this 590k-weight conv much less
+    [key] = [k for k in state_dict if k.endswith("res4.1.conv2.weight")]
     return np.asarray(state_dict[key], dtype=np.float64).ravel()
 
 
@@ -47,19 +85,27 @@ def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, gr
                                                               tmp_path):
     out = tmp_path / "run"
     task = task_for_dataset(dataset)
-    [record] = run_transfer(os.path.join(CONFIGS, config), ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", converted_r18],
-                            init_name="moco", synth_root=synth_root)
-    assert record["iteration"] == 2 and record["init_name"] == "moco" and record["weights"] == converted_r18
+    opts = ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", converted_r18, "MOCOBENCH.SYNTH_ROOT", synth_root]
+    cfg, _ = prepare_config(os.path.join(CONFIGS, config), opts)
+    [record] = run_transfer(os.path.join(CONFIGS, config), opts, init_name="moco")
+    assert record["iteration"] == cfg.SOLVER.MAX_ITER and record["init_name"] == "moco"
+    assert record["weights"] == converted_r18
     assert record["datasets"]["test"] == [dataset] and record["evaluator_types"][dataset] == task.evaluator_type
     results = record["results"][dataset]
     assert groups <= set(results)
     for key in task.keys:  # the paper's columns: real numbers, in range
         value = results_value(results, key)
         assert value is not None and math.isfinite(value) and 0.0 <= value <= 100.0, (key, results)
-    # the converted backbone was loaded: after 2 small steps the stem is still the converted one, not a random init
+    semantic = task.evaluator_type in ("sem_seg", "cityscapes_sem_seg")
+    if semantic:  # the model learned more than the class prior: it beats predicting any one class everywhere
+        [key] = task.keys
+        degenerate = _best_constant_prediction(cfg, dataset, key)
+        assert results_value(results, key) > degenerate + 1.0, (results, degenerate)
+    # the converted backbone was loaded: the trained res4 still correlates with the converted one (an independent
+    # random init would correlate near 0)
     final = torch.load(out / "seed0" / "model_final.pth", weights_only=True)["model"]
-    trained, converted = _stem_weight(final), _stem_weight(read_converted(converted_r18)["model"])
-    assert np.corrcoef(trained, converted)[0, 1] > 0.99
+    trained, converted = _res4_weight(final), _res4_weight(read_converted(converted_r18)["model"])
+    assert np.corrcoef(trained, converted)[0, 1] > 0.9
     # the report makes the task's table with the paper's columns (no published rows: R-18 is not the paper's recipe)
     report = write_report([str(out)], str(tmp_path / "report"))
     [table] = report["tables"].values()
@@ -69,6 +115,5 @@ def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, gr
     for key in task.keys:
         assert cells[key]["n"] == 1 and cells[key]["mean"] == pytest.approx(results_value(results, key))
     assert table["published"] == [] and f"{dataset} · config" in report["markdown"]
-    semantic = task.evaluator_type in ("sem_seg", "cityscapes_sem_seg")
     assert ("DilatedFCNHead" in table["title"]) == semantic and ("+ keypoints" in table["title"]) == (
         task.name == "coco_keypoints")

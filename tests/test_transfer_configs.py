@@ -166,9 +166,8 @@ def test_weights_required_and_must_exist(synth_root, tmp_path, capsys):
     assert url in err and "downloads nothing" in err
 
 
-def test_cuda_device_without_cuda_is_a_usage_error(synth_root, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")  # never on the CPU test machines
+def test_cuda_device_without_cuda_is_a_usage_error(synth_root, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, also on a GPU machine
     rc = cli.main(["transfer", "--config-file", os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"),
                    "--synth-root", synth_root, "MODEL.DEVICE", "cuda"])
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err

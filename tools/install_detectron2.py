@@ -12,7 +12,6 @@ Route:
    (which need `detectron2._C`) are missing, and `mocobench.d2compat` makes them fail with a clear error.
 A marker file `detectron2/_mocobench_build.json` records the origin for `mocobench env`.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+
+from mocobench.fileio import file_sha256  # the project is installed (editable) before this runs
 
 SDIST = "pb1-detectron2==0.6"
 SDIST_FILE = "pb1-detectron2-0.6.tar.gz"
@@ -55,21 +56,13 @@ def detectron2_importable(report_failure=False) -> bool:
     return r.returncode == 0
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_sdist(cache_dir) -> str:
     path = os.path.join(cache_dir, SDIST_FILE)
     if not os.path.exists(path):
         # --no-build-isolation: the sdist's setup.py imports torch, which must come from this environment
         run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:",
              "-d", cache_dir, SDIST])
-    digest = sha256(path)
+    digest = file_sha256(path)
     if digest != SDIST_SHA256:
         sys.exit(f"error: {path} has sha256 {digest}, expected {SDIST_SHA256}. Refusing to build from an "
                  "unverified detectron2 source; delete the file to download it again.")

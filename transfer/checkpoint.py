@@ -5,11 +5,9 @@ through mocobench.fileio.safe_unpickle (containers and numpy arrays only), a .pt
 torch.load(weights_only=True), and every checkpoint and the `last_checkpoint` tag are written to a temp
 file and renamed, so an interrupted save never leaves a torn file for --resume to pick up.
 """
-import contextlib
-import logging
 import os
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench import d2compat  # before any detectron2 import
 
 # isort: split
 from detectron2.checkpoint import DetectionCheckpointer
@@ -137,20 +135,6 @@ def _small_fields(data: dict) -> dict:
             if scalar(v) or (isinstance(v, dict) and len(v) <= 20 and all(scalar(x) for x in v.values()))}
 
 
-@contextlib.contextmanager
-def _quiet_loading():
-    loggers = [logging.getLogger(n) for n in ("fvcore.common.checkpoint", "detectron2.checkpoint.c2_model_loading",
-                                              "detectron2.checkpoint.detection_checkpoint", "transfer.checkpoint")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def inspect_weights(cfg) -> dict:
     """Load cfg.MODEL.WEIGHTS into cfg's model (built on CPU) as training does; UsageError unless every backbone
     tensor came from the file with its shape. Returns what was loaded, for the run record."""
@@ -167,7 +151,8 @@ def inspect_weights(cfg) -> dict:
     model = build_model(cfg)
     checkpointer = SafeDetectionCheckpointer(model)
     local = checkpointer.path_manager.get_local_path(weights)
-    with _quiet_loading():  # the mismatch account is ours below; training logs detectron2's own again
+    # the mismatch account is ours below; training logs detectron2's own again
+    with d2compat.quiet_checkpoint_logs("transfer.checkpoint"):
         data = checkpointer._load_file(local)
         if not isinstance(data.get("model"), dict):
             raise UsageError(f"MODEL.WEIGHTS {weights!r} holds no model state (expected a .pkl from `mocobench "

@@ -33,11 +33,13 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.multiprocessing as mp
 
 from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
 
@@ -52,6 +54,7 @@ from convert import configure_resnet
 from mocobench.env import set_tf32
 from mocobench.errors import UsageError
 from mocobench.fileio import atomic_write
+from pretrain.preempt import EXIT_CODES, Preempted, Preemption, signal_name
 from transfer import record as run_record
 from transfer.checkpoint import SafeDetectionCheckpointer, inspect_weights
 from transfer.config import load_config, swap_sync_bn
@@ -64,7 +67,7 @@ from transfer.datasets import (
 )
 from transfer.launch import check_launch, default_num_gpus, launch, launch_cpu
 from transfer.stats import describe
-from transfer.trainer import Trainer
+from transfer.trainer import StopOnSignal, Trainer, TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +227,12 @@ def _run_trial(cfg, job: TransferJob, index: int):
         Trainer.progress_description = f"seed{index}"
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=job.resume)
-        trainer.train()
+        with Preemption() as stop:
+            trainer.register_hooks([StopOnSignal(stop, torch.device(cfg.MODEL.DEVICE))])
+            try:
+                trainer.train()
+            except TrainingStopped as e:
+                raise Preempted(e.signum, f"trial {index + 1}/{len(job.seeds)} {e}") from None
         # the final evaluation (EvalHook at the end of training); DefaultTrainer.train returns it only when
         # TEST.EXPECTED_RESULTS is set, but always keeps it here
         results = getattr(trainer, "_last_eval_results", None)
@@ -257,7 +265,14 @@ def _run_trials(job: TransferJob):
         with _TrialLogFile(directory):
             for note in notes:  # in every trial's log.txt: what mocobench changed in the config, and why
                 logger.info(note)
-            _run_trial(cfg, job, index)
+            try:
+                _run_trial(cfg, job, index)
+            except Preempted as e:
+                if job.world_size == 1:
+                    raise
+                # a spawned worker: the launching process learns of the clean stop from this exit code
+                logger.warning(str(e))
+                sys.exit(e.exit_code)
 
 # ----------------------------------------------------------------------------------------------------------------
 # re-runs: what an OUTPUT_DIR already holds
@@ -383,12 +398,19 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
         skip=skip,
     )
     if len(skip) < len(trial_dirs):
-        if cfg.MODEL.DEVICE == "cpu":
-            launch_cpu(_run_trials, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
-                       dist_url=dist_url, args=(job,))
-        else:
-            launch(_run_trials, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
-                   args=(job,))
+        start = launch_cpu if cfg.MODEL.DEVICE == "cpu" else launch
+        # SLURM, Kubernetes and Ctrl-C signal the whole process group: the workers save and stop (StopOnSignal),
+        # this process waits for them instead of dying first
+        with Preemption():
+            try:
+                start(_run_trials, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
+                      dist_url=dist_url, args=(job,))
+            except mp.ProcessExitedException as e:
+                if e.exit_code not in EXIT_CODES.values():
+                    raise
+                signum = e.exit_code - 128
+                raise Preempted(signum, f"stopped by {signal_name(signum)}; each unfinished trial saved its "
+                                        f"last iteration under {cfg.OUTPUT_DIR}") from None
 
     name = EVAL_FILE if eval_only else RESULTS_FILE
     paths = [os.path.join(d, name) for d in trial_dirs]
@@ -450,12 +472,18 @@ def _format_summary(records) -> str:
     return "\n".join(lines)
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    results = run_transfer(
-        args.config_file, args.opts or [], num_gpus=args.num_gpus, seeds=args.seeds, resume=args.resume,
-        eval_only=args.eval_only, init_name=args.init_name, num_machines=args.num_machines,
-        machine_rank=args.machine_rank, dist_url=args.dist_url, synth_root=args.synth_root,
-    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        results = run_transfer(
+            args.config_file, args.opts or [], num_gpus=args.num_gpus, seeds=args.seeds, resume=args.resume,
+            eval_only=args.eval_only, init_name=args.init_name, num_machines=args.num_machines,
+            machine_rank=args.machine_rank, dist_url=args.dist_url, synth_root=args.synth_root,
+        )
+    except Preempted as e:
+        resume = ["mocobench", "transfer", *([] if "--resume" in argv else ["--resume"]), *argv]
+        print(f"mocobench transfer: {e}; resume with: {shlex.join(resume)}", file=sys.stderr, flush=True)
+        return e.exit_code
     if results:
         print(_format_summary(results))
     return 0

@@ -1,5 +1,6 @@
 """The transfer trainer: detectron2's DefaultTrainer with the evaluator registry, safe checkpoints and progress."""
 import logging
+import os
 import sys
 import weakref
 
@@ -12,8 +13,47 @@ from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
 import transfer.heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm and DilatedFCNHead in detectron2's registries)
+from pretrain.preempt import signal_name
 from transfer.checkpoint import SafeDetectionCheckpointer
 from transfer.evaluation import build_evaluator
+
+
+class TrainingStopped(BaseException):
+    """Raised by StopOnSignal after its checkpoint. A BaseException so that detectron2's TrainerBase.train, which
+    logs every Exception with a traceback as a crash, lets a clean stop through (its after_train hooks still run)."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopOnSignal(HookBase):
+    """SIGTERM / SIGUSR1 / SIGINT (pretrain.preempt.Preemption `stop`): finish the iteration, save model_{iter}.pth
+    with the optimizer and lr scheduler (what `--resume` continues from: at most the running iteration is lost,
+    not everything since the last periodic checkpoint), then stop. Every rank asks after every step: the answer
+    is a collective, so all ranks stop after the same iteration."""
+
+    def __init__(self, stop, device):
+        self._stop, self._device = stop, device
+        self._stopped = None
+
+    def after_step(self):
+        signum = self._stop.agreed(self._device)
+        if signum is None:
+            return
+        name = f"model_{self.trainer.iter:07d}"
+        # as PeriodicCheckpointer saves: rank 0 writes (atomically) and points last_checkpoint at it
+        self.trainer.checkpointer.save(name, iteration=self.trainer.iter)
+        comm.synchronize()  # no rank exits (and gets the others terminated by the launcher) before it is written
+        path = os.path.join(self.trainer.cfg.OUTPUT_DIR, name + ".pth")
+        self._stopped = TrainingStopped(signum, f"stopped by {signal_name(signum)} after iteration "
+                                                f"{self.trainer.iter + 1}/{self.trainer.max_iter}, saved {path}")
+
+    def before_step(self):
+        # raised here, not in after_step: the writers' final flush (after_train) then sees a new iteration
+        # number; at the iteration it has just written, detectron2 v0.6's ETA divides by zero
+        if self._stopped is not None:
+            raise self._stopped
 
 
 class ProgressBar(HookBase):
