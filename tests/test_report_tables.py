@@ -76,9 +76,11 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def summary(runs, tmp_path_factory):
-    return report.write_report([str(runs)], str(tmp_path_factory.mktemp("out")))
+@pytest.fixture
+def summary(runs, tmp_path):
+    # per test, not per module: `make mutation` picks the tests that call a function, and a module fixture's call
+    # would count for the first test only (the others' assertions would never meet report.py's mutants)
+    return report.write_report([str(runs)], str(tmp_path / "out"))
 
 
 def table_of(summary, max_iter):
