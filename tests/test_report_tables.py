@@ -402,3 +402,12 @@ def test_a_new_task_registers_its_columns_once_and_is_recognised(monkeypatch):
         report.Column("panoptic", "PQ", "panoptic/PQ"), report.Column("panoptic", "SQ", "panoptic/SQ")]
     with pytest.raises(KeyError, match="metric columns for 'depth' are already registered"):
         report.register_metrics("depth", [("depth", "AbsRel", "AbsRel")])
+
+
+def test_help_names_the_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT where to write report.md/.json/.csv and the plots (default: the first RUN_DIR)" in text
+    assert "--baseline NAME the init name the differences are taken to (default: supervised)" in text

@@ -238,6 +238,10 @@ def test_a_long_value_is_shortened_in_the_message(tmp_path):
     with pytest.raises(record.RecordError) as e:
         record.read_record(path)
     assert f"is {json.dumps('x' * 57)}, expected" in str(e.value)
+    edited(path, lambda r: r.__setitem__("seed", "x" * 58))  # 60 characters: shortened
+    with pytest.raises(record.RecordError) as e:
+        record.read_record(path)
+    assert f"is {json.dumps('x' * 58)[:57]}..., expected" in str(e.value)
 
 
 def test_unreadable_files_are_named(tmp_path):
