@@ -411,3 +411,15 @@ def test_help_names_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--out OUT where to write report.md/.json/.csv and the plots (default: the first RUN_DIR)" in text
     assert "--baseline NAME the init name the differences are taken to (default: supervised)" in text
+
+
+def test_unreadable_runs_are_listed_after_the_tables(runs, tmp_path):
+    bad = tmp_path / "bad" / "seed0"
+    bad.mkdir(parents=True)
+    (bad / "results.json").write_text("[]")
+    md = report.write_report([str(runs / "B"), str(tmp_path / "bad")], str(tmp_path / "out"))["markdown"]
+    lines = md.splitlines()
+    assert lines[0] == "# Transfer results" and "| supervised | 0.75 (n=1) | 0.50 (n=1) | 0.25 (n=1) |" in md
+    i = lines.index("## Not read")
+    assert lines[i + 1:] == ["", f"- `{bad / 'results.json'}`: {bad / 'results.json'}: expected a JSON object (a "
+                                 "mocobench run record), got list"]
