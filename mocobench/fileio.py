@@ -38,9 +38,10 @@ def atomic_write(path, mode="wb"):
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if _out_of_room(e):
+        why = _out_of_room(e)
+        if why:
             free_mib = shutil.disk_usage(directory).free / 2**20
-            raise UsageError(f"no room to write {path!r}: {_out_of_room(e)} ({free_mib:.0f} MiB free there); "
+            raise UsageError(f"no room to write {path!r}: {why} ({free_mib:.0f} MiB free there); "
                              "files written before are intact; free some space and resume") from None
         raise
 

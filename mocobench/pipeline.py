@@ -468,10 +468,10 @@ class Pipeline:
         except OSError:  # a read-only home: only the estimates are lost
             pass
 
-    def expected_seconds(self, name, finished):
+    def expected_seconds(self, name, finished, rates):
         """An estimate from this run's own measurements: the stage's earlier run, else a finished stage of the
         same kind (transfer_*, convert_*); else the same work's rate measured by an earlier pipeline on this
-        machine times this stage's length; else None."""
+        machine (`rates`, from read_rates) times this stage's length; else None."""
         previous = self.manifest.stage(name).get("seconds")
         if previous and self.manifest.stage(name).get("status") == "done":
             return previous
@@ -480,12 +480,13 @@ class Pipeline:
         if same:
             return sum(same) / len(same)
         key, units = self.work(name)
-        rate = self.read_rates().get(key)
+        rate = rates.get(key)
         return rate["seconds_per_unit"] * units if rate else None
 
     def time_left(self, names, measured):
         """' | expected left ...' for the stages `names` (this one included), from measured stage times."""
-        known = [t for t in (self.expected_seconds(n, measured) for n in names) if t]
+        rates = self.read_rates()
+        known = [t for t in (self.expected_seconds(n, measured, rates) for n in names) if t]
         unknown = len(names) - len(known)
         if not known:
             return ""
@@ -504,6 +505,7 @@ class Pipeline:
                 self.stage_config(name)  # raises naming the pipeline yaml and the list
         for init in self.cfg.TRANSFER.INITS:
             self.stage_config("TRANSFER", init)
+        rates = self.read_rates()
         finished = {n: s.get("seconds") for n, s in self.manifest.data["stages"].items()
                     if s.get("status") == "done" and s.get("seconds")}
         rows = []
@@ -528,7 +530,7 @@ class Pipeline:
             missing = [f"{what} {path}" for what, path, produced in self.needs(name)
                        if not produced and not os.path.exists(path)]
             rows.append((index, name, action, self.needs(name), missing, self.size(name),
-                         None if action == "done" else self.expected_seconds(name, finished)))
+                         None if action == "done" else self.expected_seconds(name, finished, rates)))
         self.outputs = {}
         return rows
 
