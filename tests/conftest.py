@@ -87,6 +87,25 @@ def mocobench_cmd():
     return [sys.executable, "-m", "mocobench"]
 
 
+def random_resnet_state(arch, seed=0):
+    """state_dict of torchvision's `arch` (e.g. "resnet50", "resnext50_32x4d") with random weights and BN
+    tensors far from their defaults (mean 0, var 1, weight 1, bias 0 would hide a swapped mean/var or
+    weight/bias); the same values for the same (arch, seed)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0.0, 0.1)
+            module.running_mean.normal_(0.0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(1000)
+    return model.state_dict()
+
+
 @pytest.fixture(scope="module")
 def tiny_imagenet(tmp_path_factory):
     """A generated ImageFolder root (4 classes, 16 train and 4 val images each, 40 px), one per test module."""

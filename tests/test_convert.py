@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision
+from conftest import random_resnet_state
 
 import convert.api
 from convert import VerificationError, convert_checkpoint, verify_file
@@ -51,17 +51,6 @@ EXPECTED_NAMES = {
 }
 
 
-def random_resnet_state(depth, seed=0):
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, f"resnet{depth}")()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0.0, 0.1)
-            module.running_mean.normal_(0.0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-            module.num_batches_tracked.fill_(1000)
-    return model.state_dict()
 
 
 def _mlp_state(prefix, dims, last_bn_affine=True):
@@ -115,7 +104,7 @@ PREFIX = {"moco": "module.encoder_q.", "moco-v3": "module.base_encoder.", "torch
 
 @pytest.fixture(scope="session")
 def trunks():
-    return {depth: random_resnet_state(depth, seed=depth) for depth in (18, 50)}
+    return {depth: random_resnet_state(f"resnet{depth}", seed=depth) for depth in (18, 50)}
 
 
 @pytest.fixture(scope="module")

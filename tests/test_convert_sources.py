@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import random_resnet_state
 
 from convert import convert_checkpoint
 from convert.rename import detectron2_name
@@ -31,16 +32,7 @@ TRUNK_TENSORS = {"resnet18": 100, "resnet50": 265}  # conv weights + 4 BN tensor
 
 @functools.cache
 def _random_trunk(arch, seed):
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)()
-    for module in model.modules():  # defaults (mean 0, var 1, weight 1, bias 0) would hide swapped tensors
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0.0, 0.1)
-            module.running_mean.normal_(0.0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-            module.num_batches_tracked.fill_(1000)
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    return {k: v for k, v in random_resnet_state(arch, seed).items() if not k.startswith("fc.")}
 
 
 @pytest.fixture
