@@ -1,0 +1,339 @@
+"""The converter's parts one function at a time, on a random ResNet-18: each test runs in well under a second, so
+`make mutation` (which runs, per mutant, the tests that call the mutated function) can afford them all.
+
+Every assertion names exact values: the texts a user reads, the fields OUT.json records, the problems
+verification reports. Checkpoints are written with torch.save and read back through `read_checkpoint`.
+"""
+import argparse
+import json
+import pathlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import random_resnet_state
+
+import convert.api
+from convert import VerificationError, convert_checkpoint, verify_file
+from convert.arch import Architecture
+from convert.cli import build_parser, list_sources
+from convert.cli import main as convert_main
+from convert.rename import to_detectron2
+from convert.sources import SOURCES, extract_trunk, flatten_checkpoint, read_checkpoint
+from convert.verify import STAGES, VerifyResult, build_detectron2_resnet, check_loading, check_numerics
+from convert.verify import torchvision_stage_outputs, verify_weights
+from mocobench import d2compat  # noqa: F401  (before detectron2)
+from mocobench.errors import UsageError
+from mocobench.fileio import safe_unpickle
+
+R18 = Architecture(18, "basic")
+
+
+@pytest.fixture
+def state():
+    """A ResNet-18 trunk as `extract_trunk` returns it: torchvision names, no fc, no num_batches_tracked."""
+    return {k: v for k, v in random_resnet_state("resnet18", seed=3).items()
+            if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+
+
+def _moco(state, prefix="module.encoder_q."):
+    return {prefix + k: v for k, v in state.items()}
+
+
+# -- convert.arch --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, expected", [
+    (Architecture(18, "basic"), {"name": "ResNet-18", "torchvision": "resnet18", "depth": 18, "block": "basic",
+                                 "groups": 1, "width_per_group": 64}),
+    (Architecture(50, "bottleneck", 32, 4), {"name": "ResNeXt-50 32x4d", "torchvision": "resnext50_32x4d",
+                                             "depth": 50, "block": "bottleneck", "groups": 32, "width_per_group": 4}),
+    (Architecture(101, "bottleneck", 1, 128), {"name": "Wide ResNet-101-2", "torchvision": "wide_resnet101_2",
+                                               "depth": 101, "block": "bottleneck", "groups": 1,
+                                               "width_per_group": 128}),
+    (Architecture(34, "bottleneck", 2, 64), {"name": "ResNeXt-34 2x64d", "torchvision": None, "depth": 34,
+                                             "block": "bottleneck", "groups": 2, "width_per_group": 64}),
+])
+def test_architecture_as_dict_names_every_field(arch, expected):
+    """What OUT.json records under "architecture": every key and value."""
+    assert arch.as_dict() == expected
+
+
+# -- convert.rename ------------------------------------------------------------------------------------------
+
+def test_to_detectron2_writes_float32_c_ordered_copies(state):
+    half = {name: tensor.half() for name, tensor in state.items()}
+    half["layer1.0.conv1.weight"] = half["layer1.0.conv1.weight"].permute(0, 1, 3, 2)  # a non-contiguous view
+    half["bn1.weight"] = state["bn1.weight"].double()
+    counter = {"layer1.0.bn1.num_batches_tracked": torch.tensor(1000)}
+    weights = to_detectron2(half | counter)
+    assert list(weights)[:3] == ["stem.conv1.weight", "stem.conv1.norm.weight", "stem.conv1.norm.bias"]
+    assert len(weights) == 101
+    for name, array in weights.items():
+        assert array.flags["C_CONTIGUOUS"] and array.flags["OWNDATA"], name
+        assert array.dtype == (np.int64 if name.endswith("num_batches_tracked") else np.float32), name
+    np.testing.assert_array_equal(weights["res2.0.conv1.weight"],
+                                  half["layer1.0.conv1.weight"].float().numpy())
+    np.testing.assert_array_equal(weights["stem.conv1.norm.weight"], state["bn1.weight"].numpy())
+    # float32 input: still a copy, never the checkpoint's own memory
+    weights = to_detectron2(state)
+    assert not np.shares_memory(weights["stem.conv1.weight"], state["conv1.weight"].numpy())
+    state["conv1.weight"].add_(1.0)
+    assert not np.array_equal(weights["stem.conv1.weight"], state["conv1.weight"].numpy())
+
+
+# -- convert.sources -----------------------------------------------------------------------------------------
+
+def test_entry_markers_read_top_level_entries(state):
+    from convert.sources import _entry
+
+    ckpt = flatten_checkpoint({"state_dict": state, "author": "DenseCL", "epoch": 200})
+    assert _entry("author")(ckpt) is True
+    assert _entry("author", "DenseCL")(ckpt) is True
+    assert _entry("author", "MMSelfSup")(ckpt) is False
+    assert _entry("meta")(ckpt) is False
+    assert _entry("epoch", 200)(ckpt) is True and _entry("epoch", 199)(ckpt) is False
+    # what the markers decide: DenseCL's released file (author entry) is read as DenseCL, at ''
+    trunk = extract_trunk(ckpt)
+    assert (trunk.source, trunk.author, trunk.prefix, trunk.detected) == ("densecl", "DenseCL", "", True)
+
+
+def test_generic_discovery_says_detected(state, tmp_path):
+    path = tmp_path / "custom.pth"
+    torch.save({"weights": {"my_encoder": state}, "step": 3}, path)
+    trunk = extract_trunk(read_checkpoint(path))
+    assert (trunk.source, trunk.author, trunk.prefix, trunk.detected) == ("generic", "mocobench",
+                                                                          "weights.my_encoder.", True)
+    trunk = extract_trunk(read_checkpoint(path), prefix="weights.my_encoder.")
+    assert (trunk.source, trunk.detected) == ("generic", False)
+
+
+def test_argparse_args_next_to_framework_objects(state, tmp_path):
+    """A checkpoint with plain argparse args (allowed) and a pathlib path (a framework placeholder) converts;
+    the summary and OUT.json name the placeholder, and only it."""
+    path = tmp_path / "run.pth"
+    torch.save({"state_dict": _moco(state), "args": argparse.Namespace(arch="resnet18", lr=0.03),
+                "work_dir": pathlib.PosixPath("/runs/moco")}, path)
+    report = convert_checkpoint(path, tmp_path / "out.pkl", verify=False)
+    assert (report.source, report.opaque) == ("moco", ["pathlib.PosixPath"])
+    lines = report.summary().splitlines()
+    assert lines[3:6] == [
+        "  converted      100  tensors (conv weights, BN weight/bias/running_mean/var)",
+        "  ignored          1  framework objects (no weights, read as placeholders): pathlib.PosixPath",
+        "  verified         -  verification skipped (--no-verify)",
+    ]
+    assert json.loads((tmp_path / "out.json").read_text())["ignored_objects"] == ["pathlib.PosixPath"]
+
+
+# -- convert.cli ---------------------------------------------------------------------------------------------
+
+def test_parser_defaults_and_every_flag():
+    parser = build_parser()
+    assert vars(parser.parse_args([])) == {"input": None, "output": None, "source": "auto", "prefix": None,
+                                           "to": "detectron2", "verify": True, "list_dropped": False,
+                                           "list_sources": False}
+    args = parser.parse_args(["in.pth", "out.pth", "--source", "moco", "--prefix", "module.encoder_k.", "--to",
+                              "torchvision", "--no-verify", "--list-dropped", "--list-sources"])
+    assert vars(args) == {"input": "in.pth", "output": "out.pth", "source": "moco", "prefix": "module.encoder_k.",
+                          "to": "torchvision", "verify": False, "list_dropped": True, "list_sources": True}
+    for source in ["auto", *SOURCES]:  # `--source auto` may be given explicitly, as --list-sources says
+        assert parser.parse_args(["a.pth", "b.pkl", "--source", source]).source == source
+    for bad in (["--source", "AUTO"], ["--source", "generic"], ["--to", "caffe2"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["a.pth", "b.pkl", *bad])
+        assert e.value.code == 2
+
+
+def test_list_sources_columns_line_up():
+    lines = list_sources().splitlines()
+    assert len(lines) == len(SOURCES) + 2
+    assert " ".join(lines[0].split()) == "source author example trunk key layout read from"
+    assert " ".join(lines[-1].split()) == ("(other) mocobench <prefix>conv1.weight generic discovery: the one "
+                                           "complete trunk, or --prefix")
+    assert [line.split()[0] for line in lines[1:-1]] == list(SOURCES)
+    moco = SOURCES["moco"]
+    row = next(line for line in lines if line.startswith("moco "))
+    # the four columns start where the header's do, each padded with spaces
+    starts = [lines[0].index(title) for title in ("author", "example trunk key", "layout read from")]
+    assert [row.index(moco.author, len("moco")), row.index(moco.example), row.index(moco.layout)] == starts
+    assert lines[-1].index("mocobench") == starts[0] and lines[-1].index("<prefix>") == starts[1]
+    assert lines[-1].index("generic discovery") == starts[2]
+    assert all(line[starts[i] - 2:starts[i]] == "  " for line in lines for i in range(3))
+
+
+def test_cli_needs_input_and_output():
+    for argv in ([], ["only_input.pth"]):
+        with pytest.raises(UsageError) as info:
+            convert_main(argv)
+        assert str(info.value) == "convert needs INPUT and OUTPUT (or --list-sources)"
+
+
+def test_cli_passes_every_flag_to_the_conversion(state, tmp_path, capsys):
+    path, out = tmp_path / "moco.pth.tar", tmp_path / "k.pth"
+    momentum = {k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"state_dict": _moco(state) | _moco(momentum, "module.encoder_k.")}, path)
+    argv = [str(path), str(out), "--source", "moco", "--prefix", "module.encoder_k.", "--to", "torchvision",
+            "--no-verify"]
+    assert convert_main(argv) == 0
+    assert "  verified         -  verification skipped (--no-verify)" in capsys.readouterr().out.splitlines()
+    written = json.loads((tmp_path / "k.json").read_text())
+    assert {k: written[k] for k in ("source", "detected", "prefix", "format", "verified", "max_rel_error")} == {
+        "source": "moco", "detected": False, "prefix": "module.encoder_k.", "format": "torchvision", "verified": 0,
+        "max_rel_error": None}
+    loaded = torch.load(out, weights_only=True)
+    assert torch.equal(loaded["layer3.1.conv2.weight"], momentum["layer3.1.conv2.weight"])
+
+
+# -- convert.api ---------------------------------------------------------------------------------------------
+
+def test_verify_file_reports_the_given_source_and_the_pkl_author(state, tmp_path):
+    """DINO's backbone-only release is a bare torchvision state dict: read as DINO only when told so."""
+    original, pkl = tmp_path / "dino_resnet18_pretrain.pth", tmp_path / "dino.pkl"
+    torch.save(state, original)
+    convert_checkpoint(original, pkl, source="dino", verify=False)
+    report = verify_file(pkl, original, source="dino")
+    assert (report.input_path, report.output_path, report.source, report.detected, report.author, report.arch,
+            report.prefix, report.converted, report.dropped, report.verified, report.problems) == (
+        str(original), str(pkl), "dino", False, "DINO", R18, "", [], [], 100, [])
+    assert report.summary().splitlines()[:2] == [
+        f"input    {original}", "source   dino (given), ResNet-18 (basic blocks) under '', __author__ 'DINO'"]
+    auto = verify_file(pkl, original)
+    assert (auto.source, auto.detected, auto.author) == ("torchvision", True, "DINO")  # the pkl's __author__
+
+    data = safe_unpickle(pkl)
+    for author, expected in (("someone", "someone"), (None, "torchvision")):
+        if author is None:
+            del data["__author__"]
+        else:
+            data["__author__"] = author
+        with open(tmp_path / "edited.pkl", "wb") as f:
+            pickle.dump(data, f)
+        assert verify_file(tmp_path / "edited.pkl", original).author == expected
+
+
+def _corrupt_torchvision_state(monkeypatch, fault):
+    real = convert.api.torchvision_state
+
+    def faulty(trunk):
+        tv_state = real(trunk)
+        fault(tv_state)
+        return tv_state
+
+    monkeypatch.setattr(convert.api, "torchvision_state", faulty)
+
+
+def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch):
+    """`--to torchvision`: the numerical reference is the state written to the .pth, checked against the
+    original tensor by tensor; a fault in it fails verification and nothing is written."""
+    path, out = tmp_path / "moco.pth.tar", tmp_path / "out.pth"
+    torch.save({"state_dict": _moco(state)}, path)
+    _corrupt_torchvision_state(monkeypatch, lambda tv: tv["layer4.1.bn2.bias"].add_(1.0))
+    with pytest.raises(VerificationError) as info:
+        convert_checkpoint(path, out, to="torchvision")
+    problems = info.value.report.problems
+    assert problems[0] == "torchvision tensors that differ from the original checkpoint: layer4.1.bn2.bias"
+    assert problems[1].startswith("res5: relative error ") and len(problems) == 2
+    assert not out.exists() and not (tmp_path / "out.json").exists()
+
+    monkeypatch.undo()
+    _corrupt_torchvision_state(monkeypatch, lambda tv: tv.pop("layer2.0.downsample.1.running_var"))
+    with pytest.raises(VerificationError) as info:
+        convert_checkpoint(path, out, to="torchvision")
+    [problem] = info.value.report.problems
+    assert problem.startswith("the weights do not load into torchvision's ResNet-18: Error(s) in loading "
+                              "state_dict for ResNet:")
+    assert 'Missing key(s) in state_dict: "layer2.0.downsample.1.running_var"' in problem
+    assert not out.exists()
+
+
+# -- convert.verify ------------------------------------------------------------------------------------------
+
+def test_verify_weights_leaves_the_callers_random_stream_alone(state):
+    """The random batch comes from its own seeded generator: the same errors every call, whatever the global
+    RNG, which verification does not advance."""
+    weights = to_detectron2(state)
+    weights["res5.0.conv1.weight"] = weights["res5.0.conv1.weight"] * 1.01  # errors that depend on the batch
+    torch.manual_seed(1)
+    first = verify_weights(weights, state, R18)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after), "verification drew from the global RNG"
+    torch.manual_seed(2)
+    second = verify_weights(weights, state, R18)
+    assert first.stage_errors == second.stage_errors and first.stage_errors["res5"] > 1e-5
+    assert first.stage_errors["res4"] == 0.0
+    other_batch = verify_weights(weights, state, R18, seed=1)
+    assert other_batch.stage_errors["res5"] != first.stage_errors["res5"]
+
+
+def test_check_loading_reports_a_missing_key_both_ways(state):
+    weights = to_detectron2(state)
+    del weights["res2.0.conv1.weight"]
+    result = verify_weights(weights, state, R18)
+    assert result.problems[:2] == ["detectron2 parameters/buffers not loaded: res2.0.conv1.weight",
+                                   "detectron2 backbone tensors missing from the pkl: res2.0.conv1.weight"]
+    assert result.verified == 99
+
+
+def test_check_loading_compares_in_the_models_dtype(state):
+    """A float64 array whose change is below float32 resolution: detectron2 holds exactly the pkl's value in
+    float32 (no loading problem); the value check still reports the edit, once."""
+    weights = to_detectron2(state)
+    edited = weights["res2.0.conv1.weight"].astype(np.float64)
+    edited[0, 0, 0, 0] += abs(edited[0, 0, 0, 0]) * 1e-12
+    weights["res2.0.conv1.weight"] = edited
+    result = verify_weights(weights, state, R18)
+    assert result.problems == ["pkl tensors that differ from the original checkpoint: res2.0.conv1.weight (from "
+                               "layer1.0.conv1.weight)"]
+    assert result.verified == 100
+
+
+def _detectron2_model(state, arch=R18):
+    model = build_detectron2_resnet(arch)
+    loading = VerifyResult()
+    check_loading(model, to_detectron2(state), "MOCO", loading)
+    assert loading.problems == [] and loading.verified == len(state)
+    return model
+
+
+def _torchvision_model(state, name="resnet18"):
+    model = getattr(torchvision.models, name)()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def test_check_numerics_relative_error_per_stage(state):
+    """relative error = max|d2 - tv| / max|tv| per stage; a fault in layer4 leaves res2..res4 exact."""
+    model = _detectron2_model(state)
+    faulty = {k: v.clone() for k, v in state.items()}
+    faulty["layer4.1.bn2.bias"] += 1.0
+    reference = _torchvision_model(faulty)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    result = VerifyResult()
+    check_numerics(model, reference, images, result)
+    with torch.no_grad():
+        ours, theirs = model(images)["res5"], torchvision_stage_outputs(reference, images)["res5"]
+    expected = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    assert list(result.stage_errors) == list(STAGES)
+    assert [result.stage_errors[s] for s in STAGES[:3]] == [0.0, 0.0, 0.0]
+    assert result.stage_errors["res5"] == pytest.approx(expected, rel=1e-6) and 0.01 < expected < 10
+    assert result.problems == [f"res5: relative error {result.stage_errors['res5']:.3g} > 1e-05 against torchvision"]
+
+
+def test_check_numerics_names_both_shapes(state):
+    """A reference of another shape (here a ResNet-50 against detectron2's ResNet-18) fails every stage."""
+    model = _detectron2_model(state)
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50().eval()
+    result = VerifyResult()
+    check_numerics(model, reference, torch.randn(1, 3, 32, 32), result)
+    assert result.problems == [
+        "res2: detectron2 output (1, 64, 8, 8) vs torchvision (1, 256, 8, 8)",
+        "res3: detectron2 output (1, 128, 4, 4) vs torchvision (1, 512, 4, 4)",
+        "res4: detectron2 output (1, 256, 2, 2) vs torchvision (1, 1024, 2, 2)",
+        "res5: detectron2 output (1, 512, 1, 1) vs torchvision (1, 2048, 1, 1)",
+    ]
+    assert result.stage_errors == {stage: float("inf") for stage in STAGES}
+    assert result.max_rel_error == float("inf")
