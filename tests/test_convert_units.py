@@ -22,8 +22,15 @@ from convert.cli import build_parser, list_sources
 from convert.cli import main as convert_main
 from convert.rename import to_detectron2
 from convert.sources import SOURCES, extract_trunk, flatten_checkpoint, read_checkpoint
-from convert.verify import STAGES, VerifyResult, build_detectron2_resnet, check_loading, check_numerics
-from convert.verify import torchvision_stage_outputs, verify_weights
+from convert.verify import (
+    STAGES,
+    VerifyResult,
+    build_detectron2_resnet,
+    check_loading,
+    check_numerics,
+    torchvision_stage_outputs,
+    verify_weights,
+)
 from mocobench import d2compat  # noqa: F401  (before detectron2)
 from mocobench.errors import UsageError
 from mocobench.fileio import safe_unpickle
