@@ -5,6 +5,7 @@ Every assertion names exact values: the texts a user reads, the fields OUT.json 
 verification reports. Checkpoints are written with torch.save and read back through `read_checkpoint`.
 """
 import argparse
+import hashlib
 import json
 import pathlib
 import pickle
@@ -185,9 +186,20 @@ def test_cli_passes_every_flag_to_the_conversion(state, tmp_path, capsys):
     assert convert_main(argv) == 0
     assert "  verified         -  verification skipped (--no-verify)" in capsys.readouterr().out.splitlines()
     written = json.loads((tmp_path / "k.json").read_text())
-    assert {k: written[k] for k in ("source", "detected", "prefix", "format", "verified", "max_rel_error")} == {
-        "source": "moco", "detected": False, "prefix": "module.encoder_k.", "format": "torchvision", "verified": 0,
-        "max_rel_error": None}
+    seconds = written.pop("seconds")
+    assert isinstance(seconds, float) and seconds > 0
+    assert written == {
+        "input": str(path), "input_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "output": str(out), "output_sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "format": "torchvision", "source": "moco", "detected": False, "prefix": "module.encoder_k.",
+        "author": "MOCO", "architecture": R18.as_dict(),
+        "detectron2_resnets": {"DEPTH": 18, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64, "RES2_OUT_CHANNELS": 64,
+                               "STRIDE_IN_1X1": False},
+        "converted": 100,
+        "dropped": [{"key": f"module.encoder_q.{k}", "reason": "another ResNet trunk (module.encoder_q.*)"}
+                    for k in state],
+        "ignored_objects": [], "verified": 0, "max_rel_error": None, "stage_rel_errors": {}, "problems": [],
+    }
     loaded = torch.load(out, weights_only=True)
     assert torch.equal(loaded["layer3.1.conv2.weight"], momentum["layer3.1.conv2.weight"])
 
@@ -205,6 +217,7 @@ def test_verify_file_reports_the_given_source_and_the_pkl_author(state, tmp_path
         str(original), str(pkl), "dino", False, "DINO", R18, "", [], [], 100, [])
     assert report.summary().splitlines()[:2] == [
         f"input    {original}", "source   dino (given), ResNet-18 (basic blocks) under '', __author__ 'DINO'"]
+    assert 0 < report.verify_seconds < report.seconds
     auto = verify_file(pkl, original)
     assert (auto.source, auto.detected, auto.author) == ("torchvision", True, "DINO")  # the pkl's __author__
 
@@ -230,7 +243,7 @@ def _corrupt_torchvision_state(monkeypatch, fault):
     monkeypatch.setattr(convert.api, "torchvision_state", faulty)
 
 
-def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch):
+def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch, capsys):
     """`--to torchvision`: the numerical reference is the state written to the .pth, checked against the
     original tensor by tensor; a fault in it fails verification and nothing is written."""
     path, out = tmp_path / "moco.pth.tar", tmp_path / "out.pth"
@@ -238,10 +251,26 @@ def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch
     _corrupt_torchvision_state(monkeypatch, lambda tv: tv["layer4.1.bn2.bias"].add_(1.0))
     with pytest.raises(VerificationError) as info:
         convert_checkpoint(path, out, to="torchvision")
-    problems = info.value.report.problems
+    report = info.value.report
+    problems = report.problems
     assert problems[0] == "torchvision tensors that differ from the original checkpoint: layer4.1.bn2.bias"
-    assert problems[1].startswith("res5: relative error ") and len(problems) == 2
+    assert problems[1] == f"res5: relative error {report.stage_errors['res5']:.3g} > 1e-05 against torchvision"
+    assert len(problems) == 2 and report.stage_errors["res5"] > 1e-5
+    assert str(info.value) == (f"{str(path)!r}: the converted weights failed verification; nothing was written:"
+                               f"\n  {problems[0]}\n  {problems[1]}")
     assert not out.exists() and not (tmp_path / "out.json").exists()
+    lines = report.summary().splitlines()
+    assert lines[-4:] == [f"  FAILED    {problems[0]}", f"  FAILED    {problems[1]}", "",
+                          f"verification FAILED; nothing written ({report.seconds:.1f} s)"]
+    assert report.output_path is None and report.verified == 100 and 0 < report.verify_seconds < report.seconds
+    # the command prints the same summary and exits 1
+    capsys.readouterr()
+    assert convert_main([str(path), str(out), "--to", "torchvision"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[-1].startswith("verification FAILED; nothing written (")
+    assert printed.err.splitlines()[0] == (f"mocobench convert: error: {str(path)!r}: the converted weights failed "
+                                           "verification; nothing was written:")
+    assert not out.exists()
 
     monkeypatch.undo()
     _corrupt_torchvision_state(monkeypatch, lambda tv: tv.pop("layer2.0.downsample.1.running_var"))
@@ -344,3 +373,98 @@ def test_check_numerics_names_both_shapes(state):
     ]
     assert result.stage_errors == {stage: float("inf") for stage in STAGES}
     assert result.max_rel_error == float("inf")
+
+
+def test_verify_file_failure_names_both_files_and_every_problem(state, tmp_path):
+    original, pkl = tmp_path / "r18.pth", tmp_path / "r18.pkl"
+    torch.save(state, original)
+    convert_checkpoint(original, pkl, verify=False)
+    data = safe_unpickle(pkl)
+    data["model"]["res4.1.conv2.weight"] = data["model"]["res4.1.conv2.weight"] * 2
+    with open(tmp_path / "edited.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(VerificationError) as info:
+        verify_file(tmp_path / "edited.pkl", original)
+    report = info.value.report
+    assert report.problems[0] == ("pkl tensors that differ from the original checkpoint: res4.1.conv2.weight (from "
+                                  "layer3.1.conv2.weight)")
+    assert report.problems[1:] == [f"{stage}: relative error {report.stage_errors[stage]:.3g} > 1e-05 against "
+                                   "torchvision" for stage in ("res4", "res5")]
+    assert str(info.value) == (f"{str(tmp_path / 'edited.pkl')!r} failed verification against {str(original)!r}:"
+                               "\n  " + "\n  ".join(report.problems))
+    assert report.verified == 100 and report.seconds > 0
+
+
+def test_convert_checkpoint_refuses_bad_arguments_before_reading(tmp_path):
+    """Checked before the input is read: the input need not even exist."""
+    source = tmp_path / "r18.pth"
+    cases = [
+        (dict(output_path=tmp_path / "o.pkl", to="caffe2"), "--to 'caffe2': expected one of detectron2, torchvision"),
+        (dict(output_path=tmp_path / "o.pth"), f"output {str(tmp_path / 'o.pth')!r} must end in .pkl for --to "
+                                               "detectron2"),
+        (dict(output_path=tmp_path / "o.pkl", to="torchvision"), f"output {str(tmp_path / 'o.pkl')!r} must end in "
+                                                                 ".pth for --to torchvision"),
+        (dict(output_path=tmp_path / "r18.pth", to="torchvision"),
+         f"output {str(source)!r} (or its report {str(tmp_path / 'r18.json')!r}) would overwrite the input"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(UsageError) as info:
+            convert_checkpoint(source, **kwargs)
+        assert str(info.value) == message
+    json_input = tmp_path / "run.json"  # OUT.json of run.pkl would be the input
+    with pytest.raises(UsageError) as info:
+        convert_checkpoint(json_input, tmp_path / "run.pkl")
+    assert str(info.value) == (f"output {str(tmp_path / 'run.pkl')!r} (or its report {str(json_input)!r}) would "
+                               "overwrite the input")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_converted_says_what_is_wrong(tmp_path):
+    from convert.api import read_converted
+
+    cases = {
+        "list.pkl": ([1, 2], "is not a converted backbone: expected a dict with a 'model' dict"),
+        "no_model.pkl": ({"blobs": {}}, "is not a converted backbone: expected a dict with a 'model' dict"),
+        "model_list.pkl": ({"model": []}, "is not a converted backbone: expected a dict with a 'model' dict"),
+        "tensor.pkl": ({"model": {"stem.conv1.weight": np.zeros(2), "res2.0.conv1.weight": [0.5]}},
+                       ": model['res2.0.conv1.weight'] is a list, expected a numpy array"),
+    }
+    for name, (payload, message) in cases.items():
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(payload, f)
+        with pytest.raises(UsageError) as info:
+            read_converted(tmp_path / name)
+        assert str(info.value) == f"{tmp_path / name!r}{' ' if message[0] != ':' else ''}{message}"
+    good = {"model": {"stem.conv1.weight": np.zeros(2, np.float32)}, "__author__": "MOCO"}
+    with open(tmp_path / "good.pkl", "wb") as f:
+        pickle.dump(good, f)
+    assert read_converted(tmp_path / "good.pkl")["__author__"] == "MOCO"
+
+
+@pytest.mark.parametrize("edit, first_problems", [
+    ("unexpected", ["pkl tensors detectron2 did not use: res5.3.conv1.weight",
+                    "pkl tensors with no place in the detectron2 backbone: res5.3.conv1.weight"]),
+    ("shape", ["detectron2 parameters/buffers not loaded: res3.0.conv1.weight",
+               "shape mismatch for res3.0.conv1.weight: pkl (128, 63, 3, 3), detectron2 (128, 64, 3, 3)"]),
+    ("seven missing", ["detectron2 parameters/buffers not loaded: res2.0.conv1.weight, res2.0.conv2.weight, "
+                       "res2.1.conv1.weight, res2.1.conv2.weight, res3.0.conv1.weight, res3.0.conv2.weight ... "
+                       "(7 in all)",
+                       "detectron2 backbone tensors missing from the pkl: res2.0.conv1.weight, res2.0.conv2.weight, "
+                       "res2.1.conv1.weight, res2.1.conv2.weight, res3.0.conv1.weight, res3.0.conv2.weight ... "
+                       "(7 in all)"]),
+])
+def test_check_loading_problem_texts(edit, first_problems, state):
+    weights = to_detectron2(state)
+    if edit == "unexpected":
+        weights["res5.3.conv1.weight"] = np.zeros((1,), np.float32)
+    elif edit == "shape":
+        weights["res3.0.conv1.weight"] = weights["res3.0.conv1.weight"][:, :-1].copy()
+    else:
+        for name in ("res2.0.conv1.weight", "res2.0.conv2.weight", "res2.1.conv1.weight", "res2.1.conv2.weight",
+                     "res3.0.conv1.weight", "res3.0.conv2.weight", "res3.1.conv1.weight"):
+            del weights[name]
+    result = verify_weights(weights, state, R18)
+    assert result.problems[:2] == first_problems
+    assert result.verified == {"unexpected": 100, "shape": 99, "seven missing": 93}[edit]
+    if edit == "unexpected":
+        assert len(result.problems) == 2 and result.max_rel_error == 0.0
