@@ -180,7 +180,8 @@ def test_cli_needs_input_and_output():
 def test_cli_passes_every_flag_to_the_conversion(state, tmp_path, capsys):
     path, out = tmp_path / "moco.pth.tar", tmp_path / "k.pth"
     momentum = {k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}
-    torch.save({"state_dict": _moco(state) | _moco(momentum, "module.encoder_k.")}, path)
+    queue = {"module.queue": torch.randn(8, 4)}
+    torch.save({"state_dict": _moco(state) | _moco(momentum, "module.encoder_k.") | queue}, path)
     argv = [str(path), str(out), "--source", "moco", "--prefix", "module.encoder_k.", "--to", "torchvision",
             "--no-verify"]
     assert convert_main(argv) == 0
@@ -197,7 +198,7 @@ def test_cli_passes_every_flag_to_the_conversion(state, tmp_path, capsys):
                                "STRIDE_IN_1X1": False},
         "converted": 100,
         "dropped": [{"key": f"module.encoder_q.{k}", "reason": "another ResNet trunk (module.encoder_q.*)"}
-                    for k in state],
+                    for k in state] + [{"key": "module.queue", "reason": "queue of negative keys"}],
         "ignored_objects": [], "verified": 0, "max_rel_error": None, "stage_rel_errors": {}, "problems": [],
     }
     loaded = torch.load(out, weights_only=True)
