@@ -469,3 +469,32 @@ def test_check_loading_problem_texts(edit, first_problems, state):
     assert result.verified == {"unexpected": 100, "shape": 99, "seven missing": 93}[edit]
     if edit == "unexpected":
         assert len(result.problems) == 2 and result.max_rel_error == 0.0
+
+
+def test_help_text_in_full(monkeypatch):
+    """`mocobench convert --help` as a user reads it (its spaces collapsed)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse's textwrap would break "weights-only" at its hyphen
+    sources = ",".join(["auto", *SOURCES])
+    assert " ".join(build_parser().format_help().split()) == " ".join([
+        f"usage: mocobench convert [-h] [--source {{{sources}}}] [--prefix PREFIX] [--to {{detectron2,torchvision}}] "
+        "[--no-verify] [--list-dropped] [--list-sources] [input] [output]",
+        "Convert a ResNet checkpoint (MoCo, DINO, SwAV, Barlow Twins, DenseCL, PixPro, solo-learn, mmselfsup, VISSL, "
+        "lightly, timm, torchvision, or any file with one ResNet trunk) into a detectron2 backbone .pkl or a "
+        "torchvision .pth, then prove it: detectron2 must load every trunk tensor and reproduce torchvision's "
+        "res2..res5 outputs. OUT.json records the conversion.",
+        "positional arguments:",
+        "input checkpoint: .pth / .pth.tar / .ckpt / .torch (torch, weights-only), "
+        ".safetensors, or .pkl (numpy arrays)",
+        "output the file to write: .pkl (detectron2) or .pth (--to torchvision)",
+        "options:",
+        "-h, --help show this help message and exit",
+        f"--source {{{sources}}}",
+        "checkpoint layout (default: detect it; --list-sources shows them)",
+        "--prefix PREFIX the key prefix of the trunk to convert, e.g. 'module.encoder_k.' (for files "
+        "with several trunks and no known layout)",
+        "--to {detectron2,torchvision} output format (default: detectron2 .pkl)",
+        "--no-verify skip loading into detectron2 and the numerical comparison (not recommended)",
+        "--list-dropped print every key that was not converted (the summary shows one per reason)",
+        "--list-sources print the known layouts and exit",
+        "exit codes: 0 ok, 1 verification failed (nothing written), 2 bad input",
+    ])
