@@ -498,3 +498,62 @@ def test_help_text_in_full(monkeypatch):
         "--list-sources print the known layouts and exit",
         "exit codes: 0 ok, 1 verification failed (nothing written), 2 bad input",
     ])
+
+
+def _shapes(builder):
+    """{name: shape} of a torchvision ResNet's trunk, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = getattr(torchvision.models, builder)()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+@pytest.mark.parametrize("builder, expected", [
+    ("resnet18", Architecture(18, "basic", 1, 64)),
+    ("resnet34", Architecture(34, "basic", 1, 64)),
+    ("resnet50", Architecture(50, "bottleneck", 1, 64)),
+    ("resnet152", Architecture(152, "bottleneck", 1, 64)),
+    ("resnext50_32x4d", Architecture(50, "bottleneck", 32, 4)),
+    ("resnext101_64x4d", Architecture(101, "bottleneck", 64, 4)),
+    ("wide_resnet50_2", Architecture(50, "bottleneck", 1, 128)),
+])
+def test_infer_architecture_from_shapes(builder, expected):
+    from convert.arch import infer_architecture
+
+    assert infer_architecture(_shapes(builder)) == expected
+
+
+def test_infer_architecture_refusals_say_what_they_found():
+    from convert.arch import infer_architecture
+
+    r18 = _shapes("resnet18")
+    plain_r = "only plain torchvision-style ResNets convert to detectron2's ResNet"
+    cases = [
+        (r18 | {"conv1.0.weight": (32, 3, 3, 3)},
+         f"x has a deep stem (ResNet-C/D/T: conv1 is a sequence of 3x3 convs) (e.g. 'conv1.0.weight'): {plain_r}"),
+        (r18 | {"layer2.0.downsample.2.weight": (128,), "layer1.0.se.fc1.weight": (4, 64, 1, 1)},
+         "x has average-pool shortcuts (ResNet-D: downsample = pool, conv, BN) (e.g. 'layer2.0.downsample.2.weight'); "
+         f"squeeze-and-excitation blocks (SE-ResNet) (e.g. 'layer1.0.se.fc1.weight'): {plain_r}"),
+        (r18 | {"conv1.weight": (64, 3, 3, 3)},
+         "x: conv1.weight has shape (64, 3, 3, 3), a plain ResNet stem is (64, 3, 7, 7) (a CIFAR-style 3x3 stem?)"),
+        (r18 | {"conv1.weight": (128, 3, 7, 7)},
+         "x: conv1.weight has shape (128, 3, 7, 7), a plain ResNet stem is (64, 3, 7, 7) (a width-multiplied ResNet "
+         "such as SwAV's or SimCLR's RN50w2?)"),
+        (r18 | {"conv1.weight": (64, 1, 7, 7)},
+         "x: conv1.weight has shape (64, 1, 7, 7), a plain ResNet stem is (64, 3, 7, 7)"),
+        ({k: v for k, v in r18.items() if k != "conv1.weight"},
+         "x: conv1.weight has shape (), a plain ResNet stem is (64, 3, 7, 7)"),
+        ({k: v for k, v in r18.items() if "running" not in k},
+         "x: its norm layers have no running statistics (GroupNorm?); detectron2's FrozenBN/BN need BatchNorm "
+         "statistics"),
+        ({k: v for k, v in r18.items() if not k.startswith("layer4.1.")},
+         "x has basic blocks per stage (2, 2, 2, 1), which is no ResNet depth we convert (R18: basic (2, 2, 2, 2), "
+         "R34: basic (3, 4, 6, 3), R50: bottleneck (3, 4, 6, 3), R101: bottleneck (3, 4, 23, 3), R152: bottleneck "
+         "(3, 8, 36, 3))"),
+    ]
+    for shapes, message in cases:
+        with pytest.raises(UsageError) as info:
+            infer_architecture(shapes, "x")
+        assert str(info.value) == message
+    with pytest.raises(UsageError) as info:
+        infer_architecture({k: v for k, v in r18.items() if k != "conv1.weight"})
+    assert str(info.value).startswith("the trunk: conv1.weight has shape ()")
