@@ -557,3 +557,110 @@ def test_infer_architecture_refusals_say_what_they_found():
     with pytest.raises(UsageError) as info:
         infer_architecture({k: v for k, v in r18.items() if k != "conv1.weight"})
     assert str(info.value).startswith("the trunk: conv1.weight has shape ()")
+
+
+def test_flatten_checkpoint_keys_entries_and_refusals(state):
+    obj = {"epoch": 7, "arch": "resnet18", "model": {"conv1.weight": state["conv1.weight"]},
+           "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]},
+           "ema": [torch.zeros(1), (np.arange(3.0), np.array(["a"]))], "names": np.array(["x", "y"])}
+    ckpt = flatten_checkpoint(obj, "ck.pth")
+    assert ckpt.path == "ck.pth" and ckpt.opaque == []
+    assert list(ckpt.tensors) == ["conv1.weight", "optimizer.state.0.momentum_buffer", "ema.0", "ema.1.0"]
+    assert ckpt.tensors["conv1.weight"] is state["conv1.weight"]
+    assert torch.equal(ckpt.tensors["ema.1.0"], torch.arange(3.0, dtype=torch.float64))
+    assert ckpt.entries.pop("names").tolist() == ["x", "y"]  # a string array is no weights: an entry
+    assert ckpt.entries == {"epoch": 7, "arch": "resnet18", "optimizer": "<container>", "ema": "<container>"}
+    # the first wrapper that is a dict is unwrapped, the others are entries
+    ckpt = flatten_checkpoint({"state_dict": [1], "model": {"a": torch.ones(1)}, "net": {"b": torch.ones(1)}})
+    assert list(ckpt.tensors) == ["a", "net.b"] and ckpt.path == "checkpoint"
+    for obj, message in [
+        ([state["conv1.weight"]], "'x.pth' is not a checkpoint: it holds a list, expected a dict of tensors"),
+        ({"epoch": 3, "args": {"lr": 0.1}, "b": "s"}, "'x.pth' holds no tensors (found entries: args, b, epoch); "
+                                                      "expected a model checkpoint"),
+        ({}, "'x.pth' holds no tensors (found entries: nothing); expected a model checkpoint"),
+        ({f"e{i:02d}": i for i in range(12)}, "'x.pth' holds no tensors (found entries: e00, e01, e02, e03, e04, e05, "
+                                              "e06, e07, e08, e09); expected a model checkpoint"),
+    ]:
+        with pytest.raises(UsageError) as info:
+            flatten_checkpoint(obj, "x.pth")
+        assert str(info.value) == message
+
+
+def test_extract_trunk_of_a_moco_checkpoint_names_every_key(state):
+    head = {"fc.0.weight": torch.randn(4, 512), "fc.0.bias": torch.zeros(4)}
+    counters = {"bn1.num_batches_tracked": torch.tensor(5)}
+    obj = {"epoch": 200, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(1)}}},
+           "state_dict": _moco(state | head | counters) | _moco(state, "module.encoder_k.") |
+           {"module.queue": torch.randn(2, 2), "module.queue_ptr": torch.zeros(1), "module.extra": torch.ones(1)}}
+    trunk = extract_trunk(flatten_checkpoint(obj, "m.pth"))
+    assert (trunk.source, trunk.author, trunk.prefix, trunk.arch, trunk.detected, trunk.opaque) == (
+        "moco", "MOCO", "module.encoder_q.", R18, True, [])
+    assert list(trunk.state) == list(state) and all(trunk.state[k] is state[k] for k in state)
+    assert trunk.original_keys == {k: f"module.encoder_q.{k}" for k in state}
+    dropped = dict(trunk.dropped)
+    assert len(trunk.dropped) == 3 + 100 + 3 + 1
+    assert {k: dropped[k] for k in ("module.encoder_q.fc.0.weight", "module.encoder_q.fc.0.bias",
+                                    "module.encoder_q.bn1.num_batches_tracked", "module.encoder_k.conv1.weight",
+                                    "module.queue", "module.queue_ptr", "module.extra",
+                                    "optimizer.state.0.momentum_buffer")} == {
+        "module.encoder_q.fc.0.weight": "projection head (MoCo v1 linear fc / v2 MLP fc.0, fc.2)",
+        "module.encoder_q.fc.0.bias": "projection head (MoCo v1 linear fc / v2 MLP fc.0, fc.2)",
+        "module.encoder_q.bn1.num_batches_tracked": "BN num_batches_tracked (detectron2 has no such buffer)",
+        "module.encoder_k.conv1.weight": "key (momentum) encoder",
+        "module.queue": "queue of negative keys", "module.queue_ptr": "queue pointer",
+        "module.extra": "not part of the trunk", "optimizer.state.0.momentum_buffer": "optimizer state"}
+    # --prefix with the source given: that source's names for everything else
+    trunk = extract_trunk(flatten_checkpoint(obj, "m.pth"), "moco", prefix="module.encoder_k.")
+    assert (trunk.source, trunk.prefix, trunk.detected) == ("moco", "module.encoder_k.", False)
+    assert dict(trunk.dropped)["module.encoder_q.conv1.weight"] == "another ResNet trunk (module.encoder_q.*)"
+
+
+def test_extract_trunk_refusals_say_what_they_found(state):
+    from convert.sources import key_prefixes
+
+    plain = flatten_checkpoint(dict(state), "p.pth")
+    lacking = flatten_checkpoint({k: v for k, v in state.items() if not k.startswith("layer1.1.bn")}, "p.pth")
+    extra = flatten_checkpoint(state | {"layer1.0.extra.weight": torch.ones(1)}, "p.pth")
+    reshaped = flatten_checkpoint(state | {"layer1.0.conv1.weight": torch.ones(64, 64, 1, 1)}, "p.pth")
+    d2 = flatten_checkpoint(to_detectron2(state), "d2.pkl")
+    heads = flatten_checkpoint({"head.a": torch.ones(1), "head.b": torch.ones(1), "x": torch.ones(1)}, "h.pth")
+    two = flatten_checkpoint(_moco(state, "a.") | _moco(state, "b."), "two.pth")
+    cases = [
+        (plain, dict(source="nope"), "unknown --source 'nope'; expected auto or one of " + ", ".join(SOURCES)),
+        (plain, dict(prefix="module."), "'p.pth': no ResNet trunk under --prefix 'module.' (no module.conv1.* next "
+                                        "to module.layer1.0.*). Trunks found: ''"),
+        (heads, dict(prefix="head."), "'h.pth': no ResNet trunk under --prefix 'head.' (no head.conv1.* next to "
+                                      "head.layer1.0.*). Trunks found: none"),
+        (plain, dict(source="moco"), "'p.pth' is not a moco checkpoint: no ResNet trunk at "
+                                     "'module.encoder_q.conv1.weight' or 'encoder_q.conv1.weight' (it holds keys "
+                                     f"under: {key_prefixes(state)})"),
+        (lacking, {}, "'p.pth': the trunk under '' is a ResNet-18 that lacks 8 tensor(s): layer1.1.bn1.bias, "
+                      "layer1.1.bn1.running_mean, layer1.1.bn1.running_var, layer1.1.bn1.weight, layer1.1.bn2.bias, "
+                      "layer1.1.bn2.running_mean, layer1.1.bn2.running_var, layer1.1.bn2.weight"),
+        (extra, {}, "'p.pth': the trunk under '' holds tensors a torchvision ResNet-18 does not have (not a plain "
+                    "ResNet?): layer1.0.extra.weight"),
+        (reshaped, {}, "'p.pth': the trunk under '': 'layer1.0.conv1.weight' has shape (64, 64, 1, 1), a torchvision "
+                       "ResNet-18 has (64, 64, 3, 3)"),
+        (d2, {}, "'d2.pkl' is in detectron2's names already (stem.*, res2.* ...): a converted backbone? Pass it to "
+                 "transfer as MODEL.WEIGHTS, or convert the original checkpoint"),
+        (heads, {}, "'h.pth' holds no ResNet trunk: no prefix with conv1.* next to layer1.0.* (torchvision names) or "
+                    "0.weight next to 4.0.* (nn.Sequential of its children). It holds keys under: head (2), x (1)"),
+        (two, {}, "'two.pth' holds 2 complete ResNet trunks and no known layout says which one is the encoder: "
+                  "'a.' (ResNet-18), 'b.' (ResNet-18); choose one with --prefix (e.g. --prefix 'a.')"),
+    ]
+    for ckpt, kwargs, message in cases:
+        with pytest.raises(UsageError) as info:
+            extract_trunk(ckpt, **kwargs)
+        assert str(info.value) == message
+    twelve = flatten_checkpoint({k: v for k, v in state.items()
+                                 if not k.startswith(("layer1.1.bn", "layer1.0.bn1."))}, "p.pth")
+    with pytest.raises(UsageError) as info:  # a generic trunk lacking blocks: discovery gives its first error
+        extract_trunk(flatten_checkpoint(_moco({k: v for k, v in state.items() if not k.startswith("layer2.1.bn")},
+                                               "enc."), "g.pth"))
+    assert str(info.value).startswith("'g.pth': the trunk under 'enc.' is a ResNet-18 that lacks 8 tensor(s): "
+                                      "enc.layer2.1.bn1.bias, ")
+    with pytest.raises(UsageError) as info:
+        extract_trunk(twelve)
+    message = str(info.value)
+    assert message.startswith("'p.pth': the trunk under '' is a ResNet-18 that lacks 12 tensor(s): layer1.0.bn1.bias, ")
+    assert message.endswith(", layer1.1.bn1.weight ...") and message.count(", ") == 7
