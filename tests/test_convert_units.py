@@ -701,3 +701,36 @@ def test_convert_checkpoint_writes_the_pkl_and_its_report(state, tmp_path):
     text = (tmp_path / "r18.json").read_text()
     assert text == json.dumps(report.as_dict(), indent=2) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moco_r18.pth.tar", "r18.json", "r18.pkl"]
+
+
+def test_detectron2_backbone_settings():
+    """The `_moco` transfer configs' input settings (RGB, torchvision's ImageNet mean/std in 0-255: 0.485/0.456/0.406
+    and 0.229/0.224/0.225 times 255) and the trunk's architecture, every stage out, nothing frozen."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from convert.verify import detectron2_resnet_cfg
+
+    cfg = detectron2_resnet_cfg(Architecture(50, "bottleneck", 32, 4), norm="BN")
+    assert (cfg.MODEL.DEVICE, cfg.INPUT.FORMAT, cfg.MODEL.BACKBONE.FREEZE_AT) == ("cpu", "RGB", 0)
+    assert cfg.MODEL.PIXEL_MEAN == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
+    assert cfg.MODEL.PIXEL_STD == pytest.approx([0.229 * 255, 0.224 * 255, 0.225 * 255])
+    assert (cfg.MODEL.RESNETS.OUT_FEATURES, cfg.MODEL.RESNETS.NORM) == (["res2", "res3", "res4", "res5"], "BN")
+    assert {k: cfg.MODEL.RESNETS[k] for k in ("DEPTH", "NUM_GROUPS", "WIDTH_PER_GROUP", "RES2_OUT_CHANNELS",
+                                              "STRIDE_IN_1X1")} == {"DEPTH": 50, "NUM_GROUPS": 32, "WIDTH_PER_GROUP": 4,
+                                                                    "RES2_OUT_CHANNELS": 256, "STRIDE_IN_1X1": False}
+    assert detectron2_resnet_cfg(R18).MODEL.RESNETS.NORM == "FrozenBN"
+    model = build_detectron2_resnet(R18)
+    assert not model.training and isinstance(model.stem.conv1.norm, FrozenBatchNorm2d)
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and all(p.requires_grad for p in model.parameters())
+    assert model.res2[0].conv1.weight.shape == (64, 64, 3, 3) and model.res5[1].conv2.weight.shape == (512, 512, 3, 3)
+    assert isinstance(build_detectron2_resnet(R18, norm="BN").stem.conv1.norm, torch.nn.BatchNorm2d)
+
+
+def test_is_array_takes_numeric_arrays_only():
+    from convert.sources import _is_array
+
+    for value in (torch.ones(1), np.zeros(2, np.float32), np.arange(3), np.array([True]), np.array([1j]),
+                  np.uint8(3), np.float64(0.5)):
+        assert _is_array(value) is True, value
+    for value in (np.array(["a"]), np.array([None], dtype=object), [1.0], 1.0, "x", None, {"a": torch.ones(1)}):
+        assert _is_array(value) is False, value
