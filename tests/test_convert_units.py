@@ -734,3 +734,49 @@ def test_is_array_takes_numeric_arrays_only():
         assert _is_array(value) is True, value
     for value in (np.array(["a"]), np.array([None], dtype=object), [1.0], 1.0, "x", None, {"a": torch.ones(1)}):
         assert _is_array(value) is False, value
+
+
+def test_configure_resnet_takes_the_pkls_architecture(state, tmp_path):
+    from detectron2.config import get_cfg
+
+    from convert.api import configure_resnet
+
+    torch.save(state, tmp_path / "r18.pth")
+    pkl = str(tmp_path / "r18.pkl")
+    convert_checkpoint(tmp_path / "r18.pth", pkl, verify=False)
+
+    cfg = get_cfg()  # GeneralizedRCNN with detectron2's default Res5ROIHeads: res5 of bottlenecks
+    cfg.MODEL.WEIGHTS = pkl
+    with pytest.raises(UsageError) as info:
+        configure_resnet(cfg)
+    assert str(info.value) == (f"MODEL.WEIGHTS {pkl!r} holds a ResNet-18 (basic blocks) but MODEL.ROI_HEADS.NAME "
+                               "Res5ROIHeads builds res5 from bottleneck blocks; use an FPN config")
+    cfg = get_cfg()
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    assert configure_resnet(cfg, pkl) == ["MODEL.RESNETS from r18.pkl (ResNet-18): DEPTH 18, RES2_OUT_CHANNELS 64, "
+                                          "STRIDE_IN_1X1 False"]
+    assert {k: cfg.MODEL.RESNETS[k] for k in ("DEPTH", "NUM_GROUPS", "WIDTH_PER_GROUP", "RES2_OUT_CHANNELS",
+                                              "STRIDE_IN_1X1")} == R18.detectron2_resnets()
+    assert configure_resnet(cfg, pkl) == []  # already so
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"  # no ROI heads, whatever their default name
+    cfg.MODEL.WEIGHTS = pkl
+    assert len(configure_resnet(cfg)) == 1 and cfg.MODEL.RESNETS.DEPTH == 18
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = 101
+    cfg.MODEL.WEIGHTS = pkl
+    with pytest.raises(UsageError) as info:
+        configure_resnet(cfg)
+    assert str(info.value) == (f"MODEL.RESNETS.DEPTH is 101 but MODEL.WEIGHTS {pkl!r} holds a ResNet-18 (DEPTH 18); "
+                               "drop the override or convert the matching checkpoint")
+    # weights without a recorded architecture leave the config as it is
+    with open(tmp_path / "list.pkl", "wb") as f:
+        pickle.dump([1], f)
+    with open(tmp_path / "zoo.pkl", "wb") as f:
+        pickle.dump({"model": {}, "resnets": "R-50"}, f)
+    for path in (str(tmp_path / "r18.pth"), str(tmp_path / "absent.pkl"), str(tmp_path / "list.pkl"),
+                 str(tmp_path / "zoo.pkl"), ""):
+        cfg = get_cfg()
+        cfg.MODEL.RESNETS.DEPTH = 101
+        cfg.MODEL.WEIGHTS = path
+        assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 101, path
