@@ -780,3 +780,18 @@ def test_configure_resnet_takes_the_pkls_architecture(state, tmp_path):
         cfg.MODEL.RESNETS.DEPTH = 101
         cfg.MODEL.WEIGHTS = path
         assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 101, path
+
+
+def test_infer_architecture_reads_groups_only_from_a_whole_division():
+    """layer1.0.conv2 of (width, width / groups) gives groups and width_per_group; a shape that is no grouped conv
+    leaves the defaults (the trunk's shape check then names the tensor)."""
+    from convert.arch import infer_architecture
+
+    r50 = _shapes("resnet50")
+    assert infer_architecture(r50 | {"layer1.0.conv2.weight": (256, 8, 3, 3)}) == Architecture(50, "bottleneck", 32, 8)
+    for odd in ((100, 30, 3, 3), (64, 0, 3, 3)):
+        assert infer_architecture(r50 | {"layer1.0.conv2.weight": odd}) == Architecture(50, "bottleneck", 1, 64)
+    assert infer_architecture({k: v for k, v in r50.items() if k != "layer1.0.conv2.weight"}) == \
+        Architecture(50, "bottleneck", 1, 64)
+    # basic blocks have no groups (torchvision's BasicBlock refuses them): never read from their conv2
+    assert infer_architecture(_shapes("resnet18") | {"layer1.0.conv2.weight": (64, 32, 3, 3)}) == R18
