@@ -795,3 +795,28 @@ def test_infer_architecture_reads_groups_only_from_a_whole_division():
         Architecture(50, "bottleneck", 1, 64)
     # basic blocks have no groups (torchvision's BasicBlock refuses them): never read from their conv2
     assert infer_architecture(_shapes("resnet18") | {"layer1.0.conv2.weight": (64, 32, 3, 3)}) == R18
+
+
+def _sequential(state, prefix):
+    """lightly's backbone, nn.Sequential(*list(resnet.children())[:-1]): children numbered 0 (conv1) ... 7 (layer4)."""
+    numbers = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
+    return {prefix + numbers[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v for k, v in state.items()}
+
+
+def test_trunk_prefixes_in_both_namings(state):
+    from convert.sources import _candidate_prefixes, _naming_at, _rename
+
+    keys = (_moco(state, "b.") | _sequential(state, "seq.") | _moco(state, "enc.layer1.0.inner.")
+            | {"xlayer1.0.w": torch.ones(1), "only.layer1.0.w": torch.ones(1), "only.4.0.w": torch.ones(1)})
+    assert _candidate_prefixes(keys) == ["b.", "seq.", "enc.layer1.0.inner."]  # shortest first
+    assert [_naming_at(keys, p) for p in ("b.", "seq.", "enc.layer1.0.inner.", "enc.", "only.", "")] == [
+        "torchvision", "sequential", "torchvision", None, None, None]
+    assert _candidate_prefixes(_sequential(state, "")) == [""]
+    assert [_rename(n, "sequential") for n in ("0.weight", "1.running_var", "4.0.conv1.weight", "7.1.bn2.bias",
+                                               "2.x", "8.y", "fc.weight")] == [
+        "conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer4.1.bn2.bias", None, None, None]
+    assert _rename("4.0.conv1.weight", "torchvision") == "4.0.conv1.weight"
+    trunk = extract_trunk(flatten_checkpoint(_sequential(state, "backbone.") | {"head.w": torch.ones(1)}, "l.pth"))
+    assert (trunk.source, trunk.prefix, trunk.original_keys["layer2.1.bn1.weight"]) == ("lightly", "backbone.",
+                                                                                       "backbone.5.1.bn1.weight")
+    assert all(trunk.state[k] is v for k, v in zip(state, _sequential(state, "backbone.").values()))
