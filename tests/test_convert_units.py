@@ -820,3 +820,24 @@ def test_trunk_prefixes_in_both_namings(state):
     assert (trunk.source, trunk.prefix, trunk.original_keys["layer2.1.bn1.weight"]) == ("lightly", "backbone.",
                                                                                        "backbone.5.1.bn1.weight")
     assert all(trunk.state[k] is v for k, v in zip(state, _sequential(state, "backbone.").values()))
+
+
+def test_timm_checkpoints_name_their_model(state):
+    """timm's train.py saves args (argparse.Namespace) with the model name: plain ResNets convert, others are
+    refused by name."""
+    def ckpt(args):
+        return flatten_checkpoint({"state_dict": state, "arch": "x", "version": 2, "args": args}, "t.pth.tar")
+
+    for name in ("resnet18", "resnet50.a1_in1k", "resnext101_32x8d", "resnext50_32x4d.fb_ssl", "wide_resnet101_2",
+                 "resnet152"):
+        trunk = extract_trunk(ckpt(argparse.Namespace(model=name)))
+        assert (trunk.source, trunk.author) == ("timm", "timm"), name
+    for args in (None, argparse.Namespace(lr=0.1)):  # no model name: nothing to refuse
+        assert extract_trunk(ckpt(args)).source == "timm"
+    for name in ("resnet50d", "seresnet50", "resnetaa50", "resnet26", "xresnet50", "resnext50d_32x4d"):
+        with pytest.raises(UsageError) as info:
+            extract_trunk(ckpt(argparse.Namespace(model=name)))
+        assert str(info.value) == (
+            f"'t.pth.tar' is a timm {name!r} (args.model): not a plain ResNet (timm's anti-aliased, blur-pool, "
+            "deep-stem, SE and ECA variants compute something detectron2's ResNet does not); supported: resnet18 ... "
+            "resnet152, resnext*, wide_resnet*")
