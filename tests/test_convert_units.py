@@ -5,6 +5,8 @@ Every assertion names exact values: the texts a user reads, the fields OUT.json 
 verification reports. Checkpoints are written with torch.save and read back through `read_checkpoint`.
 """
 import argparse
+import collections
+import fractions
 import hashlib
 import json
 import pathlib
@@ -841,3 +843,39 @@ def test_timm_checkpoints_name_their_model(state):
             f"'t.pth.tar' is a timm {name!r} (args.model): not a plain ResNet (timm's anti-aliased, blur-pool, "
             "deep-stem, SE and ECA variants compute something detectron2's ResNet does not); supported: resnet18 ... "
             "resnet152, resnext*, wide_resnet*")
+
+
+def test_framework_globals_only_when_every_global_is_bookkeeping(tmp_path):
+    from convert.sources import _framework_globals, _numpy_global
+
+    def globals_of(name, obj, **kwargs):
+        torch.save(obj, tmp_path / name, **kwargs)
+        return _framework_globals(str(tmp_path / name))
+
+    path = pathlib.PosixPath("/runs/moco")
+    with_numpy = globals_of("np.pth", {"p": path, "h": np.arange(3.0), "args": argparse.Namespace(lr=0.1)})
+    assert "pathlib.PosixPath" in with_numpy and with_numpy == sorted(with_numpy)
+    assert "argparse.Namespace" not in with_numpy and all(n.startswith(("pathlib.", "numpy.")) for n in with_numpy)
+    assert all(_numpy_global(n) is not None for n in with_numpy if n.startswith("numpy."))
+    assert globals_of("p.pth", {"p": path, "t": collections.defaultdict(int)}) == [
+        "builtins.int", "collections.defaultdict", "pathlib.PosixPath"]  # omegaconf-style type references
+    assert globals_of("np_only.pth", {"h": np.arange(3.0)}) == []  # no framework object: the refusal stands
+    assert globals_of("odd.pth", {"p": path, "f": fractions.Fraction(1, 3)}) == []  # another global: refused
+    assert globals_of("legacy.pth", {"p": path}, _use_new_zipfile_serialization=False) == []  # not a zip
+    assert _numpy_global("numpy.ndarray") is np.ndarray
+    assert _numpy_global("numpy.dtypes.Float64DType") is np.dtypes.Float64DType
+    for name in ("numpy.linalg.inv", "numpy.dtypes.NoSuchDType", "numpy.core.multiarray.array", "os.system"):
+        assert _numpy_global(name) is None, name
+
+
+def test_unreadable_safetensors_say_what_they_are(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    cases = [
+        ("absent.safetensors", f"checkpoint {str(tmp_path / 'absent.safetensors')!r} does not exist"),
+        ("bad.safetensors", f"{str(tmp_path / 'bad.safetensors')!r} is not a readable safetensors file: "),
+    ]
+    for name, message in cases:
+        with pytest.raises(UsageError) as info:
+            read_checkpoint(tmp_path / name)
+        assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+        assert str(info.value) == message or message.endswith(": ")
