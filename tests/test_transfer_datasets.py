@@ -145,3 +145,112 @@ def test_num_classes_follow_a_synth_tree_and_must_match_builtin_data(synth_root)
     cfg.DATASETS.TEST = ("voc_2007_test",)
     with pytest.raises(UsageError, match=f"NUM_CLASSES is {n} but dataset 'voc_2007_test' has 20 classes"):
         datasets.check_num_classes(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every generated name's metadata and records, registered inside the test (a module fixture's registration would
+# count for its first test only, and register_synth_datasets skips names already registered for the same root)
+
+# evaluator_type per format: what transfer.evaluation dispatches on
+SYNTH_EVALUATORS = {"voc": "pascal_voc", "coco": "coco", "coco_keypoints": "coco", "lvis": "lvis",
+                    "cityscapes_instance": "cityscapes_instance", "cityscapes_sem_seg": "cityscapes_sem_seg",
+                    "voc_sem_seg": "sem_seg"}
+
+
+@pytest.fixture
+def fresh_synth(synth_root):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in datasets.SYNTH_DATASETS:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    return os.path.abspath(synth_root), datasets.register_synth_datasets(synth_root)
+
+
+def test_every_synth_name_has_its_evaluator_and_paths_and_passes_the_checks(fresh_synth):
+    from detectron2.data import MetadataCatalog
+
+    root, meta = fresh_synth
+    for name, (fmt, split) in datasets.SYNTH_DATASETS.items():
+        info = MetadataCatalog.get(name)
+        assert info.evaluator_type == SYNTH_EVALUATORS[fmt], name
+        assert info.synth_root == root
+        if fmt.startswith("cityscapes"):
+            assert info.image_dir == os.path.join(root, "cityscapes", "leftImg8bit", split)
+            assert info.gt_dir == os.path.join(root, "cityscapes", "gtFine", split)
+        elif fmt in ("coco", "coco_keypoints"):
+            prefix = "instances" if fmt == "coco" else "person_keypoints"
+            assert info.json_file == os.path.join(root, "coco", "annotations", f"{prefix}_{split}2017.json")
+            assert info.image_root == os.path.join(root, "coco", f"{split}2017")
+            assert list(info.thing_classes) == (meta["class_names"] if fmt == "coco" else ["person"])
+        elif fmt == "voc":
+            assert (info.dirname, info.split, info.year) == (os.path.join(root, "VOC2007"), split, meta["voc_year"])
+        elif fmt == "lvis":
+            assert info.json_file == os.path.join(root, "lvis", f"lvis_v0.5_{split}.json")
+            assert info.image_root == os.path.join(root, "coco", "")  # detectron2 appends "val2017/<file>"
+            assert list(info.thing_classes) == meta["class_names"]
+        elif fmt == "voc_sem_seg":
+            assert info.dirname == os.path.join(root, "VOC2012") and info.split == split
+            assert info.label_dir == {"train_aug": "SegmentationClassAug", "val": "SegmentationClass"}[split]
+            assert list(info.stuff_classes) == ["background", *meta["class_names"]] and info.ignore_label == 255
+        # every file the checks look for is where the registration points
+        datasets.check_dataset(name)
+    assert datasets.check_dataset("synth_voc_2012_sem_seg_train_aug", training=True) is None  # greyscale labels
+
+
+@pytest.mark.parametrize("split,label_dir", [("train_aug", "SegmentationClassAug"), ("val", "SegmentationClass")])
+def test_voc_segmentation_records_follow_the_split_list(fresh_synth, split, label_dir):
+    from detectron2.data import DatasetCatalog
+
+    root, meta = fresh_synth
+    dirname = os.path.join(root, "VOC2012")
+    with open(os.path.join(dirname, "ImageSets", "Segmentation", f"{split}.txt")) as f:
+        ids = f.read().split()
+    assert len(ids) == meta["splits"]["voc_seg"][split]
+    expected = [{"file_name": os.path.join(dirname, "JPEGImages", f"{i}.jpg"),
+                 "sem_seg_file_name": os.path.join(dirname, label_dir, f"{i}.png"), "image_id": i} for i in ids]
+    assert DatasetCatalog.get(f"synth_voc_2012_sem_seg_{split}") == expected
+    assert datasets.load_voc_sem_seg(dirname, split, label_dir) == expected
+    assert all(os.path.isfile(r["file_name"]) and os.path.isfile(r["sem_seg_file_name"]) for r in expected)
+
+
+def test_palette_labels_for_training_name_the_dataset_and_the_png(fresh_synth):
+    root, _ = fresh_synth
+    dirname = os.path.join(root, "VOC2012")
+    with open(os.path.join(dirname, "ImageSets", "Segmentation", "val.txt")) as f:
+        first = f.readline().strip()
+    datasets.check_dataset("synth_voc_2012_sem_seg_val")  # evaluation reads the palette indices: fine
+    with pytest.raises(UsageError) as e:
+        datasets.check_dataset("synth_voc_2012_sem_seg_val", training=True)
+    png = os.path.join(dirname, "SegmentationClass", f"{first}.png")
+    assert str(e.value) == (
+        f"dataset 'synth_voc_2012_sem_seg_val': {png!r} is a 'P' PNG; training reads labels as greyscale class "
+        "indices (detectron2's DatasetMapper converts to 'L'), so a palette PNG would train on its colours' "
+        "luminance. Train on greyscale labels (VOC: SegmentationClassAug)")
+
+
+def test_builtin_voc_segmentation_names_point_under_the_root_once(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    def unregister():
+        for name in datasets.VOC_SEM_SEG_SPLITS:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+    unregister()
+    try:
+        datasets.register_builtin_voc_sem_seg(str(tmp_path))
+        datasets.register_builtin_voc_sem_seg(str(tmp_path / "elsewhere"))  # registered names are kept
+        for name, split in datasets.VOC_SEM_SEG_SPLITS.items():
+            info = MetadataCatalog.get(name)
+            assert (info.dirname, info.split, info.evaluator_type) == (str(tmp_path / "VOC2012"), split, "sem_seg")
+            assert list(info.stuff_classes) == ["background", *datasets.VOC_CLASS_NAMES]  # 21: VOC's 20 + background
+        with pytest.raises(UsageError) as e:
+            datasets.check_dataset("voc_2012_sem_seg_train_aug")
+        segmentation_list = str(tmp_path / "VOC2012" / "ImageSets" / "Segmentation" / "train_aug.txt")
+        assert str(e.value).startswith(f"dataset 'voc_2012_sem_seg_train_aug': {segmentation_list!r} does not exist")
+        assert "  SegmentationClassAug/<id>.png   (class index per pixel, 255 = ignore)" in str(e.value)
+    finally:
+        unregister()
+        datasets.register_builtin_voc_sem_seg(datasets.datasets_root())
