@@ -254,3 +254,42 @@ def test_builtin_voc_segmentation_names_point_under_the_root_once(tmp_path):
     finally:
         unregister()
         datasets.register_builtin_voc_sem_seg(datasets.datasets_root())
+
+
+GUIDE = "\nNothing is downloaded here: put the data there, or point DETECTRON2_DATASETS at its root."
+# builtin name -> (first missing path, the layout lines), {r} = $DETECTRON2_DATASETS ({{ }}: a brace); detectron2
+# registers the Cityscapes dirs and the LVIS image root with a trailing "/", hence the "//"
+BUILTIN_LAYOUTS = {
+    "voc_2007_test": ("{r}/VOC2007/ImageSets/Main/test.txt",
+                      "{r}/VOC2007/\n  Annotations/<id>.xml\n  ImageSets/Main/test.txt   (one image id per line)\n"
+                      "  JPEGImages/<id>.jpg"),
+    "coco_2017_val": ("{r}/coco/annotations/instances_val2017.json",
+                      "{r}/coco/annotations/instances_val2017.json   (COCO / LVIS json)\n"
+                      "{r}/coco/val2017/<file_name>   (the images it lists)"),
+    "keypoints_coco_2017_train": ("{r}/coco/annotations/person_keypoints_train2017.json",
+                                  "{r}/coco/annotations/person_keypoints_train2017.json   (COCO / LVIS json)\n"
+                                  "{r}/coco/train2017/<file_name>   (the images it lists)"),
+    "lvis_v0.5_val": ("{r}/lvis/lvis_v0.5_val.json",
+                      "{r}/lvis/lvis_v0.5_val.json   (COCO / LVIS json)\n"
+                      "{r}/coco//<file_name>   (the images it lists)"),
+    "cityscapes_fine_sem_seg_train": (
+        "{r}/cityscapes/leftImg8bit/train/",
+        "{r}/cityscapes/leftImg8bit/train//<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
+        "{r}/cityscapes/gtFine/train//<city>/<city>_<seq>_<frame>_gtFine_{{polygons.json,labelIds.png,instanceIds.png,"
+        "labelTrainIds.png}}\n"
+        "(labelTrainIds.png: cityscapesscripts/preparation/createTrainIdLabelImgs.py)"),
+    "voc_2012_sem_seg_val": ("{r}/VOC2012/ImageSets/Segmentation/val.txt",
+                             "{r}/VOC2012/\n  ImageSets/Segmentation/val.txt   (one image id per line; train_aug: VOC "
+                             "train + SBD, 10582 ids)\n  JPEGImages/<id>.jpg\n  SegmentationClass/<id>.png   (class "
+                             "index per pixel, 255 = ignore)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_LAYOUTS))
+def test_each_builtin_family_names_its_first_missing_path_and_layout(name):
+    r = datasets.datasets_root()
+    missing, layout = (text.format(r=r) for text in BUILTIN_LAYOUTS[name])
+    with pytest.raises(UsageError) as e:
+        datasets.check_dataset(name, training=True)  # nothing to read: the files come first
+    assert str(e.value) == (f"dataset {name!r}: {missing!r} does not exist (DETECTRON2_DATASETS={r!r}). Expected "
+                            f"layout:\n{layout}{GUIDE}")
