@@ -328,3 +328,12 @@ def test_every_synth_name_loads_its_split_with_detectron2s_reader(fresh_synth):
         assert len(records) == meta["splits"][splits.get(fmt, fmt)][split] > 0, name
         assert records == readers[fmt](MetadataCatalog.get(name)), name
         assert all(r["file_name"].startswith(root + os.sep) and os.path.isfile(r["file_name"]) for r in records)
+
+
+def test_only_training_datasets_need_greyscale_labels(fresh_synth):
+    config = os.path.join(REPO, "configs", "semseg", "tiny_synth_voc_R18_FCN_cpu.yaml")
+    cfg = load_config(config)  # trains on train_aug (greyscale), evaluates on val (palette, as SemSegEvaluator reads)
+    assert datasets.check_datasets(cfg) is None
+    cfg = load_config(config, ["DATASETS.TRAIN", "('synth_voc_2012_sem_seg_val',)"])
+    with pytest.raises(UsageError, match=r"^dataset 'synth_voc_2012_sem_seg_val': .*SegmentationClass/.* is a 'P' PNG"):
+        datasets.check_datasets(cfg)
