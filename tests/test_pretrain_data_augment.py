@@ -191,6 +191,17 @@ def test_application_probabilities(version, view_index, expected, monkeypatch):
         assert abs(rates[key] - p) <= _rate_tolerance(p, n), message
 
 
+def test_brightness_rounds_every_grey_level_to_the_nearest():
+    # the official ColorJitter works on PIL images (integers); a look-up table that truncated, or rounded the wrong
+    # way, would darken every image by up to one grey level
+    levels = np.arange(256, dtype=np.float64)
+    image = np.repeat(levels.astype(np.uint8)[None, :, None], 3, axis=2)
+    for factor in (0.37, 0.6, 1.3):
+        out = augment.adjust_brightness(image, factor)[0, :, 0].astype(np.float64)
+        exact = np.minimum(levels * factor, 255.0)
+        assert np.abs(out - exact).max() <= 0.5 + 1e-4, factor
+
+
 def test_photometric_ops_match_torchvision_functional():
     img = colourful_image(48, 48, seed=4)
     tensor = torch.from_numpy(img).permute(2, 0, 1).contiguous()

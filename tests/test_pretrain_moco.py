@@ -162,6 +162,28 @@ def test_split_bn_without_affine_parameters_and_conversion_flags():
     assert (direct.eps, direct.momentum) == (0.25, 0.5)
 
 
+def test_split_batchnorm_keeps_channels_last_and_computes_the_same():
+    torch.manual_seed(0)
+    nchw, nhwc = SplitBatchNorm(6, 4), SplitBatchNorm(6, 4)
+    nchw.weight.data.uniform_(0.5, 1.5)
+    nchw.bias.data.uniform_(-1, 1)
+    nhwc.load_state_dict(nchw.state_dict())
+    x = torch.randn(8, 6, 5, 5) * 3 + 1
+    x_nhwc = x.clone().to(memory_format=torch.channels_last).requires_grad_()
+    x = x.requires_grad_()
+    y, y_nhwc = nchw(x), nhwc(x_nhwc)
+    assert y_nhwc.is_contiguous(memory_format=torch.channels_last)  # no conversion for the next conv
+    torch.testing.assert_close(y_nhwc, y)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_nhwc.backward(grad)
+    torch.testing.assert_close(x_nhwc.grad, x.grad)
+    torch.testing.assert_close(nhwc.weight.grad, nchw.weight.grad)
+    torch.testing.assert_close(nhwc.bias.grad, nchw.bias.grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(nhwc, name), getattr(nchw, name))
+
+
 def test_split_bn_rejects_indivisible_batch():
     split = SplitBatchNorm(4, num_splits=4)
     message = r"batch of 6 samples is not divisible into 4 BN groups \(MOCO.SHUFFLE_BN_SPLITS must divide the per-"

@@ -220,8 +220,9 @@ def test_a_metric_missing_for_one_init_is_a_dash_not_a_crash(tmp_path):
 
     path = os.path.join(REPO, "configs", "detection", "tiny_synth_coco_R_50_FPN.yaml")
     box = {"AP": 30.0, "AP50": 50.0, "AP75": 31.0}
+    nan_ap = dict(box, AP=math.nan)  # NaN and missing metrics in one seed: both named
     for init, seed, results in (("supervised", 0, {"bbox": box, "segm": box}), ("supervised", 1, {"bbox": box}),
-                                ("moco", 0, {"bbox": box})):
+                                ("moco", 0, {"bbox": box}), ("moco", 1, {"bbox": nan_ap, "segm": {"AP": 1.0}})):
         cfg = load_config(path, ["OUTPUT_DIR", str(tmp_path / init / f"seed{seed}"), "SEED", str(seed)])
         rec = record.build_record(cfg, config_file=path, opts=[], init_name=init, weights_info=None, trial=seed,
                                   world_size=1, eval_only=False, resumed=False, iteration=2, seconds=1.0,
@@ -231,10 +232,18 @@ def test_a_metric_missing_for_one_init_is_a_dash_not_a_crash(tmp_path):
     [table] = summary["tables"].values()
     assert [c["title"] for c in table["columns"]] == ["AP^bb", "AP^bb_50", "AP^bb_75", "AP^mk", "AP^mk_50",
                                                       "AP^mk_75"]
-    assert [table["rows"][i]["cells"]["segm/AP"]["n"] for i in ("supervised", "moco")] == [1, 0]
+    assert [table["rows"][i]["cells"]["segm/AP"]["n"] for i in ("supervised", "moco")] == [1, 1]
+    assert [table["rows"][i]["cells"]["segm/AP50"]["n"] for i in ("supervised", "moco")] == [1, 0]
     line = next(x for x in summary["markdown"].splitlines() if x.startswith("| moco |"))
-    assert line.count("| – ") == 3 and "30.0 (n=1), Δ +0.0 (no CI)" in line
-    assert {(f["init"], f["seed"]) for f in table["failures"]} == {("supervised", 1), ("moco", 0)}
+    assert line.count("| – ") == 2 and "30.0 (n=1), Δ +0.0 (no CI)" in line
+    assert table["failures"] == [
+        {"dir": str(tmp_path / "supervised" / "seed1"), "init": "supervised", "seed": 1,
+         "why": "segm/AP, segm/AP50, segm/AP75 missing"},
+        {"dir": str(tmp_path / "moco" / "seed0"), "init": "moco", "seed": 0,
+         "why": "segm/AP, segm/AP50, segm/AP75 missing"},
+        {"dir": str(tmp_path / "moco" / "seed1"), "init": "moco", "seed": 1,
+         "why": "bbox/AP NaN (null in results.json; e.g. an evaluation without detections); segm/AP50, segm/AP75 "
+                "missing"}]
 
 
 @pytest.mark.slow  # the study: 7 real trials, built once

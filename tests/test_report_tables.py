@@ -417,9 +417,128 @@ def test_unreadable_runs_are_listed_after_the_tables(runs, tmp_path):
     bad = tmp_path / "bad" / "seed0"
     bad.mkdir(parents=True)
     (bad / "results.json").write_text("[]")
-    md = report.write_report([str(runs / "B"), str(tmp_path / "bad")], str(tmp_path / "out"))["markdown"]
+    summary = report.write_report([str(runs / "B"), str(tmp_path / "bad")], str(tmp_path / "out"))
+    assert set(summary) == {"tables", "not_read", "markdown", "files"}
+    why = f"{bad / 'results.json'}: expected a JSON object (a mocobench run record), got list"
+    assert summary["not_read"] == [{"path": str(bad / "results.json"), "why": why}]
+    md = summary["markdown"]
     lines = md.splitlines()
     assert lines[0] == "# Transfer results" and "| supervised | 0.75 (n=1) | 0.50 (n=1) | 0.25 (n=1) |" in md
     i = lines.index("## Not read")
     assert lines[i + 1:] == ["", f"- `{bad / 'results.json'}`: {bad / 'results.json'}: expected a JSON object (a "
                                  "mocobench run record), got list"]
+
+
+@pytest.mark.parametrize("config, results, column", [
+    # detectron2's SemSegEvaluator (VOC) and CityscapesSemSegEvaluator: their headline metrics are mIoU and IoU
+    ("tiny_synth_voc_R18_FCN_cpu.yaml", {"mIoU": 61.5, "fwIoU": 70.25, "mACC": 66.0, "pACC": 80.5}, "mIoU"),
+    ("tiny_synth_cityscapes_R18_FCN_cpu.yaml", {"IoU": 41.5, "iIoU": 20.0, "IoU_sup": 70.0, "iIoU_sup": 50.0}, "IoU"),
+])
+def test_a_plain_detectron2_semantic_run_reads_its_evaluation(tmp_path, config, results, column):
+    cfg = load_config(os.path.join(REPO, "configs", "semseg", config), ["OUTPUT_DIR", str(tmp_path)])
+    [dataset] = cfg.DATASETS.TEST
+    write_plain_detectron2_run(str(tmp_path / "runs" / "d2run"), cfg, {"sem_seg": results})
+    run, problem = report._plain_detectron2_run(str(tmp_path / "runs" / "d2run"))
+    assert problem is None and "why" not in run
+    assert run["results"] == {dataset: {"sem_seg": results}}
+    summary = report.write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    [table] = summary["tables"].values()
+    assert [c["key"] for c in table["columns"]] == [f"sem_seg/{column}"] and table["failures"] == []
+    assert f"| random init ‡ | {results[column]:.1f} (n=1) | config.yaml |" in summary["markdown"].splitlines()
+
+
+def test_seeds_without_results_say_why(tmp_path):
+    write_trial(tmp_path, "supervised", 0, (80.0, 50.0, 55.0))
+    # a record whose evaluation returned nothing, and a plain detectron2 run that stopped before its evaluation
+    out = tmp_path / "moco" / "seed1"
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(out), "SEED", "1"])
+    rec = record.build_record(cfg, config_file=CONFIG, opts=[], init_name="moco", weights_info=None, trial=1,
+                              world_size=1, eval_only=False, resumed=False, iteration=300, seconds=1.0, results={},
+                              evaluator_types={})
+    record.write_record(out / record.RESULTS_FILE, rec)
+    plain = tmp_path / "plain" / "d2run"
+    write_plain_detectron2_run(str(plain), load_config(CONFIG, ["MODEL.WEIGHTS", "/w/swav.pkl"]), None)
+    summary = report.write_report([str(tmp_path)], str(tmp_path / "out"))
+    [table] = summary["tables"].values()
+    assert table["failures"] == [
+        {"dir": str(out), "init": "moco", "seed": 1,
+         "why": f"no results for {TEST_SET} (evaluation failed, or no evaluator for it)"},
+        {"dir": str(plain), "init": "swav", "seed": -1,
+         "why": "metrics.json has no final evaluation (training unfinished, or evaluation failed)"}]
+    lines = summary["markdown"].splitlines()
+    i = lines.index("Seeds left out of a mean:")
+    assert lines[i + 1:i + 4] == [
+        "", f"- `{out}` (moco, seed 1): no results for {TEST_SET} (evaluation failed, or no evaluator for it)",
+        f"- `{plain}` (swav, seed -1): metrics.json has no final evaluation (training unfinished, or evaluation "
+        "failed)"]
+
+
+def test_a_config_without_the_title_keys_gets_question_marks():
+    """A config.yaml of another detectron2 version may lack any key: its title says "?" (or None), not crash."""
+    for architecture in ("GeneralizedRCNN", "SemanticSegmentor"):
+        identity = record.experiment_identity({"MODEL": {"META_ARCHITECTURE": architecture, "MASK_ON": True}})
+        assert report.describe_identity(identity) == (
+            ("R-? ?, ? + mask, " if architecture == "GeneralizedRCNN" else "R-? ?, ?, ")
+            + "norm None; None it x None img, lr None, steps None; min size train None / test None; train ")
+
+
+def test_the_published_block_of_an_official_config(tmp_path):
+    path = os.path.join(REPO, "configs", "detection", "pascal_voc_R_50_C4_24k_moco.yaml")
+    out = tmp_path / "runs" / "moco" / "seed0"
+    cfg = load_config(path, ["OUTPUT_DIR", str(out)])
+    rec = record.build_record(cfg, config_file=path, opts=[], init_name="moco", weights_info=None, trial=0,
+                              world_size=8, eval_only=False, resumed=False, iteration=24000, seconds=1.0,
+                              results={"bbox": {"AP": 57.0, "AP50": 82.0, "AP75": 63.5}},
+                              evaluator_types={"voc_2007_test": "pascal_voc"})
+    record.write_record(out / record.RESULTS_FILE, rec)
+    lines = report.write_report([str(tmp_path / "runs")], str(tmp_path / "out"))["markdown"].splitlines()
+    i = lines.index("**Published** for this config (pascal_voc_R_50_C4_24k_moco.yaml): what a faithful reproduction "
+                    "should be near (means of 5 trials).")
+    readme, table2 = "moco detection README", "He et al. 2020, Table 2"
+    assert lines[i + 1:] == [  # the last block of the report
+        "", "| published pre-train | AP50 | AP | AP75 | source |", "|---|---|---|---|---|",
+        f"| supervised IN-1M | 81.3 | 53.5 | 58.8 | {table2}; {readme} |",
+        f"| MoCo v1 IN-1M, 200ep | 81.5 | 55.9 | 62.6 | {table2}; {readme} |",
+        f"| MoCo v1 IG-1B | 82.2 | 57.2 | 63.7 | {table2} |",
+        f"| MoCo v2 IN-1M, 200ep | 82.4 | 57.0 | 63.6 | {readme} |",
+        f"| MoCo v2 IN-1M, 800ep | 82.5 | 57.4 | 64.0 | {readme} |"]
+
+
+def test_a_records_weights_lead_to_the_pretraining_run_they_were_converted_from(tmp_path):
+    """The converter's report beside the .pkl names the checkpoint it read: that run's curves are plotted under the
+    record's init name, though the pretraining directory is not among the report's paths."""
+    import torch
+
+    from convert.api import convert_checkpoint
+    from pretrain.train import MetricsWriter
+    from tests.conftest import random_resnet_state
+    from transfer.checkpoint import inspect_weights
+
+    pretraining = tmp_path / "pretraining" / "run7"
+    pretraining.mkdir(parents=True)
+    writer = MetricsWriter(str(pretraining))
+    writer.write(1, epoch=1, loss=6.0, acc1=10.0, moco_m=0.99)
+    writer.close()
+    checkpoint = pretraining / "checkpoint_0001.pth.tar"  # the official MoCo layout: module.encoder_q.<torchvision>
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in random_resnet_state("resnet18").items()
+                               if not k.startswith("fc.")}, "arch": "resnet18", "epoch": 1}, checkpoint)
+    weights = tmp_path / "weights" / "w.pkl"
+    os.makedirs(weights.parent)
+    convert_checkpoint(str(checkpoint), str(weights), verify=False)
+    out = tmp_path / "runs" / "moco_v2" / "seed0"
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(weights)])
+    info = inspect_weights(cfg)  # what transfer/run.py records
+    assert info["converter_report"]["input"] == str(checkpoint)
+    rec = record.build_record(cfg, config_file=CONFIG, opts=[], init_name="moco_v2", weights_info=info, trial=0,
+                              world_size=1, eval_only=False, resumed=False, iteration=300, seconds=1.0,
+                              results={"bbox": dict(zip(VOC, (80.0, 50.0, 55.0)))},
+                              evaluator_types={TEST_SET: "pascal_voc"})
+    record.write_record(out / record.RESULTS_FILE, rec)
+    runs, _ = report.find_runs([str(tmp_path / "runs")])
+    found = report.find_pretrain_runs([str(tmp_path / "runs")], runs)
+    assert [(d, label) for d, _, label in found] == [(str(pretraining), "moco_v2 (MoCo)")]
+    summary = report.write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    assert [os.path.basename(f) for f in summary["files"]] == ["report.md", "report.json", "report.csv", "ap.png",
+                                                               "pretrain.png"]
+    os.remove(checkpoint)  # 2 x 45 MB: the suite writes little
+    os.remove(weights)

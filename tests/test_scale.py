@@ -210,30 +210,6 @@ def test_knn_bank_is_sharded_and_equals_one_process_and_ranks_agree(tiny_imagene
         assert "rank 0: epoch 3, iteration 12" in r["resume"]
 
 
-def test_split_batchnorm_keeps_channels_last_and_computes_the_same():
-    from pretrain.moco import SplitBatchNorm
-
-    torch.manual_seed(0)
-    nchw, nhwc = SplitBatchNorm(6, 4), SplitBatchNorm(6, 4)
-    nchw.weight.data.uniform_(0.5, 1.5)
-    nchw.bias.data.uniform_(-1, 1)
-    nhwc.load_state_dict(nchw.state_dict())
-    x = torch.randn(8, 6, 5, 5) * 3 + 1
-    x_nhwc = x.clone().to(memory_format=torch.channels_last).requires_grad_()
-    x = x.requires_grad_()
-    y, y_nhwc = nchw(x), nhwc(x_nhwc)
-    assert y_nhwc.is_contiguous(memory_format=torch.channels_last)  # no conversion for the next conv
-    torch.testing.assert_close(y_nhwc, y)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    y_nhwc.backward(grad)
-    torch.testing.assert_close(x_nhwc.grad, x.grad)
-    torch.testing.assert_close(nhwc.weight.grad, nchw.weight.grad)
-    torch.testing.assert_close(nhwc.bias.grad, nchw.bias.grad)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(nhwc, name), getattr(nchw, name))
-
-
 # ------------------------------------------------------------------------------------------ lincls, SLURM requeue
 @pytest.fixture(scope="module")
 def reference_run(tiny_imagenet, tmp_path_factory):

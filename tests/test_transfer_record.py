@@ -95,6 +95,11 @@ def test_identity_leaves_out_init_and_run_keys_only(tmp_path):
     assert record.identity_diff(base, base) == []
     fewer = {k: v for k, v in base.items() if k != "SOLVER.MAX_ITER"}
     assert record.identity_diff(base, fewer) == ["SOLVER.MAX_ITER"] == record.identity_diff(fewer, base)
+    # a key whose value is None (detectron2's SOLVER.WEIGHT_DECAY_BIAS) against a config without it (a config.yaml
+    # of a detectron2 before the key existed): absent is not the same as None, from either side
+    assert base["SOLVER.WEIGHT_DECAY_BIAS"] is None
+    older = {k: v for k, v in base.items() if k != "SOLVER.WEIGHT_DECAY_BIAS"}
+    assert record.identity_diff(base, older) == ["SOLVER.WEIGHT_DECAY_BIAS"] == record.identity_diff(older, base)
 
 
 def test_the_identity_sha_survives_the_json_trip(tmp_path):

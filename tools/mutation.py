@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETUP_CFG = os.path.join(REPO, "setup.cfg")  # [mutmut] only_mutate: the files mutated
 # mutmut's worker exit codes (mutmut/stats.py status_by_exit_code)
 KILLED = {1, 3, 24, -24, 36, 152, 255}
 TIMEOUT = {24, -24, 36, 152, 255}
@@ -65,7 +66,7 @@ def unit_of(key):
     return module.split(".xǁ", 1)[0]
 
 
-def mutant_names(modules, setup_cfg=os.path.join(REPO, "setup.cfg")):
+def mutant_names(modules, setup_cfg=SETUP_CFG):
     """Every mutant name of the files in setup.cfg's only_mutate that belong to one of `modules` (dotted)."""
     from mutmut.mutation.file_mutation import mutate_file_contents
     from mutmut.utils.format_utils import get_mutant_name

@@ -193,8 +193,11 @@ def _eval_tasks():
 def _results_from_metrics(rows, test_datasets):
     """{dataset: {task: {metric: value}}} from the last metrics.json line with evaluation scalars."""
     tasks = _eval_tasks()
+    # an evaluation line holds a registered column's metric ("bbox/AP", "sem_seg/mIoU"; Cityscapes' "sem_seg/IoU"),
+    # optionally under its dataset ("synth_voc_test/bbox/AP"); training lines hold losses and timings
+    columns = {(c.task, c.metric) for cols in METRIC_COLUMNS.values() for c in cols}
     for row in reversed(rows):
-        if not any(k.endswith("/AP") or k.endswith("/mIoU") for k in row):
+        if not any(tuple(k.split("/")[-2:]) in columns for k in row):
             continue
         out = defaultdict(lambda: defaultdict(dict))
         for key, value in row.items():
