@@ -127,6 +127,13 @@ def test_argparse_args_next_to_framework_objects(state, tmp_path):
                 "work_dir": pathlib.PosixPath("/runs/moco")}, path)
     report = convert_checkpoint(path, tmp_path / "out.pkl", verify=False)
     assert (report.source, report.opaque) == ("moco", ["pathlib.PosixPath"])
+    # numpy data in that bookkeeping (mmengine's HistoryBuffer) is read with numpy's own constructors and dtypes
+    torch.save({"state_dict": _moco(state), "work_dir": pathlib.PosixPath("/runs/moco"),
+                "history": {"loss": np.arange(3.0), "step": np.int64(7)}}, tmp_path / "np.pth")
+    with_numpy = convert_checkpoint(tmp_path / "np.pth", tmp_path / "np.pkl", verify=False)
+    assert "pathlib.PosixPath" in with_numpy.opaque and any(n.startswith("numpy.") for n in with_numpy.opaque)
+    assert np.array_equal(safe_unpickle(tmp_path / "np.pkl")["model"]["stem.conv1.weight"],
+                          state["conv1.weight"].numpy())
     lines = report.summary().splitlines()
     assert lines[3:6] == [
         "  converted      100  tensors (conv weights, BN weight/bias/running_mean/var)",
@@ -654,6 +661,11 @@ def test_extract_trunk_refusals_say_what_they_found(state):
         with pytest.raises(UsageError) as info:
             extract_trunk(ckpt, **kwargs)
         assert str(info.value) == message
+    for count, tail in ((8, "layer1.0.extra7.weight"), (9, "layer1.0.extra7.weight ...")):
+        extras = {f"layer1.0.extra{i}.weight": torch.ones(1) for i in range(count)}
+        with pytest.raises(UsageError) as info:
+            extract_trunk(flatten_checkpoint(state | extras, "p.pth"))
+        assert str(info.value).endswith(", layer1.0.extra6.weight, " + tail)
     twelve = flatten_checkpoint({k: v for k, v in state.items()
                                  if not k.startswith(("layer1.1.bn", "layer1.0.bn1."))}, "p.pth")
     with pytest.raises(UsageError) as info:  # a generic trunk lacking blocks: discovery gives its first error
