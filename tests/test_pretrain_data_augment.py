@@ -343,14 +343,18 @@ def test_gaussian_blur_is_a_gaussian_of_that_sigma_cut_at_3_sigma(sigma):
     assert np.abs(ours - theirs).max() <= 1.5
 
 
-@pytest.mark.parametrize("hw, scale", [((400, 30), (0.9, 1.0)), ((30, 400), (0.9, 1.0)), ((50, 60), (1.5, 2.0))])
+@pytest.mark.parametrize("hw, scale", [((400, 30), (0.9, 1.0)), ((30, 400), (0.9, 1.0)), ((50, 60), (1.5, 2.0)),
+                                       ((401, 30), (0.9, 1.0)), ((30, 401), (0.9, 1.0))])
 def test_fallback_centre_crop_is_torchvision_s(hw, scale):
     """When 10 tries find no crop that fits (too tall, too wide, area over 1): torchvision's centre crop, clamped
-    to the ratio range; deterministic, so equal to torchvision's exactly."""
+    to the ratio range; deterministic, so equal to torchvision's exactly, in integer pixels (an odd margin rounds
+    down)."""
     ratio = (3 / 4, 4 / 3)
     theirs = tuple(T.RandomResizedCrop.get_params(torch.empty(3, *hw), list(scale), list(ratio)))
-    assert sample_crop_params(*hw, scale, ratio, random.Random(0)) == theirs
-    assert theirs == {(400, 30): (180, 0, 40, 30), (30, 400): (0, 180, 30, 40), (50, 60): (0, 0, 50, 60)}[hw]
+    ours = sample_crop_params(*hw, scale, ratio, random.Random(0))
+    assert ours == theirs and all(type(v) is int for v in ours), ours
+    assert theirs == {(400, 30): (180, 0, 40, 30), (30, 400): (0, 180, 30, 40), (50, 60): (0, 0, 50, 60),
+                      (401, 30): (180, 0, 40, 30), (30, 401): (0, 180, 30, 40)}[hw]
 
 
 class _ScriptedRandom:
