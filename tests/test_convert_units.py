@@ -93,6 +93,13 @@ def test_to_detectron2_writes_float32_c_ordered_copies(state):
     assert not np.array_equal(weights["stem.conv1.weight"], state["conv1.weight"].numpy())
 
 
+def test_to_detectron2_refuses_two_names_that_rename_to_one(state):
+    # torchvision's bn1 and an already detectron2-style conv1.norm both become stem.conv1.norm: one would be lost
+    with pytest.raises(ValueError) as e:
+        to_detectron2({"bn1.weight": state["bn1.weight"], "conv1.norm.weight": state["bn1.weight"]})
+    assert str(e.value) == "renaming maps two tensors to 'stem.conv1.norm.weight'"
+
+
 # -- convert.sources -----------------------------------------------------------------------------------------
 
 def test_entry_markers_read_top_level_entries(state):
