@@ -135,3 +135,20 @@ def assert_optimizer_states_equal(a, b):
             other = b["state"][index][name]
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, name)
     assert a["param_groups"] == b["param_groups"]
+
+
+@pytest.fixture
+def inject_fault(monkeypatch):
+    """inject_fault(module, name, fault): for this test, module.name hands its result to fault(result) (which
+    corrupts it in place) before returning it; the converter's tests plant faults between its steps this way."""
+    def inject(module, name, fault):
+        real = getattr(module, name)
+
+        def faulty(*args, **kwargs):
+            result = real(*args, **kwargs)
+            fault(result)
+            return result
+
+        monkeypatch.setattr(module, name, faulty)
+
+    return inject

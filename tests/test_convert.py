@@ -216,23 +216,12 @@ def test_no_verify_writes_the_same_weights(checkpoints, tmp_path):
 
 # -- faults injected between conversion and verification ------------------------------------------------------
 
-def _inject(monkeypatch, fault):
-    real = convert.api.to_detectron2
-
-    def faulty(trunk_state):
-        weights = real(trunk_state)
-        fault(weights)
-        return weights
-
-    monkeypatch.setattr(convert.api, "to_detectron2", faulty)
-
-
 @pytest.mark.parametrize("depth", [18, 50])
-def test_verification_catches_a_corrupted_tensor(depth, checkpoints, tmp_path, monkeypatch):
+def test_verification_catches_a_corrupted_tensor(depth, checkpoints, tmp_path, inject_fault):
     def corrupt(weights):
         weights["res4.1.conv1.weight"] = weights["res4.1.conv1.weight"] * 1.01
 
-    _inject(monkeypatch, corrupt)
+    inject_fault(convert.api, "to_detectron2", corrupt)
     out = tmp_path / "out.pkl"
     with pytest.raises(VerificationError) as info:
         convert_checkpoint(checkpoints["moco", depth], out)
@@ -244,9 +233,9 @@ def test_verification_catches_a_corrupted_tensor(depth, checkpoints, tmp_path, m
     assert "differ from the original checkpoint: res4.1.conv1.weight" in str(info.value)
 
 
-def test_verification_catches_a_missing_key(checkpoints, tmp_path, monkeypatch):
+def test_verification_catches_a_missing_key(checkpoints, tmp_path, inject_fault):
     # FrozenBatchNorm2d fills a missing running_var with ones *without* reporting it missing: must still fail
-    _inject(monkeypatch, lambda weights: weights.pop("res3.1.conv1.norm.running_var"))
+    inject_fault(convert.api, "to_detectron2", lambda weights: weights.pop("res3.1.conv1.norm.running_var"))
     with pytest.raises(VerificationError) as info:
         convert_checkpoint(checkpoints["moco-v3", 18], tmp_path / "out.pkl")
     assert "missing from the pkl: res3.1.conv1.norm.running_var" in str(info.value)
@@ -254,8 +243,8 @@ def test_verification_catches_a_missing_key(checkpoints, tmp_path, monkeypatch):
     assert not (tmp_path / "out.pkl").exists()
 
 
-def test_cli_exit_code_1_on_verification_failure(checkpoints, tmp_path, monkeypatch, capsys):
-    _inject(monkeypatch, lambda weights: weights["stem.conv1.norm.bias"].__iadd__(0.5))
+def test_cli_exit_code_1_on_verification_failure(checkpoints, tmp_path, inject_fault, capsys):
+    inject_fault(convert.api, "to_detectron2", lambda weights: weights["stem.conv1.norm.bias"].__iadd__(0.5))
     out = tmp_path / "out.pkl"
     assert mocobench_main(["convert", checkpoints["torchvision", 18], str(out)]) == 1
     captured = capsys.readouterr()

@@ -249,23 +249,12 @@ def test_verify_file_reports_the_given_source_and_the_pkl_author(state, tmp_path
         assert verify_file(tmp_path / "edited.pkl", original).author == expected
 
 
-def _corrupt_torchvision_state(monkeypatch, fault):
-    real = convert.api.torchvision_state
-
-    def faulty(trunk):
-        tv_state = real(trunk)
-        fault(tv_state)
-        return tv_state
-
-    monkeypatch.setattr(convert.api, "torchvision_state", faulty)
-
-
-def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch, capsys):
+def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch, inject_fault, capsys):
     """`--to torchvision`: the numerical reference is the state written to the .pth, checked against the
     original tensor by tensor; a fault in it fails verification and nothing is written."""
     path, out = tmp_path / "moco.pth.tar", tmp_path / "out.pth"
     torch.save({"state_dict": _moco(state)}, path)
-    _corrupt_torchvision_state(monkeypatch, lambda tv: tv["layer4.1.bn2.bias"].add_(1.0))
+    inject_fault(convert.api, "torchvision_state", lambda tv: tv["layer4.1.bn2.bias"].add_(1.0))
     with pytest.raises(VerificationError) as info:
         convert_checkpoint(path, out, to="torchvision")
     report = info.value.report
@@ -290,7 +279,7 @@ def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch
     assert not out.exists()
 
     monkeypatch.undo()
-    _corrupt_torchvision_state(monkeypatch, lambda tv: tv.pop("layer2.0.downsample.1.running_var"))
+    inject_fault(convert.api, "torchvision_state", lambda tv: tv.pop("layer2.0.downsample.1.running_var"))
     with pytest.raises(VerificationError) as info:
         convert_checkpoint(path, out, to="torchvision")
     [problem] = info.value.report.problems
