@@ -24,6 +24,7 @@ import math
 import os
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,9 +118,7 @@ def score_table(results, equivalents, sample=None):
         if code is None or (sample is not None and key not in sample):
             continue  # not run (a module left out of this run, or not in the sample)
         units.setdefault(unit_of(key), []).append((key, code))
-    population = {}
-    for key in results:
-        population[unit_of(key)] = population.get(unit_of(key), 0) + 1
+    population = Counter(unit_of(key) for key in results)
     header = ["module", "mutants", "equivalent", "killed", "(of which timeouts)", "survived", "no tests", "score"]
     if sample is not None:
         header[1:2] = ["mutants in module", "sampled"]
@@ -150,7 +149,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     sample = commands.add_parser("sample", help="print a seeded sample of mutant names, N per module")
     sample.add_argument("modules", nargs="+", help="dotted module or package names (pretrain.moco, convert)")
-    sample.add_argument("--per-module", type=int, default=25, help="mutants per scored module; 0: all")
+    sample.add_argument("--per-module", type=int, default=20, help="mutants per scored module; 0: all")
     sample.add_argument("--seed", type=int, default=0)
     score = commands.add_parser("score", help="print the score per module from ./mutants")
     score.add_argument("--mutants", default="mutants")

@@ -186,16 +186,12 @@ def _read_json_lines(path):
     return [r for r in rows if isinstance(r, dict)], None
 
 
-def _eval_tasks():
-    return {c.task for columns in METRIC_COLUMNS.values() for c in columns}
-
-
 def _results_from_metrics(rows, test_datasets):
     """{dataset: {task: {metric: value}}} from the last metrics.json line with evaluation scalars."""
-    tasks = _eval_tasks()
     # an evaluation line holds a registered column's metric ("bbox/AP", "sem_seg/mIoU"; Cityscapes' "sem_seg/IoU"),
     # optionally under its dataset ("synth_voc_test/bbox/AP"); training lines hold losses and timings
     columns = {(c.task, c.metric) for cols in METRIC_COLUMNS.values() for c in cols}
+    tasks = {task for task, _ in columns}
     for row in reversed(rows):
         if not any(tuple(k.split("/")[-2:]) in columns for k in row):
             continue
