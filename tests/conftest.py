@@ -152,3 +152,22 @@ def inject_fault(monkeypatch):
         monkeypatch.setattr(module, name, faulty)
 
     return inject
+
+
+@pytest.fixture
+def score_outputs():
+    """score_outputs(cfg, dataset, outputs_of): the evaluation results that the dataset's real evaluator
+    (transfer.evaluation) gives when the model's output for each record d is outputs_of(d)."""
+    from transfer.evaluation import build_evaluator
+
+    def score(cfg, dataset, outputs_of):
+        from detectron2.data import DatasetCatalog
+
+        evaluator = build_evaluator(cfg, dataset, output_folder=None)
+        evaluator.reset()
+        for d in DatasetCatalog.get(dataset):
+            inputs = [{k: d[k] for k in ("file_name", "image_id", "height", "width") if k in d}]
+            evaluator.process(inputs, [outputs_of(d)])
+        return evaluator.evaluate()
+
+    return score

@@ -23,7 +23,6 @@ from mocobench.synth import COCO_KEYPOINT_NAMES, VOC_PALETTE, read_synth_meta
 from transfer import record, report
 from transfer.config import load_config
 from transfer.datasets import check_dataset, register_synth_datasets
-from transfer.evaluation import build_evaluator
 from transfer.run import prepare_config
 from transfer.tasks import TASKS, results_value, task_for_dataset
 from transfer.trainer import semantic_train_augmentations
@@ -177,22 +176,13 @@ def _instances_from_gt(d, keypoints):
     return out
 
 
-def _evaluate(cfg, dataset, outputs_of):
-    evaluator = build_evaluator(cfg, dataset, output_folder=None)
-    evaluator.reset()
-    for d in DatasetCatalog.get(dataset):
-        inputs = [{k: d[k] for k in ("file_name", "image_id", "height", "width") if k in d}]
-        evaluator.process(inputs, [outputs_of(d)])
-    return evaluator.evaluate()
-
-
 @pytest.mark.parametrize("task", ["keypoints", "lvis", "cityscapes_instance"])
-def test_instance_evaluators_score_ground_truth_100_and_one_box_low(task, registered, tmp_path):
+def test_instance_evaluators_score_ground_truth_100_and_one_box_low(task, registered, tmp_path, score_outputs):
     cfg, _ = prepare_config(os.path.join(CONFIGS, TINY[task]),
                             ["OUTPUT_DIR", str(tmp_path), "MOCOBENCH.SYNTH_ROOT", registered])
     dataset = cfg.DATASETS.TEST[0]
     key = {"keypoints": "keypoints", "lvis": "segm", "cityscapes_instance": "segm"}[task]
-    perfect = _evaluate(cfg, dataset, lambda d: {"instances": _instances_from_gt(d, cfg.MODEL.KEYPOINT_ON)})
+    perfect = score_outputs(cfg, dataset, lambda d: {"instances": _instances_from_gt(d, cfg.MODEL.KEYPOINT_ON)})
     # (Cityscapes: detectron2 reads the polygons dilated by 0.5 px, cityscapesscripts draws them with PIL; the
     # masks still agree above IoU 0.95 on the generated scenes)
     assert perfect[key]["AP"] == pytest.approx(100.0) and perfect[key]["AP50"] == pytest.approx(100.0), perfect
@@ -207,7 +197,7 @@ def test_instance_evaluators_score_ground_truth_100_and_one_box_low(task, regist
             out.pred_keypoints[:, :, :2] = torch.tensor([w / 2, h / 2])
         return {"instances": out}
 
-    degenerate = _evaluate(cfg, dataset, one_wrong_box)
+    degenerate = score_outputs(cfg, dataset, one_wrong_box)
     assert degenerate[key]["AP"] < 10.0 and degenerate[key]["AP"] < perfect[key]["AP"] - 50
     if task != "keypoints" and not hasattr(np, "float"):  # their evaluation modules got numpy's old names ...
         assert f"numpy_aliases_{task.split('_')[0]}" in d2compat.ACTIVE_FIXES
@@ -215,7 +205,8 @@ def test_instance_evaluators_score_ground_truth_100_and_one_box_low(task, regist
 
 
 @pytest.mark.parametrize("task", ["voc_sem_seg", "cityscapes_sem_seg"])
-def test_semantic_evaluators_score_ground_truth_100_and_all_background_low(task, registered, tmp_path):
+def test_semantic_evaluators_score_ground_truth_100_and_all_background_low(task, registered, tmp_path,
+                                                                         score_outputs):
     cfg, _ = prepare_config(os.path.join(CONFIGS, TINY[task]),
                             ["OUTPUT_DIR", str(tmp_path), "MOCOBENCH.SYNTH_ROOT", registered])
     dataset = cfg.DATASETS.TEST[0]
@@ -233,8 +224,8 @@ def test_semantic_evaluators_score_ground_truth_100_and_all_background_low(task,
     def background(d):
         return scores(np.zeros_like(np.array(Image.open(d["sem_seg_file_name"]))))
 
-    perfect = _evaluate(cfg, dataset, ground_truth)
-    degenerate = _evaluate(cfg, dataset, background)
+    perfect = score_outputs(cfg, dataset, ground_truth)
+    degenerate = score_outputs(cfg, dataset, background)
     assert results_value(perfect, key) == pytest.approx(100.0)
     assert results_value(degenerate, key) < 40.0
 
