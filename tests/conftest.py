@@ -158,6 +158,7 @@ def inject_fault(monkeypatch):
 def score_outputs():
     """score_outputs(cfg, dataset, outputs_of): the evaluation results that the dataset's real evaluator
     (transfer.evaluation) gives when the model's output for each record d is outputs_of(d)."""
+    from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
     from transfer.evaluation import build_evaluator
 
     def score(cfg, dataset, outputs_of):
