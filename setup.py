@@ -10,7 +10,8 @@ setup(
     version="0.1.0",
     description="MoCo pretraining and detectron2 transfer benchmark, verified at every hand-off",
     packages=find_packages(include=["mocobench", "mocobench.*", "pretrain", "pretrain.*",
-                                    "convert", "convert.*", "transfer", "transfer.*"]),
+                                    "convert", "convert.*", "transfer", "transfer.*",
+                                    "synth", "synth.*"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

@@ -4,28 +4,24 @@ The pkl is what MoCo's tool-chain and detectron2 expect, plus the architecture i
     {"model": {detectron2 name: numpy array}, "__author__": source author, "matching_heuristics": True,
      "architecture": "ResNeXt-50 32x4d", "resnets": {DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS,
      STRIDE_IN_1X1}}
-(`configure_resnet` sets a transfer config's MODEL.RESNETS from it). `--to torchvision` writes
+(mocobench.utils.converted reads and writes it; transfer sets MODEL.RESNETS from it). `--to torchvision` writes
 the trunk's plain torchvision state dict instead (a .pth that loads strictly into the ResNet minus fc).
 Outputs are written only after verification passed, atomically: on any error there is no output file (and an
 older file at that path is left as it was). OUT.json next to the output records the conversion.
 """
 import json
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
-
-from convert.arch import DETECTRON2_DEFAULTS, Architecture
+from convert.arch import Architecture
 from convert.rename import detectron2_name, to_detectron2
 from convert.sources import extract_trunk, read_checkpoint
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_torch_save, atomic_write, file_sha256, safe_unpickle
+from mocobench.utils.converted import read_converted, write_converted
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_torch_save, atomic_write, file_sha256
 
-# the protocol MoCo's converter and detectron2's model zoo files use; any reader since Python 3.4 takes it
-PICKLE_PROTOCOL = 4
 FORMATS = {"detectron2": ".pkl", "torchvision": ".pth"}
 
 
@@ -200,10 +196,7 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
     if to == "torchvision":
         atomic_torch_save(tv_state, output_path)
     else:
-        payload = {"model": weights, "__author__": trunk.author, "matching_heuristics": True,
-                   "architecture": trunk.arch.name, "resnets": trunk.arch.detectron2_resnets()}
-        with atomic_write(output_path) as f:
-            pickle.dump(payload, f, protocol=PICKLE_PROTOCOL)
+        write_converted(output_path, weights, trunk.author, trunk.arch.name, trunk.arch.detectron2_resnets())
     report.output_path = output_path
     report.input_sha256 = file_sha256(input_path)
     report.output_sha256 = file_sha256(output_path)
@@ -213,17 +206,6 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
         json.dump(report.as_dict(), f, indent=2)
         f.write("\n")
     return report
-
-
-def read_converted(pkl_path):
-    """The `model` dict of a converted .pkl, loaded with the allow-list unpickler and checked for format."""
-    data = safe_unpickle(pkl_path)
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise UsageError(f"{pkl_path!r} is not a converted backbone: expected a dict with a 'model' dict")
-    for name, array in data["model"].items():
-        if not isinstance(array, np.ndarray):
-            raise UsageError(f"{pkl_path!r}: model[{name!r}] is a {type(array).__name__}, expected a numpy array")
-    return data
 
 
 def verify_file(pkl_path, original_path, source="auto", norm="FrozenBN") -> ConversionReport:
@@ -244,40 +226,3 @@ def verify_file(pkl_path, original_path, source="auto", norm="FrozenBN") -> Conv
             f"{pkl_path!r} failed verification against {original_path!r}:\n  " + "\n  ".join(report.problems), report
         )
     return report
-
-
-def configure_resnet(cfg, weights_path=None):
-    """Make a detectron2 cfg build the ResNet that a converted .pkl holds; returns notes for the log.
-
-    MODEL.RESNETS keys the config leaves at detectron2's defaults take the .pkl's values; a key set to
-    something else must agree, or UsageError. Weights without a recorded architecture (detectron2 model-zoo
-    files, URLs, .pth checkpoints) leave the config as it is.
-    """
-    path = weights_path if weights_path is not None else cfg.MODEL.WEIGHTS
-    if not path or not str(path).endswith(".pkl") or not os.path.isfile(path):
-        return []
-    data = safe_unpickle(path)  # any detectron2 .pkl (model zoo, Caffe2 blobs): only ours records "resnets"
-    recorded = data.get("resnets") if isinstance(data, dict) else None
-    if not isinstance(recorded, dict):
-        return []
-    resnets, changed = cfg.MODEL.RESNETS, []
-    for key, default in DETECTRON2_DEFAULTS.items():
-        if key not in recorded:
-            continue
-        want, have = recorded[key], resnets[key]
-        if have == want:
-            continue
-        if have != default:
-            raise UsageError(f"MODEL.RESNETS.{key} is {have} but MODEL.WEIGHTS {path!r} holds a "
-                             f"{data.get('architecture', 'ResNet')} ({key} {want}); drop the override or "
-                             "convert the matching checkpoint")
-        resnets[key] = want
-        changed.append(f"{key} {want}")
-    head = cfg.MODEL.ROI_HEADS.NAME  # unused by a SemanticSegmentor, whose default still names Res5ROIHeads
-    if recorded["RES2_OUT_CHANNELS"] == 64 and head.startswith("Res5ROIHeads") and \
-            cfg.MODEL.META_ARCHITECTURE != "SemanticSegmentor":
-        raise UsageError(f"MODEL.WEIGHTS {path!r} holds a {data.get('architecture')} (basic blocks) but "
-                         f"MODEL.ROI_HEADS.NAME {head} builds res5 from bottleneck blocks; use an FPN config")
-    if changed:
-        return [f"MODEL.RESNETS from {os.path.basename(path)} ({data.get('architecture')}): {', '.join(changed)}"]
-    return []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 # depth -> (block, blocks per stage layer1..layer4): torchvision's resnet18 ... resnet152
 RESNET_DEPTHS = {
@@ -43,9 +43,6 @@ TORCHVISION_NAMES = {
     (50, 1, 128): "wide_resnet50_2",
     (101, 1, 128): "wide_resnet101_2",
 }
-# detectron2's defaults (detectron2/config/defaults.py): a config that leaves a key here takes the trunk's value
-DETECTRON2_DEFAULTS = {"DEPTH": 50, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64, "RES2_OUT_CHANNELS": 256,
-                       "STRIDE_IN_1X1": True}
 
 # trunks that are ResNets in name but not the plain network detectron2 builds: refused, naming what it is.
 # Key patterns of timm (resnet50d/seresnet50/ecaresnet50t: timm/models/resnet.py) and antialiased-cnns

@@ -7,7 +7,7 @@ import sys
 
 from convert.api import FORMATS, VerificationError, convert_checkpoint
 from convert.sources import SOURCES
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 
 def build_parser():

@@ -24,8 +24,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from convert.arch import Architecture, infer_architecture
-from mocobench.errors import UsageError
-from mocobench.fileio import load_checkpoint, safe_unpickle
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import load_checkpoint, safe_unpickle
 
 WRAPPERS = ("state_dict", "model", "net")
 # lightly's documented backbone, nn.Sequential(*list(resnet.children())[:-1]): child index -> torchvision name

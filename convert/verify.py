@@ -18,8 +18,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from mocobench import d2compat  # before any detectron2 import
-from mocobench.errors import UsageError
+from mocobench.utils import d2compat  # before any detectron2 import
+from mocobench.utils.errors import UsageError
 
 TOLERANCE = 1e-5
 STAGES = ("res2", "res3", "res4", "res5")

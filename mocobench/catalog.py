@@ -7,7 +7,7 @@ inherited (_BASE_), everything else reproduces a paper setting.
 import argparse
 import os
 
-from mocobench.config import CONFIGS_DIR
+from mocobench.utils.config import CONFIGS_DIR
 
 KINDS = ("paper", "cpu", "test", "base")
 

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 # Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of sbatch.
 SUBMITIT_CLUSTER_ENV = "MOCOBENCH_SUBMITIT_CLUSTER"
@@ -219,12 +219,12 @@ def _submitit_signal():
 def _route_preemption_to_the_training_loop(forward_warning=True):
     """SLURM sends submitit's signal (USR2) before a timeout and SIGTERM on preemption. submitit's own handler
     would requeue at once, in the middle of an iteration (the run then repeats the work since the last epoch
-    checkpoint). When the training loop stops cleanly on SIGTERM (pretrain.preempt: finish the iteration, write
+    checkpoint). When the training loop stops cleanly on SIGTERM (mocobench.utils.preempt: finish the iteration, write
     an exact checkpoint, return a requeue exit code), the signal is handed to it instead, and submitit's handler
     runs once the checkpoint is written (only with `forward_warning`). Returns (submitit's handler, the exit codes
     that mean "requeue me")."""
     try:
-        from pretrain.preempt import REQUEUE_EXIT_CODES, Preemption
+        from mocobench.utils.preempt import REQUEUE_EXIT_CODES, Preemption
     except ImportError:  # a training loop without clean stops: submitit's handler stays as it is
         return None, ()
     usr = _submitit_signal()

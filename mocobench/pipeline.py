@@ -12,7 +12,7 @@ plan: each stage, what it needs, what is missing, whether it is done, to run, to
 size and expected time: from this run's own measurements, else scaled from the same work measured by an
 earlier pipeline on this machine (`stage_seconds.json` in $MOCOBENCH_CACHE, default ~/.cache/mocobench).
 Relative sub-config paths resolve against the pipeline yaml's folder, then the shipped configs
-(mocobench.config.resolve_config_path), so a pipeline runs from any working directory.
+(mocobench.utils.config.resolve_config_path), so a pipeline runs from any working directory.
 
 The run directory's `manifest.json` records, per stage, its inputs (merged config, overrides, sha256 of
 the checkpoints it reads), outputs, status, timings and the git commit that ran it, plus the software
@@ -35,10 +35,10 @@ import time
 
 from fvcore.common.config import CfgNode
 
-from mocobench.config import merge_config, resolve_config_path
-from mocobench.env import software_versions
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write, file_sha256
+from mocobench.utils.config import merge_config, resolve_config_path
+from mocobench.utils.env import software_versions
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_write, file_sha256
 
 MANIFEST = "manifest.json"
 CACHE_ENV = "MOCOBENCH_CACHE"
@@ -242,7 +242,7 @@ class Pipeline:
         node = self.cfg[name]
         source = f"{os.path.relpath(self.config_file)}: {name}.OPTS"
         if name == "TRANSFER":
-            from transfer.config import add_mocobench_config, get_cfg  # detectron2's, after mocobench.d2compat
+            from transfer.config import add_mocobench_config, get_cfg  # detectron2's, after mocobench.utils.d2compat
 
             cfg = get_cfg()
             add_mocobench_config(cfg)
@@ -279,7 +279,7 @@ class Pipeline:
         return inputs
 
     def run_synth(self):
-        from mocobench import synth
+        from synth import generate as synth
 
         argv = ["synth", "--out", self.synth_root, "--preset", self.cfg.DATA.SYNTH_PRESET,
                 "--seed", str(self.cfg.DATA.SYNTH_SEED), *self.cfg.DATA.SYNTH_OPTS]
@@ -342,7 +342,7 @@ class Pipeline:
         opts = [*t.OPTS, "OUTPUT_DIR", output_dir, "MODEL.WEIGHTS", weights]
         if init == "random":
             opts += ["MOCOBENCH.REQUIRE_WEIGHTS", "False", *t.RANDOM_OPTS]
-        from pretrain.preempt import Preempted
+        from mocobench.utils.preempt import Preempted
 
         try:
             results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS, seeds=t.SEEDS,
@@ -370,7 +370,7 @@ class Pipeline:
 
     @staticmethod
     def _call(main, argv, what):
-        from pretrain.preempt import EXIT_CODES
+        from mocobench.utils.preempt import EXIT_CODES
 
         rc = main(argv)
         if rc in EXIT_CODES.values():  # stopped by a signal after saving: the pipeline stops with the same code

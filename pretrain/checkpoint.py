@@ -21,7 +21,7 @@
 
 The "module." prefix is what the official code's DistributedDataParallel wrapper puts there; we wrap only the
 trainable submodules in DDP, so `official_state_dict` removes their own ".module" and adds the outer one.
-Every file is written to a temporary name and renamed (mocobench.fileio): a crash never leaves half a file;
+Every file is written to a temporary name and renamed (mocobench.utils.fileio): a crash never leaves half a file;
 `remove_stale_temp_files` deletes the temporary files a killed run left behind.
 """
 import os
@@ -30,8 +30,8 @@ import random
 import numpy as np
 import torch
 
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_torch_save, atomic_write, load_checkpoint
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_torch_save, atomic_write, load_checkpoint
 
 LAST_CHECKPOINT = "last_checkpoint"
 
@@ -48,7 +48,7 @@ def is_iteration_checkpoint(path):
     return os.path.basename(path).startswith("checkpoint_iter_")
 
 
-# What a killed run can leave half-written: mocobench.fileio.atomic_write's ".<name>.<random>.tmp" of these files
+# What a killed run can leave half-written: mocobench.utils.fileio.atomic_write's ".<name>.<random>.tmp" of these files
 _OWN_FILES = ("checkpoint_", LAST_CHECKPOINT, "config.yaml", "metrics.json")
 
 

@@ -11,8 +11,8 @@ number of devices.
 
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
-from mocobench.config import merge_config
-from mocobench.errors import UsageError
+from mocobench.utils.config import merge_config
+from mocobench.utils.errors import UsageError
 
 
 class CfgNode(_FvcoreCfgNode):

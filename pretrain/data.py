@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,8 @@ class EpochShuffleSampler(DistributedSampler):
 def worker_init_fn(worker_id):
     """Seed `random` and numpy from the worker's torch seed (base_seed + worker_id, drawn from the loader's
     generator), so a loader built with the same seed produces the same random streams; leave stop signals to the
-    main process (pretrain.preempt)."""
-    from pretrain.preempt import ignore_in_worker
+    main process (mocobench.utils.preempt)."""
+    from mocobench.utils.preempt import ignore_in_worker
 
     seed = torch.initial_seed() % 2**32
     random.seed(seed)

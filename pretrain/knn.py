@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from mocobench import comm
+from mocobench.utils import comm
 
 
 def shard(dataset):

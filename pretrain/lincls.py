@@ -31,13 +31,13 @@ import torch.nn as nn
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
-from mocobench import comm
-from mocobench.env import set_tf32
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write, load_checkpoint
+from mocobench.utils import comm
+from mocobench.utils.comm import setup_device
+from mocobench.utils.env import set_tf32
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_write, load_checkpoint
 from pretrain.augment import build_eval_transform, build_linear_train_transform
 from pretrain.data import SafeImageFolder, build_loader
-from pretrain.distributed import setup_device
 from pretrain.knn import shard
 
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mocobench import comm
+from mocobench.utils import comm
 
 # torchvision builders accepted as MODEL.ARCH: every one is a torchvision ResNet (conv1 ... layer4, avgpool, fc).
 RESNET_ARCHS = (

@@ -12,7 +12,7 @@ Order of a start (nothing is written into OUTPUT_DIR before every input has been
                                          same directory is refused), removes the temporary files and stale
                                          mid-epoch checkpoints a killed run left behind
 Then, in the loop, a Checkpointer writes the resume points: after every epoch, every
-SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when SIGTERM / SIGUSR1 / SIGINT arrives (pretrain.preempt: finish
+SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when SIGTERM / SIGUSR1 / SIGINT arrives (mocobench.utils.preempt: finish
 the iteration, write an exact mid-epoch checkpoint, raise Preempted, exit 143 / 138 / 130). A mid-epoch
 checkpoint records the data-loader position (epoch, iterations done in it, sampler seed); the resumed run skips
 those batches of the epoch's order, which is a function of (SEED, epoch), so it repeats the rest exactly.
@@ -21,12 +21,12 @@ import dataclasses
 import os
 import signal
 
-from mocobench import comm
-from mocobench.errors import UsageError
-from mocobench.fileio import RunLock
+from mocobench.utils import comm
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import RunLock
+from mocobench.utils.preempt import Preempted, signal_name
 from pretrain import checkpoint as ckpt
 from pretrain.config import _lookup
-from pretrain.preempt import Preempted, signal_name
 
 # Keys whose change makes a checkpoint's state the wrong shape, or its data order another one (SEED)
 STATE_SHAPING_KEYS = ("MODEL.ARCH", "SOLVER.OPTIMIZER", "SOLVER.BATCH_SIZE", "SEED")

@@ -27,15 +27,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from mocobench import comm
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write
+from mocobench.utils import comm
+from mocobench.utils.comm import check_same_resume, topology_summary
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_write
+from mocobench.utils.preempt import Preemption
 from pretrain import checkpoint as ckpt
 from pretrain import resume as resume_mod
 from pretrain.config import lr_at
-from pretrain.distributed import check_same_resume, topology_summary
 from pretrain.moco import resnet_builder
-from pretrain.preempt import Preemption
 from pretrain.train import (
     LogWindow,
     MetricsWriter,

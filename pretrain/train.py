@@ -14,7 +14,7 @@ comes from the torch RNG, whose state each checkpoint carries, so a resumed run 
 Everything a run writes goes to OUTPUT_DIR: config.yaml, log.txt, metrics.json (one JSON object per line),
 TensorBoard events, checkpoint_XXXX.pth.tar and last_checkpoint.
 
-Never losing a run (pretrain.resume, pretrain.preempt): one run per OUTPUT_DIR (another run's directory is
+Never losing a run (pretrain.resume, mocobench.utils.preempt): one run per OUTPUT_DIR (another run's directory is
 refused unless --resume), nothing written before every input is validated; SIGTERM / SIGUSR1 / Ctrl-C finish
 the iteration, save an exact mid-epoch checkpoint and exit 143 / 138 / 130 with the resume command;
 SOLVER.CHECKPOINT_PERIOD_ITERS adds periodic mid-epoch checkpoints against SIGKILL; `--resume auto` continues
@@ -35,16 +35,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from mocobench import comm
-from mocobench.env import set_tf32
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write
+from mocobench.utils import comm
+from mocobench.utils.comm import check_replicas_equal, check_same_resume, setup_device, topology_summary
+from mocobench.utils.env import set_tf32
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_write
+from mocobench.utils.preempt import EXIT_CODES, Preempted, Preemption
 from pretrain import checkpoint as ckpt
 from pretrain import resume as resume_mod
 from pretrain.config import load_config, lr_at, moco_momentum_at
-from pretrain.distributed import check_replicas_equal, check_same_resume, setup_device, topology_summary
 from pretrain.moco import build_model, convert_sync_bn
-from pretrain.preempt import EXIT_CODES, Preempted, Preemption
 
 logger = logging.getLogger("pretrain")
 
@@ -490,7 +490,7 @@ def resume_command(prog, args):
 def run_command(parser, train_fn, argv, moco=True) -> int:
     """The body of `mocobench pretrain` and `mocobench supervised`: parse, train, clean exit codes:
     0 done, 1 diverged, 2 bad input (UsageError, raised to the caller), 130 / 143 / 138 stopped by
-    SIGINT / SIGTERM / SIGUSR1 after saving (pretrain.preempt)."""
+    SIGINT / SIGTERM / SIGUSR1 after saving (mocobench.utils.preempt)."""
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config_file, args.opts, moco=moco)
     try:

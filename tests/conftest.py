@@ -70,7 +70,7 @@ def synth_root(tmp_path_factory):
 
     Shared by every test that uses it, so no test may change it (copy it to tmp_path first): the session ends
     with an error naming the files if one did. (Permission bits would not stop a test running as root.)"""
-    from mocobench.synth import synthesize
+    from synth.generate import synthesize
 
     root = str(tmp_path_factory.mktemp("synth"))
     synthesize(root, preset="test", seed=0)
@@ -109,7 +109,7 @@ def random_resnet_state(arch, seed=0):
 @pytest.fixture(scope="module")
 def tiny_imagenet(tmp_path_factory):
     """A generated ImageFolder root (4 classes, 16 train and 4 val images each, 40 px), one per test module."""
-    from mocobench.synth import make_imagenet
+    from synth.generate import make_imagenet
 
     out = tmp_path_factory.mktemp("synth")
     make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
@@ -158,7 +158,7 @@ def inject_fault(monkeypatch):
 def score_outputs():
     """score_outputs(cfg, dataset, outputs_of): the evaluation results that the dataset's real evaluator
     (transfer.evaluation) gives when the model's output for each record d is outputs_of(d)."""
-    from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+    from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
     from transfer.evaluation import build_evaluator
 
     def score(cfg, dataset, outputs_of):

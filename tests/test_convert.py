@@ -17,10 +17,10 @@ from conftest import random_resnet_state
 
 import convert.api
 from convert import VerificationError, convert_checkpoint, verify_file
-from mocobench import d2compat  # noqa: F401  (before detectron2)
 from mocobench.cli import main as mocobench_main
-from mocobench.errors import UsageError
-from mocobench.fileio import safe_unpickle
+from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import safe_unpickle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ from convert import convert_checkpoint
 from convert.rename import detectron2_name
 from convert.sources import extract_trunk, flatten_checkpoint
 from mocobench.cli import main as mocobench_main
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 
 class CreatesFile:

@@ -22,10 +22,10 @@ from conftest import random_resnet_state
 
 from convert import convert_checkpoint
 from convert.rename import detectron2_name
-from mocobench import d2compat  # noqa: F401  (before detectron2)
 from mocobench.cli import main as mocobench_main
-from mocobench.errors import UsageError
-from mocobench.fileio import safe_unpickle
+from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import safe_unpickle
 
 TRUNK_TENSORS = {"resnet18": 100, "resnet50": 265}  # conv weights + 4 BN tensors per BN (test_convert.py)
 
@@ -515,8 +515,8 @@ def _transfer_cfg(config_file, *opts):
 def test_transfer_takes_the_architecture_from_the_pkl(converted, tmp_path):
     from detectron2.modeling import build_model
 
-    from convert import configure_resnet
     from transfer.checkpoint import SafeDetectionCheckpointer
+    from transfer.config import configure_resnet
     from transfer.run import prepare_config
 
     report, _ = converted("resnext50_32x4d")
@@ -546,7 +546,7 @@ def test_transfer_takes_the_architecture_from_the_pkl(converted, tmp_path):
 
 
 def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights(converted, tmp_path):
-    from convert import configure_resnet
+    from transfer.config import configure_resnet
 
     report, _ = converted("resnet18")
     cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", report.output_path)

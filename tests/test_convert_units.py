@@ -34,9 +34,9 @@ from convert.verify import (
     torchvision_stage_outputs,
     verify_weights,
 )
-from mocobench import d2compat  # noqa: F401  (before detectron2)
-from mocobench.errors import UsageError
-from mocobench.fileio import safe_unpickle
+from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import safe_unpickle
 
 R18 = Architecture(18, "basic")
 
@@ -426,7 +426,7 @@ def test_convert_checkpoint_refuses_bad_arguments_before_reading(tmp_path):
 
 
 def test_read_converted_says_what_is_wrong(tmp_path):
-    from convert.api import read_converted
+    from mocobench.utils.converted import read_converted
 
     cases = {
         "list.pkl": ([1, 2], "is not a converted backbone: expected a dict with a 'model' dict"),
@@ -749,7 +749,7 @@ def test_is_array_takes_numeric_arrays_only():
 def test_configure_resnet_takes_the_pkls_architecture(state, tmp_path):
     from detectron2.config import get_cfg
 
-    from convert.api import configure_resnet
+    from transfer.config import configure_resnet
 
     torch.save(state, tmp_path / "r18.pth")
     pkl = str(tmp_path / "r18.pkl")

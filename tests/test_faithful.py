@@ -22,7 +22,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
-from mocobench.fileio import file_sha256, load_checkpoint
+from mocobench.utils.fileio import file_sha256, load_checkpoint
 from pretrain import augment
 from pretrain import train as train_mod
 from pretrain.config import load_config
@@ -580,7 +580,7 @@ def test_detection_header_names_every_difference_from_the_official_file(name, tm
             (tmp_path / file).write_text(text)
         ref_path = str(tmp_path / reference)
     else:
-        import mocobench.d2compat  # noqa: F401  (model_zoo needs its pkg_resources shim)
+        import mocobench.utils.d2compat  # noqa: F401  (model_zoo needs its pkg_resources shim)
 
         from detectron2 import model_zoo
 
@@ -625,7 +625,7 @@ def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row
 
 def test_pipeline_config_files_must_exist(tmp_path, monkeypatch):
     from mocobench import pipeline
-    from mocobench.errors import UsageError
+    from mocobench.utils.errors import UsageError
 
     monkeypatch.chdir(REPO)
     with pytest.raises(UsageError, match="TRANSFER.CONFIG_FILES.SUPERVISED 'nope.yaml' does not exist"):

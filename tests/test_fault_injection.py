@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mocobench import cli
-from mocobench.fileio import RunLock, load_checkpoint
+from mocobench.utils.fileio import RunLock, load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
@@ -348,7 +348,7 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imag
 def _agree(rank, port, queue):
     import torch.distributed as dist
 
-    from pretrain.preempt import Preemption
+    from mocobench.utils.preempt import Preemption
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     with Preemption() as stop:

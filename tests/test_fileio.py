@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_torch_save, atomic_write, load_checkpoint, safe_unpickle
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_torch_save, atomic_write, load_checkpoint, safe_unpickle
 
 
 def test_atomic_write_keeps_old_file_and_leaves_no_temp_on_error(tmp_path):
@@ -30,8 +30,8 @@ def test_a_full_disk_is_a_one_line_error_naming_the_file_and_keeps_the_old_check
     atomic_torch_save({"w": torch.ones(3)}, path)
     child = (
         "import resource, signal, sys, torch\n"
-        "from mocobench.errors import UsageError\n"
-        "from mocobench.fileio import atomic_torch_save\n"
+        "from mocobench.utils.errors import UsageError\n"
+        "from mocobench.utils.fileio import atomic_torch_save\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))\n"
         "try:\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mocobench import d2compat
+from mocobench.utils import d2compat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def test_no_stand_in_left_visible_after_load():
 
 
 def test_detectron2_only_imported_through_compat_layer():
-    """Every project file that imports detectron2 imports mocobench.d2compat first."""
+    """Every project file that imports detectron2 imports mocobench.utils.d2compat first."""
     offenders = []
     for top in ("mocobench", "pretrain", "convert", "transfer", "tools", "tests", "benchmarks"):
         for dirpath, _, files in os.walk(os.path.join(REPO, top)):
@@ -68,11 +68,11 @@ def test_detectron2_only_imported_through_compat_layer():
                         mods = [a.name for a in node.names]
                     elif isinstance(node, ast.ImportFrom) and node.module:
                         mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                    if "mocobench.d2compat" in mods:
+                    if "mocobench.utils.d2compat" in mods:
                         compat_seen = True
                     elif any(m.split(".")[0] == "detectron2" for m in mods) and not compat_seen:
                         offenders.append(f"{os.path.relpath(path, REPO)}:{node.lineno}")
-    assert not offenders, f"detectron2 imported before mocobench.d2compat at {offenders}"
+    assert not offenders, f"detectron2 imported before mocobench.utils.d2compat at {offenders}"
 
 
 def test_missing_extension_ops_raise_clear_error():
@@ -95,7 +95,7 @@ def _register_synth(root):
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
-    from mocobench.synth import read_synth_meta
+    from mocobench.utils.synth_meta import read_synth_meta
 
     classes = read_synth_meta(root)["class_names"]
     names = {"voc": "compat_voc_trainval", "coco": "compat_coco_train"}

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from mocobench import pipeline
-from mocobench.errors import UsageError
-from mocobench.fileio import file_sha256
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import file_sha256
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")

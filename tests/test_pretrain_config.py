@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 from pretrain.config import _CHOICES, get_cfg, load_config, validate
 
 ROOT = ["DATA.ROOT", "/data/imagenet"]  # the default is empty, which is refused on its own

@@ -247,7 +247,7 @@ def test_blur_sigma_is_the_official_range_at_224_px_and_scales_with_the_crop(ver
 
 
 def test_bad_crop_scale_is_a_config_error():
-    from mocobench.errors import UsageError
+    from mocobench.utils.errors import UsageError
     from pretrain.config import load_config
 
     with pytest.raises(UsageError, match="INPUT.CROP_SCALE = \\(0.5, 1.5\\)"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 from pretrain.augment import build_two_view_transform
 from pretrain.data import SafeImageFolder, TooManyBadImagesError, build_loader, read_rgb
 

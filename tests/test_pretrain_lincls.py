@@ -10,7 +10,7 @@ import torchvision
 from scipy.stats import binom
 
 from mocobench import cli
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 from pretrain import lincls
 from pretrain.lincls import (
     BackboneChangedError,

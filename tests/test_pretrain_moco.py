@@ -234,7 +234,7 @@ def test_forward_computes_keys_on_the_shuffled_batch_with_split_bn(bn_splits):
 def one_rank_group(tmp_path, monkeypatch):
     """A real 1-process gloo group, with the world size reported as 2 so that code takes its multi-process path:
     every all-reduce/all-gather then runs for real and sums over the one rank."""
-    from mocobench import comm
+    from mocobench.utils import comm
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)

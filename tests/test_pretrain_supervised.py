@@ -13,12 +13,12 @@ import torchvision
 from conftest import assert_optimizer_states_equal
 
 from mocobench import cli
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_torch_save, load_checkpoint
-from mocobench.synth import make_imagenet
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_torch_save, load_checkpoint
 from pretrain import supervised
 from pretrain.augment import build_eval_transform
 from pretrain.data import SafeImageFolder
+from synth.generate import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUP_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")

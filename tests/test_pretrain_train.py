@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import assert_optimizer_states_equal
 
-from mocobench.errors import UsageError
-from mocobench.fileio import load_checkpoint
-from mocobench.synth import make_imagenet
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import load_checkpoint
 from pretrain import train as train_mod
 from pretrain.config import load_config, lr_at, moco_momentum_at
+from synth.generate import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")

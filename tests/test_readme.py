@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mocobench import cli
-from mocobench.synth import make_imagenet, synthesize
+from synth.generate import make_imagenet, synthesize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,7 +20,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from mocobench.cli import main as mocobench
-from mocobench.fileio import file_sha256
+from mocobench.utils.fileio import file_sha256
 from transfer import evaluation, record, report
 from transfer.stats import describe, welch_interval
 

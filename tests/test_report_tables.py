@@ -15,8 +15,8 @@ import statistics
 
 import pytest
 
-from mocobench import d2compat  # noqa: F401  (before detectron2)
-from mocobench.errors import UsageError
+from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
+from mocobench.utils.errors import UsageError
 from transfer import record, report
 from transfer.config import load_config
 from transfer.stats import welch_interval

@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 from mocobench import launch
-from mocobench.errors import UsageError
-from mocobench.fileio import load_checkpoint
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
@@ -78,7 +78,7 @@ def test_nproc_per_node_2_matches_torchrun_and_writes_one_set_of_files(tiny_imag
                                   os.path.join(torchrun, "checkpoint_0001.pth.tar"))
     assert ckpt["iteration"] == 8 and int(ckpt["state_dict"]["module.queue_ptr"]) == (8 * 16) % 32
     # the queue holds every rank's keys: the training checks at every epoch that all ranks hold the same
-    # momentum encoder and queue (pretrain.distributed.check_replicas_equal); a mismatch would have failed the run
+    # momentum encoder and queue (mocobench.utils.comm.check_replicas_equal); a mismatch would have failed the run
     torch.testing.assert_close(ckpt["state_dict"]["module.queue"].norm(dim=0), torch.ones(32))
 
 
@@ -110,7 +110,7 @@ def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
 
 
 def test_device_cuda_n_is_refused_under_a_launcher(monkeypatch):
-    from pretrain.distributed import setup_device
+    from mocobench.utils.comm import setup_device
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="'cuda:1' with 2 processes would put every rank on the same GPU"):
@@ -137,9 +137,9 @@ def _knn_inputs(root):
 def _rank_worker(rank, world, store, root, out):
     import torch.distributed as dist
 
-    from mocobench import comm
+    from mocobench.utils import comm
+    from mocobench.utils.comm import check_replicas_equal, check_same_resume
     from pretrain.data import build_loader
-    from pretrain.distributed import check_replicas_equal, check_same_resume
     from pretrain.knn import extract_features, knn_accuracy, shard
 
     torch.set_num_threads(1)

@@ -8,9 +8,9 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
-from mocobench.errors import UsageError
-from mocobench.synth import CLASS_NAMES, META_VERSION, make_imagenet, read_synth_meta, synthesize
+from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils.errors import UsageError
+from synth.generate import CLASS_NAMES, META_VERSION, make_imagenet, read_synth_meta, synthesize
 
 TINY = dict(classes=2, images_per_class=3, val_per_class=2, scenes=4, size=32, scene_size=64)
 
@@ -294,7 +294,7 @@ def test_cli_writes_the_tree_and_rejects_bad_input(tmp_path):
 def test_annotation_traces_the_drawn_shape(name):
     from pycocotools import mask as mask_utils
 
-    from mocobench.synth import _mask_annotation, _shape_alpha
+    from synth.generate import _mask_annotation, _shape_alpha
 
     alpha = _shape_alpha(name, center=(40.3, 37.6), radius=21.0, aspect=1.2, angle=0.7, canvas_hw=(80, 90))
     ann = _mask_annotation(alpha >= 128)

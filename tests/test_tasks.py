@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mocobench import d2compat  # before any detectron2 import; its evaluation-module numpy fixes are checked
+from mocobench.utils import d2compat  # before any detectron2 import; its evaluation-module numpy fixes are checked
 
 # isort: split
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, detection_utils
@@ -17,9 +17,9 @@ from detectron2.data.datasets.builtin_meta import COCO_PERSON_KEYPOINT_NAMES
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from mocobench.errors import UsageError
 from mocobench.pipeline import load_pipeline_config
-from mocobench.synth import COCO_KEYPOINT_NAMES, VOC_PALETTE, read_synth_meta
+from mocobench.utils.errors import UsageError
+from synth.generate import COCO_KEYPOINT_NAMES, VOC_PALETTE, read_synth_meta
 from transfer import record, report
 from transfer.config import load_config
 from transfer.datasets import check_dataset, register_synth_datasets

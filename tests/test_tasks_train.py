@@ -16,14 +16,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 from convert import convert_checkpoint
-from convert.api import read_converted
+from mocobench.utils.converted import read_converted
 from transfer import run_transfer
 from transfer.report import write_report
 from transfer.run import prepare_config

@@ -3,13 +3,13 @@ import glob
 import os
 import socket
 
-import mocobench.d2compat  # noqa: F401  (before any detectron2 import)
+import mocobench.utils.d2compat  # noqa: F401  (before any detectron2 import)
 
 import pytest
 import torch
 
 from mocobench import cli
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 from transfer.config import load_config, swap_sync_bn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

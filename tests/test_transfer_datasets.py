@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from mocobench import d2compat  # noqa: F401  (before detectron2)
-from mocobench.errors import UsageError
-from mocobench.synth import synthesize
+from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
+from mocobench.utils.errors import UsageError
+from synth.generate import synthesize
 from transfer import datasets
 from transfer.config import load_config
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torchvision
 
-from mocobench import d2compat  # noqa: F401  (before detectron2)
 from mocobench.cli import main as mocobench
-from mocobench.fileio import file_sha256, safe_unpickle
+from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
+from mocobench.utils.fileio import file_sha256, safe_unpickle
 from transfer import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from mocobench import d2compat  # noqa: F401  (before detectron2)
+from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
 from transfer import run_transfer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ Route:
    yaml files kept inside the package, none of the stale pins (black==21.4b2, iopath<0.1.10,
    fvcore<0.1.6). It is installed with --no-deps; setup.py lists the runtime needs. ROIAlign and NMS
    come from torchvision, so Faster/Mask R-CNN are complete; only rotated boxes and deformable convs
-   (which need `detectron2._C`) are missing, and `mocobench.d2compat` makes them fail with a clear error.
+   (which need `detectron2._C`) are missing, and `mocobench.utils.d2compat` makes them fail with a clear error.
 A marker file `detectron2/_mocobench_build.json` records the origin for `mocobench env`.
 """
 import json
@@ -20,7 +20,7 @@ import sys
 import tarfile
 import tempfile
 
-from mocobench.fileio import file_sha256  # the project is installed (editable) before this runs
+from mocobench.utils.fileio import file_sha256  # the project is installed (editable) before this runs
 
 SDIST = "pb1-detectron2==0.6"
 SDIST_FILE = "pb1-detectron2-0.6.tar.gz"

@@ -1,18 +1,18 @@
 """detectron2's DetectionCheckpointer, loading without arbitrary unpickling and saving atomically.
 
 detectron2 opens a .pkl with a bare pickle.load and fvcore writes checkpoints in place. Here a .pkl goes
-through mocobench.fileio.safe_unpickle (containers and numpy arrays only), a .pth through
+through mocobench.utils.fileio.safe_unpickle (containers and numpy arrays only), a .pth through
 torch.load(weights_only=True), and every checkpoint and the `last_checkpoint` tag are written to a temp
 file and renamed, so an interrupted save never leaves a torn file for --resume to pick up.
 """
 import os
 
-from mocobench import d2compat  # before any detectron2 import
+from mocobench.utils import d2compat  # before any detectron2 import
 
 # isort: split
 from detectron2.checkpoint import DetectionCheckpointer
 
-from mocobench.fileio import atomic_torch_save, atomic_write, load_checkpoint, safe_unpickle
+from mocobench.utils.fileio import atomic_torch_save, atomic_write, load_checkpoint, safe_unpickle
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
@@ -141,8 +141,8 @@ def inspect_weights(cfg) -> dict:
     import numpy as np
     from detectron2.modeling import build_model
 
-    from mocobench.errors import UsageError
-    from mocobench.fileio import file_sha256
+    from mocobench.utils.errors import UsageError
+    from mocobench.utils.fileio import file_sha256
 
     weights = cfg.MODEL.WEIGHTS
     cfg = cfg.clone()

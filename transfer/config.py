@@ -1,12 +1,19 @@
 """Loading a detection config: detectron2's CfgNode plus a small MOCOBENCH namespace, with clear errors."""
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
+import os
+
 from detectron2.config import CfgNode, get_cfg
 
 import transfer.heads  # noqa: F401  (Res5ROIHeadsExtraNorm, DilatedFCNHead: configs name them, loading registers)
-from mocobench.config import merge_config
+from mocobench.utils.config import merge_config
+from mocobench.utils.converted import recorded_resnets
+from mocobench.utils.errors import UsageError
+
+# the MODEL.RESNETS keys a converted .pkl records; a config that leaves one at detectron2's default takes its value
+RESNET_KEYS = ("DEPTH", "NUM_GROUPS", "WIDTH_PER_GROUP", "RES2_OUT_CHANNELS", "STRIDE_IN_1X1")
 
 
 def add_mocobench_config(cfg: CfgNode):
@@ -51,3 +58,40 @@ def swap_sync_bn(cfg: CfgNode, replacement: str = "naiveSyncBN") -> list:
             node[key] = replacement
             changed.append(full_key)
     return changed
+
+
+def configure_resnet(cfg, weights_path=None):
+    """Make a detectron2 cfg build the ResNet that a converted .pkl holds; returns notes for the log.
+
+    MODEL.RESNETS keys the config leaves at detectron2's defaults take the .pkl's values; a key set to
+    something else must agree, or UsageError. Weights without a recorded architecture (detectron2 model-zoo
+    files, URLs, .pth checkpoints) leave the config as it is.
+    """
+    path = weights_path if weights_path is not None else cfg.MODEL.WEIGHTS
+    if not path or not str(path).endswith(".pkl") or not os.path.isfile(path):
+        return []
+    recorded, architecture = recorded_resnets(path)
+    if recorded is None:
+        return []
+    resnets, changed, defaults = cfg.MODEL.RESNETS, [], get_cfg().MODEL.RESNETS
+    for key in RESNET_KEYS:
+        if key not in recorded:
+            continue
+        default = defaults[key]
+        want, have = recorded[key], resnets[key]
+        if have == want:
+            continue
+        if have != default:
+            raise UsageError(f"MODEL.RESNETS.{key} is {have} but MODEL.WEIGHTS {path!r} holds a "
+                             f"{architecture or 'ResNet'} ({key} {want}); drop the override or "
+                             "convert the matching checkpoint")
+        resnets[key] = want
+        changed.append(f"{key} {want}")
+    head = cfg.MODEL.ROI_HEADS.NAME  # unused by a SemanticSegmentor, whose default still names Res5ROIHeads
+    if recorded["RES2_OUT_CHANNELS"] == 64 and head.startswith("Res5ROIHeads") and \
+            cfg.MODEL.META_ARCHITECTURE != "SemanticSegmentor":
+        raise UsageError(f"MODEL.WEIGHTS {path!r} holds a {architecture} (basic blocks) but "
+                         f"MODEL.ROI_HEADS.NAME {head} builds res5 from bottleneck blocks; use an FPN config")
+    if changed:
+        return [f"MODEL.RESNETS from {os.path.basename(path)} ({architecture}): {', '.join(changed)}"]
+    return []

@@ -28,7 +28,7 @@ DIR is, first match wins: `--synth-root DIR` (= config key MOCOBENCH.SYNTH_ROOT)
 import logging
 import os
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -37,7 +37,7 @@ from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ SYNTH_REGISTRARS = {
 
 def register_synth_datasets(root: str) -> dict:
     """Register the synth_* names for the tree at `root` (re-registering if they pointed elsewhere)."""
-    from mocobench.synth import read_synth_meta
+    from mocobench.utils.synth_meta import read_synth_meta
 
     root = os.path.abspath(root)
     meta = read_synth_meta(root)  # UsageError naming DIR/synth.json when it is not a generated tree

@@ -6,7 +6,7 @@ rather than another branch on the dataset's name.
 """
 import os
 
-from mocobench import d2compat  # before any detectron2 import; its numpy fixes for the lvis/Cityscapes scripts
+from mocobench.utils import d2compat  # before any detectron2 import; its numpy fixes for the lvis/Cityscapes scripts
 
 # isort: split
 from detectron2.data import MetadataCatalog
@@ -20,7 +20,7 @@ from detectron2.evaluation import (
 )
 from detectron2.utils import comm
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 # evaluator_type -> builder(cfg, dataset_name, output_folder) -> DatasetEvaluator
 EVALUATOR_BUILDERS = {}

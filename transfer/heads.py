@@ -6,7 +6,7 @@ GPUs) and, for R50-C4, appends one more normalization layer after res5: the pret
 residual sum whose scale the new box/mask predictors have never seen, and the extra norm hands them
 normalized features. It is newly initialized (weight 1, bias 0) and is absent from any pretrained .pkl.
 """
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
 import fvcore.nn.weight_init as weight_init

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
-from mocobench.errors import UsageError
+from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils.errors import UsageError
 
 # isort: split
 from detectron2.engine import defaults as d2_defaults

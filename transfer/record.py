@@ -22,9 +22,9 @@ import math
 import os
 import time
 
-from mocobench.env import software_versions
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write
+from mocobench.utils.env import software_versions
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_write
 
 FORMAT = "mocobench.transfer.run"
 VERSION = 1

@@ -29,7 +29,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 from transfer import record as run_record
 from transfer.stats import CONFIDENCE, describe, welch_interval
 from transfer.tasks import TASKS
@@ -473,7 +473,7 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
 
 
 def write_csv(tables, path):
-    from mocobench.fileio import atomic_write
+    from mocobench.utils.fileio import atomic_write
 
     with atomic_write(path, "w") as f:
         writer = csv.writer(f)
@@ -636,7 +636,7 @@ def plot_pretrain(found, path):  # pragma: no mutate block (styling, see plot_ap
 
 def write_report(paths, out_dir, baseline=BASELINE) -> dict:
     """Read, tabulate and write report.md/.json/.csv and the plots; UsageError when no table could be made."""
-    from mocobench.fileio import atomic_write
+    from mocobench.utils.fileio import atomic_write
 
     runs, problems = find_runs(paths)
     tables = summarize(runs, baseline)

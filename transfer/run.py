@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.multiprocessing as mp
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
 from detectron2.data import MetadataCatalog
@@ -50,14 +50,13 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from convert import configure_resnet
-from mocobench.env import set_tf32
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write
-from pretrain.preempt import EXIT_CODES, Preempted, Preemption, signal_name
+from mocobench.utils.env import set_tf32
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_write
+from mocobench.utils.preempt import EXIT_CODES, Preempted, Preemption, signal_name
 from transfer import record as run_record
 from transfer.checkpoint import SafeDetectionCheckpointer, inspect_weights
-from transfer.config import load_config, swap_sync_bn
+from transfer.config import configure_resnet, load_config, swap_sync_bn
 from transfer.datasets import (
     check_datasets,
     check_num_classes,

@@ -4,7 +4,7 @@ import os
 import sys
 import weakref
 
-from mocobench import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
 from detectron2.data import DatasetMapper, build_detection_train_loader
@@ -13,7 +13,7 @@ from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
 import transfer.heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm and DilatedFCNHead in detectron2's registries)
-from pretrain.preempt import signal_name
+from mocobench.utils.preempt import signal_name
 from transfer.checkpoint import SafeDetectionCheckpointer
 from transfer.evaluation import build_evaluator
 
@@ -28,7 +28,7 @@ class TrainingStopped(BaseException):
 
 
 class StopOnSignal(HookBase):
-    """SIGTERM / SIGUSR1 / SIGINT (pretrain.preempt.Preemption `stop`): finish the iteration, save model_{iter}.pth
+    """SIGTERM / SIGUSR1 / SIGINT (mocobench.utils.preempt `stop`): finish the iteration, save model_{iter}.pth
     with the optimizer and lr scheduler (what `--resume` continues from: at most the running iteration is lost,
     not everything since the last periodic checkpoint), then stop. Every rank asks after every step: the answer
     is a collective, so all ranks stop after the same iteration."""

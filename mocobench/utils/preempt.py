@@ -24,7 +24,7 @@ import signal
 
 import torch
 
-from mocobench import comm
+from mocobench.utils import comm
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_CODES = {int(s): 128 + int(s) for s in SIGNALS}  # SIGINT 130, SIGTERM 143, SIGUSR1 138

@@ -49,14 +49,16 @@ import xml.etree.ElementTree as ET
 import cv2
 import numpy as np
 
-from mocobench.errors import UsageError
-from mocobench.fileio import atomic_write
-
-# Full ordered list; `classes=N` takes the first N. Shapes that a rotation maps onto each other (a diamond is a
-# rotated square, a plus a rotated cross) are deliberately not separate classes.
-CLASS_NAMES = (
-    "circle", "square", "triangle", "star", "cross", "ring",
-    "hexagon", "heart", "arrow", "crescent", "semicircle", "lshape",
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import atomic_write
+from mocobench.utils.synth_meta import (
+    CLASS_NAMES,
+    META_FILE,
+    META_FORMAT,
+    META_VERSION,
+    PARAM_KEYS,
+    read_synth_meta,
+    write_synth_meta,
 )
 
 PRESETS = {
@@ -66,9 +68,6 @@ PRESETS = {
     "demo": dict(classes=8, images_per_class=250, val_per_class=50, scenes=320, size=64, scene_size=128),
 }
 
-META_FILE = "synth.json"
-META_FORMAT = "mocobench-synth"
-META_VERSION = 3  # 2: muted colours, upright objects, no clutter; 3: + keypoints, LVIS, Cityscapes, VOC2012 seg
 VOC_YEAR = 2007
 JPEG_QUALITY = 90
 MIN_SIZE = 32          # smallest object-image side: below this the shapes stop being recognisable
@@ -874,35 +873,7 @@ def _resolve_params(preset, seed, overrides):
     }
 
 
-# what determines the files; two metas with the same values here describe byte-identical trees
-_PARAM_KEYS = ("version", "seed", "class_names", "images_per_class", "val_per_class", "scenes", "size", "scene_size")
 _OWNED = ("imagenet", f"VOC{VOC_YEAR}", "coco", "lvis", "cityscapes", f"VOC{VOC_SEG_YEAR}", META_FILE)
-
-
-def read_synth_meta(directory):
-    """The synth.json of a generated tree, checked; raises UsageError naming the file and the problem."""
-    path = os.path.join(os.fspath(directory), META_FILE)
-    if not os.path.isfile(path):
-        raise UsageError(f"{path!r} does not exist: {directory!r} is not a generated dataset "
-                         f"(create one with `mocobench data synth --out {directory}`)")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path!r} is not readable JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-        raise UsageError(f"{path!r}: expected a dict with format={META_FORMAT!r}")
-    if meta.get("version") != META_VERSION:
-        raise UsageError(f"{path!r}: version {meta.get('version')!r}, this mocobench reads version {META_VERSION}; "
-                         "regenerate the data")
-    missing = [k for k in (*_PARAM_KEYS, "preset", "num_classes", "splits", "paths") if k not in meta]
-    if missing:
-        raise UsageError(f"{path!r}: missing key(s) {missing}")
-    if not (isinstance(meta["class_names"], list) and meta["class_names"]
-            and all(n in CLASS_NAMES for n in meta["class_names"])):
-        raise UsageError(f"{path!r}: class_names must be a non-empty list of names from CLASS_NAMES, "
-                         f"got {meta['class_names']!r}")
-    return meta
 
 
 def synthesize(out_dir, preset="test", seed=0, overwrite=False, **overrides):
@@ -922,7 +893,7 @@ def synthesize(out_dir, preset="test", seed=0, overwrite=False, **overrides):
     if existing:
         if os.path.isfile(os.path.join(out_dir, META_FILE)):
             old = read_synth_meta(out_dir)
-            changed = [k for k in _PARAM_KEYS if old.get(k) != meta[k]]
+            changed = [k for k in PARAM_KEYS if old.get(k) != meta[k]]
             if not changed and not overwrite:
                 return old
             if changed and not overwrite:
@@ -947,9 +918,7 @@ def synthesize(out_dir, preset="test", seed=0, overwrite=False, **overrides):
     meta["objects"] = counts["objects"]
     make_coco_keypoints(out_dir, meta["scenes"], meta["scene_size"], meta["seed"])
     make_cityscapes(out_dir, names, meta["scenes"], meta["scene_size"], meta["seed"])
-    with atomic_write(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
+    write_synth_meta(out_dir, meta)
     return meta
 
 

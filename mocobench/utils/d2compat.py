@@ -1,4 +1,4 @@
-"""The one door to detectron2: `from mocobench import d2compat` before any `import detectron2...`.
+"""The one door to detectron2: `from mocobench.utils import d2compat` before any `import detectron2...`.
 
 detectron2 v0.6 (the last release, and what the pb1-detectron2 sdist holds) breaks on current libraries.
 Importing this module imports detectron2's public packages once, applying each fix below only when the
@@ -213,7 +213,7 @@ def _fix_random_sample_set():
 
 
 def _import_d2compat():
-    importlib.import_module("mocobench.d2compat")
+    importlib.import_module("mocobench.utils.d2compat")
 
 
 def _fix_cityscapes_pool():
@@ -232,7 +232,7 @@ def _fix_cityscapes_pool():
         # spawn, not fork: forking a process that runs torch's and pytest-xdist's threads hung a worker for good
         return multiprocessing.get_context("spawn").Pool(processes, initializer=_import_d2compat)
 
-    local_mp = types.ModuleType("multiprocessing", "multiprocessing whose Pool workers import mocobench.d2compat")
+    local_mp = types.ModuleType("multiprocessing", "multiprocessing whose Pool workers import mocobench.utils.d2compat")
     local_mp.__getattr__ = lambda name: getattr(multiprocessing, name)
     local_mp.Pool = pool
     cityscapes.mp = local_mp

@@ -2,7 +2,7 @@
 `KEY VALUE` overrides from the command line. Used by the pretrain, transfer and pipeline configs."""
 import os
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 
 def _key(e: KeyError) -> str:

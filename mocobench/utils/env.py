@@ -1,5 +1,5 @@
-"""`mocobench env`: what this installation runs on, like detectron2's collect_env but short."""
-import argparse
+"""What this installation runs on (collect_env, like detectron2's but short), the versions a run record keeps,
+and the TF32 switches every stage sets the same way."""
 import importlib.metadata
 import os
 import platform
@@ -44,7 +44,7 @@ def collect_env() -> list:
                  ("NCCL", ".".join(map(str, torch.cuda.nccl.version())))]
     rows.append(("CPU threads (torch)", str(torch.get_num_threads())))
     try:
-        import mocobench.d2compat as d2compat  # first: it makes detectron2 v0.6 importable
+        import mocobench.utils.d2compat as d2compat  # first: it makes detectron2 v0.6 importable
 
         import detectron2
 
@@ -70,12 +70,3 @@ def set_tf32(enabled: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
     torch.backends.cudnn.allow_tf32 = bool(enabled)
     return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
-
-
-def main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="mocobench env", description=__doc__)
-    parser.parse_args(argv)
-    rows = collect_env()
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    return 0

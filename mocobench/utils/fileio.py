@@ -18,7 +18,7 @@ import pickle
 import shutil
 import tempfile
 
-from mocobench.errors import UsageError
+from mocobench.utils.errors import UsageError
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
-"""Rank and world-size helpers that work with and without torch.distributed (detectron2's `comm` style).
+"""Processes and ranks: join the launcher's process group, pick this process's device, and the rank and
+collective helpers that work with and without torch.distributed (detectron2's `comm` style).
 
-`pretrain` uses these; `transfer` uses detectron2's own `detectron2.utils.comm`, which reads the same
-process group.
+Processes are started by a launcher (`mocobench pretrain --nproc-per-node N`, torchrun, submitit), which
+exports the env:// variables (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT). `pretrain` uses these helpers;
+`transfer` uses detectron2's own `detectron2.utils.comm`, which reads the same process group.
 """
 import hashlib
 import os
@@ -9,6 +11,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from mocobench.utils.errors import UsageError
 
 # NCCL's default collective timeout is 10 minutes (30 for gloo): a rank that legitimately works alone for longer
 # (a long evaluation, a slow checkpoint write on a network file system) would have the watchdog abort the job.
@@ -125,3 +129,65 @@ def bf16_supported_in_hardware(device) -> bool:
     if device.type != "cuda":
         return device.type == "cpu"
     return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def setup_device(device_name=""):
+    """Join the launcher's process group when WORLD_SIZE > 1; returns this process's torch.device.
+
+    device_name: "" (cuda:LOCAL_RANK if CUDA is available, else cpu), "cpu", or "cuda". "cuda:N" is refused
+    under a multi-process launcher: every rank would train on the same GPU.
+    """
+    world = launched_world_size()
+    if world > 1 and device_name.startswith("cuda:"):
+        raise UsageError(f"DEVICE {device_name!r} with {world} processes would put every rank on the same GPU; "
+                         "use DEVICE cuda (each process takes cuda:LOCAL_RANK) or choose GPUs with "
+                         "CUDA_VISIBLE_DEVICES")
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank if device_name in ("", "cuda") else torch.device(device_name))
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels (official)
+    if world > 1 and not is_dist():
+        init_process_group(use_cuda)
+    if device_name and device_name not in ("cuda",):
+        return torch.device(device_name)
+    return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def topology_summary(world, global_batch, bn_group, base_lr=None, device=None):
+    """The log's first line about scale: world size, per-process batch, BN group size, effective lr."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    text = (f"world size {world} ({per_node} per node) on {device}; global batch {global_batch} = "
+            f"{global_batch // world} per process; BN statistics over {bn_group} images")
+    if base_lr is not None:
+        text += f"; lr = {base_lr:g} x {global_batch}/256 = {base_lr * global_batch / 256:g}"
+    return text
+
+
+def _file_sha1(path):
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_same_resume(resume_path, start_epoch, iteration):
+    """Every rank must resume from the same checkpoint (same bytes). Without a shared OUTPUT_DIR, the nodes
+    other than rank 0's find no last_checkpoint and would start at epoch 0 with a fresh optimizer while only
+    the weights are broadcast: a silent divergence. Raises UsageError on every rank instead."""
+    if get_world_size() == 1:
+        return
+    mine = (start_epoch, iteration, _file_sha1(resume_path) if resume_path else None)
+    ranks = gather_objects(mine)
+    if any(r != ranks[0] for r in ranks[1:]):
+        listed = "; ".join(f"rank {i}: " + (f"epoch {e}, iteration {it}, sha1 {h[:10]}" if h else "no checkpoint")
+                           for i, (e, it, h) in enumerate(ranks))
+        raise UsageError(f"the ranks resume from different checkpoints ({listed}); OUTPUT_DIR must be a directory "
+                         "every node shares, or pass --resume PATH to a checkpoint every node can read")
+
+
+def check_replicas_equal(what, tensors):
+    """Raise RuntimeError on every rank when `tensors` (the state that no DDP keeps in step: the momentum
+    encoder, the queue and its pointer) differ in any bit between ranks."""
+    check_same_on_all_ranks(what, fingerprint(tensors))
