@@ -25,19 +25,19 @@ import signal
 import torch
 
 from mocobench.utils import comm
+from mocobench.utils.errors import CommandFailed
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_CODES = {int(s): 128 + int(s) for s in SIGNALS}  # SIGINT 130, SIGTERM 143, SIGUSR1 138
 REQUEUE_EXIT_CODES = (EXIT_CODES[int(signal.SIGTERM)], EXIT_CODES[int(signal.SIGUSR1)])
 
 
-class Preempted(Exception):
+class Preempted(CommandFailed):
     """Training stopped cleanly on a signal after writing a checkpoint; str() is the one-line message."""
 
     def __init__(self, signum, message):
-        super().__init__(message)
+        super().__init__(message, EXIT_CODES.get(int(signum), 1))
         self.signum = int(signum)
-        self.exit_code = EXIT_CODES.get(self.signum, 1)
 
 
 def signal_name(signum):
