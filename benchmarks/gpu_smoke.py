@@ -5,8 +5,8 @@
 
 The model, BN (SplitBatchNorm over MOCO.SHUFFLE_BN_SPLITS groups, shuffle BN), precision (AMP dtype with the
 hardware bf16 check, channels_last) and step are the training script's own (pretrain.moco.build_model,
-pretrain.train.precision_settings / LOSSES / optimization_step); the images are random tensors, so this measures
-the GPU step, not the data loader. Prints one line: `RESULT name PASS|FAIL img/s peak_MiB details`.
+pretrain.engine.precision_settings / optimization_step, pretrain.train.LOSSES); the images are random
+tensors, so this measures the GPU step, not the data loader. Prints one line: `RESULT name PASS|FAIL img/s peak_MiB details`.
 """
 import argparse
 import math
@@ -19,8 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pretrain.config import load_config  # noqa: E402
+from pretrain.engine import build_optimizer, optimization_step, precision_settings  # noqa: E402
 from pretrain.moco import build_model  # noqa: E402
-from pretrain.train import LOSSES, build_optimizer, optimization_step, precision_settings  # noqa: E402
+from pretrain.train import LOSSES  # noqa: E402
 
 
 def main():

@@ -7,7 +7,7 @@ line to SUBCOMMANDS.
 import importlib
 import sys
 
-from mocobench.utils.errors import UsageError
+from mocobench.utils.errors import run_main
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {  # in the order data flows
@@ -42,15 +42,11 @@ def main(argv=None) -> int:
     if name not in SUBCOMMANDS:
         print(f"mocobench: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    try:
-        from mocobench import launch  # commands that run on many processes / a cluster go through the launcher
+    from mocobench import launch  # commands that run on many processes / a cluster go through the launcher
 
-        if name in launch.STAGES:
-            return launch.main(name, rest)
-        return int(importlib.import_module(SUBCOMMANDS[name][0]).main(rest) or 0)
-    except UsageError as e:
-        print(f"mocobench {name}: error: {e}", file=sys.stderr)
-        return 2
+    if name in launch.STAGES:
+        return run_main(f"mocobench {name}", lambda args: launch.main(name, args), rest)
+    return run_main(f"mocobench {name}", importlib.import_module(SUBCOMMANDS[name][0]).main, rest)
 
 
 if __name__ == "__main__":

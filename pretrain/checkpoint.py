@@ -17,6 +17,7 @@
         scaler      GradScaler state (fp16); a default GradScaler's otherwise (official v3 layout)
         rng         torch / cuda / numpy / python RNG states as tensors and plain numbers
         config      the full config as a YAML string
+        task_state  what the training method keeps across a resume (pretrain.engine.Task.extra_state)
     last_checkpoint  text file naming the newest checkpoint (what `--resume auto` reads)
 
 The "module." prefix is what the official code's DistributedDataParallel wrapper puts there; we wrap only the
@@ -132,7 +133,7 @@ def set_rng_state(state):
 
 
 def save_checkpoint(output_dir, epoch_index, model, optimizer, scaler, iteration, cfg,
-                    state_dict_fn=official_state_dict, epoch_iteration=None, world_size=1):
+                    state_dict_fn=official_state_dict, epoch_iteration=None, world_size=1, task_state=None):
     """Write checkpoint_{epoch_index:04d}.pth.tar (epoch epoch_index finished), or with epoch_iteration=i the
     mid-epoch checkpoint_iter_{iteration:08d}.pth.tar (i iterations of epoch epoch_index done); then point
     last_checkpoint at it. Returns the path. state_dict_fn(model) gives the 'state_dict' entry: the MoCo
@@ -152,6 +153,7 @@ def save_checkpoint(output_dir, epoch_index, model, optimizer, scaler, iteration
         "scaler": scaler_state_dict(scaler),
         "rng": get_rng_state(),
         "config": cfg.dump(),
+        "task_state": task_state or {},
     }, path)
     with atomic_write(os.path.join(output_dir, LAST_CHECKPOINT), "w") as f:
         f.write(name)

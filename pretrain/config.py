@@ -96,6 +96,14 @@ _C.LOG_PERIOD = 20  # iterations between metrics.json / TensorBoard records
 _C.CHECKPOINT_PERIOD = 10
 _C.OUTPUT_DIR = "./output/pretrain"
 
+# The linear protocol (`mocobench lincls`, pretrain.lincls) builds its config from its flags: these are
+# the values it resolved from them and the recipe (recorded in config.yaml and every checkpoint).
+_C.LINCLS = CfgNode()
+_C.LINCLS.PRETRAINED = ""  # the MoCo checkpoint whose frozen backbone is evaluated (absolute path)
+_C.LINCLS.RECIPE = "v1v2"  # v1v2 | v3: the official main_lincls recipe
+_C.LINCLS.LR = 30.0  # the learning rate itself (the v3 recipe's batch scaling already applied)
+_C.LINCLS.MILESTONES = (60, 80)  # epochs at which lr drops x0.1; () = cosine
+
 _C.DEBUG = CfgNode()
 _C.DEBUG.SIGKILL_AFTER_EPOCH = 0  # tests: the process SIGKILLs itself after writing this epoch's checkpoint
 

@@ -1,17 +1,18 @@
-"""Linear classification on a frozen MoCo backbone (`mocobench lincls`), as the official main_lincls.py.
+"""Linear classification on a frozen MoCo backbone (`mocobench lincls`), as the official main_lincls.py,
+as a task of the training engine (pretrain.engine): exact checkpoints every epoch, `--resume auto`, clean
+stops on SIGTERM / SIGUSR1 / Ctrl-C (exit 143 / 138 / 130) and requeue, like pretraining.
 
-Reads a MoCo checkpoint (ours or official `checkpoint_XXXX.pth.tar`: `state_dict` with `module.encoder_q.*`
-for v1/v2, `module.base_encoder.*` for v3, plus `arch`), builds torchvision's ResNet, loads the encoder
-without its fc / projection head, freezes everything but a freshly initialised fc and keeps the backbone in
-eval mode (BatchNorm running statistics are part of the pretrained model too). At the end every backbone
-tensor is compared with the checkpoint: any change fails the run, as the official sanity_check does.
+Reads a MoCo checkpoint (ours or official `checkpoint_XXXX.pth.tar`: `module.encoder_q.*` for v1/v2,
+`module.base_encoder.*` for v3, plus `arch`), builds torchvision's ResNet, loads the encoder without its
+fc / projection head, freezes everything but a freshly initialised fc and keeps the backbone in eval mode
+(BatchNorm running statistics are part of the pretrained model too). At the end every backbone tensor is
+compared with the checkpoint: any change fails the run, as the official sanity_check does.
 
     mocobench lincls --data ROOT --pretrained checkpoint_0199.pth.tar --output out/lincls
     mocobench lincls --nproc-per-node 8 ...     (or torchrun --nproc_per_node 8 -m pretrain.lincls ...)
 
-Several processes (as the official protocol, DDP over 8 GPUs): --batch-size is global and split over the
-ranks, only fc's gradients are all-reduced, every rank evaluates its shard of val/ and the counts are summed;
-rank 0 prints and writes the files.
+Several processes (the official protocol: DDP over 8 GPUs): --batch-size is global, only fc's gradients
+are all-reduced, every rank evaluates its shard of val/ and the counts are summed.
 
 Recipes (official defaults; --recipe auto picks by checkpoint keys):
     v1v2: SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80
@@ -23,7 +24,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -32,13 +32,16 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 from mocobench.utils import comm
-from mocobench.utils.comm import setup_device
-from mocobench.utils.env import set_tf32
-from mocobench.utils.errors import UsageError
+from mocobench.utils.errors import UsageError, run_main
 from mocobench.utils.fileio import atomic_write, load_checkpoint
+from pretrain import engine
 from pretrain.augment import build_eval_transform, build_linear_train_transform
+from pretrain.config import get_cfg
 from pretrain.data import SafeImageFolder, build_loader
 from pretrain.knn import shard
+
+logger = engine.logger
+RESULTS_FILE = "lincls_results.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,43 +150,19 @@ def accuracy(output, target, topk=(1, 5)):
     return [int(correct[:, : min(k, maxk)].any(dim=1).sum()) for k in topk]
 
 
-def _progress(iterable, desc, total):
-    if sys.stdout.isatty() and comm.is_main_process():
-        from tqdm import tqdm
-
-        return tqdm(iterable, desc=desc, total=total, leave=False)
-    return iterable
-
-
-def train_one_epoch(model, loader, optimizer, device, desc):
-    # The whole model stays in eval mode: BatchNorm must not update its running statistics (official main_lincls).
-    model.eval()
-    criterion = nn.CrossEntropyLoss()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
-    for images, target in _progress(loader, desc, len(loader)):
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        output = model(images)
-        loss = criterion(output, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        totals += torch.tensor([float(loss.detach()) * target.numel(), accuracy(output.detach(), target, (1,))[0],
-                                target.numel()], dtype=torch.float64, device=device)
-    loss_sum, correct, seen = _sum_over_ranks(totals)
-    return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1)}
-
-
 def _sum_over_ranks(totals):
     if comm.get_world_size() > 1:
+        totals = totals.clone()
         dist.all_reduce(totals)
     return totals.tolist()
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, desc="val"):
+def evaluate(model, loader, device):
+    """Top-1 / top-5 (%) over val/: each rank its shard, the counts summed over ranks."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images (this shard)
-    for images, target in _progress(loader, desc, len(loader)):
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
+    for images, target in loader:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         c1, c5 = accuracy(model(images), target, topk=(1, 5))
         totals += torch.tensor([c1, c5, target.numel()], dtype=torch.float64, device=device)
@@ -191,10 +170,124 @@ def evaluate(model, loader, device, desc="val"):
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1)}
 
 
-def _write_json_lines(path, records):
-    with atomic_write(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+class LinearTask(engine.Task):
+    """The linear protocol: the model stays in eval mode, only fc trains, lr changes per epoch."""
+
+    tag = "lincls"
+    output_name = "--output"
+    run_kind = "linear evaluation"
+    state_keys = ("MODEL.ARCH", "SOLVER.BATCH_SIZE", "SEED", "LINCLS.PRETRAINED", "LINCLS.RECIPE")
+
+    def __init__(self, cfg, backbone_state, prefix):
+        super().__init__(cfg)
+        self.backbone_state, self.prefix = backbone_state, prefix
+        self.best_top1, self.last = 0.0, {}
+        self.totals = torch.zeros(3, dtype=torch.float64)  # this epoch's loss sum, hits, images (this rank)
+
+    def build_data(self, batch_per_rank, world):
+        cfg = self.cfg
+        root = cfg.DATA.ROOT
+        self.train_set = SafeImageFolder(os.path.join(root, "train"), build_linear_train_transform(cfg.INPUT.SIZE))
+        self.val_set = SafeImageFolder(os.path.join(root, "val"), build_eval_transform(cfg.INPUT.SIZE))
+        if self.train_set.classes != self.val_set.classes:
+            raise UsageError(f"{root!r}: train/ and val/ have different class folders "
+                             f"({len(self.train_set.classes)} vs {len(self.val_set.classes)})")
+        workers = cfg.DATALOADER.NUM_WORKERS
+        loader = build_loader(self.train_set, batch_per_rank, workers, shuffle=True, drop_last=False,
+                              distributed=world > 1, seed=cfg.SEED)
+        self.val_loader = build_loader(shard(self.val_set), batch_per_rank, workers, shuffle=False,
+                                       drop_last=False, seed=cfg.SEED)
+        return self.train_set, loader
+
+    def build_model(self, device):
+        cfg = self.cfg
+        model = build_linear_model(cfg.MODEL.ARCH, len(self.train_set.classes), self.backbone_state,
+                                   cfg.LINCLS.PRETRAINED)
+        self.totals = self.totals.to(device)
+        return model
+
+    def build_optimizer(self, model, lr):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert len(trainable) == 2, "only fc.weight and fc.bias may train"
+        return torch.optim.SGD(trainable, lr, momentum=self.cfg.SOLVER.MOMENTUM,
+                               weight_decay=self.cfg.SOLVER.WEIGHT_DECAY)
+
+    def extra_state(self):
+        return {"best_top1": self.best_top1, "last": dict(self.last), "totals": self.totals.cpu()}
+
+    def load_extra_state(self, state):
+        self.best_top1, self.last = float(state.get("best_top1", 0.0)), dict(state.get("last", {}))
+        if "totals" in state:
+            self.totals.copy_(state["totals"])
+
+    def describe(self, world, batch_per_rank, device):
+        cfg, lin = self.cfg, self.cfg.LINCLS
+        schedule = f"step x0.1 at {list(lin.MILESTONES)}" if lin.MILESTONES else "cosine"
+        return [f"lincls: {cfg.MODEL.ARCH} from {lin.PRETRAINED} ({self.prefix}*, recipe {lin.RECIPE}), "
+                f"{len(self.train_set.classes)} classes, {len(self.train_set)} train / {len(self.val_set)} val "
+                f"images, {cfg.SOLVER.EPOCHS} epochs, batch {cfg.SOLVER.BATCH_SIZE}, lr {lin.LR:g} "
+                f"({schedule}), {world} process(es), device {device}, TF32 {cfg.TF32}"]
+
+    def wrap(self, model, device):
+        if comm.get_world_size() == 1:
+            return model
+        # only fc trains: its gradients are all DDP reduces; BN buffers are frozen (eval mode)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+
+    def lr_at(self, epoch_float):
+        lin = self.cfg.LINCLS
+        return learning_rate(lin.LR, math.floor(epoch_float), self.cfg.SOLVER.EPOCHS, tuple(lin.MILESTONES))
+
+    def train_mode(self, model):
+        model.eval()  # BatchNorm must not update its running statistics (official main_lincls)
+
+    def step(self, model, batch, device, epoch_float, memory_format):
+        images, target = batch
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        target = target.to(device, non_blocking=True)
+        output = model(images)
+        loss = nn.functional.cross_entropy(output, target)
+        correct = (output.detach().argmax(dim=1) == target).sum()
+        self.totals += torch.stack([loss.detach().double() * target.numel(), correct.double(),
+                                    torch.tensor(target.numel(), dtype=torch.float64, device=device)])
+        return loss, output, target
+
+    def evaluate(self, model, epoch, device, precision):
+        loss_sum, correct, seen = _sum_over_ranks(self.totals)
+        self.totals.zero_()
+        val = evaluate(engine.unwrap(model), self.val_loader, device)
+        self.best_top1 = max(self.best_top1, val["top1"])
+        self.last = {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+                     "val_top1": val["top1"], "val_top5": val["top5"]}
+        lr = self.lr_at(epoch)
+        logger.info(f"epoch {epoch + 1}/{self.cfg.SOLVER.EPOCHS}  lr {lr:.4g}  loss {self.last['train_loss']:.4f}  "
+                    f"train@1 {self.last['train_top1']:.2f}  val@1 {val['top1']:.2f}  val@5 {val['top5']:.2f}")
+        return {"lr": lr, **self.last}
+
+    def finish(self, model, device):
+        cfg, lin = self.cfg, self.cfg.LINCLS
+        self.train_set.check_bad_fraction()
+        self.val_set.check_bad_fraction()
+        # Official sanity check: reload the checkpoint and compare every backbone tensor.
+        reference, _, _ = extract_backbone(load_checkpoint(lin.PRETRAINED), lin.PRETRAINED)
+        check_backbone_unchanged(engine.unwrap(model).state_dict(), reference)
+        logger.info("sanity check passed: backbone unchanged")
+        results = {
+            "pretrained": lin.PRETRAINED, "arch": cfg.MODEL.ARCH, "recipe": lin.RECIPE,
+            "epochs": cfg.SOLVER.EPOCHS, "batch_size": cfg.SOLVER.BATCH_SIZE, "lr": lin.LR,
+            "schedule": list(lin.MILESTONES) if lin.MILESTONES else "cosine", "size": cfg.INPUT.SIZE,
+            "num_classes": len(self.train_set.classes), "top1": self.last["val_top1"],
+            "top5": self.last["val_top5"], "best_top1": self.best_top1,
+            "bad_images": self.train_set.num_bad + self.val_set.num_bad, "backbone_unchanged": True,
+            "world_size": comm.get_world_size(),
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        }
+        if comm.is_main_process():
+            with atomic_write(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as f:
+                json.dump(results, f, indent=2)
+        logger.info(f"lincls: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  "
+                    f"(best top-1 {self.best_top1:.2f})")
 
 
 def build_parser():
@@ -203,7 +296,10 @@ def build_parser():
     )
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/<class>/ and val/<class>/")
     parser.add_argument("--pretrained", required=True, help="MoCo checkpoint (.pth.tar), ours or official")
-    parser.add_argument("--output", required=True, help="writes lincls_results.json and metrics.json (a line/epoch)")
+    parser.add_argument("--output", required=True,
+                        help="the run directory: lincls_results.json, metrics.json, log.txt, checkpoints")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="'auto': continue from OUTPUT/last_checkpoint if present; or a checkpoint path")
     parser.add_argument("--recipe", default="auto", choices=["auto", *RECIPES], help="auto: from checkpoint keys")
     parser.add_argument("--arch", default=None, help="only if the checkpoint has no 'arch' entry")
     parser.add_argument("--epochs", type=int, default=None, help="recipe default: 100 (v1v2) / 90 (v3)")
@@ -222,33 +318,8 @@ def build_parser():
     return parser
 
 
-def check_output_dir(output):
-    """One run per directory: refuse an --output that holds another linear evaluation (nothing is written)."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise UsageError(f"--output {output!r} is a file, not a directory")
-    existing = [n for n in ("lincls_results.json", "metrics.json") if os.path.exists(os.path.join(output, n))]
-    if existing:
-        raise UsageError(f"--output {output!r} already holds a linear evaluation ({', '.join(existing)}); choose "
-                         "another --output, or move that one away to redo it")
-
-
-def main(argv):
-    args = build_parser().parse_args(argv)
-    check_output_dir(args.output)
-    try:
-        return _main(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _main(args):
-    device = setup_device(args.device or "")
-    world = comm.get_world_size()
-    log = print if comm.is_main_process() else (lambda *a, **k: None)
-    tf32 = set_tf32(args.tf32)
-    torch.manual_seed(args.seed)
-
+def build_config(args):
+    """(config, backbone state, prefix) from the flags and the checkpoint's recipe; raises UsageError."""
     checkpoint = load_checkpoint(args.pretrained)
     backbone_state, detected_recipe, prefix = extract_backbone(checkpoint, args.pretrained)
     recipe_name = detected_recipe if args.recipe == "auto" else args.recipe
@@ -258,96 +329,34 @@ def _main(args):
         raise UsageError(f"{args.pretrained!r} has no 'arch' entry; pass --arch (e.g. resnet50)")
     epochs = args.epochs if args.epochs is not None else recipe.epochs
     batch_size = args.batch_size or recipe.batch_size
-    base_lr = args.lr if args.lr is not None else recipe.lr
+    lr = args.lr if args.lr is not None else recipe.lr
     if recipe.scale_lr_by_batch:
-        base_lr = base_lr * batch_size / 256
+        lr = lr * batch_size / 256
     milestones = tuple(args.schedule) if args.schedule is not None else recipe.milestones
     if epochs < 1 or batch_size < 1 or args.size < 8:
-        raise UsageError(
-            f"need --epochs >= 1, --batch-size >= 1, --size >= 8 (got {epochs}, {batch_size}, {args.size})"
-        )
+        raise UsageError(f"need --epochs >= 1, --batch-size >= 1, --size >= 8 "
+                         f"(got {epochs}, {batch_size}, {args.size})")
+    cfg = get_cfg()
+    cfg.merge_from_list([
+        "MODEL.ARCH", arch, "DATA.ROOT", args.data, "OUTPUT_DIR", args.output, "SEED", args.seed,
+        "INPUT.SIZE", args.size, "DATALOADER.NUM_WORKERS", args.workers, "DEVICE", args.device or "",
+        "TF32", args.tf32, "SOLVER.EPOCHS", epochs, "SOLVER.BATCH_SIZE", batch_size,
+        "SOLVER.MOMENTUM", recipe.momentum, "SOLVER.WEIGHT_DECAY", recipe.weight_decay,
+        "CHECKPOINT_PERIOD", epochs,  # keep the last checkpoint (the trained classifier) only
+        "LINCLS.PRETRAINED", os.path.abspath(args.pretrained), "LINCLS.RECIPE", recipe_name,
+        "LINCLS.LR", float(lr), "LINCLS.MILESTONES", milestones,
+    ])
+    cfg.freeze()
+    return cfg, backbone_state, prefix
 
-    train_set = SafeImageFolder(os.path.join(args.data, "train"), build_linear_train_transform(args.size))
-    val_set = SafeImageFolder(os.path.join(args.data, "val"), build_eval_transform(args.size))
-    if train_set.classes != val_set.classes:
-        raise UsageError(f"{args.data!r}: train/ and val/ have different class folders "
-                         f"({len(train_set.classes)} vs {len(val_set.classes)})")
-    if batch_size % world:
-        raise UsageError(f"--batch-size {batch_size} (global) is not divisible by the {world} processes")
-    train_loader = build_loader(train_set, batch_size // world, args.workers, shuffle=True, drop_last=False,
-                                distributed=world > 1, seed=args.seed)
-    val_loader = build_loader(shard(val_set), batch_size // world, args.workers, shuffle=False, drop_last=False,
-                              seed=args.seed)
 
-    model = build_linear_model(arch, len(train_set.classes), backbone_state, args.pretrained).to(device)
-    net = model
-    if world > 1:  # only fc trains: its gradients are all that DDP reduces; BN buffers are frozen (eval mode)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert len(trainable) == 2, "only fc.weight and fc.bias may train"
-    optimizer = torch.optim.SGD(trainable, base_lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-
-    schedule = f"step x0.1 at {list(milestones)}" if milestones else "cosine"
-    log(f"lincls: {arch} from {args.pretrained} ({prefix}*, recipe {recipe_name}), {len(train_set.classes)} classes, "
-          f"{len(train_set)} train / {len(val_set)} val images, {epochs} epochs, batch {batch_size}, "
-          f"lr {base_lr:g} ({schedule}), {world} process(es), device {device}, TF32 {args.tf32}", flush=True)
-
-    if comm.is_main_process():
-        os.makedirs(args.output, exist_ok=True)
-    metrics_path = os.path.join(args.output, "metrics.json")
-    records, best_top1 = [], 0.0
-    for epoch in range(epochs):
-        lr = learning_rate(base_lr, epoch, epochs, milestones)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_loader.sampler.set_epoch(epoch)
-        start = time.time()
-        train_stats = train_one_epoch(net, train_loader, optimizer, device, f"epoch {epoch + 1}/{epochs}")
-        val_stats = evaluate(model, val_loader, device)
-        best_top1 = max(best_top1, val_stats["top1"])
-        record = {"epoch": epoch + 1, "lr": lr, **train_stats, "val_top1": val_stats["top1"],
-                  "val_top5": val_stats["top5"], "time_s": round(time.time() - start, 2)}
-        records.append(record)
-        if comm.is_main_process():
-            _write_json_lines(metrics_path, records)
-        log(f"epoch {epoch + 1}/{epochs}  lr {lr:.4g}  loss {train_stats['train_loss']:.4f}  "
-              f"train@1 {train_stats['train_top1']:.2f}  val@1 {val_stats['top1']:.2f}  "
-              f"val@5 {val_stats['top5']:.2f}", flush=True)
-    train_set.check_bad_fraction()
-    val_set.check_bad_fraction()
-
-    # Official sanity check: reload the checkpoint and compare every backbone tensor.
-    reference, _, _ = extract_backbone(load_checkpoint(args.pretrained), args.pretrained)
-    check_backbone_unchanged(model.state_dict(), reference)
-    log("sanity check passed: backbone unchanged")
-
-    results = {
-        "pretrained": os.path.abspath(args.pretrained),
-        "arch": arch,
-        "recipe": recipe_name,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": base_lr,
-        "schedule": list(milestones) if milestones else "cosine",
-        "size": args.size,
-        "num_classes": len(train_set.classes),
-        "top1": records[-1]["val_top1"],
-        "top5": records[-1]["val_top5"],
-        "best_top1": best_top1,
-        "bad_images": train_set.num_bad + val_set.num_bad,
-        "backbone_unchanged": True,
-        "world_size": world,
-        **tf32,
-    }
-    if comm.is_main_process():
-        with atomic_write(os.path.join(args.output, "lincls_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    log(f"lincls: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  (best top-1 {best_top1:.2f})")
-    return 0
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg, backbone_state, prefix = build_config(args)
+    return engine.run(parser.prog, argv, LinearTask(cfg, backbone_state, prefix), args.resume)
 
 
 if __name__ == "__main__":
-    from pretrain.train import torchrun_entry
-
-    torchrun_entry(lambda: main(sys.argv[1:]), "mocobench lincls")
+    sys.exit(run_main("mocobench lincls", main, sys.argv[1:]))

@@ -1,21 +1,15 @@
-"""One run per OUTPUT_DIR, exact resume and clean stops for the pretraining loops (pretrain.train and
-pretrain.supervised).
+"""One run per OUTPUT_DIR, exact resume and the checkpoints of a running loop (pretrain.engine).
 
 Order of a start (nothing is written into OUTPUT_DIR before every input has been validated):
-    plan_resume(cfg, resume, world)      refuses a directory that holds another run unless resuming; reads the
-                                         resume checkpoint (weights_only), checks that the config did not change
-                                         anything that shapes the state (STATE_SHAPING_KEYS), says when the run
-                                         is already finished
-    ... the loop validates its data and builds model and optimizer ...
-    restore(point, ...)                  model, optimizer, scaler, RNG; (start epoch, iteration, epoch iteration)
-    open_run_dir(cfg, point)             creates OUTPUT_DIR, takes its lock (a second process writing into the
-                                         same directory is refused), removes the temporary files and stale
-                                         mid-epoch checkpoints a killed run left behind
-Then, in the loop, a Checkpointer writes the resume points: after every epoch, every
-SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when SIGTERM / SIGUSR1 / SIGINT arrives (mocobench.utils.preempt: finish
-the iteration, write an exact mid-epoch checkpoint, raise Preempted, exit 143 / 138 / 130). A mid-epoch
-checkpoint records the data-loader position (epoch, iterations done in it, sampler seed); the resumed run skips
-those batches of the epoch's order, which is a function of (SEED, epoch), so it repeats the rest exactly.
+    plan_resume       refuses a directory that holds another run unless resuming; reads the resume
+                      checkpoint (weights_only), checks the config did not change what shapes the state
+                      (the task's state_keys); says when the run is already finished
+    restore           model, optimizer, scaler, RNG; (start epoch, iteration, epoch iteration)
+    open_run_dir      creates OUTPUT_DIR, takes its lock, removes what a killed run left behind
+Then a Checkpointer writes the resume points: after every epoch, every SOLVER.CHECKPOINT_PERIOD_ITERS
+iterations, and when a stop signal arrives (mocobench.utils.preempt). A mid-epoch checkpoint records the
+data-loader position; the resumed run skips those batches of the epoch's order, a function of
+(SEED, epoch), so it repeats the rest exactly.
 """
 import dataclasses
 import os
@@ -49,8 +43,8 @@ class ResumePoint:
     finished: bool
 
 
-def changed_state_keys(cfg, saved_config_text, moco=True):
-    """[(key, value in the checkpoint, value now)] for the STATE_SHAPING_KEYS that differ."""
+def changed_state_keys(cfg, saved_config_text, keys):
+    """[(key, value in the checkpoint, value now)] for the `keys` whose values differ."""
     import yaml
 
     from pretrain.config import get_cfg
@@ -65,27 +59,26 @@ def changed_state_keys(cfg, saved_config_text, moco=True):
             node = node[part]
         return node
 
-    keys = STATE_SHAPING_KEYS + (MOCO_STATE_SHAPING_KEYS if moco else ())
-    if moco and cfg.MOCO.VERSION != "v3":
-        keys = tuple(k for k in keys if k != "MOCO.MLP_DIM")  # v3 only
     return [(k, saved_value(k), _lookup(cfg, k)) for k in keys if saved_value(k) != _lookup(cfg, k)]
 
 
-def plan_resume(cfg, resume, world_size, moco=True):
-    """The checkpoint to resume from (None: start from scratch); raises UsageError, writes nothing."""
-    out = cfg.OUTPUT_DIR
+def plan_resume(cfg, resume, world_size, task):
+    """The checkpoint to resume from (None: start from scratch); raises UsageError, writes nothing.
+    `task` (pretrain.engine.Task) names the run directory and the keys a resume may not change."""
+    out, name = cfg.OUTPUT_DIR, task.output_name
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"OUTPUT_DIR {out!r} is a file, not a directory")
+        raise UsageError(f"{name} {out!r} is a file, not a directory")
     path = ckpt.find_resume_path(out, resume) if resume else None
     if path is None:
         existing = run_files(out)
         if existing and not resume:
-            raise UsageError(f"OUTPUT_DIR {out!r} already holds a run ({', '.join(existing[:3])}); continue it "
-                             "with --resume auto, or set another OUTPUT_DIR")
+            verb = "set" if name == "OUTPUT_DIR" else "choose"
+            raise UsageError(f"{name} {out!r} already holds a {task.run_kind} ({', '.join(existing[:3])}); "
+                             f"continue it with --resume auto, or {verb} another {name}")
         return None
     saved = ckpt.read_resume_checkpoint(path)
     if isinstance(saved.get("config"), str):
-        changed = changed_state_keys(cfg, saved["config"], moco)
+        changed = changed_state_keys(cfg, saved["config"], task.state_keys)
         if changed:
             raise UsageError(f"cannot resume from {path}: the config changes what shapes its state: "
                              + "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)
@@ -136,10 +129,11 @@ class Checkpointer:
     keeps only what is worth keeping: every CHECKPOINT_PERIOD-th epoch and the last one; any other checkpoint
     is deleted once a newer one exists."""
 
-    def __init__(self, cfg, model, optimizer, scaler, state_dict_fn, stop, device, previous=None, logger=None):
+    def __init__(self, cfg, model, optimizer, scaler, state_dict_fn, stop, device, previous=None, logger=None,
+                 extra_state_fn=dict):
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
         self.state_dict_fn, self.stop, self.device, self.previous = state_dict_fn, stop, device, previous
-        self.logger = logger
+        self.logger, self.extra_state_fn = logger, extra_state_fn
 
     def after_iteration(self, epoch, i, iters, iteration):
         """Called after iteration i (0-based) of the epoch; iteration = iterations done in the run."""
@@ -165,7 +159,7 @@ class Checkpointer:
         if comm.is_main_process():
             path = ckpt.save_checkpoint(self.cfg.OUTPUT_DIR, epoch, self.model, self.optimizer, self.scaler,
                                         iteration, self.cfg, self.state_dict_fn, epoch_iteration,
-                                        comm.get_world_size())
+                                        comm.get_world_size(), self.extra_state_fn())
             if self.logger is not None:
                 self.logger.info(f"saved {path}")
             if self.previous and self.previous != path and self._is_scratch(self.previous):

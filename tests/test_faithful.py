@@ -23,7 +23,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
 from mocobench.utils.fileio import file_sha256, load_checkpoint
-from pretrain import augment
+from pretrain import augment, engine
 from pretrain import train as train_mod
 from pretrain.config import load_config
 from pretrain.lars import LARS
@@ -126,7 +126,7 @@ def test_official_main_moco_resume_loads_a_v2_checkpoint(tiny_imagenet, tmp_path
     with pytest.raises(ValueError, match="size"):
         torch.optim.SGD(official.parameters(), 0.03, momentum=0.9).load_state_dict(trainable_only.state_dict())
     # the run recorded its precision: the v2 recipe is fp32, TF32 off
-    record = json.load(open(tmp_path / "v2" / train_mod.PRECISION_RECORD))
+    record = json.load(open(tmp_path / "v2" / engine.PRECISION_RECORD))
     assert record == {"device": "cpu", "amp": False, "amp_dtype": None, "grad_scaler": False,
                       "tf32_matmul": False, "tf32_cudnn": False, "channels_last": False}
     assert "precision: device cpu, amp False" in (tmp_path / "v2" / "log.txt").read_text()
@@ -170,10 +170,10 @@ def test_official_moco_v3_resume_loads_a_v3_checkpoint_and_scaler(tiny_imagenet,
 def test_recipe_precision_on_cuda_and_cpu(config, amp, dtype, tmp_path, restore_tf32):
     cfg = load_config(os.path.join(PRETRAIN_CONFIGS, config), ["OUTPUT_DIR", str(tmp_path)])
     # the resolution only reads the device type: no GPU needed to check what a CUDA run would use
-    got_amp, got_dtype, _ = train_mod.precision_settings(cfg, torch.device("cuda"))
+    got_amp, got_dtype, _ = engine.precision_settings(cfg, torch.device("cuda"))
     assert got_amp is amp and (not amp or got_dtype == dtype)  # fp16 -> train() builds the GradScaler
-    assert json.load(open(tmp_path / train_mod.PRECISION_RECORD))["grad_scaler"] is amp
-    assert train_mod.precision_settings(cfg, torch.device("cpu"))[0] is False
+    assert json.load(open(tmp_path / engine.PRECISION_RECORD))["grad_scaler"] is amp
+    assert engine.precision_settings(cfg, torch.device("cpu"))[0] is False
     assert cfg.TF32 is False and torch.backends.cudnn.allow_tf32 is False
     assert torch.backends.cuda.matmul.allow_tf32 is False
 
@@ -181,10 +181,10 @@ def test_recipe_precision_on_cuda_and_cpu(config, amp, dtype, tmp_path, restore_
 def test_tf32_and_bf16_are_opt_in(tmp_path, restore_tf32):
     cfg = load_config(os.path.join(PRETRAIN_CONFIGS, "moco_v2_R50_200ep.yaml"),
                       ["OUTPUT_DIR", str(tmp_path), "TF32", "True", "AMP.ENABLED", "True", "AMP.DTYPE", "bfloat16"])
-    amp, dtype, _ = train_mod.precision_settings(cfg, torch.device("cpu"))
+    amp, dtype, _ = engine.precision_settings(cfg, torch.device("cpu"))
     assert amp and dtype == torch.bfloat16
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
-    record = json.load(open(tmp_path / train_mod.PRECISION_RECORD))
+    record = json.load(open(tmp_path / engine.PRECISION_RECORD))
     assert record["tf32_matmul"] and record["tf32_cudnn"] and record["amp_dtype"] == "bfloat16"
     assert not record["grad_scaler"]
 

@@ -315,14 +315,14 @@ def test_flags_may_follow_the_overrides(tiny_imagenet, reference, capsys):
 
 def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imagenet, tmp_path, monkeypatch, capsys):
     # the supervised loop shares the mechanism: SIGUSR1 (a real signal to this process) during iteration 3
-    from pretrain import supervised
+    from pretrain import engine
 
     sup_cfg = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")
     kv = ["DATA.ROOT", tiny_imagenet, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "8", "INPUT.SIZE", "32",
           "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1", "DEVICE", "cpu"]
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", full]) == 0
-    real_step, calls = supervised.optimization_step, []
+    real_step, calls = engine.optimization_step, []
 
     def step_then_signal(*args):
         calls.append(1)
@@ -330,13 +330,13 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imag
             os.kill(os.getpid(), signal.SIGUSR1)
         return real_step(*args)
 
-    monkeypatch.setattr(supervised, "optimization_step", step_then_signal)
+    monkeypatch.setattr(engine, "optimization_step", step_then_signal)
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped]) == 138
     printed = capsys.readouterr()
     assert "stopped by SIGUSR1 after iteration 3/8 of epoch 1" in printed.err and "stopped by" not in printed.out
     assert open(os.path.join(stopped, "log.txt")).read().count("stopped by SIGUSR1") == 1
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the old handler is back
-    monkeypatch.setattr(supervised, "optimization_step", real_step)
+    monkeypatch.setattr(engine, "optimization_step", real_step)
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped, "--resume", "auto"]) == 0
     a = load_checkpoint(os.path.join(full, "checkpoint_0001.pth.tar"))
     b = load_checkpoint(os.path.join(stopped, "checkpoint_0001.pth.tar"))

@@ -1,6 +1,7 @@
 """Linear protocol on a frozen MoCo backbone: end-to-end on a tiny ImageFolder, and its sanity check."""
 import json
 import os
+import shlex
 
 import cv2
 import numpy as np
@@ -11,14 +12,14 @@ from scipy.stats import binom
 
 from mocobench import cli
 from mocobench.utils.errors import UsageError
-from pretrain import lincls
+from pretrain import engine, lincls
 from pretrain.lincls import (
     BackboneChangedError,
+    LinearTask,
     build_linear_model,
     check_backbone_unchanged,
     extract_backbone,
     learning_rate,
-    train_one_epoch,
 )
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -97,8 +98,11 @@ def test_lincls_end_to_end_v2_checkpoint(tiny_data, v2_checkpoint, tmp_path, cap
     assert results["backbone_unchanged"] is True
     lines = open(os.path.join(out, "metrics.json")).read().splitlines()
     records = [json.loads(line) for line in lines]
-    assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert all(np.isfinite(r["train_loss"]) and 0 <= r["val_top1"] <= 100 for r in records)
+    evaluations = [r for r in records if "val_top1" in r]  # one per epoch; the others are iteration records
+    # 36 training images in batches of 6 (the last batch is kept: drop_last False, as officially)
+    assert [r["epoch"] for r in evaluations] == [1, 2, 3] and [r["iteration"] for r in evaluations] == [6, 12, 18]
+    assert all(np.isfinite(r["train_loss"]) and 0 <= r["val_top1"] <= 100 for r in evaluations)
+    assert evaluations[-1]["val_top1"] == pytest.approx(results["top1"], abs=1e-6)  # metrics.json rounds
 
 
 def test_lincls_v3_checkpoint_auto_recipe(tiny_data, tmp_path, capsys):
@@ -150,8 +154,15 @@ def test_bad_checkpoints_exit_2(tiny_data, v2_checkpoint, tmp_path, capsys):
     assert "nodata/train" in capsys.readouterr().err
 
 
-def test_frozen_model_trains_fc_only_and_keeps_bn_stats(v2_checkpoint):
-    _, backbone = v2_checkpoint
+def _linear_task(checkpoint, tmp_path):
+    """The task `mocobench lincls` trains, built from its flags."""
+    args = lincls.build_parser().parse_args(["--data", str(tmp_path), "--pretrained", checkpoint,
+                                             "--output", str(tmp_path / "out"), "--lr", "1.0"])
+    return LinearTask(*lincls.build_config(args))
+
+
+def test_frozen_model_trains_fc_only_and_keeps_bn_stats(v2_checkpoint, tmp_path):
+    path, backbone = v2_checkpoint
     model = build_linear_model("resnet18", 3, backbone)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"]
@@ -160,9 +171,15 @@ def test_frozen_model_trains_fc_only_and_keeps_bn_stats(v2_checkpoint):
     fc_before = model.fc.weight.detach().clone()
     g = torch.Generator().manual_seed(0)
     loader = [(torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
-    optimizer = torch.optim.SGD([model.fc.weight, model.fc.bias], lr=1.0, momentum=0.9)
-    train_one_epoch(model, loader, optimizer, torch.device("cpu"), "test")
+    task = _linear_task(path, tmp_path)
+    optimizer = task.build_optimizer(model, task.lr_at(0.0))
+    assert [p.shape for g in optimizer.param_groups for p in g["params"]] == [(3, 512), (3,)]
+    task.train_mode(model)  # what the engine's loop does for the linear task: eval mode, then steps
+    for i, batch in enumerate(loader):
+        loss, _, _ = task.step(model, batch, torch.device("cpu"), 0.0, torch.contiguous_format)
+        engine.optimization_step(loss, optimizer, None, i, 0, i, len(loader))
     assert not torch.equal(model.fc.weight, fc_before)  # the classifier learned
+    assert task.totals[2] == 8  # the epoch's training statistics counted both batches
     check_backbone_unchanged(model.state_dict(), backbone)  # BN running stats included
 
     # The sanity check catches a BN left in train mode: it updates running statistics without any gradient.
@@ -185,3 +202,46 @@ def test_learning_rate_schedules():
         [30, 30, 3, 3, 0.3, 0.3])
     assert learning_rate(0.4, 0, 90, ()) == pytest.approx(0.4)
     assert learning_rate(0.4, 45, 90, ()) == pytest.approx(0.2)
+
+
+def test_lincls_sigterm_mid_epoch_exits_143_and_resumes_to_the_same_head(tiny_data, v2_checkpoint, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A real SIGTERM to this process during iteration 5 (epoch 2): the engine finishes the iteration, writes
+    an exact checkpoint and exits 143 (a scheduler requeues); `--resume auto` then ends with the head, BN
+    buffers, optimizer state and results of an uninterrupted run, bit for bit."""
+    import signal
+
+    args = ["--data", tiny_data, "--pretrained", v2_checkpoint[0], "--epochs", "2", "--batch-size", "12",
+            "--size", "32", "--workers", "0", "--lr", "0.5", "--device", "cpu"]
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    assert cli.main(["lincls", *args, "--output", full]) == 0
+    real_step, calls = engine.optimization_step, []
+
+    def step_then_sigterm(*step_args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*step_args)
+
+    monkeypatch.setattr(engine, "optimization_step", step_then_sigterm)
+    assert cli.main(["lincls", *args, "--output", stopped]) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after iteration 2/3 of epoch 2" in err and "checkpoint_iter_00000005" in err
+    resume_cmd = shlex.split(err.split("resume with: ", 1)[1].strip())
+    assert resume_cmd[:2] == ["mocobench", "lincls"] and resume_cmd[-2:] == ["--resume", "auto"]
+    assert not os.path.exists(os.path.join(stopped, "lincls_results.json"))
+    assert cli.main(["lincls", *args, "--output", stopped]) == 2  # a second run is refused ...
+    assert "already holds a linear evaluation" in capsys.readouterr().err
+    monkeypatch.setattr(engine, "optimization_step", real_step)
+    assert cli.main(resume_cmd[1:]) == 0  # ... the printed command continues it
+    assert "resumed from" in capsys.readouterr().out
+    a = torch.load(os.path.join(full, "checkpoint_0001.pth.tar"), weights_only=True)
+    b = torch.load(os.path.join(stopped, "checkpoint_0001.pth.tar"), weights_only=True)
+    assert a["iteration"] == b["iteration"] == 6 and set(a["state_dict"]) == set(b["state_dict"])
+    for key in a["state_dict"]:  # fc and the frozen backbone with its BN buffers
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    ra, rb = (json.load(open(os.path.join(d, "lincls_results.json"))) for d in (full, stopped))
+    assert ra == rb  # top-1, top-5, best top-1 (kept across the resume) and the rest
+    assert [n for n in os.listdir(stopped) if n.endswith(".pth.tar")] == ["checkpoint_0001.pth.tar"]

@@ -508,17 +508,18 @@ class _StepLog:
 
 
 def _v3_train(cfg, model, device, batches):
-    """One epoch of pretrain.train.train_one_epoch (fp32 on CPU) over `batches`, with the optimizer
-    pretrain.train builds: v3 loss, lr and momentum schedules, optimization_step."""
-    from pretrain import train as train_mod
+    """One epoch of pretrain.engine.train_one_epoch (fp32 on CPU) over `batches` with MoCo's task and
+    the optimizer the engine builds: v3 loss, lr and momentum schedules, optimization_step."""
+    from pretrain import engine
     from pretrain.config import lr_at
+    from pretrain.train import MocoTask
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train_mod.build_optimizer(cfg, params, lr_at(cfg, 0.0))
+    optimizer = engine.build_optimizer(cfg, params, lr_at(cfg, 0.0))
     loader = [((x1, x2), torch.zeros(len(x1), dtype=torch.long)) for x1, x2 in batches]
     log = _StepLog()
-    iteration = train_mod.train_one_epoch(cfg, model, loader, optimizer, None, 0, 0, device,
-                                          (False, torch.float32, False), log)
+    iteration = engine.train_one_epoch(MocoTask(cfg), model, loader, optimizer, None, 0, 0, device,
+                                       (False, torch.float32, False), log)
     assert iteration == len(batches) and [r["iteration"] for r in log.rows] == list(range(1, len(batches) + 1))
     grads = {n.replace(".module.", "."): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     state = {k.replace(".module.", "."): v.clone() for k, v in model.state_dict().items()}
@@ -526,6 +527,7 @@ def _v3_train(cfg, model, device, batches):
 
 
 def _v3_ddp_worker(rank, world, init_method, out_dir):
+    from pretrain import engine
     from pretrain import train as train_mod
     from pretrain.moco import AllReduceBatchNorm, build_model, convert_sync_bn
 
@@ -534,9 +536,10 @@ def _v3_ddp_worker(rank, world, init_method, out_dir):
     try:
         cfg = _v3_cfg()
         device = torch.device("cpu")
-        # as pretrain.train.train: same seed on every rank, SyncBN for v3 with > 1 process, rank 0's state
-        # broadcast, DDP around model.ddp_modules (base_encoder and predictor, each called twice per step)
-        train_mod.seed_all(cfg.SEED)
+        # as pretrain.engine.train with MoCo's task: same seed on every rank, SyncBN for v3 with > 1
+        # process, rank 0's state broadcast, DDP around model.ddp_modules (base_encoder and predictor,
+        # each called twice per step)
+        engine.seed_all(cfg.SEED)
         model = convert_sync_bn(build_model(cfg, bn_splits=1), device)
         assert any(isinstance(m, AllReduceBatchNorm) for m in model.modules())
         model.to(device)

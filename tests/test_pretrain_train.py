@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import assert_optimizer_states_equal
 
+from mocobench import cli
 from mocobench.utils.errors import UsageError
 from mocobench.utils.fileio import load_checkpoint
 from pretrain import train as train_mod
@@ -171,8 +172,8 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_
         return (loss * float("nan") if calls["n"] == 3 else loss), logits, labels
 
     monkeypatch.setitem(train_mod.LOSSES, "v2", nan_on_third_iteration)
-    code = train_mod.main(["--config-file", SYNTH_CFG, "--resume", "auto",
-                           *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 2})])
+    code = cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+                     *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 2})])
     assert code == 1
     err = capsys.readouterr().err
     assert "loss is nan at iteration 7 (epoch 2, iteration 3/4" in err

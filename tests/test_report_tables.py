@@ -4,7 +4,7 @@ Inputs come from the writers `mocobench transfer` and pretraining use, without t
 `transfer.record.build_record`/`write_record` on a config loaded by `transfer.config.load_config` (what
 transfer/run.py does after its final evaluation), a plain detectron2 directory from `CfgNode.dump` and
 detectron2's own `EventStorage` + `JSONWriter` (what `DefaultTrainer` writes), and a pretraining run from
-`pretrain.train.MetricsWriter`. tests/test_report.py runs the same report on real trials (slow); these are what
+`mocobench.utils.events.MetricsWriter`. tests/test_report.py runs the same report on real trials (slow); these are what
 `make mutation` runs against transfer/report.py.
 """
 import csv
@@ -317,7 +317,7 @@ def test_nothing_usable_is_a_one_line_usage_error(tmp_path):
 
 
 def test_pretraining_runs_are_found_and_their_curves_averaged_per_epoch(tmp_path):
-    from pretrain.train import MetricsWriter
+    from mocobench.utils.events import MetricsWriter
 
     moco = tmp_path / "pretraining" / "m1"
     moco.mkdir(parents=True)
@@ -510,7 +510,7 @@ def test_a_records_weights_lead_to_the_pretraining_run_they_were_converted_from(
     import torch
 
     from convert.api import convert_checkpoint
-    from pretrain.train import MetricsWriter
+    from mocobench.utils.events import MetricsWriter
     from tests.conftest import random_resnet_state
     from transfer.checkpoint import inspect_weights
 

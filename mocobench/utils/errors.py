@@ -17,3 +17,19 @@ class CommandFailed(Exception):
     def __init__(self, message, exit_code=1):
         super().__init__(message)
         self.exit_code = int(exit_code)
+
+
+def run_main(prog, main, argv):
+    """main(argv) -> exit code, and the one place where the errors above become exit codes: bad input
+    prints `PROG: error: MESSAGE` (exit 2), a failed or stopped command `PROG: [error: ]MESSAGE` with its own
+    code; no traceback. Under a multi-process launcher only rank 0 prints (every rank ends the same way)."""
+    import os
+    import sys
+
+    try:
+        return int(main(argv) or 0)
+    except (UsageError, CommandFailed) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            label = "error: " if getattr(e, "is_error", True) else ""
+            print(f"{prog}: {label}{e}", file=sys.stderr, flush=True)
+        return e.exit_code

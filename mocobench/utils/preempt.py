@@ -39,6 +39,8 @@ class Preempted(CommandFailed):
         super().__init__(message, EXIT_CODES.get(int(signum), 1))
         self.signum = int(signum)
 
+    is_error = False  # a clean stop: the run is saved and continues with the resume command
+
 
 def signal_name(signum):
     return signal.Signals(signum).name
