@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from synth.generate import CLASS_NAMES, synthesize  # noqa: E402
+from mocobench.utils.synth_meta import CLASS_NAMES  # noqa: E402
+from synth.generate import synthesize  # noqa: E402
 
 
 def load_split(root, split, class_names):

@@ -13,7 +13,8 @@ from mocobench.utils.errors import run_main
 SUBCOMMANDS = {  # in the order data flows
     "env": ("mocobench.info", "print the software environment and the active detectron2 fixes"),
     "configs": ("mocobench.catalog", "list the shipped configs: kind (paper / cpu / test / base) and purpose"),
-    "data": ("synth.generate", "generate datasets in the real on-disk formats: mocobench data synth --out DIR"),
+    "data": ("synth.cli",
+             "generate datasets in the real on-disk formats: mocobench data synth --out DIR"),
     "pretrain": ("pretrain.train", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
     "supervised": ("pretrain.supervised", "supervised pretraining of a torchvision ResNet: the baseline"),
     "lincls": ("pretrain.lincls", "linear classification on a frozen MoCo backbone (official protocol)"),

@@ -109,7 +109,7 @@ def random_resnet_state(arch, seed=0):
 @pytest.fixture(scope="module")
 def tiny_imagenet(tmp_path_factory):
     """A generated ImageFolder root (4 classes, 16 train and 4 val images each, 40 px), one per test module."""
-    from synth.generate import make_imagenet
+    from synth.imagenet import make_imagenet
 
     out = tmp_path_factory.mktemp("synth")
     make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)

@@ -18,7 +18,7 @@ from mocobench.utils.fileio import atomic_torch_save, load_checkpoint
 from pretrain import supervised
 from pretrain.augment import build_eval_transform
 from pretrain.data import SafeImageFolder
-from synth.generate import make_imagenet
+from synth.imagenet import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUP_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")

@@ -14,7 +14,7 @@ from mocobench.utils.errors import UsageError
 from mocobench.utils.fileio import load_checkpoint
 from pretrain import train as train_mod
 from pretrain.config import load_config, lr_at, moco_momentum_at
-from synth.generate import make_imagenet
+from synth.imagenet import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")

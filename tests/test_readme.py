@@ -9,7 +9,8 @@ import time
 import pytest
 
 from mocobench import cli
-from synth.generate import make_imagenet, synthesize
+from synth.generate import synthesize
+from synth.imagenet import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import torch
 
 from mocobench import cli
 from mocobench.utils.fileio import load_checkpoint, safe_unpickle
-from synth.generate import make_imagenet
+from synth.imagenet import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V3_CFG = os.path.join(REPO, "configs", "pretrain", "moco_v3_R50.yaml")

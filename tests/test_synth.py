@@ -10,7 +10,9 @@ import pytest
 
 from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 from mocobench.utils.errors import UsageError
-from synth.generate import CLASS_NAMES, META_VERSION, make_imagenet, read_synth_meta, synthesize
+from mocobench.utils.synth_meta import CLASS_NAMES, META_VERSION, read_synth_meta
+from synth.generate import synthesize
+from synth.imagenet import make_imagenet
 
 TINY = dict(classes=2, images_per_class=3, val_per_class=2, scenes=4, size=32, scene_size=64)
 
@@ -294,10 +296,11 @@ def test_cli_writes_the_tree_and_rejects_bad_input(tmp_path):
 def test_annotation_traces_the_drawn_shape(name):
     from pycocotools import mask as mask_utils
 
-    from synth.generate import _mask_annotation, _shape_alpha
+    from synth.raster import mask_annotation, shape_alpha
 
-    alpha = _shape_alpha(name, center=(40.3, 37.6), radius=21.0, aspect=1.2, angle=0.7, canvas_hw=(80, 90))
-    ann = _mask_annotation(alpha >= 128)
+    alpha = shape_alpha(name, center=(40.3, 37.6), radius=21.0, aspect=1.2, angle=0.7,
+                        canvas_hw=(80, 90))
+    ann = mask_annotation(alpha >= 128)
     x0, y0, x1, y1 = ann["box"]
     drawn = np.nonzero(alpha >= 128)
     assert (x0, y0, x1, y1) == (drawn[1].min(), drawn[0].min(), drawn[1].max() + 1, drawn[0].max() + 1)

@@ -19,7 +19,9 @@ from detectron2.structures import Instances
 
 from mocobench.pipeline import load_pipeline_config
 from mocobench.utils.errors import UsageError
-from synth.generate import COCO_KEYPOINT_NAMES, VOC_PALETTE, read_synth_meta
+from mocobench.utils.synth_meta import read_synth_meta
+from synth.coco import COCO_KEYPOINT_NAMES
+from synth.voc import VOC_PALETTE
 from transfer import record, report
 from transfer.config import load_config
 from transfer.datasets import check_dataset, register_synth_datasets
