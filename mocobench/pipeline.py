@@ -279,7 +279,7 @@ class Pipeline:
         return inputs
 
     def run_synth(self):
-        from synth import generate as synth
+        from synth import cli as synth
 
         argv = ["synth", "--out", self.synth_root, "--preset", self.cfg.DATA.SYNTH_PRESET,
                 "--seed", str(self.cfg.DATA.SYNTH_SEED), *self.cfg.DATA.SYNTH_OPTS]
