@@ -57,7 +57,8 @@ def collect_env() -> list:
         rows.append(("detectron2", f"failed to import: {type(e).__name__}: {e}"))
     for dist in ("fvcore", "iopath", "pycocotools", "opencv-python-headless", "Pillow", "setuptools"):
         rows.append((dist, _version(dist)))
-    rows.append(("mocobench", f"{_version('mocobench')} @ {os.path.dirname(os.path.dirname(__file__))}"))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rows.append(("mocobench", f"{_version('mocobench')} @ {repo}"))
     return rows
 
 
