@@ -186,13 +186,29 @@ def unwrap(module):
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def add_run_arguments(parser, example_opts):
-    """--config-file, --resume and KEY VALUE overrides: the arguments of every yacs-config command."""
+def config_command(prog, description, example, example_opts):
+    """The parser of a yacs-config training command: --config-file, --resume and KEY VALUE overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=f"Example: {prog} {example}")
     parser.add_argument("--config-file", required=True, metavar="FILE", help="YAML config (may use _BASE_)")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a checkpoint path")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help=f"config overrides, e.g. {example_opts} (flags may come before or after)")
+    return parser
+
+
+def run_config_command(parser, argv, make_task, moco):
+    """Parse a config_command's `argv` (None: sys.argv), load the config and run its task."""
+    import sys
+
+    from pretrain.config import load_config
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config_file, args.opts, moco=moco)
+    return run(parser.prog, argv, make_task(cfg), args.resume)
 
 
 class LogWindow:

@@ -6,7 +6,6 @@ images, per-process BatchNorm; after every epoch, top-1 on DATA.ROOT/val when it
 Checkpoints hold plain torchvision keys (conv1.weight, ..., fc.*), as torchvision's own resnet50-*.pth,
 so `mocobench convert` takes them as torchvision checkpoints.
 """
-import argparse
 import os
 import sys
 
@@ -18,7 +17,6 @@ from torch.nn.parallel import DistributedDataParallel
 from mocobench.utils import comm
 from mocobench.utils.errors import UsageError, run_main
 from pretrain import engine
-from pretrain.config import load_config
 from pretrain.moco import resnet_builder
 
 logger = engine.logger
@@ -130,23 +128,16 @@ class SupervisedTask(engine.Task):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="mocobench supervised",
-        description="Supervised classification pretraining of a torchvision ResNet on DATA.ROOT/train: "
-                    "the baseline MoCo is compared against (same config keys as `mocobench pretrain`).",
-        epilog="Example: mocobench supervised --config-file configs/pretrain/synth_R18_cpu_supervised.yaml "
-               "DATA.ROOT datasets/synth/imagenet OUTPUT_DIR out/sup_r18 SOLVER.EPOCHS 2",
-    )
-    engine.add_run_arguments(parser, "SOLVER.EPOCHS 10 SOLVER.BASE_LR 0.2")
-    return parser
+    return engine.config_command(
+        "mocobench supervised",
+        "Supervised classification pretraining of a torchvision ResNet on DATA.ROOT/train: the baseline "
+        "MoCo is compared against (same config keys as `mocobench pretrain`).",
+        "--config-file configs/pretrain/synth_R18_cpu_supervised.yaml DATA.ROOT datasets/synth/imagenet "
+        "OUTPUT_DIR out/sup_r18 SOLVER.EPOCHS 2", "SOLVER.EPOCHS 10 SOLVER.BASE_LR 0.2")
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config_file, args.opts, moco=False)
-    return engine.run(parser.prog, argv, SupervisedTask(cfg), args.resume)
+    return engine.run_config_command(build_parser(), argv, SupervisedTask, moco=False)
 
 
 if __name__ == "__main__":

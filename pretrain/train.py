@@ -5,7 +5,6 @@ encoder and predictor), its loss per version, the kNN monitor, and the state tha
 (momentum encoder and queue), checked to agree on every rank after each epoch. Checkpoints use the
 official layout (pretrain.checkpoint). `torchrun -m pretrain.train ...` runs the same command.
 """
-import argparse
 import os
 import sys
 
@@ -19,7 +18,7 @@ from mocobench.utils.errors import UsageError, run_main
 from pretrain import checkpoint as ckpt
 from pretrain import engine
 from pretrain import resume as resume_mod
-from pretrain.config import load_config, moco_momentum_at
+from pretrain.config import moco_momentum_at
 from pretrain.moco import build_model, convert_sync_bn
 
 logger = engine.logger
@@ -187,22 +186,14 @@ class MocoTask(engine.Task):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="mocobench pretrain",
-        description="MoCo v1/v2/v3 pretraining of a torchvision ResNet (see configs/pretrain/).",
-        epilog="Example: mocobench pretrain --config-file configs/pretrain/synth_R18_cpu.yaml "
-               "DATA.ROOT /data/imagenet OUTPUT_DIR out/r18 SOLVER.EPOCHS 2",
-    )
-    engine.add_run_arguments(parser, "SOLVER.EPOCHS 10 MOCO.K 4096")
-    return parser
+    return engine.config_command(
+        "mocobench pretrain", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (see configs/pretrain/).",
+        "--config-file configs/pretrain/synth_R18_cpu.yaml DATA.ROOT /data/imagenet OUTPUT_DIR out/r18 "
+        "SOLVER.EPOCHS 2", "SOLVER.EPOCHS 10 MOCO.K 4096")
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config_file, args.opts, moco=True)
-    return engine.run(parser.prog, argv, MocoTask(cfg), args.resume)
+    return engine.run_config_command(build_parser(), argv, MocoTask, moco=True)
 
 
 if __name__ == "__main__":
