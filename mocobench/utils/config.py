@@ -66,7 +66,8 @@ def merge_config(cfg, config_file, opts=(), opts_source="command-line override")
 
 
 # The shipped configs: configs/ next to the packages (a source checkout, as `make setup` installs it)
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "configs")
 
 
 def resolve_config_path(path, relative_to, what):
