@@ -7,7 +7,7 @@ line to SUBCOMMANDS.
 import importlib
 import sys
 
-from mocobench.utils.errors import UsageError
+from mocobench.utils.errors import CommandFailed, UsageError
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {  # in the order data flows
@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"mocobench {name}: error: {e}", file=sys.stderr)
         return 2
+    except CommandFailed as e:  # it ran, then failed or stopped: its line says why and what next
+        print(e, file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from mocobench.utils.errors import UsageError
+from mocobench.utils.errors import CommandFailed, UsageError
 
 # Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of sbatch.
 SUBMITIT_CLUSTER_ENV = "MOCOBENCH_SUBMITIT_CLUSTER"
@@ -176,7 +176,10 @@ class StageJob:
                                   if stage.resume is not None else (None, ()))
         try:
             code = int(module.main(argv) or 0)
-        except SystemExit as e:  # the pipeline stops with its stage's exit code
+        except CommandFailed as e:  # the pipeline stops with its stage's exit code
+            print(e, file=sys.stderr, flush=True)
+            code = e.exit_code
+        except SystemExit as e:  # a command's own exit (argparse)
             code = e.code if isinstance(e.code, int) else 1
         if code in requeue_codes:  # stopped on the signal after an exact checkpoint: requeue the job now
             requeue(_submitit_signal(), None)  # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
