@@ -1,9 +1,9 @@
 """`mocobench pipeline`: its command line, and the stage jobs `--launcher slurm` submits.
 
 The package runs the stages of the whole experiment as one resumable command: config.py reads the
-pipeline yaml, stages.py wires each stage to its own command, plan.py decides what each stage needs
-(done / redo / resume / run), manifest.py records what ran, estimate.py says how long it takes,
-machines.py where it runs, and driver.py runs the plan.
+pipeline yaml, stages.py wires each stage to its own command, plan.py decides what happens to each
+stage (done / redo / resume / run), manifest.py records what ran, estimate.py says how long it
+takes, machines.py where it runs, and driver.py runs the plan.
 """
 import argparse
 import os

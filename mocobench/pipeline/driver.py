@@ -16,6 +16,8 @@ from mocobench.utils.errors import UsageError
 
 
 class Pipeline:
+    """One `mocobench pipeline` command: its stages, its manifest and what it was asked to redo."""
+
     def __init__(self, cfg, config_file, redo=(), only=None, place=ONE_MACHINE):
         """`only`: run this stage alone (the stages before it must be done): one job of
         `--launcher slurm`. `place`: this machine's place in a stage that spans NUM_NODES machines;
