@@ -1,35 +1,58 @@
-"""The `mocobench` command: a thin dispatcher over the stage modules.
-
-Each subcommand is a module with `main(argv: list[str]) -> int` that owns its own argparse parser,
-so `mocobench env` never pays for importing torch or detectron2. Register a subcommand by adding one
-line to SUBCOMMANDS.
-"""
+"""The `mocobench` command: one table of commands, each a module with `main(argv) -> int` that owns its
+argparse parser (so `mocobench env` never pays for importing torch or detectron2). The commands that run
+on many processes or a cluster go through mocobench.launch; how any command ends becomes its exit code
+in one place, mocobench.utils.errors.run_main."""
+import dataclasses
 import importlib
 import sys
+from typing import Optional
 
 from mocobench.utils.errors import run_main
 
-# name -> (module, one-line help)
-SUBCOMMANDS = {  # in the order data flows
-    "env": ("mocobench.info", "print the software environment and the active detectron2 fixes"),
-    "configs": ("mocobench.catalog", "list the shipped configs: kind (paper / cpu / test / base) and purpose"),
-    "data": ("synth.cli",
-             "generate datasets in the real on-disk formats: mocobench data synth --out DIR"),
-    "pretrain": ("pretrain.train", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
-    "supervised": ("pretrain.supervised", "supervised pretraining of a torchvision ResNet: the baseline"),
-    "lincls": ("pretrain.lincls", "linear classification on a frozen MoCo backbone (official protocol)"),
-    "convert": ("convert.cli", "ResNet checkpoint of any SSL framework -> verified detectron2 .pkl / torchvision .pth"),
-    "transfer": ("transfer.run", "fine-tune detectron2 from a converted .pkl on VOC/COCO, N seeds, AP per seed"),
-    "report": ("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and plots from run dirs"),
-    "pipeline": ("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds -> report, resumable "
-                                      "(--dry-run: the plan and what is missing)"),
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    module: str  # main(argv) -> int
+    help: str
+    launched: bool = False  # through mocobench.launch: --nproc-per-node ..., --launcher slurm
+    per_rank: bool = False  # launched: one process (SLURM task) per GPU, env://; else one per node
+    resume: Optional[tuple] = None  # launched: the flags a requeued job continues with; None: not requeued
+
+
+def _trained(module, help_):  # a training command: a process per GPU, requeued with --resume auto
+    return Command(module, help_, launched=True, per_rank=True, resume=("--resume", "auto"))
+
+
+COMMANDS = {  # in the order data flows
+    "env": Command("mocobench.info", "print the software environment and the active detectron2 fixes"),
+    "configs": Command("mocobench.catalog",
+                       "list the shipped configs: kind (paper / cpu / test / base) and purpose"),
+    "data": Command("synth.cli",
+                    "generate datasets in the real on-disk formats: mocobench data synth --out DIR"),
+    "pretrain": _trained("pretrain.train",
+                         "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
+    "supervised": _trained("pretrain.supervised",
+                           "supervised pretraining of a torchvision ResNet: the baseline"),
+    "lincls": _trained("pretrain.lincls",
+                       "linear classification on a frozen MoCo backbone (official protocol)"),
+    "convert": Command("convert.cli", "ResNet checkpoint of any SSL framework -> verified detectron2 "
+                                      ".pkl / torchvision .pth"),
+    # detectron2's launch spawns a process per GPU; --resume continues the trials
+    "transfer": Command("transfer.run", "fine-tune detectron2 from a converted .pkl on VOC/COCO, N seeds, "
+                                        "AP per seed", launched=True, resume=("--resume",)),
+    "report": Command("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and "
+                                         "plots from run dirs"),
+    # its manifest resumes every stage
+    "pipeline": Command("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds "
+                                              "-> report, resumable (--dry-run: the plan and what is "
+                                              "missing)", launched=True, resume=()),
 }
 
 
 def _usage() -> str:
-    width = max(len(n) for n in SUBCOMMANDS)
+    width = max(len(n) for n in COMMANDS)
     lines = ["usage: mocobench <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<{width}}  {command.help}" for name, command in COMMANDS.items()]
     lines += ["", "`mocobench <command> --help` shows a command's options."]
     return "\n".join(lines)
 
@@ -40,14 +63,14 @@ def main(argv=None) -> int:
         print(_usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
+    if name not in COMMANDS:
         print(f"mocobench: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from mocobench import launch  # commands that run on many processes / a cluster go through the launcher
+    if COMMANDS[name].launched:
+        from mocobench import launch
 
-    if name in launch.STAGES:
         return run_main(f"mocobench {name}", lambda args: launch.main(name, args), rest)
-    return run_main(f"mocobench {name}", importlib.import_module(SUBCOMMANDS[name][0]).main, rest)
+    return run_main(f"mocobench {name}", importlib.import_module(COMMANDS[name].module).main, rest)
 
 
 if __name__ == "__main__":

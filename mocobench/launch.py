@@ -13,38 +13,22 @@ A timed-out or preempted SLURM job checkpoints and requeues itself with the comm
 This is the top floor: the stages know nothing of it; they read the env:// variables their launcher exports.
 """
 import argparse
-import dataclasses
 import importlib
 import os
 import signal
 import sys
 
-from mocobench.utils.errors import UsageError
+from mocobench.cli import COMMANDS
+from mocobench.utils.errors import CommandFailed, UsageError
 
 # Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of sbatch.
 SUBMITIT_CLUSTER_ENV = "MOCOBENCH_SUBMITIT_CLUSTER"
 
 
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    module: str  # the stage's module: main(argv) -> int
-    resume: tuple  # the flags that make a requeued job continue (prepended to its argv); None: not requeued
-    per_rank: bool  # True: one process (SLURM task) per GPU, env:// ; False: one per node, the command spawns
-
-
-STAGES = {
-    "pretrain": Stage("pretrain.train", ("--resume", "auto"), per_rank=True),
-    "supervised": Stage("pretrain.supervised", ("--resume", "auto"), per_rank=True),
-    "lincls": Stage("pretrain.lincls", None, per_rank=True),  # no checkpoints: a timed-out job ends there
-    "transfer": Stage("transfer.run", ("--resume",), per_rank=False),  # detectron2's launch spawns per GPU
-    "pipeline": Stage("mocobench.pipeline", (), per_rank=False),  # its manifest resumes every stage
-}
-
-
 def build_parser(command):
-    stage = STAGES[command]
+    spec = COMMANDS[command]
     parser = argparse.ArgumentParser(prog=f"mocobench {command}", add_help=False, allow_abbrev=False)
-    if stage.per_rank:
+    if spec.per_rank:
         group = parser.add_argument_group("processes (torchrun's options and meaning)")
         group.add_argument("--nproc-per-node", type=int, default=None,
                            help="processes on this node (default: every visible CUDA device; 1 without CUDA)")
@@ -74,22 +58,22 @@ def build_parser(command):
 
 def main(command, argv) -> int:
     """`mocobench COMMAND [launch options] [the command's own arguments]`."""
-    stage = STAGES[command]
+    spec = COMMANDS[command]
     parser = build_parser(command)
     args, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:  # the launch options, then the command's own (from its parser)
         parser.print_help()
         print()
-        return int(importlib.import_module(stage.module).main(rest) or 0)
+        return int(importlib.import_module(spec.module).main(rest) or 0)
     if args.launcher == "slurm":
         submit(command, args, rest)
         return 0
-    if not stage.per_rank:
-        return int(importlib.import_module(stage.module).main(rest) or 0)
+    if not spec.per_rank:
+        return int(importlib.import_module(spec.module).main(rest) or 0)
     nproc = args.nproc_per_node if args.nproc_per_node is not None else default_nproc_per_node(rest)
     if args.nnodes == "1":
-        return run_on_this_node(stage.module, rest, nproc)
-    return run_elastic(stage.module, rest, nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+        return run_on_this_node(spec.module, rest, nproc)
+    return run_elastic(spec.module, rest, nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
 
 
 def default_nproc_per_node(argv=()) -> int:
@@ -162,21 +146,24 @@ class StageJob:
     def __call__(self):
         import submitit
 
-        stage = STAGES[self.command]
+        spec = COMMANDS[self.command]
         argv = self.argv
-        if stage.per_rank:  # one task per GPU: each is a rank of the env:// process group
+        if spec.per_rank:  # one task per GPU: each is a rank of the env:// process group
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         else:
             argv = self._node_argv(submitit.JobEnvironment())
-        module = importlib.import_module(stage.module)
+        module = importlib.import_module(spec.module)
         # pretrain / supervised train in this task: submitit's warning signal is handed to their loop, which stops
         # cleanly. transfer and the pipeline spawn their workers: submitit's handler requeues at once on it. Every
         # stage that stopped on SIGTERM after its checkpoint (exit 143 / 138) is requeued below.
-        requeue, requeue_codes = (_route_preemption_to_the_training_loop(forward_warning=stage.per_rank)
-                                  if stage.resume is not None else (None, ()))
+        requeue, requeue_codes = (_route_preemption_to_the_training_loop(forward_warning=spec.per_rank)
+                                  if spec.resume is not None else (None, ()))
         try:
             code = int(module.main(argv) or 0)
-        except SystemExit as e:  # the pipeline stops with its stage's exit code
+        except CommandFailed as e:  # the pipeline stops with its stage's exit code
+            print(e, file=sys.stderr, flush=True)
+            code = e.exit_code
+        except SystemExit as e:  # a command's own exit (argparse)
             code = e.code if isinstance(e.code, int) else 1
         if code in requeue_codes:  # stopped on the signal after an exact checkpoint: requeue the job now
             requeue(_submitit_signal(), None)  # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
@@ -202,9 +189,9 @@ class StageJob:
         (None: not requeued)."""
         import submitit
 
-        if STAGES[self.command].resume is None:
+        if COMMANDS[self.command].resume is None:
             return None
-        argv = with_resume(self.argv, STAGES[self.command].resume)
+        argv = with_resume(self.argv, COMMANDS[self.command].resume)
         if self.command == "pipeline":  # the redo has begun (old outputs moved aside): the requeued job resumes it
             argv = without_flag(argv, "--redo", takes_value=True)
         return submitit.helpers.DelayedSubmission(StageJob(self.command, argv))
@@ -244,7 +231,7 @@ def _route_preemption_to_the_training_loop(forward_warning=True):
 def submit(command, args, argv):
     """Submit the command as a submitit job (sbatch); prints the job id and log paths; returns the job (the
     pipeline: a job per stage, see submit_pipeline; returns the list)."""
-    stage = STAGES[command]
+    spec = COMMANDS[command]
     if command == "pipeline" and args.nodes != 1:
         raise UsageError(f"--nodes {args.nodes}: the pipeline's stages take their node count from its config "
                          f"(NUM_NODES {args.nodes})")
@@ -252,7 +239,7 @@ def submit(command, args, argv):
         raise UsageError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: expected >= 1 and >= 0")
     if command == "pipeline":
         return submit_pipeline(args, argv)
-    tasks = args.tasks_per_node or (max(args.gpus_per_node, 1) if stage.per_rank else 1)
+    tasks = args.tasks_per_node or (max(args.gpus_per_node, 1) if spec.per_rank else 1)
     if command == "transfer" and not any(a == "--num-gpus" or a.startswith("--num-gpus=") for a in argv):
         argv = ["--num-gpus", str(max(args.gpus_per_node, 1)), *argv]
     executor, cluster = _executor(args)

@@ -598,39 +598,39 @@ def test_detection_header_names_every_difference_from_the_official_file(name, tm
 # paper mode: the detection config per init
 # ------------------------------------------------------------------------------------------------------------
 def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row(tmp_path, monkeypatch):
-    from mocobench import pipeline
+    from mocobench.pipeline.config import load_pipeline_config
+    from mocobench.pipeline.stages import Wiring
 
     monkeypatch.chdir(REPO)  # the shipped pipeline configs name repository-relative paths
     weights = tmp_path / "R-50.pkl"
     weights.write_bytes(b"MSRA weights stand-in: never read by this stage")
-    cfg = pipeline.load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2_paper.yaml",
-                                        ["OUTPUT_DIR", str(tmp_path / "run"), "SUPERVISED.WEIGHTS", str(weights)])
-    run = pipeline.Pipeline(cfg, "configs/pipeline/voc_R50_C4_moco_v2_paper.yaml")
+    cfg = load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2_paper.yaml",
+                               ["OUTPUT_DIR", str(tmp_path / "run"), "SUPERVISED.WEIGHTS", str(weights)])
+    run = Wiring(cfg, "configs/pipeline/voc_R50_C4_moco_v2_paper.yaml")
     # (sub-config paths are resolved to absolute ones: the pipeline runs from any working directory)
     assert run.transfer_config_file("supervised").endswith("configs/detection/pascal_voc_R_50_C4_24k.yaml")
     assert run.transfer_config_file("moco") == run.transfer_config_file("random")
     assert run.transfer_config_file("moco").endswith("configs/detection/pascal_voc_R_50_C4_24k_moco.yaml")
     # the stage inputs (what a resumed run compares) carry the config of that init, text included
-    inputs = run._transfer_inputs("random")
+    inputs = run.transfer_inputs("random")
     assert inputs["config_file"].endswith("_moco.yaml") and 'FORMAT: "RGB"' in inputs["config_text"]
     # an MSRA .pkl is already detectron2 weights: the convert stage hands it on untouched
     run.outputs["supervised"] = run.use_supervised_weights()
     converted = run.run_convert("supervised")
     assert converted["pkl"] == str(weights) and not os.path.exists(run.path("convert"))
     run.outputs["convert_supervised"] = converted
-    supervised = run._transfer_inputs("supervised")
+    supervised = run.transfer_inputs("supervised")
     assert supervised["config_file"].endswith("pascal_voc_R_50_C4_24k.yaml") and 'FORMAT: "BGR"' in \
         supervised["config_text"] and supervised["weights_sha256"] == file_sha256(weights)
 
 
 def test_pipeline_config_files_must_exist(tmp_path, monkeypatch):
-    from mocobench import pipeline
+    from mocobench.pipeline.config import load_pipeline_config
     from mocobench.utils.errors import UsageError
 
     monkeypatch.chdir(REPO)
     with pytest.raises(UsageError, match="TRANSFER.CONFIG_FILES.SUPERVISED 'nope.yaml' does not exist"):
-        pipeline.load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2.yaml",
-                                      ["TRANSFER.CONFIG_FILES.SUPERVISED", "nope.yaml"])
+        load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2.yaml",
+                             ["TRANSFER.CONFIG_FILES.SUPERVISED", "nope.yaml"])
     with pytest.raises(UsageError, match="CONFIG_FILES.DETR"):
-        pipeline.load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2.yaml",
-                                      ["TRANSFER.CONFIG_FILES.DETR", "x.yaml"])
+        load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2.yaml", ["TRANSFER.CONFIG_FILES.DETR", "x.yaml"])

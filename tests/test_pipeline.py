@@ -9,6 +9,8 @@ import time
 import pytest
 
 from mocobench import pipeline
+from mocobench.pipeline.config import load_pipeline_config
+from mocobench.pipeline.plan import UNKNOWN, decide
 from mocobench.utils.errors import UsageError
 from mocobench.utils.fileio import file_sha256
 
@@ -147,7 +149,7 @@ def test_dry_run_of_a_new_run_estimates_every_stage_from_this_machines_earlier_p
     assert list(two_seeds) == STAGES  # nothing of this run has run: every estimate is the earlier pipeline's
     assert two_seeds["pretrain"] == pytest.approx(measured["pretrain"], abs=0.5)
     # the same work, twice as long: twice the time (transfer: seconds per seed-iteration; pretrain: per epoch)
-    pretrain_opts = list(pipeline.load_pipeline_config(TINY, []).PRETRAIN.OPTS)
+    pretrain_opts = list(load_pipeline_config(TINY, []).PRETRAIN.OPTS)
     pretrain_opts[pretrain_opts.index("SOLVER.EPOCHS") + 1] = "2"
     longer = estimates("TRANSFER.SEEDS", "4", "PRETRAIN.OPTS", repr(pretrain_opts))
     for name in ("transfer_moco", "transfer_random"):
@@ -186,3 +188,44 @@ def test_bad_pipeline_config_fails_before_any_stage(tmp_path, opts, expected):
         run(tmp_path / "x", *opts)
     assert expected in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "x").exists()  # nothing written, no stage started
+
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_pipeline_with_its_exit_code(tmp_path, monkeypatch,
+                                                                           capsys):
+    from mocobench import cli
+
+    monkeypatch.setattr("synth.generate.main", lambda argv: 143)  # `mocobench data`, on SIGTERM
+    out = tmp_path / "run"
+    assert cli.main(["pipeline", "--config-file", TINY, "OUTPUT_DIR", str(out)]) == 143
+    assert capsys.readouterr().err == ("mocobench data stopped by a signal (exit 143); run the same "
+                                       "pipeline command again to resume\n")
+    data = manifest(out)["stages"]["data"]
+    assert data["status"] == "failed" and "(exit 143)" in data["error"]
+    assert run(out, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert "data                 resume (failed: CommandFailed: mocobench data stopped" in printed
+
+
+DONE = {"status": "done", "inputs": {"seeds": 2}}
+FAILED = {"status": "failed", "inputs": {"seeds": 2}, "error": "E: x"}
+CHECK = "check (its inputs are known once an earlier stage has run)"
+
+
+@pytest.mark.parametrize("previous,inputs,redo,expected", [
+    ({}, {"seeds": 2}, (), "run"),
+    ({}, UNKNOWN, (), "run"),
+    (DONE, {"seeds": 2}, (), "done"),
+    (DONE, {"seeds": 3}, (), "redo (inputs changed: seeds)"),
+    (DONE, {"seeds": 2}, ("s",), "redo (--redo)"),
+    (DONE, UNKNOWN, (), CHECK),
+    ({"status": "done", "inputs": None}, None, (), "run"),  # the report: nothing to compare
+    (FAILED, {"seeds": 2}, (), "resume (failed: E: x)"),
+    ({"status": "running", "inputs": {"seeds": 2}}, {"seeds": 2}, (), "resume (running)"),
+    (FAILED, {"seeds": 3}, (), "redo (inputs changed: seeds)"),
+    (FAILED, UNKNOWN, (), CHECK),
+])
+def test_the_plan_and_the_run_take_one_decision(previous, inputs, redo, expected):
+    """decide() is what --dry-run prints and what the run does (so an interrupted stage whose inputs
+    changed is planned as redone, as the run does, not resumed)."""
+    assert str(decide("s", previous, inputs, redo)) == expected

@@ -17,7 +17,7 @@ from detectron2.data.datasets.builtin_meta import COCO_PERSON_KEYPOINT_NAMES
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from mocobench.pipeline import load_pipeline_config
+from mocobench.pipeline.config import load_pipeline_config
 from mocobench.utils.errors import UsageError
 from mocobench.utils.synth_meta import read_synth_meta
 from synth.coco import COCO_KEYPOINT_NAMES

@@ -14,9 +14,10 @@ class CommandFailed(Exception):
     exit_code: 1 failed (e.g. training diverged), 128 + N stopped by signal N after saving (143 SIGTERM,
     138 SIGUSR1, 130 SIGINT: mocobench.utils.preempt), or the exit code of a stage that failed."""
 
-    def __init__(self, message, exit_code=1):
+    def __init__(self, message, exit_code=1, is_error=True):
         super().__init__(message)
         self.exit_code = int(exit_code)
+        self.is_error = is_error  # False: a clean stop after saving (printed without "error:")
 
 
 def run_main(prog, main, argv):
@@ -30,6 +31,6 @@ def run_main(prog, main, argv):
         return int(main(argv) or 0)
     except (UsageError, CommandFailed) as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            label = "error: " if getattr(e, "is_error", True) else ""
+            label = "error: " if getattr(e, "is_error", True) else ""  # UsageError: always
             print(f"{prog}: {label}{e}", file=sys.stderr, flush=True)
         return e.exit_code

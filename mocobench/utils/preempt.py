@@ -36,10 +36,8 @@ class Preempted(CommandFailed):
     """Training stopped cleanly on a signal after writing a checkpoint; str() is the one-line message."""
 
     def __init__(self, signum, message):
-        super().__init__(message, EXIT_CODES.get(int(signum), 1))
+        super().__init__(message, EXIT_CODES.get(int(signum), 1), is_error=False)
         self.signum = int(signum)
-
-    is_error = False  # a clean stop: the run is saved and continues with the resume command
 
 
 def signal_name(signum):

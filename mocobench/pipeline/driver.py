@@ -1,0 +1,133 @@
+"""The run: the checks and the preflight, then each stage in order as the plan decided.
+
+A stage that is done is skipped; one redone has its old outputs moved to superseded/<time>/ (never
+deleted) first; every stage run is recorded in the manifest before it starts and when it ends, so
+the same command run again continues where this one stopped.
+"""
+import os
+import time
+
+from mocobench.pipeline.estimate import record_rate, time_left
+from mocobench.pipeline.machines import ONE_MACHINE, check_machines
+from mocobench.pipeline.manifest import Manifest, git_commit
+from mocobench.pipeline.plan import decide, preflight
+from mocobench.pipeline.stages import Wiring
+from mocobench.utils.errors import UsageError
+
+
+class Pipeline:
+    """One `mocobench pipeline` command: its stages, its manifest and what it was asked to redo."""
+
+    def __init__(self, cfg, config_file, redo=(), only=None, place=ONE_MACHINE):
+        """`only`: run this stage alone (the stages before it must be done): one job of
+        `--launcher slurm`. `place`: this machine's place in a stage that spans NUM_NODES machines;
+        machine 0 writes the manifest."""
+        self.wiring = Wiring(cfg, config_file, place)
+        # read only until the preflight has passed
+        self.manifest = Manifest(self.wiring.run_dir, writable=place.machine_rank == 0)
+        self.redo = set(redo)
+        self.only = only
+        self.commit = git_commit()
+
+    @property
+    def config_file(self):
+        return self.wiring.config_file
+
+    @property
+    def run_dir(self):
+        return self.wiring.run_dir
+
+    def preflight(self):
+        return preflight(self.wiring, self.manifest, self.redo)
+
+    def run(self, dry_run=False):
+        """Every stage in order (with `only`: the stages up to it, those before it done); returns
+        the outputs of the stages, or None with `dry_run` (the preflight alone)."""
+        stages = self.wiring.stages()
+        names = [stage.name for stage in stages]
+        self._check_selection(names)
+        rows = self.preflight()
+        if self.only:
+            self._check_earlier_stages_done(rows[:names.index(self.only)])
+        if dry_run:
+            return None
+        self._open_manifest()
+        end = names.index(self.only) + 1 if self.only else len(stages)  # later: their own jobs
+        start, stamp = time.time(), time.strftime("%Y%m%d-%H%M%S")
+        measured = {}  # stage -> seconds, of the stages this command ran
+        for index, stage in enumerate(stages[:end], 1):
+            header = f"[{index}/{len(stages)}] {stage.name}"
+            inputs = stage.inputs()
+            previous = self.manifest.stage(stage.name)
+            decision = decide(stage.name, previous, inputs, self.redo)
+            if decision.kind == "done":
+                print(f"\n=== {header}: done earlier ({previous.get('seconds', 0):.0f} s), skipped",
+                      flush=True)
+                self.wiring.outputs[stage.name] = previous["outputs"]
+                continue
+            if decision.kind == "redo" and self.manifest.writable:
+                self._move_aside(stage.name, header, decision.reason, stamp)
+            left = time_left(self.wiring, self.manifest, names[index - 1:], measured)
+            resuming = " (resuming)" if decision.kind == "resume" else ""
+            print(f"\n=== {header}{resuming} | pipeline elapsed {time.time() - start:.0f} s{left}",
+                  flush=True)
+            measured[stage.name] = self._run_stage(stage, inputs)
+        what = f"stage {self.only}" if self.only else "pipeline"
+        print(f"\n{what} finished in {time.time() - start:.0f} s: {self.run_dir}", flush=True)
+        return self.wiring.outputs
+
+    def _check_selection(self, names):
+        """--stage and --redo name stages of this pipeline; the stages this command runs are
+        started on as many machines as they span."""
+        if self.only and self.only not in names:
+            raise UsageError(f"--stage {self.only}: not a stage of this pipeline; stages: "
+                             f"{', '.join(names)}")
+        if self.only and self.redo - {self.only}:
+            raise UsageError(f"--redo {', '.join(sorted(self.redo - {self.only}))} with --stage "
+                             f"{self.only}: a single-stage run redoes only its own stage")
+        check_machines(self.wiring.cfg, self.config_file, [self.only] if self.only else names,
+                       self.wiring.place)
+
+    def _check_earlier_stages_done(self, rows):
+        """With --stage, the stages before it are other runs' (jobs') to do."""
+        for row in rows:
+            if row.decision.kind != "done":
+                raise UsageError(f"--stage {self.only}: the earlier stage {row.name} is not done "
+                                 f"({row.action}); run the pipeline (or its --stage {row.name}) "
+                                 f"first")
+
+    def _open_manifest(self):
+        if self.manifest.writable:
+            os.makedirs(self.run_dir, exist_ok=True)
+        self.manifest.record_run(self.config_file, self.wiring.cfg.dump(), self.commit)
+
+    def _move_aside(self, name, header, why, stamp):
+        """A redone stage: its old outputs to superseded/<stamp>/ (nothing is deleted), its record
+        dropped."""
+        moved = []
+        for path in self.wiring.stage_outputs(name):
+            if os.path.exists(path):
+                target = self.wiring.path("superseded", stamp, os.path.relpath(path, self.run_dir))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(path, target)
+                moved.append(os.path.relpath(target, self.run_dir))
+        self.manifest.forget(name)
+        print(f"\n=== {header}: redo ({why})"
+              + (f"; old outputs moved to {', '.join(moved)}" if moved else ""))
+
+    def _run_stage(self, stage, inputs):
+        """Runs the stage, recorded in the manifest (running, then done or failed); returns its
+        seconds."""
+        t0 = time.time()
+        self.manifest.start(stage.name, inputs, self.commit)
+        try:
+            outputs = stage.run()
+        except BaseException as e:
+            self.manifest.fail(stage.name, f"{type(e).__name__}: {e}", time.time() - t0)
+            raise
+        seconds = time.time() - t0
+        self.wiring.outputs[stage.name] = outputs
+        self.manifest.finish(stage.name, outputs, seconds)
+        if self.wiring.place.machine_rank == 0:
+            record_rate(self.wiring, stage.name, seconds)
+        return seconds

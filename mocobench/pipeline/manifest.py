@@ -1,0 +1,81 @@
+"""manifest.json: the run directory's record of what ran, read to skip, resume or redo a stage.
+
+Per stage: its inputs, outputs, status (running / failed / done), error, timings and the git commit
+that ran it; for the run: the pipeline config, the software versions and the commit. This module
+alone reads and writes the file, rewriting it atomically after every change, so an interrupted
+process leaves the last complete record.
+"""
+import json
+import os
+import subprocess
+import time
+
+from mocobench.utils.env import software_versions
+from mocobench.utils.fileio import atomic_write
+
+MANIFEST = "manifest.json"
+
+
+def git_commit():
+    """The commit of this source tree ("-dirty" when tracked files changed); None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("-dirty" if dirty else "")
+
+
+class Manifest:
+    """manifest.json in the run directory; `writable` False: read only (the other machines of a
+    multi-node stage: machine 0 records)."""
+
+    def __init__(self, run_dir, writable=True):
+        self.path = os.path.join(run_dir, MANIFEST)
+        self.writable = writable
+        self._data = {"stages": {}}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self._data = json.load(f)
+
+    def save(self):
+        if not self.writable:
+            return
+        with atomic_write(self.path, "w") as f:
+            json.dump(self._data, f, indent=2)
+            f.write("\n")
+
+    def stage(self, name):
+        """What the manifest says of stage `name` ({} when it has not run)."""
+        return self._data["stages"].get(name, {})
+
+    def finished_seconds(self):
+        """{stage: seconds} of the stages that are done."""
+        return {n: s.get("seconds") for n, s in self._data["stages"].items()
+                if s.get("status") == "done" and s.get("seconds")}
+
+    def record_run(self, config_file, config, commit):
+        """The run's own fields, written before its first stage starts."""
+        self._data.update(config_file=config_file, config=config, versions=software_versions(),
+                          git_commit=commit)
+        self.save()
+
+    def forget(self, name):
+        """Drop a stage's record (it is redone; its old outputs were moved aside). Saved with the
+        stage's next change."""
+        self._data["stages"].pop(name, None)
+
+    def start(self, name, inputs, commit):
+        self._update(name, status="running", inputs=inputs,
+                     started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=commit)
+
+    def fail(self, name, error, seconds):
+        self._update(name, status="failed", error=error, seconds=seconds)
+
+    def finish(self, name, outputs, seconds):
+        self._update(name, status="done", outputs=outputs, seconds=seconds, error=None)
+
+    def _update(self, name, **fields):
+        self._data["stages"].setdefault(name, {}).update(fields)
+        self.save()
