@@ -1,10 +1,10 @@
 """Shared fixtures and the test environment.
 
 The environment is pinned before any test runs, so results do not depend on the user's shell: a
-DETECTRON2_DATASETS pointing at real data, a torchrun's WORLD_SIZE/RANK, a warm model cache or a second
-checkout on PYTHONPATH would all change what the code under test sees. Subprocesses inherit the same
-environment, and PYTHONPATH names the checkout whose code the tests import (under `make mutation` that is
-./mutants), so a command run as a subprocess runs the same code as the test.
+DETECTRON2_DATASETS pointing at real data, a torchrun's WORLD_SIZE/RANK, a warm model cache or a
+second checkout on PYTHONPATH would all change what the code under test sees. Subprocesses inherit
+the same environment, and PYTHONPATH names the checkout whose code the tests import (under
+`make mutation` that is ./mutants), so a command run as a subprocess runs the same code as the test.
 """
 import os
 import shutil
@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # variables whose user values would change what the tests see; unset for the whole session
 CLEARED_ENV = (
     "MOCOBENCH_SYNTH",
-    "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+    "MASTER_ADDR", "MASTER_PORT",
     "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
     "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SUBMITIT_EXECUTOR",
     "DETECTRON2_ENV_MODULE",
@@ -36,10 +37,12 @@ def pytest_configure(config):
     os.environ.update(
         # an empty datasets root: builtin VOC/COCO names resolve to paths that do not exist
         DETECTRON2_DATASETS=os.path.join(_SESSION_DIR, "datasets"),
-        # empty download caches (detectron2/fvcore, torch hub): nothing is found or fetched from a previous run
+        # empty download caches (detectron2/fvcore, torch hub): nothing is found or fetched from a
+        # previous run
         FVCORE_CACHE=os.path.join(_SESSION_DIR, "fvcore_cache"),
         TORCH_HOME=os.path.join(_SESSION_DIR, "torch_home"),
-        # the pipeline's machine-local stage timings (estimates of later runs): this session's, not the user's
+        # the pipeline's machine-local stage timings (estimates of later runs): this session's, not
+        # the user's
         MOCOBENCH_CACHE=os.path.join(_SESSION_DIR, "mocobench_cache"),
         MPLBACKEND="Agg",
         PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(pretrain.__file__))),
@@ -68,8 +71,9 @@ def _tree_state(root):
 def synth_root(tmp_path_factory):
     """DIR with imagenet/, VOC2007/, coco/ and synth.json, generated once (seed 0, test preset).
 
-    Shared by every test that uses it, so no test may change it (copy it to tmp_path first): the session ends
-    with an error naming the files if one did. (Permission bits would not stop a test running as root.)"""
+    Shared by every test that uses it, so no test may change it (copy it to tmp_path first): the
+    session ends with an error naming the files if one did. (Permission bits would not stop a test
+    running as root.)"""
     from synth.generate import synthesize
 
     root = str(tmp_path_factory.mktemp("synth"))
@@ -83,14 +87,15 @@ def synth_root(tmp_path_factory):
 
 @pytest.fixture
 def mocobench_cmd():
-    """The installed command line, run as a fresh process (exit codes and stderr as a user sees them)."""
+    """The installed command line, run as a fresh process (exit codes and stderr as a user sees
+    them)."""
     return [sys.executable, "-m", "mocobench"]
 
 
 def random_resnet_state(arch, seed=0):
-    """state_dict of torchvision's `arch` (e.g. "resnet50", "resnext50_32x4d") with random weights and BN
-    tensors far from their defaults (mean 0, var 1, weight 1, bias 0 would hide a swapped mean/var or
-    weight/bias); the same values for the same (arch, seed)."""
+    """state_dict of torchvision's `arch` (e.g. "resnet50", "resnext50_32x4d") with random weights
+    and BN tensors far from their defaults (mean 0, var 1, weight 1, bias 0 would hide a swapped
+    mean/var or weight/bias); the same values for the same (arch, seed)."""
     import torch
     import torchvision
 
@@ -108,7 +113,8 @@ def random_resnet_state(arch, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny_imagenet(tmp_path_factory):
-    """A generated ImageFolder root (4 classes, 16 train and 4 val images each, 40 px), one per test module."""
+    """A generated ImageFolder root (4 classes, 16 train and 4 val images each, 40 px), one per test
+    module."""
     from synth.imagenet import make_imagenet
 
     out = tmp_path_factory.mktemp("synth")
@@ -118,13 +124,14 @@ def tiny_imagenet(tmp_path_factory):
 
 @pytest.fixture
 def rendezvous(tmp_path):
-    """A torch.distributed init_method for the processes of one test: a file store, so no TCP port is
-    picked, released and re-bound (another process can take a free port in between)."""
+    """A torch.distributed init_method for the processes of one test: a file store, so no TCP port
+    is picked, released and re-bound (another process can take a free port in between)."""
     return f"file://{tmp_path / 'rendezvous'}"
 
 
 def assert_optimizer_states_equal(a, b):
-    """Two optimizer state_dicts hold the same state for the same parameters (no zip that stops at the shorter)."""
+    """Two optimizer state_dicts hold the same state for the same parameters (no zip that stops at
+    the shorter)."""
     import torch
 
     assert len(a["state"]) > 0, "an empty optimizer state compares equal to anything"
@@ -133,14 +140,16 @@ def assert_optimizer_states_equal(a, b):
         assert state.keys() == b["state"][index].keys(), index
         for name, value in state.items():
             other = b["state"][index][name]
-            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, name)
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, \
+                (index, name)
     assert a["param_groups"] == b["param_groups"]
 
 
 @pytest.fixture
 def inject_fault(monkeypatch):
-    """inject_fault(module, name, fault): for this test, module.name hands its result to fault(result) (which
-    corrupts it in place) before returning it; the converter's tests plant faults between its steps this way."""
+    """inject_fault(module, name, fault): for this test, module.name hands its result to
+    fault(result) (which corrupts it in place) before returning it; the converter's tests plant
+    faults between its steps this way."""
     def inject(module, name, fault):
         real = getattr(module, name)
 
@@ -156,8 +165,9 @@ def inject_fault(monkeypatch):
 
 @pytest.fixture
 def score_outputs():
-    """score_outputs(cfg, dataset, outputs_of): the evaluation results that the dataset's real evaluator
-    (transfer.evaluation) gives when the model's output for each record d is outputs_of(d)."""
+    """score_outputs(cfg, dataset, outputs_of): the evaluation results that the dataset's real
+    evaluator (transfer.evaluation) gives when the model's output for each record d is
+    outputs_of(d)."""
     from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
     from transfer.evaluation import build_evaluator
 

@@ -1,5 +1,6 @@
-"""Never lose a run: SIGKILL at random moments (during saves too), SIGTERM / Ctrl-C mid-epoch, a second run
-into the same directory, and every bad input a one-line error. Real processes, real signals, real files."""
+"""Never lose a run: SIGKILL at random moments (during saves too), SIGTERM / Ctrl-C mid-epoch, a
+second run into the same directory, and every bad input a one-line error. Real processes, real
+signals, real files."""
 import hashlib
 import json
 import os
@@ -22,9 +23,10 @@ ITERS_PER_EPOCH, EPOCHS = 8, 2  # 64 images / batch 8
 
 
 def opts(root, out_dir, **extra):
-    kv = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": EPOCHS, "SOLVER.BATCH_SIZE": 8, "MOCO.K": 32,
-          "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 1, "CHECKPOINT_PERIOD": 1,
-          "MOCO.SHUFFLE_BN_SPLITS": 2, "DEVICE": "cpu", **extra}  # CPU: bit-exact resume is what these check
+    kv = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": EPOCHS, "SOLVER.BATCH_SIZE": 8,
+          "MOCO.K": 32, "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0,
+          "LOG_PERIOD": 1, "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2,
+          "DEVICE": "cpu", **extra}  # CPU: bit-exact resume is what these check
     return [str(x) for pair in kv.items() for x in pair]
 
 
@@ -33,9 +35,9 @@ def command(*args):
 
 
 class Run:
-    """`mocobench ARGV` in a child process forked from this one (a real process that real signals reach; no
-    second import of torch, which costs more CPU than the training these tests do). stdout and stderr go to
-    files, as a scheduler's job log would."""
+    """`mocobench ARGV` in a child process forked from this one (a real process that real signals
+    reach; no second import of torch, which costs more CPU than the training these tests do).
+    stdout and stderr go to files, as a scheduler's job log would."""
 
     _count = 0
 
@@ -44,7 +46,8 @@ class Run:
 
         Run._count += 1
         self.log = os.path.join(str(log_dir), f"run{Run._count}")
-        self.proc = multiprocessing.get_context("fork").Process(target=self._child, args=(list(argv), self.log))
+        self.proc = multiprocessing.get_context("fork").Process(target=self._child,
+                                                                args=(list(argv), self.log))
         self.proc.start()
 
     @staticmethod
@@ -109,19 +112,22 @@ def assert_same_final_state(reference_dir, out_dir):
     assert set(a["state_dict"]) == set(b["state_dict"])
     for key in a["state_dict"]:  # weights, BN buffers, queue, queue_ptr
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
 def sha256_tree(directory):
     return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))}
+            for name in sorted(os.listdir(directory))
+            if os.path.isfile(os.path.join(directory, name))}
 
 
 def stat_tree(directory):
     """(inode, size, mtime) per file: any rewrite, even an atomic replace, changes it."""
-    return {e.name: (e.inode(), e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(directory)}
+    return {e.name: (e.inode(), e.stat().st_size, e.stat().st_mtime_ns)
+            for e in os.scandir(directory)}
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +142,16 @@ def reference(tiny_imagenet, tmp_path_factory):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tiny_imagenet, reference, tmp_path):
     out = str(tmp_path / "killed")
-    args = command("--resume", "auto", *opts(tiny_imagenet, out, **{"SOLVER.CHECKPOINT_PERIOD_ITERS": 1}))
+    args = command("--resume", "auto",
+                   *opts(tiny_imagenet, out, **{"SOLVER.CHECKPOINT_PERIOD_ITERS": 1}))
     rng = random.Random(0)
     kills = during_save = 0
     torn_temp_files = set()
     for round_ in range(30):
         if kills == 10:
             break
-        # a temp file that the last kill left: the new run removes it at start, and it is no sign of a save
+        # a temp file that the last kill left: the new run removes it at start, and it is no sign of
+        # a save
         stale = {n for n in os.listdir(out) if n.endswith(".tmp")} if os.path.isdir(out) else set()
         proc = Run(args, tmp_path)
         pointer = os.path.join(out, "last_checkpoint")
@@ -176,32 +184,37 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tiny_imagenet, refer
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert kills == 10 and during_save >= 4, (kills, during_save)
-    assert torn_temp_files and not torn_temp_files & set(os.listdir(out)), "a killed save's temp file survived"
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp") or n.startswith("checkpoint_iter_")]
+    assert torn_temp_files and not torn_temp_files & set(os.listdir(out)), \
+        "a killed save's temp file survived"
+    assert not [n for n in os.listdir(out)
+                if n.endswith(".tmp") or n.startswith("checkpoint_iter_")]
     assert_same_final_state(reference, out)
     assert metrics_iterations(out) == list(range(1, 17))  # no row twice after 10 resumes
-    print(f"\nfault injection: {kills} SIGKILLs ({during_save} during a save), {kills} resumes, final state "
-          "bit-exact")
+    print(f"\nfault injection: {kills} SIGKILLs ({during_save} during a save), {kills} resumes, "
+          "final state bit-exact")
 
 
 @pytest.mark.slow
-def test_sigterm_and_ctrl_c_mid_epoch_save_exactly_and_print_the_resume_command(tiny_imagenet, reference, tmp_path,
-                                                                                 capsys):
+def test_sigterm_and_ctrl_c_mid_epoch_save_exactly_and_print_the_resume_command(
+        tiny_imagenet, reference, tmp_path, capsys):
     out = str(tmp_path / "preempted")
     resume_cmd = None
     for sig, stop_at, code in ((signal.SIGTERM, 3, 143), (signal.SIGINT, 11, 130)):
         proc = Run(resume_cmd or command(*opts(tiny_imagenet, out)), tmp_path)
-        assert wait_for(lambda: any(i >= stop_at for i in metrics_iterations(out)), proc)  # noqa: B023
+        assert wait_for(lambda: any(i >= stop_at for i in metrics_iterations(out)),  # noqa: B023
+                        proc)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == code, stderr[-3000:]
         [line] = [x for x in stderr.splitlines() if "stopped by" in x]
-        saved = load_checkpoint(os.path.join(out, open(os.path.join(out, "last_checkpoint")).read().strip()))
+        saved = load_checkpoint(os.path.join(
+            out, open(os.path.join(out, "last_checkpoint")).read().strip()))
         done = saved["iteration"]
         assert done >= stop_at and saved["epoch_iteration"] == (done - 1) % ITERS_PER_EPOCH + 1
         assert saved["epoch"] == (done - 1) // ITERS_PER_EPOCH
-        assert f"stopped by {sig.name} after iteration {saved['epoch_iteration']}/{ITERS_PER_EPOCH} of epoch " \
-               f"{saved['epoch'] + 1}" in line and f"checkpoint_iter_{done:08d}.pth.tar" in line
+        assert f"stopped by {sig.name} after iteration {saved['epoch_iteration']}/" \
+               f"{ITERS_PER_EPOCH} of epoch {saved['epoch'] + 1}" in line and \
+               f"checkpoint_iter_{done:08d}.pth.tar" in line
         assert metrics_iterations(out)[-1] == done
         printed = shlex.split(line.split("resume with: ", 1)[1])
         assert printed[:2] == ["mocobench", "pretrain"] and "--resume" in printed
@@ -209,10 +222,12 @@ def test_sigterm_and_ctrl_c_mid_epoch_save_exactly_and_print_the_resume_command(
     proc = Run(resume_cmd, tmp_path)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "resumed from" in stdout and f"iteration {done % ITERS_PER_EPOCH + 1}/{ITERS_PER_EPOCH}" in stdout
+    assert "resumed from" in stdout and \
+        f"iteration {done % ITERS_PER_EPOCH + 1}/{ITERS_PER_EPOCH}" in stdout
     assert_same_final_state(reference, out)
     assert metrics_iterations(out) == list(range(1, 17))
-    assert not [n for n in os.listdir(out) if n.startswith("checkpoint_iter_")]  # resume points are scratch
+    # resume points are scratch
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint_iter_")]
     # once more: the run is finished, it says so, exits 0 and writes nothing
     before = sha256_tree(out)
     assert cli.main(resume_cmd) == 0
@@ -220,7 +235,8 @@ def test_sigterm_and_ctrl_c_mid_epoch_save_exactly_and_print_the_resume_command(
     assert sha256_tree(out) == before
 
 
-def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(tiny_imagenet, reference, capsys):
+def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(
+        tiny_imagenet, reference, capsys):
     before = sha256_tree(reference)
     assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -232,9 +248,10 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(tiny_
     assert "nope/train' does not exist" in capsys.readouterr().err
     # lincls: one evaluation per --output too
     lincls_out = os.path.join(os.path.dirname(reference), "lincls")
-    lincls = ["lincls", "--data", tiny_imagenet, "--pretrained", os.path.join(reference, "checkpoint_0001.pth.tar"),
-              "--output", lincls_out, "--epochs", "1", "--batch-size", "16", "--workers", "0", "--size", "32",
-              "--device", "cpu"]
+    lincls = ["lincls", "--data", tiny_imagenet,
+              "--pretrained", os.path.join(reference, "checkpoint_0001.pth.tar"),
+              "--output", lincls_out, "--epochs", "1", "--batch-size", "16", "--workers", "0",
+              "--size", "32", "--device", "cpu"]
     assert cli.main(lincls) == 0
     results = open(os.path.join(lincls_out, "lincls_results.json")).read()
     assert cli.main(lincls) == 2 and "already holds a linear evaluation" in capsys.readouterr().err
@@ -248,7 +265,8 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(tiny_
     finally:
         lock.close()
     after = sha256_tree(reference)
-    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert {k: v for k, v in after.items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
     mode = os.stat(os.path.join(reference, "checkpoint_0001.pth.tar")).st_mode & 0o777
     umask = os.umask(0)
     os.umask(umask)
@@ -265,7 +283,8 @@ def _write(path, text):
 def bad_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "run").mkdir()
-    (d / "run" / "results.json").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(300)))
+    (d / "run" / "results.json").write_bytes(bytes(random.Random(0).randrange(256)
+                                                   for _ in range(300)))
     return {
         "syntax": _write(d / "syntax.yaml", "SOLVER:\n  EPOCHS: [1,\n"),
         "empty": _write(d / "empty.yaml", ""),
@@ -279,27 +298,37 @@ def bad_files(tmp_path_factory):
 
 
 BAD_INPUTS = [  # (argv builder, expected text in the one-line error)
-    ("negative lr", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG, *opts(r, f["dir"] + "/o",
-                                                                                  **{"SOLVER.BASE_LR": -0.1})],
+    ("negative lr", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG,
+                                       *opts(r, f["dir"] + "/o", **{"SOLVER.BASE_LR": -0.1})],
      "SOLVER.BASE_LR = -0.1 must be >= 0"),
-    ("YAML syntax", lambda f, r, ref: ["pretrain", "--config-file", f["syntax"]], "not valid YAML at line 3"),
-    ("empty YAML", lambda f, r, ref: ["supervised", "--config-file", f["empty"]], "the file is empty"),
+    ("YAML syntax", lambda f, r, ref: ["pretrain", "--config-file", f["syntax"]],
+     "not valid YAML at line 3"),
+    ("empty YAML", lambda f, r, ref: ["supervised", "--config-file", f["empty"]],
+     "the file is empty"),
     ("YAML list", lambda f, r, ref: ["pretrain", "--config-file", f["list"]], "expected a mapping"),
-    ("missing _BASE_", lambda f, r, ref: ["pretrain", "--config-file", f["base"]], "_BASE_ chain names"),
-    ("changed MOCO.K", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+    ("missing _BASE_", lambda f, r, ref: ["pretrain", "--config-file", f["base"]],
+     "_BASE_ chain names"),
+    ("changed MOCO.K", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG,
+                                          "--resume", "auto",
                                           *opts(r, ref, **{"MOCO.K": 64, "SOLVER.EPOCHS": 3})],
      "the config changes what shapes its state: MOCO.K 32 -> 64"),
-    ("OUTPUT_DIR a file", lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG, *opts(r, f["file"])],
+    ("OUTPUT_DIR a file",
+     lambda f, r, ref: ["pretrain", "--config-file", SYNTH_CFG, *opts(r, f["file"])],
      "is a file, not a directory"),
-    ("convert a text file", lambda f, r, ref: ["convert", f["text"], f["dir"] + "/o.pkl"], "not a checkpoint at all"),
-    ("convert a JSON file", lambda f, r, ref: ["convert", f["json"], f["dir"] + "/o.pkl"], "not a checkpoint at all"),
-    ("report on random bytes", lambda f, r, ref: ["report", f["dir"] + "/run", "--out", f["dir"] + "/rep"],
+    ("convert a text file", lambda f, r, ref: ["convert", f["text"], f["dir"] + "/o.pkl"],
+     "not a checkpoint at all"),
+    ("convert a JSON file", lambda f, r, ref: ["convert", f["json"], f["dir"] + "/o.pkl"],
+     "not a checkpoint at all"),
+    ("report on random bytes",
+     lambda f, r, ref: ["report", f["dir"] + "/run", "--out", f["dir"] + "/rep"],
      "not UTF-8 text"),
 ]
 
 
-@pytest.mark.parametrize("argv_fn,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2(argv_fn, expected, bad_files, tiny_imagenet, reference, capsys):
+@pytest.mark.parametrize("argv_fn,expected", [c[1:] for c in BAD_INPUTS],
+                         ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(argv_fn, expected, bad_files, tiny_imagenet, reference,
+                                      capsys):
     before = stat_tree(reference)
     assert cli.main(argv_fn(bad_files, tiny_imagenet, reference)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -309,17 +338,21 @@ def test_bad_input_is_one_line_exit_2(argv_fn, expected, bad_files, tiny_imagene
 
 def test_flags_may_follow_the_overrides(tiny_imagenet, reference, capsys):
     # `--resume auto` after KEY VALUE pairs is a flag, not an override key
-    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference), "--resume", "auto"]) == 0
+    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference),
+                     "--resume", "auto"]) == 0
     assert "already finished" in capsys.readouterr().out
 
 
-def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imagenet, tmp_path, monkeypatch, capsys):
-    # the supervised loop shares the mechanism: SIGUSR1 (a real signal to this process) during iteration 3
+def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(
+        tiny_imagenet, tmp_path, monkeypatch, capsys):
+    # the supervised loop shares the mechanism: SIGUSR1 (a real signal to this process) during
+    # iteration 3
     from pretrain import engine
 
     sup_cfg = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")
-    kv = ["DATA.ROOT", tiny_imagenet, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "8", "INPUT.SIZE", "32",
-          "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1", "DEVICE", "cpu"]
+    kv = ["DATA.ROOT", tiny_imagenet, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "8",
+          "INPUT.SIZE", "32", "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1",
+          "CHECKPOINT_PERIOD", "1", "DEVICE", "cpu"]
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", full]) == 0
     real_step, calls = engine.optimization_step, []
@@ -333,11 +366,13 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(tiny_imag
     monkeypatch.setattr(engine, "optimization_step", step_then_signal)
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped]) == 138
     printed = capsys.readouterr()
-    assert "stopped by SIGUSR1 after iteration 3/8 of epoch 1" in printed.err and "stopped by" not in printed.out
+    assert "stopped by SIGUSR1 after iteration 3/8 of epoch 1" in printed.err and \
+        "stopped by" not in printed.out
     assert open(os.path.join(stopped, "log.txt")).read().count("stopped by SIGUSR1") == 1
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the old handler is back
     monkeypatch.setattr(engine, "optimization_step", real_step)
-    assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped, "--resume", "auto"]) == 0
+    assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped,
+                     "--resume", "auto"]) == 0
     a = load_checkpoint(os.path.join(full, "checkpoint_0001.pth.tar"))
     b = load_checkpoint(os.path.join(stopped, "checkpoint_0001.pth.tar"))
     assert a["iteration"] == b["iteration"] == 16
@@ -383,17 +418,19 @@ TRANSFER_CFG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu
 
 @pytest.mark.slow
 def test_transfer_stops_on_sigterm_after_the_iteration_and_resumes_from_it(synth_root, tmp_path):
-    """detectron2 fine-tuning under a scheduler's SIGTERM: a checkpoint of the running iteration (not only the
-    last periodic one), exit 143 with the resume command, and the printed command finishes the schedule."""
+    """detectron2 fine-tuning under a scheduler's SIGTERM: a checkpoint of the running iteration
+    (not only the last periodic one), exit 143 with the resume command, and the printed command
+    finishes the schedule."""
     import transfer.run  # noqa: F401  (detectron2 loaded once here, not in every forked run)
 
     out = tmp_path / "transfer"
     trial = out / "seed0"
-    argv = ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root, "SOLVER.MAX_ITER", "12",
-            "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-            "MOCOBENCH.LOG_PERIOD", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
-            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SEED", "3",
-            "OUTPUT_DIR", str(out)]
+    argv = ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root,
+            "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MOCOBENCH.LOG_PERIOD", "1",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+            "SEED", "3", "OUTPUT_DIR", str(out)]
     proc = Run(argv, tmp_path)
     assert wait_for(lambda: len(metrics_iterations_d2(trial)) >= 2, proc, timeout=500)
     proc.send_signal(signal.SIGTERM)
@@ -401,9 +438,11 @@ def test_transfer_stops_on_sigterm_after_the_iteration_and_resumes_from_it(synth
     assert proc.returncode == 143, stderr[-3000:]
     [line] = [x for x in stderr.splitlines() if "stopped by" in x]
     name = (trial / "last_checkpoint").read_text().strip()
-    done = load_checkpoint(trial / name)["iteration"]  # detectron2 counts from 0: iteration `done` finished
+    # detectron2 counts from 0: iteration `done` finished
+    done = load_checkpoint(trial / name)["iteration"]
     assert name == f"model_{done:07d}.pth" and 2 <= done + 1 < 12
-    assert f"trial 1/1 stopped by SIGTERM after iteration {done + 1}/12, saved {trial / name}" in line
+    assert f"trial 1/1 stopped by SIGTERM after iteration {done + 1}/12, " \
+           f"saved {trial / name}" in line
     assert not (trial / "model_final.pth").exists() and not (trial / "results.json").exists()
     printed = shlex.split(line.split("resume with: ", 1)[1])
     assert printed[:3] == ["mocobench", "transfer", "--resume"] and printed[3:] == argv[1:]

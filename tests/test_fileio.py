@@ -24,8 +24,9 @@ def test_atomic_write_keeps_old_file_and_leaves_no_temp_on_error(tmp_path):
 
 
 def test_a_full_disk_is_a_one_line_error_naming_the_file_and_keeps_the_old_checkpoint(tmp_path):
-    """A real refused write: the child runs under a 1 MiB file-size limit (EFBIG, what a full disk's ENOSPC
-    looks like to the writer); torch.save reports it as a RuntimeError from its zip writer."""
+    """A real refused write: the child runs under a 1 MiB file-size limit (EFBIG, what a full disk's
+    ENOSPC looks like to the writer); torch.save reports it as a RuntimeError from its zip
+    writer."""
     path = tmp_path / "checkpoint.pth.tar"
     atomic_torch_save({"w": torch.ones(3)}, path)
     child = (
@@ -40,7 +41,8 @@ def test_a_full_disk_is_a_one_line_error_naming_the_file_and_keeps_the_old_check
         "    print(e)\n"
         "    sys.exit(2)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stdout.startswith(f"no room to write '{path}': the file-size limit is exceeded (")
     assert proc.stdout.count("\n") == 1
@@ -69,9 +71,11 @@ def test_loaders_refuse_code_and_name_the_file(tmp_path):
 
 def test_safe_unpickle_reads_arrays_and_reports_truncation(tmp_path):
     path = tmp_path / "w.pkl"
-    data = pickle.dumps({"model": {"stem.conv1.weight": np.arange(6.0).reshape(2, 3)}, "__author__": "MOCO"})
+    data = pickle.dumps({"model": {"stem.conv1.weight": np.arange(6.0).reshape(2, 3)},
+                         "__author__": "MOCO"})
     path.write_bytes(data)
-    assert np.array_equal(safe_unpickle(path)["model"]["stem.conv1.weight"], np.arange(6.0).reshape(2, 3))
+    assert np.array_equal(safe_unpickle(path)["model"]["stem.conv1.weight"],
+                          np.arange(6.0).reshape(2, 3))
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(UsageError, match="not a readable pickle"):
         safe_unpickle(path)

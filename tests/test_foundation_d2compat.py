@@ -1,6 +1,6 @@
-"""The detectron2 compatibility layer: every fix is active exactly when the breakage it repairs is real, and
-with it the v0.6 code paths we depend on (VOC loading, train loader, R50-C4 SyncBN and Mask R-CNN FPN
-training, COCO evaluation) work on current numpy/Pillow/setuptools/torch/Python."""
+"""The detectron2 compatibility layer: every fix is active exactly when the breakage it repairs is
+real, and with it the v0.6 code paths we depend on (VOC loading, train loader, R50-C4 SyncBN and
+Mask R-CNN FPN training, COCO evaluation) work on current numpy/Pillow/setuptools/torch/Python."""
 import ast
 import os
 import random
@@ -45,11 +45,13 @@ def test_no_stand_in_left_visible_after_load():
     from PIL import Image
 
     assert "detectron2._C" not in sys.modules and not hasattr(detectron2, "_C")
-    assert "pkg_resources" not in sys.modules or "mocobench" not in (sys.modules["pkg_resources"].__doc__ or "")
+    assert "pkg_resources" not in sys.modules or \
+        "mocobench" not in (sys.modules["pkg_resources"].__doc__ or "")
     assert not hasattr(np, "int") or "numpy_aliases" not in FIXES  # global numpy untouched
     assert not hasattr(Image, "LINEAR") or "pil_linear" not in FIXES
     assert random.sample.__module__ == "random"
-    assert "detectron2.export" not in sys.modules  # would import caffe2, which torch no longer ships
+    # would import caffe2, which torch no longer ships
+    assert "detectron2.export" not in sys.modules
 
 
 def test_detectron2_only_imported_through_compat_layer():
@@ -80,15 +82,17 @@ def test_missing_extension_ops_raise_clear_error():
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated
 
     if "no_C_extension" not in FIXES:
-        pytest.skip("this detectron2 has its C++ extension")  # a user's full build: nothing to prove
+        # a user's full build: nothing to prove
+        pytest.skip("this detectron2 has its C++ extension")
     boxes = torch.tensor([[5.0, 5.0, 4.0, 4.0, 30.0]])
     with pytest.raises(RuntimeError, match="built without its C\\+\\+ extension.*box_iou_rotated"):
         pairwise_iou_rotated(boxes, boxes)
     with pytest.raises(RuntimeError, match="built without its C\\+\\+ extension"):
-        ROIAlignRotated((2, 2), 1.0, 0)(torch.randn(1, 1, 8, 8), torch.tensor([[0.0, 4, 4, 4, 4, 0]]))
+        ROIAlignRotated((2, 2), 1.0, 0)(torch.randn(1, 1, 8, 8),
+                                        torch.tensor([[0.0, 4, 4, 4, 4, 0]]))
 
 
-# ---- data paths ---------------------------------------------------------------------------------------------
+# ---- data paths ----------------------------------------------------------------------------------
 
 
 def _register_synth(root):
@@ -100,8 +104,10 @@ def _register_synth(root):
     classes = read_synth_meta(root)["class_names"]
     names = {"voc": "compat_voc_trainval", "coco": "compat_coco_train"}
     if names["voc"] not in DatasetCatalog.list():
-        register_pascal_voc(names["voc"], os.path.join(root, "VOC2007"), "trainval", 2007, class_names=classes)
-        register_coco_instances(names["coco"], {}, os.path.join(root, "coco/annotations/instances_train2017.json"),
+        register_pascal_voc(names["voc"], os.path.join(root, "VOC2007"), "trainval", 2007,
+                            class_names=classes)
+        register_coco_instances(names["coco"], {},
+                                os.path.join(root, "coco/annotations/instances_train2017.json"),
                                 os.path.join(root, "coco/train2017"))
     return names, classes
 
@@ -118,7 +124,8 @@ def test_voc_loads_through_register_pascal_voc(synth_root, monkeypatch):
     assert len(records) == len(ids) >= 2
     first = ET.parse(os.path.join(synth_root, "VOC2007/Annotations", ids[0] + ".xml"))
     objs = first.findall("object")
-    assert [classes[a["category_id"]] for a in records[0]["annotations"]] == [o.find("name").text for o in objs]
+    assert [classes[a["category_id"]] for a in records[0]["annotations"]] == \
+        [o.find("name").text for o in objs]
     box = objs[0].find("bndbox")
     xmin, ymin = float(box.find("xmin").text), float(box.find("ymin").text)
     assert records[0]["annotations"][0]["bbox"][:2] == [xmin - 1.0, ymin - 1.0]  # VOC is 1-based
@@ -175,8 +182,10 @@ def test_two_training_iterations(synth_root, zoo_config, dataset, masks, norm):
     assert len(losses) == 2 and all(np.isfinite(v) for v, _ in losses)
     if masks:
         assert trainer.storage.history("loss_mask").values()
-    changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
-    assert any(k.startswith("backbone") for k in changed) and any(k.startswith("roi_heads") for k in changed)
+    changed = [k for k, v in model.state_dict().items()
+               if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert any(k.startswith("backbone") for k in changed) and \
+        any(k.startswith("roi_heads") for k in changed)
 
 
 def test_class_histogram_needs_numpy_fix(synth_root, monkeypatch):
@@ -207,7 +216,8 @@ def test_coco_evaluator_scores_ground_truth_as_perfect(synth_root, tmp_path, mon
         evaluator.reset()
         for r in records:
             inst = Instances((r["height"], r["width"]))
-            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in r["annotations"]]
+            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                     for a in r["annotations"]]
             inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
             inst.scores = torch.ones(len(boxes))
             inst.pred_classes = torch.tensor([a["category_id"] for a in r["annotations"]])

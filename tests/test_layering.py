@@ -1,5 +1,5 @@
-"""The house's floors, read from the sources' import statements (AST, so a lazy import inside a function
-counts too):
+"""The house's floors, read from the sources' import statements (AST, so a lazy import inside a
+function counts too):
 
     top      mocobench/*.py (cli, pipeline, launchers, commands)      may import anything
     stages   pretrain/ convert/ transfer/ synth/                      the ground and themselves only
@@ -27,7 +27,8 @@ def _imports(source, filename="<planted>"):
 
 
 def _floor(module):
-    """'ground', 'top', a stage's name, or None (third-party, tests, tools) for a dotted module name."""
+    """'ground', 'top', a stage's name, or None (third-party, tests, tools) for a dotted module
+    name."""
     top = module.split(".")[0]
     if top in STAGES:
         return top
@@ -64,22 +65,26 @@ def _project_modules():
 
 
 def test_every_package_of_the_house_exists():
-    assert all(os.path.isfile(os.path.join(REPO, p, "__init__.py")) for p in (*STAGES, "mocobench/utils"))
+    assert all(os.path.isfile(os.path.join(REPO, p, "__init__.py"))
+               for p in (*STAGES, "mocobench/utils"))
 
 
 @pytest.mark.parametrize("floor", ["ground", *STAGES])
 def test_no_module_imports_above_or_beside_its_floor(floor):
-    bad = {m: violations(m, open(p, encoding="utf-8").read()) for m, p in _project_modules() if _floor(m) == floor}
+    bad = {m: violations(m, open(p, encoding="utf-8").read())
+           for m, p in _project_modules() if _floor(m) == floor}
     assert bad, f"no modules found on the {floor} floor"
     assert {m: v for m, v in bad.items() if v} == {}
 
 
-# Each sideways or upward import the tree had before the ground package existed, planted where it stood:
-# the rule must refuse every one of them.
+# Each sideways or upward import the tree had before the ground package existed, planted where it
+# stood: the rule must refuse every one of them.
 PLANTED = [
-    ("transfer.run", "from pretrain.preempt import EXIT_CODES"),  # ground code that lived in a stage
+    # ground code that lived in a stage
+    ("transfer.run", "from pretrain.preempt import EXIT_CODES"),
     ("transfer.trainer", "from pretrain.preempt import signal_name"),
-    ("transfer.run", "from convert import configure_resnet"),  # a stage's function used by another stage
+    # a stage's function used by another stage
+    ("transfer.run", "from convert import configure_resnet"),
     ("transfer.datasets", "def f():\n    from synth.cli import main\n"),  # lazy, inside a function
     ("pretrain.train", "from mocobench.launch import STAGES"),  # a stage reaching the top floor
     ("pretrain.lincls", "import mocobench.cli"),
@@ -97,7 +102,10 @@ def test_the_rule_refuses_each_old_sideways_import(module, source):
 
 
 def test_what_the_rule_allows():
-    assert violations("transfer.run", "from mocobench.utils import comm\nfrom transfer import record") == []
-    assert violations("mocobench.pipeline", "from pretrain import train\nfrom transfer import run") == []
-    assert violations("mocobench.utils.comm", "import torch\nfrom mocobench.utils.errors import UsageError") == []
+    assert violations("transfer.run",
+                      "from mocobench.utils import comm\nfrom transfer import record") == []
+    assert violations("mocobench.pipeline",
+                      "from pretrain import train\nfrom transfer import run") == []
+    assert violations("mocobench.utils.comm",
+                      "import torch\nfrom mocobench.utils.errors import UsageError") == []
     assert violations("synth.voc", "import mocobench\nfrom synth.raster import render") == []

@@ -1,5 +1,6 @@
-"""pretrain/config.py's validation: every checked key is refused with the one-line message naming it and the value,
-at its exact bound, and accepted just inside it; errors from a pipeline's OPTS say where they came from."""
+"""pretrain/config.py's validation: every checked key is refused with the one-line message naming it
+and the value, at its exact bound, and accepted just inside it; errors from a pipeline's OPTS say
+where they came from."""
 import re
 
 import pytest
@@ -8,8 +9,8 @@ from mocobench.utils.errors import UsageError
 from pretrain.config import _CHOICES, get_cfg, load_config, validate
 
 ROOT = ["DATA.ROOT", "/data/imagenet"]  # the default is empty, which is refused on its own
-POSITIVE = ["SOLVER.BATCH_SIZE", "SOLVER.EPOCHS", "MOCO.T", "MOCO.DIM", "INPUT.SIZE", "MOCO.SHUFFLE_BN_SPLITS",
-            "CHECKPOINT_PERIOD", "LOG_PERIOD", "MOCO.K"]
+POSITIVE = ["SOLVER.BATCH_SIZE", "SOLVER.EPOCHS", "MOCO.T", "MOCO.DIM", "INPUT.SIZE",
+            "MOCO.SHUFFLE_BN_SPLITS", "CHECKPOINT_PERIOD", "LOG_PERIOD", "MOCO.K"]
 NON_NEGATIVE = ["SOLVER.BASE_LR", "SOLVER.WEIGHT_DECAY", "SOLVER.MOMENTUM", "SOLVER.WARMUP_EPOCHS",
                 "SOLVER.CHECKPOINT_PERIOD_ITERS", "DATALOADER.NUM_WORKERS"]
 
@@ -38,7 +39,8 @@ def _refused(opts, moco=True, **kwargs):
 def test_defaults_with_a_data_root_are_valid_and_frozen():
     cfg = load_config(None, ROOT)
     assert cfg.is_frozen() and cfg.DATA.ROOT == "/data/imagenet"
-    with pytest.raises(UsageError, match=r"^DATA.ROOT is empty: set it to the ImageFolder root that holds train/"):
+    with pytest.raises(UsageError, match=r"^DATA.ROOT is empty: set it to the ImageFolder root "
+                                         r"that holds train/"):
         load_config(None, [])
 
 
@@ -65,7 +67,8 @@ def test_choice_keys_name_their_choices(key):
 
 
 def test_arch_momentum_crop_scale_and_queue_bounds():
-    expected = r"MODEL.ARCH = 'resnet7' is not a supported torchvision ResNet; expected one of \(.*'resnet50'.*\)"
+    expected = (r"MODEL.ARCH = 'resnet7' is not a supported torchvision ResNet; "
+                r"expected one of \(.*'resnet50'.*\)")
     assert re.fullmatch(expected, _refused(["MODEL.ARCH", "resnet7"]))
     assert _refused(["MOCO.M", "1.5"]) == "MOCO.M = 1.5 must be in [0, 1]"
     assert _refused(["MOCO.M", "-0.5"]) == "MOCO.M = -0.5 must be in [0, 1]"
@@ -73,13 +76,14 @@ def test_arch_momentum_crop_scale_and_queue_bounds():
         assert load_config(None, ROOT + ["MOCO.M", m]).MOCO.M == float(m)
     assert _refused(["INPUT.CROP_SCALE", "(0.5, 0.2)"]) == (
         "INPUT.CROP_SCALE = (0.5, 0.2) must be () or (min, max) with 0 < min <= max <= 1")
-    assert _refused(["INPUT.CROP_SCALE", "(0.0, 1.0)"]).startswith("INPUT.CROP_SCALE = (0.0, 1.0) must be")
+    assert _refused(["INPUT.CROP_SCALE", "(0.0, 1.0)"]).startswith(
+        "INPUT.CROP_SCALE = (0.0, 1.0) must be")
     assert _refused(["INPUT.CROP_SCALE", "(0.2,)"]).startswith("INPUT.CROP_SCALE = (0.2,) must be")
     for scale in ("()", "(0.2, 1.0)", "(1.0, 1.0)"):
         load_config(None, ROOT + ["INPUT.CROP_SCALE", scale])
     assert _refused(["MOCO.K", "10", "SOLVER.BATCH_SIZE", "4"]) == (
-        "MOCO.K = 10 must be divisible by the global batch size SOLVER.BATCH_SIZE = 4 (the queue advances by whole "
-        "batches)")
+        "MOCO.K = 10 must be divisible by the global batch size SOLVER.BATCH_SIZE = 4 "
+        "(the queue advances by whole batches)")
 
 
 def test_queue_checks_concern_moco_v1_v2_only():

@@ -1,4 +1,5 @@
-"""MoCo augmentations: output format, and the same distribution as the official torchvision recipes."""
+"""MoCo augmentations: output format, and the same distribution as the official torchvision
+recipes."""
 import math
 import os
 import random
@@ -23,7 +24,8 @@ from pretrain.augment import (
 def colourful_image(h, w, seed=0):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) * 127 // max(h + w - 2, 1)], -1)
+    img = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1),
+                    (xx + yy) * 127 // max(h + w - 2, 1)], -1)
     return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
 
 
@@ -47,7 +49,8 @@ def test_two_views_are_normalised_float_chw(version):
     random.seed(0)
     view1, view2 = build_two_view_transform(version, 32)(img)
     for view in (view1, view2):
-        assert isinstance(view, torch.Tensor) and view.dtype == torch.float32 and view.shape == (3, 32, 32)
+        assert isinstance(view, torch.Tensor) and view.dtype == torch.float32 and \
+            view.shape == (3, 32, 32)
         lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
         hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
         assert lo - 1e-5 <= float(view.min()) and float(view.max()) <= hi + 1e-5
@@ -75,7 +78,8 @@ def test_eval_transform_matches_torchvision_resize_centre_crop():
     reference = T.Compose([T.Resize(37), T.CenterCrop(32), T.ToTensor(),
                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(Image.fromarray(img))
     assert ours.shape == reference.shape == (3, 32, 32)
-    assert float((ours - reference).abs().mean()) < 0.05  # same geometry; resampling differs slightly
+    # same geometry; resampling differs slightly
+    assert float((ours - reference).abs().mean()) < 0.05
 
 
 def test_wrong_input_type_is_refused():
@@ -83,15 +87,18 @@ def test_wrong_input_type_is_refused():
         build_eval_transform(32)(np.zeros((10, 10), np.float32))
 
 
-@pytest.mark.parametrize("hw, scale", [((350, 400), (0.2, 1.0)), ((350, 400), (0.08, 1.0)), ((30, 400), (0.2, 1.0))])
+@pytest.mark.parametrize("hw, scale", [((350, 400), (0.2, 1.0)), ((350, 400), (0.08, 1.0)),
+                                       ((30, 400), (0.2, 1.0))])
 def test_crop_distribution_matches_torchvision(hw, scale):
     n, ratio = 3000, (3 / 4, 4 / 3)
     h, w = hw
     rng = random.Random(1)
-    ours = np.array([sample_crop_params(h, w, scale, ratio, rng) for _ in range(n)], dtype=np.float64)
+    ours = np.array([sample_crop_params(h, w, scale, ratio, rng) for _ in range(n)],
+                    dtype=np.float64)
     torch.manual_seed(1)
     dummy = torch.empty(3, h, w)
-    theirs = np.array([T.RandomResizedCrop.get_params(dummy, list(scale), list(ratio)) for _ in range(n)], np.float64)
+    theirs = np.array([T.RandomResizedCrop.get_params(dummy, list(scale), list(ratio))
+                       for _ in range(n)], np.float64)
     crit = ks_critical(n, n)
     for name, stat in {
         "area scale": lambda p: p[:, 2] * p[:, 3] / (h * w),
@@ -105,12 +112,15 @@ def test_crop_distribution_matches_torchvision(hw, scale):
 
 
 def test_ks_detects_a_different_scale_range():
-    # The test above has power: crops with scale (0.2, 1) are told apart from torchvision's (0.08, 1).
+    # The test above has power: crops with scale (0.2, 1) are told apart from torchvision's
+    # (0.08, 1).
     n, ratio = 3000, (3 / 4, 4 / 3)
     rng = random.Random(2)
-    ours = np.array([sample_crop_params(350, 400, (0.2, 1.0), ratio, rng) for _ in range(n)], np.float64)
+    ours = np.array([sample_crop_params(350, 400, (0.2, 1.0), ratio, rng) for _ in range(n)],
+                    np.float64)
     torch.manual_seed(2)
-    theirs = np.array([T.RandomResizedCrop.get_params(torch.empty(3, 350, 400), [0.08, 1.0], list(ratio))
+    theirs = np.array([T.RandomResizedCrop.get_params(torch.empty(3, 350, 400), [0.08, 1.0],
+                                                      list(ratio))
                        for _ in range(n)], np.float64)
     area = lambda p: p[:, 2] * p[:, 3] / (350 * 400)  # noqa: E731
     assert ks_statistic(area(ours), area(theirs)) > ks_critical(n, n)
@@ -119,7 +129,8 @@ def test_ks_detects_a_different_scale_range():
 def test_jitter_factor_ranges_and_random_order():
     jitter = augment.ColorJitter(0.4, 0.4, 0.4, 0.1)
     rng = random.Random(3)
-    factors = {op: [] for op in ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")}
+    factors = {op: [] for op in ("adjust_brightness", "adjust_contrast", "adjust_saturation",
+                                 "adjust_hue")}
     first = {op: 0 for op in factors}
     n = 4000
     for _ in range(n):
@@ -148,7 +159,8 @@ def _rate_tolerance(p, n):
 
 
 def _application_rates(view, n, monkeypatch, seed=0):
-    """Run the uint8 ops of one view n times; rates of jitter, blur, solarize calls and of grayscale outputs."""
+    """Run the uint8 ops of one view n times; rates of jitter, blur, solarize calls and of grayscale
+    outputs."""
     calls = {"jitter": 0, "blur": 0, "solarize": 0}
 
     def counting(cls, key):
@@ -170,7 +182,8 @@ def _application_rates(view, n, monkeypatch, seed=0):
         out = img
         for op in view.ops:
             out = op(out, rng)
-        gray += int(np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2]))
+        gray += int(np.array_equal(out[..., 0], out[..., 1])
+                    and np.array_equal(out[..., 1], out[..., 2]))
     return {k: v / n for k, v in calls.items()} | {"gray": gray / n}
 
 
@@ -192,8 +205,8 @@ def test_application_probabilities(version, view_index, expected, monkeypatch):
 
 
 def test_brightness_rounds_every_grey_level_to_the_nearest():
-    # the official ColorJitter works on PIL images (integers); a look-up table that truncated, or rounded the wrong
-    # way, would darken every image by up to one grey level
+    # the official ColorJitter works on PIL images (integers); a look-up table that truncated, or
+    # rounded the wrong way, would darken every image by up to one grey level
     levels = np.arange(256, dtype=np.float64)
     image = np.repeat(levels.astype(np.uint8)[None, :, None], 3, axis=2)
     for factor in (0.37, 0.6, 1.3):
@@ -227,20 +240,23 @@ def test_photometric_ops_match_torchvision_functional():
     assert np.array_equal(solarized, np.where(img < 128, img, 255 - img))
 
 
-@pytest.mark.parametrize("version, default", [("v1", (0.2, 1.0)), ("v2", (0.2, 1.0)), ("v3", (0.08, 1.0))])
+@pytest.mark.parametrize("version, default",
+                         [("v1", (0.2, 1.0)), ("v2", (0.2, 1.0)), ("v3", (0.08, 1.0))])
 def test_crop_scale_defaults_to_the_recipe_and_can_be_overridden(version, default):
     crops = lambda t: {op.scale for view in (t.view1, t.view2) for op in view.ops  # noqa: E731
                        if isinstance(op, augment.RandomResizedCrop)}
     assert crops(augment.build_two_view_transform(version, 32)) == {default}
     assert crops(augment.build_two_view_transform(version, 32, (0.5, 1.0))) == {(0.5, 1.0)}
     supervised = augment.build_linear_train_transform(32, (0.5, 1.0))
-    assert [op.scale for op in supervised.ops if isinstance(op, augment.RandomResizedCrop)] == [(0.5, 1.0)]
+    assert [op.scale for op in supervised.ops if isinstance(op, augment.RandomResizedCrop)] == \
+        [(0.5, 1.0)]
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
 def test_blur_sigma_is_the_official_range_at_224_px_and_scales_with_the_crop(version):
     blurs = lambda t: {op.op.sigma for view in (t.view1, t.view2) for op in view.ops  # noqa: E731
-                       if isinstance(op, augment.RandomApply) and isinstance(op.op, augment.GaussianBlur)}
+                       if isinstance(op, augment.RandomApply)
+                       and isinstance(op.op, augment.GaussianBlur)}
     assert blurs(augment.build_two_view_transform(version, 224)) == {(0.1, 2.0)}
     [(low, high)] = blurs(augment.build_two_view_transform(version, 32))
     assert low == pytest.approx(0.1 * 32 / 224) and high == pytest.approx(2.0 * 32 / 224)
@@ -251,14 +267,16 @@ def test_bad_crop_scale_is_a_config_error():
     from pretrain.config import load_config
 
     with pytest.raises(UsageError, match="INPUT.CROP_SCALE = \\(0.5, 1.5\\)"):
-        config = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain", "synth_R18_cpu.yaml")
+        config = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain",
+                              "synth_R18_cpu.yaml")
         load_config(config, ["INPUT.CROP_SCALE", "(0.5, 1.5)"])
 
 
 @pytest.mark.parametrize("hw", [(100, 180), (180, 100), (90, 90), (101, 57)])
 def test_resize_centre_crop_is_torchvision_pil_on_landscape_portrait_and_square(hw):
-    """The eval geometry on every shape: the shorter side to 37, the longer int(37 * long / short), centre 32;
-    the same pixels as torchvision's PIL Resize + CenterCrop (<= 1 grey level, PIL's resize on both sides)."""
+    """The eval geometry on every shape: the shorter side to 37, the longer int(37 * long / short),
+    centre 32; the same pixels as torchvision's PIL Resize + CenterCrop (<= 1 grey level, PIL's
+    resize on both sides)."""
     img = colourful_image(*hw, seed=5)
     ours = augment.ResizeCenterCrop(37, 32)(img)
     theirs = np.asarray(T.CenterCrop(32)(T.Resize(37)(Image.fromarray(img))))
@@ -273,8 +291,8 @@ def test_linear_train_transform_crops_and_flips_to_size():
     out = transform(img)
     assert isinstance(out, torch.Tensor) and out.shape == (3, 24, 24) and out.dtype == torch.float32
     crop, flip = transform.ops
-    assert (type(crop), crop.size, crop.scale, crop.ratio) == (augment.RandomResizedCrop, 24, (0.08, 1.0),
-                                                               (3 / 4, 4 / 3))
+    assert (type(crop), crop.size, crop.scale, crop.ratio) == \
+        (augment.RandomResizedCrop, 24, (0.08, 1.0), (3 / 4, 4 / 3))
     assert type(flip) is augment.RandomHorizontalFlip and flip.p == 0.5
     assert augment.build_linear_train_transform(16, [0.5, 1.0])(img).shape == (3, 16, 16)
     assert augment.build_eval_transform(24.0)(img).shape == (3, 24, 24)
@@ -282,7 +300,8 @@ def test_linear_train_transform_crops_and_flips_to_size():
 
 def test_recipes_print_their_ops():
     assert repr(build_two_view_transform("v1", 32)) == (
-        "TwoViewTransform(view1=Compose(RandomResizedCrop, RandomGrayscale, ColorJitter, RandomHorizontalFlip), "
+        "TwoViewTransform("
+        "view1=Compose(RandomResizedCrop, RandomGrayscale, ColorJitter, RandomHorizontalFlip), "
         "view2=Compose(RandomResizedCrop, RandomGrayscale, ColorJitter, RandomHorizontalFlip))")
     assert repr(build_eval_transform(32)) == "Compose(ResizeCenterCrop)"
 
@@ -307,7 +326,8 @@ def _ops(view, cls):
 @pytest.mark.parametrize("version, jitter, jitter_p", [
     # facebookresearch/moco main_moco.py: v1 ColorJitter(0.4, 0.4, 0.4, 0.4) always; aug+ (v2)
     # RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8); facebookresearch/moco-v3 main_moco.py:
-    # RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8); RandomGrayscale(p=0.2) and flip in all three
+    # RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8); RandomGrayscale(p=0.2) and flip in all
+    # three
     ("v1", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.4, 0.4)), None),
     ("v2", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)), 0.8),
     ("v3", ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)), 0.8),
@@ -318,7 +338,8 @@ def test_recipe_jitter_strengths_are_the_official_ones(version, jitter, jitter_p
         [op] = _ops(view, augment.ColorJitter)
         got = (op.brightness, op.contrast, op.saturation, op.hue)
         assert np.allclose(got, jitter, rtol=0, atol=1e-12), got
-        [wrapper] = [o for o in view.ops if isinstance(o, augment.RandomApply) and o.op is op] or [None]
+        [wrapper] = [o for o in view.ops
+                     if isinstance(o, augment.RandomApply) and o.op is op] or [None]
         assert (wrapper.p if wrapper else None) == jitter_p
         [gray] = _ops(view, augment.RandomGrayscale)
         assert gray.p == 0.2
@@ -329,7 +350,8 @@ def test_recipe_jitter_strengths_are_the_official_ones(version, jitter, jitter_p
 
 @pytest.mark.parametrize("sigma", [0.7, 1.3, 2.0])
 def test_gaussian_blur_is_a_gaussian_of_that_sigma_cut_at_3_sigma(sigma):
-    """Against scipy's Gaussian filter with the same radius ceil(3 sigma) and the same (mirror) border."""
+    """Against scipy's Gaussian filter with the same radius ceil(3 sigma) and the same (mirror)
+    border."""
     from scipy import ndimage
 
     img = colourful_image(40, 40, seed=6)
@@ -338,23 +360,25 @@ def test_gaussian_blur_is_a_gaussian_of_that_sigma_cut_at_3_sigma(sigma):
     radius = math.ceil(3 * sigma)
     theirs = np.stack([ndimage.gaussian_filter(img[..., c].astype(np.float64), sigma, mode="mirror",
                                                truncate=radius / sigma) for c in range(3)], -1)
-    # OpenCV filters uint8 in fixed point: measured <= 1.25 grey levels off the exact filter; a wrong sigma or
-    # border is 3-50 levels off
+    # OpenCV filters uint8 in fixed point: measured <= 1.25 grey levels off the exact filter; a
+    # wrong sigma or border is 3-50 levels off
     assert np.abs(ours - theirs).max() <= 1.5
 
 
-@pytest.mark.parametrize("hw, scale", [((400, 30), (0.9, 1.0)), ((30, 400), (0.9, 1.0)), ((50, 60), (1.5, 2.0)),
-                                       ((401, 30), (0.9, 1.0)), ((30, 401), (0.9, 1.0))])
+@pytest.mark.parametrize("hw, scale", [((400, 30), (0.9, 1.0)), ((30, 400), (0.9, 1.0)),
+                                       ((50, 60), (1.5, 2.0)), ((401, 30), (0.9, 1.0)),
+                                       ((30, 401), (0.9, 1.0))])
 def test_fallback_centre_crop_is_torchvision_s(hw, scale):
-    """When 10 tries find no crop that fits (too tall, too wide, area over 1): torchvision's centre crop, clamped
-    to the ratio range; deterministic, so equal to torchvision's exactly, in integer pixels (an odd margin rounds
-    down)."""
+    """When 10 tries find no crop that fits (too tall, too wide, area over 1): torchvision's centre
+    crop, clamped to the ratio range; deterministic, so equal to torchvision's exactly, in integer
+    pixels (an odd margin rounds down)."""
     ratio = (3 / 4, 4 / 3)
     theirs = tuple(T.RandomResizedCrop.get_params(torch.empty(3, *hw), list(scale), list(ratio)))
     ours = sample_crop_params(*hw, scale, ratio, random.Random(0))
     assert ours == theirs and all(type(v) is int for v in ours), ours
-    assert theirs == {(400, 30): (180, 0, 40, 30), (30, 400): (0, 180, 30, 40), (50, 60): (0, 0, 50, 60),
-                      (401, 30): (180, 0, 40, 30), (30, 401): (0, 180, 30, 40)}[hw]
+    assert theirs == {(400, 30): (180, 0, 40, 30), (30, 400): (0, 180, 30, 40),
+                      (50, 60): (0, 0, 50, 60), (401, 30): (180, 0, 40, 30),
+                      (30, 401): (0, 180, 30, 40)}[hw]
 
 
 class _ScriptedRandom:
@@ -371,8 +395,8 @@ class _ScriptedRandom:
 
 
 def test_a_crop_as_wide_or_as_tall_as_the_image_is_accepted():
-    # try 1: area 0.5, aspect 4 on a 100x200 image -> w = 200 (the full width), h = 50: accepted, as torchvision
-    # (`0 < w <= width`); a second try (area 0.5, aspect 1) would give a 100x100 crop
+    # try 1: area 0.5, aspect 4 on a 100x200 image -> w = 200 (the full width), h = 50: accepted, as
+    # torchvision (`0 < w <= width`); a second try (area 0.5, aspect 1) would give a 100x100 crop
     rng = _ScriptedRandom([0.5, math.log(4.0), 0.5, 0.0])
     assert sample_crop_params(100, 200, (0.08, 1.0), (0.25, 4.0), rng) == (50, 0, 50, 200)
     rng = _ScriptedRandom([0.125, math.log(0.25), 0.5, 0.0])  # h = 100, the full height, w = 25
@@ -381,6 +405,7 @@ def test_a_crop_as_wide_or_as_tall_as_the_image_is_accepted():
 
 @pytest.mark.parametrize("size, resize", [(224, 256), (32, 37), (24, 27), (64, 73)])
 def test_eval_resize_keeps_the_official_256_to_224_ratio(size, resize):
-    # facebookresearch/moco main_lincls.py: Resize(256) + CenterCrop(224); smaller inputs keep the ratio, rounded
+    # facebookresearch/moco main_lincls.py: Resize(256) + CenterCrop(224); smaller inputs keep the
+    # ratio, rounded
     [op] = build_eval_transform(size).ops
     assert (type(op), op.resize, op.size) == (augment.ResizeCenterCrop, resize, size)

@@ -1,4 +1,5 @@
-"""SafeImageFolder (bad files across workers, layout errors), read_rgb, and build_loader determinism."""
+"""SafeImageFolder (bad files across workers, layout errors), read_rgb, and build_loader
+determinism."""
 import os
 
 import cv2
@@ -71,7 +72,8 @@ def test_bad_image_is_replaced_and_counted(tmp_path, num_workers, corrupt):
     corrupt(paths[7])
     dataset = SafeImageFolder(str(tmp_path), transform=lambda img: img.astype(np.float32).mean())
     assert len(dataset) == 100 and dataset.classes == ["class_0", "class_1"]
-    loader = build_loader(dataset, batch_size=16, num_workers=num_workers, shuffle=False, drop_last=False)
+    loader = build_loader(dataset, batch_size=16, num_workers=num_workers, shuffle=False,
+                          drop_last=False)
     samples, targets = [], []
     for sample, target in loader:
         samples.append(sample)
@@ -91,8 +93,8 @@ def test_more_than_one_percent_bad_is_a_clear_error(tmp_path, num_workers):
     truncate(paths[3])
     junk(paths[60])
     dataset = SafeImageFolder(str(tmp_path), transform=None)
-    loader = build_loader(dataset, batch_size=10, num_workers=num_workers, shuffle=False, drop_last=False,
-                          )
+    loader = build_loader(dataset, batch_size=10, num_workers=num_workers, shuffle=False,
+                          drop_last=False)
     loader.collate_fn = lambda batch: batch
     with pytest.raises(TooManyBadImagesError, match=r"2 of 100 images are unreadable") as info:
         for _ in loader:
@@ -134,16 +136,19 @@ def test_loader_is_deterministic_across_worker_counts_and_resume(tmp_path):
     runs = {}
     for workers in (0, 2):
         dataset = SafeImageFolder(str(tmp_path), transform)
-        loader = build_loader(dataset, batch_size=8, num_workers=workers, shuffle=True, drop_last=True, seed=5)
+        loader = build_loader(dataset, batch_size=8, num_workers=workers, shuffle=True,
+                              drop_last=True, seed=5)
         runs[workers] = [_epoch_batches(loader, 0), _epoch_batches(loader, 1)]
     # A fresh loader that starts at epoch 1 (a resume) sees exactly what the continuing run saw.
-    resumed = build_loader(SafeImageFolder(str(tmp_path), transform), 8, 0, shuffle=True, drop_last=True, seed=5)
+    resumed = build_loader(SafeImageFolder(str(tmp_path), transform), 8, 0, shuffle=True,
+                           drop_last=True, seed=5)
     resumed_epoch1 = _epoch_batches(resumed, 1)
     for a, b in [(runs[0][0], runs[2][0]), (runs[0][1], runs[2][1]), (runs[0][1], resumed_epoch1)]:
         assert len(a) == len(b) == 3
         for (views_a, t_a), (views_b, t_b) in zip(a, b):
             assert torch.equal(t_a, t_b) and torch.equal(views_a, views_b)
-    assert not torch.equal(runs[0][0][0][1], runs[0][1][0][1]) or not torch.equal(runs[0][0][0][0], runs[0][1][0][0])
+    assert not torch.equal(runs[0][0][0][1], runs[0][1][0][1]) or \
+        not torch.equal(runs[0][0][0][0], runs[0][1][0][0])
 
 
 def test_distributed_loader_shards(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ from pretrain.knn import knn_accuracy, knn_predict
 
 
 def batches(features, labels, batch_size=64):
-    return [(features[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
+    return [(features[i : i + batch_size], labels[i : i + batch_size])
+            for i in range(0, len(labels), batch_size)]
 
 
 def clusters(num_classes, per_class, dim, noise, seed):
@@ -30,8 +31,10 @@ def reference_scores(query, bank, bank_labels, num_classes, k, t):
 def test_separated_clusters_give_100_percent():
     train = clusters(5, 60, 16, noise=0.3, seed=0)
     val = clusters(5, 20, 16, noise=0.3, seed=0)  # same centres, fresh noise below
-    val = (val[0] + 0.1 * torch.randn(val[0].shape, generator=torch.Generator().manual_seed(9)), val[1])
-    acc = knn_accuracy(lambda x: x, batches(*train), batches(*val), k=20, t=0.1, num_classes=5, device="cpu")
+    val = (val[0] + 0.1 * torch.randn(val[0].shape, generator=torch.Generator().manual_seed(9)),
+           val[1])
+    acc = knn_accuracy(lambda x: x, batches(*train), batches(*val), k=20, t=0.1, num_classes=5,
+                       device="cpu")
     assert acc == 100.0
 
 

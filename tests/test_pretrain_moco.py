@@ -1,4 +1,5 @@
-"""MoCo core: InfoNCE logits, momentum update, queue, split BN, shuffle BN and queues on 2 gloo ranks."""
+"""MoCo core: InfoNCE logits, momentum update, queue, split BN, shuffle BN and queues on 2 gloo
+ranks."""
 import copy
 import datetime
 import os
@@ -106,11 +107,13 @@ def test_queue_is_fifo_and_wraps_around():
     for i, keys in enumerate(batches):
         model.dequeue_and_enqueue(keys)
         assert int(model.queue_ptr) == ((i + 1) * 8) % 32
-    # the 5th batch overwrote the oldest (1st) one at columns 0..7; batches 2..4 are where they were put
+    # the 5th batch overwrote the oldest (1st) one at columns 0..7; batches 2..4 are where they were
+    # put
     assert torch.equal(model.queue[:, 0:8], batches[4].t())
     for i in (1, 2, 3):
         assert torch.equal(model.queue[:, 8 * i:8 * i + 8], batches[i].t())
-    assert model.queue.shape == (16, 32) and "queue" in model.state_dict() and "queue_ptr" in model.state_dict()
+    assert model.queue.shape == (16, 32) and "queue" in model.state_dict() and \
+        "queue_ptr" in model.state_dict()
 
 
 def test_queue_size_not_divisible_by_batch_is_a_clear_error():
@@ -130,14 +133,17 @@ def test_split_bn_statistics_are_per_group(splits, momentum, eps):
     assert isinstance(split, SplitBatchNorm) and set(split.state_dict()) == set(bn.state_dict())
     assert (split.num_splits, split.momentum, split.eps) == (splits, momentum, eps)
     refs = [copy.deepcopy(bn) for _ in range(splits)]  # one BN per emulated device
-    for _ in range(2):  # two steps: the running statistics follow the momentum (or the cumulative average)
+    # two steps: the running statistics follow the momentum (or the cumulative average)
+    for _ in range(2):
         x = torch.randn(16, 4, 5, 5) * 3 + 1
         out = split(x)
         for g in range(splits):  # group g = samples g, g+S, g+2S, ...
             torch.testing.assert_close(out[g::splits], refs[g](x[g::splits]), rtol=1e-5, atol=1e-5)
         # running stats: the average of what each device's BN would hold
-        torch.testing.assert_close(split.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
-        torch.testing.assert_close(split.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+        torch.testing.assert_close(split.running_mean,
+                                   torch.stack([r.running_mean for r in refs]).mean(0))
+        torch.testing.assert_close(split.running_var,
+                                   torch.stack([r.running_var for r in refs]).mean(0))
     assert int(split.num_batches_tracked) == 2
     # and the groups really differ from one whole-batch BN
     assert not torch.allclose(out, copy.deepcopy(bn)(x), atol=1e-3)
@@ -172,7 +178,8 @@ def test_split_batchnorm_keeps_channels_last_and_computes_the_same():
     x_nhwc = x.clone().to(memory_format=torch.channels_last).requires_grad_()
     x = x.requires_grad_()
     y, y_nhwc = nchw(x), nhwc(x_nhwc)
-    assert y_nhwc.is_contiguous(memory_format=torch.channels_last)  # no conversion for the next conv
+    # no conversion for the next conv
+    assert y_nhwc.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y_nhwc, y)
     grad = torch.randn_like(y)
     y.backward(grad)
@@ -186,7 +193,8 @@ def test_split_batchnorm_keeps_channels_last_and_computes_the_same():
 
 def test_split_bn_rejects_indivisible_batch():
     split = SplitBatchNorm(4, num_splits=4)
-    message = r"batch of 6 samples is not divisible into 4 BN groups \(MOCO.SHUFFLE_BN_SPLITS must divide the per-"
+    message = (r"batch of 6 samples is not divisible into 4 BN groups "
+               r"\(MOCO.SHUFFLE_BN_SPLITS must divide the per-")
     with pytest.raises(ValueError, match=message + r"process batch size\)"):
         split(torch.randn(6, 4, 2, 2))
 
@@ -198,7 +206,8 @@ def test_single_process_shuffle_is_a_random_permutation_and_unshuffle_its_invers
     assert not torch.equal(perm, torch.arange(8))
     torch.manual_seed(3)
     shuffled, idx = batch_shuffle(x)
-    # exactly the permutation drawn from torch's generator (the official code's torch.randperm), not the identity
+    # exactly the permutation drawn from torch's generator (the official code's torch.randperm), not
+    # the identity
     assert torch.equal(shuffled, x[perm]) and torch.equal(idx, torch.argsort(perm))
     assert torch.equal(batch_unshuffle(shuffled, idx), x)
     # every draw is a new permutation
@@ -208,10 +217,11 @@ def test_single_process_shuffle_is_a_random_permutation_and_unshuffle_its_invers
 
 @pytest.mark.parametrize("bn_splits", [2, 4])
 def test_forward_computes_keys_on_the_shuffled_batch_with_split_bn(bn_splits):
-    """Shuffling BN (MoCo paper, Sec. 3.3): the key encoder sees the batch in another order, so a sample's key and
-    query are normalised with statistics of different sample groups. The keys the forward enqueues must equal
-    the key encoder on the permuted batch, put back in order, and differ from the keys of the unshuffled batch;
-    the logits are those of the normalised query against that key and the queue as it was before the step."""
+    """Shuffling BN (MoCo paper, Sec. 3.3): the key encoder sees the batch in another order, so a
+    sample's key and query are normalised with statistics of different sample groups. The keys the
+    forward enqueues must equal the key encoder on the permuted batch, put back in order, and differ
+    from the keys of the unshuffled batch; the logits are those of the normalised query against that
+    key and the queue as it was before the step."""
     model = tiny_moco(bn_splits=bn_splits)
     queue_before = model.queue.clone()
     x_q, x_k = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
@@ -232,8 +242,9 @@ def test_forward_computes_keys_on_the_shuffled_batch_with_split_bn(bn_splits):
 
 @pytest.fixture
 def one_rank_group(tmp_path, monkeypatch):
-    """A real 1-process gloo group, with the world size reported as 2 so that code takes its multi-process path:
-    every all-reduce/all-gather then runs for real and sums over the one rank."""
+    """A real 1-process gloo group, with the world size reported as 2 so that code takes its
+    multi-process path: every all-reduce/all-gather then runs for real and sums over the one
+    rank."""
     from mocobench.utils import comm
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
@@ -243,11 +254,13 @@ def one_rank_group(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(one_rank_group, momentum):
+def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(one_rank_group,
+                                                                              momentum):
     from pretrain.moco import AllReduceBatchNorm, convert_sync_bn
 
     torch.manual_seed(0)
-    bn = nn.BatchNorm2d(4, momentum=momentum, eps=1e-5 if momentum else 0.5)  # a large eps must be added
+    # a large eps must be added
+    bn = nn.BatchNorm2d(4, momentum=momentum, eps=1e-5 if momentum else 0.5)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
@@ -263,22 +276,26 @@ def test_all_reduce_bn_synchronised_path_is_batchnorm_when_the_sums_are_local(on
         ref.backward(grad_out)
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
         for name in ("weight", "bias"):
-            torch.testing.assert_close(getattr(sync, name).grad, getattr(bn, name).grad, rtol=1e-4, atol=1e-5)
-        # running statistics as BatchNorm2d keeps them: unbiased variance, momentum (or the cumulative average)
+            torch.testing.assert_close(getattr(sync, name).grad, getattr(bn, name).grad,
+                                       rtol=1e-4, atol=1e-5)
+        # running statistics as BatchNorm2d keeps them: unbiased variance, momentum (or the
+        # cumulative average)
         torch.testing.assert_close(sync.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sync.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
         assert int(sync.num_batches_tracked) == int(bn.num_batches_tracked) == step + 1
-    # the synchronised path really ran: its sums went through torch.distributed (mean, then variance)
+    # the synchronised path really ran: its sums went through torch.distributed (mean, then
+    # variance)
     calls = []
     real_all_reduce = dist.all_reduce
-    dist.all_reduce = lambda tensor, *a, **k: calls.append(tensor.shape) or real_all_reduce(tensor, *a, **k)
+    dist.all_reduce = lambda tensor, *a, **k: (calls.append(tensor.shape)
+                                               or real_all_reduce(tensor, *a, **k))
     try:
         copy.deepcopy(sync)(torch.randn(6, 4, 3, 5))
     finally:
         dist.all_reduce = real_all_reduce
     assert calls == [(5,), (4,)]  # 4 channel sums + the count, then 4 squared-deviation sums
-    # statistics in float32 under AMP: a bfloat16 input (4096 values per channel around 100, where bfloat16 sums
-    # are off by ~0.2) gives the float32 result, rounded to bfloat16
+    # statistics in float32 under AMP: a bfloat16 input (4096 values per channel around 100, where
+    # bfloat16 sums are off by ~0.2) gives the float32 result, rounded to bfloat16
     xb = (torch.randn(16, 4, 16, 16) + 100).to(torch.bfloat16)
     out_b = copy.deepcopy(sync)(xb)
     assert out_b.dtype == torch.bfloat16
@@ -313,13 +330,14 @@ def test_convert_sync_bn_keeps_parameters_and_flags_and_leaves_split_bn():
     for p in frozen.parameters():
         p.requires_grad = False
     model = nn.Sequential(nn.BatchNorm2d(5, eps=1e-3, momentum=0.2), nn.Sequential(frozen),
-                          SplitBatchNorm(2, num_splits=2), nn.BatchNorm2d(2, affine=False, track_running_stats=False))
+                          SplitBatchNorm(2, num_splits=2),
+                          nn.BatchNorm2d(2, affine=False, track_running_stats=False))
     model[1].eval()
     weight = model[0].weight
     converted = convert_sync_bn(model, "cpu")
     a, b, split, c = converted[0], converted[1][0], converted[2], converted[3]
-    assert [type(m) for m in (a, b, split, c)] == [AllReduceBatchNorm, AllReduceBatchNorm, SplitBatchNorm,
-                                                    AllReduceBatchNorm]
+    assert [type(m) for m in (a, b, split, c)] == [AllReduceBatchNorm, AllReduceBatchNorm,
+                                                   SplitBatchNorm, AllReduceBatchNorm]
     assert a.weight is weight and (a.eps, a.momentum, a.num_features) == (1e-3, 0.2, 5)
     assert not b.weight.requires_grad and not b.training and a.training
     assert not c.affine and c.weight is None and not c.track_running_stats
@@ -332,7 +350,8 @@ def test_build_model_passes_the_config_on(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     small = ["DATA.ROOT", "unused", "MODEL.ARCH", "resnet18", "SOLVER.BATCH_SIZE", "16"]
     v1 = build_model(load_config(os.path.join(repo, "configs/pretrain/moco_v1_R50.yaml"),
-                                 small + ["MOCO.K", "64", "MOCO.DIM", "8", "MOCO.M", "0.99"]), bn_splits=2)
+                                 small + ["MOCO.K", "64", "MOCO.DIM", "8", "MOCO.M", "0.99"]),
+                     bn_splits=2)
     assert type(v1) is MoCo and (v1.K, v1.m, v1.T, v1.bn_splits) == (64, 0.99, 0.07, 2)
     assert isinstance(v1.encoder_q.fc, nn.Linear) and v1.encoder_q.fc.out_features == 8
     assert v1.queue.shape == (8, 64) and isinstance(v1.encoder_q.bn1, SplitBatchNorm)
@@ -352,9 +371,11 @@ def test_build_model_passes_the_config_on(tmp_path):
 def test_resnet_builder_accepts_torchvision_resnets_only():
     model = resnet_builder("resnet18")(10)
     assert model.fc.out_features == 10
-    # zero-init of the last BN of each residual block (Goyal et al.) only when asked: torchvision's default is off
+    # zero-init of the last BN of each residual block (Goyal et al.) only when asked: torchvision's
+    # default is off
     assert float(model.layer1[0].bn2.weight.min()) == 1.0
-    assert float(resnet_builder("resnet18", zero_init_residual=True)(10).layer1[0].bn2.weight.abs().max()) == 0.0
+    zero_init = resnet_builder("resnet18", zero_init_residual=True)(10)
+    assert float(zero_init.layer1[0].bn2.weight.abs().max()) == 0.0
     with pytest.raises(ValueError, match="vgg16"):
         resnet_builder("vgg16")
 
@@ -364,14 +385,17 @@ def test_moco_v3_heads_and_symmetric_loss(T):
     torch.manual_seed(0)
     model = MoCoV3(TinyEncoder, dim=4, mlp_dim=6, T=T)
     proj, pred = model.base_encoder.fc, model.predictor
-    assert isinstance(proj[-1], nn.BatchNorm1d) and not proj[-1].affine  # projector ends with BN(affine=False)
+    # projector ends with BN(affine=False)
+    assert isinstance(proj[-1], nn.BatchNorm1d) and not proj[-1].affine
     assert isinstance(pred[-1], nn.Linear)  # predictor: no last BN (official builder.py)
-    assert [type(m) for m in proj] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert [type(m) for m in proj] == \
+        [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
     assert [type(m) for m in pred] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     # official moco-v3 builder.py _build_mlp: Linear(..., bias=False) everywhere, hidden BN affine
     assert all(m.bias is None for m in (*proj, *pred) if isinstance(m, nn.Linear))
     assert proj[1].affine and pred[1].affine
-    assert [(m.in_features, m.out_features) for m in pred if isinstance(m, nn.Linear)] == [(4, 6), (6, 4)]
+    assert [(m.in_features, m.out_features) for m in pred if isinstance(m, nn.Linear)] == \
+        [(4, 6), (6, 4)]
     assert model.T == T and all(not p.requires_grad for p in model.momentum_encoder.parameters())
     x1, x2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     k_before = [p.clone() for p in model.momentum_encoder.parameters()]
@@ -382,7 +406,8 @@ def test_moco_v3_heads_and_symmetric_loss(T):
         for p, q in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters()):
             assert torch.allclose(p, k_before.pop(0) * 0.9 + q * 0.1, atol=1e-6)
     model_ref = copy.deepcopy(model)
-    q1, q2 = model_ref.predictor(model_ref.base_encoder(x1)), model_ref.predictor(model_ref.base_encoder(x2))
+    q1, q2 = (model_ref.predictor(model_ref.base_encoder(x1)),
+              model_ref.predictor(model_ref.base_encoder(x2)))
     k1, k2 = model_ref.momentum_encoder(x1), model_ref.momentum_encoder(x2)
 
     def ctr(q, k):
@@ -393,8 +418,8 @@ def test_moco_v3_heads_and_symmetric_loss(T):
 
 
 def test_defaults_are_the_official_ones():
-    # moco main_moco.py: --moco-dim 128, --moco-k 65536, --moco-m 0.999, --moco-t 0.07 (v1); moco-v3 main_moco.py:
-    # --moco-dim 256, --moco-mlp-dim 4096, --moco-t 1.0
+    # moco main_moco.py: --moco-dim 128, --moco-k 65536, --moco-m 0.999, --moco-t 0.07 (v1); moco-v3
+    # main_moco.py: --moco-dim 256, --moco-mlp-dim 4096, --moco-t 1.0
     v1 = MoCo(TinyEncoder)
     assert (v1.K, v1.m, v1.T, v1.bn_splits, v1.queue.shape) == (65536, 0.999, 0.07, 1, (128, 65536))
     # the queue starts as random unit keys (columns), the pointer as a long like the official buffer
@@ -402,7 +427,8 @@ def test_defaults_are_the_official_ones():
     assert v1.queue_ptr.dtype == torch.long and int(v1.queue_ptr) == 0
     assert isinstance(v1.encoder_q.fc, nn.Linear) and type(v1.encoder_q.bn) is nn.BatchNorm2d
     v3 = MoCoV3(TinyEncoder)
-    assert v3.T == 1.0 and v3.base_encoder.fc[0].out_features == 4096 and v3.predictor[-1].out_features == 256
+    assert v3.T == 1.0 and v3.base_encoder.fc[0].out_features == 4096 and \
+        v3.predictor[-1].out_features == 256
 
 
 def test_lars_skips_1d_params_and_scales_by_trust_ratio():
@@ -414,13 +440,15 @@ def test_lars_skips_1d_params_and_scales_by_trust_ratio():
     opt.step()
     # w: update = g + wd*w = 2 (norm 4), ||w|| = 2 -> trust 0.1 * 2 / 4 = 0.05 -> step 0.1
     torch.testing.assert_close(w.detach(), torch.full((2, 2), 0.9))
-    torch.testing.assert_close(b.detach(), torch.full((2,), 0.75))  # plain SGD: no wd, no trust ratio
+    # plain SGD: no wd, no trust ratio
+    torch.testing.assert_close(b.detach(), torch.full((2,), 0.75))
 
 
-# ------------------------------------------------------------------------------------------ 2 gloo ranks
+# ------------------------------------------------------------------------------------- 2 gloo ranks
 def _init_gloo(rank, world, init_method):
+    # a lost peer fails in 2 min, not 30
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # a lost peer fails in 2 min, not 30
+                            timeout=datetime.timedelta(seconds=120))
 
 
 def _two_rank_worker(rank, world, init_method, out_dir):
@@ -456,11 +484,13 @@ def _two_rank_worker(rank, world, init_method, out_dir):
 def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path, rendezvous):
     mp.spawn(_two_rank_worker, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    # shuffle: each rank got half of the global batch, a permutation of it overall, and not simply its own
+    # shuffle: each rank got half of the global batch, a permutation of it overall, and not simply
+    # its own
     global_x = torch.cat([r0["x"], r1["x"]])
     got = torch.cat([r0["shuffled"], r1["shuffled"]])
     assert sorted(got[:, 0].tolist()) == sorted(global_x[:, 0].tolist())
-    # ... namely the global batch in the order of rank 0's permutation (rank 1 drew another one and ignored it)
+    # ... namely the global batch in the order of rank 0's permutation (rank 1 drew another one and
+    # ignored it)
     torch.manual_seed(100)
     assert torch.equal(got, global_x[torch.randperm(8)])
     assert not torch.equal(r0["shuffled"], r0["x"])
@@ -476,10 +506,11 @@ def test_two_gloo_ranks_shuffle_queue_and_ddp(tmp_path, rendezvous):
     assert all(torch.equal(a, b) for a, b in zip(r0["grads"], r1["grads"]))
 
 
-# ------------------------------------------------------------------------------------------ MoCo v3 under DDP
+# -------------------------------------------------------------------------------- MoCo v3 under DDP
 V3_OPTS = ["MODEL.ARCH", "resnet18", "INPUT.SIZE", "32", "MOCO.DIM", "16", "MOCO.MLP_DIM", "32",
-           "MOCO.M", "0.9", "MOCO.M_COS", "False", "SOLVER.BATCH_SIZE", "16", "SOLVER.OPTIMIZER", "sgd",
-           "SOLVER.BASE_LR", "2.0", "SOLVER.WARMUP_EPOCHS", "0", "DEVICE", "cpu", "LOG_PERIOD", "1"]
+           "MOCO.M", "0.9", "MOCO.M_COS", "False", "SOLVER.BATCH_SIZE", "16",
+           "SOLVER.OPTIMIZER", "sgd", "SOLVER.BASE_LR", "2.0", "SOLVER.WARMUP_EPOCHS", "0",
+           "DEVICE", "cpu", "LOG_PERIOD", "1"]
 V3_STEPS = 2
 
 
@@ -497,8 +528,9 @@ def _v3_global_batches():
 
 
 class _StepLog:
-    """What train_one_epoch reports per logged iteration (LOG_PERIOD 1): its `metrics` sink, kept in memory
-    because only the main process writes metrics.json and both ranks' losses are compared here."""
+    """What train_one_epoch reports per logged iteration (LOG_PERIOD 1): its `metrics` sink, kept in
+    memory because only the main process writes metrics.json and both ranks' losses are compared
+    here."""
 
     def __init__(self):
         self.rows = []
@@ -508,8 +540,8 @@ class _StepLog:
 
 
 def _v3_train(cfg, model, device, batches):
-    """One epoch of pretrain.engine.train_one_epoch (fp32 on CPU) over `batches` with MoCo's task and
-    the optimizer the engine builds: v3 loss, lr and momentum schedules, optimization_step."""
+    """One epoch of pretrain.engine.train_one_epoch (fp32 on CPU) over `batches` with MoCo's task
+    and the optimizer the engine builds: v3 loss, lr and momentum schedules, optimization_step."""
     from pretrain import engine
     from pretrain.config import lr_at
     from pretrain.train import MocoTask
@@ -520,8 +552,10 @@ def _v3_train(cfg, model, device, batches):
     log = _StepLog()
     iteration = engine.train_one_epoch(MocoTask(cfg), model, loader, optimizer, None, 0, 0, device,
                                        (False, torch.float32, False), log)
-    assert iteration == len(batches) and [r["iteration"] for r in log.rows] == list(range(1, len(batches) + 1))
-    grads = {n.replace(".module.", "."): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert iteration == len(batches) and \
+        [r["iteration"] for r in log.rows] == list(range(1, len(batches) + 1))
+    grads = {n.replace(".module.", "."): p.grad.clone() for n, p in model.named_parameters()
+             if p.requires_grad}
     state = {k.replace(".module.", "."): v.clone() for k, v in model.state_dict().items()}
     return [r["loss"] for r in log.rows], grads, state
 
@@ -537,8 +571,8 @@ def _v3_ddp_worker(rank, world, init_method, out_dir):
         cfg = _v3_cfg()
         device = torch.device("cpu")
         # as pretrain.engine.train with MoCo's task: same seed on every rank, SyncBN for v3 with > 1
-        # process, rank 0's state broadcast, DDP around model.ddp_modules (base_encoder and predictor,
-        # each called twice per step)
+        # process, rank 0's state broadcast, DDP around model.ddp_modules (base_encoder and
+        # predictor, each called twice per step)
         engine.seed_all(cfg.SEED)
         model = convert_sync_bn(build_model(cfg, bn_splits=1), device)
         assert any(isinstance(m, AllReduceBatchNorm) for m in model.modules())
@@ -548,7 +582,8 @@ def _v3_ddp_worker(rank, world, init_method, out_dir):
         train_mod.wrap_ddp(model, device)
         assert isinstance(model.base_encoder, nn.parallel.DistributedDataParallel)
         assert isinstance(model.predictor, nn.parallel.DistributedDataParallel)
-        local = [(x1[8 * rank:8 * rank + 8], x2[8 * rank:8 * rank + 8]) for x1, x2 in _v3_global_batches()]
+        local = [(x1[8 * rank:8 * rank + 8], x2[8 * rank:8 * rank + 8])
+                 for x1, x2 in _v3_global_batches()]
         losses, grads, state = _v3_train(cfg, model, device, local)
         torch.save({"losses": torch.tensor(losses), "grads": grads, "state": state},
                    os.path.join(out_dir, f"v3_rank{rank}.pt"))
@@ -557,13 +592,15 @@ def _v3_ddp_worker(rank, world, init_method, out_dir):
 
 
 @pytest.mark.slow
-def test_moco_v3_ddp_two_ranks_with_syncbn_equals_one_process_on_the_global_batch(tmp_path, rendezvous):
+def test_moco_v3_ddp_two_ranks_with_syncbn_equals_one_process_on_the_global_batch(
+        tmp_path, rendezvous):
     from pretrain.moco import build_model
 
     mp.spawn(_v3_ddp_worker, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"v3_rank{r}.pt", weights_only=True) for r in (0, 1))
 
-    # the ranks agree bit for bit: DDP-averaged gradients, parameters, momentum encoder and BN running stats
+    # the ranks agree bit for bit: DDP-averaged gradients, parameters, momentum encoder and BN
+    # running stats
     assert r0["grads"].keys() == r1["grads"].keys() and len(r0["grads"]) > 0
     assert all(torch.equal(r0["grads"][n], r1["grads"][n]) for n in r0["grads"])
     assert r0["state"].keys() == r1["state"].keys()
@@ -576,18 +613,23 @@ def test_moco_v3_ddp_two_ranks_with_syncbn_equals_one_process_on_the_global_batc
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     losses, grads, state = _v3_train(cfg, model, torch.device("cpu"), _v3_global_batches())
     # each rank's loss is the mean over its half of the rows: the global loss is their average
-    torch.testing.assert_close((r0["losses"] + r1["losses"]) / 2, torch.tensor(losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((r0["losses"] + r1["losses"]) / 2, torch.tensor(losses),
+                               rtol=1e-5, atol=1e-5)
     assert grads.keys() == r0["grads"].keys() and state.keys() == r0["state"].keys()
-    # float32 rounding differs (sums in another order, 20 BN layers deep): compare each tensor relative to its
-    # largest entry. In float64 the two runs agree to ~1e-14 of that; a BN that is not synchronised, a variance
-    # with n - 1, or gradients not summed over the ranks' losses are off by percents.
+    # float32 rounding differs (sums in another order, 20 BN layers deep): compare each tensor
+    # relative to its largest entry. In float64 the two runs agree to ~1e-14 of that; a BN that is
+    # not synchronised, a variance with n - 1, or gradients not summed over the ranks' losses are
+    # off by percents.
     pairs = [(f"gradient of {n}", r0["grads"][n], g) for n, g in grads.items()]
     pairs += [(k, r0["state"][k], v) for k, v in state.items() if v.is_floating_point()]
     for name, ddp_value, reference in pairs:
         error = (ddp_value - reference).abs().max().item()
-        assert error <= 2e-3 * reference.abs().max().item() + 1e-6, f"{name}: max difference {error:.3g}"
-    assert all(torch.equal(r0["state"][k], v) for k, v in state.items() if not v.is_floating_point())
-    # and the run did something those tolerances can see: weights, momentum encoder, BN statistics all moved
+        assert error <= 2e-3 * reference.abs().max().item() + 1e-6, \
+            f"{name}: max difference {error:.3g}"
+    assert all(torch.equal(r0["state"][k], v) for k, v in state.items()
+               if not v.is_floating_point())
+    # and the run did something those tolerances can see: weights, momentum encoder, BN statistics
+    # all moved
     for key in ("base_encoder.conv1.weight", "predictor.0.weight", "momentum_encoder.conv1.weight",
                 "base_encoder.bn1.running_mean", "momentum_encoder.fc.1.running_var"):
         assert (state[key] - initial[key]).abs().max() > 1e-3, key

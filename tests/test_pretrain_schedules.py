@@ -1,10 +1,13 @@
-"""Learning-rate and key-momentum schedules of pretraining, value by value against the official formulas.
+"""Learning-rate and key-momentum schedules of pretraining, value by value against the official
+formulas.
 
-facebookresearch/moco main_moco.py adjust_learning_rate: lr = args.lr, times 0.5 * (1 + cos(pi * epoch / epochs))
-with --cos, else times 0.1 for each milestone the epoch has reached (epoch >= milestone). facebookresearch/moco-v3
-main_moco.py: linear warm-up lr * epoch / warmup_epochs, then lr * 0.5 * (1 + cos(pi * (epoch - warmup) /
-(epochs - warmup))), with the fractional epoch of each iteration; momentum 1 - 0.5 * (1 + cos(pi * epoch /
-epochs)) * (1 - moco_m). lr is per 256 images (linear scaling): BASE_LR * BATCH_SIZE / 256.
+facebookresearch/moco main_moco.py adjust_learning_rate: lr = args.lr, times
+0.5 * (1 + cos(pi * epoch / epochs)) with --cos, else times 0.1 for each milestone the epoch has
+reached (epoch >= milestone). facebookresearch/moco-v3 main_moco.py: linear warm-up
+lr * epoch / warmup_epochs, then lr * 0.5 * (1 + cos(pi * (epoch - warmup) / (epochs - warmup))),
+with the fractional epoch of each iteration; momentum
+1 - 0.5 * (1 + cos(pi * epoch / epochs)) * (1 - moco_m). lr is per 256 images (linear scaling):
+BASE_LR * BATCH_SIZE / 256.
 """
 import math
 import os
@@ -23,21 +26,26 @@ def cfg_of(path, **opts):
 
 
 def test_step_schedule_drops_by_gamma_at_each_reached_milestone_of_whole_epochs():
-    # base 0.03 x 512 / 256 = 0.06; milestones 120 and 160; LR_PER_ITER False: the epoch's integer part counts
-    cfg = cfg_of(V1, **{"SOLVER.BATCH_SIZE": 512, "SOLVER.STEPS": "(120, 160)", "SOLVER.GAMMA": 0.5})
-    expected = {0: 0.06, 119: 0.06, 119.99: 0.06, 120: 0.03, 120.5: 0.03, 159.9: 0.03, 160: 0.015, 199.9: 0.015}
+    # base 0.03 x 512 / 256 = 0.06; milestones 120 and 160; LR_PER_ITER False: the epoch's integer
+    # part counts
+    cfg = cfg_of(V1, **{"SOLVER.BATCH_SIZE": 512, "SOLVER.STEPS": "(120, 160)",
+                        "SOLVER.GAMMA": 0.5})
+    expected = {0: 0.06, 119: 0.06, 119.99: 0.06, 120: 0.03, 120.5: 0.03, 159.9: 0.03, 160: 0.015,
+                199.9: 0.015}
     for epoch, lr in expected.items():
         assert lr_at(cfg, epoch) == pytest.approx(lr, rel=1e-12), epoch
 
 
 def test_cosine_schedule_whole_epochs_and_per_iteration():
-    cfg = cfg_of(V1, **{"SOLVER.SCHEDULE": "cosine", "SOLVER.EPOCHS": 200, "SOLVER.BATCH_SIZE": 256})
+    cfg = cfg_of(V1, **{"SOLVER.SCHEDULE": "cosine", "SOLVER.EPOCHS": 200,
+                        "SOLVER.BATCH_SIZE": 256})
     for epoch in (0, 1, 50, 100, 150, 199):
-        assert lr_at(cfg, epoch + 0.75) == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * epoch / 200)),
-                                                         rel=1e-12, abs=1e-15), epoch
+        assert lr_at(cfg, epoch + 0.75) == pytest.approx(
+            0.03 * 0.5 * (1 + math.cos(math.pi * epoch / 200)), rel=1e-12, abs=1e-15), epoch
     assert lr_at(cfg, 100) == pytest.approx(0.015)
     per_iter = cfg_of(V1, **{"SOLVER.SCHEDULE": "cosine", "SOLVER.LR_PER_ITER": True})
-    assert lr_at(per_iter, 100.5) == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * 100.5 / 200)), rel=1e-12)
+    assert lr_at(per_iter, 100.5) == pytest.approx(
+        0.03 * 0.5 * (1 + math.cos(math.pi * 100.5 / 200)), rel=1e-12)
     assert lr_at(per_iter, 100.5) < lr_at(per_iter, 100.0)
 
 
@@ -51,7 +59,8 @@ def test_v3_warmup_then_cosine_per_iteration():
     assert lr_at(cfg, 9.999) == pytest.approx(peak * 0.9999, rel=1e-12)
     assert lr_at(cfg, 10.0) == pytest.approx(peak, rel=1e-12)
     assert lr_at(cfg, 55.0) == pytest.approx(peak * 0.5, rel=1e-12)
-    assert lr_at(cfg, 32.5) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 22.5 / 90)), rel=1e-12)
+    assert lr_at(cfg, 32.5) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 22.5 / 90)),
+                                             rel=1e-12)
     assert lr_at(cfg, 100.0) == pytest.approx(0.0, abs=1e-12)
 
 

@@ -1,5 +1,6 @@
-"""Supervised baseline (`mocobench supervised`): it learns, its checkpoint is a plain torchvision ResNet that
-`convert` detects and verifies, val accuracy is what the checkpoint computes, exact resume after SIGKILL."""
+"""Supervised baseline (`mocobench supervised`): it learns, its checkpoint is a plain torchvision
+ResNet that `convert` detects and verifies, val accuracy is what the checkpoint computes, exact
+resume after SIGKILL."""
 import json
 import os
 import subprocess
@@ -38,7 +39,8 @@ def make_colour_folder(root, per_class, val_per_class, size=32, seed=0):
         for name, rgb in (("blue", (40, 60, 200)), ("red", (200, 50, 40))):
             os.makedirs(os.path.join(root, split, name))
             for i in range(n):
-                img = np.clip(np.array(rgb) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                img = np.clip(np.array(rgb) + rng.normal(0, 40, (size, size, 3)),
+                              0, 255).astype(np.uint8)
                 cv2.imwrite(os.path.join(root, split, name, f"{i:03d}.png"), img[:, :, ::-1])
     return root
 
@@ -46,7 +48,8 @@ def make_colour_folder(root, per_class, val_per_class, size=32, seed=0):
 def opts(root, out_dir, **extra):
     values = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8,
               "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "LOG_PERIOD": 2,
-              "DEVICE": "cpu", **extra}  # CPU is what these test (bit-exact resume; CUDA picks kernels per run)
+              # CPU is what these test (bit-exact resume; CUDA picks kernels per run)
+              "DEVICE": "cpu", **extra}
     return [str(x) for kv in values.items() for x in kv]
 
 
@@ -61,7 +64,8 @@ def test_shipped_config_matches_the_moco_budget():
             a, b = a[part], b[part]
         assert a == b, key
     assert sup.SOLVER.SCHEDULE == "cosine" and sup.OUTPUT_DIR != moco.OUTPUT_DIR
-    # the MoCo queue constraint (MOCO.K divisible by the batch) does not apply to the supervised baseline
+    # the MoCo queue constraint (MOCO.K divisible by the batch) does not apply to the supervised
+    # baseline
     assert load_config(SUP_CFG, ["SOLVER.BATCH_SIZE", "48"], moco=False).SOLVER.BATCH_SIZE == 48
     with pytest.raises(UsageError, match="MOCO.K = 1024 must be divisible"):
         load_config(SUP_CFG, ["SOLVER.BATCH_SIZE", "48"])
@@ -70,18 +74,21 @@ def test_shipped_config_matches_the_moco_budget():
 def test_learns_an_easy_task_and_writes_a_verified_torchvision_checkpoint(tmp_path):
     root = make_colour_folder(str(tmp_path / "colour"), per_class=32, val_per_class=8)
     out = str(tmp_path / "run")
-    assert supervised.main(["--config-file", SUP_CFG, *opts(root, out, **{"SOLVER.BATCH_SIZE": 16})]) == 0
+    assert supervised.main(["--config-file", SUP_CFG,
+                            *opts(root, out, **{"SOLVER.BATCH_SIZE": 16})]) == 0
 
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_top1" in r]
     assert {"iteration", "epoch", "loss", "acc1", "lr", "img_per_s", "data_time"} <= set(train[-1])
-    assert [r["epoch"] for r in val] == [1, 2] and train[-1]["iteration"] == 8  # 64 images / 16, 2 epochs
+    # 64 images / 16, 2 epochs
+    assert [r["epoch"] for r in val] == [1, 2] and train[-1]["iteration"] == 8
     assert train[-1]["loss"] < train[0]["loss"] - 0.2, [r["loss"] for r in train]
     assert train[-1]["acc1"] >= 80.0, [r["acc1"] for r in train]  # 2 classes: chance is 50 %
 
     # retention: with CHECKPOINT_PERIOD 5 the epoch-1 checkpoint was only a resume point
-    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint_")) == ["checkpoint_0001.pth.tar"]
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint_")) == \
+        ["checkpoint_0001.pth.tar"]
     assert open(os.path.join(out, "last_checkpoint")).read().strip() == "checkpoint_0001.pth.tar"
     path = os.path.join(out, "checkpoint_0001.pth.tar")
     ckpt = load_checkpoint(path)  # weights_only=True
@@ -102,14 +109,17 @@ def test_learns_an_easy_task_and_writes_a_verified_torchvision_checkpoint(tmp_pa
 
     from convert import convert_checkpoint
 
-    report = convert_checkpoint(path, str(tmp_path / "sup.pkl"))  # source auto; raises if verification fails
+    # source auto; raises if verification fails
+    report = convert_checkpoint(path, str(tmp_path / "sup.pkl"))
     assert report.source == "torchvision" and report.detected and report.arch.depth == 18
-    assert report.verified == 100 and report.max_rel_error < 1e-4 and os.path.isfile(tmp_path / "sup.pkl")
+    assert report.verified == 100 and report.max_rel_error < 1e-4 and \
+        os.path.isfile(tmp_path / "sup.pkl")
 
 
 def _run(args):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "mocobench.cli", "supervised", "--config-file", SUP_CFG, *args],
+    return subprocess.run([sys.executable, "-m", "mocobench.cli", "supervised",
+                           "--config-file", SUP_CFG, *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -128,27 +138,34 @@ def test_exact_resume_after_sigkill(tiny_imagenet, tmp_path):
     a = load_checkpoint(os.path.join(full, "checkpoint_0001.pth.tar"))
     b = load_checkpoint(os.path.join(killed, "checkpoint_0001.pth.tar"))
     assert a["iteration"] == b["iteration"] == 8  # 32 images / 8 per batch, 2 epochs
-    assert a["state_dict"]["fc.weight"].shape == (4, 512) and not any(k.startswith("module.") for k in a["state_dict"])
+    assert a["state_dict"]["fc.weight"].shape == (4, 512) and \
+        not any(k.startswith("module.") for k in a["state_dict"])
     assert list(a["state_dict"]) == list(b["state_dict"])
     for key in a["state_dict"]:  # bit-exact: weights and BN buffers
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])  # every parameter's momentum buffer, same keys
+    # every parameter's momentum buffer, same keys
+    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])
     # the resumed run's epoch-2 val accuracy is the uninterrupted run's
-    val = [[json.loads(line)["val_top1"] for line in open(os.path.join(d, "metrics.json")) if "val_top1" in line]
+    val = [[json.loads(line)["val_top1"] for line in open(os.path.join(d, "metrics.json"))
+            if "val_top1" in line]
            for d in (full, killed)]
     assert val[0] == val[1] and len(val[0]) == 2
 
 
 def test_bad_input_is_a_clear_error(tiny_imagenet, tmp_path, capsys):
     with pytest.raises(UsageError, match=r"nowhere/train.*does not exist"):
-        supervised.main(["--config-file", SUP_CFG, *opts(str(tmp_path / "nowhere"), str(tmp_path / "a"))])
+        supervised.main(["--config-file", SUP_CFG,
+                         *opts(str(tmp_path / "nowhere"), str(tmp_path / "a"))])
     # through the `mocobench` dispatcher: exit code 2, the key named, no traceback
     assert cli.main(["supervised", "--config-file", SUP_CFG, "SOLVER.NOPE", "1"]) == 2
     err = capsys.readouterr().err
     assert "mocobench supervised: error" in err and "SOLVER.NOPE" in err
     # resuming a 2-class checkpoint on 4-class data names the file and the mismatch
     bad = str(tmp_path / "two_classes.pth.tar")
-    atomic_torch_save({"epoch": 1, "state_dict": torchvision.models.resnet18(num_classes=2).state_dict(),
+    atomic_torch_save({"epoch": 1,
+                       "state_dict": torchvision.models.resnet18(num_classes=2).state_dict(),
                        "optimizer": {}}, bad)
-    with pytest.raises(UsageError, match=r"two_classes.pth.tar: state_dict does not match the model"):
-        supervised.main(["--config-file", SUP_CFG, "--resume", bad, *opts(tiny_imagenet, str(tmp_path / "b"))])
+    with pytest.raises(UsageError,
+                       match=r"two_classes.pth.tar: state_dict does not match the model"):
+        supervised.main(["--config-file", SUP_CFG, "--resume", bad,
+                         *opts(tiny_imagenet, str(tmp_path / "b"))])

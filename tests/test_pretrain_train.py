@@ -1,4 +1,5 @@
-"""Training script: config errors, checkpoint layout, exact resume after SIGKILL, NaN stop, a short real run."""
+"""Training script: config errors, checkpoint layout, exact resume after SIGKILL, NaN stop, a short
+real run."""
 import json
 import math
 import os
@@ -21,26 +22,29 @@ SYNTH_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
 
 
 def tiny_opts(root, out_dir, **extra):
-    opts = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 32,
-            "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 2,
-            "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2,
-            "DEVICE": "cpu", **extra}  # CPU is what these test (on CUDA: AMP, cudnn.benchmark's kernel choice)
+    opts = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16,
+            "MOCO.K": 32, "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0,
+            "LOG_PERIOD": 2, "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2,
+            # CPU is what these test (on CUDA: AMP, cudnn.benchmark's kernel choice)
+            "DEVICE": "cpu", **extra}
     return [str(x) for kv in opts.items() for x in kv]
 
 
 # ------------------------------------------------------------------------------------------ config
 def test_shipped_configs_load_with_official_values():
     v1 = load_config(os.path.join(REPO, "configs/pretrain/moco_v1_R50.yaml"))
-    assert (v1.MOCO.DIM, v1.MOCO.K, v1.MOCO.M, v1.MOCO.T, v1.MOCO.MLP) == (128, 65536, 0.999, 0.07, False)
-    assert (v1.SOLVER.BASE_LR, v1.SOLVER.EPOCHS, tuple(v1.SOLVER.STEPS), v1.SOLVER.WEIGHT_DECAY) == \
-        (0.03, 200, (120, 160), 1e-4)
+    assert (v1.MOCO.DIM, v1.MOCO.K, v1.MOCO.M, v1.MOCO.T, v1.MOCO.MLP) == \
+        (128, 65536, 0.999, 0.07, False)
+    assert (v1.SOLVER.BASE_LR, v1.SOLVER.EPOCHS, tuple(v1.SOLVER.STEPS),
+            v1.SOLVER.WEIGHT_DECAY) == (0.03, 200, (120, 160), 1e-4)
     v2 = load_config(os.path.join(REPO, "configs/pretrain/moco_v2_R50_800ep.yaml"))
     assert (v2.MOCO.MLP, v2.MOCO.T, v2.INPUT.AUG, v2.SOLVER.SCHEDULE, v2.SOLVER.EPOCHS) == \
         (True, 0.2, "v2", "cosine", 800)
     v3 = load_config(os.path.join(REPO, "configs/pretrain/moco_v3_R50.yaml"))
     assert (v3.MOCO.VERSION, v3.MOCO.T, v3.MOCO.M, v3.SOLVER.OPTIMIZER, v3.SOLVER.BATCH_SIZE) == \
         ("v3", 1.0, 0.99, "lars", 4096)
-    assert lr_at(v3, 100.0 - 1e-9) < 1e-6 and abs(lr_at(v3, 10.0) - 0.6 * 4096 / 256) < 1e-9  # 9.6 after warmup
+    # 9.6 after warmup
+    assert lr_at(v3, 100.0 - 1e-9) < 1e-6 and abs(lr_at(v3, 10.0) - 0.6 * 4096 / 256) < 1e-9
     assert abs(lr_at(v3, 5.0) - 4.8) < 1e-9
     assert moco_momentum_at(v3, 0.0) == 0.99 and abs(moco_momentum_at(v3, 100.0) - 1.0) < 1e-12
     assert lr_at(v1, 119) == pytest.approx(0.03) and lr_at(v1, 120.5) == pytest.approx(0.003)
@@ -64,15 +68,17 @@ def test_unknown_key_and_bad_values_are_clear_errors(tmp_path):
 
 
 def test_cli_reports_unknown_key_with_exit_code_2():
-    proc = subprocess.run([sys.executable, "-m", "mocobench.cli", "pretrain", "--config-file", SYNTH_CFG,
-                           "SOLVER.NOPE", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "mocobench.cli", "pretrain",
+                           "--config-file", SYNTH_CFG, "SOLVER.NOPE", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "SOLVER.NOPE" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# ------------------------------------------------------------------------------------------ checkpoints & resume
+# ----------------------------------------------------------------------------- checkpoints & resume
 def _run(args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "mocobench.cli", "pretrain", "--config-file", SYNTH_CFG, *args],
+    return subprocess.run([sys.executable, "-m", "mocobench.cli", "pretrain",
+                           "--config-file", SYNTH_CFG, *args],
                           cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -82,22 +88,25 @@ def binomial_tail(k, n, p):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~2 min on 2 idle cores; 20 min measured on 2 cores shared by 7 test runs
+# ~2 min on 2 idle cores; 20 min measured on 2 cores shared by 7 test runs
+@pytest.mark.timeout(1800)
 def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_it(tmp_path):
-    # the shipped config as it is (ResNet-18, 32 px crops, K 1024, batch 64, its lr and augmentations); only the
-    # data size, the schedule length and the logging differ
+    # the shipped config as it is (ResNet-18, 32 px crops, K 1024, batch 64, its lr and
+    # augmentations); only the data size, the schedule length and the logging differ
     data = tmp_path / "synth"
     make_imagenet(str(data), classes=4, images_per_class=1024, val_per_class=128, size=64, seed=0)
     out = str(tmp_path / "moco")
-    proc = _run(["DATA.ROOT", str(data / "imagenet"), "OUTPUT_DIR", out, "SOLVER.EPOCHS", "2", "KNN.PERIOD", "1",
-                 "LOG_PERIOD", "1", "DATALOADER.NUM_WORKERS", "0", "CHECKPOINT_PERIOD", "1"])
+    proc = _run(["DATA.ROOT", str(data / "imagenet"), "OUTPUT_DIR", out, "SOLVER.EPOCHS", "2",
+                 "KNN.PERIOD", "1", "LOG_PERIOD", "1", "DATALOADER.NUM_WORKERS", "0",
+                 "CHECKPOINT_PERIOD", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 128  # 2 epochs x 4096 images / 64
-    # The queue starts as random unit vectors, which are easy negatives: the loss first rises towards log(K + 1)
-    # while real keys replace them (K / batch = 16 iterations), and only then measures learning. So "falls"
-    # is measured from the first iterations with a full queue to the end of the run.
+    # The queue starts as random unit vectors, which are easy negatives: the loss first rises
+    # towards log(K + 1) while real keys replace them (K / batch = 16 iterations), and only then
+    # measures learning. So "falls" is measured from the first iterations with a full queue to the
+    # end of the run.
     full = [r["loss"] for r in steps if r["queue_fill"] == 1.0]
     assert len(full) == 128 - 15
     assert full[0] == pytest.approx(math.log(1024 + 1), abs=0.5)
@@ -110,15 +119,17 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
     lin = str(tmp_path / "lincls")
     from mocobench import cli
 
-    assert cli.main(["lincls", "--data", str(data / "imagenet"), "--pretrained", ckpt, "--output", lin,
-                     "--epochs", "4", "--batch-size", "64", "--workers", "0", "--size", "32", "--device", "cpu"]) == 0
+    assert cli.main(["lincls", "--data", str(data / "imagenet"), "--pretrained", ckpt,
+                     "--output", lin, "--epochs", "4", "--batch-size", "64", "--workers", "0",
+                     "--size", "32", "--device", "cpu"]) == 0
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
     assert results["backbone_unchanged"] is True and results["num_classes"] == 4
-    # the linear classifier on the frozen features beats guessing: P(hits or more of 512 | chance 1/4) < 1e-3
-    # (>= 160 hits, 31.3 %; the seeded run: 174 hits, 34.0 %, p = 3e-6). top-5 is not checked: with 4 classes it
-    # is 100 % whatever the model does.
+    # the linear classifier on the frozen features beats guessing:
+    # P(hits or more of 512 | chance 1/4) < 1e-3 (>= 160 hits, 31.3 %; the seeded run: 174 hits,
+    # 34.0 %, p = 3e-6). top-5 is not checked: with 4 classes it is 100 % whatever the model does.
     hits = round(results["top1"] * 512 / 100)
-    assert binomial_tail(hits, 512, 0.25) < 1e-3, f"linear top-1 {results['top1']} % on 512 images, chance 25 %"
+    assert binomial_tail(hits, 512, 0.25) < 1e-3, \
+        f"linear top-1 {results['top1']} % on 512 images, chance 25 %"
 
 
 @pytest.mark.slow
@@ -139,29 +150,33 @@ def test_checkpoint_layout_and_exact_resume_after_sigkill(tiny_imagenet, tmp_pat
     # official layout
     assert a["epoch"] == 2 and a["arch"] == "resnet18"
     keys = set(a["state_dict"])
-    assert {"module.queue", "module.queue_ptr", "module.encoder_q.conv1.weight", "module.encoder_k.fc.2.weight"} <= keys
-    assert all(k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue")) for k in keys)
+    assert {"module.queue", "module.queue_ptr", "module.encoder_q.conv1.weight",
+            "module.encoder_k.fc.2.weight"} <= keys
+    assert all(k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue"))
+               for k in keys)
     assert "state" in a["optimizer"] and isinstance(a["config"], str) and "MOCO" in a["config"]
     assert set(a["rng"]) == {"torch", "cuda", "numpy", "python"}
     # bit-exact: weights, BN buffers, queue, pointer, optimizer momentum
     assert a["iteration"] == b["iteration"] == 8
     for key in keys:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])  # every parameter's momentum buffer, same keys
+    # every parameter's momentum buffer, same keys
+    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])
     # the queue really moved and was filled by keys (unit columns)
     assert int(a["state_dict"]["module.queue_ptr"]) == (8 * 16) % 32
     torch.testing.assert_close(a["state_dict"]["module.queue"].norm(dim=0), torch.ones(32))
     # metrics.json: one JSON object per line with the documented keys
     records = [json.loads(line) for line in open(os.path.join(full, "metrics.json"))]
-    assert {"iteration", "epoch", "loss", "acc1", "lr", "moco_m", "img_per_s", "data_time", "queue_fill"} <= \
-        set(records[-1])
+    assert {"iteration", "epoch", "loss", "acc1", "lr", "moco_m", "img_per_s", "data_time",
+            "queue_fill"} <= set(records[-1])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(full))
 
 
-def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_imagenet, tmp_path, monkeypatch,
-                                                                           capsys):
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(
+        tiny_imagenet, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "nan")
-    assert train_mod.main(["--config-file", SYNTH_CFG, *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 1})]) == 0
+    assert train_mod.main(["--config-file", SYNTH_CFG,
+                           *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 1})]) == 0
     saved = open(os.path.join(out, "checkpoint_0000.pth.tar"), "rb").read()
     calls = {"n": 0}
     real_loss = train_mod.LOSSES["v2"]

@@ -1,5 +1,6 @@
-"""Our own writers feed our own readers: checkpoints from `mocobench pretrain` (MoCo v3) and `mocobench supervised`
-go through `mocobench convert` and `mocobench lincls` as a user would pass them, not hand-built look-alikes.
+"""Our own writers feed our own readers: checkpoints from `mocobench pretrain` (MoCo v3) and
+`mocobench supervised` go through `mocobench convert` and `mocobench lincls` as a user would pass
+them, not hand-built look-alikes.
 
 (The convert tests with official-layout inputs are in tests/test_convert*.py.)
 """
@@ -20,7 +21,8 @@ SUP_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.ya
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
-    """A 4-class generated ImageFolder (16 train, 4 val images per class); read only by the tests."""
+    """A 4-class generated ImageFolder (16 train, 4 val images per class); read only by the
+    tests."""
     out = tmp_path_factory.mktemp("real_paths")
     make_imagenet(str(out), classes=4, images_per_class=16, val_per_class=4, size=40, seed=0)
     return os.path.join(str(out), "imagenet")
@@ -31,34 +33,40 @@ def _opts(**kv):
 
 
 @pytest.mark.slow
-def test_our_moco_v3_checkpoint_converts_from_the_base_encoder_and_feeds_lincls(imagenet, tmp_path, capsys):
+def test_our_moco_v3_checkpoint_converts_from_the_base_encoder_and_feeds_lincls(
+        imagenet, tmp_path, capsys):
     out = str(tmp_path / "v3")
-    # the shipped v3 recipe (LARS, SyncBN-less single process, projector + predictor), shrunk: ResNet-18, 32 px,
-    # 4 iterations of 16 images
+    # the shipped v3 recipe (LARS, SyncBN-less single process, projector + predictor), shrunk:
+    # ResNet-18, 32 px, 4 iterations of 16 images
     assert cli.main(["pretrain", "--config-file", V3_CFG, *_opts(**{
         "DATA.ROOT": imagenet, "OUTPUT_DIR": out, "MODEL.ARCH": "resnet18", "INPUT.SIZE": 32,
         "SOLVER.BATCH_SIZE": 16, "SOLVER.EPOCHS": 1, "SOLVER.WARMUP_EPOCHS": 0, "MOCO.DIM": 16,
         "MOCO.MLP_DIM": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "DEVICE": "cpu"})]) == 0
     ckpt = os.path.join(out, "checkpoint_0000.pth.tar")
     state = load_checkpoint(ckpt)["state_dict"]
-    base, momentum = state["module.base_encoder.conv1.weight"], state["module.momentum_encoder.conv1.weight"]
+    base, momentum = (state["module.base_encoder.conv1.weight"],
+                      state["module.momentum_encoder.conv1.weight"])
     assert not torch.equal(base, momentum)  # 4 steps apart: converting the wrong encoder would show
 
     pkl = str(tmp_path / "v3.pkl")
-    assert cli.main(["convert", ckpt, pkl]) == 0  # verified: detectron2 reproduces torchvision's res2..res5
+    # verified: detectron2 reproduces torchvision's res2..res5
+    assert cli.main(["convert", ckpt, pkl]) == 0
     assert "moco" in capsys.readouterr().out.lower()
     converted = safe_unpickle(pkl)["model"]
-    # the backbone MoCo v3 transfers is the base encoder (official moco-v3 convert_to_deit.py: base_encoder)
+    # the backbone MoCo v3 transfers is the base encoder (official moco-v3 convert_to_deit.py:
+    # base_encoder)
     assert torch.equal(torch.as_tensor(converted["stem.conv1.weight"]), base)
     assert torch.equal(torch.as_tensor(converted["res5.1.conv2.norm.running_var"]),
                        state["module.base_encoder.layer4.1.bn2.running_var"])
     assert not any("fc" in k or "predictor" in k for k in converted)
 
     lin = str(tmp_path / "lincls")
-    assert cli.main(["lincls", "--data", imagenet, "--pretrained", ckpt, "--output", lin, "--epochs", "1",
-                     "--batch-size", "16", "--size", "32", "--workers", "0", "--device", "cpu"]) == 0
+    assert cli.main(["lincls", "--data", imagenet, "--pretrained", ckpt, "--output", lin,
+                     "--epochs", "1", "--batch-size", "16", "--size", "32", "--workers", "0",
+                     "--device", "cpu"]) == 0
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
-    assert results["recipe"] == "v3" and results["arch"] == "resnet18" and results["num_classes"] == 4
+    assert results["recipe"] == "v3" and results["arch"] == "resnet18" and \
+        results["num_classes"] == 4
     assert results["backbone_unchanged"] is True
 
 
@@ -66,8 +74,8 @@ def test_our_moco_v3_checkpoint_converts_from_the_base_encoder_and_feeds_lincls(
 def test_our_supervised_checkpoint_converts_through_the_command(imagenet, tmp_path, capsys):
     out = str(tmp_path / "sup")
     assert cli.main(["supervised", "--config-file", SUP_CFG, *_opts(**{
-        "DATA.ROOT": imagenet, "OUTPUT_DIR": out, "SOLVER.BATCH_SIZE": 16, "SOLVER.EPOCHS": 1, "INPUT.SIZE": 32,
-        "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "DEVICE": "cpu"})]) == 0
+        "DATA.ROOT": imagenet, "OUTPUT_DIR": out, "SOLVER.BATCH_SIZE": 16, "SOLVER.EPOCHS": 1,
+        "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "DEVICE": "cpu"})]) == 0
     ckpt = os.path.join(out, "checkpoint_0000.pth.tar")
     trained = load_checkpoint(ckpt)["state_dict"]
     pkl = str(tmp_path / "sup.pkl")
@@ -81,8 +89,8 @@ def test_our_supervised_checkpoint_converts_through_the_command(imagenet, tmp_pa
 
 
 def _pretrain_rank(rank, world, init_method, argv):
-    """One process of a multi-process `mocobench pretrain`: the process group torchrun would set up (here through
-    a file rendezvous), then the command's own main."""
+    """One process of a multi-process `mocobench pretrain`: the process group torchrun would set up
+    (here through a file rendezvous), then the command's own main."""
     import datetime
 
     import torch.distributed as dist
@@ -101,19 +109,24 @@ def test_two_process_moco_v2_pretraining_through_the_command(imagenet, tmp_path,
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "ddp")
-    argv = ["--config-file", os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml"), *_opts(**{
-        "DATA.ROOT": imagenet, "OUTPUT_DIR": out, "SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 48,
-        "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 1, "DEVICE": "cpu"})]
+    config = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
+    argv = ["--config-file", config, *_opts(**{
+        "DATA.ROOT": imagenet, "OUTPUT_DIR": out, "SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 16,
+        "MOCO.K": 48, "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0,
+        "LOG_PERIOD": 1, "DEVICE": "cpu"})]
     mp.spawn(_pretrain_rank, args=(2, rendezvous, argv), nprocs=2, join=True)
     log = open(os.path.join(out, "log.txt")).read()
     assert "world size 2 (2 per node) on cpu; global batch 16 = 8 per process" in log
     steps = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
-    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]  # 64 images / global batch 16, rank 0 writes
+    # 64 images / global batch 16, rank 0 writes
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]
     ckpt = load_checkpoint(os.path.join(out, "checkpoint_0000.pth.tar"))
     assert ckpt["iteration"] == 4
-    # the queue advanced by the global batch each step (both ranks' keys): 4 x 16 = 64 -> 64 % 48 = 16
-    # (a rank's own 8 keys per step would leave it at 32)
+    # the queue advanced by the global batch each step (both ranks' keys): 4 x 16 = 64
+    # -> 64 % 48 = 16 (a rank's own 8 keys per step would leave it at 32)
     state = ckpt["state_dict"]
     assert int(state["module.queue_ptr"]) == 16
-    assert not any(k.startswith("module.encoder_q.module.") for k in state)  # the DDP wrapper is unwrapped
-    assert cli.main(["convert", os.path.join(out, "checkpoint_0000.pth.tar"), str(tmp_path / "ddp.pkl")]) == 0
+    # the DDP wrapper is unwrapped
+    assert not any(k.startswith("module.encoder_q.module.") for k in state)
+    assert cli.main(["convert", os.path.join(out, "checkpoint_0000.pth.tar"),
+                     str(tmp_path / "ddp.pkl")]) == 0

@@ -1,6 +1,7 @@
-"""Scale out on CPU (gloo, 2 processes): the elastic launcher, torchrun, submitit's requeue, the sharded kNN
-bank, DDP lincls, and the cross-rank checks (NaN agreement, resume, replicas). Ports: the elastic launcher
-rendezvous on port 0 (the OS picks), the in-test process groups use a FileStore (no port at all)."""
+"""Scale out on CPU (gloo, 2 processes): the elastic launcher, torchrun, submitit's requeue, the
+sharded kNN bank, DDP lincls, and the cross-rank checks (NaN agreement, resume, replicas). Ports:
+the elastic launcher rendezvous on port 0 (the OS picks), the in-test process groups use a
+FileStore (no port at all)."""
 import json
 import os
 import shutil
@@ -23,14 +24,16 @@ ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "MKL_NUM_THREAD
 
 
 def opts(root, out_dir, **extra):
-    values = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16, "MOCO.K": 32,
-              "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 2,
-              "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2, "DEVICE": "cpu", **extra}
+    values = {"DATA.ROOT": root, "OUTPUT_DIR": out_dir, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 16,
+              "MOCO.K": 32, "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0,
+              "LOG_PERIOD": 2, "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2, "DEVICE": "cpu",
+              **extra}
     return [str(x) for kv in values.items() for x in kv]
 
 
 def run(cmd, timeout=240, env=None):
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or ENV)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env or ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -46,7 +49,7 @@ def assert_same_checkpoint(path_a, path_b):
     return a
 
 
-# ------------------------------------------------------------------------------------------ one node, N processes
+# ---------------------------------------------------------------------------- one node, N processes
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_nproc_per_node_2_matches_torchrun_and_writes_one_set_of_files(tiny_imagenet, tmp_path):
@@ -54,56 +57,68 @@ def test_nproc_per_node_2_matches_torchrun_and_writes_one_set_of_files(tiny_imag
     args = ["--config-file", SYNTH_CFG, *opts(tiny_imagenet, "X", **{"KNN.PERIOD": 1})]
     proc = run([sys.executable, "-m", "mocobench", "pretrain", "--nproc-per-node", "2",
                 *[ours if a == "X" else a for a in args]])
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pretrain.train",
-         *[torchrun if a == "X" else a for a in args]])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+         "pretrain.train", *[torchrun if a == "X" else a for a in args]])
 
-    # the log's first line says how the run is split; one writer: one log, one metrics stream, one events file
+    # the log's first line says how the run is split; one writer: one log, one metrics stream, one
+    # events file
     log = open(os.path.join(ours, "log.txt")).read()
-    assert "world size 2 (2 per node) on cpu; global batch 16 = 8 per process; BN statistics over 8 images; " \
-           "lr = 0.06 x 16/256 = 0.00375" in log
+    assert "world size 2 (2 per node) on cpu; global batch 16 = 8 per process; " \
+           "BN statistics over 8 images; lr = 0.06 x 16/256 = 0.00375" in log
     assert log.count("saved ") == 2 and proc.stdout.count("saved ") == 2
     files = sorted(os.listdir(ours))
-    assert [f for f in files if f.startswith("checkpoint")] == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
+    assert [f for f in files if f.startswith("checkpoint")] == \
+        ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
     assert {"config.yaml", "last_checkpoint", "log.txt", "metrics.json"} <= set(files)
     assert sum(f.startswith("events.out.tfevents") for f in files) == 1
     # the same layout as torchrun's run (one events file each, named by time and pid)
     assert [f for f in files if not f.startswith("events")] == \
         sorted(f for f in os.listdir(torchrun) if not f.startswith("events"))
     records = [json.loads(line) for line in open(os.path.join(ours, "metrics.json"))]
-    assert [r["iteration"] for r in records if "loss" in r] == [2, 4, 6, 8]  # 64 images / 16 per step, 2 epochs
-    assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2]  # the sharded kNN monitor ran each epoch
+    # 64 images / 16 per step, 2 epochs
+    assert [r["iteration"] for r in records if "loss" in r] == [2, 4, 6, 8]
+    # the sharded kNN monitor ran each epoch
+    assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2]
 
     # bit for bit the run torchrun starts: weights, BN buffers, queue, pointer, optimizer state
     ckpt = assert_same_checkpoint(os.path.join(ours, "checkpoint_0001.pth.tar"),
                                   os.path.join(torchrun, "checkpoint_0001.pth.tar"))
     assert ckpt["iteration"] == 8 and int(ckpt["state_dict"]["module.queue_ptr"]) == (8 * 16) % 32
-    # the queue holds every rank's keys: the training checks at every epoch that all ranks hold the same
-    # momentum encoder and queue (mocobench.utils.comm.check_replicas_equal); a mismatch would have failed the run
+    # the queue holds every rank's keys: the training checks at every epoch that all ranks hold the
+    # same momentum encoder and queue (mocobench.utils.comm.check_replicas_equal); a mismatch would
+    # have failed the run
     torch.testing.assert_close(ckpt["state_dict"]["module.queue"].norm(dim=0), torch.ones(32))
 
 
 def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
     parser = launch.build_parser("pretrain")
-    args, rest = parser.parse_known_args(["--nproc-per-node", "2", "--config-file", "x.yaml", "--resume", "auto",
-                                          "SOLVER.EPOCHS", "3"])
-    assert args.nproc_per_node == 2 and rest == ["--config-file", "x.yaml", "--resume", "auto", "SOLVER.EPOCHS", "3"]
-    assert launch.with_resume(["--config-file", "x", "--resume", "a/b.pth", "K", "V"], ("--resume", "auto")) == \
+    args, rest = parser.parse_known_args(["--nproc-per-node", "2", "--config-file", "x.yaml",
+                                          "--resume", "auto", "SOLVER.EPOCHS", "3"])
+    assert args.nproc_per_node == 2 and rest == ["--config-file", "x.yaml", "--resume", "auto",
+                                                 "SOLVER.EPOCHS", "3"]
+    assert launch.with_resume(["--config-file", "x", "--resume", "a/b.pth", "K", "V"],
+                              ("--resume", "auto")) == \
         ["--resume", "auto", "--config-file", "x", "K", "V"]
-    assert launch.with_resume(["--resume", "--seeds", "5"], ("--resume",)) == ["--resume", "--seeds", "5"]
+    assert launch.with_resume(["--resume", "--seeds", "5"], ("--resume",)) == \
+        ["--resume", "--seeds", "5"]
     assert launch.default_nproc_per_node(["DEVICE", "cpu"]) == 1
-    # what submitit requeues on a timeout: the same command with --resume auto; lincls (no checkpoints) is not
+    # what submitit requeues on a timeout: the same command with --resume auto; lincls (no
+    # checkpoints) is not
     requeued = launch.StageJob("pretrain", ["--config-file", "x", "K", "V"]).checkpoint()
     assert requeued.function.argv == ["--resume", "auto", "--config-file", "x", "K", "V"]
     assert launch.StageJob("lincls", ["--data", "d"]).checkpoint() is None
     # a pipeline stage's job: requeued as it was, except that a --redo (begun) is not done again
-    requeued = launch.StageJob("pipeline", ["--config-file", "x", "--stage", "s", "--redo", "s", "K", "V"]).checkpoint()
+    requeued = launch.StageJob("pipeline", ["--config-file", "x", "--stage", "s", "--redo", "s",
+                                            "K", "V"]).checkpoint()
     assert requeued.function.argv == ["--config-file", "x", "--stage", "s", "K", "V"]
     with pytest.raises(UsageError, match="--nproc-per-node 0"):
         launch.main("pretrain", ["--nproc-per-node", "0", "--config-file", SYNTH_CFG])
-    # a worker's UsageError: exit code 2 from the launcher, the one-line error on stderr, no traceback
+    # a worker's UsageError: exit code 2 from the launcher, the one-line error on stderr, no
+    # traceback
     for key in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(key, ENV[key])
-    code = launch.run_elastic("pretrain.train", ["--config-file", SYNTH_CFG, "SOLVER.NOPE", "1"], nproc=2)
+    code = launch.run_elastic("pretrain.train", ["--config-file", SYNTH_CFG, "SOLVER.NOPE", "1"],
+                              nproc=2)
     err = capfd.readouterr().err
     assert code == 2, err[-2000:]
     assert "mocobench pretrain: error:" in err and "SOLVER.NOPE" in err and "Traceback" not in err
@@ -113,15 +128,16 @@ def test_device_cuda_n_is_refused_under_a_launcher(monkeypatch):
     from mocobench.utils.comm import setup_device
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UsageError, match="'cuda:1' with 2 processes would put every rank on the same GPU"):
+    with pytest.raises(UsageError,
+                       match="'cuda:1' with 2 processes would put every rank on the same GPU"):
         setup_device("cuda:1")
 
 
-# ------------------------------------------------------------------------------------------ cross-rank mechanisms
+# ---------------------------------------------------------------------------- cross-rank mechanisms
 def _features_fn():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-                              torch.nn.Flatten()).eval()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval()
     return net
 
 
@@ -153,16 +169,19 @@ def _rank_worker(rank, world, store, root, out):
         return net(x)
 
     train_set, val_set = _knn_inputs(root)
-    loaders = [build_loader(shard(s), 5, 0, shuffle=False, drop_last=False, seed=0) for s in (train_set, val_set)]
+    loaders = [build_loader(shard(s), 5, 0, shuffle=False, drop_last=False, seed=0)
+               for s in (train_set, val_set)]
     bank, labels = extract_features(features, loaders[0], "cpu")
     report["bank_share"] = sum(seen)
     torch.save({"bank": bank, "labels": labels}, os.path.join(out, f"bank{rank}.pt"))
     report["top1"] = knn_accuracy(net, *loaders, k=5, t=0.1)
     # all_gather_cat keeps NHWC images NHWC (the shuffle-BN gather of channels_last key batches)
-    images = (torch.arange(2 * 3 * 2 * 2.0).view(2, 3, 2, 2) + 100 * rank).to(memory_format=torch.channels_last)
+    images = (torch.arange(2 * 3 * 2 * 2.0).view(2, 3, 2, 2) + 100 * rank).to(
+        memory_format=torch.channels_last)
     gathered = comm.all_gather_cat(images)
     report["gather_nhwc"] = gathered.is_contiguous(memory_format=torch.channels_last)
-    report["gather_ok"] = torch.equal(gathered, torch.cat([images - 100 * rank, images - 100 * rank + 100]))
+    report["gather_ok"] = torch.equal(gathered,
+                                      torch.cat([images - 100 * rank, images - 100 * rank + 100]))
     # NaN agreement: rank 1 alone sees a NaN, both ranks learn it
     report["agree"] = comm.all_ranks_agree(rank != 1)
     # replicas: equal passes, one differing bit fails on every rank
@@ -176,7 +195,8 @@ def _rank_worker(rank, world, store, root, out):
     if rank == 0:
         open(ckpt, "wb").write(b"x")
     try:
-        check_same_resume(ckpt if rank == 0 else None, 3 if rank == 0 else 0, 12 if rank == 0 else 0)
+        check_same_resume(ckpt if rank == 0 else None, 3 if rank == 0 else 0,
+                          12 if rank == 0 else 0)
     except UsageError as e:
         report["resume"] = str(e)
     json.dump(report, open(os.path.join(out, f"rank{rank}.json"), "w"))
@@ -189,31 +209,37 @@ def test_knn_bank_is_sharded_and_equals_one_process_and_ranks_agree(tiny_imagene
     from pretrain.knn import extract_features, knn_accuracy
 
     train_set, val_set = _knn_inputs(tiny_imagenet)
-    loaders = [build_loader(s, 5, 0, shuffle=False, drop_last=False, seed=0) for s in (train_set, val_set)]
+    loaders = [build_loader(s, 5, 0, shuffle=False, drop_last=False, seed=0)
+               for s in (train_set, val_set)]
     net = _features_fn()
     bank, labels = extract_features(net, loaders[0], "cpu")
     top1 = knn_accuracy(net, *loaders, k=5, t=0.1)
 
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "store"), tiny_imagenet, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "store"), tiny_imagenet, str(tmp_path)),
+             nprocs=2, join=True)
     reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
-    assert [r["bank_share"] for r in reports] == [32, 32]  # 64 train images, half extracted by each rank
+    # 64 train images, half extracted by each rank
+    assert [r["bank_share"] for r in reports] == [32, 32]
     for r in range(2):
         gathered = torch.load(tmp_path / f"bank{r}.pt")
-        torch.testing.assert_close(gathered["bank"], bank, rtol=1e-5, atol=1e-6)  # in the dataset's order
+        # in the dataset's order
+        torch.testing.assert_close(gathered["bank"], bank, rtol=1e-5, atol=1e-6)
         assert torch.equal(gathered["labels"], labels)
     assert reports[0]["top1"] == reports[1]["top1"] == top1
     assert [r["agree"] for r in reports] == [False, False]
     assert all(r["gather_nhwc"] and r["gather_ok"] for r in reports)
     assert all("queue differs between ranks" in r["replicas"] for r in reports)
     for r in reports:
-        assert "ranks resume from different checkpoints" in r["resume"] and "rank 1: no checkpoint" in r["resume"]
+        assert "ranks resume from different checkpoints" in r["resume"] and \
+            "rank 1: no checkpoint" in r["resume"]
         assert "rank 0: epoch 3, iteration 12" in r["resume"]
 
 
-# ------------------------------------------------------------------------------------------ lincls, SLURM requeue
+# ---------------------------------------------------------------------------- lincls, SLURM requeue
 @pytest.fixture(scope="module")
 def reference_run(tiny_imagenet, tmp_path_factory):
-    """An uninterrupted 3-epoch single-process run (the reference of the requeue test, the input of lincls)."""
+    """An uninterrupted 3-epoch single-process run (the reference of the requeue test, the input of
+    lincls)."""
     out = str(tmp_path_factory.mktemp("reference"))
     run([sys.executable, "-m", "mocobench", "pretrain", "--config-file", SYNTH_CFG,
          *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3})])
@@ -226,8 +252,10 @@ def reference_run(tiny_imagenet, tmp_path_factory):
 def test_lincls_on_2_processes_equals_one_process(tiny_imagenet, reference_run, tmp_path):
     from mocobench import cli
 
-    args = ["--data", tiny_imagenet, "--pretrained", os.path.join(reference_run, "checkpoint_0002.pth.tar"),
-            "--epochs", "2", "--batch-size", "16", "--lr", "1.0", "--workers", "0", "--size", "32", "--device", "cpu"]
+    args = ["--data", tiny_imagenet,
+            "--pretrained", os.path.join(reference_run, "checkpoint_0002.pth.tar"),
+            "--epochs", "2", "--batch-size", "16", "--lr", "1.0", "--workers", "0", "--size", "32",
+            "--device", "cpu"]
     assert cli.main(["lincls", *args, "--output", str(tmp_path / "one")]) == 0
     proc = run([sys.executable, "-m", "mocobench", "lincls", "--nproc-per-node", "2", *args,
                 "--output", str(tmp_path / "two")])
@@ -236,7 +264,8 @@ def test_lincls_on_2_processes_equals_one_process(tiny_imagenet, reference_run, 
     two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.json")]
     for a, b in zip(one, two, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
-        assert (b["train_top1"], b["val_top1"], b["val_top5"]) == (a["train_top1"], a["val_top1"], a["val_top5"])
+        assert (b["train_top1"], b["val_top1"], b["val_top5"]) == \
+            (a["train_top1"], a["val_top1"], a["val_top5"])
     results = json.load(open(tmp_path / "two" / "lincls_results.json"))
     assert results["world_size"] == 2 and results["top1"] == one[-1]["val_top1"]
 
@@ -248,8 +277,8 @@ def _children(pid):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(tiny_imagenet, reference_run, tmp_path,
-                                                                       monkeypatch, capsys):
+def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(
+        tiny_imagenet, reference_run, tmp_path, monkeypatch, capsys):
     from mocobench import cli
 
     # the real --launcher slurm path; only the executor is submitit's local one instead of sbatch
@@ -257,26 +286,31 @@ def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(tiny_imag
     for key in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(key, ENV[key])
     out, jobs = str(tmp_path / "job"), str(tmp_path / "jobs")
-    assert cli.main(["pretrain", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10", "--job-dir", jobs,
-                     "--config-file", SYNTH_CFG, *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3})]) == 0
+    assert cli.main(["pretrain", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10",
+                     "--job-dir", jobs, "--config-file", SYNTH_CFG,
+                     *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3})]) == 0
     printed = capsys.readouterr().out
     job_id = printed.split("as job ")[1].split()[0]
     stdout = os.path.join(jobs, f"{job_id}_0_log.out")
     assert f"stdout: {stdout}" in printed and f"tail -f {stdout}" in printed
 
     deadline = time.time() + 200
-    while not os.path.exists(os.path.join(out, "last_checkpoint")):  # epoch 1 done: preempt during epoch 2
+    # epoch 1 done: preempt during epoch 2
+    while not os.path.exists(os.path.join(out, "last_checkpoint")):
         assert time.time() < deadline, open(stdout).read()[-3000:]
         time.sleep(0.2)
     [task] = _children(int(job_id))
-    os.kill(task, signal.SIGUSR2)  # what SLURM sends before a timeout / preemption (submitit's signal)
+    # what SLURM sends before a timeout / preemption (submitit's signal)
+    os.kill(task, signal.SIGUSR2)
     result = os.path.join(jobs, f"{job_id}_0_result.pkl")
     while not os.path.exists(result):
         assert time.time() < deadline, open(stdout).read()[-3000:]
         time.sleep(0.5)
     log = open(stdout).read() + open(os.path.join(jobs, f"{job_id}_0_log.err")).read()
-    # the signal reached the training loop's clean stop: an exact mid-epoch checkpoint, then submitit's requeue
-    assert "stopped by SIGTERM" in log and "Requeued job" in log and "Job completed successfully" in log
+    # the signal reached the training loop's clean stop: an exact mid-epoch checkpoint, then
+    # submitit's requeue
+    assert "stopped by SIGTERM" in log and "Requeued job" in log and \
+        "Job completed successfully" in log
     assert "resumed from " + os.path.join(out, "checkpoint_iter_") in log
     submitted = open(os.path.join(jobs, f"{job_id}_submitted.pkl"), "rb").read()
     assert b"auto" in submitted  # the requeued submission carries --resume auto
@@ -286,9 +320,11 @@ def test_slurm_launcher_requeues_a_preempted_job_and_resumes_bit_exact(tiny_imag
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_slurm_transfer_job_stopped_by_sigterm_is_requeued_and_finishes(synth_root, tmp_path, monkeypatch, capsys):
-    """transfer under --launcher slurm: SIGTERM (SLURM's preemption) -> detectron2's loop saves the running
-    iteration and exits 143 -> the job requeues itself with --resume and finishes the schedule."""
+def test_slurm_transfer_job_stopped_by_sigterm_is_requeued_and_finishes(
+        synth_root, tmp_path, monkeypatch, capsys):
+    """transfer under --launcher slurm: SIGTERM (SLURM's preemption) -> detectron2's loop saves the
+    running iteration and exits 143 -> the job requeues itself with --resume and finishes the
+    schedule."""
     from mocobench import cli
 
     monkeypatch.setenv(launch.SUBMITIT_CLUSTER_ENV, "local")
@@ -296,17 +332,21 @@ def test_slurm_transfer_job_stopped_by_sigterm_is_requeued_and_finishes(synth_ro
         monkeypatch.setenv(key, ENV[key])
     out, jobs = tmp_path / "transfer", str(tmp_path / "jobs")
     trial = out / "seed0"
-    assert cli.main(["transfer", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10", "--job-dir", jobs,
-                     "--config-file", os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml"),
-                     "--synth-root", synth_root, "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
-                     "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MOCOBENCH.LOG_PERIOD", "1",
-                     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "TEST.PRECISE_BN.ENABLED", "False",
-                     "MODEL.WEIGHTS", "", "MOCOBENCH.REQUIRE_WEIGHTS", "False", "SEED", "3",
+    assert cli.main(["transfer", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10",
+                     "--job-dir", jobs, "--config-file",
+                     os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml"),
+                     "--synth-root", synth_root, "SOLVER.MAX_ITER", "12",
+                     "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.IMS_PER_BATCH", "2",
+                     "DATALOADER.NUM_WORKERS", "0", "MOCOBENCH.LOG_PERIOD", "1",
+                     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+                     "TEST.PRECISE_BN.ENABLED", "False", "MODEL.WEIGHTS", "",
+                     "MOCOBENCH.REQUIRE_WEIGHTS", "False", "SEED", "3",
                      "OUTPUT_DIR", str(out)]) == 0
     job_id = capsys.readouterr().out.split("as job ")[1].split()[0]
     stdout = os.path.join(jobs, f"{job_id}_0_log.out")
     deadline = time.time() + 300
-    while not (trial / "metrics.json").exists() or (trial / "metrics.json").read_text().count('"lr"') < 2:
+    while not (trial / "metrics.json").exists() or \
+            (trial / "metrics.json").read_text().count('"lr"') < 2:
         assert time.time() < deadline, open(stdout).read()[-3000:]
         time.sleep(0.2)
     [task] = _children(int(job_id))
@@ -320,7 +360,8 @@ def test_slurm_transfer_job_stopped_by_sigterm_is_requeued_and_finishes(synth_ro
     assert "Job completed successfully" in log
     saved = sorted(p.name for p in trial.glob("model_0*.pth"))
     assert len(saved) == 1  # the stop's checkpoint (CHECKPOINT_PERIOD is past the schedule)
-    assert f"Starting training from iteration {int(saved[0][6:13]) + 1}" in (trial / "log.txt").read_text()
+    assert f"Starting training from iteration {int(saved[0][6:13]) + 1}" in \
+        (trial / "log.txt").read_text()
     record = json.loads((trial / "results.json").read_text())
     assert record["resumed"] and record["iteration"] == 12
 
@@ -333,9 +374,11 @@ def test_transfer_launch_errors_come_before_any_process():
                       ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "6"])
     check_launch(cfg, num_gpus=3)
     check_launch(cfg, num_gpus=3, num_machines=2, dist_url="tcp://10.0.0.1:23456")
-    with pytest.raises(UsageError, match=r"SOLVER.IMS_PER_BATCH 6 .* not divisible by the 4 processes"):
+    with pytest.raises(UsageError,
+                       match=r"SOLVER.IMS_PER_BATCH 6 .* not divisible by the 4 processes"):
         check_launch(cfg, num_gpus=4)
-    with pytest.raises(UsageError, match="--dist-url auto .* with --num-machines 2 pass --dist-url tcp://HOST:PORT"):
+    with pytest.raises(UsageError, match="--dist-url auto .* with --num-machines 2 pass "
+                                         "--dist-url tcp://HOST:PORT"):
         check_launch(cfg, num_gpus=3, num_machines=2)
 
 
@@ -346,17 +389,19 @@ def test_pipeline_runs_pretraining_and_transfer_on_2_processes(tmp_path):
 
     out = tmp_path / "run"
     tiny = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")
-    assert pipeline.main(["--config-file", tiny, "OUTPUT_DIR", str(out), "PRETRAIN.NPROC_PER_NODE", "2",
-                          "TRANSFER.NUM_GPUS", "2", "TRANSFER.INITS", "['moco']", "TRANSFER.SEEDS", "1"]) == 0
+    assert pipeline.main(["--config-file", tiny, "OUTPUT_DIR", str(out),
+                          "PRETRAIN.NPROC_PER_NODE", "2", "TRANSFER.NUM_GPUS", "2",
+                          "TRANSFER.INITS", "['moco']", "TRANSFER.SEEDS", "1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(stage["status"] == "done" for stage in manifest["stages"].values())
     log = (out / "pretrain" / "log.txt").read_text()
     assert "world size 2 (2 per node) on cpu; global batch 16 = 8 per process" in log
     seed = out / "transfer" / "moco" / "seed0"
-    assert "2 CPU processes (gloo)" in (seed / "log.txt").read_text() and (seed / "log.txt.rank1").exists()
+    assert "2 CPU processes (gloo)" in (seed / "log.txt").read_text() and \
+        (seed / "log.txt.rank1").exists()
 
 
-# ------------------------------------------------------------------------------------------ the pipeline on SLURM
+# ---------------------------------------------------------------------------- the pipeline on SLURM
 TINY_PIPELINE = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")
 FAKE_SBATCH = """#!/bin/sh
 # what sbatch answers; keeps the submitted script (submitit's own: the #SBATCH lines it wrote)
@@ -376,9 +421,11 @@ def _sbatch_flags(path):
     return flags
 
 
-def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(tmp_path, monkeypatch, capsys):
-    """The real SLURM path of submitit (sbatch scripts written by its SlurmExecutor), with sbatch and srun
-    replaced by scripts: each stage its own job with its own resources, each after the previous one."""
+def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
+        tmp_path, monkeypatch, capsys):
+    """The real SLURM path of submitit (sbatch scripts written by its SlurmExecutor), with sbatch
+    and srun replaced by scripts: each stage its own job with its own resources, each after the
+    previous one."""
     import submitit
 
     from mocobench import cli
@@ -393,10 +440,10 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(tmp_path
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.delenv(launch.SUBMITIT_CLUSTER_ENV, raising=False)
     out, jobs = tmp_path / "run", tmp_path / "jobs"
-    assert cli.main(["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--partition", "P", "--timeout", "600",
-                     "--job-dir", str(jobs), "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "NUM_NODES", "2",
-                     "PRETRAIN.NPROC_PER_NODE", "8", "TRANSFER.INITS", "['moco', 'random']",
-                     "--redo", "transfer_moco"]) == 0
+    assert cli.main(["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--partition", "P",
+                     "--timeout", "600", "--job-dir", str(jobs), "--config-file", TINY_PIPELINE,
+                     "OUTPUT_DIR", str(out), "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "8",
+                     "TRANSFER.INITS", "['moco', 'random']", "--redo", "transfer_moco"]) == 0
     printed = capsys.readouterr().out
     stages = ["data", "pretrain", "convert_moco", "transfer_moco", "transfer_random", "report"]
     ids = [str(101 + i) for i in range(len(stages))]
@@ -411,18 +458,22 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(tmp_path
     assert "dependency" not in flags[0]
     for previous, f in zip(ids, flags[1:]):
         assert f["dependency"] == f"afterok:{previous}" and f["kill-on-invalid-dep"] == "yes"
-    # the stages that train span NUM_NODES nodes with their own process counts; the others: one node, no GPU
-    resources = {s: (f["nodes"], f.get("gpus-per-node"), f["ntasks-per-node"]) for s, f in zip(stages, flags)}
-    assert resources == {"data": ("1", None, "1"), "pretrain": ("2", "8", "1"), "convert_moco": ("1", None, "1"),
-                         "transfer_moco": ("2", "4", "1"), "transfer_random": ("2", "4", "1"),
-                         "report": ("1", None, "1")}
+    # the stages that train span NUM_NODES nodes with their own process counts; the others: one
+    # node, no GPU
+    resources = {s: (f["nodes"], f.get("gpus-per-node"), f["ntasks-per-node"])
+                 for s, f in zip(stages, flags)}
+    assert resources == {"data": ("1", None, "1"), "pretrain": ("2", "8", "1"),
+                         "convert_moco": ("1", None, "1"), "transfer_moco": ("2", "4", "1"),
+                         "transfer_random": ("2", "4", "1"), "report": ("1", None, "1")}
     assert all(f["partition"] == "P" and f["time"] == "600" for f in flags)
     # each job runs its own stage of the same pipeline through the manifest
     for stage, job_id in zip(stages, ids):
         job = submitit.helpers.DelayedSubmission.load(jobs / f"{job_id}_submitted.pkl").function
-        assert job.command == "pipeline" and job.argv[:4] == ["--config-file", TINY_PIPELINE, "--stage", stage]
+        assert job.command == "pipeline" and \
+            job.argv[:4] == ["--config-file", TINY_PIPELINE, "--stage", stage]
         assert job.argv[-2:] == ["OUTPUT_DIR", str(out)]
-        assert ("--redo" in job.argv) == (stage == "transfer_moco")  # --redo goes to its stage's job only
+        # --redo goes to its stage's job only
+        assert ("--redo" in job.argv) == (stage == "transfer_moco")
 
 
 def test_num_nodes_and_single_stage_errors(tmp_path, capsys):
@@ -430,29 +481,38 @@ def test_num_nodes_and_single_stage_errors(tmp_path, capsys):
 
     base = ["pipeline", "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(tmp_path / "run")]
     cases = [
-        (["NUM_NODES", "2"], f"{TINY_PIPELINE}: NUM_NODES 2: stage pretrain spans 2 nodes, which needs a launcher "
-                             "that starts it on each: mocobench pipeline --launcher slurm"),
-        (["--stage", "transfer_moco", "NUM_NODES", "2"], "NUM_NODES 2: stage transfer_moco spans 2 nodes"),
+        (["NUM_NODES", "2"], f"{TINY_PIPELINE}: NUM_NODES 2: stage pretrain spans 2 nodes, which "
+                             "needs a launcher that starts it on each: mocobench pipeline "
+                             "--launcher slurm"),
+        (["--stage", "transfer_moco", "NUM_NODES", "2"],
+         "NUM_NODES 2: stage transfer_moco spans 2 nodes"),
         (["NUM_NODES", "0"], "NUM_NODES = 0 must be >= 1"),
-        (["--stage", "pretrian"], "--stage pretrian: not a stage of this pipeline; stages: data, pretrain"),
-        (["--stage", "report", "--redo", "pretrain"], "--redo pretrain with --stage report: a single-stage run"),
+        (["--stage", "pretrian"],
+         "--stage pretrian: not a stage of this pipeline; stages: data, pretrain"),
+        (["--stage", "report", "--redo", "pretrain"],
+         "--redo pretrain with --stage report: a single-stage run"),
         (["--stage", "data", "--num-machines", "2", "--dist-url", "tcp://h:1"],
          "--num-machines 2: stage data runs on 1 machine(s)"),
-        (["--stage", "pretrain", "--num-machines", "2", "NUM_NODES", "2"], "--dist-url auto with --num-machines 2"),
-        (["--stage", "convert_moco"], "--stage convert_moco: the earlier stage data is not done (run)"),
-        (["--launcher", "slurm", "--nodes", "2"], "--nodes 2: the pipeline's stages take their node count from its "
-                                                  "config (NUM_NODES 2)"),
-        (["--launcher", "slurm", "--stage", "data"], "--stage / --num-machines with --launcher slurm"),
+        (["--stage", "pretrain", "--num-machines", "2", "NUM_NODES", "2"],
+         "--dist-url auto with --num-machines 2"),
+        (["--stage", "convert_moco"],
+         "--stage convert_moco: the earlier stage data is not done (run)"),
+        (["--launcher", "slurm", "--nodes", "2"],
+         "--nodes 2: the pipeline's stages take their node count from its config (NUM_NODES 2)"),
+        (["--launcher", "slurm", "--stage", "data"],
+         "--stage / --num-machines with --launcher slurm"),
     ]
     for extra, expected in cases:
         assert cli.main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
-        assert expected in err and err.count("\n") == 1 and err.startswith("mocobench pipeline: error:"), err
+        assert expected in err and err.count("\n") == 1 and \
+            err.startswith("mocobench pipeline: error:"), err
     assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_transfer_on_two_slurm_nodes_takes_its_place_from_submitit(monkeypatch):
-    """What SLURM exports to the task on each node of a 2-node job, read by submitit's own JobEnvironment."""
+    """What SLURM exports to the task on each node of a 2-node job, read by submitit's own
+    JobEnvironment."""
     import submitit
 
     from transfer.run import build_parser
@@ -469,41 +529,51 @@ def test_transfer_on_two_slurm_nodes_takes_its_place_from_submitit(monkeypatch):
         env = submitit.JobEnvironment()
         node_argv = launch.StageJob("transfer", argv)._node_argv(env)
         assert node_argv[6:] == argv
-        assert launch.StageJob("pipeline", argv)._node_argv(env) == node_argv  # a pipeline stage: the same place
+        # a pipeline stage: the same place
+        assert launch.StageJob("pipeline", argv)._node_argv(env) == node_argv
         args = build_parser().parse_args(node_argv)
         places.append((args.num_machines, args.machine_rank, args.dist_url, args.num_gpus))
     (m0, r0, url0, g0), (m1, r1, url1, g1) = places
     assert (m0, r0, m1, r1, g0, g1) == (2, 0, 2, 1, 8, 8)
-    assert url0 == url1 and url0.startswith("tcp://gpu-node07:")  # machine 0's host, one port for the whole job
+    # machine 0's host, one port for the whole job
+    assert url0 == url1 and url0.startswith("tcp://gpu-node07:")
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
     assert launch.StageJob("transfer", argv)._node_argv(submitit.JobEnvironment()) == argv
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_pipeline_on_slurm_runs_each_stage_as_its_own_job_in_order_and_a_resubmission_skips_done_stages(
+def test_pipeline_on_slurm_runs_each_stage_as_its_own_job_in_order_and_a_resubmission_skips_done_stages(  # noqa: E501
         tmp_path, monkeypatch, capsys):
     from mocobench import cli
 
-    # the real --launcher slurm path; only the executor is submitit's local one (it runs the chain in order)
+    # the real --launcher slurm path; only the executor is submitit's local one (it runs the chain
+    # in order)
     monkeypatch.setenv(launch.SUBMITIT_CLUSTER_ENV, "local")
     out, jobs = tmp_path / "run", tmp_path / "jobs"
-    argv = ["pipeline", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10", "--job-dir", str(jobs),
-            "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']", "TRANSFER.SEEDS", "1"]
+    argv = ["pipeline", "--launcher", "slurm", "--gpus-per-node", "0", "--timeout", "10",
+            "--job-dir", str(jobs), "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out),
+            "TRANSFER.INITS", "['moco']", "TRANSFER.SEEDS", "1"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     stages = ["data", "pretrain", "convert_moco", "transfer_moco", "report"]
     assert "submitting 5 job(s), one per stage" in printed
-    ids = [printed.split(f"submitted pipeline stage {stage} as job ")[1].split()[0] for stage in stages]
+    ids = [printed.split(f"submitted pipeline stage {stage} as job ")[1].split()[0]
+           for stage in stages]
     assert len(set(ids)) == len(stages)  # a job (a process of its own) per stage
     manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["stages"]) == stages and all(s["status"] == "done" for s in manifest["stages"].values())
+    assert list(manifest["stages"]) == stages and \
+        all(s["status"] == "done" for s in manifest["stages"].values())
     for i, (stage, job_id) in enumerate(zip(stages, ids)):
         log = (jobs / f"{job_id}_0_log.out").read_text()
-        # its own stage, after every earlier one had finished (found done in the manifest), and nothing after it
-        assert f"=== [{i + 1}/5] {stage} | pipeline elapsed" in log and f"stage {stage} finished in" in log
-        assert all(f"=== [{j + 1}/5] {earlier}: done earlier" in log for j, earlier in enumerate(stages[:i]))
-        assert not any(f"=== [{j + 1}/5] {later}" in log for j, later in enumerate(stages[i + 1:], i + 1))
+        # its own stage, after every earlier one had finished (found done in the manifest), and
+        # nothing after it
+        assert f"=== [{i + 1}/5] {stage} | pipeline elapsed" in log and \
+            f"stage {stage} finished in" in log
+        assert all(f"=== [{j + 1}/5] {earlier}: done earlier" in log
+                   for j, earlier in enumerate(stages[:i]))
+        assert not any(f"=== [{j + 1}/5] {later}" in log
+                       for j, later in enumerate(stages[i + 1:], i + 1))
     assert (out / "report.md").exists()
 
     # submitted again: the manifest says what is done; only the report (always redone) gets a job
@@ -516,7 +586,8 @@ def test_pipeline_on_slurm_runs_each_stage_as_its_own_job_in_order_and_a_resubmi
 
 
 def _job_id_with_a_free_port():
-    """A SLURM job id whose port (StageJob derives it from the id, the same on every node) is free here."""
+    """A SLURM job id whose port (StageJob derives it from the id, the same on every node) is free
+    here."""
     import random
     import socket
 
@@ -529,16 +600,19 @@ def _job_id_with_a_free_port():
 
 
 def _run_on_two_simulated_slurm_nodes(command, argv, job_id, tmp_path):
-    """StageJob(command, argv) in the two tasks of a 2-node SLURM job, as submitit runs it, both on this machine
-    (node list "localhost"); SLURM's variables as SLURM sets them. Returns the two logs."""
-    code = f"import sys; from mocobench.launch import StageJob; StageJob({command!r}, sys.argv[1:])()"
+    """StageJob(command, argv) in the two tasks of a 2-node SLURM job, as submitit runs it, both on
+    this machine (node list "localhost"); SLURM's variables as SLURM sets them. Returns the two
+    logs."""
+    code = ("import sys; from mocobench.launch import StageJob; "
+            f"StageJob({command!r}, sys.argv[1:])()")
     procs = []
     for node in (0, 1):
-        env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NUM_NODES": "2",
-               "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_NODEID": str(node),
-               "SLURM_PROCID": str(node), "SLURM_LOCALID": "0"}
-        procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env, text=True,
-                                      stdout=open(tmp_path / f"node{node}.log", "w"), stderr=subprocess.STDOUT))
+        env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(job_id),
+               "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+               "SLURM_NODEID": str(node), "SLURM_PROCID": str(node), "SLURM_LOCALID": "0"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env,
+                                      text=True, stdout=open(tmp_path / f"node{node}.log", "w"),
+                                      stderr=subprocess.STDOUT))
     logs = []
     for node, proc in enumerate(procs):
         rc = proc.wait(timeout=540)  # 100-180 s on 2 loaded cores
@@ -550,38 +624,42 @@ def _run_on_two_simulated_slurm_nodes(command, argv, job_id, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_transfer_job_on_two_simulated_slurm_nodes_trains_as_one_world(synth_root, tmp_path):
-    """Two tasks of a 2-node SLURM job (both on this machine, node list "localhost"): each runs the transfer job
-    as submitit would (StageJob), takes its machine rank from submitit's JobEnvironment, and the two form one
-    gloo world of 2 processes that trains and evaluates once."""
+    """Two tasks of a 2-node SLURM job (both on this machine, node list "localhost"): each runs the
+    transfer job as submitit would (StageJob), takes its machine rank from submitit's
+    JobEnvironment, and the two form one gloo world of 2 processes that trains and evaluates
+    once."""
     job_id = _job_id_with_a_free_port()
     out = tmp_path / "run"
     config = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
     argv = ["--num-gpus", "1", "--config-file", config,
             "--synth-root", synth_root, "MODEL.WEIGHTS", "", "MOCOBENCH.REQUIRE_WEIGHTS", "False",
-            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
-            "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False", "INPUT.MIN_SIZE_TRAIN", "(96,)",
-            "INPUT.MIN_SIZE_TEST", "96", "SEED", "0", "OUTPUT_DIR", str(out)]
+            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+            "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False",
+            "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96", "SEED", "0",
+            "OUTPUT_DIR", str(out)]
     _run_on_two_simulated_slurm_nodes("transfer", argv, job_id, tmp_path)
     record = json.loads((out / "seed0" / "results.json").read_text())
     assert record["world_size"] == 2 and record["iteration"] == 2
     log = (out / "seed0" / "log.txt").read_text()
-    assert "2 CPU processes (gloo)" in log and (out / "seed0" / "log.txt.rank1").exists()  # rank 1: machine 1
+    # rank 1: machine 1
+    assert "2 CPU processes (gloo)" in log and (out / "seed0" / "log.txt.rank1").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_pipeline_pretrain_stage_spans_num_nodes_under_slurm(tmp_path):
-    """NUM_NODES 2: the pretrain stage's job on two simulated SLURM nodes (both here) rendezvous as one world of
-    2 processes (1 per node); machine 0 records the stage in the manifest."""
+    """NUM_NODES 2: the pretrain stage's job on two simulated SLURM nodes (both here) rendezvous as
+    one world of 2 processes (1 per node); machine 0 records the stage in the manifest."""
     from mocobench import pipeline
 
     out = tmp_path / "run"
-    argv = ["--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']", "NUM_NODES", "2",
-            "PRETRAIN.NPROC_PER_NODE", "1"]
+    argv = ["--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']",
+            "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "1"]
     assert pipeline.main([*argv, "--stage", "data"]) == 0  # a one-node stage; its job ran before
-    logs = _run_on_two_simulated_slurm_nodes("pipeline", [*argv, "--stage", "pretrain"], _job_id_with_a_free_port(),
-                                             tmp_path)
-    assert all("=== [2/5] pretrain | pipeline elapsed" in log and "stage pretrain finished" in log for log in logs)
+    logs = _run_on_two_simulated_slurm_nodes("pipeline", [*argv, "--stage", "pretrain"],
+                                             _job_id_with_a_free_port(), tmp_path)
+    assert all("=== [2/5] pretrain | pipeline elapsed" in log and "stage pretrain finished" in log
+               for log in logs)
     stage = json.loads((out / "manifest.json").read_text())["stages"]["pretrain"]
     assert stage["status"] == "done" and os.path.isfile(stage["outputs"]["checkpoint"])
     log = (out / "pretrain" / "log.txt").read_text()

@@ -30,17 +30,20 @@ def _tree_bytes(root):
 def _voc_boxes(voc_dir, file_id):
     root = ET.parse(os.path.join(voc_dir, "Annotations", file_id + ".xml")).getroot()
     return [
-        (obj.find("name").text, [int(obj.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")])
+        (obj.find("name").text,
+         [int(obj.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")])
         for obj in root.findall("object")
     ]
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
-    a, b, c = (synthesize(str(tmp_path / n), seed=s, **TINY) for n, s in (("a", 3), ("b", 3), ("c", 4)))
+    a, b, c = (synthesize(str(tmp_path / n), seed=s, **TINY)
+               for n, s in (("a", 3), ("b", 3), ("c", 4)))
     assert a == b and a["seed"] == 3 and c["seed"] == 4
     files_a, files_b, files_c = (_tree_bytes(tmp_path / n) for n in "abc")
-    # 2 classes x (3 + 2) images, 4 scenes x (jpg + xml) in VOC2007, 4 scene + 4 person jpgs and 4 json in COCO,
-    # the 4 scenes again in VOC2012 (jpg + 2 label PNGs), 4 Cityscapes scenes (image + 3 gtFine PNGs + json)
+    # 2 classes x (3 + 2) images, 4 scenes x (jpg + xml) in VOC2007, 4 scene + 4 person jpgs and 4
+    # json in COCO, the 4 scenes again in VOC2012 (jpg + 2 label PNGs), 4 Cityscapes scenes
+    # (image + 3 gtFine PNGs + json)
     assert len([f for f in files_a if f.startswith("imagenet")]) == 10
     assert len([f for f in files_a if f.endswith(".jpg") and "coco" in f]) == 8
     assert len([f for f in files_a if f.startswith("VOC2012/Segmentation")]) == 8
@@ -50,8 +53,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     changed = [k for k in files_a if files_a[k] != files_c[k]]
     assert sum(k.endswith(".jpg") for k in changed) == 10 + 4 + 8 + 4
     assert sum(k.endswith("leftImg8bit.png") for k in changed) == 4
-    for name in ("coco/annotations/instances_train2017.json", "coco/annotations/person_keypoints_train2017.json",
-                 "lvis/lvis_v0.5_train.json"):
+    for name in ("coco/annotations/instances_train2017.json",
+                 "coco/annotations/person_keypoints_train2017.json", "lvis/lvis_v0.5_train.json"):
         assert name in changed
 
 
@@ -70,7 +73,8 @@ def test_meta_describes_the_tree(synth_root):
     assert meta["preset"] == "test" and meta["seed"] == 0
     assert meta["class_names"] == list(CLASS_NAMES[:4]) and meta["num_classes"] == 4
     assert meta["val_per_class"] == 2  # a fifth of 12, at least 2
-    assert meta["splits"]["voc"] == {"trainval": 12, "test": 4} and meta["splits"]["coco"] == {"train": 12, "val": 4}
+    assert meta["splits"]["voc"] == {"trainval": 12, "test": 4} and \
+        meta["splits"]["coco"] == {"train": 12, "val": 4}
     for key, rel in meta["paths"].items():
         assert os.path.exists(os.path.join(synth_root, rel)), key
 
@@ -81,11 +85,14 @@ def test_read_synth_meta_rejects_missing_and_broken_files(tmp_path):
     (tmp_path / "synth.json").write_text("{not json")
     with pytest.raises(UsageError, match="not readable JSON"):
         read_synth_meta(str(tmp_path))
-    (tmp_path / "synth.json").write_text(json.dumps({"format": "mocobench-synth", "version": META_VERSION}))
+    (tmp_path / "synth.json").write_text(json.dumps({"format": "mocobench-synth",
+                                                     "version": META_VERSION}))
     with pytest.raises(UsageError, match="missing key"):
         read_synth_meta(str(tmp_path))
-    # a tree from an older generator (other images for the same seed) must be regenerated, not reused
-    (tmp_path / "synth.json").write_text(json.dumps({"format": "mocobench-synth", "version": META_VERSION - 1}))
+    # a tree from an older generator (other images for the same seed) must be regenerated, not
+    # reused
+    (tmp_path / "synth.json").write_text(json.dumps({"format": "mocobench-synth",
+                                                     "version": META_VERSION - 1}))
     with pytest.raises(UsageError, match="regenerate the data"):
         read_synth_meta(str(tmp_path))
 
@@ -106,20 +113,23 @@ def test_voc_xml_like_the_real_devkit(synth_root):
     voc = os.path.join(synth_root, "VOC2007")
     main = os.path.join(voc, "ImageSets", "Main")
     ids = {s: open(os.path.join(main, s + ".txt")).read().split() for s in ("trainval", "test")}
-    assert len(ids["trainval"]) == 12 and len(ids["test"]) == 4 and not set(ids["trainval"]) & set(ids["test"])
+    assert len(ids["trainval"]) == 12 and len(ids["test"]) == 4 and \
+        not set(ids["trainval"]) & set(ids["test"])
     n_objects = 0
     for file_id in ids["trainval"] + ids["test"]:
         root = ET.parse(os.path.join(voc, "Annotations", file_id + ".xml")).getroot()
         assert root.find("filename").text == file_id + ".jpg"
         assert os.path.isfile(os.path.join(voc, "JPEGImages", file_id + ".jpg"))
-        assert [int(root.find("size").find(k).text) for k in ("width", "height", "depth")] == [128, 128, 3]
+        assert [int(root.find("size").find(k).text) for k in ("width", "height", "depth")] == \
+            [128, 128, 3]
         objects = root.findall("object")
         assert 1 <= len(objects) <= 6
         for obj in objects:
             assert obj.find("name").text in CLASS_NAMES[:4]
             assert obj.find("pose").text == "Unspecified"
             assert obj.find("truncated").text in ("0", "1") and obj.find("difficult").text == "0"
-            xmin, ymin, xmax, ymax = (int(obj.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+            xmin, ymin, xmax, ymax = (int(obj.find("bndbox").find(k).text)
+                                      for k in ("xmin", "ymin", "xmax", "ymax"))
             assert 1 <= xmin < xmax <= 128 and 1 <= ymin < ymax <= 128  # 1-based inclusive
         n_objects += len(objects)
     assert n_objects >= 2 * 16 * 0.8
@@ -161,7 +171,8 @@ def _coco(synth_root, split):
 @pytest.mark.parametrize("split,count", [("train", 12), ("val", 4)])
 def test_coco_boxes_polygons_and_areas_match_the_masks(synth_root, split, count):
     coco = _coco(synth_root, split)
-    assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == list(enumerate(CLASS_NAMES[:4], 1))
+    assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == \
+        list(enumerate(CLASS_NAMES[:4], 1))
     assert len(coco.getImgIds()) == count
     anns = coco.loadAnns(coco.getAnnIds())
     assert len(anns) >= 2 * count * 0.8 and len({a["id"] for a in anns}) == len(anns)
@@ -170,15 +181,18 @@ def test_coco_boxes_polygons_and_areas_match_the_masks(synth_root, split, count)
         assert os.path.isfile(os.path.join(synth_root, "coco", f"{split}2017", image["file_name"]))
         assert ann["iscrowd"] == 0 and 1 <= ann["category_id"] <= 4
         x, y, w, h = ann["bbox"]
-        assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= image["width"] and y + h <= image["height"]
+        assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= image["width"] and \
+            y + h <= image["height"]
         points = np.concatenate([np.reshape(p, (-1, 2)) for p in ann["segmentation"]])
         assert all(len(p) >= 6 and len(p) % 2 == 0 for p in ann["segmentation"])
         # polygons trace the outline 1/8 px inside the pixel edges the box is made of
-        assert np.allclose(points.min(0), [x, y], atol=0.5) and np.allclose(points.max(0), [x + w, y + h], atol=0.5)
+        assert np.allclose(points.min(0), [x, y], atol=0.5) and \
+            np.allclose(points.max(0), [x + w, y + h], atol=0.5)
         mask = coco.annToMask(ann)
         assert abs(mask.sum() - ann["area"]) <= 0.12 * ann["area"]
         ys, xs = np.nonzero(mask)
-        assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == [x, y, w, h]
+        assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == \
+            [x, y, w, h]
 
 
 def test_coco_and_voc_describe_the_same_scenes(synth_root):
@@ -191,8 +205,9 @@ def test_coco_and_voc_describe_the_same_scenes(synth_root):
             voc_jpeg = f.read()
         with open(os.path.join(synth_root, "coco", "train2017", image["file_name"]), "rb") as f:
             assert f.read() == voc_jpeg
-        coco_boxes = [(names[a["category_id"]], [a["bbox"][0] + 1, a["bbox"][1] + 1, a["bbox"][0] + a["bbox"][2],
-                                                  a["bbox"][1] + a["bbox"][3]])
+        coco_boxes = [(names[a["category_id"]], [a["bbox"][0] + 1, a["bbox"][1] + 1,
+                                                 a["bbox"][0] + a["bbox"][2],
+                                                 a["bbox"][1] + a["bbox"][3]])
                       for a in coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))]
         assert coco_boxes == _voc_boxes(voc, file_id)
 
@@ -213,12 +228,14 @@ def test_coco_loads_through_detectron2(synth_root):
     for d in dicts:
         assert os.path.isfile(d["file_name"])
         for ann in d["annotations"]:
-            assert ann["bbox_mode"] == BoxMode.XYWH_ABS and 0 <= ann["category_id"] < 4  # contiguous ids
+            # contiguous ids
+            assert ann["bbox_mode"] == BoxMode.XYWH_ABS and 0 <= ann["category_id"] < 4
             assert ann["segmentation"] and ann["iscrowd"] == 0
 
 
 def test_scenes_vary_in_object_count_and_size(tmp_path):
-    meta = synthesize(str(tmp_path), classes=4, images_per_class=1, scenes=40, size=32, scene_size=128)
+    meta = synthesize(str(tmp_path), classes=4, images_per_class=1, scenes=40, size=32,
+                      scene_size=128)
     coco = _coco(str(tmp_path), "train")
     per_image = np.bincount([a["image_id"] for a in coco.loadAnns(coco.getAnnIds())])[1:]
     assert per_image.min() >= 1 and per_image.max() <= 6 and len(set(per_image.tolist())) >= 3
@@ -237,7 +254,8 @@ def test_synthesize_reuses_same_params_and_refuses_others(tmp_path):
     with pytest.raises(UsageError, match=r"other parameters \(seed: 1 -> 2\)"):
         synthesize(out, seed=2, **TINY)
     meta = synthesize(out, seed=2, overwrite=True, **dict(TINY, classes=3))
-    assert meta["seed"] == 2 and sorted(os.listdir(os.path.join(out, "imagenet", "train"))) == sorted(CLASS_NAMES[:3])
+    assert meta["seed"] == 2 and \
+        sorted(os.listdir(os.path.join(out, "imagenet", "train"))) == sorted(CLASS_NAMES[:3])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -256,25 +274,29 @@ def test_bad_parameters_raise_usage_error(tmp_path, overrides, message):
     assert not (tmp_path / "x").exists()
 
 
-# What the installed `mocobench` console script runs, in a fresh process. (`python -m mocobench.cli` would load
-# cli.py twice, as __main__ and as mocobench.cli, and its `except UsageError` would miss the stages' UsageError.)
+# What the installed `mocobench` console script runs, in a fresh process. (`python -m mocobench.cli`
+# would load cli.py twice, as __main__ and as mocobench.cli, and its `except UsageError` would miss
+# the stages' UsageError.)
 MOCOBENCH = [sys.executable, "-c", "import sys; from mocobench.cli import main; sys.exit(main())"]
 
 
 def _cli(*args):
-    return subprocess.run([*MOCOBENCH, "data", "synth", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*MOCOBENCH, "data", "synth", *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_cli_writes_the_tree_and_rejects_bad_input(tmp_path):
     out = str(tmp_path / "cli")
-    flags = ["--classes", "2", "--images-per-class", "2", "--scenes", "4", "--size", "32", "--scene-size", "64"]
+    flags = ["--classes", "2", "--images-per-class", "2", "--scenes", "4", "--size", "32",
+             "--scene-size", "64"]
     result = _cli("--out", out, "--seed", "5", *flags)
     assert result.returncode == 0, result.stderr
     assert "4 train + 4 val images" in result.stdout and "3 trainval + 2 test" not in result.stdout
     assert "2 trainval + 2 test scenes" in result.stdout
     meta = read_synth_meta(out)
     assert (meta["seed"], meta["num_classes"], meta["val_per_class"]) == (5, 2, 2)
-    assert sorted(os.listdir(out)) == ["VOC2007", "VOC2012", "cityscapes", "coco", "imagenet", "lvis", "synth.json"]
+    assert sorted(os.listdir(out)) == \
+        ["VOC2007", "VOC2012", "cityscapes", "coco", "imagenet", "lvis", "synth.json"]
 
     again = _cli("--out", out, "--seed", "5", *flags)
     assert again.returncode == 0 and "reused" in again.stdout
@@ -303,10 +325,13 @@ def test_annotation_traces_the_drawn_shape(name):
     ann = mask_annotation(alpha >= 128)
     x0, y0, x1, y1 = ann["box"]
     drawn = np.nonzero(alpha >= 128)
-    assert (x0, y0, x1, y1) == (drawn[1].min(), drawn[0].min(), drawn[1].max() + 1, drawn[0].max() + 1)
-    polygon_mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(ann["polygons"], 80, 90))).astype(bool)
+    assert (x0, y0, x1, y1) == \
+        (drawn[1].min(), drawn[0].min(), drawn[1].max() + 1, drawn[0].max() + 1)
+    polygon_mask = mask_utils.decode(
+        mask_utils.merge(mask_utils.frPyObjects(ann["polygons"], 80, 90))).astype(bool)
     assert polygon_mask[alpha >= 128].all()  # every drawn pixel is inside the outline...
     assert not polygon_mask[alpha < 64].any() or name == "ring"  # ...and nothing well outside it
     assert abs(polygon_mask.sum() - ann["area"]) <= 0.06 * ann["area"]
-    if name == "ring":  # documented: the outline has no hole, the ring's centre is inside its segmentation
+    # documented: the outline has no hole, the ring's centre is inside its segmentation
+    if name == "ring":
         assert alpha[38, 40] == 0 and polygon_mask[38, 40]
