@@ -1,10 +1,12 @@
-"""Two-view MoCo v2 (aug+) throughput: our pipeline (OpenCV uint8 ops, PIL's antialiased bilinear resize) vs the
-official PIL + torchvision recipe; and the evaluation transform (Resize 256 + CenterCrop 224) against torchvision's.
+"""Two-view MoCo v2 (aug+) throughput: our pipeline (OpenCV uint8 ops, PIL's antialiased bilinear
+resize) vs the official PIL + torchvision recipe; and the evaluation transform (Resize 256 +
+CenterCrop 224) against torchvision's.
 
-One worker, one thread (cv2.setNumThreads(1), torch.set_num_threads(1)): what one DataLoader worker does per
-image, JPEG decode included. Variants are interleaved over several rounds so machine noise hits both alike;
-medians are printed with the ratio (ours / official). Ratios are what to compare across machines: both sides of
-a ratio are measured in the same run, interleaved, so a loaded machine slows both alike.
+One worker, one thread (cv2.setNumThreads(1), torch.set_num_threads(1)): what one DataLoader worker
+does per image, JPEG decode included. Variants are interleaved over several rounds so machine noise
+hits both alike; medians are printed with the ratio (ours / official). Ratios are what to compare
+across machines: both sides of a ratio are measured in the same run, interleaved, so a loaded
+machine slows both alike.
 
     python benchmarks/augment_throughput.py [--rounds 7] [--images 64]
 """
@@ -82,8 +84,10 @@ def ours_eval(size):
 
 
 def photo_like_image(rng, height, width):
-    """Smooth random colour field plus a few shapes and mild noise: compresses like a photo, not like noise."""
-    coarse = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
+    """Smooth random colour field plus a few shapes and mild noise: compresses like a photo, not
+    like noise."""
+    coarse = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3),
+                          dtype=np.uint8)
     img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
     for _ in range(6):
         center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
@@ -136,7 +140,8 @@ def run_case(name, size, image_hw, count, rounds, ours=ours_two_view, official=o
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--images", type=int, default=64, help="images per round")
     args = parser.parse_args()
@@ -146,12 +151,15 @@ def main():
     random.seed(0)
     print(f"torch {torch.__version__}, opencv {cv2.__version__}, single worker, single thread")
     ratios = {
-        "224 px": run_case("ImageNet-like, two v2 views", 224, (350, 400), args.images, args.rounds),
+        "224 px": run_case("ImageNet-like, two v2 views", 224, (350, 400), args.images,
+                           args.rounds),
         "64 px": run_case("small, two v2 views", 64, (80, 80), args.images * 4, args.rounds),
     }
-    evaluation = run_case("evaluation transform", 224, (375, 500), args.images, args.rounds, ours_eval, official_eval)
+    evaluation = run_case("evaluation transform", 224, (375, 500), args.images, args.rounds,
+                          ours_eval, official_eval)
     print("\nsummary (training augmentation, target >= 2.0x): "
-          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + f"; evaluation transform {evaluation:.2f}x")
+          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+          + f"; evaluation transform {evaluation:.2f}x")
     return 0
 
 

@@ -1,11 +1,12 @@
-"""How long `mocobench convert` takes, per phase, on a ResNet in the official MoCo v2 layout (random weights).
+"""How long `mocobench convert` takes, per phase, on a ResNet in the official MoCo v2 layout
+(random weights).
 
     python benchmarks/convert_speed.py [--arch resnet50] [--to detectron2|torchvision] [--repeats 3]
 
---arch is any torchvision ResNet builder the converter takes (resnet18 ... resnet152, resnext50_32x4d,
-resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2). Prints wall and CPU seconds of
-reading + finding the trunk, of verification, and of the whole conversion (reading, verifying, writing the
-output, its sha256 and OUT.json).
+--arch is any torchvision ResNet builder the converter takes (resnet18 ... resnet152,
+resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2). Prints
+wall and CPU seconds of reading + finding the trunk, of verification, and of the whole conversion
+(reading, verifying, writing the output, its sha256 and OUT.json).
 """
 import argparse
 import os
@@ -25,7 +26,8 @@ from convert.sources import extract_trunk, read_checkpoint  # noqa: E402
 
 
 def moco_checkpoint(arch):
-    trunk = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items() if not k.startswith("fc.")}
+    trunk = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items()
+             if not k.startswith("fc.")}
     width = trunk["layer4.0.conv1.weight"].shape[1] * 2 if "layer4.0.conv3.weight" in trunk else 512
     head = {"fc.0.weight": torch.randn(width, width), "fc.0.bias": torch.zeros(width),
             "fc.2.weight": torch.randn(128, width), "fc.2.bias": torch.zeros(128)}
@@ -33,7 +35,8 @@ def moco_checkpoint(arch):
     state.update({"module.encoder_k." + k: v.clone() for k, v in {**trunk, **head}.items()})
     state["module.queue"] = torch.randn(128, 65536)
     state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
-    return {"epoch": 200, "arch": arch, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
+    return {"epoch": 200, "arch": arch, "state_dict": state,
+            "optimizer": {"state": {}, "param_groups": []}}
 
 
 def timed(fn):
@@ -43,13 +46,15 @@ def timed(fn):
 
 
 def line(label, walls, cpus):
-    return (f"  {label:<24} wall median {statistics.median(walls):6.2f} s   cpu median {statistics.median(cpus):6.2f} s"
-            f"   wall runs {' '.join(f'{t:.2f}' for t in walls)}")
+    return (f"  {label:<24} wall median {statistics.median(walls):6.2f} s   cpu median "
+            f"{statistics.median(cpus):6.2f} s   wall runs {' '.join(f'{t:.2f}' for t in walls)}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50", choices=sorted(set(TORCHVISION_NAMES.values())))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50",
+                        choices=sorted(set(TORCHVISION_NAMES.values())))
     parser.add_argument("--to", default="detectron2", choices=["detectron2", "torchvision"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -68,12 +73,14 @@ def main():
             whole[0].append(wall)
             whole[1].append(cpu)
             verify.append(report.verify_seconds)
-        print(f"{report.arch.name} ({args.arch}), MoCo v2 layout, {size_mb:.0f} MiB checkpoint -> {args.to}, "
-              f"torch threads {torch.get_num_threads()}, {args.repeats} runs (the first includes warm-up)")
+        print(f"{report.arch.name} ({args.arch}), MoCo v2 layout, {size_mb:.0f} MiB checkpoint -> "
+              f"{args.to}, torch threads {torch.get_num_threads()}, {args.repeats} runs (the first "
+              "includes warm-up)")
         print(line("read + find trunk", *find))
         print(f"  {'verification':<24} wall median {statistics.median(verify):6.2f} s")
         print(line("whole conversion", *whole))
-        print(f"  tensors verified {report.verified}, max relative error {report.max_rel_error:.1e}")
+        print(f"  tensors verified {report.verified}, max relative error "
+              f"{report.max_rel_error:.1e}")
 
 
 if __name__ == "__main__":

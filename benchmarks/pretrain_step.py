@@ -1,20 +1,21 @@
-"""MoCo v2 training-step overhead: our step against the bare compute it cannot avoid, and an official-style step.
+"""MoCo v2 training-step overhead: our step against the bare compute it cannot avoid, and an
+official-style step.
 
-    python benchmarks/pretrain_step.py [--rounds 15] [--steps 3] [--batch 64] [--size 64] [--arch resnet18] \
-        [--k 4096] [--splits N] [--threads 2] [--clock wall|cpu]
+    python benchmarks/pretrain_step.py [--rounds 15] [--steps 3] [--batch 64] [--size 64] \
+        [--arch resnet18] [--k 4096] [--splits N] [--threads 2] [--clock wall|cpu]
 
 Three steps on the same model (ResNet + MoCo v2 MLP head), batch and SplitBatchNorm modules:
-  floor     query forward + backward, key forward (no_grad), zero_grad + SGD step: what any two-encoder
-            training step computes. No momentum update, no shuffle, no logits, no queue.
-  ours      pretrain.train's v2 step: MoCo.forward (fused momentum update, shuffle BN, logits, enqueue),
-            cross-entropy, backward, SGD step.
+  floor     query forward + backward, key forward (no_grad), zero_grad + SGD step: what any
+            two-encoder training step computes. No momentum update, no shuffle, no logits, no queue.
+  ours      pretrain.train's v2 step: MoCo.forward (fused momentum update, shuffle BN, logits,
+            enqueue), cross-entropy, backward, SGD step.
   official  the same MoCo with the official builder.py's Python-loop momentum update
             (pk.data = pk.data * m + pq.data * (1 - m)) and einsum + cat / T logits.
-Each variant has its own model and optimizer (same initial weights). Variants are interleaved over rounds
-(the order rotates every round) so machine noise hits all alike; medians are printed, and ratios both of the
-overall medians and as the median of the per-round ratios (and, for a machine shared with other jobs, of
-the minimums, the least disturbed samples). Per-part times (momentum update fused vs loop,
-contrastive head, shuffle/unshuffle, enqueue) are interleaved the same way.
+Each variant has its own model and optimizer (same initial weights). Variants are interleaved over
+rounds (the order rotates every round) so machine noise hits all alike; medians are printed, and
+ratios both of the overall medians and as the median of the per-round ratios (and, for a machine
+shared with other jobs, of the minimums, the least disturbed samples). Per-part times (momentum
+update fused vs loop, contrastive head, shuffle/unshuffle, enqueue) are interleaved the same way.
 
 MOCO.SHUFFLE_BN_SPLITS defaults to configs/pretrain/synth_R18_cpu.yaml's value (the CPU config this
 benchmark's shape comes from).
@@ -54,10 +55,11 @@ class OfficialStyleMoCo(MoCo):
 
 def build(cls, args, splits):
     torch.manual_seed(0)  # identical initial weights and queue for every variant
-    model = cls(resnet_builder(args.arch), dim=128, K=args.k, m=0.999, T=0.2, mlp=True, bn_splits=splits)
+    model = cls(resnet_builder(args.arch), dim=128, K=args.k, m=0.999, T=0.2, mlp=True,
+                bn_splits=splits)
     model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=0.9,
-                                weight_decay=1e-4)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03,
+                                momentum=0.9, weight_decay=1e-4)
     return model, optimizer
 
 
@@ -92,7 +94,8 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def interleave(variants, rounds, reps, clock=time.perf_counter):
-    """variants: name -> callable. Returns name -> list of per-round medians (seconds) and all samples."""
+    """variants: name -> callable. Returns name -> list of per-round medians (seconds) and all
+    samples."""
     names = list(variants)
     per_round = {n: [] for n in names}
     samples = {n: [] for n in names}
@@ -118,13 +121,14 @@ def ratio_lines(per_round, samples, base):
         overall = statistics.median(samples[name]) / base_med
         paired = statistics.median(a / b for a, b in zip(per_round[name], per_round[base]))
         fastest = min(samples[name]) / min(samples[base])
-        lines.append(f"  {name} / {base}: {overall:.4f} (overall medians)   {paired:.4f} (median of per-round "
-                     f"ratios)   {fastest:.4f} (minimums)")
+        lines.append(f"  {name} / {base}: {overall:.4f} (overall medians)   {paired:.4f} (median "
+                     f"of per-round ratios)   {fastest:.4f} (minimums)")
     return lines
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=3, help="steps of each variant per round")
     parser.add_argument("--batch", type=int, default=64)
@@ -132,16 +136,20 @@ def main():
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--splits", type=int, default=None,
-                        help="SplitBatchNorm groups (default: MOCO.SHUFFLE_BN_SPLITS of synth_R18_cpu.yaml)")
+                        help="SplitBatchNorm groups (default: MOCO.SHUFFLE_BN_SPLITS of "
+                             "synth_R18_cpu.yaml)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall: elapsed time (a quiet machine); cpu: CPU time of this process, all threads "
-                             "(steadier on a machine shared with other jobs; counts OpenMP spin-waiting too)")
+                        help="wall: elapsed time (a quiet machine); cpu: CPU time of this process, "
+                             "all threads (steadier on a machine shared with other jobs; counts "
+                             "OpenMP spin-waiting too)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    splits = args.splits if args.splits is not None else load_config(SYNTH_CFG).MOCO.SHUFFLE_BN_SPLITS
+    splits = args.splits if args.splits is not None \
+        else load_config(SYNTH_CFG).MOCO.SHUFFLE_BN_SPLITS
     if args.k % args.batch or args.batch % splits:
-        parser.error(f"--k {args.k} must be divisible by --batch {args.batch}, and --batch by the {splits} splits")
+        parser.error(f"--k {args.k} must be divisible by --batch {args.batch}, and --batch by the "
+                     f"{splits} splits")
 
     torch.manual_seed(1)
     x1 = torch.randn(args.batch, 3, args.size, args.size)
@@ -181,11 +189,11 @@ def main():
     elapsed = time.perf_counter() - started
 
     n_params = sum(p.numel() for p in floor_model.encoder_q.parameters())
-    print(f"MoCo v2 step, {args.arch} + MLP head ({n_params / 1e6:.1f} M params), {args.size} px, batch {args.batch}, "
-          f"K {args.k}, SplitBatchNorm splits {splits}, CPU, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}")
-    print(f"{args.rounds} rounds x {args.steps} steps per variant, interleaved; {args.clock} clock; "
-          f"{elapsed:.0f} s measuring")
+    print(f"MoCo v2 step, {args.arch} + MLP head ({n_params / 1e6:.1f} M params), {args.size} px, "
+          f"batch {args.batch}, K {args.k}, SplitBatchNorm splits {splits}, CPU, torch threads "
+          f"{torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"{args.rounds} rounds x {args.steps} steps per variant, interleaved; {args.clock} "
+          f"clock; {elapsed:.0f} s measuring")
     print("step time (median, ms):")
     for name, times in step_samples.items():
         print(f"  {name:9s} {1e3 * statistics.median(times):8.1f}   "
@@ -195,7 +203,8 @@ def main():
         print(line)
     print("parts (ms over rounds x 10 calls):")
     for name, times in part_samples.items():
-        print(f"  {name:40s} median {1e3 * statistics.median(times):7.2f}   min {1e3 * min(times):7.2f}")
+        print(f"  {name:40s} median {1e3 * statistics.median(times):7.2f}   min "
+              f"{1e3 * min(times):7.2f}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""`convert_checkpoint`: a ResNet checkpoint of any known layout -> verified detectron2 .pkl or torchvision .pth.
+"""`convert_checkpoint`: a ResNet checkpoint of any known layout -> verified detectron2 .pkl or
+torchvision .pth.
 
 The pkl is what MoCo's tool-chain and detectron2 expect, plus the architecture it holds:
-    {"model": {detectron2 name: numpy array}, "__author__": source author, "matching_heuristics": True,
-     "architecture": "ResNeXt-50 32x4d", "resnets": {DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS,
-     STRIDE_IN_1X1}}
-(mocobench.utils.converted reads and writes it; transfer sets MODEL.RESNETS from it). `--to torchvision` writes
-the trunk's plain torchvision state dict instead (a .pth that loads strictly into the ResNet minus fc).
-Outputs are written only after verification passed, atomically: on any error there is no output file (and an
-older file at that path is left as it was). OUT.json next to the output records the conversion.
+    {"model": {detectron2 name: numpy array}, "__author__": source author,
+     "matching_heuristics": True, "architecture": "ResNeXt-50 32x4d",
+     "resnets": {DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS, STRIDE_IN_1X1}}
+(mocobench.utils.converted reads and writes it; transfer sets MODEL.RESNETS from it).
+`--to torchvision` writes the trunk's plain torchvision state dict instead (a .pth that loads
+strictly into the ResNet minus fc). Outputs are written only after verification passed, atomically:
+on any error there is no output file (and an older file at that path is left as it was). OUT.json
+next to the output records the conversion.
 """
 import json
 import os
@@ -45,7 +47,8 @@ class ConversionReport:
     converted: List[Tuple[str, str]]  # (key in the checkpoint, output name)
     dropped: List[Tuple[str, str]]  # (key in the checkpoint, why it was not converted)
     to: str = "detectron2"
-    verified: int = 0  # tensors checked equal after detectron2 loaded them (0: verification skipped)
+    # tensors checked equal after detectron2 loaded them (0: verification skipped)
+    verified: int = 0
     max_rel_error: Optional[float] = None  # worst res2..res5 relative error against torchvision
     stage_errors: Dict[str, float] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
@@ -54,7 +57,8 @@ class ConversionReport:
     input_sha256: str = ""
     output_sha256: str = ""
     json_path: Optional[str] = None
-    opaque: List[str] = field(default_factory=list)  # framework classes read as placeholders (convert.sources)
+    # framework classes read as placeholders (convert.sources)
+    opaque: List[str] = field(default_factory=list)
 
     @property
     def verification_ran(self):
@@ -93,22 +97,24 @@ class ConversionReport:
         how = "detected" if self.detected else "given"
         lines = [
             f"input    {self.input_path}",
-            f"source   {self.source} ({how}), {self.arch.name} ({self.arch.block} blocks) under {self.prefix!r}, "
-            f"__author__ {self.author!r}",
+            f"source   {self.source} ({how}), {self.arch.name} ({self.arch.block} blocks) under "
+            f"{self.prefix!r}, __author__ {self.author!r}",
             "",
-            f"  {'converted':<10}{len(self.converted):>8}  tensors (conv weights, BN weight/bias/running_mean/var)",
+            f"  {'converted':<10}{len(self.converted):>8}  tensors (conv weights, BN "
+            "weight/bias/running_mean/var)",
         ]
         for reason, keys in self.dropped_by_reason().items():
             example = keys[0] if len(keys) == 1 else f"{keys[0]} ..."
             lines.append(f"  {'dropped':<10}{len(keys):>8}  {reason}: {example}")
         if self.opaque:
-            lines.append(f"  {'ignored':<10}{len(self.opaque):>8}  framework objects (no weights, read as "
-                         f"placeholders): {', '.join(self.opaque)}")
+            lines.append(f"  {'ignored':<10}{len(self.opaque):>8}  framework objects (no weights, "
+                         f"read as placeholders): {', '.join(self.opaque)}")
         if self.verification_ran:
-            lines.append(f"  {'verified':<10}{self.verified:>8}  loaded by DetectionCheckpointer, equal key by key")
+            lines.append(f"  {'verified':<10}{self.verified:>8}  loaded by DetectionCheckpointer, "
+                         "equal key by key")
             errors = ", ".join(f"{stage} {error:.1e}" for stage, error in self.stage_errors.items())
-            lines.append(f"  {'max error':<10}{self.max_rel_error:>8.1e}  detectron2 vs torchvision in eval mode "
-                         f"({errors})")
+            lines.append(f"  {'max error':<10}{self.max_rel_error:>8.1e}  detectron2 vs "
+                         f"torchvision in eval mode ({errors})")
         else:
             lines.append(f"  {'verified':<10}{'-':>8}  verification skipped (--no-verify)")
         for problem in self.problems:
@@ -133,7 +139,8 @@ def report_path(output_path):
 
 
 def _verify(weights, trunk, report, norm, reference_state=None):
-    """Verification hook between conversion and writing (tests inject faults by wrapping `to_detectron2`)."""
+    """Verification hook between conversion and writing (tests inject faults by wrapping
+    `to_detectron2`)."""
     from convert.verify import verify_weights
 
     started = time.perf_counter()
@@ -147,20 +154,23 @@ def _verify(weights, trunk, report, norm, reference_state=None):
 
 
 def torchvision_state(trunk):
-    """The trunk as torchvision's own state dict of the ResNet minus fc: float32, num_batches_tracked 0 (the
-    counter only matters to BN momentum None, and detectron2 has none to carry)."""
+    """The trunk as torchvision's own state dict of the ResNet minus fc: float32,
+    num_batches_tracked 0 (the counter only matters to BN momentum None, and detectron2 has none to
+    carry)."""
     from convert.verify import build_torchvision_resnet
 
     model = build_torchvision_resnet(trunk.arch, trunk.state)
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm="FrozenBN", prefix=None,
-                       to="detectron2") -> ConversionReport:
-    """Convert, verify (unless verify=False), atomically write the output and OUT.json; see the module docstring.
+def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm="FrozenBN",
+                       prefix=None, to="detectron2") -> ConversionReport:
+    """Convert, verify (unless verify=False), atomically write the output and OUT.json; see the
+    module docstring.
 
-    Raises UsageError for unusable input (unreadable, code-carrying, not a plain ResNet, no or several trunks)
-    and VerificationError when the converted weights do not load completely or compute something else.
+    Raises UsageError for unusable input (unreadable, code-carrying, not a plain ResNet, no or
+    several trunks) and VerificationError when the converted weights do not load completely or
+    compute something else.
     """
     started = time.perf_counter()
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
@@ -168,9 +178,10 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
         raise UsageError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
     if not output_path.endswith(FORMATS[to]):
         raise UsageError(f"output {output_path!r} must end in {FORMATS[to]} for --to {to}")
-    if os.path.abspath(input_path) in (os.path.abspath(output_path), os.path.abspath(report_path(output_path))):
-        raise UsageError(f"output {output_path!r} (or its report {report_path(output_path)!r}) would overwrite "
-                         "the input")
+    if os.path.abspath(input_path) \
+            in (os.path.abspath(output_path), os.path.abspath(report_path(output_path))):
+        raise UsageError(f"output {output_path!r} (or its report {report_path(output_path)!r}) "
+                         "would overwrite the input")
     trunk = extract_trunk(read_checkpoint(input_path), source, prefix)
     weights = to_detectron2(trunk.state)
     tv_state = None
@@ -181,22 +192,24 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
         converted = [(trunk.original_keys[name], detectron2_name(name)) for name in trunk.state]
     report = ConversionReport(
         input_path=input_path, output_path=None, source=trunk.source, detected=trunk.detected,
-        author=trunk.author, arch=trunk.arch, prefix=trunk.prefix, converted=converted, dropped=trunk.dropped,
-        to=to, opaque=list(trunk.opaque),
+        author=trunk.author, arch=trunk.arch, prefix=trunk.prefix, converted=converted,
+        dropped=trunk.dropped, to=to, opaque=list(trunk.opaque),
     )
     if verify:
         _verify(weights, trunk, report, norm, reference_state=tv_state)
         if report.problems:
             report.seconds = time.perf_counter() - started
             raise VerificationError(
-                f"{input_path!r}: the converted weights failed verification; nothing was written:\n  "
+                f"{input_path!r}: the converted weights failed verification; nothing was "
+                "written:\n  "
                 + "\n  ".join(report.problems),
                 report,
             )
     if to == "torchvision":
         atomic_torch_save(tv_state, output_path)
     else:
-        write_converted(output_path, weights, trunk.author, trunk.arch.name, trunk.arch.detectron2_resnets())
+        write_converted(output_path, weights, trunk.author, trunk.arch.name,
+                        trunk.arch.detectron2_resnets())
     report.output_path = output_path
     report.input_sha256 = file_sha256(input_path)
     report.output_sha256 = file_sha256(output_path)
@@ -209,20 +222,22 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
 
 
 def verify_file(pkl_path, original_path, source="auto", norm="FrozenBN") -> ConversionReport:
-    """Verify an existing .pkl against the checkpoint it was converted from; VerificationError if it fails."""
+    """Verify an existing .pkl against the checkpoint it was converted from; VerificationError if
+    it fails."""
     started = time.perf_counter()
     pkl_path, original_path = os.fspath(pkl_path), os.fspath(original_path)
     data = read_converted(pkl_path)
     trunk = extract_trunk(read_checkpoint(original_path), source)
     report = ConversionReport(
-        input_path=original_path, output_path=pkl_path, source=trunk.source, detected=trunk.detected,
-        author=str(data.get("__author__", trunk.author)), arch=trunk.arch, prefix=trunk.prefix, converted=[],
-        dropped=[],
+        input_path=original_path, output_path=pkl_path, source=trunk.source,
+        detected=trunk.detected, author=str(data.get("__author__", trunk.author)), arch=trunk.arch,
+        prefix=trunk.prefix, converted=[], dropped=[],
     )
     _verify(data["model"], trunk, report, norm)
     report.seconds = time.perf_counter() - started
     if report.problems:
         raise VerificationError(
-            f"{pkl_path!r} failed verification against {original_path!r}:\n  " + "\n  ".join(report.problems), report
+            f"{pkl_path!r} failed verification against {original_path!r}:\n  "
+            + "\n  ".join(report.problems), report
         )
     return report

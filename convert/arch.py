@@ -1,4 +1,5 @@
-"""Which ResNet a trunk is, read from its tensors, and the detectron2 settings that build the same network.
+"""Which ResNet a trunk is, read from its tensors, and the detectron2 settings that build the same
+network.
 
 torchvision's ResNet family is one constructor, `ResNet(block, layers, groups, width_per_group)`:
     ResNet-18/34            BasicBlock, (2,2,2,2) / (3,4,6,3)
@@ -6,12 +7,12 @@ torchvision's ResNet family is one constructor, `ResNet(block, layers, groups, w
     ResNeXt-50 32x4d        Bottleneck, (3,4,6,3), groups 32, width_per_group 4
     ResNeXt-101 32x8d/64x4d Bottleneck, (3,4,23,3), groups 32/64, width_per_group 8/4
     Wide ResNet-50-2/101-2  Bottleneck, groups 1, width_per_group 128
-The bottleneck width of layer1 is groups * width_per_group (= the out-channels of layer1.0.conv2), and
-layer1.0.conv2 has in-channels / groups input channels per filter, so both come out of one tensor shape.
-detectron2 builds the same network from MODEL.RESNETS.{DEPTH, NUM_GROUPS, WIDTH_PER_GROUP,
-RES2_OUT_CHANNELS} (its bottleneck_channels = NUM_GROUPS * WIDTH_PER_GROUP at res2, doubled per stage;
-detectron2/modeling/backbone/resnet.py, build_resnet_backbone), with STRIDE_IN_1X1 False because torchvision
-strides in the 3x3 conv.
+The bottleneck width of layer1 is groups * width_per_group (= the out-channels of layer1.0.conv2),
+and layer1.0.conv2 has in-channels / groups input channels per filter, so both come out of one
+tensor shape. detectron2 builds the same network from MODEL.RESNETS.{DEPTH, NUM_GROUPS,
+WIDTH_PER_GROUP, RES2_OUT_CHANNELS} (its bottleneck_channels = NUM_GROUPS * WIDTH_PER_GROUP at
+res2, doubled per stage; detectron2/modeling/backbone/resnet.py, build_resnet_backbone), with
+STRIDE_IN_1X1 False because torchvision strides in the 3x3 conv.
 """
 import collections
 import re
@@ -29,8 +30,8 @@ RESNET_DEPTHS = {
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
 }
-# (depth, groups, width_per_group) -> torchvision builder, for names in reports; other combinations are
-# still ResNets torchvision and detectron2 both build, named by their numbers
+# (depth, groups, width_per_group) -> torchvision builder, for names in reports; other combinations
+# are still ResNets torchvision and detectron2 both build, named by their numbers
 TORCHVISION_NAMES = {
     (18, 1, 64): "resnet18",
     (34, 1, 64): "resnet34",
@@ -44,12 +45,14 @@ TORCHVISION_NAMES = {
     (101, 1, 128): "wide_resnet101_2",
 }
 
-# trunks that are ResNets in name but not the plain network detectron2 builds: refused, naming what it is.
-# Key patterns of timm (resnet50d/seresnet50/ecaresnet50t: timm/models/resnet.py) and antialiased-cnns
-# (BlurPool's `filt` buffer); timm's resnetaa*/resnetblur* have no parameters of their own, see `refuse_non_plain`
+# trunks that are ResNets in name but not the plain network detectron2 builds: refused, naming what
+# it is. Key patterns of timm (resnet50d/seresnet50/ecaresnet50t: timm/models/resnet.py) and
+# antialiased-cnns (BlurPool's `filt` buffer); timm's resnetaa*/resnetblur* have no parameters of
+# their own, see `refuse_non_plain`
 NON_PLAIN = [
     (re.compile(r"^conv1\.\d+\."), "a deep stem (ResNet-C/D/T: conv1 is a sequence of 3x3 convs)"),
-    (re.compile(r"\.downsample\.2\."), "average-pool shortcuts (ResNet-D: downsample = pool, conv, BN)"),
+    (re.compile(r"\.downsample\.2\."),
+     "average-pool shortcuts (ResNet-D: downsample = pool, conv, BN)"),
     (re.compile(r"\.se\.fc\d?\."), "squeeze-and-excitation blocks (SE-ResNet)"),
     (re.compile(r"\.(se|eca|attn)\.conv\."), "efficient channel attention blocks (ECA-ResNet)"),
     (re.compile(r"(^|\.)filt$"), "anti-aliased (BlurPool) downsampling"),
@@ -96,14 +99,15 @@ class Architecture:
                          width_per_group=self.width_per_group)
 
     def reference_state_dict(self):
-        """The torchvision trunk's state dict on the meta device: names and shapes, no memory, no init cost."""
+        """The torchvision trunk's state dict on the meta device: names and shapes, no memory, no
+        init cost."""
         with torch.device("meta"):
             model = self.build_torchvision()
         return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
     def as_dict(self):
-        return {"name": self.name, "torchvision": self.torchvision_name, "depth": self.depth, "block": self.block,
-                "groups": self.groups, "width_per_group": self.width_per_group}
+        return {"name": self.name, "torchvision": self.torchvision_name, "depth": self.depth,
+                "block": self.block, "groups": self.groups, "width_per_group": self.width_per_group}
 
 
 def refuse_non_plain(names, where):
@@ -114,12 +118,13 @@ def refuse_non_plain(names, where):
         if hits:
             found.append(f"{what} (e.g. {hits[0]!r})")
     if found:
-        raise UsageError(f"{where} has {'; '.join(found)}: only plain torchvision-style ResNets convert to "
-                         "detectron2's ResNet")
+        raise UsageError(f"{where} has {'; '.join(found)}: only plain torchvision-style ResNets "
+                         "convert to detectron2's ResNet")
 
 
 def infer_architecture(shapes, where="the trunk"):
-    """Architecture of a torchvision-named trunk from {name: shape}; UsageError saying what does not fit."""
+    """Architecture of a torchvision-named trunk from {name: shape}; UsageError saying what does
+    not fit."""
     names = list(shapes)
     refuse_non_plain(names, where)
     stem = tuple(shapes.get("conv1.weight", ()))
@@ -127,10 +132,11 @@ def infer_architecture(shapes, where="the trunk"):
         hint = " (a CIFAR-style 3x3 stem?)" if stem[2:] == (3, 3) else ""
         if stem[1:] == PLAIN_STEM[1:] and stem[0] > PLAIN_STEM[0]:
             hint = " (a width-multiplied ResNet such as SwAV's or SimCLR's RN50w2?)"
-        raise UsageError(f"{where}: conv1.weight has shape {stem}, a plain ResNet stem is {PLAIN_STEM}{hint}")
+        raise UsageError(f"{where}: conv1.weight has shape {stem}, a plain ResNet stem is "
+                         f"{PLAIN_STEM}{hint}")
     if "bn1.weight" in shapes and "bn1.running_mean" not in shapes:
-        raise UsageError(f"{where}: its norm layers have no running statistics (GroupNorm?); detectron2's "
-                         "FrozenBN/BN need BatchNorm statistics")
+        raise UsageError(f"{where}: its norm layers have no running statistics (GroupNorm?); "
+                         "detectron2's FrozenBN/BN need BatchNorm statistics")
     blocks = collections.defaultdict(set)
     for name in names:
         match = _BLOCK_KEY.match(name)
@@ -141,8 +147,8 @@ def infer_architecture(shapes, where="the trunk"):
     depth = next((d for d, spec in RESNET_DEPTHS.items() if spec == (block, per_stage)), None)
     if depth is None:
         known = ", ".join(f"R{d}: {b} {s}" for d, (b, s) in RESNET_DEPTHS.items())
-        raise UsageError(f"{where} has {block} blocks per stage {per_stage}, which is no ResNet depth "
-                         f"we convert ({known})")
+        raise UsageError(f"{where} has {block} blocks per stage {per_stage}, which is no ResNet "
+                         f"depth we convert ({known})")
     groups, width_per_group = 1, 64
     if block == "bottleneck" and "layer1.0.conv2.weight" in shapes:
         width, per_filter = tuple(shapes["layer1.0.conv2.weight"])[:2]

@@ -1,10 +1,10 @@
 """torchvision ResNet names -> detectron2 ResNet names, by the rules of MoCo's official converter.
 
-    conv1.weight                    -> stem.conv1.weight            (a name without `layer` is the stem)
-    bn1.running_mean                -> stem.conv1.norm.running_mean (bnN is the norm of convN)
-    layer1.0.conv2.weight           -> res2.0.conv2.weight          (layer1..4 are res2..5)
-    layer3.0.downsample.0.weight    -> res4.0.shortcut.weight
-    layer3.0.downsample.1.bias      -> res4.0.shortcut.norm.bias
+  conv1.weight                 -> stem.conv1.weight            (a name without `layer` is the stem)
+  bn1.running_mean             -> stem.conv1.norm.running_mean (bnN is the norm of convN)
+  layer1.0.conv2.weight        -> res2.0.conv2.weight          (layer1..4 are res2..5)
+  layer3.0.downsample.0.weight -> res4.0.shortcut.weight
+  layer3.0.downsample.1.bias   -> res4.0.shortcut.norm.bias
 """
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ def detectron2_name(torchvision_name: str) -> str:
 def to_detectron2(trunk_state):
     """{detectron2 name: float32 numpy array} for a torchvision-named trunk state dict.
 
-    Floating tensors are stored as float32 (what detectron2 trains in; bfloat16 has no numpy type), so a
-    half-precision checkpoint converts too.
+    Floating tensors are stored as float32 (what detectron2 trains in; bfloat16 has no numpy type),
+    so a half-precision checkpoint converts too.
     """
     weights = {}
     for name, tensor in trunk_state.items():
@@ -37,6 +37,7 @@ def to_detectron2(trunk_state):
         tensor = tensor.detach().cpu()
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
-        # a copy: the written arrays must not share memory with the original weights verification compares to
+        # a copy: the written arrays must not share memory with the original weights verification
+        # compares to
         weights[new_name] = np.array(tensor.numpy(), copy=True, order="C")
     return weights

@@ -1,16 +1,20 @@
-"""Prove a converted .pkl: detectron2 loads all of it and computes what the original network computed.
+"""Prove a converted .pkl: detectron2 loads all of it and computes what the original network
+computed.
 
-1. Loading: the weights go into detectron2's own ResNet backbone through `DetectionCheckpointer` (name-matching
-   heuristics included, as training loads them). detectron2 only *logs* what it could not load, so we take the
-   `_IncompatibleKeys` that `_load_model` returns and, because FrozenBatchNorm2d quietly fills a missing
-   running_mean/var with 0/1, also compare the model's state dict with the pkl key by key.
+1. Loading: the weights go into detectron2's own ResNet backbone through `DetectionCheckpointer`
+   (name-matching heuristics included, as training loads them). detectron2 only *logs* what it
+   could not load, so we take the `_IncompatibleKeys` that `_load_model` returns and, because
+   FrozenBatchNorm2d quietly fills a missing running_mean/var with 0/1, also compare the model's
+   state dict with the pkl key by key.
 2. Values: every array equals the original tensor it was renamed from.
-3. Numerics: in eval mode, detectron2's res2..res5 outputs on a random batch must equal the stage outputs of
-   torchvision's ResNet holding the original weights (relative error max|d2 - tv| / max|tv| <= 1e-5, float32).
+3. Numerics: in eval mode, detectron2's res2..res5 outputs on a random batch must equal the stage
+   outputs of torchvision's ResNet holding the original weights (relative error max|d2 - tv| /
+   max|tv| <= 1e-5, float32).
 
-The backbone is built with the settings of the `_moco` transfer configs (RGB input, torchvision mean/std) and
-the trunk's architecture (convert.arch): DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS (64 for the basic
-blocks of R18/R34), STRIDE_IN_1X1 False (torchvision puts the stride in the 3x3 conv).
+The backbone is built with the settings of the `_moco` transfer configs (RGB input, torchvision
+mean/std) and the trunk's architecture (convert.arch): DEPTH, NUM_GROUPS, WIDTH_PER_GROUP,
+RES2_OUT_CHANNELS (64 for the basic blocks of R18/R34), STRIDE_IN_1X1 False (torchvision puts the
+stride in the 3x3 conv).
 """
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -23,7 +27,8 @@ from mocobench.utils.errors import UsageError
 
 TOLERANCE = 1e-5
 STAGES = ("res2", "res3", "res4", "res5")
-# the normalisation of the `_moco` detection configs: RGB in [0, 255], torchvision's ImageNet mean/std
+# the normalisation of the `_moco` detection configs: RGB in [0, 255], torchvision's ImageNet
+# mean/std
 PIXEL_MEAN = [123.675, 116.280, 103.530]
 PIXEL_STD = [58.395, 57.120, 57.375]
 
@@ -44,7 +49,8 @@ class VerifyResult:
 
 
 def detectron2_resnet_cfg(arch, norm="FrozenBN"):
-    """A detectron2 cfg for the backbone alone: the `_moco` transfer settings and `arch`'s MODEL.RESNETS."""
+    """A detectron2 cfg for the backbone alone: the `_moco` transfer settings and `arch`'s
+    MODEL.RESNETS."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -61,8 +67,9 @@ def detectron2_resnet_cfg(arch, norm="FrozenBN"):
 
 
 def build_detectron2_resnet(arch, norm="FrozenBN"):
-    """detectron2's ResNet for `arch`, built on the meta device and materialised uninitialised: every tensor
-    is then loaded from the weights (and what is not loaded is caught key by key), so random init is wasted."""
+    """detectron2's ResNet for `arch`, built on the meta device and materialised uninitialised:
+    every tensor is then loaded from the weights (and what is not loaded is caught key by key), so
+    random init is wasted."""
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
@@ -72,8 +79,8 @@ def build_detectron2_resnet(arch, norm="FrozenBN"):
 
 
 def build_torchvision_resnet(arch, trunk_state, strict=False):
-    """torchvision ResNet `arch` minus fc, in eval mode, holding `trunk_state` (num_batches_tracked may be absent
-    unless `strict`). Raises UsageError when the state does not fit."""
+    """torchvision ResNet `arch` minus fc, in eval mode, holding `trunk_state` (num_batches_tracked
+    may be absent unless `strict`). Raises UsageError when the state does not fit."""
     with torch.device("meta"):
         model = arch.build_torchvision()
     model.fc = torch.nn.Identity()
@@ -104,11 +111,13 @@ def torchvision_stage_outputs(model, images):
 
 def _short(names, limit=6):
     names = list(names)
-    return ", ".join(map(str, names[:limit])) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+    return ", ".join(map(str, names[:limit])) \
+        + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def check_loading(model, weights, author, result):
-    """Load `weights` through DetectionCheckpointer; every gap or surplus becomes a problem in `result`."""
+    """Load `weights` through DetectionCheckpointer; every gap or surplus becomes a problem in
+    `result`."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     checkpoint = {"model": dict(weights), "__author__": author, "matching_heuristics": True}
@@ -122,24 +131,31 @@ def check_loading(model, weights, author, result):
     if missing:
         result.problems.append(f"detectron2 parameters/buffers not loaded: {_short(missing)}")
     if incompatible.unexpected_keys:
-        result.problems.append(f"pkl tensors detectron2 did not use: {_short(incompatible.unexpected_keys)}")
+        result.problems.append("pkl tensors detectron2 did not use: "
+                               f"{_short(incompatible.unexpected_keys)}")
     for key, shape_pkl, shape_model in incompatible.incorrect_shapes:
-        result.problems.append(f"shape mismatch for {key}: pkl {tuple(shape_pkl)}, detectron2 {tuple(shape_model)}")
+        result.problems.append(f"shape mismatch for {key}: pkl {tuple(shape_pkl)}, detectron2 "
+                               f"{tuple(shape_model)}")
 
-    # key by key: the backbone's whole state (parameters and BN buffers) must be exactly the pkl's arrays
-    model_state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    # key by key: the backbone's whole state (parameters and BN buffers) must be exactly the pkl's
+    # arrays
+    model_state = {k: v for k, v in model.state_dict().items()
+                   if not k.endswith("num_batches_tracked")}
     absent = sorted(set(model_state) - set(weights))
     extra = sorted(set(weights) - set(model_state))
     if absent:
-        result.problems.append(f"detectron2 backbone tensors missing from the pkl: {_short(absent)}")
+        result.problems.append("detectron2 backbone tensors missing from the pkl: "
+                               f"{_short(absent)}")
     if extra:
-        result.problems.append(f"pkl tensors with no place in the detectron2 backbone: {_short(extra)}")
+        result.problems.append("pkl tensors with no place in the detectron2 backbone: "
+                               f"{_short(extra)}")
     unequal = []
     for key in sorted(set(model_state) & set(weights)):
         array = np.asarray(weights[key])
         if tuple(array.shape) != tuple(model_state[key].shape):
             continue  # reported above as a shape mismatch
-        if torch.equal(model_state[key].cpu(), torch.as_tensor(array, dtype=model_state[key].dtype)):
+        if torch.equal(model_state[key].cpu(),
+                       torch.as_tensor(array, dtype=model_state[key].dtype)):
             result.verified += 1
         else:
             unequal.append(key)
@@ -148,8 +164,8 @@ def check_loading(model, weights, author, result):
 
 
 def check_values(weights, trunk_state, result):
-    """Every pkl array equals the original tensor it was renamed from (catches edits numerics can miss:
-    a weight that only meets zeros or padding on the random batch)."""
+    """Every pkl array equals the original tensor it was renamed from (catches edits numerics can
+    miss: a weight that only meets zeros or padding on the random batch)."""
     from convert.rename import detectron2_name
 
     changed = []
@@ -161,7 +177,8 @@ def check_values(weights, trunk_state, result):
             if array.shape == original.shape and not np.array_equal(array, original):
                 changed.append(f"{key} (from {name})")
     if changed:
-        result.problems.append(f"pkl tensors that differ from the original checkpoint: {_short(changed)}")
+        result.problems.append("pkl tensors that differ from the original checkpoint: "
+                               f"{_short(changed)}")
 
 
 def check_numerics(model, reference, images, result):
@@ -171,22 +188,25 @@ def check_numerics(model, reference, images, result):
     for stage in STAGES:
         a, b = ours[stage].float(), theirs[stage].float()
         if a.shape != b.shape:
-            result.problems.append(f"{stage}: detectron2 output {tuple(a.shape)} vs torchvision {tuple(b.shape)}")
+            result.problems.append(f"{stage}: detectron2 output {tuple(a.shape)} vs torchvision "
+                                   f"{tuple(b.shape)}")
             result.stage_errors[stage] = float("inf")
             continue
         error = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
         result.stage_errors[stage] = error
         if not error <= TOLERANCE:  # NaN fails too
-            result.problems.append(f"{stage}: relative error {error:.3g} > {TOLERANCE:g} against torchvision")
+            result.problems.append(f"{stage}: relative error {error:.3g} > {TOLERANCE:g} against "
+                                   "torchvision")
 
 
-def verify_weights(weights, trunk_state, arch, author="MOCO", norm="FrozenBN", image_size=64, batch=2, seed=0,
-                   reference_state=None):
-    """Check converted detectron2 `weights` (name -> array) against the original `trunk_state` of `arch`.
+def verify_weights(weights, trunk_state, arch, author="MOCO", norm="FrozenBN", image_size=64,
+                   batch=2, seed=0, reference_state=None):
+    """Check converted detectron2 `weights` (name -> array) against the original `trunk_state` of
+    `arch`.
 
-    The numerical reference is torchvision's ResNet holding `reference_state` (default: the original trunk;
-    for `--to torchvision` the written file's contents, loaded strictly). Returns a VerifyResult; callers decide
-    whether its problems are fatal (`convert_checkpoint` raises).
+    The numerical reference is torchvision's ResNet holding `reference_state` (default: the
+    original trunk; for `--to torchvision` the written file's contents, loaded strictly). Returns a
+    VerifyResult; callers decide whether its problems are fatal (`convert_checkpoint` raises).
     """
     result = VerifyResult()
     model = build_detectron2_resnet(arch, norm)
@@ -203,7 +223,8 @@ def verify_weights(weights, trunk_state, arch, author="MOCO", norm="FrozenBN", i
         changed = [name for name, tensor in trunk_state.items()
                    if not torch.equal(reference_state[name].float(), tensor.detach().cpu().float())]
         if changed:
-            result.problems.append(f"torchvision tensors that differ from the original checkpoint: {_short(changed)}")
+            result.problems.append("torchvision tensors that differ from the original checkpoint: "
+                                   f"{_short(changed)}")
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator)
     check_numerics(model, reference, images, result)

@@ -1,4 +1,5 @@
-"""`mocobench convert` on hostile and broken input: nothing runs, nothing is written, the error says why."""
+"""`mocobench convert` on hostile and broken input: nothing runs, nothing is written, the error
+says why."""
 import os
 import pickle
 
@@ -46,7 +47,8 @@ def test_payload_is_live(tmp_path):
 def test_malicious_torch_checkpoint_is_refused(resnet18_state, tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "evil.pth.tar"
     state = {"module.encoder_q." + k: v for k, v in resnet18_state.items()}
-    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state, "hook": CreatesFile(marker)}, path)
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state, "hook": CreatesFile(marker)},
+               path)
     assert not marker.exists()
     _assert_refused(path, tmp_path / "out.pkl", marker, "refusing to load .*evil.pth.tar")
 
@@ -54,8 +56,10 @@ def test_malicious_torch_checkpoint_is_refused(resnet18_state, tmp_path):
 def test_malicious_pkl_is_refused(resnet18_state, tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "evil.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in resnet18_state.items()}, "x": CreatesFile(marker)}, f)
-    _assert_refused(path, tmp_path / "out.pkl", marker, "refusing to load .*evil.pkl.*not on the allow-list")
+        pickle.dump({"model": {k: v.numpy() for k, v in resnet18_state.items()},
+                     "x": CreatesFile(marker)}, f)
+    _assert_refused(path, tmp_path / "out.pkl", marker,
+                    "refusing to load .*evil.pkl.*not on the allow-list")
 
 
 def test_malicious_input_through_the_cli_exits_2(resnet18_state, tmp_path, capsys):
@@ -82,22 +86,26 @@ def test_truncated_and_non_checkpoint_files(resnet18_state, tmp_path):
         _assert_refused(tmp_path / name, tmp_path / "out.pkl", tmp_path / "no-marker", match)
 
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    _assert_refused(tmp_path / "list.pth", tmp_path / "out.pkl", tmp_path / "no-marker", "holds a list")
+    _assert_refused(tmp_path / "list.pth", tmp_path / "out.pkl", tmp_path / "no-marker",
+                    "holds a list")
     torch.save({"epoch": 3, "arch": "resnet18"}, tmp_path / "meta.pth")
-    _assert_refused(tmp_path / "meta.pth", tmp_path / "out.pkl", tmp_path / "no-marker", "holds no tensors")
+    _assert_refused(tmp_path / "meta.pth", tmp_path / "out.pkl", tmp_path / "no-marker",
+                    "holds no tensors")
     with pytest.raises(UsageError, match="does not exist"):
         convert_checkpoint(tmp_path / "absent.pth", tmp_path / "out.pkl")
 
 
 def test_non_resnet_checkpoint_lists_the_prefixes_found(tmp_path):
     # a MoCo v2 run on a VGG-like encoder (features.*, classifier.*)
-    vgg = {f"module.encoder_q.features.{i}.{p}": torch.zeros(2) for i in range(0, 22, 2) for p in ("weight", "bias")}
+    vgg = {f"module.encoder_q.features.{i}.{p}": torch.zeros(2) for i in range(0, 22, 2)
+           for p in ("weight", "bias")}
     vgg["module.encoder_k.features.0.weight"] = torch.zeros(2)
     torch.save({"state_dict": vgg, "arch": "vgg11"}, tmp_path / "vgg.pth.tar")
     with pytest.raises(UsageError) as info:
         convert_checkpoint(tmp_path / "vgg.pth.tar", tmp_path / "out.pkl")
     message = str(info.value)
-    assert "holds no ResNet trunk" in message and "module.encoder_q (22), module.encoder_k (1)" in message
+    assert "holds no ResNet trunk" in message \
+        and "module.encoder_q (22), module.encoder_k (1)" in message
     assert "conv1.* next to layer1.0.*" in message
 
     # a MoCo v3 ViT: the base encoder holds no ResNet stem
@@ -111,7 +119,8 @@ def test_non_resnet_checkpoint_lists_the_prefixes_found(tmp_path):
 
 def test_wrong_source_named_explicitly(resnet18_state, tmp_path):
     torch.save(resnet18_state, tmp_path / "resnet18.pth")
-    with pytest.raises(UsageError, match=r"not a moco checkpoint: no ResNet trunk at 'module.encoder_q.conv1.weight'"):
+    with pytest.raises(UsageError, match=r"not a moco checkpoint: no ResNet trunk at "
+                                         r"'module.encoder_q.conv1.weight'"):
         convert_checkpoint(tmp_path / "resnet18.pth", tmp_path / "out.pkl", source="moco")
     with pytest.raises(UsageError, match="unknown --source 'moco-v4'"):
         convert_checkpoint(tmp_path / "resnet18.pth", tmp_path / "out.pkl", source="moco-v4")
@@ -119,11 +128,13 @@ def test_wrong_source_named_explicitly(resnet18_state, tmp_path):
 
 def test_not_a_plain_resnet(resnet18_state):
     wide = dict(resnet18_state, **{"layer1.0.conv1.weight": torch.zeros(128, 64, 3, 3)})
-    with pytest.raises(UsageError, match=r"'layer1.0.conv1.weight' has shape \(128, 64, 3, 3\).*\(64, 64, 3, 3\)"):
+    with pytest.raises(UsageError, match=r"'layer1.0.conv1.weight' has shape \(128, 64, 3, "
+                                         r"3\).*\(64, 64, 3, 3\)"):
         extract_trunk(flatten_checkpoint(wide, "wide.pth"))
 
     three_blocks = {k: v for k, v in resnet18_state.items() if not k.startswith("layer3.1.")}
-    with pytest.raises(UsageError, match=r"blocks per stage \(2, 2, 1, 2\), which is no ResNet depth"):
+    with pytest.raises(UsageError,
+                       match=r"blocks per stage \(2, 2, 1, 2\), which is no ResNet depth"):
         extract_trunk(flatten_checkpoint(three_blocks, "odd.pth"))
 
     missing = {k: v for k, v in resnet18_state.items() if k != "layer2.0.downsample.1.running_var"}
@@ -131,7 +142,8 @@ def test_not_a_plain_resnet(resnet18_state):
         extract_trunk(flatten_checkpoint(missing, "missing.pth"))
 
     extra = dict(resnet18_state, **{"layer1.0.se.fc1.weight": torch.zeros(4, 64)})
-    with pytest.raises(UsageError, match=r"squeeze-and-excitation blocks \(SE-ResNet\) \(e.g. 'layer1.0.se.fc1"):
+    with pytest.raises(UsageError, match=r"squeeze-and-excitation blocks \(SE-ResNet\) \(e.g. "
+                                         r"'layer1.0.se.fc1"):
         extract_trunk(flatten_checkpoint(extra, "se.pth"))
 
 
@@ -164,9 +176,10 @@ def test_official_renaming_rules():
     assert detectron2_name("layer3.22.conv2.weight") == "res4.22.conv2.weight"
 
 
-def test_framework_placeholders_do_not_let_other_globals_through(resnet18_state, tmp_path, monkeypatch):
-    """Framework bookkeeping objects are read as placeholders; a file that also carries any other global
-    (here builtins.open) is still refused as a whole, and nothing in it runs."""
+def test_framework_placeholders_do_not_let_other_globals_through(resnet18_state, tmp_path,
+                                                                 monkeypatch):
+    """Framework bookkeeping objects are read as placeholders; a file that also carries any other
+    global (here builtins.open) is still refused as a whole, and nothing in it runs."""
     import sys
     import types
 
@@ -180,7 +193,8 @@ def test_framework_placeholders_do_not_let_other_globals_through(resnet18_state,
     monkeypatch.setitem(sys.modules, "lightning", module)
     monkeypatch.setitem(sys.modules, "lightning.fake", module)
     marker, path = tmp_path / "pwned", tmp_path / "mixed.ckpt"
-    torch.save({"state_dict": resnet18_state, "loops": Bookkeeping(), "hook": CreatesFile(marker)}, path)
+    torch.save({"state_dict": resnet18_state, "loops": Bookkeeping(), "hook": CreatesFile(marker)},
+               path)
     clean = tmp_path / "clean.ckpt"
     torch.save({"state_dict": resnet18_state, "loops": Bookkeeping()}, clean)
     monkeypatch.delitem(sys.modules, "lightning.fake")
@@ -193,6 +207,7 @@ def test_framework_placeholders_do_not_let_other_globals_through(resnet18_state,
 def test_a_converted_pkl_is_not_converted_again(resnet18_state, tmp_path):
     torch.save(resnet18_state, tmp_path / "r18.pth")
     convert_checkpoint(tmp_path / "r18.pth", tmp_path / "r18.pkl", verify=False)
-    with pytest.raises(UsageError, match=r"r18.pkl' is in detectron2's names already \(stem.\*, res2.\* ...\)"):
+    with pytest.raises(UsageError,
+                       match=r"r18.pkl' is in detectron2's names already \(stem.\*, res2.\* ...\)"):
         convert_checkpoint(tmp_path / "r18.pkl", tmp_path / "again.pkl")
     assert not (tmp_path / "again.pkl").exists()

@@ -1,9 +1,10 @@
-"""Every layout `mocobench convert` reads, built the way each project saves it, around a random ResNet.
+"""Every layout `mocobench convert` reads, built the way each project saves it, around a random
+ResNet.
 
-lightly and timm checkpoints come from the real packages (test extras); the others follow the key structure
-of each project's code (cited in convert/sources.py next to its reader). Each conversion must carry every
-trunk tensor unchanged, verify (detectron2 res2..res5 == torchvision's, <= 1e-5 relative), and name what it
-dropped and why.
+lightly and timm checkpoints come from the real packages (test extras); the others follow the key
+structure of each project's code (cited in convert/sources.py next to its reader). Each conversion
+must carry every trunk tensor unchanged, verify (detectron2 res2..res5 == torchvision's, <= 1e-5
+relative), and name what it dropped and why.
 """
 import argparse
 import copy
@@ -27,7 +28,8 @@ from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
 from mocobench.utils.errors import UsageError
 from mocobench.utils.fileio import safe_unpickle
 
-TRUNK_TENSORS = {"resnet18": 100, "resnet50": 265}  # conv weights + 4 BN tensors per BN (test_convert.py)
+# conv weights + 4 BN tensors per BN (test_convert.py)
+TRUNK_TENSORS = {"resnet18": 100, "resnet50": 265}
 
 
 @functools.cache
@@ -37,7 +39,8 @@ def _random_trunk(arch, seed):
 
 @pytest.fixture
 def trunk():
-    """Factory: the random trunk state (no fc) of a torchvision arch; built once per (arch, seed) per session."""
+    """Factory: the random trunk state (no fc) of a torchvision arch; built once per (arch, seed)
+    per session."""
     def make(arch="resnet18", seed=0):
         return {k: v.clone() for k, v in _random_trunk(arch, seed).items()}
     return make
@@ -53,60 +56,72 @@ def _perturbed(state):
 
 
 def _mlp(prefix, dims, bn=True):
-    """Linear(/BN1d) stack as the projectors of these projects: {prefix}0.weight, {prefix}1.running_mean ..."""
+    """Linear(/BN1d) stack as the projectors of these projects: {prefix}0.weight,
+    {prefix}1.running_mean ..."""
     state, index = {}, 0
     for d_in, d_out in zip(dims[:-1], dims[1:]):
         state[f"{prefix}{index}.weight"] = torch.randn(d_out, d_in)
         if bn:
             bn_prefix = f"{prefix}{index + 1}."
-            state |= {bn_prefix + "weight": torch.ones(d_out), bn_prefix + "bias": torch.zeros(d_out),
-                      bn_prefix + "running_mean": torch.zeros(d_out), bn_prefix + "running_var": torch.ones(d_out),
+            state |= {bn_prefix + "weight": torch.ones(d_out),
+                      bn_prefix + "bias": torch.zeros(d_out),
+                      bn_prefix + "running_mean": torch.zeros(d_out),
+                      bn_prefix + "running_var": torch.ones(d_out),
                       bn_prefix + "num_batches_tracked": torch.tensor(5)}
         index += 3
     return state
 
 
 def _optimizer():
-    return {"state": {0: {"momentum_buffer": torch.zeros(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    return {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+            "param_groups": [{"lr": 0.1, "params": [0]}]}
 
 
-# -- the layouts, each as its project writes it ---------------------------------------------------------------
+# -- the layouts, each as its project writes it ----------------------------------------------------
 
 def vissl_checkpoint(t):
-    # classy_state_dict -> base_model -> model -> {trunk: _feature_blocks.*, heads}; SwAV heads as an example
-    heads = _mlp("0.projection_head.", [512, 64, 32]) | {"0.prototypes0.weight": torch.randn(30, 32)}
+    # classy_state_dict -> base_model -> model -> {trunk: _feature_blocks.*, heads}; SwAV heads as
+    # an example
+    heads = _mlp("0.projection_head.", [512, 64, 32]) \
+        | {"0.prototypes0.weight": torch.randn(30, 32)}
     return {"phase_idx": 3, "iteration": 400, "train_phase_idx": 3,
-            "classy_state_dict": {"train": True, "base_model": {"model": {"trunk": _prefixed("_feature_blocks.", t),
-                                                                         "heads": heads}, "meta": {}},
-                                  "optimizer": _optimizer(), "loss": {"queue": torch.zeros(2, 8)}}}
+            "classy_state_dict": {
+                "train": True,
+                "base_model": {"model": {"trunk": _prefixed("_feature_blocks.", t), "heads": heads},
+                               "meta": {}},
+                "optimizer": _optimizer(), "loss": {"queue": torch.zeros(2, 8)}}}
 
 
 def dino_checkpoint(t):
-    # main_dino.py: student/teacher = MultiCropWrapper(backbone with fc = Identity, DINOHead), DDP-wrapped (BN)
+    # main_dino.py: student/teacher = MultiCropWrapper(backbone with fc = Identity, DINOHead),
+    # DDP-wrapped (BN)
     def network(state):
         head = _mlp("module.head.mlp.", [2048 if len(state) > 200 else 512, 64, 32], bn=False)
         head |= {"module.head.last_layer.weight_g": torch.ones(100, 1),
                  "module.head.last_layer.weight_v": torch.randn(100, 32)}
         return _prefixed("module.backbone.", state) | head
-    return {"student": network(_perturbed(t)), "teacher": network(t), "optimizer": _optimizer(), "epoch": 100,
-            "args": argparse.Namespace(arch="resnet50", out_dim=60000, lr=0.03),
+    return {"student": network(_perturbed(t)), "teacher": network(t), "optimizer": _optimizer(),
+            "epoch": 100, "args": argparse.Namespace(arch="resnet50", out_dim=60000, lr=0.03),
             "dino_loss": {"center": torch.zeros(1, 100)}}
 
 
 def pixpro_checkpoint(t):
-    # main_pretrain.py save_checkpoint: {"opt": args, "model": DDP(PixPro).state_dict(), "optimizer", ...}
+    # main_pretrain.py save_checkpoint: {"opt": args, "model": DDP(PixPro).state_dict(),
+    # "optimizer", ...}
     def proj(prefix):
-        return {prefix + "linear1.weight": torch.randn(64, 512, 1, 1), prefix + "linear1.bias": torch.zeros(64),
-                prefix + "bn1.weight": torch.ones(64), prefix + "bn1.bias": torch.zeros(64),
-                prefix + "bn1.running_mean": torch.zeros(64), prefix + "bn1.running_var": torch.ones(64),
+        return {prefix + "linear1.weight": torch.randn(64, 512, 1, 1),
+                prefix + "linear1.bias": torch.zeros(64), prefix + "bn1.weight": torch.ones(64),
+                prefix + "bn1.bias": torch.zeros(64), prefix + "bn1.running_mean": torch.zeros(64),
+                prefix + "bn1.running_var": torch.ones(64),
                 prefix + "bn1.num_batches_tracked": torch.tensor(3),
-                prefix + "linear2.weight": torch.randn(32, 64, 1, 1), prefix + "linear2.bias": torch.zeros(32)}
+                prefix + "linear2.weight": torch.randn(32, 64, 1, 1),
+                prefix + "linear2.bias": torch.zeros(32)}
     model = _prefixed("module.encoder.", t) | _prefixed("module.encoder_k.", _perturbed(t))
     model |= proj("module.projector.") | proj("module.projector_k.")
     model |= {"module.value_transform.weight": torch.randn(32, 32, 1, 1),
               "module.value_transform.bias": torch.zeros(32)}
-    return {"opt": argparse.Namespace(arch="resnet50", pixpro_p=2.0), "model": model, "optimizer": _optimizer(),
-            "scheduler": {"last_epoch": 400}, "epoch": 400}
+    return {"opt": argparse.Namespace(arch="resnet50", pixpro_p=2.0), "model": model,
+            "optimizer": _optimizer(), "scheduler": {"last_epoch": 400}, "epoch": 400}
 
 
 def swav_checkpoint(t):
@@ -124,7 +139,8 @@ def barlowtwins_checkpoint(t):
 
 
 def densecl_checkpoint(t):
-    # OpenSelfSup runner checkpoint of DenseCL: encoder_q = (backbone, neck), encoder_k, backbone again, 2 queues
+    # OpenSelfSup runner checkpoint of DenseCL: encoder_q = (backbone, neck), encoder_k, backbone
+    # again, 2 queues
     neck = {"mlp.0.weight": torch.randn(64, 512), "mlp2.0.weight": torch.randn(64, 512, 1, 1)}
     state = _prefixed("encoder_q.0.", t) | _prefixed("encoder_q.1.", neck)
     state |= _prefixed("encoder_k.0.", _perturbed(t)) | _prefixed("encoder_k.1.", neck)
@@ -135,37 +151,47 @@ def densecl_checkpoint(t):
 
 
 def solo_learn_checkpoint(t):
-    # Lightning checkpoint of solo-learn's BYOL (BaseMomentumMethod): backbone/momentum_backbone with fc = Identity
+    # Lightning checkpoint of solo-learn's BYOL (BaseMomentumMethod): backbone/momentum_backbone
+    # with fc = Identity
     state = _prefixed("backbone.", t) | _prefixed("momentum_backbone.", _perturbed(t))
     state |= _mlp("projector.", [512, 64, 32]) | _mlp("momentum_projector.", [512, 64, 32])
     state |= _mlp("predictor.", [32, 64, 32])
     state |= {"classifier.weight": torch.randn(10, 512), "classifier.bias": torch.zeros(10)}
-    return {"epoch": 399, "global_step": 50000, "pytorch-lightning_version": "2.0.2", "state_dict": state,
+    return {"epoch": 399, "global_step": 50000, "pytorch-lightning_version": "2.0.2",
+            "state_dict": state,
             "loops": {"fit_loop": {"epoch_progress": {"total": {"completed": 399}}}},
-            "callbacks": {}, "optimizer_states": [_optimizer()], "lr_schedulers": [{"last_epoch": 399}]}
+            "callbacks": {}, "optimizer_states": [_optimizer()],
+            "lr_schedulers": [{"last_epoch": 399}]}
 
 
 def mmselfsup_checkpoint(t):
-    # mmselfsup 0.x MoCo: encoder_q = Sequential(backbone, neck), encoder_k, backbone/neck registered again
-    neck = {"mlp.0.weight": torch.randn(64, 512), "mlp.0.bias": torch.zeros(64), "mlp.2.weight": torch.randn(32, 64)}
+    # mmselfsup 0.x MoCo: encoder_q = Sequential(backbone, neck), encoder_k, backbone/neck
+    # registered again
+    neck = {"mlp.0.weight": torch.randn(64, 512), "mlp.0.bias": torch.zeros(64),
+            "mlp.2.weight": torch.randn(32, 64)}
     state = _prefixed("encoder_q.0.", t) | _prefixed("encoder_q.1.", neck)
     state |= _prefixed("encoder_k.0.", _perturbed(t)) | _prefixed("encoder_k.1.", neck)
     state |= _prefixed("backbone.", t) | _prefixed("neck.", neck)
     state |= {"queue": torch.randn(32, 64), "queue_ptr": torch.zeros(1, dtype=torch.long)}
-    return {"meta": {"epoch": 200, "mmcv_version": "1.3.16"}, "state_dict": state, "optimizer": _optimizer()}
+    return {"meta": {"epoch": 200, "mmcv_version": "1.3.16"}, "state_dict": state,
+            "optimizer": _optimizer()}
 
 
 def mmselfsup_v1_byol_checkpoint(t):
-    # mmselfsup 1.x BYOL: target_net = CosineEMA(Sequential(backbone, neck)) -> target_net.module.0.*, .steps
+    # mmselfsup 1.x BYOL: target_net = CosineEMA(Sequential(backbone, neck)) ->
+    # target_net.module.0.*, .steps
     neck = {"mlp.0.weight": torch.randn(64, 512), "mlp.1.running_mean": torch.zeros(64)}
-    state = _prefixed("backbone.", t) | _prefixed("neck.", neck) | {"head.predictor.mlp.0.weight": torch.randn(8, 8)}
-    state |= _prefixed("target_net.module.0.", _perturbed(t)) | _prefixed("target_net.module.1.", neck)
+    state = _prefixed("backbone.", t) | _prefixed("neck.", neck) \
+        | {"head.predictor.mlp.0.weight": torch.randn(8, 8)}
+    state |= _prefixed("target_net.module.0.", _perturbed(t)) \
+        | _prefixed("target_net.module.1.", neck)
     state |= {"target_net.steps": torch.tensor(100)}
     return {"meta": {"epoch": 200, "seed": 0}, "state_dict": state, "optimizer": _optimizer()}
 
 
 def lightly_checkpoint(t):
-    # lightly docs: backbone = nn.Sequential(*list(resnet.children())[:-1]) with lightly's own heads next to it
+    # lightly docs: backbone = nn.Sequential(*list(resnet.children())[:-1]) with lightly's own
+    # heads next to it
     from lightly.models.modules import MoCoProjectionHead
 
     resnet = torchvision.models.resnet18()
@@ -181,7 +207,8 @@ def lightly_checkpoint(t):
 
 
 def timm_checkpoint(t, model_name="resnet18"):
-    # timm train.py CheckpointSaver: {"epoch", "arch", "state_dict", "optimizer", "version", "args", "state_dict_ema"}
+    # timm train.py CheckpointSaver: {"epoch", "arch", "state_dict", "optimizer", "version",
+    # "args", "state_dict_ema"}
     import timm
 
     model = timm.create_model("resnet18")
@@ -199,44 +226,54 @@ LAYOUTS = {
         "classy_state_dict.loss.queue": "loss state",
         "classy_state_dict.optimizer.state.0.momentum_buffer": "optimizer state"}),
     "dino": (dino_checkpoint, "teacher.module.backbone.", {
-        "student.module.backbone.conv1.weight": "student network", "teacher.module.head.mlp.0.weight": "DINO",
-        "dino_loss.center": "DINO loss center"}),
+        "student.module.backbone.conv1.weight": "student network",
+        "teacher.module.head.mlp.0.weight": "DINO", "dino_loss.center": "DINO loss center"}),
     "pixpro": (pixpro_checkpoint, "module.encoder.", {
         "module.encoder_k.layer1.0.conv1.weight": "momentum encoder",
         "module.projector.linear1.weight": "PixPro pixel projector",
         "module.value_transform.weight": "pixel propagation module"}),
     "swav": (swav_checkpoint, "module.", {
-        "module.prototypes.weight": "SwAV prototypes", "module.projection_head.1.running_var": "projection head"}),
+        "module.prototypes.weight": "SwAV prototypes",
+        "module.projection_head.1.running_var": "projection head"}),
     "barlowtwins": (barlowtwins_checkpoint, "module.backbone.", {
-        "module.projector.3.weight": "Barlow Twins projector", "module.bn.running_var": "affine=False"}),
+        "module.projector.3.weight": "Barlow Twins projector",
+        "module.bn.running_var": "affine=False"}),
     "densecl": (densecl_checkpoint, "backbone.", {
-        "encoder_q.0.conv1.weight": "the same tensors as backbone", "encoder_k.0.conv1.weight": "momentum",
-        "queue2": "dense negative keys", "queue2_ptr": "dense queue pointer", "queue_ptr": "queue pointer"}),
+        "encoder_q.0.conv1.weight": "the same tensors as backbone",
+        "encoder_k.0.conv1.weight": "momentum", "queue2": "dense negative keys",
+        "queue2_ptr": "dense queue pointer", "queue_ptr": "queue pointer"}),
     "solo-learn": (solo_learn_checkpoint, "backbone.", {
-        "momentum_backbone.layer4.1.bn2.bias": "momentum backbone", "classifier.weight": "online linear classifier",
-        "predictor.0.weight": "predictor", "optimizer_states.0.state.0.momentum_buffer": "optimizer state"}),
+        "momentum_backbone.layer4.1.bn2.bias": "momentum backbone",
+        "classifier.weight": "online linear classifier", "predictor.0.weight": "predictor",
+        "optimizer_states.0.state.0.momentum_buffer": "optimizer state"}),
     "mmselfsup": (mmselfsup_checkpoint, "backbone.", {
-        "encoder_q.0.layer1.0.conv1.weight": "online encoder", "encoder_k.0.bn1.weight": "key (momentum) encoder",
-        "neck.mlp.0.weight": "neck", "queue": "queue of negative keys"}),
+        "encoder_q.0.layer1.0.conv1.weight": "online encoder",
+        "encoder_k.0.bn1.weight": "key (momentum) encoder", "neck.mlp.0.weight": "neck",
+        "queue": "queue of negative keys"}),
     "lightly": (lightly_checkpoint, "backbone.", {
-        "backbone_momentum.0.weight": "momentum backbone", "projection_head.layers.0.weight": "projection head"}),
-    "timm": (timm_checkpoint, "", {"state_dict_ema.conv1.weight": "EMA weights", "fc.weight": "classifier"}),
+        "backbone_momentum.0.weight": "momentum backbone",
+        "projection_head.layers.0.weight": "projection head"}),
+    "timm": (timm_checkpoint, "",
+             {"state_dict_ema.conv1.weight": "EMA weights", "fc.weight": "classifier"}),
 }
 
 
 def _check_conversion(report, data, state, prefix, arch="resnet18"):
     """Every trunk tensor carried unchanged under its detectron2 name; the numbers verified."""
     assert report.verified == TRUNK_TENSORS[arch] == len(report.converted) == len(data["model"])
-    assert report.max_rel_error <= 1e-5 and set(report.stage_errors) == {"res2", "res3", "res4", "res5"}
+    assert report.max_rel_error <= 1e-5 \
+        and set(report.stage_errors) == {"res2", "res3", "res4", "res5"}
     for name, tensor in state.items():
         if name.endswith("num_batches_tracked"):
             continue
         np.testing.assert_array_equal(data["model"][detectron2_name(name)], tensor.numpy())
     converted_keys = {key for key, _ in report.converted}
     if report.source == "lightly":
-        assert prefix + "4.0.conv1.weight" in converted_keys and prefix + "0.weight" in converted_keys
+        assert prefix + "4.0.conv1.weight" in converted_keys \
+            and prefix + "0.weight" in converted_keys
     else:
-        assert {prefix + name for name in state if not name.endswith("num_batches_tracked")} == converted_keys
+        assert {prefix + name for name in state if not name.endswith("num_batches_tracked")} \
+            == converted_keys
 
 
 @pytest.mark.parametrize("source", list(LAYOUTS))
@@ -260,8 +297,9 @@ def test_each_source_is_detected_converted_and_verified(source, trunk, tmp_path)
 
 @pytest.mark.parametrize("source", ["dino", "barlowtwins", "densecl", "mmselfsup"])
 def test_backbone_only_releases(source, trunk, tmp_path):
-    """dino_resnet50_pretrain.pth and Barlow Twins' resnet50.pth are torchvision trunks without fc (hubconf.py
-    loads them with strict=False); DenseCL's and mmselfsup's extract_backbone_weights.py add an author."""
+    """dino_resnet50_pretrain.pth and Barlow Twins' resnet50.pth are torchvision trunks without fc
+    (hubconf.py loads them with strict=False); DenseCL's and mmselfsup's
+    extract_backbone_weights.py add an author."""
     state = trunk()
     path = tmp_path / "release.pth"
     if source in ("densecl", "mmselfsup"):
@@ -271,7 +309,8 @@ def test_backbone_only_releases(source, trunk, tmp_path):
         assert report.source == source and report.detected
     else:
         torch.save(state, path)
-        assert convert_checkpoint(path, tmp_path / "auto.pkl").source == "torchvision"  # the same names
+        # the same names
+        assert convert_checkpoint(path, tmp_path / "auto.pkl").source == "torchvision"
         report = convert_checkpoint(path, tmp_path / "out.pkl", source=source)
         assert report.source == source and not report.detected
     assert report.prefix == ""
@@ -286,14 +325,17 @@ def test_resnet50_release_layout_and_json_report(trunk, tmp_path):
     report = convert_checkpoint(path, out)
     data = safe_unpickle(out)
     _check_conversion(report, data, state, "teacher.module.backbone.", "resnet50")
-    assert data["resnets"] == {"DEPTH": 50, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64, "RES2_OUT_CHANNELS": 256,
-                               "STRIDE_IN_1X1": False}
+    assert data["resnets"] \
+        == {"DEPTH": 50, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64, "RES2_OUT_CHANNELS": 256,
+            "STRIDE_IN_1X1": False}
 
     record = json.loads((tmp_path / "dino_r50.json").read_text())
     assert record["input_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert record["output_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
-    assert (record["source"], record["prefix"], record["format"]) == ("dino", "teacher.module.backbone.", "detectron2")
-    assert record["architecture"]["name"] == "ResNet-50" and record["architecture"]["torchvision"] == "resnet50"
+    assert (record["source"], record["prefix"], record["format"]) \
+        == ("dino", "teacher.module.backbone.", "detectron2")
+    assert record["architecture"]["name"] == "ResNet-50" \
+        and record["architecture"]["torchvision"] == "resnet50"
     assert record["converted"] == 265 and record["verified"] == 265
     assert set(record["stage_rel_errors"]) == {"res2", "res3", "res4", "res5"}
     assert record["max_rel_error"] == max(record["stage_rel_errors"].values()) <= 1e-5
@@ -312,7 +354,8 @@ def test_to_torchvision_loads_strictly_and_computes_the_same(trunk, tmp_path):
     written = torch.load(out, weights_only=True)
     model = torchvision.models.resnet18()
     model.fc = torch.nn.Identity()
-    model.load_state_dict(written, strict=True)  # torchvision's own names, nothing missing, nothing extra
+    # torchvision's own names, nothing missing, nothing extra
+    model.load_state_dict(written, strict=True)
     original = torchvision.models.resnet18()
     original.load_state_dict(state, strict=False)
     original.fc = torch.nn.Identity()
@@ -327,7 +370,8 @@ def test_to_torchvision_loads_strictly_and_computes_the_same(trunk, tmp_path):
 def test_torchvision_wrappers(trunk, tmp_path):
     """{"net": ...} (and "state_dict"/"model", test_convert.py) around a DDP-saved classifier."""
     state = trunk()
-    torch.save({"net": _prefixed("module.", state) | {"module.fc.weight": torch.zeros(10, 512)}, "acc": 0.5},
+    torch.save({"net": _prefixed("module.", state) | {"module.fc.weight": torch.zeros(10, 512)},
+                "acc": 0.5},
                tmp_path / "classifier.pth")
     report = convert_checkpoint(tmp_path / "classifier.pth", tmp_path / "out.pkl")
     assert (report.source, report.prefix) == ("torchvision", "module.")
@@ -349,12 +393,13 @@ def test_safetensors_weights(trunk, tmp_path):
         convert_checkpoint(tmp_path / "broken.safetensors", tmp_path / "x.pkl")
 
 
-# -- generic discovery ------------------------------------------------------------------------------------------
+# -- generic discovery -----------------------------------------------------------------------------
 
 def test_generic_discovery_finds_the_only_trunk(trunk, tmp_path):
     state = trunk()
     path = tmp_path / "custom.pth"
-    torch.save({"model": _prefixed("net.body.", state) | {"net.head.weight": torch.randn(5, 512)}, "step": 7}, path)
+    torch.save({"model": _prefixed("net.body.", state) | {"net.head.weight": torch.randn(5, 512)},
+                "step": 7}, path)
     report = convert_checkpoint(path, tmp_path / "out.pkl")
     assert (report.source, report.prefix, report.author) == ("generic", "net.body.", "mocobench")
     _check_conversion(report, safe_unpickle(tmp_path / "out.pkl"), state, "net.body.")
@@ -364,8 +409,8 @@ def test_generic_discovery_finds_the_only_trunk(trunk, tmp_path):
 def test_two_trunks_without_a_rule_are_refused_and_prefix_picks_one(trunk, tmp_path, capsys):
     state = trunk()
     path = tmp_path / "byol.pt"  # e.g. byol-pytorch: online and target networks side by side
-    torch.save(_prefixed("online_network.encoder.", state) | _prefixed("target_network.encoder.", _perturbed(state)),
-               path)
+    torch.save(_prefixed("online_network.encoder.", state)
+               | _prefixed("target_network.encoder.", _perturbed(state)), path)
     assert mocobench_main(["convert", str(path), str(tmp_path / "out.pkl")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -378,8 +423,9 @@ def test_two_trunks_without_a_rule_are_refused_and_prefix_picks_one(trunk, tmp_p
     _check_conversion(report, safe_unpickle(tmp_path / "out.pkl"), state, "online_network.encoder.")
     assert dict(report.dropped)["target_network.encoder.conv1.weight"] == \
         "another ResNet trunk (target_network.encoder.*)"
-    with pytest.raises(UsageError, match=r"no ResNet trunk under --prefix 'online_network.'.*Trunks found: "
-                                         r"'online_network.encoder.', 'target_network.encoder.'"):
+    with pytest.raises(UsageError,
+                       match=r"no ResNet trunk under --prefix 'online_network.'.*Trunks found: "
+                             r"'online_network.encoder.', 'target_network.encoder.'"):
         convert_checkpoint(path, tmp_path / "x.pkl", prefix="online_network.")
 
 
@@ -393,7 +439,7 @@ def test_prefix_converts_a_momentum_encoder_of_a_known_source(trunk, tmp_path):
                                   state["conv1.weight"].numpy() * np.float32(0.9))
 
 
-# -- refusals ---------------------------------------------------------------------------------------------------
+# -- refusals --------------------------------------------------------------------------------------
 
 def _timm_state(name):
     """A timm model's state dict: real names and shapes (values are irrelevant to a refusal)."""
@@ -415,7 +461,8 @@ def test_non_plain_timm_resnets_are_refused_with_one_line(name, what, tmp_path, 
     torch.save(_timm_state(name), path)
     assert mocobench_main(["convert", str(path), str(tmp_path / "out.pkl")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and what in err and "only plain torchvision-style ResNets" in err
+    assert len(err.splitlines()) == 1 and what in err \
+        and "only plain torchvision-style ResNets" in err
     assert not (tmp_path / "out.pkl").exists()
 
 
@@ -426,18 +473,21 @@ def test_antialiased_and_cifar_trunks_are_refused(trunk, tmp_path):
     with pytest.raises(UsageError, match=r"timm 'resnetaa50d' \(args.model\): not a plain ResNet"):
         convert_checkpoint(path, tmp_path / "out.pkl")
     # antialiased-cnns registers its blur filters as buffers
-    state = trunk() | {"layer2.0.conv2.1.filt": torch.ones(128, 1, 3, 3), "maxpool.1.filt": torch.ones(64, 1, 3, 3)}
+    state = trunk() | {"layer2.0.conv2.1.filt": torch.ones(128, 1, 3, 3),
+                       "maxpool.1.filt": torch.ones(64, 1, 3, 3)}
     torch.save(state, path)
     with pytest.raises(UsageError, match=r"anti-aliased \(BlurPool\) downsampling \(e.g. '"):
         convert_checkpoint(path, tmp_path / "out.pkl")
     # solo-learn on CIFAR swaps the stem for a 3x3 conv without max-pool
     state = trunk() | {"conv1.weight": torch.zeros(64, 3, 3, 3)}
     torch.save(solo_learn_checkpoint(state), path)
-    with pytest.raises(UsageError, match=r"conv1.weight has shape \(64, 3, 3, 3\).*CIFAR-style 3x3 stem"):
+    with pytest.raises(UsageError,
+                       match=r"conv1.weight has shape \(64, 3, 3, 3\).*CIFAR-style 3x3 stem"):
         convert_checkpoint(path, tmp_path / "out.pkl")
     # SwAV/SimCLR RN50w2 widen every layer, the stem included
     torch.save(swav_checkpoint(trunk() | {"conv1.weight": torch.zeros(128, 3, 7, 7)}), path)
-    with pytest.raises(UsageError, match=r"\(128, 3, 7, 7\).*width-multiplied ResNet such as SwAV's"):
+    with pytest.raises(UsageError,
+                       match=r"\(128, 3, 7, 7\).*width-multiplied ResNet such as SwAV's"):
         convert_checkpoint(path, tmp_path / "out.pkl")
     assert not (tmp_path / "out.pkl").exists()
 
@@ -453,10 +503,11 @@ def test_list_sources(capsys):
     assert mocobench_main(["convert", "only_input.pth"]) == 2
 
 
-# -- every ResNet shape ----------------------------------------------------------------------------------------
+# -- every ResNet shape ----------------------------------------------------------------------------
 
-# torchvision builder -> (name, MODEL.RESNETS DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, RES2_OUT_CHANNELS), written from
-# torchvision's resnet.py constructors (groups / width_per_group) and detectron2's build_resnet_backbone
+# torchvision builder -> (name, MODEL.RESNETS DEPTH, NUM_GROUPS, WIDTH_PER_GROUP,
+# RES2_OUT_CHANNELS), written from torchvision's resnet.py constructors (groups / width_per_group)
+# and detectron2's build_resnet_backbone
 ARCHITECTURES = {
     "resnet18": ("ResNet-18", 18, 1, 64, 64),
     "resnet34": ("ResNet-34", 34, 1, 64, 64),
@@ -469,14 +520,15 @@ ARCHITECTURES = {
     "wide_resnet50_2": ("Wide ResNet-50-2", 50, 1, 128, 256),
     "wide_resnet101_2": ("Wide ResNet-101-2", 101, 1, 128, 256),
 }
-CI_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")  # the others: 3-8 s CPU each
+# the others: 3-8 s CPU each
+CI_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Factory: (arch) -> (report, trunk state), converted once per module from a MoCo v2-layout checkpoint.
-    The inputs are deleted once converted and the outputs when the module ends: all nine ResNets together are
-    4 GB on disk."""
+    """Factory: (arch) -> (report, trunk state), converted once per module from a MoCo v2-layout
+    checkpoint. The inputs are deleted once converted and the outputs when the module ends: all
+    nine ResNets together are 4 GB on disk."""
     cache, root = {}, tmp_path_factory.mktemp("convert_arch")
 
     def make(arch):
@@ -491,8 +543,9 @@ def converted(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("arch", [a if a in CI_ARCHITECTURES else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in ARCHITECTURES])
+@pytest.mark.parametrize("arch",
+                         [a if a in CI_ARCHITECTURES else pytest.param(a, marks=pytest.mark.slow)
+                          for a in ARCHITECTURES])
 def test_every_architecture_converts_and_verifies(arch, converted):
     report, state = converted(arch)
     name, depth, groups, width, res2 = ARCHITECTURES[arch]
@@ -503,7 +556,8 @@ def test_every_architecture_converts_and_verifies(arch, converted):
                                "RES2_OUT_CHANNELS": res2, "STRIDE_IN_1X1": False}
     tensors = [k for k in state if not k.endswith("num_batches_tracked")]
     assert report.verified == len(tensors) == len(data["model"]) and report.max_rel_error <= 1e-5
-    np.testing.assert_array_equal(data["model"]["res3.1.conv2.weight"], state["layer2.1.conv2.weight"].numpy())
+    np.testing.assert_array_equal(data["model"]["res3.1.conv2.weight"],
+                                  state["layer2.1.conv2.weight"].numpy())
 
 
 def _transfer_cfg(config_file, *opts):
@@ -521,17 +575,19 @@ def test_transfer_takes_the_architecture_from_the_pkl(converted, tmp_path):
 
     report, _ = converted("resnext50_32x4d")
     pkl = report.output_path
-    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", pkl, "MODEL.DEVICE", "cpu")
+    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", pkl,
+                        "MODEL.DEVICE", "cpu")
     notes = configure_resnet(cfg)
-    assert (cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP, cfg.MODEL.RESNETS.DEPTH) == (32, 4, 50)
+    assert (cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP,
+            cfg.MODEL.RESNETS.DEPTH) == (32, 4, 50)
     assert "NUM_GROUPS 32, WIDTH_PER_GROUP 4" in notes[0]
     # the detector built from that config takes every tensor of the pkl, shapes and all
     model = build_model(cfg)
     checkpointer = SafeDetectionCheckpointer(model)
     incompatible = checkpointer._load_model(checkpointer._load_file(pkl))
     assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
-    assert torch.equal(model.backbone.res2[0].conv2.weight, torch.as_tensor(safe_unpickle(pkl)["model"]
-                                                                            ["res2.0.conv2.weight"]))
+    assert torch.equal(model.backbone.res2[0].conv2.weight,
+                       torch.as_tensor(safe_unpickle(pkl)["model"]["res2.0.conv2.weight"]))
     # the transfer command does the same before any process starts
     cfg, _ = prepare_config("configs/detection/tiny_synth_voc_R_50_C4.yaml",
                             ["MODEL.WEIGHTS", pkl, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
@@ -540,20 +596,25 @@ def test_transfer_takes_the_architecture_from_the_pkl(converted, tmp_path):
     # a config that says otherwise is refused in one line
     cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", pkl,
                         "MODEL.RESNETS.NUM_GROUPS", "64")
-    with pytest.raises(UsageError, match=r"^MODEL.RESNETS.NUM_GROUPS is 64 but MODEL.WEIGHTS .* holds a "
-                                         r"ResNeXt-50 32x4d \(NUM_GROUPS 32\)"):
+    with pytest.raises(UsageError,
+                       match=r"^MODEL.RESNETS.NUM_GROUPS is 64 but MODEL.WEIGHTS .* holds a "
+                             r"ResNeXt-50 32x4d \(NUM_GROUPS 32\)"):
         configure_resnet(cfg)
 
 
-def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights(converted, tmp_path):
+def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights(converted,
+                                                                                 tmp_path):
     from transfer.config import configure_resnet
 
     report, _ = converted("resnet18")
-    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", report.output_path)
+    cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS",
+                        report.output_path)
     with pytest.raises(UsageError, match="builds res5 from bottleneck blocks; use an FPN config"):
         configure_resnet(cfg)
-    cfg = _transfer_cfg("configs/detection/synth_voc_R18_FPN_cpu_moco.yaml", "MODEL.WEIGHTS", report.output_path)
-    assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 18  # the config already says so
+    cfg = _transfer_cfg("configs/detection/synth_voc_R18_FPN_cpu_moco.yaml", "MODEL.WEIGHTS",
+                        report.output_path)
+    # the config already says so
+    assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 18
     # weights without a recorded architecture (a model-zoo or older pkl) leave the config alone
     data = safe_unpickle(report.output_path)
     with open(tmp_path / "zoo.pkl", "wb") as f:
@@ -561,13 +622,15 @@ def test_transfer_refuses_basic_blocks_under_a_c4_head_and_keeps_foreign_weights
     with open(tmp_path / "caffe2.pkl", "wb") as f:  # MSRA R-50.pkl style: Caffe2 blob names
         pickle.dump({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}}, f)
     for name in ("zoo.pkl", "caffe2.pkl"):
-        cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS", str(tmp_path / name))
+        cfg = _transfer_cfg("configs/detection/tiny_synth_voc_R_50_C4.yaml", "MODEL.WEIGHTS",
+                            str(tmp_path / name))
         assert configure_resnet(cfg) == [] and cfg.MODEL.RESNETS.DEPTH == 50
 
 
 def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_path, monkeypatch):
-    """mmengine's message_hub and Lightning's omegaconf hyper-parameters are pickled objects that torch's
-    weights-only loader refuses; they carry no weights and are read as inert placeholders (never imported)."""
+    """mmengine's message_hub and Lightning's omegaconf hyper-parameters are pickled objects that
+    torch's weights-only loader refuses; they carry no weights and are read as inert placeholders
+    (never imported)."""
     import types
 
     from omegaconf import OmegaConf
@@ -583,7 +646,8 @@ def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_p
     for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
         monkeypatch.setitem(sys.modules, name, module)
     state = trunk()
-    mm = mmselfsup_v1_byol_checkpoint(state) | {"message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}}}
+    mm = mmselfsup_v1_byol_checkpoint(state) \
+        | {"message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}}}
     torch.save(mm, tmp_path / "mm.pth")
     solo = solo_learn_checkpoint(state) | {"hparams_name": "kwargs", "hyper_parameters": {
         "cfg": OmegaConf.create({"method": "byol", "max_epochs": 400, "optimizer": {"lr": 1.0}})}}
@@ -592,8 +656,10 @@ def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_p
         monkeypatch.delitem(sys.modules, name)  # the reader must not need (or import) the class
 
     report = convert_checkpoint(tmp_path / "mm.pth", tmp_path / "mm.pkl")
-    assert report.source == "mmselfsup" and "mmengine.logging.history_buffer.HistoryBuffer" in report.opaque
-    assert all(name.startswith(("mmengine.", "numpy.")) for name in report.opaque)  # its numpy history too
+    assert report.source == "mmselfsup" \
+        and "mmengine.logging.history_buffer.HistoryBuffer" in report.opaque
+    # its numpy history too
+    assert all(name.startswith(("mmengine.", "numpy.")) for name in report.opaque)
     assert dict(report.dropped)["target_net.module.0.conv1.weight"] == "target (momentum) network"
     _check_conversion(report, safe_unpickle(tmp_path / "mm.pkl"), state, "backbone.")
     assert "mmengine" not in sys.modules
@@ -603,7 +669,8 @@ def test_framework_objects_in_a_checkpoint_are_read_as_placeholders(trunk, tmp_p
 
 
 def test_the_summary_and_the_json_report_say_what_was_converted(converted):
-    """What `mocobench convert` prints and writes to OUT.json for the MoCo v2-layout R-18 of `converted`."""
+    """What `mocobench convert` prints and writes to OUT.json for the MoCo v2-layout R-18 of
+    `converted`."""
     import re
 
     report, state = converted("resnet18")
@@ -623,32 +690,41 @@ def test_the_summary_and_the_json_report_say_what_was_converted(converted):
         f"{report.stage_errors['res4']:.1e}, res5 {report.stage_errors['res5']:.1e})",
     ]
     assert lines[7] == ""
-    assert re.fullmatch(rf"wrote    {re.escape(report.output_path)} \(detectron2, \d+\.\d s, verification \d+\.\d s\)",
+    assert re.fullmatch(rf"wrote    {re.escape(report.output_path)} \(detectron2, \d+\.\d s, "
+                        r"verification \d+\.\d s\)",
                         lines[8])
     assert lines[9:] == [f"report   {report.json_path}"]
     assert report.json_path == report.output_path[:-len(".pkl")] + ".json"
     with open(report.json_path) as f:
         written = json.load(f)
-    bns = sorted(k[:-len(".num_batches_tracked")] for k in state if k.endswith("num_batches_tracked"))
+    bns = sorted(k[:-len(".num_batches_tracked")] for k in state
+                 if k.endswith("num_batches_tracked"))
     assert len(bns) == 20
-    assert written["dropped"] == [{"key": f"{prefix}{bn}.num_batches_tracked",
-                                   "reason": "BN num_batches_tracked (detectron2 has no such buffer)"}
-                                  for bn in sorted(bns, key=lambda b: list(state).index(f"{b}.num_batches_tracked"))]
-    assert {k: written[k] for k in ("input", "output", "format", "source", "detected", "prefix", "author",
-                                    "converted", "verified", "ignored_objects", "problems")} == {
-        "input": path, "output": report.output_path, "format": "detectron2", "source": "moco", "detected": True,
-        "prefix": prefix, "author": "MOCO", "converted": 100, "verified": 100, "ignored_objects": [], "problems": []}
-    assert written["architecture"] == {"name": "ResNet-18", "torchvision": "resnet18", "depth": 18, "block": "basic",
-                                       "groups": 1, "width_per_group": 64}
+    assert written["dropped"] == [
+        {"key": f"{prefix}{bn}.num_batches_tracked",
+         "reason": "BN num_batches_tracked (detectron2 has no such buffer)"}
+        for bn in sorted(bns, key=lambda b: list(state).index(f"{b}.num_batches_tracked"))]
+    assert {k: written[k]
+            for k in ("input", "output", "format", "source", "detected", "prefix", "author",
+                      "converted", "verified", "ignored_objects", "problems")} == {
+        "input": path, "output": report.output_path, "format": "detectron2", "source": "moco",
+        "detected": True, "prefix": prefix, "author": "MOCO", "converted": 100, "verified": 100,
+        "ignored_objects": [], "problems": []}
+    assert written["architecture"] \
+        == {"name": "ResNet-18", "torchvision": "resnet18", "depth": 18, "block": "basic",
+            "groups": 1, "width_per_group": 64}
     assert written["detectron2_resnets"] == {"DEPTH": 18, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64,
                                              "RES2_OUT_CHANNELS": 64, "STRIDE_IN_1X1": False}
-    # (the fixture deletes its inputs once converted: the input's hash is the one the report computed)
+    # (the fixture deletes its inputs once converted: the input's hash is the one the report
+    # computed)
     assert written["input_sha256"] == report.input_sha256 and len(report.input_sha256) == 64
-    assert written["output_sha256"] == hashlib.sha256(open(report.output_path, "rb").read()).hexdigest()
+    assert written["output_sha256"] \
+        == hashlib.sha256(open(report.output_path, "rb").read()).hexdigest()
     assert written["max_rel_error"] == report.max_rel_error <= 1e-5
-    assert written["stage_rel_errors"] == report.stage_errors and list(report.stage_errors) == ["res2", "res3", "res4",
-                                                                                                "res5"]
-    assert 0 < written["seconds"] == round(report.seconds, 3) and report.verify_seconds < report.seconds
+    assert written["stage_rel_errors"] == report.stage_errors \
+        and list(report.stage_errors) == ["res2", "res3", "res4", "res5"]
+    assert 0 < written["seconds"] == round(report.seconds, 3) \
+        and report.verify_seconds < report.seconds
     assert (report.arch.depth, report.arch.block) == (18, "basic")
 
 
@@ -656,11 +732,13 @@ def test_cli_flags_no_verify_list_dropped_and_help(trunk, tmp_path, capsys):
     state = trunk()
     torch.save({"state_dict": _prefixed("module.encoder_q.", state)}, tmp_path / "moco.pth.tar")
     out = tmp_path / "fast.pkl"
-    assert mocobench_main(["convert", str(tmp_path / "moco.pth.tar"), str(out), "--no-verify", "--list-dropped"]) == 0
+    assert mocobench_main(["convert", str(tmp_path / "moco.pth.tar"), str(out), "--no-verify",
+                           "--list-dropped"]) == 0
     printed = capsys.readouterr().out
     assert "  verified         -  verification skipped (--no-verify)" in printed.splitlines()
     bns = [k for k in state if k.endswith("num_batches_tracked")]
-    listing = printed.split("\ndropped: BN num_batches_tracked (detectron2 has no such buffer) (20)\n", 1)[1]
+    listing = printed.split("\ndropped: BN num_batches_tracked (detectron2 has no such buffer) "
+                            "(20)\n", 1)[1]
     assert listing.splitlines() == [f"  module.encoder_q.{k}" for k in bns]
     assert len(safe_unpickle(out)["model"]) == 100
     with pytest.raises(SystemExit) as e:
@@ -668,19 +746,23 @@ def test_cli_flags_no_verify_list_dropped_and_help(trunk, tmp_path, capsys):
     assert e.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert help_text.startswith("usage: mocobench convert [-h]")
-    assert "Convert a ResNet checkpoint (MoCo, DINO, SwAV, Barlow Twins, DenseCL, PixPro, solo-learn" in help_text
+    assert ("Convert a ResNet checkpoint (MoCo, DINO, SwAV, Barlow Twins, DenseCL, PixPro, "
+            "solo-learn") in help_text
     assert "exit codes: 0 ok, 1 verification failed (nothing written), 2 bad input" in help_text
-    for flag in ("--source", "--prefix", "--to {detectron2,torchvision}", "--no-verify", "--list-dropped",
-                 "--list-sources"):
+    for flag in ("--source", "--prefix", "--to {detectron2,torchvision}", "--no-verify",
+                 "--list-dropped", "--list-sources"):
         assert flag in help_text
 
 
 def test_key_prefixes_shows_the_largest_twelve_then_a_count():
     from convert.sources import key_prefixes
 
-    keys = [f"head{i:02d}.w{j}" for i in range(13) for j in range(i + 1)] + ["module.encoder_q.conv1.weight", "x"]
+    keys = [f"head{i:02d}.w{j}" for i in range(13) for j in range(i + 1)] \
+        + ["module.encoder_q.conv1.weight", "x"]
     assert key_prefixes(keys, limit=15) == ", ".join(  # 15 prefixes, most keys first, then by name
-        [f"head{i:02d} ({i + 1})" for i in range(12, 0, -1)] + ["head00 (1)", "module.encoder_q (1)", "x (1)"])
+        [f"head{i:02d} ({i + 1})" for i in range(12, 0, -1)]
+        + ["head00 (1)", "module.encoder_q (1)", "x (1)"])
     twelve = key_prefixes(keys[:-2])  # 13 prefixes: 12 shown
     assert twelve.endswith("head01 (2), ... 1 more") and "head00" not in twelve
-    assert key_prefixes(keys[1:-2]) == ", ".join(f"head{i:02d} ({i + 1})" for i in range(12, 0, -1))  # exactly 12
+    # exactly 12
+    assert key_prefixes(keys[1:-2]) == ", ".join(f"head{i:02d} ({i + 1})" for i in range(12, 0, -1))

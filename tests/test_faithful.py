@@ -1,9 +1,12 @@
-"""Faithful by default: the shipped recipes are the official ones, and where we differ the difference is measured.
+"""Faithful by default: the shipped recipes are the official ones, and where we differ the
+difference is measured.
 
-- checkpoints: the official main_moco.py --resume (model, SGD/LARS over all parameters, GradScaler) loads ours
-- precision: v1/v2 fp32, v3 fp16 + GradScaler on CUDA; MoCo logits in fp32 under autocast; TF32 set and recorded
-- resampling: training crops and the eval transform equal torchvision's PIL path; the whole v2 augmentation is
-  distributed as the official recipe's
+- checkpoints: the official main_moco.py --resume (model, SGD/LARS over all parameters, GradScaler)
+  loads ours
+- precision: v1/v2 fp32, v3 fp16 + GradScaler on CUDA; MoCo logits in fp32 under autocast; TF32 set
+  and recorded
+- resampling: training crops and the eval transform equal torchvision's PIL path; the whole v2
+  augmentation is distributed as the official recipe's
 - configs: every value that differs from the official / detectron2 file is named in the header
 """
 import json
@@ -41,18 +44,19 @@ def restore_tf32():
 
 
 def _train(config, root, out_dir, *extra):
-    opts = ["DATA.ROOT", root, "OUTPUT_DIR", out_dir, "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16",
-            "INPUT.SIZE", "32", "DATALOADER.NUM_WORKERS", "0", "KNN.PERIOD", "0", "LOG_PERIOD", "2",
-            "MODEL.ARCH", "resnet18", "DEVICE", "cpu", *extra]
+    opts = ["DATA.ROOT", root, "OUTPUT_DIR", out_dir, "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE",
+            "16", "INPUT.SIZE", "32", "DATALOADER.NUM_WORKERS", "0", "KNN.PERIOD", "0",
+            "LOG_PERIOD", "2", "MODEL.ARCH", "resnet18", "DEVICE", "cpu", *extra]
     assert train_mod.main(["--config-file", os.path.join(PRETRAIN_CONFIGS, config), *opts]) == 0
     return load_checkpoint(os.path.join(out_dir, "checkpoint_0000.pth.tar"))
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The official models, rebuilt from their description (facebookresearch/moco moco/builder.py and
-# facebookresearch/moco-v3 moco/builder.py), inside a DDP-like wrapper: main_moco.py builds its optimizer over
-# model.parameters() of DistributedDataParallel(model) and saves model.state_dict() (keys "module.*").
-# ------------------------------------------------------------------------------------------------------------
+# facebookresearch/moco-v3 moco/builder.py), inside a DDP-like wrapper: main_moco.py builds its
+# optimizer over model.parameters() of DistributedDataParallel(model) and saves model.state_dict()
+# (keys "module.*").
+# --------------------------------------------------------------------------------------------------
 class DDPLike(nn.Module):
     def __init__(self, module):
         super().__init__()
@@ -60,8 +64,8 @@ class DDPLike(nn.Module):
 
 
 def official_moco_v1_v2(arch, dim, K, mlp):
-    """MoCo.__init__: encoder_q, encoder_k = base_encoder(num_classes=dim), fc -> Linear-ReLU-fc on both when
-    mlp, encoder_k frozen, then the buffers queue (dim x K) and queue_ptr."""
+    """MoCo.__init__: encoder_q, encoder_k = base_encoder(num_classes=dim), fc -> Linear-ReLU-fc on
+    both when mlp, encoder_k frozen, then the buffers queue (dim x K) and queue_ptr."""
     model = nn.Module()
     model.encoder_q = getattr(torchvision.models, arch)(num_classes=dim)
     model.encoder_k = getattr(torchvision.models, arch)(num_classes=dim)
@@ -77,17 +81,20 @@ def official_moco_v1_v2(arch, dim, K, mlp):
 
 
 def _official_mlp(input_dim, mlp_dim, output_dim, last_bn):
-    layers = [nn.Linear(input_dim, mlp_dim, bias=False), nn.BatchNorm1d(mlp_dim), nn.ReLU(inplace=True),
-              nn.Linear(mlp_dim, output_dim, bias=False)]
+    layers = [nn.Linear(input_dim, mlp_dim, bias=False), nn.BatchNorm1d(mlp_dim),
+              nn.ReLU(inplace=True), nn.Linear(mlp_dim, output_dim, bias=False)]
     return nn.Sequential(*layers, *([nn.BatchNorm1d(output_dim, affine=False)] if last_bn else []))
 
 
 def official_moco_v3_resnet(arch, dim, mlp_dim):
-    """MoCo_ResNet: base and momentum encoders = resnet(num_classes=mlp_dim, zero_init_residual=True), their fc
-    deleted and replaced by the 2-layer projector, then the predictor (no last BN); momentum encoder frozen."""
+    """MoCo_ResNet: base and momentum encoders = resnet(num_classes=mlp_dim,
+    zero_init_residual=True), their fc deleted and replaced by the 2-layer projector, then the
+    predictor (no last BN); momentum encoder frozen."""
     model = nn.Module()
-    model.base_encoder = getattr(torchvision.models, arch)(num_classes=mlp_dim, zero_init_residual=True)
-    model.momentum_encoder = getattr(torchvision.models, arch)(num_classes=mlp_dim, zero_init_residual=True)
+    model.base_encoder = getattr(torchvision.models, arch)(num_classes=mlp_dim,
+                                                           zero_init_residual=True)
+    model.momentum_encoder = getattr(torchvision.models, arch)(num_classes=mlp_dim,
+                                                               zero_init_residual=True)
     hidden = model.base_encoder.fc.weight.shape[1]
     for encoder in (model.base_encoder, model.momentum_encoder):
         del encoder.fc
@@ -99,9 +106,9 @@ def official_moco_v3_resnet(arch, dim, mlp_dim):
 
 
 def _assert_optimizer_state_fits(optimizer, model, trained_prefix, frozen_prefix):
-    """After load_state_dict: every state tensor sits on a parameter of its own shape (the load does not check
-    shapes: a different parameter order would hang momenta on the wrong tensors), and exactly the trained
-    parameters have state."""
+    """After load_state_dict: every state tensor sits on a parameter of its own shape (the load
+    does not check shapes: a different parameter order would hang momenta on the wrong tensors),
+    and exactly the trained parameters have state."""
     names = {p: n for n, p in model.named_parameters()}
     with_state = {names[p] for p in optimizer.state}
     for p, state in optimizer.state.items():
@@ -115,16 +122,19 @@ def _assert_optimizer_state_fits(optimizer, model, trained_prefix, frozen_prefix
 def test_official_main_moco_resume_loads_a_v2_checkpoint(tiny_imagenet, tmp_path, restore_tf32):
     ckpt = _train("synth_R18_cpu.yaml", tiny_imagenet, str(tmp_path / "v2"), "MOCO.K", "32")
     official = official_moco_v1_v2("resnet18", dim=128, K=32, mlp=True)
-    # main_moco.py --resume: model.load_state_dict(checkpoint["state_dict"]), optimizer.load_state_dict(...)
+    # main_moco.py --resume: model.load_state_dict(checkpoint["state_dict"]),
+    # optimizer.load_state_dict(...)
     official.load_state_dict(ckpt["state_dict"])  # strict: every key and shape
     optimizer = torch.optim.SGD(official.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
     optimizer.load_state_dict(ckpt["optimizer"])
     assert len(optimizer.param_groups[0]["params"]) == len(list(official.parameters())) == 2 * 64
     _assert_optimizer_state_fits(optimizer, official, "module.encoder_q.", "module.encoder_k.")
     # the previous layout (trainable parameters only: 64 of 128) is what the official script rejects
-    trainable_only = torch.optim.SGD([p for p in official.parameters() if p.requires_grad], 0.03, momentum=0.9)
+    trainable_only = torch.optim.SGD([p for p in official.parameters() if p.requires_grad], 0.03,
+                                     momentum=0.9)
     with pytest.raises(ValueError, match="size"):
-        torch.optim.SGD(official.parameters(), 0.03, momentum=0.9).load_state_dict(trainable_only.state_dict())
+        torch.optim.SGD(official.parameters(), 0.03,
+                        momentum=0.9).load_state_dict(trainable_only.state_dict())
     # the run recorded its precision: the v2 recipe is fp32, TF32 off
     record = json.load(open(tmp_path / "v2" / engine.PRECISION_RECORD))
     assert record == {"device": "cpu", "amp": False, "amp_dtype": None, "grad_scaler": False,
@@ -133,39 +143,43 @@ def test_official_main_moco_resume_loads_a_v2_checkpoint(tiny_imagenet, tmp_path
     # the linear protocol sets and records TF32 too (opt-in)
     from pretrain import lincls
 
-    assert lincls.main(["--data", tiny_imagenet, "--pretrained", str(tmp_path / "v2" / "checkpoint_0000.pth.tar"),
-                        "--output", str(tmp_path / "lin"), "--epochs", "1", "--batch-size", "32", "--workers", "0",
-                        "--size", "32", "--tf32"]) == 0
+    assert lincls.main(["--data", tiny_imagenet, "--pretrained",
+                        str(tmp_path / "v2" / "checkpoint_0000.pth.tar"), "--output",
+                        str(tmp_path / "lin"), "--epochs", "1", "--batch-size", "32", "--workers",
+                        "0", "--size", "32", "--tf32"]) == 0
     results = json.load(open(tmp_path / "lin" / "lincls_results.json"))
     assert results["tf32_matmul"] is True and results["tf32_cudnn"] is True
 
 
 def test_official_moco_v3_resume_loads_a_v3_checkpoint_and_scaler(tiny_imagenet, tmp_path):
-    ckpt = _train("moco_v3_R50.yaml", tiny_imagenet, str(tmp_path / "v3"), "MOCO.DIM", "16", "MOCO.MLP_DIM", "32",
-                  "SOLVER.WARMUP_EPOCHS", "0")
+    ckpt = _train("moco_v3_R50.yaml", tiny_imagenet, str(tmp_path / "v3"), "MOCO.DIM", "16",
+                  "MOCO.MLP_DIM", "32", "SOLVER.WARMUP_EPOCHS", "0")
     official = official_moco_v3_resnet("resnet18", dim=16, mlp_dim=32)
     official.load_state_dict(ckpt["state_dict"])
-    # moco-v3 main_moco.py: LARS(model.parameters(), ...) (torch.optim.Optimizer's load_state_dict, state "mu")
+    # moco-v3 main_moco.py: LARS(model.parameters(), ...) (torch.optim.Optimizer's load_state_dict,
+    # state "mu")
     optimizer = LARS(official.parameters(), 0.6, weight_decay=1e-6, momentum=0.9)
     optimizer.load_state_dict(ckpt["optimizer"])
     assert {k for s in optimizer.state.values() for k in s} == {"mu"}
     _assert_optimizer_state_fits(optimizer, official, ("module.base_encoder.", "module.predictor."),
                                  "module.momentum_encoder.")
-    # scaler.load_state_dict(checkpoint["scaler"]): torch.cuda.amp.GradScaler is torch.amp.GradScaler for "cuda";
-    # a CPU run has no scaler and saves a default one's state, since an empty dict is refused
+    # scaler.load_state_dict(checkpoint["scaler"]): torch.cuda.amp.GradScaler is
+    # torch.amp.GradScaler for "cuda"; a CPU run has no scaler and saves a default one's state,
+    # since an empty dict is refused
     torch.amp.GradScaler("cpu").load_state_dict(ckpt["scaler"])
     assert ckpt["scaler"]["scale"] == 65536.0
     with pytest.raises(RuntimeError, match="empty"):
         torch.amp.GradScaler("cpu").load_state_dict({})
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # precision
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config, amp, dtype", [
     ("moco_v1_R50.yaml", False, None), ("moco_v2_R50_200ep.yaml", False, None),
     ("moco_v2_R50_800ep.yaml", False, None), ("moco_v3_R50.yaml", True, torch.float16),
-    ("moco_v3_R50_300ep.yaml", True, torch.float16), ("moco_v3_R50_1000ep.yaml", True, torch.float16),
+    ("moco_v3_R50_300ep.yaml", True, torch.float16),
+    ("moco_v3_R50_1000ep.yaml", True, torch.float16),
 ])
 def test_recipe_precision_on_cuda_and_cpu(config, amp, dtype, tmp_path, restore_tf32):
     cfg = load_config(os.path.join(PRETRAIN_CONFIGS, config), ["OUTPUT_DIR", str(tmp_path)])
@@ -193,11 +207,14 @@ def _moco_with_hard_negatives():
     from pretrain.moco import MoCo
 
     torch.manual_seed(0)
-    model = MoCo(lambda num_classes: torchvision.models.resnet18(num_classes=num_classes), dim=128, K=256, T=0.07)
+    model = MoCo(lambda num_classes: torchvision.models.resnet18(num_classes=num_classes), dim=128,
+                 K=256, T=0.07)
     q = F.normalize(torch.randn(16, 128), dim=1)
     k = F.normalize(q + 0.1 * torch.randn(16, 128), dim=1)
-    # near-duplicates of the queries in the queue: negative logits up to ~1/T = 14, where InfoNCE is sensitive
-    model.queue.copy_(F.normalize(torch.cat([q + 0.05 * torch.randn(16, 128), torch.randn(240, 128)]).t(), dim=0))
+    # near-duplicates of the queries in the queue: negative logits up to ~1/T = 14, where InfoNCE
+    # is sensitive
+    model.queue.copy_(F.normalize(torch.cat([q + 0.05 * torch.randn(16, 128),
+                                             torch.randn(240, 128)]).t(), dim=0))
     return model, q, k
 
 
@@ -217,13 +234,14 @@ def test_moco_logits_under_cpu_autocast_equal_fp32(capsys):
     assert amp.dtype == fp32.dtype == torch.float32
     fp32_error = (fp32.double() - exact).abs().max().item()
     amp_error = (amp.double() - exact).abs().max().item()
-    bf16_in_error = (amp_bf16_features.double() - _exact_logits(q.bfloat16(), k.bfloat16(), model.queue, 0.07)
+    bf16_in_error = (amp_bf16_features.double() - _exact_logits(q.bfloat16(), k.bfloat16(),
+                                                                model.queue, 0.07)
                      ).abs().max().item()
     naive_error = (naive.double() - exact[:, 1:]).abs().max().item()
     with capsys.disabled():
-        print(f"\nMoCo logits max |error| (max logit {exact.abs().max().item():.2f}): fp32 {fp32_error:.2e}, "
-              f"under CPU bf16 autocast {amp_error:.2e} (bf16 features {bf16_in_error:.2e}), "
-              f"a bf16 q.queue product {naive_error:.2e}")
+        print(f"\nMoCo logits max |error| (max logit {exact.abs().max().item():.2f}): fp32 "
+              f"{fp32_error:.2e}, under CPU bf16 autocast {amp_error:.2e} (bf16 features "
+              f"{bf16_in_error:.2e}), a bf16 q.queue product {naive_error:.2e}")
     assert exact.abs().max() > 10
     assert amp_error <= 2 * fp32_error + 1e-6 and bf16_in_error <= 1e-5  # fp32 precision
     assert naive_error > 1e-3  # the tolerance above would catch a low-precision product
@@ -247,12 +265,12 @@ def test_moco_forward_under_autocast_normalises_and_scores_in_fp32():
     assert model.queue.dtype == torch.float32
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # resampling and the augmentation distribution
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def high_frequency_image(h=375, w=500, seed=0):
-    """A 500x375 (VOC-sized) image with fine gratings (periods 2.3-5 px) over a smooth colour field and noise:
-    where resampling without antialiasing aliases."""
+    """A 500x375 (VOC-sized) image with fine gratings (periods 2.3-5 px) over a smooth colour field
+    and noise: where resampling without antialiasing aliases."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     base = np.stack([xx / w, yy / h, (xx + yy) / (h + w)], -1) * 160 + 40
@@ -264,15 +282,17 @@ def high_frequency_image(h=375, w=500, seed=0):
 
 def smooth_image(h=375, w=500):
     yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) * 255 // (h + w - 2)], -1).astype(np.uint8)
+    return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) * 255 // (h + w - 2)],
+                    -1).astype(np.uint8)
 
 
 EVAL_REFERENCE = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
                             T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
 
 
-@pytest.mark.parametrize("image", ["high_frequency_500x375", "high_frequency_375x500", "smooth_500x375",
-                                   "high_frequency_257x1000", "small_100x180"])
+@pytest.mark.parametrize("image",
+                         ["high_frequency_500x375", "high_frequency_375x500", "smooth_500x375",
+                          "high_frequency_257x1000", "small_100x180"])
 def test_eval_transform_is_torchvision_pil_resize_centre_crop(image, capsys):
     img = {"high_frequency_500x375": lambda: high_frequency_image(),
            "high_frequency_375x500": lambda: high_frequency_image(500, 375, seed=1),
@@ -285,21 +305,23 @@ def test_eval_transform_is_torchvision_pil_resize_centre_crop(image, capsys):
     std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
     levels = ((ours - reference) * std * 255).abs()
     with capsys.disabled():
-        print(f"\neval transform vs torchvision PIL ({image}): max |delta| {levels.max().item():.3f} grey levels, "
-              f"{(levels > 0.5).float().mean().item():.4%} of values differ")
+        print(f"\neval transform vs torchvision PIL ({image}): max |delta| "
+              f"{levels.max().item():.3f} grey levels, {(levels > 0.5).float().mean().item():.4%} "
+              "of values differ")
     assert ours.shape == reference.shape == (3, 224, 224)
     assert levels.max().item() <= 1.0 + 1e-3  # <= 1/255 per pixel
 
 
 def test_eval_images_from_jpeg_files_equal_torchvision_image_folder(tmp_path):
-    """The whole evaluation input path (our OpenCV decode + eval transform vs torchvision's ImageFolder with PIL
-    decode + Resize + CenterCrop) on JPEG files, 4:4:4 and 4:2:0 chroma: <= 1/255 per pixel."""
+    """The whole evaluation input path (our OpenCV decode + eval transform vs torchvision's
+    ImageFolder with PIL decode + Resize + CenterCrop) on JPEG files, 4:4:4 and 4:2:0 chroma: <=
+    1/255 per pixel."""
     from pretrain.data import SafeImageFolder
 
     for i, subsampling in enumerate((0, 2)):
         os.makedirs(tmp_path / f"class{i}")
-        Image.fromarray(high_frequency_image(seed=i)).save(tmp_path / f"class{i}" / "a.jpg", quality=85,
-                                                           subsampling=subsampling)
+        Image.fromarray(high_frequency_image(seed=i)).save(tmp_path / f"class{i}" / "a.jpg",
+                                                           quality=85, subsampling=subsampling)
     ours = SafeImageFolder(str(tmp_path), augment.build_eval_transform(224))
     reference = torchvision.datasets.ImageFolder(str(tmp_path), EVAL_REFERENCE)
     std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
@@ -315,26 +337,31 @@ def _old_opencv_resize(img, out_w, out_h):
 
     h, w = img.shape[:2]
     area = w >= 2 * out_w and h >= 2 * out_h
-    return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
+    return cv2.resize(img, (out_w, out_h),
+                      interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
 
 
 def _hf_energy(view):
-    """Mean absolute difference of horizontally adjacent pixels: the high-frequency content of a view."""
+    """Mean absolute difference of horizontally adjacent pixels: the high-frequency content of a
+    view."""
     view = np.asarray(view, dtype=np.float64)
     return float(np.abs(np.diff(view, axis=1)).mean())
 
 
 @pytest.mark.parametrize("size", [224, 64])
 def test_training_crops_equal_torchvision_resized_crop(size, monkeypatch, capsys):
-    """Same crop boxes: our RandomResizedCrop gives torchvision's PIL pixels at every shrink factor."""
+    """Same crop boxes: our RandomResizedCrop gives torchvision's PIL pixels at every shrink
+    factor."""
     img = high_frequency_image()
     pil = Image.fromarray(img)
     crop = augment.RandomResizedCrop(size, scale=(0.08, 1.0))
     worst, mean_abs, ours_hf, ref_hf, old_hf = 0, [], [], [], []
     for i in range(60):
-        top, left, h, w = augment.sample_crop_params(375, 500, crop.scale, crop.ratio, random.Random(i))
+        top, left, h, w = augment.sample_crop_params(375, 500, crop.scale, crop.ratio,
+                                                     random.Random(i))
         ours = crop(img, random.Random(i))
-        ref = np.asarray(TF.resized_crop(pil, top, left, h, w, [size, size], T.InterpolationMode.BILINEAR))
+        ref = np.asarray(TF.resized_crop(pil, top, left, h, w, [size, size],
+                                         T.InterpolationMode.BILINEAR))
         old = _old_opencv_resize(img[top:top + h, left:left + w], size, size)
         delta = np.abs(ours.astype(int) - ref.astype(int))
         worst = max(worst, int(delta.max()))
@@ -344,17 +371,18 @@ def test_training_crops_equal_torchvision_resized_crop(size, monkeypatch, capsys
         old_hf.append(_hf_energy(old))
     ratio, old_ratio = np.mean(ours_hf) / np.mean(ref_hf), np.mean(old_hf) / np.mean(ref_hf)
     with capsys.disabled():
-        print(f"\n{size} px crops of a high-frequency 500x375 image, same boxes: max |delta| {worst} grey levels, "
-              f"mean {np.mean(mean_abs):.4f}; "
-              f"high-frequency energy ours/PIL {ratio:.4f}, previous OpenCV resize/PIL {old_ratio:.3f}")
+        print(f"\n{size} px crops of a high-frequency 500x375 image, same boxes: max |delta| "
+              f"{worst} grey levels, mean {np.mean(mean_abs):.4f}; "
+              f"high-frequency energy ours/PIL {ratio:.4f}, previous OpenCV resize/PIL "
+              f"{old_ratio:.3f}")
     assert worst <= 1  # stated tolerance: 1/255 per pixel (measured: 0, the same op as torchvision)
     assert abs(ratio - 1) < 0.01
     assert abs(old_ratio - 1) > 0.05  # the tolerance tells aliased resampling apart
 
 
 class _PILGaussianBlur:
-    """The official blur (facebookresearch/moco and moco-v3 moco/loader.py): PIL GaussianBlur(radius=sigma),
-    sigma ~ U[.1, 2]."""
+    """The official blur (facebookresearch/moco and moco-v3 moco/loader.py): PIL
+    GaussianBlur(radius=sigma), sigma ~ U[.1, 2]."""
 
     def __call__(self, img):
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
@@ -372,7 +400,8 @@ class _PILSolarize:
 _TO_TENSOR = [T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)]
 
 
-def _official_v3_view(blur_p, solarize_p):  # facebookresearch/moco-v3 main_moco.py augmentation1 / augmentation2
+# facebookresearch/moco-v3 main_moco.py augmentation1 / augmentation2
+def _official_v3_view(blur_p, solarize_p):
     return T.Compose([
         T.RandomResizedCrop(224, scale=(0.2, 1.0)),  # --crop-min=.2 (CONFIG.md)
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -387,19 +416,21 @@ def _official_v3_view(blur_p, solarize_p):  # facebookresearch/moco-v3 main_moco
 OFFICIAL_VIEWS = {
     # facebookresearch/moco main_moco.py, MoCo v1 (no --aug-plus)
     ("v1", 0): T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0)), T.RandomGrayscale(p=0.2),
-                          T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip(), *_TO_TENSOR]),
+                          T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip(),
+                          *_TO_TENSOR]),
     # facebookresearch/moco main_moco.py --aug-plus (MoCo v2)
     ("v2", 0): T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0)),
-                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                          T.RandomApply([_PILGaussianBlur()], p=0.5), T.RandomHorizontalFlip(), *_TO_TENSOR]),
+                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                          T.RandomGrayscale(p=0.2), T.RandomApply([_PILGaussianBlur()], p=0.5),
+                          T.RandomHorizontalFlip(), *_TO_TENSOR]),
     ("v3", 0): _official_v3_view(blur_p=1.0, solarize_p=0.0),
     ("v3", 1): _official_v3_view(blur_p=0.1, solarize_p=0.2),
 }
 
 
 def _view_statistics(views):
-    """Per view: red mean, saturation proxy (mean channel spread), contrast (std), high-frequency energy,
-    left-right brightness difference (the flip)."""
+    """Per view: red mean, saturation proxy (mean channel spread), contrast (std), high-frequency
+    energy, left-right brightness difference (the flip)."""
     v = torch.stack(views).double()
     return {
         "red mean": v[:, 0].mean((1, 2)).numpy(),
@@ -413,8 +444,8 @@ def _view_statistics(views):
 def _ks(a, b):
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right")
-                               / len(b))))
+    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a)
+                               - np.searchsorted(b, grid, "right") / len(b))))
 
 
 def _ks_critical(n, m, alpha):
@@ -423,9 +454,10 @@ def _ks_critical(n, m, alpha):
 
 @pytest.mark.parametrize("version, view", sorted(OFFICIAL_VIEWS))
 def test_augmentation_is_distributed_as_the_official_recipe(version, view, monkeypatch):
-    """End to end at 224 px on a high-frequency 500x375 image: per-view statistics of our views and of the
-    official torchvision/PIL recipe pass two-sample KS tests (alpha 0.001 over all statistics, Bonferroni);
-    for v2 the same test rejects the previous OpenCV resampling (it has the power to see aliasing)."""
+    """End to end at 224 px on a high-frequency 500x375 image: per-view statistics of our views and
+    of the official torchvision/PIL recipe pass two-sample KS tests (alpha 0.001 over all
+    statistics, Bonferroni); for v2 the same test rejects the previous OpenCV resampling (it has
+    the power to see aliasing)."""
     n = 150
     img = high_frequency_image()
     pil = Image.fromarray(img)
@@ -449,27 +481,32 @@ def test_augmentation_is_distributed_as_the_official_recipe(version, view, monke
         assert _ks(old["high-frequency energy"], stats_official["high-frequency energy"]) > critical
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # configs
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config, epochs, lr, wd, m, top1", [
     ("moco_v3_R50.yaml", 100, 0.6, 1e-6, 0.99, "68.9"),
     ("moco_v3_R50_300ep.yaml", 300, 0.3, 1e-6, 0.99, "72.8"),
     ("moco_v3_R50_1000ep.yaml", 1000, 0.3, 1.5e-6, 0.996, "74.6"),
 ])
 def test_v3_recipes_are_the_official_config_md_ones(config, epochs, lr, wd, m, top1):
-    # facebookresearch/moco-v3 CONFIG.md: every ResNet-50 recipe passes --crop-min=.2 and --moco-m-cos
+    # facebookresearch/moco-v3 CONFIG.md: every ResNet-50 recipe passes --crop-min=.2 and
+    # --moco-m-cos
     cfg = load_config(os.path.join(PRETRAIN_CONFIGS, config))
-    assert (cfg.SOLVER.EPOCHS, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.MOCO.M) == (epochs, lr, wd, m)
-    assert tuple(cfg.INPUT.CROP_SCALE) == (0.2, 1.0) and cfg.MOCO.M_COS and cfg.SOLVER.BATCH_SIZE == 4096
-    transform = augment.build_two_view_transform(cfg.INPUT.AUG, cfg.INPUT.SIZE, cfg.INPUT.CROP_SCALE)
+    assert (cfg.SOLVER.EPOCHS, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.MOCO.M) \
+        == (epochs, lr, wd, m)
+    assert tuple(cfg.INPUT.CROP_SCALE) == (0.2, 1.0) and cfg.MOCO.M_COS \
+        and cfg.SOLVER.BATCH_SIZE == 4096
+    transform = augment.build_two_view_transform(cfg.INPUT.AUG, cfg.INPUT.SIZE,
+                                                 cfg.INPUT.CROP_SCALE)
     assert transform.view1.ops[0].scale == transform.view2.ops[0].scale == (0.2, 1.0)
     header = open(os.path.join(PRETRAIN_CONFIGS, config)).read()
     assert "--crop-min=.2" in header and f"top-1: {top1}" in header
 
 
-# The official MoCo detection configs (facebookresearch/moco detection/configs, commit d00ef73 "use naiveSyncBN
-# for moco", unchanged until the repository was emptied): the reference our C4 configs are compared against.
+# The official MoCo detection configs (facebookresearch/moco detection/configs, commit d00ef73 "use
+# naiveSyncBN for moco", unchanged until the repository was emptied): the reference our C4 configs
+# are compared against.
 OFFICIAL_MOCO_DETECTION = {
     "Base-RCNN-C4-BN.yaml": """MODEL:
   META_ARCHITECTURE: "GeneralizedRCNN"
@@ -530,8 +567,10 @@ _MOCO_SUFFIX = """MODEL:
 INPUT:
   FORMAT: "RGB"
 """
-OFFICIAL_MOCO_DETECTION["coco_R_50_C4_2x_moco.yaml"] = '_BASE_: "coco_R_50_C4_2x.yaml"\n' + _MOCO_SUFFIX
-OFFICIAL_MOCO_DETECTION["pascal_voc_R_50_C4_24k_moco.yaml"] = '_BASE_: "pascal_voc_R_50_C4_24k.yaml"\n' + _MOCO_SUFFIX
+OFFICIAL_MOCO_DETECTION["coco_R_50_C4_2x_moco.yaml"] = '_BASE_: "coco_R_50_C4_2x.yaml"\n' \
+    + _MOCO_SUFFIX
+OFFICIAL_MOCO_DETECTION["pascal_voc_R_50_C4_24k_moco.yaml"] = \
+    '_BASE_: "pascal_voc_R_50_C4_24k.yaml"\n' + _MOCO_SUFFIX
 
 # ours -> the file it follows: (official MoCo file, or a detectron2 model-zoo file)
 FOLLOWS = {
@@ -565,7 +604,8 @@ def _named_differences(path):
             break
         header.append(line)
     text = "".join(header)
-    assert "Differs from it:" in text, f"{path}: the header names no differences (not even 'nothing')"
+    assert "Differs from it:" in text, \
+        f"{path}: the header names no differences (not even 'nothing')"
     listed = text.split("Differs from it:", 1)[1]
     return set(re.findall(r"^#\s+([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)+)\s", listed, flags=re.M))
 
@@ -594,7 +634,7 @@ def test_detection_header_names_every_difference_from_the_official_file(name, tm
     assert norms == {"naiveSyncBN"}  # the official repository's choice; SyncBN is one override away
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # paper mode: the detection config per init
 # ------------------------------------------------------------------------------------------------------------
 def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row(tmp_path, monkeypatch):
@@ -608,9 +648,11 @@ def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row
                                ["OUTPUT_DIR", str(tmp_path / "run"), "SUPERVISED.WEIGHTS", str(weights)])
     run = Wiring(cfg, "configs/pipeline/voc_R50_C4_moco_v2_paper.yaml")
     # (sub-config paths are resolved to absolute ones: the pipeline runs from any working directory)
-    assert run.transfer_config_file("supervised").endswith("configs/detection/pascal_voc_R_50_C4_24k.yaml")
+    assert run.transfer_config_file("supervised").endswith(
+        "configs/detection/pascal_voc_R_50_C4_24k.yaml")
     assert run.transfer_config_file("moco") == run.transfer_config_file("random")
-    assert run.transfer_config_file("moco").endswith("configs/detection/pascal_voc_R_50_C4_24k_moco.yaml")
+    assert run.transfer_config_file("moco").endswith(
+        "configs/detection/pascal_voc_R_50_C4_24k_moco.yaml")
     # the stage inputs (what a resumed run compares) carry the config of that init, text included
     inputs = run.transfer_inputs("random")
     assert inputs["config_file"].endswith("_moco.yaml") and 'FORMAT: "RGB"' in inputs["config_text"]

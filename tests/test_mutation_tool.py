@@ -1,5 +1,6 @@
-"""tools/mutation.py, the sample and the score of `make mutation`: the names are mutmut's own, the sample is
-seeded and stratified by module, listed equivalents are never drawn, and the interval is Wilson's."""
+"""tools/mutation.py, the sample and the score of `make mutation`: the names are mutmut's own, the
+sample is seeded and stratified by module, listed equivalents are never drawn, and the interval is
+Wilson's."""
 import importlib.util
 import os
 import subprocess
@@ -16,8 +17,8 @@ spec.loader.exec_module(mutation)
 
 
 def _sample(*args):
-    out = subprocess.run([sys.executable, TOOL, "sample", *args], cwd=REPO, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, TOOL, "sample", *args], cwd=REPO, capture_output=True,
+                         text=True, check=True)
     return out.stdout.split()
 
 
@@ -30,7 +31,8 @@ def test_sample_draws_n_per_module_from_mutmuts_names_seeded_and_without_equival
     assert set(by_unit) == {"transfer.stats", "pretrain.config", "lr/momentum schedules"}
     assert all(len(v) > 12 for v in by_unit.values())
     # mutmut's numbering: <module>.x_<function>__mutmut_<k>, k from 1 in source order, per function
-    assert "transfer.stats.x_welch_interval__mutmut_1" in names and "pretrain.config.x_lr_at__mutmut_1" in names
+    assert "transfer.stats.x_welch_interval__mutmut_1" in names \
+        and "pretrain.config.x_lr_at__mutmut_1" in names
     with open(os.path.join(REPO, "transfer", "stats.py")) as f:
         source = f.read()
     for name in by_unit["transfer.stats"]:
@@ -43,8 +45,10 @@ def test_sample_draws_n_per_module_from_mutmuts_names_seeded_and_without_equival
         counts[mutation.unit_of(name)] = counts.get(mutation.unit_of(name), 0) + 1
     assert counts == {"transfer.stats": 12, "pretrain.config": 12, "lr/momentum schedules": 12}
     assert set(sample) <= set(names) and len(set(sample)) == 36
-    assert _sample("--per-module", "12", "--seed", "3", "transfer.stats", "pretrain.config") == sample
-    assert _sample("--per-module", "12", "--seed", "4", "transfer.stats", "pretrain.config") != sample
+    assert _sample("--per-module", "12", "--seed", "3", "transfer.stats", "pretrain.config") \
+        == sample
+    assert _sample("--per-module", "12", "--seed", "4", "transfer.stats", "pretrain.config") \
+        != sample
 
     # listed equivalents are never drawn; a module smaller than N is taken whole
     equivalents = {n: "reason" for n in by_unit["transfer.stats"][:5]}
@@ -54,15 +58,16 @@ def test_sample_draws_n_per_module_from_mutmuts_names_seeded_and_without_equival
 
 
 def test_sample_of_an_unknown_module_is_an_error():
-    out = subprocess.run([sys.executable, TOOL, "sample", "pretrain.nothing"], cwd=REPO, capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, TOOL, "sample", "pretrain.nothing"], cwd=REPO,
+                         capture_output=True, text=True)
     assert out.returncode == 2 and "no mutants in modules ['pretrain.nothing']" in out.stderr
 
 
 @pytest.mark.parametrize("killed,n", [(0, 20), (17, 20), (20, 20), (45, 50)])
 def test_wilson_interval_is_scipys(killed, n):
     reference = binomtest(killed, n).proportion_ci(confidence_level=0.95, method="wilson")
-    assert mutation.wilson_interval(killed, n) == pytest.approx((reference.low, reference.high), abs=1e-6)
+    assert mutation.wilson_interval(killed, n) \
+        == pytest.approx((reference.low, reference.high), abs=1e-6)
 
 
 def test_score_counts_only_the_sample_and_leaves_equivalents_out():
@@ -77,11 +82,13 @@ def test_score_counts_only_the_sample_and_leaves_equivalents_out():
     table, left = mutation.score_table(results, equivalents, sample)
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
     assert set(rows) == {"transfer.stats", "lr/momentum schedules"}
-    # stats: 6 in the module, 5 sampled and run (the 6th not run), 1 equivalent; killed 2 of 4 (one by timeout)
+    # stats: 6 in the module, 5 sampled and run (the 6th not run), 1 equivalent; killed 2 of 4 (one
+    # by timeout)
     assert rows["transfer.stats"][1:8] == ["6", "5", "1", "2", "1", "1", "1"]
     low, high = mutation.wilson_interval(2, 4)
     assert rows["transfer.stats"][8:] == ["50.0 %", f"{100 * low:.0f}-{100 * high:.0f} % |"]
-    assert sorted(left) == ["transfer.stats.x_describe__mutmut_2", "transfer.stats.x_describe__mutmut_4"]
+    assert sorted(left) \
+        == ["transfer.stats.x_describe__mutmut_2", "transfer.stats.x_describe__mutmut_4"]
     # without a sample every run mutant counts (the validate survivor too)
     _, left = mutation.score_table(results, equivalents)
     assert "pretrain.config.x_validate__mutmut_1" in left

@@ -195,11 +195,11 @@ def test_a_stage_stopped_by_a_signal_stops_the_pipeline_with_its_exit_code(tmp_p
                                                                            capsys):
     from mocobench import cli
 
-    monkeypatch.setattr("synth.generate.main", lambda argv: 143)  # `mocobench data`, on SIGTERM
+    monkeypatch.setattr("synth.cli.main", lambda argv: 143)  # `mocobench data`, on SIGTERM
     out = tmp_path / "run"
     assert cli.main(["pipeline", "--config-file", TINY, "OUTPUT_DIR", str(out)]) == 143
-    assert capsys.readouterr().err == ("mocobench data stopped by a signal (exit 143); run the same "
-                                       "pipeline command again to resume\n")
+    assert capsys.readouterr().err == ("mocobench pipeline: mocobench data stopped by a signal (exit 143); "
+                                       "run the same pipeline command again to resume\n")
     data = manifest(out)["stages"]["data"]
     assert data["status"] == "failed" and "(exit 143)" in data["error"]
     assert run(out, "--dry-run") == 0

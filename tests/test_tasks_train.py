@@ -1,12 +1,13 @@
-"""Each of the paper's other tasks trains from a converted checkpoint on its generated data, is evaluated by its
-real evaluator and gets its report table: a ResNet-18 (the tiny CPU twins of the paper configs).
+"""Each of the paper's other tasks trains from a converted checkpoint on its generated data, is
+evaluated by its real evaluator and gets its report table: a ResNet-18 (the tiny CPU twins of the
+paper configs).
 
-Every twin trains long enough to beat the predictions that use no image, scored by the same evaluator: the
-semantic twins (40 and 100 iterations) beat predicting any one class everywhere (VOC: mIoU 28.2 vs 17.0 for
-all-background; Cityscapes: 34.8 vs 6.2 for all-road, SEED 0); the instance twins (100 iterations at lr 0.02)
-beat one whole-image instance of every class in every image (AP 0 on each: keypoints AP^kp 1.7, LVIS AP^mk 1.7,
-Cityscapes AP^mk 3.9 at SEED 0). With the 2 iterations they had before, AP^kp / AP^mk was 0, the score of
-predicting nothing."""
+Every twin trains long enough to beat the predictions that use no image, scored by the same
+evaluator: the semantic twins (40 and 100 iterations) beat predicting any one class everywhere
+(VOC: mIoU 28.2 vs 17.0 for all-background; Cityscapes: 34.8 vs 6.2 for all-road, SEED 0); the
+instance twins (100 iterations at lr 0.02) beat one whole-image instance of every class in every
+image (AP 0 on each: keypoints AP^kp 1.7, LVIS AP^mk 1.7, Cityscapes AP^mk 3.9 at SEED 0). With the
+2 iterations they had before, AP^kp / AP^mk was 0, the score of predicting nothing."""
 import math
 import os
 
@@ -32,22 +33,24 @@ from transfer.tasks import results_value, task_for_dataset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 TINY = [
-    pytest.param("keypoints/tiny_synth_keypoint_rcnn_R18_FPN_cpu.yaml", "synth_keypoints_val", {"bbox", "keypoints"},
-                 marks=pytest.mark.slow),
+    pytest.param("keypoints/tiny_synth_keypoint_rcnn_R18_FPN_cpu.yaml", "synth_keypoints_val",
+                 {"bbox", "keypoints"}, marks=pytest.mark.slow),
     pytest.param("lvis/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_lvis_val", {"bbox", "segm"},
                  marks=pytest.mark.slow),
-    pytest.param("cityscapes/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_cityscapes_fine_instance_seg_val", {"segm"},
-                 marks=pytest.mark.slow),
-    pytest.param("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml", "synth_cityscapes_fine_sem_seg_val", {"sem_seg"},
+    pytest.param("cityscapes/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml",
+                 "synth_cityscapes_fine_instance_seg_val", {"segm"}, marks=pytest.mark.slow),
+    pytest.param("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml",
+                 "synth_cityscapes_fine_sem_seg_val", {"sem_seg"},
                  marks=pytest.mark.slow),  # 11 s alone, 28 s on the loaded machine
-    pytest.param("semseg/tiny_synth_voc_R18_FCN_cpu.yaml", "synth_voc_2012_sem_seg_val", {"sem_seg"},
-                 marks=pytest.mark.slow),
+    pytest.param("semseg/tiny_synth_voc_R18_FCN_cpu.yaml", "synth_voc_2012_sem_seg_val",
+                 {"sem_seg"}, marks=pytest.mark.slow),
 ]
 
 
 @pytest.fixture(scope="module")
 def converted_r18(tmp_path_factory):
-    """A random torchvision ResNet-18 checkpoint through the real converter (verified), as `mocobench convert`."""
+    """A random torchvision ResNet-18 checkpoint through the real converter (verified), as
+    `mocobench convert`."""
     root = tmp_path_factory.mktemp("r18")
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), root / "resnet18_random.pth")
@@ -57,8 +60,8 @@ def converted_r18(tmp_path_factory):
 
 
 def _best_constant_prediction(score_outputs, cfg, dataset, key):
-    """The highest score the real evaluator gives a prediction of one class everywhere (the degenerate model that
-    the class prior alone makes: all background on VOC), over every class."""
+    """The highest score the real evaluator gives a prediction of one class everywhere (the
+    degenerate model that the class prior alone makes: all background on VOC), over every class."""
     num_classes = len(MetadataCatalog.get(dataset).stuff_classes)
 
     def one_class(c, d):
@@ -72,67 +75,77 @@ def _best_constant_prediction(score_outputs, cfg, dataset, key):
 
 
 def _imageless_instances(cfg, d):
-    """Instances that use no image: one instance of every class covering the whole image (box, mask; keypoints at
-    its centre), all scored 1. A model that learned nothing about where objects are scores this (or 0, predicting
-    nothing)."""
+    """Instances that use no image: one instance of every class covering the whole image (box,
+    mask; keypoints at its centre), all scored 1. A model that learned nothing about where objects
+    are scores this (or 0, predicting nothing)."""
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     h, w = d["height"], d["width"]
-    instances = Instances((h, w), pred_boxes=Boxes(torch.tensor([[0.0, 0.0, w, h]]).repeat(num_classes, 1)),
+    instances = Instances((h, w),
+                          pred_boxes=Boxes(torch.tensor([[0.0, 0.0, w, h]]).repeat(num_classes, 1)),
                           scores=torch.ones(num_classes), pred_classes=torch.arange(num_classes))
     if cfg.MODEL.MASK_ON:
         instances.pred_masks = torch.ones(num_classes, h, w, dtype=torch.bool)
     if cfg.MODEL.KEYPOINT_ON:
         centre = torch.tensor([w / 2, h / 2, 1.0])
-        instances.pred_keypoints = centre.repeat(num_classes, cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS, 1)
+        instances.pred_keypoints = centre.repeat(num_classes,
+                                                 cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS, 1)
     return {"instances": instances}
 
 
 def _res4_weight(state_dict):
-    # a large backbone tensor that every twin builds (the semantic ones stop at res4): 100 iterations at lr 0.05
-    # move the 9k-weight stem far (correlation ~0.5 with its start), this 590k-weight conv much less
+    # a large backbone tensor that every twin builds (the semantic ones stop at res4): 100
+    # iterations at lr 0.05 move the 9k-weight stem far (correlation ~0.5 with its start), this
+    # 590k-weight conv much less
     [key] = [k for k in state_dict if k.endswith("res4.1.conv2.weight")]
     return np.asarray(state_dict[key], dtype=np.float64).ravel()
 
 
 @pytest.mark.parametrize("config,dataset,groups", TINY,
-                         ids=["keypoints", "lvis", "cityscapes_instance", "cityscapes_sem_seg", "voc_sem_seg"])
-def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, groups, converted_r18, synth_root,
-                                                              tmp_path, score_outputs):
+                         ids=["keypoints", "lvis", "cityscapes_instance", "cityscapes_sem_seg",
+                              "voc_sem_seg"])
+def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, groups, converted_r18,
+                                                             synth_root, tmp_path, score_outputs):
     out = tmp_path / "run"
     task = task_for_dataset(dataset)
-    opts = ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", converted_r18, "MOCOBENCH.SYNTH_ROOT", synth_root]
+    opts = ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", converted_r18, "MOCOBENCH.SYNTH_ROOT",
+            synth_root]
     cfg, _ = prepare_config(os.path.join(CONFIGS, config), opts)
     [record] = run_transfer(os.path.join(CONFIGS, config), opts, init_name="moco")
     assert record["iteration"] == cfg.SOLVER.MAX_ITER and record["init_name"] == "moco"
     assert record["weights"] == converted_r18
-    assert record["datasets"]["test"] == [dataset] and record["evaluator_types"][dataset] == task.evaluator_type
+    assert record["datasets"]["test"] == [dataset] \
+        and record["evaluator_types"][dataset] == task.evaluator_type
     results = record["results"][dataset]
     assert groups <= set(results)
     for key in task.keys:  # the paper's columns: real numbers, in range
         value = results_value(results, key)
         assert value is not None and math.isfinite(value) and 0.0 <= value <= 100.0, (key, results)
-    # the model learned more than the class prior: it beats every prediction made without looking at the image
+    # the model learned more than the class prior: it beats every prediction made without looking
+    # at the image
     semantic = task.evaluator_type in ("sem_seg", "cityscapes_sem_seg")
     key = task.keys[0]  # mIoU; AP^kp; AP^mk
     if semantic:
         degenerate = _best_constant_prediction(score_outputs, cfg, dataset, key)
         assert results_value(results, key) > degenerate + 1.0, (results, degenerate)
     else:
-        degenerate = results_value(score_outputs(cfg, dataset, lambda d: _imageless_instances(cfg, d)), key)
+        degenerate = results_value(score_outputs(cfg, dataset,
+                                                 lambda d: _imageless_instances(cfg, d)), key)
         assert results_value(results, key) > max(degenerate, 0.0) + 0.25, (results, degenerate)
-    # the converted backbone was loaded: the trained res4 still correlates with the converted one (an independent
-    # random init would correlate near 0)
+    # the converted backbone was loaded: the trained res4 still correlates with the converted one
+    # (an independent random init would correlate near 0)
     final = torch.load(out / "seed0" / "model_final.pth", weights_only=True)["model"]
     trained, converted = _res4_weight(final), _res4_weight(read_converted(converted_r18)["model"])
     assert np.corrcoef(trained, converted)[0, 1] > 0.9
-    # the report makes the task's table with the paper's columns (no published rows: R-18 is not the paper's recipe)
+    # the report makes the task's table with the paper's columns (no published rows: R-18 is not
+    # the paper's recipe)
     report = write_report([str(out)], str(tmp_path / "report"))
     [table] = report["tables"].values()
     titles = [c["title"] for c in table["columns"]]
     assert titles[-len(task.columns):] == [title for _, _, title in task.columns]
     cells = table["rows"]["moco"]["cells"]
     for key in task.keys:
-        assert cells[key]["n"] == 1 and cells[key]["mean"] == pytest.approx(results_value(results, key))
+        assert cells[key]["n"] == 1 \
+            and cells[key]["mean"] == pytest.approx(results_value(results, key))
     assert table["published"] == [] and f"{dataset} · config" in report["markdown"]
-    assert ("DilatedFCNHead" in table["title"]) == semantic and ("+ keypoints" in table["title"]) == (
-        task.name == "coco_keypoints")
+    assert ("DilatedFCNHead" in table["title"]) == semantic \
+        and ("+ keypoints" in table["title"]) == (task.name == "coco_keypoints")

@@ -1,4 +1,5 @@
-"""Every shipped detection config merges and builds; key values equal MoCo's; bad input fails clearly (exit 2)."""
+"""Every shipped detection config merges and builds; key values equal MoCo's; bad input fails
+clearly (exit 2)."""
 import glob
 import os
 import socket
@@ -43,7 +44,8 @@ def test_config_merges_and_builds_its_model(path):
         from detectron2.layers import NaiveSyncBatchNorm
 
         norm = model.roi_heads.res5.norm
-        expected = NaiveSyncBatchNorm if cfg.MODEL.RESNETS.NORM == "naiveSyncBN" else torch.nn.SyncBatchNorm
+        expected = NaiveSyncBatchNorm if cfg.MODEL.RESNETS.NORM == "naiveSyncBN" \
+            else torch.nn.SyncBatchNorm
         assert isinstance(norm, expected) and norm.num_features == 2048
     if cfg.MODEL.MASK_ON:
         assert hasattr(model.roi_heads, "mask_head")
@@ -56,18 +58,21 @@ def test_base_c4_values_equal_moco():
     assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
     # naiveSyncBN: the official repository since commit d00ef73 ("use naiveSyncBN for moco")
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
-    assert cfg.TEST.PRECISE_BN.ENABLED and cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 0.02
+    assert cfg.TEST.PRECISE_BN.ENABLED and cfg.SOLVER.IMS_PER_BATCH == 16 \
+        and cfg.SOLVER.BASE_LR == 0.02
 
 
 def test_voc_values_equal_moco():
     cfg = cfg_of("pascal_voc_R_50_C4_24k_moco.yaml")
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20 and not cfg.MODEL.MASK_ON
-    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(480, 801, 32)) and cfg.INPUT.MIN_SIZE_TEST == 800
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(480, 801, 32)) \
+        and cfg.INPUT.MIN_SIZE_TEST == 800
     assert tuple(cfg.DATASETS.TRAIN) == ("voc_2007_trainval", "voc_2012_trainval")
     assert tuple(cfg.DATASETS.TEST) == ("voc_2007_test",)
     assert tuple(cfg.SOLVER.STEPS) == (18000, 22000) and cfg.SOLVER.MAX_ITER == 24000
     assert cfg.SOLVER.WARMUP_ITERS == 100
-    assert list(cfg.MODEL.PIXEL_MEAN) == MOCO_PIXELS["mean"] and list(cfg.MODEL.PIXEL_STD) == MOCO_PIXELS["std"]
+    assert list(cfg.MODEL.PIXEL_MEAN) == MOCO_PIXELS["mean"] \
+        and list(cfg.MODEL.PIXEL_STD) == MOCO_PIXELS["std"]
     assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
     msra = cfg_of("pascal_voc_R_50_C4_24k.yaml")
     assert msra.INPUT.FORMAT == "BGR" and msra.MODEL.RESNETS.STRIDE_IN_1X1 is True
@@ -82,7 +87,8 @@ def test_coco_schedules(arch):
     assert (tuple(one.SOLVER.STEPS), one.SOLVER.MAX_ITER) == ((60000, 80000), 90000)
     for cfg in (one, two):
         assert cfg.MODEL.MASK_ON and tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(640, 801, 32))
-        assert tuple(cfg.DATASETS.TRAIN) == ("coco_2017_train",) and tuple(cfg.DATASETS.TEST) == ("coco_2017_val",)
+        assert tuple(cfg.DATASETS.TRAIN) == ("coco_2017_train",) \
+            and tuple(cfg.DATASETS.TEST) == ("coco_2017_val",)
         assert list(cfg.MODEL.PIXEL_MEAN) == MOCO_PIXELS["mean"] and cfg.INPUT.FORMAT == "RGB"
     if arch == "FPN":
         assert {one.MODEL.RESNETS.NORM, one.MODEL.FPN.NORM, one.MODEL.ROI_BOX_HEAD.NORM,
@@ -91,8 +97,9 @@ def test_coco_schedules(arch):
 
 def test_swap_sync_bn_changes_every_norm_key():
     # SyncBN is one override per norm away from the shipped naiveSyncBN
-    cfg = cfg_of("coco_R_50_FPN_1x_moco.yaml", "MODEL.RESNETS.NORM", "SyncBN", "MODEL.FPN.NORM", "SyncBN",
-                 "MODEL.ROI_BOX_HEAD.NORM", "SyncBN", "MODEL.ROI_MASK_HEAD.NORM", "SyncBN")
+    cfg = cfg_of("coco_R_50_FPN_1x_moco.yaml", "MODEL.RESNETS.NORM", "SyncBN", "MODEL.FPN.NORM",
+                 "SyncBN", "MODEL.ROI_BOX_HEAD.NORM", "SyncBN", "MODEL.ROI_MASK_HEAD.NORM",
+                 "SyncBN")
     changed = swap_sync_bn(cfg)
     assert sorted(changed) == ["MODEL.FPN.NORM", "MODEL.RESNETS.NORM", "MODEL.ROI_BOX_HEAD.NORM",
                                "MODEL.ROI_MASK_HEAD.NORM"]
@@ -101,7 +108,8 @@ def test_swap_sync_bn_changes_every_norm_key():
 
 def test_unknown_key_in_file_and_in_overrides(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(f'_BASE_: "{os.path.join(CONFIG_DIR, "Base-RCNN-C4-BN.yaml")}"\nMODEL:\n  ROI_HEADZ:\n    X: 1\n')
+    bad.write_text(f'_BASE_: "{os.path.join(CONFIG_DIR, "Base-RCNN-C4-BN.yaml")}"\nMODEL:\n  '
+                   'ROI_HEADZ:\n    X: 1\n')
     with pytest.raises(UsageError, match="MODEL.ROI_HEADZ"):
         load_config(str(bad))
     with pytest.raises(UsageError, match="SOLVER.MAX_ITERS"):
@@ -111,27 +119,32 @@ def test_unknown_key_in_file_and_in_overrides(tmp_path):
 
 
 def test_cli_unknown_key_exits_2(capsys):
-    rc = cli.main(["transfer", "--config-file", os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"),
-                   "MODEL.RESNETS.DEPTHH", "50"])
+    rc = cli.main(["transfer", "--config-file",
+                   os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"), "MODEL.RESNETS.DEPTHH",
+                   "50"])
     assert rc == 2
     assert "MODEL.RESNETS.DEPTHH" in capsys.readouterr().err
 
 
 def test_cli_missing_voc_names_the_path_and_layout(tmp_path, monkeypatch, capsys):
-    # the builtin voc_* names resolve under DETECTRON2_DATASETS, read when detectron2 is imported ("datasets")
+    # the builtin voc_* names resolve under DETECTRON2_DATASETS, read when detectron2 is imported
+    # ("datasets")
     monkeypatch.chdir(tmp_path)
-    rc = cli.main(["transfer", "--config-file", os.path.join(CONFIG_DIR, "pascal_voc_R_50_C4_24k_moco.yaml"),
-                   "MODEL.DEVICE", "cpu"])
+    rc = cli.main(["transfer", "--config-file",
+                   os.path.join(CONFIG_DIR, "pascal_voc_R_50_C4_24k_moco.yaml"), "MODEL.DEVICE",
+                   "cpu"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "voc_2007_trainval" in err and os.path.join("VOC2007", "ImageSets", "Main", "trainval.txt") in err
+    assert "voc_2007_trainval" in err \
+        and os.path.join("VOC2007", "ImageSets", "Main", "trainval.txt") in err
     assert "JPEGImages" in err and "Annotations" in err
 
 
 def test_missing_synth_root_names_synth_json(tmp_path, capsys):
     missing = tmp_path / "nothing_here"
-    rc = cli.main(["transfer", "--config-file", os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"),
-                   "--synth-root", str(missing)])
+    rc = cli.main(["transfer", "--config-file",
+                   os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"), "--synth-root",
+                   str(missing)])
     assert rc == 2
     assert os.path.join(str(missing), "synth.json") in capsys.readouterr().err
 
@@ -142,8 +155,9 @@ def test_missing_coco_files_of_a_synth_tree(synth_root, tmp_path, capsys):
     root = tmp_path / "synth"
     shutil.copytree(synth_root, root)
     os.remove(root / "coco" / "annotations" / "instances_val2017.json")
-    rc = cli.main(["transfer", "--config-file", os.path.join(CONFIG_DIR, "tiny_synth_coco_R_50_FPN.yaml"),
-                   "--synth-root", str(root)])
+    rc = cli.main(["transfer", "--config-file",
+                   os.path.join(CONFIG_DIR, "tiny_synth_coco_R_50_FPN.yaml"), "--synth-root",
+                   str(root)])
     err = capsys.readouterr().err
     assert rc == 2 and "synth_coco_val" in err
     assert str(root / "coco" / "annotations" / "instances_val2017.json") in err
@@ -154,20 +168,25 @@ def test_weights_required_and_must_exist(synth_root, tmp_path, capsys):
     assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root]) == 2
     assert "MODEL.WEIGHTS is empty" in capsys.readouterr().err
     missing = str(tmp_path / "nope.pkl")
-    assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root, "MODEL.WEIGHTS", missing]) == 2
+    assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root, "MODEL.WEIGHTS",
+                     missing]) == 2
     assert missing in capsys.readouterr().err
-    # a URL whose fetch fails: the error says nothing is downloaded by mocobench. The port is bound here and
-    # never listened on, so the connection is refused (a fixed port such as 9 may have a listener on some machine)
+    # a URL whose fetch fails: the error says nothing is downloaded by mocobench. The port is bound
+    # here and never listened on, so the connection is refused (a fixed port such as 9 may have a
+    # listener on some machine)
     with socket.socket() as closed_port:
         closed_port.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed_port.getsockname()[1]}/R-50.pkl"
-        assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root, "MODEL.WEIGHTS", url]) == 2
+        assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root,
+                         "MODEL.WEIGHTS", url]) == 2
     err = capsys.readouterr().err
     assert url in err and "downloads nothing" in err
 
 
 def test_cuda_device_without_cuda_is_a_usage_error(synth_root, capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, also on a GPU machine
-    rc = cli.main(["transfer", "--config-file", os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"),
-                   "--synth-root", synth_root, "MODEL.DEVICE", "cuda"])
+    # a machine without CUDA, also on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = cli.main(["transfer", "--config-file",
+                   os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"), "--synth-root",
+                   synth_root, "MODEL.DEVICE", "cuda"])
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""transfer.datasets: where the generated datasets are found, their registration, and the checks that run before
-any training process starts (errors name the dataset, the path and the expected layout)."""
+"""transfer.datasets: where the generated datasets are found, their registration, and the checks
+that run before any training process starts (errors name the dataset, the path and the expected
+layout)."""
 import os
 import shutil
 
@@ -38,19 +39,24 @@ def test_registration_follows_the_root_and_sets_the_evaluator(synth_root, tmp_pa
     for root in (synth_root, other, synth_root):  # re-registered whenever the root changes
         meta = datasets.register_synth_datasets(root)
         for name, (fmt, split) in datasets.SYNTH_DATASETS.items():
-            if fmt not in ("voc", "coco"):  # the other tasks' trees have their own classes (tests/test_tasks.py)
+            # the other tasks' trees have their own classes (tests/test_tasks.py)
+            if fmt not in ("voc", "coco"):
                 continue
             info = MetadataCatalog.get(name)
-            assert info.synth_root == os.path.abspath(root) and list(info.thing_classes) == meta["class_names"]
+            assert info.synth_root == os.path.abspath(root) \
+                and list(info.thing_classes) == meta["class_names"]
             records = DatasetCatalog.get(name)
             assert len(records) == meta["splits"][fmt][split], name
             assert all(r["file_name"].startswith(os.path.abspath(root) + os.sep) for r in records)
-            assert all(os.path.isfile(r["file_name"]) for r in records), name  # the images are where it points
+            # the images are where it points
+            assert all(os.path.isfile(r["file_name"]) for r in records), name
             if fmt == "voc":
-                assert info.evaluator_type == "pascal_voc" and info.split == split and info.year == meta["voc_year"]
+                assert info.evaluator_type == "pascal_voc" and info.split == split \
+                    and info.year == meta["voc_year"]
             else:
                 assert info.evaluator_type == "coco"
-    assert len(meta_other["class_names"]) == 2 != len(datasets.register_synth_datasets(synth_root)["class_names"])
+    assert len(meta_other["class_names"]) == 2 \
+        != len(datasets.register_synth_datasets(synth_root)["class_names"])
 
 
 def test_names_and_synth_detection_of_a_config():
@@ -58,7 +64,8 @@ def test_names_and_synth_detection_of_a_config():
     assert datasets.dataset_names(cfg) == ["synth_voc_trainval", "synth_voc_test"]
     assert datasets.uses_synth(cfg)
     voc = load_config(os.path.join(CONFIG_DIR, "pascal_voc_R_50_C4_24k_moco.yaml"))
-    assert datasets.dataset_names(voc) == ["voc_2007_trainval", "voc_2012_trainval", "voc_2007_test"]
+    assert datasets.dataset_names(voc) \
+        == ["voc_2007_trainval", "voc_2012_trainval", "voc_2007_test"]
     assert not datasets.uses_synth(voc)
     voc.DATASETS.TEST = ("synth_voc_test",)
     assert datasets.uses_synth(voc)  # any one generated name counts
@@ -68,14 +75,16 @@ def test_unregistered_name_lists_the_known_ones():
     with pytest.raises(UsageError) as e:
         datasets.check_dataset("voc_2007_tset")
     assert str(e.value) == (
-        "dataset 'voc_2007_tset' is not registered. PASCAL VOC names: voc_2007_test, voc_2007_train, "
-        "voc_2007_trainval, voc_2007_val, voc_2012_sem_seg_train_aug, voc_2012_sem_seg_val, voc_2012_train, "
-        "voc_2012_trainval, voc_2012_val; COCO: coco_2017_train, coco_2017_val, keypoints_coco_2017_train, ...; "
-        "LVIS: lvis_v0.5_train, lvis_v0.5_val; Cityscapes: cityscapes_fine_instance_seg_train, "
-        "cityscapes_fine_sem_seg_train, ...; generated data: synth_voc_trainval, synth_voc_test, synth_coco_train, "
-        "synth_coco_val, synth_keypoints_train, synth_keypoints_val, synth_lvis_train, synth_lvis_val, "
-        "synth_cityscapes_fine_instance_seg_train, synth_cityscapes_fine_instance_seg_val, "
-        "synth_cityscapes_fine_sem_seg_train, synth_cityscapes_fine_sem_seg_val, synth_voc_2012_sem_seg_train_aug, "
+        "dataset 'voc_2007_tset' is not registered. PASCAL VOC names: voc_2007_test, "
+        "voc_2007_train, voc_2007_trainval, voc_2007_val, voc_2012_sem_seg_train_aug, "
+        "voc_2012_sem_seg_val, voc_2012_train, voc_2012_trainval, voc_2012_val; COCO: "
+        "coco_2017_train, coco_2017_val, keypoints_coco_2017_train, ...; LVIS: lvis_v0.5_train, "
+        "lvis_v0.5_val; Cityscapes: cityscapes_fine_instance_seg_train, "
+        "cityscapes_fine_sem_seg_train, ...; generated data: synth_voc_trainval, synth_voc_test, "
+        "synth_coco_train, synth_coco_val, synth_keypoints_train, synth_keypoints_val, "
+        "synth_lvis_train, synth_lvis_val, synth_cityscapes_fine_instance_seg_train, "
+        "synth_cityscapes_fine_instance_seg_val, synth_cityscapes_fine_sem_seg_train, "
+        "synth_cityscapes_fine_sem_seg_val, synth_voc_2012_sem_seg_train_aug, "
         "synth_voc_2012_sem_seg_val (with --synth-root DIR or $MOCOBENCH_SYNTH)")
 
 
@@ -88,9 +97,11 @@ def test_missing_voc_files_of_a_synth_tree_name_the_path_and_root(synth_root, tm
     with pytest.raises(UsageError) as e:
         datasets.check_dataset("synth_voc_test")
     message = str(e.value)
-    assert message.startswith(f"dataset 'synth_voc_test': {str(root / 'VOC2007' / 'ImageSets' / 'Main' / 'test.txt')!r}"
-                              " does not exist (generated dataset root")
-    layout = f"{root / 'VOC2007'}/\n  Annotations/<id>.xml\n  ImageSets/Main/test.txt   (one image id per line)"
+    assert message.startswith("dataset 'synth_voc_test': "
+                              f"{str(root / 'VOC2007' / 'ImageSets' / 'Main' / 'test.txt')!r} does "
+                              "not exist (generated dataset root")
+    layout = (f"{root / 'VOC2007'}/\n  Annotations/<id>.xml\n  ImageSets/Main/test.txt   (one "
+              "image id per line)")
     assert layout in message
     assert "JPEGImages/<id>.jpg" in message
     datasets.check_dataset("synth_voc_trainval")  # the other split is still complete
@@ -102,24 +113,27 @@ def test_missing_voc_files_of_a_synth_tree_name_the_path_and_root(synth_root, tm
     with pytest.raises(UsageError, match="JPEGImages' does not exist"):
         datasets.check_dataset("synth_voc_trainval")
     cfg = load_config(os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"))
-    with pytest.raises(UsageError, match="synth_voc_trainval"):  # the first of the config's datasets
+    # the first of the config's datasets
+    with pytest.raises(UsageError, match="synth_voc_trainval"):
         datasets.check_datasets(cfg)
 
 
 def test_a_json_dataset_with_a_dirname_is_checked_by_its_json(tmp_path):
-    """Only datasets that detectron2 evaluates as PASCAL VOC are checked for the VOC layout; any other dataset
-    with a json_file is checked for that file, whatever other metadata (a `dirname`) it carries."""
+    """Only datasets that detectron2 evaluates as PASCAL VOC are checked for the VOC layout; any
+    other dataset with a json_file is checked for that file, whatever other metadata (a `dirname`)
+    it carries."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     name = "mocobench_test_json_dataset_with_dirname"
     DatasetCatalog.register(name, list)
     try:
-        MetadataCatalog.get(name).set(evaluator_type="coco", dirname=str(tmp_path), image_root=str(tmp_path),
+        MetadataCatalog.get(name).set(evaluator_type="coco", dirname=str(tmp_path),
+                                      image_root=str(tmp_path),
                                       json_file=str(tmp_path / "instances.json"))
         with pytest.raises(UsageError, match=r"instances.json' does not exist") as e:
             datasets.check_dataset(name)
-        assert (f"{tmp_path / 'instances.json'}   (COCO / LVIS json)\n{tmp_path}/<file_name>   (the images it "
-                "lists)") in str(e.value)
+        assert (f"{tmp_path / 'instances.json'}   (COCO / LVIS json)\n{tmp_path}/<file_name>   "
+                "(the images it lists)") in str(e.value)
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -136,30 +150,35 @@ def test_builtin_names_point_at_detectron2_datasets():
 def test_num_classes_follow_a_synth_tree_and_must_match_builtin_data(synth_root):
     datasets.register_synth_datasets(synth_root)
     n = len(datasets.register_synth_datasets(synth_root)["class_names"])
-    cfg = load_config(os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"), ["MODEL.ROI_HEADS.NUM_CLASSES", "7"])
+    cfg = load_config(os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"),
+                      ["MODEL.ROI_HEADS.NUM_CLASSES", "7"])
     notes = datasets.check_num_classes(cfg)
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == n and len(notes) == 1
-    assert notes[0] == f"MODEL.ROI_HEADS.NUM_CLASSES 7 -> {n} (the classes of generated dataset 'synth_voc_trainval')"
+    assert notes[0] == (f"MODEL.ROI_HEADS.NUM_CLASSES 7 -> {n} (the classes of generated dataset "
+                        "'synth_voc_trainval')")
     assert datasets.check_num_classes(cfg) == []  # now it matches: nothing changed
     voc = load_config(os.path.join(CONFIG_DIR, "pascal_voc_R_50_C4_24k_moco.yaml"))
     assert voc.MODEL.ROI_HEADS.NUM_CLASSES == 20 and datasets.check_num_classes(voc) == []
     voc.MODEL.ROI_HEADS.NUM_CLASSES = 21
-    with pytest.raises(UsageError, match="NUM_CLASSES is 21 but dataset 'voc_2007_trainval' has 20 classes"):
+    with pytest.raises(UsageError,
+                       match="NUM_CLASSES is 21 but dataset 'voc_2007_trainval' has 20 classes"):
         datasets.check_num_classes(voc)
     # every dataset is checked, not only up to the first that matches
     cfg.DATASETS.TEST = ("voc_2007_test",)
-    with pytest.raises(UsageError, match=f"NUM_CLASSES is {n} but dataset 'voc_2007_test' has 20 classes"):
+    with pytest.raises(UsageError,
+                       match=f"NUM_CLASSES is {n} but dataset 'voc_2007_test' has 20 classes"):
         datasets.check_num_classes(cfg)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# every generated name's metadata and records, registered inside the test (a module fixture's registration would
-# count for its first test only, and register_synth_datasets skips names already registered for the same root)
+# --------------------------------------------------------------------------------------------------
+# every generated name's metadata and records, registered inside the test (a module fixture's
+# registration would count for its first test only, and register_synth_datasets skips names already
+# registered for the same root)
 
 # evaluator_type per format: what transfer.evaluation dispatches on
 SYNTH_EVALUATORS = {"voc": "pascal_voc", "coco": "coco", "coco_keypoints": "coco", "lvis": "lvis",
-                    "cityscapes_instance": "cityscapes_instance", "cityscapes_sem_seg": "cityscapes_sem_seg",
-                    "voc_sem_seg": "sem_seg"}
+                    "cityscapes_instance": "cityscapes_instance",
+                    "cityscapes_sem_seg": "cityscapes_sem_seg", "voc_sem_seg": "sem_seg"}
 
 
 @pytest.fixture
@@ -184,31 +203,40 @@ def test_every_synth_name_has_its_evaluator_and_paths_and_passes_the_checks(fres
         if fmt.startswith("cityscapes"):
             assert info.image_dir == os.path.join(root, "cityscapes", "leftImg8bit", split)
             assert info.gt_dir == os.path.join(root, "cityscapes", "gtFine", split)
-            # detectron2's Cityscapes metadata: 8 instance classes, 19 semantic (train ids), 255 ignored
+            # detectron2's Cityscapes metadata: 8 instance classes, 19 semantic (train ids), 255
+            # ignored
             assert (len(info.thing_classes), len(info.stuff_classes)) == (8, 19)
             assert info.get("ignore_label") == (255 if fmt == "cityscapes_sem_seg" else None)
         elif fmt in ("coco", "coco_keypoints"):
             prefix = "instances" if fmt == "coco" else "person_keypoints"
-            assert info.json_file == os.path.join(root, "coco", "annotations", f"{prefix}_{split}2017.json")
+            assert info.json_file \
+                == os.path.join(root, "coco", "annotations", f"{prefix}_{split}2017.json")
             assert info.image_root == os.path.join(root, "coco", f"{split}2017")
-            assert list(info.thing_classes) == (meta["class_names"] if fmt == "coco" else ["person"])
+            assert list(info.thing_classes) \
+                == (meta["class_names"] if fmt == "coco" else ["person"])
         elif fmt == "voc":
-            assert (info.dirname, info.split, info.year) == (os.path.join(root, "VOC2007"), split, meta["voc_year"])
+            assert (info.dirname, info.split, info.year) \
+                == (os.path.join(root, "VOC2007"), split, meta["voc_year"])
             assert list(info.thing_classes) == meta["class_names"]
         elif fmt == "lvis":
             assert info.json_file == os.path.join(root, "lvis", f"lvis_v0.5_{split}.json")
-            assert info.image_root == os.path.join(root, "coco", "")  # detectron2 appends "val2017/<file>"
+            # detectron2 appends "val2017/<file>"
+            assert info.image_root == os.path.join(root, "coco", "")
             assert list(info.thing_classes) == meta["class_names"]
         elif fmt == "voc_sem_seg":
             assert info.dirname == os.path.join(root, "VOC2012") and info.split == split
-            assert info.label_dir == {"train_aug": "SegmentationClassAug", "val": "SegmentationClass"}[split]
-            assert list(info.stuff_classes) == ["background", *meta["class_names"]] and info.ignore_label == 255
+            assert info.label_dir \
+                == {"train_aug": "SegmentationClassAug", "val": "SegmentationClass"}[split]
+            assert list(info.stuff_classes) == ["background", *meta["class_names"]] \
+                and info.ignore_label == 255
         # every file the checks look for is where the registration points
         datasets.check_dataset(name)
-    assert datasets.check_dataset("synth_voc_2012_sem_seg_train_aug", training=True) is None  # greyscale labels
+    # greyscale labels
+    assert datasets.check_dataset("synth_voc_2012_sem_seg_train_aug", training=True) is None
 
 
-@pytest.mark.parametrize("split,label_dir", [("train_aug", "SegmentationClassAug"), ("val", "SegmentationClass")])
+@pytest.mark.parametrize("split,label_dir",
+                         [("train_aug", "SegmentationClassAug"), ("val", "SegmentationClass")])
 def test_voc_segmentation_records_follow_the_split_list(fresh_synth, split, label_dir):
     from detectron2.data import DatasetCatalog
 
@@ -218,10 +246,12 @@ def test_voc_segmentation_records_follow_the_split_list(fresh_synth, split, labe
         ids = f.read().split()
     assert len(ids) == meta["splits"]["voc_seg"][split]
     expected = [{"file_name": os.path.join(dirname, "JPEGImages", f"{i}.jpg"),
-                 "sem_seg_file_name": os.path.join(dirname, label_dir, f"{i}.png"), "image_id": i} for i in ids]
+                 "sem_seg_file_name": os.path.join(dirname, label_dir, f"{i}.png"), "image_id": i}
+                for i in ids]
     assert DatasetCatalog.get(f"synth_voc_2012_sem_seg_{split}") == expected
     assert datasets.load_voc_sem_seg(dirname, split, label_dir) == expected
-    assert all(os.path.isfile(r["file_name"]) and os.path.isfile(r["sem_seg_file_name"]) for r in expected)
+    assert all(os.path.isfile(r["file_name"]) and os.path.isfile(r["sem_seg_file_name"])
+               for r in expected)
 
 
 def test_palette_labels_for_training_name_the_dataset_and_the_png(fresh_synth):
@@ -229,14 +259,16 @@ def test_palette_labels_for_training_name_the_dataset_and_the_png(fresh_synth):
     dirname = os.path.join(root, "VOC2012")
     with open(os.path.join(dirname, "ImageSets", "Segmentation", "val.txt")) as f:
         first = f.readline().strip()
-    datasets.check_dataset("synth_voc_2012_sem_seg_val")  # evaluation reads the palette indices: fine
+    # evaluation reads the palette indices: fine
+    datasets.check_dataset("synth_voc_2012_sem_seg_val")
     with pytest.raises(UsageError) as e:
         datasets.check_dataset("synth_voc_2012_sem_seg_val", training=True)
     png = os.path.join(dirname, "SegmentationClass", f"{first}.png")
     assert str(e.value) == (
-        f"dataset 'synth_voc_2012_sem_seg_val': {png!r} is a 'P' PNG; training reads labels as greyscale class "
-        "indices (detectron2's DatasetMapper converts to 'L'), so a palette PNG would train on its colours' "
-        "luminance. Train on greyscale labels (VOC: SegmentationClassAug)")
+        f"dataset 'synth_voc_2012_sem_seg_val': {png!r} is a 'P' PNG; training reads labels as "
+        "greyscale class indices (detectron2's DatasetMapper converts to 'L'), so a palette PNG "
+        "would train on its colours' luminance. Train on greyscale labels (VOC: "
+        "SegmentationClassAug)")
 
 
 def test_builtin_voc_segmentation_names_point_under_the_root_once(tmp_path):
@@ -250,47 +282,57 @@ def test_builtin_voc_segmentation_names_point_under_the_root_once(tmp_path):
     unregister()
     try:
         datasets.register_builtin_voc_sem_seg(str(tmp_path))
-        datasets.register_builtin_voc_sem_seg(str(tmp_path / "elsewhere"))  # registered names are kept
+        # registered names are kept
+        datasets.register_builtin_voc_sem_seg(str(tmp_path / "elsewhere"))
         for name, split in datasets.VOC_SEM_SEG_SPLITS.items():
             info = MetadataCatalog.get(name)
-            assert (info.dirname, info.split, info.evaluator_type) == (str(tmp_path / "VOC2012"), split, "sem_seg")
-            assert list(info.stuff_classes) == ["background", *datasets.VOC_CLASS_NAMES]  # 21: VOC's 20 + background
+            assert (info.dirname, info.split, info.evaluator_type) \
+                == (str(tmp_path / "VOC2012"), split, "sem_seg")
+            # 21: VOC's 20 + background
+            assert list(info.stuff_classes) == ["background", *datasets.VOC_CLASS_NAMES]
         with pytest.raises(UsageError) as e:
             datasets.check_dataset("voc_2012_sem_seg_train_aug")
-        segmentation_list = str(tmp_path / "VOC2012" / "ImageSets" / "Segmentation" / "train_aug.txt")
-        assert str(e.value).startswith(f"dataset 'voc_2012_sem_seg_train_aug': {segmentation_list!r} does not exist")
-        assert "  SegmentationClassAug/<id>.png   (class index per pixel, 255 = ignore)" in str(e.value)
+        segmentation_list = str(tmp_path / "VOC2012" / "ImageSets" / "Segmentation"
+                                / "train_aug.txt")
+        assert str(e.value).startswith("dataset 'voc_2012_sem_seg_train_aug': "
+                                       f"{segmentation_list!r} does not exist")
+        assert "  SegmentationClassAug/<id>.png   (class index per pixel, 255 = ignore)" \
+            in str(e.value)
     finally:
         unregister()
         datasets.register_builtin_voc_sem_seg(datasets.datasets_root())
 
 
-GUIDE = "\nNothing is downloaded here: put the data there, or point DETECTRON2_DATASETS at its root."
-# builtin name -> (first missing path, the layout lines), {r} = $DETECTRON2_DATASETS ({{ }}: a brace); detectron2
-# registers the Cityscapes dirs and the LVIS image root with a trailing "/", hence the "//"
+GUIDE = ("\nNothing is downloaded here: put the data there, or point DETECTRON2_DATASETS at its "
+         "root.")
+# builtin name -> (first missing path, the layout lines), {r} = $DETECTRON2_DATASETS ({{ }}: a
+# brace); detectron2 registers the Cityscapes dirs and the LVIS image root with a trailing "/",
+# hence the "//"
 BUILTIN_LAYOUTS = {
     "voc_2007_test": ("{r}/VOC2007/ImageSets/Main/test.txt",
-                      "{r}/VOC2007/\n  Annotations/<id>.xml\n  ImageSets/Main/test.txt   (one image id per line)\n"
-                      "  JPEGImages/<id>.jpg"),
+                      "{r}/VOC2007/\n  Annotations/<id>.xml\n  ImageSets/Main/test.txt   (one "
+                      "image id per line)\n  JPEGImages/<id>.jpg"),
     "coco_2017_val": ("{r}/coco/annotations/instances_val2017.json",
                       "{r}/coco/annotations/instances_val2017.json   (COCO / LVIS json)\n"
                       "{r}/coco/val2017/<file_name>   (the images it lists)"),
     "keypoints_coco_2017_train": ("{r}/coco/annotations/person_keypoints_train2017.json",
-                                  "{r}/coco/annotations/person_keypoints_train2017.json   (COCO / LVIS json)\n"
-                                  "{r}/coco/train2017/<file_name>   (the images it lists)"),
+                                  "{r}/coco/annotations/person_keypoints_train2017.json   (COCO / "
+                                  "LVIS json)\n{r}/coco/train2017/<file_name>   (the images it "
+                                  "lists)"),
     "lvis_v0.5_val": ("{r}/lvis/lvis_v0.5_val.json",
                       "{r}/lvis/lvis_v0.5_val.json   (COCO / LVIS json)\n"
                       "{r}/coco//<file_name>   (the images it lists)"),
     "cityscapes_fine_sem_seg_train": (
         "{r}/cityscapes/leftImg8bit/train/",
         "{r}/cityscapes/leftImg8bit/train//<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
-        "{r}/cityscapes/gtFine/train//<city>/<city>_<seq>_<frame>_gtFine_{{polygons.json,labelIds.png,instanceIds.png,"
-        "labelTrainIds.png}}\n"
+        "{r}/cityscapes/gtFine/train//<city>/<city>_<seq>_<frame>_gtFine_{{polygons.json,"
+        "labelIds.png,instanceIds.png,labelTrainIds.png}}\n"
         "(labelTrainIds.png: cityscapesscripts/preparation/createTrainIdLabelImgs.py)"),
     "voc_2012_sem_seg_val": ("{r}/VOC2012/ImageSets/Segmentation/val.txt",
-                             "{r}/VOC2012/\n  ImageSets/Segmentation/val.txt   (one image id per line; train_aug: VOC "
-                             "train + SBD, 10582 ids)\n  JPEGImages/<id>.jpg\n  SegmentationClass/<id>.png   (class "
-                             "index per pixel, 255 = ignore)"),
+                             "{r}/VOC2012/\n  ImageSets/Segmentation/val.txt   (one image id per "
+                             "line; train_aug: VOC train + SBD, 10582 ids)\n  "
+                             "JPEGImages/<id>.jpg\n  SegmentationClass/<id>.png   (class index per "
+                             "pixel, 255 = ignore)"),
 }
 
 
@@ -300,13 +342,15 @@ def test_each_builtin_family_names_its_first_missing_path_and_layout(name):
     missing, layout = (text.format(r=r) for text in BUILTIN_LAYOUTS[name])
     with pytest.raises(UsageError) as e:
         datasets.check_dataset(name, training=True)  # nothing to read: the files come first
-    assert str(e.value) == (f"dataset {name!r}: {missing!r} does not exist (DETECTRON2_DATASETS={r!r}). Expected "
-                            f"layout:\n{layout}{GUIDE}")
+    assert str(e.value) \
+        == (f"dataset {name!r}: {missing!r} does not exist (DETECTRON2_DATASETS={r!r}). Expected "
+            f"layout:\n{layout}{GUIDE}")
 
 
 def test_every_synth_name_loads_its_split_with_detectron2s_reader(fresh_synth):
-    """The registered loaders read the registered paths, as detectron2's builtin names do. (Cityscapes instances
-    are left out: detectron2 parses them in a process pool, ~30 s here; tests/test_tasks.py reads them.)"""
+    """The registered loaders read the registered paths, as detectron2's builtin names do.
+    (Cityscapes instances are left out: detectron2 parses them in a process pool, ~30 s here;
+    tests/test_tasks.py reads them.)"""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json, load_lvis_json, load_voc_instances
     from detectron2.data.datasets.cityscapes import load_cityscapes_semantic
@@ -320,20 +364,24 @@ def test_every_synth_name_loads_its_split_with_detectron2s_reader(fresh_synth):
         "cityscapes_sem_seg": lambda m: load_cityscapes_semantic(m.image_dir, m.gt_dir),
         "voc_sem_seg": lambda m: datasets.load_voc_sem_seg(m.dirname, m.split, m.label_dir),
     }
-    splits = {"coco_keypoints": "coco_keypoints", "cityscapes_sem_seg": "cityscapes", "voc_sem_seg": "voc_seg"}
+    splits = {"coco_keypoints": "coco_keypoints", "cityscapes_sem_seg": "cityscapes",
+              "voc_sem_seg": "voc_seg"}
     for name, (fmt, split) in datasets.SYNTH_DATASETS.items():
         if fmt not in readers:
             continue
         records = DatasetCatalog.get(name)
         assert len(records) == meta["splits"][splits.get(fmt, fmt)][split] > 0, name
         assert records == readers[fmt](MetadataCatalog.get(name)), name
-        assert all(r["file_name"].startswith(root + os.sep) and os.path.isfile(r["file_name"]) for r in records)
+        assert all(r["file_name"].startswith(root + os.sep) and os.path.isfile(r["file_name"])
+                   for r in records)
 
 
 def test_only_training_datasets_need_greyscale_labels(fresh_synth):
     config = os.path.join(REPO, "configs", "semseg", "tiny_synth_voc_R18_FCN_cpu.yaml")
-    cfg = load_config(config)  # trains on train_aug (greyscale), evaluates on val (palette, as SemSegEvaluator reads)
+    # trains on train_aug (greyscale), evaluates on val (palette, as SemSegEvaluator reads)
+    cfg = load_config(config)
     assert datasets.check_datasets(cfg) is None
     cfg = load_config(config, ["DATASETS.TRAIN", "('synth_voc_2012_sem_seg_val',)"])
-    with pytest.raises(UsageError, match=r"^dataset 'synth_voc_2012_sem_seg_val': .*SegmentationClass/.* is a 'P' PNG"):
+    with pytest.raises(UsageError, match=r"^dataset 'synth_voc_2012_sem_seg_val': "
+                                         r".*SegmentationClass/.* is a 'P' PNG"):
         datasets.check_datasets(cfg)

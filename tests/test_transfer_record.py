@@ -1,9 +1,11 @@
-"""The run record (transfer/record.py): what the writer puts in it, what the reader refuses, and the identity.
+"""The run record (transfer/record.py): what the writer puts in it, what the reader refuses, and
+the identity.
 
-Every record here comes from the real writer (`build_record` on a config loaded by `transfer.config.load_config`,
-saved by `write_record`), the path `mocobench transfer` takes after training (transfer/run.py); a broken record
-is a written one edited afterwards, as a user or a crash would. Fast (no training): these tests are what
-`make mutation` runs against transfer/record.py.
+Every record here comes from the real writer (`build_record` on a config loaded by
+`transfer.config.load_config`, saved by `write_record`), the path `mocobench transfer` takes after
+training (transfer/run.py); a broken record is a written one edited afterwards, as a user or a
+crash would. Fast (no training): these tests are what `make mutation` runs against
+transfer/record.py.
 """
 import hashlib
 import json
@@ -27,12 +29,14 @@ def config(tmp_path, *opts):
 
 
 def written(tmp_path, cfg=None, name="seed0", **overrides):
-    """A record as `mocobench transfer` writes it (transfer/run.py), saved under tmp_path/name/results.json."""
+    """A record as `mocobench transfer` writes it (transfer/run.py), saved under
+    tmp_path/name/results.json."""
     cfg = cfg if cfg is not None else config(tmp_path)
     kwargs = dict(config_file=CONFIG, opts=["SEED", 3], init_name="moco_v2",
-                  weights_info={"sha256": "ab" * 32}, trial=0, world_size=1, eval_only=False, resumed=False,
-                  iteration=300, seconds=12.34567,
-                  results={"bbox": {"AP": np.float64(41.5), "AP50": np.float32(70.25), "AP75": math.nan}},
+                  weights_info={"sha256": "ab" * 32}, trial=0, world_size=1, eval_only=False,
+                  resumed=False, iteration=300, seconds=12.34567,
+                  results={"bbox": {"AP": np.float64(41.5), "AP50": np.float32(70.25),
+                                    "AP75": math.nan}},
                   evaluator_types={TEST_SET: "pascal_voc"})
     kwargs.update(overrides)
     rec = record.build_record(cfg, **kwargs)
@@ -44,13 +48,15 @@ def written(tmp_path, cfg=None, name="seed0", **overrides):
 def test_the_written_record_reads_back_with_every_field(tmp_path):
     cfg = config(tmp_path, "SEED", "3", "MODEL.WEIGHTS", "weights/moco.pkl")
     path, rec = written(tmp_path, cfg)
-    assert path.read_text().endswith("}\n") and path.read_text().startswith('{\n  "format"')  # indent 2
+    # indent 2
+    assert path.read_text().endswith("}\n") and path.read_text().startswith('{\n  "format"')
     back = record.read_record(path)
     assert back == json.loads(json.dumps(rec))
     assert (back["format"], back["version"]) == ("mocobench.transfer.run", 1)
     assert back["init_name"] == "moco_v2" and back["weights"] == "weights/moco.pkl"
     assert back["config_file"] == os.path.abspath(CONFIG) and back["opts"] == ["SEED", "3"]
-    assert back["seed"] == 3 and back["trial"] == 0 and back["world_size"] == 1 and back["iteration"] == 300
+    assert back["seed"] == 3 and back["trial"] == 0 and back["world_size"] == 1 \
+        and back["iteration"] == 300
     assert back["eval_only"] is False and back["resumed"] is False and back["device"] == "cpu"
     assert back["seconds"] == 12.346  # rounded to milliseconds
     assert back["output_dir"] == str(tmp_path / "seed0")
@@ -59,17 +65,22 @@ def test_the_written_record_reads_back_with_every_field(tmp_path):
     assert back["datasets"] == {"train": ["synth_voc_trainval"], "test": [TEST_SET]}
     assert back["evaluator_types"] == {TEST_SET: "pascal_voc"}
     # the schedule, from the merged config (the yaml's values)
-    assert back["schedule"] == {"MAX_ITER": 300, "STEPS": [225, 275], "BASE_LR": 0.01, "IMS_PER_BATCH": 8}
+    assert back["schedule"] \
+        == {"MAX_ITER": 300, "STEPS": [225, 275], "BASE_LR": 0.01, "IMS_PER_BATCH": 8}
     # the init keys, as the config had them
     assert list(back["init_config"]) == list(record.INIT_KEYS)
-    assert back["init_config"] == {"MODEL.WEIGHTS": "weights/moco.pkl", "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
-                                   "MODEL.PIXEL_STD": [58.395, 57.12, 57.375], "INPUT.FORMAT": "RGB",
-                                   "MODEL.RESNETS.STRIDE_IN_1X1": False}
-    # one test dataset: detectron2 drops the dataset level, the record puts it back; NaN is null, numpy is float
+    assert back["init_config"] \
+        == {"MODEL.WEIGHTS": "weights/moco.pkl", "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+            "MODEL.PIXEL_STD": [58.395, 57.12, 57.375], "INPUT.FORMAT": "RGB",
+            "MODEL.RESNETS.STRIDE_IN_1X1": False}
+    # one test dataset: detectron2 drops the dataset level, the record puts it back; NaN is null,
+    # numpy is float
     assert back["results"] == {TEST_SET: {"bbox": {"AP": 41.5, "AP50": 70.25, "AP75": None}}}
     flat = record.flatten_config(cfg)
-    assert back["config_sha256"] == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
-    assert back["identity_sha"] == record.identity_sha(back["identity"]) and len(back["identity_sha"]) == 12
+    assert back["config_sha256"] \
+        == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+    assert back["identity_sha"] == record.identity_sha(back["identity"]) \
+        and len(back["identity_sha"]) == 12
     assert back["weights_info"] == {"sha256": "ab" * 32}
 
 
@@ -78,35 +89,43 @@ def test_identity_leaves_out_init_and_run_keys_only(tmp_path):
     flat = record.flatten_config(config(tmp_path))
     assert set(base) == set(flat) - record.NOT_IDENTITY and list(base) == sorted(base)
     assert not set(base) & record.NOT_IDENTITY
-    assert base["MODEL.RESNETS.DEPTH"] == 18 and base["INPUT.MIN_SIZE_TRAIN"] == [96, 112, 128, 144, 160]
-    assert base["DATASETS.TRAIN"] == ["synth_voc_trainval"]  # tuples as lists: equal after a JSON trip
+    assert base["MODEL.RESNETS.DEPTH"] == 18 \
+        and base["INPUT.MIN_SIZE_TRAIN"] == [96, 112, 128, 144, 160]
+    # tuples as lists: equal after a JSON trip
+    assert base["DATASETS.TRAIN"] == ["synth_voc_trainval"]
     # how a trial was initialised or where it ran: the same experiment
     same = config(tmp_path / "other", "SEED", "7", "MODEL.WEIGHTS", "x.pkl",
-                  "MODEL.PIXEL_MEAN", "[103.53, 116.28, 123.675]", "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]",
-                  "INPUT.FORMAT", "BGR", "MODEL.RESNETS.STRIDE_IN_1X1", "True",
-                  "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "7", "TEST.EVAL_PERIOD", "3",
-                  "MOCOBENCH.LOG_PERIOD", "1")
+                  "MODEL.PIXEL_MEAN", "[103.53, 116.28, 123.675]", "MODEL.PIXEL_STD",
+                  "[1.0, 1.0, 1.0]", "INPUT.FORMAT", "BGR", "MODEL.RESNETS.STRIDE_IN_1X1", "True",
+                  "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "7",
+                  "TEST.EVAL_PERIOD", "3", "MOCOBENCH.LOG_PERIOD", "1")
     assert record.experiment_identity(same) == base
     assert record.identity_sha(record.experiment_identity(same)) == record.identity_sha(base)
     # a different schedule or architecture: another experiment, and the diff names the keys
-    other = record.experiment_identity(config(tmp_path, "SOLVER.MAX_ITER", "2", "MODEL.RESNETS.DEPTH", "34"))
+    other = record.experiment_identity(config(tmp_path, "SOLVER.MAX_ITER", "2",
+                                              "MODEL.RESNETS.DEPTH", "34"))
     assert record.identity_sha(other) != record.identity_sha(base)
     assert record.identity_diff(base, other) == ["MODEL.RESNETS.DEPTH", "SOLVER.MAX_ITER"]
     assert record.identity_diff(base, base) == []
     fewer = {k: v for k, v in base.items() if k != "SOLVER.MAX_ITER"}
-    assert record.identity_diff(base, fewer) == ["SOLVER.MAX_ITER"] == record.identity_diff(fewer, base)
-    # a key whose value is None (detectron2's SOLVER.WEIGHT_DECAY_BIAS) against a config without it (a config.yaml
-    # of a detectron2 before the key existed): absent is not the same as None, from either side
+    assert record.identity_diff(base, fewer) == ["SOLVER.MAX_ITER"] \
+        == record.identity_diff(fewer, base)
+    # a key whose value is None (detectron2's SOLVER.WEIGHT_DECAY_BIAS) against a config without it
+    # (a config.yaml of a detectron2 before the key existed): absent is not the same as None, from
+    # either side
     assert base["SOLVER.WEIGHT_DECAY_BIAS"] is None
     older = {k: v for k, v in base.items() if k != "SOLVER.WEIGHT_DECAY_BIAS"}
-    assert record.identity_diff(base, older) == ["SOLVER.WEIGHT_DECAY_BIAS"] == record.identity_diff(older, base)
+    assert record.identity_diff(base, older) == ["SOLVER.WEIGHT_DECAY_BIAS"] \
+        == record.identity_diff(older, base)
 
 
 def test_the_identity_sha_survives_the_json_trip(tmp_path):
     path, rec = written(tmp_path)
     back = record.read_record(path)
     assert record.identity_sha(back["identity"]) == rec["identity_sha"]
-    assert record.identity_sha(dict(reversed(list(back["identity"].items())))) == rec["identity_sha"]  # key order
+    # key order
+    assert record.identity_sha(dict(reversed(list(back["identity"].items())))) \
+        == rec["identity_sha"]
     assert re.fullmatch(r"[0-9a-f]{12}", rec["identity_sha"])
 
 
@@ -114,7 +133,8 @@ def test_results_nested_per_test_dataset(tmp_path):
     two = ("synth_voc_test", "synth_coco_val")
     cfg = config(tmp_path, "DATASETS.TEST", str(two))
     box = {"AP": 1.0}
-    # several test datasets: detectron2 keeps the dataset level; a dataset it has no results for is empty
+    # several test datasets: detectron2 keeps the dataset level; a dataset it has no results for is
+    # empty
     _, rec = written(tmp_path, cfg, name="a", results={"synth_coco_val": {"bbox": box}})
     assert rec["results"] == {"synth_voc_test": {}, "synth_coco_val": {"bbox": box}}
     _, rec = written(tmp_path, cfg, name="b", results=None)  # evaluation failed: no results at all
@@ -127,13 +147,14 @@ def test_results_nested_per_test_dataset(tmp_path):
 
 
 def test_plain_makes_evaluator_output_json_safe():
-    out = record.plain({1: (np.float32(0.5), [np.int64(3), math.inf, -math.inf]), "b": {"c": np.float64(math.nan)}})
+    out = record.plain({1: (np.float32(0.5), [np.int64(3), math.inf, -math.inf]),
+                        "b": {"c": np.float64(math.nan)}})
     assert out == {"1": [0.5, [3, None, None]], "b": {"c": None}}
     assert type(out["1"][0]) is float and type(out["1"][1][0]) is int
     assert record.plain("text") == "text" and record.plain(None) is None and record.plain(2) == 2
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the reader refuses what the writer would not write, naming the file and the field
 
 def edited(path, edit):
@@ -168,8 +189,9 @@ def test_a_field_of_the_wrong_type_is_named(tmp_path, field, value, expected):
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("field, value", [("init_name", None), ("weights_info", None), ("iteration", None),
-                                          ("seconds", 3), ("seconds", 0.5)])
+@pytest.mark.parametrize("field, value",
+                         [("init_name", None), ("weights_info", None), ("iteration", None),
+                          ("seconds", 3), ("seconds", 0.5)])
 def test_nullable_fields_and_numbers_are_accepted(tmp_path, field, value):
     path, _ = written(tmp_path)
     edited(path, lambda r: r.__setitem__(field, value))
@@ -193,15 +215,16 @@ def test_format_and_version(tmp_path):
     with pytest.raises(record.RecordError) as e:
         record.read_record(path)
     assert str(e.value) == (f"{path}: not a mocobench run record (field 'format' is None, expected "
-                            "'mocobench.transfer.run'; records without it were written by mocobench before record "
-                            "version 1)")
+                            "'mocobench.transfer.run'; records without it were written by "
+                            "mocobench before record version 1)")
     for version, newer in ((2, True), (0, True), (True, False), ("1", False), (1.0, False)):
         rec["version"] = version
         path.write_text(json.dumps(rec))
         with pytest.raises(record.RecordError) as e:
             record.read_record(path)
-        assert str(e.value) == (f"{path}: record version {version!r}; this mocobench reads versions 1..1"
-                                + (" (written by a newer mocobench: update it)" if newer else ""))
+        assert str(e.value) \
+            == (f"{path}: record version {version!r}; this mocobench reads versions 1..1"
+                + (" (written by a newer mocobench: update it)" if newer else ""))
     path.write_text("[1, 2]")
     with pytest.raises(record.RecordError) as e:
         record.read_record(path)
@@ -210,19 +233,20 @@ def test_format_and_version(tmp_path):
 
 @pytest.mark.parametrize("edit, field, shown, expected", [
     (lambda r: r["datasets"].pop("train"), "datasets.train", "null", "a list of dataset names"),
-    (lambda r: r["datasets"].__setitem__("test", "synth_voc_test"), "datasets.test", '"synth_voc_test"',
+    (lambda r: r["datasets"].__setitem__("test", "synth_voc_test"), "datasets.test",
+     '"synth_voc_test"', "a list of dataset names"),
+    (lambda r: r["datasets"].__setitem__("train", ["a", 1]), "datasets.train", '["a", 1]',
      "a list of dataset names"),
-    (lambda r: r["datasets"].__setitem__("train", ["a", 1]), "datasets.train", '["a", 1]', "a list of dataset names"),
     (lambda r: r["results"].__setitem__("voc_2007_test", {}), "results.voc_2007_test", "{}",
      "results of a test dataset ['synth_voc_test']"),
     (lambda r: r["results"].__setitem__(TEST_SET, [1]), f"results.{TEST_SET}", "[1]",
      "an object {task: {metric: value}}"),
     (lambda r: r["results"][TEST_SET].__setitem__("bbox", 41.5), f"results.{TEST_SET}.bbox", "41.5",
      "an object {metric: value}"),
-    (lambda r: r["results"][TEST_SET]["bbox"].__setitem__("AP", "high"), f"results.{TEST_SET}.bbox.AP", '"high"',
-     "a number or null (NaN)"),
-    (lambda r: r["results"][TEST_SET]["bbox"].__setitem__("AP", False), f"results.{TEST_SET}.bbox.AP", "false",
-     "a number or null (NaN)"),
+    (lambda r: r["results"][TEST_SET]["bbox"].__setitem__("AP", "high"),
+     f"results.{TEST_SET}.bbox.AP", '"high"', "a number or null (NaN)"),
+    (lambda r: r["results"][TEST_SET]["bbox"].__setitem__("AP", False),
+     f"results.{TEST_SET}.bbox.AP", "false", "a number or null (NaN)"),
 ])
 def test_datasets_and_results_are_checked_to_the_metric(tmp_path, edit, field, shown, expected):
     path, _ = written(tmp_path)
@@ -239,7 +263,8 @@ def test_a_long_value_is_shortened_in_the_message(tmp_path):
         record.read_record(path)
     shown = json.dumps("x" * 80)[:57] + "..."
     assert str(e.value) == f"{path}: field 'seed' is {shown}, expected an integer"
-    edited(path, lambda r: r.__setitem__("seed", "x" * 57))  # 59 characters with its quotes: shown whole
+    # 59 characters with its quotes: shown whole
+    edited(path, lambda r: r.__setitem__("seed", "x" * 57))
     with pytest.raises(record.RecordError) as e:
         record.read_record(path)
     assert f"is {json.dumps('x' * 57)}, expected" in str(e.value)
@@ -284,7 +309,8 @@ def test_trial_records_in_trial_order_with_errors_in_place(tmp_path):
     (tmp_path / "seed3").mkdir()  # a trial without a record (unfinished)
     found = record.trial_records(str(tmp_path))
     assert [os.path.basename(d) for d, _ in found] == ["seed0", "seed2", "seed4", "seed10"]
-    assert [r["trial"] if isinstance(r, dict) else type(r).__name__ for _, r in found] == [0, 2, "RecordError", 10]
+    assert [r["trial"] if isinstance(r, dict) else type(r).__name__ for _, r in found] \
+        == [0, 2, "RecordError", 10]
     assert str(found[2][1]).startswith(f"{path}: not valid JSON")
     assert found[0][0] == str(tmp_path / "seed0")
     assert record.trial_records(str(tmp_path), record.EVAL_FILE) == []

@@ -1,9 +1,11 @@
-"""`mocobench transfer` never destroys results, and never trains from weights that do not fit the backbone.
+"""`mocobench transfer` never destroys results, and never trains from weights that do not fit the
+backbone.
 
-Re-runs: a plain re-run into a finished OUTPUT_DIR is refused (nothing touched); --resume keeps finished trials
-byte for byte and trains only the missing ones; summary.json covers every trial present; --eval-only writes
-results_eval.json; --resume with another config is refused. Weights: a ResNet-18 .pkl made by the real
-`mocobench convert` in an R50-C4 config stops with exit 2 before any trial directory exists.
+Re-runs: a plain re-run into a finished OUTPUT_DIR is refused (nothing touched); --resume keeps
+finished trials byte for byte and trains only the missing ones; summary.json covers every trial
+present; --eval-only writes results_eval.json; --resume with another config is refused. Weights: a
+ResNet-18 .pkl made by the real `mocobench convert` in an R50-C4 config stops with exit 2 before
+any trial directory exists.
 """
 import json
 import os
@@ -21,10 +23,12 @@ from transfer import record
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R18 = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
 TINY_C4 = os.path.join(REPO, "configs", "detection", "tiny_synth_voc_R_50_C4.yaml")
-TINY = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False",
-        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-        "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "SEED", "0", "SOLVER.MAX_ITER", "1"]
-TRAINING_FILES = ("results.json", "metrics.json", "config.yaml", "model_final.pth", "last_checkpoint")
+TINY = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED",
+        "False", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS",
+        "()", "SEED", "0", "SOLVER.MAX_ITER", "1"]
+TRAINING_FILES = ("results.json", "metrics.json", "config.yaml", "model_final.pth",
+                  "last_checkpoint")
 
 
 def r18_pkl(tmp_path):
@@ -35,13 +39,16 @@ def r18_pkl(tmp_path):
 
 
 def error_lines(capsys):
-    """The command's error lines on stderr (one per error; detectron2's loggers may write there too)."""
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("mocobench transfer: error:")]
+    """The command's error lines on stderr (one per error; detectron2's loggers may write there
+    too)."""
+    return [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith("mocobench transfer: error:")]
 
 
 def snapshot(trial):
     files = {name: (trial / name).read_bytes() for name in TRAINING_FILES}
-    files["events"] = sorted((p.name, p.stat().st_size) for p in trial.glob("events.out.tfevents.*"))
+    files["events"] = sorted((p.name, p.stat().st_size)
+                             for p in trial.glob("events.out.tfevents.*"))
     return files
 
 
@@ -50,18 +57,21 @@ def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, 
     pkl, out = r18_pkl(tmp_path), tmp_path / "run"
 
     def transfer(*flags, opts=()):
-        return mocobench(["transfer", "--config-file", R18, "--synth-root", synth_root, "--init-name", "alpha",
-                          *flags, *TINY, *opts, "MODEL.WEIGHTS", pkl, "OUTPUT_DIR", str(out)])
+        return mocobench(["transfer", "--config-file", R18, "--synth-root", synth_root,
+                          "--init-name", "alpha", *flags, *TINY, *opts, "MODEL.WEIGHTS", pkl,
+                          "OUTPUT_DIR", str(out)])
 
     def summary_n():
-        return json.loads((out / "summary.json").read_text())["metrics"]["synth_voc_test"]["bbox/AP"]["n"]
+        return json.loads((out / "summary.json").read_text())["metrics"]["synth_voc_test"][
+            "bbox/AP"]["n"]
 
     assert transfer("--seeds", "1") == 0
     seed0 = out / "seed0"
     before = snapshot(seed0)
     capsys.readouterr()
 
-    assert transfer("--seeds", "1") == 2  # a plain re-run would overwrite seed0 and append to its logs
+    # a plain re-run would overwrite seed0 and append to its logs
+    assert transfer("--seeds", "1") == 2
     [err] = error_lines(capsys)
     assert "already holds finished trials (seed0/results.json)" in err and "--resume" in err
     assert snapshot(seed0) == before
@@ -69,7 +79,8 @@ def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, 
     assert transfer("--resume", "--seeds", "2") == 0  # seed0 kept as it was, seed1 trained
     assert snapshot(seed0) == before and (out / "seed1" / "results.json").is_file()
     assert summary_n() == 2
-    assert transfer("--resume", "--seeds", "1") == 0  # nothing to train; the summary still has every trial
+    # nothing to train; the summary still has every trial
+    assert transfer("--resume", "--seeds", "1") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary_n() == 2 and summary["seeds"] == [0, 1] and summary["init_names"] == ["alpha"]
 
@@ -81,28 +92,34 @@ def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, 
     capsys.readouterr()
     assert transfer("--resume", "--seeds", "2", opts=["SOLVER.MAX_ITER", "2"]) == 2
     [err] = error_lines(capsys)
-    assert "was made by another experiment (differs in SOLVER.MAX_ITER)" in err and snapshot(seed0) == before
+    assert "was made by another experiment (differs in SOLVER.MAX_ITER)" in err \
+        and snapshot(seed0) == before
 
     rec = record.read_record(seed0 / "results.json")  # what was loaded is recorded
-    assert rec["weights_info"]["sha256"] == file_sha256(pkl) and rec["weights_info"]["author"] == "torchvision"
+    assert rec["weights_info"]["sha256"] == file_sha256(pkl) \
+        and rec["weights_info"]["author"] == "torchvision"
     assert rec["schedule"] == {"MAX_ITER": 1, "STEPS": [], "BASE_LR": 0.01, "IMS_PER_BATCH": 2}
 
 
 def test_resnet18_weights_in_an_r50_c4_config_stop_before_training(synth_root, tmp_path, capsys):
     pkl, out = r18_pkl(tmp_path), tmp_path / "r50"
     capsys.readouterr()
-    # the converter records the architecture in the .pkl: the config is checked against it first (convert.api)
-    code = mocobench(["transfer", "--config-file", TINY_C4, "--synth-root", synth_root, "MODEL.WEIGHTS", pkl,
-                      "OUTPUT_DIR", str(out)])
+    # the converter records the architecture in the .pkl: the config is checked against it first
+    # (convert.api)
+    code = mocobench(["transfer", "--config-file", TINY_C4, "--synth-root", synth_root,
+                      "MODEL.WEIGHTS", pkl, "OUTPUT_DIR", str(out)])
     [err] = error_lines(capsys)
-    assert code == 2 and "holds a ResNet-18 (basic blocks)" in err and "builds res5 from bottleneck blocks" in err
+    assert code == 2 and "holds a ResNet-18 (basic blocks)" in err \
+        and "builds res5 from bottleneck blocks" in err
     assert not out.exists()
-    # weights that record nothing (another converter, an older file) meet the post-load check of the backbone
+    # weights that record nothing (another converter, an older file) meet the post-load check of
+    # the backbone
     data = safe_unpickle(pkl)
     with open(tmp_path / "bare.pkl", "wb") as f:
-        pickle.dump({"model": data["model"], "__author__": "torchvision", "matching_heuristics": True}, f)
-    code = mocobench(["transfer", "--config-file", TINY_C4, "--synth-root", synth_root, "MODEL.WEIGHTS",
-                      str(tmp_path / "bare.pkl"), "OUTPUT_DIR", str(out)])
+        pickle.dump({"model": data["model"], "__author__": "torchvision",
+                     "matching_heuristics": True}, f)
+    code = mocobench(["transfer", "--config-file", TINY_C4, "--synth-root", synth_root,
+                      "MODEL.WEIGHTS", str(tmp_path / "bare.pkl"), "OUTPUT_DIR", str(out)])
     [err] = error_lines(capsys)
     assert code == 2 and "a ResNet-18 checkpoint in a DEPTH 50 config" in err
     assert "backbone.res2.0.conv1.weight (file (64, 64, 3, 3), model (64, 64, 1, 1))" in err
@@ -117,7 +134,10 @@ def test_c4_backbone_includes_res5_of_the_roi_head_but_not_the_new_norm():
 
     model = build_model(load_config(TINY_C4))
     keys = backbone_keys(model)
-    assert "roi_heads.res5.2.conv3.norm.running_var" in keys and "backbone.stem.conv1.weight" in keys
-    assert not any(k.startswith("roi_heads.res5.norm") or k.endswith("num_batches_tracked") for k in keys)
-    # ResNet-50: stem 5 + 16 bottlenecks x 3 convs x 5 tensors + 4 shortcuts x 5 (conv + BN with stats)
+    assert "roi_heads.res5.2.conv3.norm.running_var" in keys \
+        and "backbone.stem.conv1.weight" in keys
+    assert not any(k.startswith("roi_heads.res5.norm") or k.endswith("num_batches_tracked")
+                   for k in keys)
+    # ResNet-50: stem 5 + 16 bottlenecks x 3 convs x 5 tensors + 4 shortcuts x 5 (conv + BN with
+    # stats)
     assert len(keys) == 5 + 16 * 15 + 4 * 5

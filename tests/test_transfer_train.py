@@ -1,4 +1,5 @@
-"""Training on generated data through detectron2's engine: R50-C4, R50-FPN Mask R-CNN, gloo, seeds, resume."""
+"""Training on generated data through detectron2's engine: R50-C4, R50-FPN Mask R-CNN, gloo, seeds,
+resume."""
 import json
 import os
 
@@ -12,15 +13,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "detection")
 R18 = os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml")
 # ResNet-18 FPN at 2 images of 128 px per iteration, one precise-BN batch, no data-loader workers
-R18_TINY = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.NUM_ITER", "1",
-            "MOCOBENCH.LOG_PERIOD", "1", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96",
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # keep low-score boxes: AP is NaN without detections
+R18_TINY = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.NUM_ITER",
+            "1", "MOCOBENCH.LOG_PERIOD", "1", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+            "INPUT.MIN_SIZE_TEST", "96",
+            # keep low-score boxes: AP is NaN without detections
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
 
 
 def read_metrics(path):
-    """Training lines of metrics.json by iteration (a resumed run appends: the last line for an iteration wins).
+    """Training lines of metrics.json by iteration (a resumed run appends: the last line for an
+    iteration wins).
 
-    Lines without "lr" are the final evaluation's (bbox/AP, ...), which detectron2 logs after the last step.
+    Lines without "lr" are the final evaluation's (bbox/AP, ...), which detectron2 logs after the
+    last step.
     """
     by_iter = {}
     with open(path) as f:
@@ -37,26 +42,29 @@ def assert_ap_metrics(metrics):
 
 
 def _truth_as_predictions(records, shift_classes=0, num_classes=1):
-    """detectron2 model outputs that repeat the annotations of `records` (score 1), classes shifted by
-    `shift_classes` modulo `num_classes`."""
+    """detectron2 model outputs that repeat the annotations of `records` (score 1), classes shifted
+    by `shift_classes` modulo `num_classes`."""
     from detectron2.structures import Boxes, BoxMode, Instances
 
     outputs = []
     for r in records:
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in r["annotations"]]
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                 for a in r["annotations"]]
         instances = Instances((r["height"], r["width"]))
         instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         instances.scores = torch.ones(len(boxes))
         instances.pred_classes = torch.tensor(
-            [(a["category_id"] + shift_classes) % num_classes for a in r["annotations"]], dtype=torch.long)
+            [(a["category_id"] + shift_classes) % num_classes for a in r["annotations"]],
+            dtype=torch.long)
         outputs.append({"instances": instances})
     return outputs
 
 
 def test_voc_evaluation_scores_the_test_split_against_ground_truth(synth_root, tmp_path):
-    """The generated VOC test split, evaluated by the evaluator the trainer builds for it, scored with truth taken
-    from the other writer of the same scenes (COCO val = VOC test): boxes of the right images and classes give
-    AP 100; the right boxes with classes shifted, or the boxes of the trainval scenes, give ~0."""
+    """The generated VOC test split, evaluated by the evaluator the trainer builds for it, scored
+    with truth taken from the other writer of the same scenes (COCO val = VOC test): boxes of the
+    right images and classes give AP 100; the right boxes with classes shifted, or the boxes of the
+    trainval scenes, give ~0."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from transfer.evaluation import build_evaluator
@@ -66,17 +74,21 @@ def test_voc_evaluation_scores_the_test_split_against_ground_truth(synth_root, t
     assert list(cfg.DATASETS.TEST) == ["synth_voc_test"]
     meta = json.loads(open(os.path.join(synth_root, "synth.json")).read())
     classes = MetadataCatalog.get("synth_voc_test").thing_classes
-    assert list(classes) == meta["class_names"] == list(MetadataCatalog.get("synth_coco_val").thing_classes)
-    coco_val, coco_train = DatasetCatalog.get("synth_coco_val"), DatasetCatalog.get("synth_coco_train")
+    assert list(classes) == meta["class_names"] \
+        == list(MetadataCatalog.get("synth_coco_val").thing_classes)
+    coco_val, coco_train = (DatasetCatalog.get("synth_coco_val"),
+                            DatasetCatalog.get("synth_coco_train"))
     voc_test = DatasetCatalog.get("synth_voc_test")
-    # the VOC test split holds the COCO val scenes: image i of the generator is VOC id {i:06d} and COCO id i
+    # the VOC test split holds the COCO val scenes: image i of the generator is VOC id {i:06d} and
+    # COCO id i
     assert [r["image_id"] for r in voc_test] == [f"{r['image_id']:06d}" for r in coco_val]
     assert len(voc_test) == meta["splits"]["voc"]["test"] >= 2
 
     def evaluate(records, **shift):
         evaluator = build_evaluator(cfg, "synth_voc_test")
         evaluator.reset()
-        inputs = [{"image_id": r["image_id"]} for r in voc_test]  # the boxes of `records`, one per test image
+        # the boxes of `records`, one per test image
+        inputs = [{"image_id": r["image_id"]} for r in voc_test]
         evaluator.process(inputs, _truth_as_predictions(records, num_classes=len(classes), **shift))
         return evaluator.evaluate()["bbox"]
 
@@ -89,13 +101,15 @@ def test_voc_evaluation_scores_the_test_split_against_ground_truth(synth_root, t
 @pytest.mark.slow
 def test_r50_c4_naive_syncbn_single_process_trains_and_evaluates_voc(synth_root, tmp_path):
     out = tmp_path / "c4"
-    [result] = run_transfer(os.path.join(CONFIG_DIR, "tiny_synth_voc_R_50_C4.yaml"), ["OUTPUT_DIR", str(out)],
-                            init_name="random", synth_root=synth_root)
-    assert result["iteration"] == 2 and result["init_name"] == "random" and result["world_size"] == 1
+    [result] = run_transfer(os.path.join(CONFIG_DIR, "tiny_synth_voc_R_50_C4.yaml"),
+                            ["OUTPUT_DIR", str(out)], init_name="random", synth_root=synth_root)
+    assert result["iteration"] == 2 and result["init_name"] == "random" \
+        and result["world_size"] == 1
     assert_ap_metrics(result["results"]["synth_voc_test"]["bbox"])
     trial = out / "seed0"
     assert json.loads((trial / "results.json").read_text()) == result
-    assert result["identity"]["MOCOBENCH.TF32"] is False  # set explicitly at the start, recorded (splits tables)
+    # set explicitly at the start, recorded (splits tables)
+    assert result["identity"]["MOCOBENCH.TF32"] is False
     assert sorted(read_metrics(trial / "metrics.json")) == [0, 1]
     state = torch.load(trial / "model_final.pth", weights_only=True)["model"]
     # the extra norm after res5 is a (Sync)BatchNorm with running statistics, trained with the rest
@@ -117,9 +131,11 @@ def test_r50_fpn_mask_rcnn_trains_and_evaluates_coco_bbox_and_segm(synth_root, t
 @pytest.mark.slow
 def test_two_cpu_processes_over_gloo_with_naive_sync_bn(synth_root, tmp_path, rendezvous):
     out = tmp_path / "gloo"
-    [result] = run_transfer(R18, R18_TINY + ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out), "SEED", "5"],
+    [result] = run_transfer(R18, R18_TINY
+                            + ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out), "SEED", "5"],
                             num_gpus=2, synth_root=synth_root, dist_url=rendezvous)
-    assert result["world_size"] == 2 and result["seed"] == 5  # the process group's size, recorded by rank 0
+    # the process group's size, recorded by rank 0
+    assert result["world_size"] == 2 and result["seed"] == 5
     assert_ap_metrics(result["results"]["synth_voc_test"]["bbox"])
     trial = out / "seed0"
     config = (trial / "config.yaml").read_text()
@@ -133,8 +149,9 @@ def test_two_cpu_processes_over_gloo_with_naive_sync_bn(synth_root, tmp_path, re
 @pytest.mark.slow
 def test_seeds_write_one_result_per_trial_with_distinct_seeds(synth_root, tmp_path):
     out = tmp_path / "seeds"
-    results = run_transfer(R18, R18_TINY + ["SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out), "SEED", "11",
-                                            "TEST.PRECISE_BN.ENABLED", "False"],
+    results = run_transfer(R18,
+                           R18_TINY + ["SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out), "SEED", "11",
+                                       "TEST.PRECISE_BN.ENABLED", "False"],
                            seeds=2, init_name="scratch", synth_root=synth_root)
     assert [r["seed"] for r in results] == [11, 12]
     for i in range(2):
@@ -145,16 +162,20 @@ def test_seeds_write_one_result_per_trial_with_distinct_seeds(synth_root, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [11, 12]
     ap = summary["metrics"]["synth_voc_test"]["bbox/AP"]
-    assert ap["n"] == 2 and ap["values"] == [r["results"]["synth_voc_test"]["bbox"]["AP"] for r in results]
+    assert ap["n"] == 2 \
+        and ap["values"] == [r["results"]["synth_voc_test"]["bbox"]["AP"] for r in results]
     assert ap["mean"] == pytest.approx(sum(ap["values"]) / 2)
 
 
 @pytest.mark.slow
-def test_resume_restores_iteration_and_lr_schedule_across_steps_then_eval_only(synth_root, tmp_path):
-    # 5 iterations at 64 px, warm-up over 1, lr x0.1 at 3 and again at 4; checkpoints after iterations 1 and 3
-    schedule = R18_TINY + ["SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(3, 4)", "SOLVER.WARMUP_ITERS", "1",
-                           "SOLVER.CHECKPOINT_PERIOD", "2", "SEED", "0", "TEST.PRECISE_BN.ENABLED", "False",
-                           "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64"]
+def test_resume_restores_iteration_and_lr_schedule_across_steps_then_eval_only(synth_root,
+                                                                               tmp_path):
+    # 5 iterations at 64 px, warm-up over 1, lr x0.1 at 3 and again at 4; checkpoints after
+    # iterations 1 and 3
+    schedule = R18_TINY \
+        + ["SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(3, 4)", "SOLVER.WARMUP_ITERS", "1",
+           "SOLVER.CHECKPOINT_PERIOD", "2", "SEED", "0", "TEST.PRECISE_BN.ENABLED", "False",
+           "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64"]
     unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
     run_transfer(R18, schedule + ["OUTPUT_DIR", str(unbroken)], synth_root=synth_root)
     full = read_metrics(unbroken / "seed0" / "metrics.json")
@@ -170,12 +191,14 @@ def test_resume_restores_iteration_and_lr_schedule_across_steps_then_eval_only(s
     (trial / "last_checkpoint").write_text("model_0000001.pth")
     (trial / "metrics.json").write_text("".join(json.dumps(full[i]) + "\n" for i in (0, 1)))
 
-    [result] = run_transfer(R18, schedule + ["OUTPUT_DIR", str(resumed)], resume=True, synth_root=synth_root)
+    [result] = run_transfer(R18, schedule + ["OUTPUT_DIR", str(resumed)], resume=True,
+                            synth_root=synth_root)
     assert result["resumed"] and result["iteration"] == 5 and result["seed"] == 0
     assert "Starting training from iteration 2" in (trial / "log.txt").read_text()
     again = read_metrics(trial / "metrics.json")
     assert sorted(again) == list(range(5))
-    # iterations 2..4 (across the steps at 3 and 4) have the lr of the unbroken run, not a restarted warm-up
+    # iterations 2..4 (across the steps at 3 and 4) have the lr of the unbroken run, not a
+    # restarted warm-up
     for i in range(2, 5):
         assert again[i]["lr"] == pytest.approx(full[i]["lr"], rel=1e-9), i
     a = torch.load(unbroken / "seed0" / "model_final.pth", weights_only=True)
@@ -185,11 +208,13 @@ def test_resume_restores_iteration_and_lr_schedule_across_steps_then_eval_only(s
     assert b["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 5
     opt_a, opt_b = a["trainer"]["_trainer"]["optimizer"], b["trainer"]["_trainer"]["optimizer"]
     assert [g["lr"] for g in opt_a["param_groups"]] == [g["lr"] for g in opt_b["param_groups"]]
-    assert len(opt_b["state"]) > 0  # momentum buffers are checkpointed (detectron2 v0.6 alone drops them)
+    # momentum buffers are checkpointed (detectron2 v0.6 alone drops them)
+    assert len(opt_b["state"]) > 0
 
-    # --eval-only --resume evaluates the trial's last checkpoint: the same numbers as the end of training
-    [evaluated] = run_transfer(R18, schedule + ["OUTPUT_DIR", str(resumed)], resume=True, eval_only=True,
-                               synth_root=synth_root)
+    # --eval-only --resume evaluates the trial's last checkpoint: the same numbers as the end of
+    # training
+    [evaluated] = run_transfer(R18, schedule + ["OUTPUT_DIR", str(resumed)], resume=True,
+                               eval_only=True, synth_root=synth_root)
     assert evaluated["eval_only"] and evaluated["seed"] == 0
     bbox = evaluated["results"]["synth_voc_test"]["bbox"]
     assert bbox == pytest.approx(result["results"]["synth_voc_test"]["bbox"])

@@ -3,13 +3,14 @@
 
 Route:
 1. If `import detectron2` already works (a user's own CUDA build, say), keep it.
-2. Otherwise build detectron2 v0.6 from the PyPI sdist `pb1-detectron2==0.6`, whose Python files are the
-   official v0.6 tag's but which lacks the C++ sources (`detectron2/layers/csrc`). We verify the sdist's
-   sha256, then build a pure-Python wheel with our own tiny setup script: no extension, the model-zoo
-   yaml files kept inside the package, none of the stale pins (black==21.4b2, iopath<0.1.10,
-   fvcore<0.1.6). It is installed with --no-deps; setup.py lists the runtime needs. ROIAlign and NMS
-   come from torchvision, so Faster/Mask R-CNN are complete; only rotated boxes and deformable convs
-   (which need `detectron2._C`) are missing, and `mocobench.utils.d2compat` makes them fail with a clear error.
+2. Otherwise build detectron2 v0.6 from the PyPI sdist `pb1-detectron2==0.6`, whose Python files
+   are the official v0.6 tag's but which lacks the C++ sources (`detectron2/layers/csrc`). We
+   verify the sdist's sha256, then build a pure-Python wheel with our own tiny setup script: no
+   extension, the model-zoo yaml files kept inside the package, none of the stale pins
+   (black==21.4b2, iopath<0.1.10, fvcore<0.1.6). It is installed with --no-deps; setup.py lists the
+   runtime needs. ROIAlign and NMS come from torchvision, so Faster/Mask R-CNN are complete; only
+   rotated boxes and deformable convs (which need `detectron2._C`) are missing, and
+   `mocobench.utils.d2compat` makes them fail with a clear error.
 A marker file `detectron2/_mocobench_build.json` records the origin for `mocobench env`.
 """
 import json
@@ -20,7 +21,8 @@ import sys
 import tarfile
 import tempfile
 
-from mocobench.utils.fileio import file_sha256  # the project is installed (editable) before this runs
+# the project is installed (editable) before this runs
+from mocobench.utils.fileio import file_sha256
 
 SDIST = "pb1-detectron2==0.6"
 SDIST_FILE = "pb1-detectron2-0.6.tar.gz"
@@ -32,10 +34,12 @@ from setuptools import find_packages, setup
 setup(
     name="detectron2",
     version="0.6",
-    description="detectron2 v0.6 Python sources (from the pb1-detectron2 sdist), built without the C++ extension",
+    description="detectron2 v0.6 Python sources (from the pb1-detectron2 sdist), built without "
+                "the C++ extension",
     packages=find_packages(include=["detectron2", "detectron2.*"]),
     package_data={"detectron2": ["%s"],
-                  "detectron2.model_zoo": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py"]},
+                  "detectron2.model_zoo": ["configs/*.yaml", "configs/**/*.yaml",
+                                           "configs/**/*.py"]},
     python_requires=">=3.7",
 )
 """ % MARKER
@@ -59,13 +63,14 @@ def detectron2_importable(report_failure=False) -> bool:
 def fetch_sdist(cache_dir) -> str:
     path = os.path.join(cache_dir, SDIST_FILE)
     if not os.path.exists(path):
-        # --no-build-isolation: the sdist's setup.py imports torch, which must come from this environment
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:",
-             "-d", cache_dir, SDIST])
+        # --no-build-isolation: the sdist's setup.py imports torch, which must come from this
+        # environment
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+             "--no-binary", ":all:", "-d", cache_dir, SDIST])
     digest = file_sha256(path)
     if digest != SDIST_SHA256:
-        sys.exit(f"error: {path} has sha256 {digest}, expected {SDIST_SHA256}. Refusing to build from an "
-                 "unverified detectron2 source; delete the file to download it again.")
+        sys.exit(f"error: {path} has sha256 {digest}, expected {SDIST_SHA256}. Refusing to build "
+                 "from an unverified detectron2 source; delete the file to download it again.")
     print(f"verified {SDIST_FILE} sha256 {digest}")
     return path
 
@@ -91,7 +96,8 @@ def build_wheel(sdist, cache_dir) -> str:
             os.remove(os.path.join(src, "setup.cfg"))
         wheel_dir = os.path.join(cache_dir, "wheels")
         os.makedirs(wheel_dir, exist_ok=True)
-        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", wheel_dir, src])
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+             wheel_dir, src])
         wheels = [w for w in os.listdir(wheel_dir) if w.startswith("detectron2-0.6-")]
         return os.path.join(wheel_dir, wheels[0])
     finally:
@@ -101,7 +107,8 @@ def build_wheel(sdist, cache_dir) -> str:
 def main() -> int:
     if detectron2_importable():
         return 0
-    cache_dir = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(".venv", "d2cache"))
+    cache_dir = os.path.abspath(sys.argv[1] if len(sys.argv) > 1
+                                else os.path.join(".venv", "d2cache"))
     os.makedirs(cache_dir, exist_ok=True)
     wheel = build_wheel(fetch_sdist(cache_dir), cache_dir)
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", wheel])

@@ -1,20 +1,23 @@
 """`make mutation`: which mutants to run, and the score per module from mutmut's ./mutants results.
 
-    python tools/mutation.py sample [--per-module N] [--seed S] MODULE...   (prints mutant names, one per line)
+    python tools/mutation.py sample [--per-module N] [--seed S] MODULE...
+        (prints mutant names, one per line)
     python tools/mutation.py score [--sample FILE] [--equivalents FILE] [--strict]
 
-sample: the mutants mutmut makes of MODULE's files (its own generator, so the names are the ones `mutmut run`
-uses), less those listed as equivalent, then N drawn at random per scored module (all when a module has fewer).
-The same seed and sources give the same sample. A whole run (5,746 mutants at ~11 s each on 2 cores) takes hours;
-a sample of N per module bounds the time and still gives each module's score to within its interval.
+sample: the mutants mutmut makes of MODULE's files (its own generator, so the names are the ones
+`mutmut run` uses), less those listed as equivalent, then N drawn at random per scored module (all
+when a module has fewer). The same seed and sources give the same sample. A whole run (5,746
+mutants at ~11 s each on 2 cores) takes hours; a sample of N per module bounds the time and still
+gives each module's score to within its interval.
 
-score: killed / (mutants - listed equivalents) per module; with --sample, over the sampled mutants only, with a
-Wilson 95 % interval for the module's whole score. A mutant counts as killed when a test failed (or timed out:
-the timeouts column says how many, which on a loaded machine can be spurious) with it; "no tests" and "survived"
-are survivors. Mutants listed in the equivalents file (one `mutant_name  reason` per line, # comments) are left
-out of the total whatever their status; every other survivor is printed, so it can get a test. --strict: exit 1
-if any unlisted survivor is left. The lr/momentum schedules of pretrain/config.py are scored on their own (the
-rest of that file is config validation, scored as pretrain.config).
+score: killed / (mutants - listed equivalents) per module; with --sample, over the sampled mutants
+only, with a Wilson 95 % interval for the module's whole score. A mutant counts as killed when a
+test failed (or timed out: the timeouts column says how many, which on a loaded machine can be
+spurious) with it; "no tests" and "survived" are survivors. Mutants listed in the equivalents file
+(one `mutant_name  reason` per line, # comments) are left out of the total whatever their status;
+every other survivor is printed, so it can get a test. --strict: exit 1 if any unlisted survivor is
+left. The lr/momentum schedules of pretrain/config.py are scored on their own (the rest of that
+file is config validation, scored as pretrain.config).
 """
 import argparse
 import configparser
@@ -68,14 +71,16 @@ def unit_of(key):
 
 
 def mutant_names(modules, setup_cfg=SETUP_CFG):
-    """Every mutant name of the files in setup.cfg's only_mutate that belong to one of `modules` (dotted)."""
+    """Every mutant name of the files in setup.cfg's only_mutate that belong to one of `modules`
+    (dotted)."""
     from mutmut.mutation.file_mutation import mutate_file_contents
     from mutmut.utils.format_utils import get_mutant_name
 
     parser = configparser.ConfigParser()
     parser.read(setup_cfg)
     patterns = parser["mutmut"]["only_mutate"].split()
-    files = sorted({f for p in patterns for f in glob.glob(os.path.join(REPO, p)) if f.endswith(".py")})
+    files = sorted({f for p in patterns for f in glob.glob(os.path.join(REPO, p))
+                    if f.endswith(".py")})
     names = []
     for path in files:
         relative = Path(os.path.relpath(path, REPO))
@@ -89,7 +94,8 @@ def mutant_names(modules, setup_cfg=SETUP_CFG):
 
 
 def draw_sample(names, per_module, seed, equivalents=()):
-    """`per_module` names drawn per scored module (all of a smaller one), listed equivalents left out; sorted."""
+    """`per_module` names drawn per scored module (all of a smaller one), listed equivalents left
+    out; sorted."""
     by_unit = {}
     for name in sorted(set(names) - set(equivalents)):
         by_unit.setdefault(unit_of(name), []).append(name)
@@ -97,12 +103,14 @@ def draw_sample(names, per_module, seed, equivalents=()):
     sample = []
     for unit in sorted(by_unit):
         pool = by_unit[unit]
-        sample += pool if per_module <= 0 or len(pool) <= per_module else rng.sample(pool, per_module)
+        sample += pool if per_module <= 0 or len(pool) <= per_module \
+            else rng.sample(pool, per_module)
     return sorted(sample)
 
 
 def wilson_interval(killed, n, z=1.959964):
-    """95 % score interval of a binomial proportion (Wilson 1927): sound at 0 and n, unlike the normal one."""
+    """95 % score interval of a binomial proportion (Wilson 1927): sound at 0 and n, unlike the
+    normal one."""
     if n == 0:
         return 0.0, 1.0
     p = killed / n
@@ -119,7 +127,8 @@ def score_table(results, equivalents, sample=None):
             continue  # not run (a module left out of this run, or not in the sample)
         units.setdefault(unit_of(key), []).append((key, code))
     population = Counter(unit_of(key) for key in results)
-    header = ["module", "mutants", "equivalent", "killed", "(of which timeouts)", "survived", "no tests", "score"]
+    header = ["module", "mutants", "equivalent", "killed", "(of which timeouts)", "survived",
+              "no tests", "score"]
     if sample is not None:
         header[1:2] = ["mutants in module", "sampled"]
         header.append("95 % interval")
@@ -145,22 +154,28 @@ def score_table(results, equivalents, sample=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--equivalents", default=os.path.join(REPO, "tests", "mutation_equivalents.txt"))
+    parser.add_argument("--equivalents",
+                        default=os.path.join(REPO, "tests", "mutation_equivalents.txt"))
     commands = parser.add_subparsers(dest="command", required=True)
-    sample = commands.add_parser("sample", help="print a seeded sample of mutant names, N per module")
-    sample.add_argument("modules", nargs="+", help="dotted module or package names (pretrain.moco, convert)")
-    sample.add_argument("--per-module", type=int, default=20, help="mutants per scored module; 0: all")
+    sample = commands.add_parser("sample",
+                                 help="print a seeded sample of mutant names, N per module")
+    sample.add_argument("modules", nargs="+",
+                        help="dotted module or package names (pretrain.moco, convert)")
+    sample.add_argument("--per-module", type=int, default=20,
+                        help="mutants per scored module; 0: all")
     sample.add_argument("--seed", type=int, default=0)
     score = commands.add_parser("score", help="print the score per module from ./mutants")
     score.add_argument("--mutants", default="mutants")
-    score.add_argument("--sample", help="file of the sampled names: score those only, with intervals")
+    score.add_argument("--sample",
+                       help="file of the sampled names: score those only, with intervals")
     score.add_argument("--strict", action="store_true")
     args = parser.parse_args(argv)
     equivalents = read_equivalents(args.equivalents)
     if args.command == "sample":
         names = mutant_names(args.modules)
         if not names:
-            print(f"error: no mutants in modules {args.modules} (setup.cfg [mutmut] only_mutate)", file=sys.stderr)
+            print(f"error: no mutants in modules {args.modules} (setup.cfg [mutmut] only_mutate)",
+                  file=sys.stderr)
             return 2
         print("\n".join(draw_sample(names, args.per_module, args.seed, equivalents)))
         return 0
@@ -171,7 +186,8 @@ def main(argv=None):
     table, left = score_table(read_results(args.mutants), equivalents, sampled)
     print(table)
     if left:
-        print(f"\n{len(left)} survivor(s) not listed in {args.equivalents} (`mutmut show NAME` shows the diff):")
+        print(f"\n{len(left)} survivor(s) not listed in {args.equivalents} (`mutmut show NAME` "
+              "shows the diff):")
         print("\n".join(f"  {k}" for k in left))
     return 1 if args.strict and left else 0
 

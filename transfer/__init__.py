@@ -1,7 +1,8 @@
-"""Stage 3: converted .pkl -> detectron2 fine-tuning on VOC/COCO with SyncBN -> AP (`mocobench transfer`).
+"""Stage 3: converted .pkl -> detectron2 fine-tuning on VOC/COCO with SyncBN -> AP
+(`mocobench transfer`).
 
-`run_transfer` and `main` live in transfer.run; they are loaded on first use so that modules of this package
-that need no detectron2 (transfer.report) import without it.
+`run_transfer` and `main` live in transfer.run; they are loaded on first use so that modules of
+this package that need no detectron2 (transfer.report) import without it.
 """
 __all__ = ["main", "run_transfer"]
 

@@ -1,9 +1,9 @@
 """detectron2's DetectionCheckpointer, loading without arbitrary unpickling and saving atomically.
 
-detectron2 opens a .pkl with a bare pickle.load and fvcore writes checkpoints in place. Here a .pkl goes
-through mocobench.utils.fileio.safe_unpickle (containers and numpy arrays only), a .pth through
-torch.load(weights_only=True), and every checkpoint and the `last_checkpoint` tag are written to a temp
-file and renamed, so an interrupted save never leaves a torn file for --resume to pick up.
+detectron2 opens a .pkl with a bare pickle.load and fvcore writes checkpoints in place. Here a .pkl
+goes through mocobench.utils.fileio.safe_unpickle (containers and numpy arrays only), a .pth through
+torch.load(weights_only=True), and every checkpoint and the `last_checkpoint` tag are written to a
+temp file and renamed, so an interrupted save never leaves a torn file for --resume to pick up.
 """
 import os
 
@@ -23,13 +23,15 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 # detectron2 format (ours from `mocobench convert`, or detectron2's model zoo)
                 self.logger.info(f"Reading a file from '{data['__author__']}'")
                 return data
-            # Caffe2 / Detectron1 layout, e.g. the MSRA ImageNet R-50.pkl: blobs renamed by detectron2's heuristics
+            # Caffe2 / Detectron1 layout, e.g. the MSRA ImageNet R-50.pkl: blobs renamed by
+            # detectron2's heuristics
             data = data.get("blobs", data)
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         loaded = load_checkpoint(filename)
         if filename.endswith(".pyth"):  # pycls
-            state = {k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")}
+            state = {k: v for k, v in loaded["model_state"].items()
+                     if not k.endswith("num_batches_tracked")}
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return loaded if "model" in loaded else {"model": loaded}
 
@@ -51,23 +53,26 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             f.write(last_filename_basename)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # No silent random init: every pretrained backbone tensor must come from MODEL.WEIGHTS.
 #
-# detectron2 loads converted weights by suffix matching (`matching_heuristics`) and skips, with a warning in a
-# long log, every tensor whose name or shape does not fit: a ResNet-18 .pkl in a DEPTH 50 config trains a mostly
-# random backbone and reports an AP for it. `inspect_weights` loads the file into the model exactly as training
-# will and refuses the run when any backbone tensor did not come from it.
+# detectron2 loads converted weights by suffix matching (`matching_heuristics`) and skips, with a
+# warning in a long log, every tensor whose name or shape does not fit: a ResNet-18 .pkl in a DEPTH
+# 50 config trains a mostly random backbone and reports an AP for it. `inspect_weights` loads the
+# file into the model exactly as training will and refuses the run when any backbone tensor did not
+# come from it.
 
 # ResNet stage depths (blocks in res2..res5) and block type -> depth (He et al., 2016, Table 1)
-RESNET_DEPTHS = {((2, 2, 2, 2), "basic"): 18, ((3, 4, 6, 3), "basic"): 34, ((3, 4, 6, 3), "bottleneck"): 50,
-                 ((3, 4, 23, 3), "bottleneck"): 101, ((3, 8, 36, 3), "bottleneck"): 152}
+RESNET_DEPTHS = {((2, 2, 2, 2), "basic"): 18, ((3, 4, 6, 3), "basic"): 34,
+                 ((3, 4, 6, 3), "bottleneck"): 50, ((3, 4, 23, 3), "bottleneck"): 101,
+                 ((3, 8, 36, 3), "bottleneck"): 152}
 SHOWN = 3  # mismatches named in the error
 
 
 def backbone_keys(model) -> list:
-    """state_dict keys of the pre-trained trunk: every detectron2 ResNet in the model, and for C4 models the
-    res5 blocks that live in the ROI head (not the extra norm transfer.heads appends, which is new)."""
+    """state_dict keys of the pre-trained trunk: every detectron2 ResNet in the model, and for C4
+    models the res5 blocks that live in the ROI head (not the extra norm transfer.heads appends,
+    which is new)."""
     from detectron2.layers import CNNBlockBase
     from detectron2.modeling.backbone import ResNet
 
@@ -80,12 +85,14 @@ def backbone_keys(model) -> list:
         for child_name, child in res5.named_children():
             if isinstance(child, CNNBlockBase):
                 keys += [f"roi_heads.res5.{child_name}.{k}" for k in child.state_dict()]
-    # a BatchNorm's step counter: not in any converted file, and unused with detectron2's fixed momentum
+    # a BatchNorm's step counter: not in any converted file, and unused with detectron2's fixed
+    # momentum
     return [k for k in keys if not k.endswith("num_batches_tracked")]
 
 
 def resnet_architecture(keys) -> str:
-    """'ResNet-18' (or 'a ResNet with 3-4-6-3 bottleneck blocks') from detectron2 key names, '' if no ResNet."""
+    """'ResNet-18' (or 'a ResNet with 3-4-6-3 bottleneck blocks') from detectron2 key names, '' if
+    no ResNet."""
     blocks, bottleneck = {}, False
     for key in keys:
         parts = key.split(".")
@@ -99,18 +106,21 @@ def resnet_architecture(keys) -> str:
         return ""
     layout = (tuple(blocks[s] for s in (2, 3, 4, 5)), "bottleneck" if bottleneck else "basic")
     depth = RESNET_DEPTHS.get(layout)
-    return f"ResNet-{depth}" if depth else f"a ResNet with {'-'.join(map(str, layout[0]))} {layout[1]} blocks"
+    return f"ResNet-{depth}" if depth \
+        else f"a ResNet with {'-'.join(map(str, layout[0]))} {layout[1]} blocks"
 
 
 def _file_key(model_key, file_keys, heuristics):
     if not heuristics:
         return model_key if model_key in file_keys else None
-    matches = [k for k in file_keys if model_key == k or model_key.endswith("." + k)]  # detectron2's rule
+    # detectron2's rule
+    matches = [k for k in file_keys if model_key == k or model_key.endswith("." + k)]
     return max(matches, key=len) if matches else None
 
 
 def converter_report(weights_path):
-    """The JSON report `mocobench convert` leaves beside its output, when there is one (read defensively)."""
+    """The JSON report `mocobench convert` leaves beside its output, when there is one (read
+    defensively)."""
     import json
 
     for path in (weights_path + ".json", os.path.splitext(weights_path)[0] + ".json"):
@@ -127,17 +137,20 @@ def converter_report(weights_path):
 
 
 def _small_fields(data: dict) -> dict:
-    """The scalar entries of a metadata dict, and its small dicts of scalars (source, architecture, verification)."""
+    """The scalar entries of a metadata dict, and its small dicts of scalars (source, architecture,
+    verification)."""
     def scalar(v):
         return v is None or isinstance(v, (str, int, float, bool))
 
     return {str(k): v for k, v in data.items()
-            if scalar(v) or (isinstance(v, dict) and len(v) <= 20 and all(scalar(x) for x in v.values()))}
+            if scalar(v)
+            or (isinstance(v, dict) and len(v) <= 20 and all(scalar(x) for x in v.values()))}
 
 
 def inspect_weights(cfg) -> dict:
-    """Load cfg.MODEL.WEIGHTS into cfg's model (built on CPU) as training does; UsageError unless every backbone
-    tensor came from the file with its shape. Returns what was loaded, for the run record."""
+    """Load cfg.MODEL.WEIGHTS into cfg's model (built on CPU) as training does; UsageError unless
+    every backbone tensor came from the file with its shape. Returns what was loaded, for the run
+    record."""
     import numpy as np
     from detectron2.modeling import build_model
 
@@ -155,10 +168,11 @@ def inspect_weights(cfg) -> dict:
     with d2compat.quiet_checkpoint_logs("transfer.checkpoint"):
         data = checkpointer._load_file(local)
         if not isinstance(data.get("model"), dict):
-            raise UsageError(f"MODEL.WEIGHTS {weights!r} holds no model state (expected a .pkl from `mocobench "
-                             "convert` or a detectron2 checkpoint)")
+            raise UsageError(f"MODEL.WEIGHTS {weights!r} holds no model state (expected a .pkl "
+                             "from `mocobench convert` or a detectron2 checkpoint)")
         named = data["model"]
-        if data.get("__author__") == "Caffe2":  # MSRA/Detectron1 blob names, renamed as detectron2 will
+        # MSRA/Detectron1 blob names, renamed as detectron2 will
+        if data.get("__author__") == "Caffe2":
             from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
             named = convert_c2_detectron_names(dict(named))[0]
@@ -177,17 +191,19 @@ def inspect_weights(cfg) -> dict:
         shown = [f"{k} (file {file_shapes[found[k]]}, model {model_shapes[k]})" if found[k]
                  else f"{k} (not in the file)" for k in first]
         in_file, in_model = resnet_architecture(file_shapes), f"ResNet-{cfg.MODEL.RESNETS.DEPTH}"
-        hint = (f"the file holds a {in_file} and the config builds MODEL.RESNETS.DEPTH {cfg.MODEL.RESNETS.DEPTH}: "
-                f"a {in_file} checkpoint in a DEPTH {cfg.MODEL.RESNETS.DEPTH} config?"
+        hint = (f"the file holds a {in_file} and the config builds MODEL.RESNETS.DEPTH "
+                f"{cfg.MODEL.RESNETS.DEPTH}: a {in_file} checkpoint in a DEPTH "
+                f"{cfg.MODEL.RESNETS.DEPTH} config?"
                 if in_file and in_file != in_model else
                 "is it a backbone converted by `mocobench convert` for this MODEL.RESNETS setting?")
         raise UsageError(
-            f"MODEL.WEIGHTS {weights!r}: {len(missing)} of {len(trunk)} backbone tensors would not come from the "
-            f"file and start from random init instead: {'; '.join(shown)}"
+            f"MODEL.WEIGHTS {weights!r}: {len(missing)} of {len(trunk)} backbone tensors would not "
+            f"come from the file and start from random init instead: {'; '.join(shown)}"
             f"{f'; and {len(missing) - SHOWN} more' if len(missing) > SHOWN else ''}. "
             f"{hint[0].upper()}{hint[1:]} Nothing was trained."
         )
-    loaded = [k for k in model.state_dict() if k not in not_loaded and not k.endswith("num_batches_tracked")]
+    loaded = [k for k in model.state_dict()
+              if k not in not_loaded and not k.endswith("num_batches_tracked")]
     return {
         "path": os.path.abspath(local),
         "sha256": file_sha256(local),

@@ -1,4 +1,5 @@
-"""Loading a detection config: detectron2's CfgNode plus a small MOCOBENCH namespace, with clear errors."""
+"""Loading a detection config: detectron2's CfgNode plus a small MOCOBENCH namespace, with clear
+errors."""
 
 from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
@@ -7,34 +8,41 @@ import os
 
 from detectron2.config import CfgNode, get_cfg
 
-import transfer.heads  # noqa: F401  (Res5ROIHeadsExtraNorm, DilatedFCNHead: configs name them, loading registers)
+# Res5ROIHeadsExtraNorm, DilatedFCNHead: configs name them, loading registers
+import transfer.heads  # noqa: F401
 from mocobench.utils.config import merge_config
 from mocobench.utils.converted import recorded_resnets
 from mocobench.utils.errors import UsageError
 
-# the MODEL.RESNETS keys a converted .pkl records; a config that leaves one at detectron2's default takes its value
+# the MODEL.RESNETS keys a converted .pkl records; a config that leaves one at detectron2's default
+# takes its value
 RESNET_KEYS = ("DEPTH", "NUM_GROUPS", "WIDTH_PER_GROUP", "RES2_OUT_CHANNELS", "STRIDE_IN_1X1")
 
 
 def add_mocobench_config(cfg: CfgNode):
     """Keys of our own; everything else is detectron2's, unknown keys stay errors."""
     cfg.MOCOBENCH = CfgNode()
-    # period (iterations) of metrics.json / the console metric lines; detectron2's DefaultTrainer uses 20
+    # period (iterations) of metrics.json / the console metric lines; detectron2's DefaultTrainer
+    # uses 20
     cfg.MOCOBENCH.LOG_PERIOD = 20
-    # refuse to start training when MODEL.WEIGHTS is empty (the benchmark configs: a transfer run from
-    # random init is a different experiment, so it must be asked for explicitly with MODEL.WEIGHTS "")
+    # refuse to start training when MODEL.WEIGHTS is empty (the benchmark configs: a transfer run
+    # from random init is a different experiment, so it must be asked for explicitly with
+    # MODEL.WEIGHTS "")
     cfg.MOCOBENCH.REQUIRE_WEIGHTS = False
     # the generated-dataset directory the synth_* names point at (see transfer.datasets)
     cfg.MOCOBENCH.SYNTH_ROOT = ""
-    # TF32 tensor-core math for CUDA fp32 matmuls and cuDNN convolutions (Ampere+), set explicitly at the start of
-    # each trial and recorded in results.json; False reproduces the paper's V100 fp32 fine-tuning
+    # TF32 tensor-core math for CUDA fp32 matmuls and cuDNN convolutions (Ampere+), set explicitly
+    # at the start of each trial and recorded in results.json; False reproduces the paper's V100
+    # fp32 fine-tuning
     cfg.MOCOBENCH.TF32 = False
-    # transfer.heads.DilatedFCNHead (the MoCo paper's semantic-segmentation head): its 3x3 convs and their dilation
+    # transfer.heads.DilatedFCNHead (the MoCo paper's semantic-segmentation head): its 3x3 convs
+    # and their dilation
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
     cfg.MODEL.SEM_SEG_HEAD.DILATION = 6
 
 def load_config(config_file: str, opts=()) -> CfgNode:
-    """get_cfg() + our keys, merged with `config_file` and `opts`; bad keys/values raise UsageError."""
+    """get_cfg() + our keys, merged with `config_file` and `opts`; bad keys/values raise
+    UsageError."""
     cfg = get_cfg()
     add_mocobench_config(cfg)
     return merge_config(cfg, config_file, opts)
@@ -49,8 +57,9 @@ def _walk(node: CfgNode, prefix=""):
 def swap_sync_bn(cfg: CfgNode, replacement: str = "naiveSyncBN") -> list:
     """Every `*.NORM: SyncBN` -> `replacement`; returns the keys changed.
 
-    torch's SyncBatchNorm synchronizes only CUDA tensors in a process group; detectron2's NaiveSyncBatchNorm
-    all-reduces the batch statistics with plain collectives, so it synchronizes CPU processes over gloo.
+    torch's SyncBatchNorm synchronizes only CUDA tensors in a process group; detectron2's
+    NaiveSyncBatchNorm all-reduces the batch statistics with plain collectives, so it synchronizes
+    CPU processes over gloo.
     """
     changed = []
     for node, key, full_key, value in _walk(cfg):
@@ -61,11 +70,12 @@ def swap_sync_bn(cfg: CfgNode, replacement: str = "naiveSyncBN") -> list:
 
 
 def configure_resnet(cfg, weights_path=None):
-    """Make a detectron2 cfg build the ResNet that a converted .pkl holds; returns notes for the log.
+    """Make a detectron2 cfg build the ResNet that a converted .pkl holds; returns notes for the
+    log.
 
-    MODEL.RESNETS keys the config leaves at detectron2's defaults take the .pkl's values; a key set to
-    something else must agree, or UsageError. Weights without a recorded architecture (detectron2 model-zoo
-    files, URLs, .pth checkpoints) leave the config as it is.
+    MODEL.RESNETS keys the config leaves at detectron2's defaults take the .pkl's values; a key set
+    to something else must agree, or UsageError. Weights without a recorded architecture
+    (detectron2 model-zoo files, URLs, .pth checkpoints) leave the config as it is.
     """
     path = weights_path if weights_path is not None else cfg.MODEL.WEIGHTS
     if not path or not str(path).endswith(".pkl") or not os.path.isfile(path):
@@ -87,11 +97,14 @@ def configure_resnet(cfg, weights_path=None):
                              "convert the matching checkpoint")
         resnets[key] = want
         changed.append(f"{key} {want}")
-    head = cfg.MODEL.ROI_HEADS.NAME  # unused by a SemanticSegmentor, whose default still names Res5ROIHeads
+    # unused by a SemanticSegmentor, whose default still names Res5ROIHeads
+    head = cfg.MODEL.ROI_HEADS.NAME
     if recorded["RES2_OUT_CHANNELS"] == 64 and head.startswith("Res5ROIHeads") and \
             cfg.MODEL.META_ARCHITECTURE != "SemanticSegmentor":
         raise UsageError(f"MODEL.WEIGHTS {path!r} holds a {architecture} (basic blocks) but "
-                         f"MODEL.ROI_HEADS.NAME {head} builds res5 from bottleneck blocks; use an FPN config")
+                         f"MODEL.ROI_HEADS.NAME {head} builds res5 from bottleneck blocks; use an "
+                         "FPN config")
     if changed:
-        return [f"MODEL.RESNETS from {os.path.basename(path)} ({architecture}): {', '.join(changed)}"]
+        return [f"MODEL.RESNETS from {os.path.basename(path)} ({architecture}): "
+                f"{', '.join(changed)}"]
     return []

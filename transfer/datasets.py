@@ -1,29 +1,38 @@
-"""Datasets for transfer: detectron2's builtin names, the generated (synth) ones, and checks before training.
+"""Datasets for transfer: detectron2's builtin names, the generated (synth) ones, and checks before
+training.
 
-Builtin names are registered by detectron2 under `$DETECTRON2_DATASETS` (default ./datasets), lazily: a missing
-file would only surface deep inside the first data loader. `check_datasets` looks for every file a config's
-datasets need first and names the exact path and the expected layout. The names of the MoCo paper's tasks:
+Builtin names are registered by detectron2 under `$DETECTRON2_DATASETS` (default ./datasets),
+lazily: a missing file would only surface deep inside the first data loader. `check_datasets` looks
+for every file a config's datasets need first and names the exact path and the expected layout. The
+names of the MoCo paper's tasks:
 
     voc_2007_trainval, voc_2012_trainval, voc_2007_test        VOC detection (detectron2)
-    coco_2017_train, coco_2017_val                             COCO detection / instance segmentation (detectron2)
+    coco_2017_train, coco_2017_val                             COCO detection / instance
+                                                               segmentation (detectron2)
     keypoints_coco_2017_train, keypoints_coco_2017_val         COCO person keypoints (detectron2)
-    lvis_v0.5_train, lvis_v0.5_val                             LVIS v0.5 instance segmentation (detectron2)
+    lvis_v0.5_train, lvis_v0.5_val                             LVIS v0.5 instance segmentation
+                                                               (detectron2)
     cityscapes_fine_{instance_seg,sem_seg}_{train,val}         Cityscapes fine (detectron2)
-    voc_2012_sem_seg_train_aug, voc_2012_sem_seg_val           VOC semantic segmentation (registered here:
-                                                               detectron2 has no VOC segmentation dataset)
+    voc_2012_sem_seg_train_aug, voc_2012_sem_seg_val           VOC semantic segmentation
+                                                               (registered here: detectron2 has no
+                                                               VOC segmentation dataset)
 
-Generated datasets (`mocobench data synth --out DIR`) register under their own names so that any config can
-point at them:
+Generated datasets (`mocobench data synth --out DIR`) register under their own names so that any
+config can point at them:
 
-    synth_voc_trainval, synth_voc_test     DIR/VOC2007 (PASCAL VOC layout, class names from DIR/synth.json)
+    synth_voc_trainval, synth_voc_test     DIR/VOC2007 (PASCAL VOC layout, class names from
+                                           DIR/synth.json)
     synth_coco_train, synth_coco_val       DIR/coco/{train,val}2017 + annotations/instances_*.json
-    synth_keypoints_train, _val            DIR/coco/{train,val}2017 + annotations/person_keypoints_*.json
+    synth_keypoints_train, _val            DIR/coco/{train,val}2017 +
+                                           annotations/person_keypoints_*.json
     synth_lvis_train, synth_lvis_val       DIR/lvis/lvis_v0.5_*.json over the DIR/coco images
     synth_cityscapes_fine_{instance_seg,sem_seg}_{train,val}    DIR/cityscapes/{leftImg8bit,gtFine}
-    synth_voc_2012_sem_seg_train_aug, synth_voc_2012_sem_seg_val  DIR/VOC2012 (SegmentationClass[Aug])
+    synth_voc_2012_sem_seg_train_aug, synth_voc_2012_sem_seg_val  DIR/VOC2012
+                                                                  (SegmentationClass[Aug])
 
-DIR is, first match wins: `--synth-root DIR` (= config key MOCOBENCH.SYNTH_ROOT), `$MOCOBENCH_SYNTH`,
-`$DETECTRON2_DATASETS/synth` (detectron2's default datasets root: ./datasets/synth).
+DIR is, first match wins: `--synth-root DIR` (= config key MOCOBENCH.SYNTH_ROOT),
+`$MOCOBENCH_SYNTH`, `$DETECTRON2_DATASETS/synth` (detectron2's default datasets root:
+./datasets/synth).
 """
 import logging
 import os
@@ -73,13 +82,14 @@ JSON_LAYOUT = (
 )
 CITYSCAPES_LAYOUT = (
     "{image_dir}/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
-    "{gt_dir}/<city>/<city>_<seq>_<frame>_gtFine_{{polygons.json,labelIds.png,instanceIds.png,labelTrainIds.png}}\n"
+    "{gt_dir}/<city>/<city>_<seq>_<frame>_gtFine_{{polygons.json,labelIds.png,"
+    "instanceIds.png,labelTrainIds.png}}\n"
     "(labelTrainIds.png: cityscapesscripts/preparation/createTrainIdLabelImgs.py)"
 )
 VOC_SEM_SEG_LAYOUT = (
     "{dirname}/\n"
-    "  ImageSets/Segmentation/{split}.txt   (one image id per line; train_aug: VOC train + SBD, 10582 ids)\n"
-    "  JPEGImages/<id>.jpg\n"
+    "  ImageSets/Segmentation/{split}.txt   (one image id per line; train_aug: VOC train + SBD, "
+    "10582 ids)\n  JPEGImages/<id>.jpg\n"
     "  {label_dir}/<id>.png   (class index per pixel, 255 = ignore)"
 )
 VOC_SEM_SEG_IGNORE = 255
@@ -90,40 +100,45 @@ def datasets_root() -> str:
 def resolve_synth_root(configured: str = "") -> str:
     return configured or os.getenv(SYNTH_ENV) or os.path.join(datasets_root(), "synth")
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # VOC semantic segmentation: the reader of VOC2012's ImageSets/Segmentation lists
 
 def load_voc_sem_seg(dirname: str, split: str, label_dir: str) -> list:
-    """detectron2 dicts (file_name, sem_seg_file_name, image_id) for the ids in ImageSets/Segmentation/{split}.txt.
+    """detectron2 dicts (file_name, sem_seg_file_name, image_id) for the ids in
+    ImageSets/Segmentation/{split}.txt.
 
-    Labels are read as they are stored: SegmentationClass PNGs are palette images whose indices are the classes
-    (what detectron2's SemSegEvaluator reads), SegmentationClassAug PNGs are greyscale with the same values.
+    Labels are read as they are stored: SegmentationClass PNGs are palette images whose indices are
+    the classes (what detectron2's SemSegEvaluator reads), SegmentationClassAug PNGs are greyscale
+    with the same values.
     """
     with open(os.path.join(dirname, "ImageSets", "Segmentation", f"{split}.txt")) as f:
         ids = [line.strip() for line in f if line.strip()]
     return [{"file_name": os.path.join(dirname, "JPEGImages", f"{i}.jpg"),
-             "sem_seg_file_name": os.path.join(dirname, label_dir, f"{i}.png"), "image_id": i} for i in ids]
+             "sem_seg_file_name": os.path.join(dirname, label_dir, f"{i}.png"), "image_id": i}
+            for i in ids]
 
 def register_voc_sem_seg(name, dirname, split, label_dir, classes):
     DatasetCatalog.register(name, lambda: load_voc_sem_seg(dirname, split, label_dir))
-    MetadataCatalog.get(name).set(dirname=dirname, split=split, label_dir=label_dir, stuff_classes=list(classes),
-                                  ignore_label=VOC_SEM_SEG_IGNORE, evaluator_type="sem_seg")
+    MetadataCatalog.get(name).set(dirname=dirname, split=split, label_dir=label_dir,
+                                  stuff_classes=list(classes), ignore_label=VOC_SEM_SEG_IGNORE,
+                                  evaluator_type="sem_seg")
 
-# The paper trains on train_aug (VOC2012 train + SBD; DeepLab's greyscale SegmentationClassAug labels) and
-# evaluates on val (VOC2012's palette SegmentationClass labels).
+# The paper trains on train_aug (VOC2012 train + SBD; DeepLab's greyscale SegmentationClassAug
+# labels) and evaluates on val (VOC2012's palette SegmentationClass labels).
 VOC_SEM_SEG_LABELS = {"train_aug": "SegmentationClassAug", "val": "SegmentationClass"}
 VOC_SEM_SEG_SPLITS = {"voc_2012_sem_seg_train_aug": "train_aug", "voc_2012_sem_seg_val": "val"}
 
 def register_builtin_voc_sem_seg(root: str):
     for name, split in VOC_SEM_SEG_SPLITS.items():
         if name not in DatasetCatalog.list():
-            register_voc_sem_seg(name, os.path.join(root, "VOC2012"), split, VOC_SEM_SEG_LABELS[split],
-                                 ["background", *VOC_CLASS_NAMES])
+            register_voc_sem_seg(name, os.path.join(root, "VOC2012"), split,
+                                 VOC_SEM_SEG_LABELS[split], ["background", *VOC_CLASS_NAMES])
 
 register_builtin_voc_sem_seg(datasets_root())
 
-# ----------------------------------------------------------------------------------------------------------------
-# generated datasets: one registration function per format, (name, root, paths, split, class_names) -> None
+# --------------------------------------------------------------------------------------------------
+# generated datasets: one registration function per format, (name, root, paths, split, class_names)
+# -> None
 
 def _cityscapes_dirs(root, paths, split):
     return (os.path.join(root, paths["cityscapes"], "leftImg8bit", split),
@@ -131,44 +146,52 @@ def _cityscapes_dirs(root, paths, split):
 
 def _register_voc(name, root, paths, split, class_names, year):
     register_pascal_voc(name, os.path.join(root, paths["voc"]), split, year, class_names)
-    # register_pascal_voc (v0.6) leaves evaluator_type unset; the builtin voc_* names set it alongside
+    # register_pascal_voc (v0.6) leaves evaluator_type unset; the builtin voc_* names set it
+    # alongside
     MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
 
 def _register_coco(name, root, paths, split, class_names, year):
-    register_coco_instances(name, {"thing_classes": list(class_names)}, os.path.join(root, paths[f"coco_{split}_json"]),
+    register_coco_instances(name, {"thing_classes": list(class_names)},
+                            os.path.join(root, paths[f"coco_{split}_json"]),
                             os.path.join(root, paths[f"coco_{split}_images"]))
 
 def _register_coco_keypoints(name, root, paths, split, class_names, year):
-    # detectron2's metadata of keypoints_coco_*: "person", the 17 keypoint names, their flip map and colours
+    # detectron2's metadata of keypoints_coco_*: "person", the 17 keypoint names, their flip map
+    # and colours
     register_coco_instances(name, _get_builtin_metadata("coco_person"),
                             os.path.join(root, paths[f"coco_keypoints_{split}_json"]),
                             os.path.join(root, paths[f"coco_{split}_images"]))
 
 def _register_lvis(name, root, paths, split, class_names, year):
-    # detectron2's register_lvis_instances looks the class names up by dataset name (lvis_v0.5_*: the 1230 real
-    # ones); the generated classes come from synth.json, so the loader is called without a name
+    # detectron2's register_lvis_instances looks the class names up by dataset name (lvis_v0.5_*:
+    # the 1230 real ones); the generated classes come from synth.json, so the loader is called
+    # without a name
     json_file = os.path.join(root, paths[f"lvis_{split}_json"])
-    image_root = os.path.join(root, paths["lvis_image_root"])  # "coco/": detectron2 appends "train2017/..."
+    # "coco/": detectron2 appends "train2017/..."
+    image_root = os.path.join(root, paths["lvis_image_root"])
     DatasetCatalog.register(name, lambda: load_lvis_json(json_file, image_root))
-    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, thing_classes=list(class_names),
-                                  evaluator_type="lvis")
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
+                                  thing_classes=list(class_names), evaluator_type="lvis")
 
 def _register_cityscapes_instance(name, root, paths, split, class_names, year):
     image_dir, gt_dir = _cityscapes_dirs(root, paths, split)
-    DatasetCatalog.register(name, lambda: load_cityscapes_instances(image_dir, gt_dir, from_json=True,
+    DatasetCatalog.register(name, lambda: load_cityscapes_instances(image_dir, gt_dir,
+                                                                    from_json=True,
                                                                     to_polygons=True))
-    MetadataCatalog.get(name).set(image_dir=image_dir, gt_dir=gt_dir, evaluator_type="cityscapes_instance",
+    MetadataCatalog.get(name).set(image_dir=image_dir, gt_dir=gt_dir,
+                                  evaluator_type="cityscapes_instance",
                                   **_get_builtin_metadata("cityscapes"))
 
 def _register_cityscapes_sem_seg(name, root, paths, split, class_names, year):
     image_dir, gt_dir = _cityscapes_dirs(root, paths, split)
     DatasetCatalog.register(name, lambda: load_cityscapes_semantic(image_dir, gt_dir))
-    MetadataCatalog.get(name).set(image_dir=image_dir, gt_dir=gt_dir, evaluator_type="cityscapes_sem_seg",
-                                  ignore_label=255, **_get_builtin_metadata("cityscapes"))
+    MetadataCatalog.get(name).set(image_dir=image_dir, gt_dir=gt_dir,
+                                  evaluator_type="cityscapes_sem_seg", ignore_label=255,
+                                  **_get_builtin_metadata("cityscapes"))
 
 def _register_voc_sem_seg(name, root, paths, split, class_names, year):
-    register_voc_sem_seg(name, os.path.join(root, paths["voc_seg"]), split, VOC_SEM_SEG_LABELS[split],
-                         ["background", *class_names])
+    register_voc_sem_seg(name, os.path.join(root, paths["voc_seg"]), split,
+                         VOC_SEM_SEG_LABELS[split], ["background", *class_names])
 
 SYNTH_REGISTRARS = {
     "voc": _register_voc,
@@ -181,7 +204,8 @@ SYNTH_REGISTRARS = {
 }
 
 def register_synth_datasets(root: str) -> dict:
-    """Register the synth_* names for the tree at `root` (re-registering if they pointed elsewhere)."""
+    """Register the synth_* names for the tree at `root` (re-registering if they pointed
+    elsewhere)."""
     from mocobench.utils.synth_meta import read_synth_meta
 
     root = os.path.abspath(root)
@@ -192,7 +216,8 @@ def register_synth_datasets(root: str) -> dict:
                 continue
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        SYNTH_REGISTRARS[fmt](name, root, meta["paths"], split, meta["class_names"], meta["voc_year"])
+        SYNTH_REGISTRARS[fmt](name, root, meta["paths"], split, meta["class_names"],
+                              meta["voc_year"])
         MetadataCatalog.get(name).set(synth_root=root)
     return meta
 
@@ -205,55 +230,65 @@ def uses_synth(cfg) -> bool:
 def _missing_paths(paths):
     return [p for p in paths if not os.path.exists(p)]
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # checks before training
 
 def _expected_files(meta):
-    """(paths that must exist, layout text) for a dataset's metadata, or None for a family we cannot check."""
+    """(paths that must exist, layout text) for a dataset's metadata, or None for a family we
+    cannot check."""
     if meta.get("evaluator_type", None) == "pascal_voc" and meta.get("dirname", None):
         return ([os.path.join(meta.dirname, "ImageSets", "Main", f"{meta.split}.txt"),
-                 os.path.join(meta.dirname, "Annotations"), os.path.join(meta.dirname, "JPEGImages")],
+                 os.path.join(meta.dirname, "Annotations"),
+                 os.path.join(meta.dirname, "JPEGImages")],
                 VOC_LAYOUT.format(dirname=meta.dirname, split=meta.split))
     if meta.get("label_dir", None):
         return ([os.path.join(meta.dirname, "ImageSets", "Segmentation", f"{meta.split}.txt"),
-                 os.path.join(meta.dirname, "JPEGImages"), os.path.join(meta.dirname, meta.label_dir)],
-                VOC_SEM_SEG_LAYOUT.format(dirname=meta.dirname, split=meta.split, label_dir=meta.label_dir))
+                 os.path.join(meta.dirname, "JPEGImages"),
+                 os.path.join(meta.dirname, meta.label_dir)],
+                VOC_SEM_SEG_LAYOUT.format(dirname=meta.dirname, split=meta.split,
+                                          label_dir=meta.label_dir))
     if meta.get("json_file", None):
         return [meta.json_file, meta.image_root], JSON_LAYOUT.format(json_file=meta.json_file,
                                                                      image_root=meta.image_root)
     if meta.get("gt_dir", None):
-        return [meta.image_dir, meta.gt_dir], CITYSCAPES_LAYOUT.format(image_dir=meta.image_dir, gt_dir=meta.gt_dir)
+        return [meta.image_dir, meta.gt_dir], CITYSCAPES_LAYOUT.format(image_dir=meta.image_dir,
+                                                                       gt_dir=meta.gt_dir)
     return None
 
 def check_dataset(name: str, training: bool = False):
-    """Raise UsageError naming the missing path and the expected layout; detectron2 would fail much later."""
+    """Raise UsageError naming the missing path and the expected layout; detectron2 would fail much
+    later."""
     if name not in DatasetCatalog.list():
         voc = sorted(n for n in DatasetCatalog.list() if n.startswith("voc_"))
         raise UsageError(
-            f"dataset {name!r} is not registered. PASCAL VOC names: {', '.join(voc)}; COCO: coco_2017_train, "
-            f"coco_2017_val, keypoints_coco_2017_train, ...; LVIS: lvis_v0.5_train, lvis_v0.5_val; Cityscapes: "
-            f"cityscapes_fine_instance_seg_train, cityscapes_fine_sem_seg_train, ...; generated data: "
-            f"{', '.join(SYNTH_DATASETS)} (with --synth-root DIR or ${SYNTH_ENV})"
+            f"dataset {name!r} is not registered. PASCAL VOC names: {', '.join(voc)}; COCO: "
+            "coco_2017_train, coco_2017_val, keypoints_coco_2017_train, ...; LVIS: "
+            "lvis_v0.5_train, lvis_v0.5_val; Cityscapes: cityscapes_fine_instance_seg_train, "
+            f"cityscapes_fine_sem_seg_train, ...; generated data: {', '.join(SYNTH_DATASETS)} "
+            f"(with --synth-root DIR or ${SYNTH_ENV})"
         )
     meta = MetadataCatalog.get(name)
     where = (f"generated dataset root {meta.synth_root!r}" if meta.get("synth_root", None)
              else f"DETECTRON2_DATASETS={datasets_root()!r}")
     expected = _expected_files(meta)
     if expected is None:
-        return  # a dataset family without files we know how to check: detectron2 reports its own errors
+        # a dataset family without files we know how to check: detectron2 reports its own errors
+        return
     paths, layout = expected
     missing = _missing_paths(paths)
     if missing:
         raise UsageError(
-            f"dataset {name!r}: {missing[0]!r} does not exist ({where}). Expected layout:\n{layout}\n"
-            f"Nothing is downloaded here: put the data there, or point DETECTRON2_DATASETS at its root."
+            f"dataset {name!r}: {missing[0]!r} does not exist ({where}). Expected "
+            f"layout:\n{layout}\nNothing is downloaded here: put the data there, or point "
+            "DETECTRON2_DATASETS at its root."
         )
     if training and meta.get("label_dir", None):
         _check_training_labels(name, meta)
 
 def _check_training_labels(name, meta):
-    """detectron2's DatasetMapper reads sem_seg_file_name as a greyscale ("L") image: a palette PNG would be
-    converted through its colours, and the network would learn luminances instead of class indices."""
+    """detectron2's DatasetMapper reads sem_seg_file_name as a greyscale ("L") image: a palette PNG
+    would be converted through its colours, and the network would learn luminances instead of class
+    indices."""
     from PIL import Image
 
     first = load_voc_sem_seg(meta.dirname, meta.split, meta.label_dir)[:1]
@@ -262,9 +297,10 @@ def _check_training_labels(name, meta):
             mode = image.mode
         if mode not in ("L", "I;16"):
             raise UsageError(
-                f"dataset {name!r}: {first[0]['sem_seg_file_name']!r} is a {mode!r} PNG; training reads labels as "
-                "greyscale class indices (detectron2's DatasetMapper converts to 'L'), so a palette PNG would train "
-                "on its colours' luminance. Train on greyscale labels (VOC: SegmentationClassAug)")
+                f"dataset {name!r}: {first[0]['sem_seg_file_name']!r} is a {mode!r} PNG; training "
+                "reads labels as greyscale class indices (detectron2's DatasetMapper converts to "
+                "'L'), so a palette PNG would train on its colours' luminance. Train on greyscale "
+                "labels (VOC: SegmentationClassAug)")
 
 def check_datasets(cfg):
     training = set(cfg.DATASETS.TRAIN)
@@ -278,10 +314,11 @@ CLASS_KEYS = {
 }
 
 def check_num_classes(cfg) -> list:
-    """The model's class count must match the datasets' classes; returns log lines for what it changed.
+    """The model's class count must match the datasets' classes; returns log lines for what it
+    changed.
 
-    For generated data the class count is a generation parameter, so it is taken from synth.json (logged);
-    for everything else a mismatch is the user's error and is reported.
+    For generated data the class count is a generation parameter, so it is taken from synth.json
+    (logged); for everything else a mismatch is the user's error and is reported.
     """
     if cfg.MODEL.META_ARCHITECTURE not in CLASS_KEYS:
         return []
@@ -296,8 +333,10 @@ def check_num_classes(cfg) -> list:
         if classes is None or len(classes) == node[leaf]:
             continue
         if name.startswith(SYNTH_PREFIX):
-            notes.append(f"{cfg_key} {node[leaf]} -> {len(classes)} (the classes of generated dataset {name!r})")
+            notes.append(f"{cfg_key} {node[leaf]} -> {len(classes)} (the classes of generated "
+                         f"dataset {name!r})")
             node[leaf] = len(classes)
         else:
-            raise UsageError(f"{cfg_key} is {node[leaf]} but dataset {name!r} has {len(classes)} classes")
+            raise UsageError(f"{cfg_key} is {node[leaf]} but dataset {name!r} has {len(classes)} "
+                             "classes")
     return notes

@@ -1,12 +1,13 @@
 """Evaluator by dataset: a registry keyed by the dataset's `evaluator_type` metadata.
 
-detectron2's builtin registrations set `evaluator_type` ("pascal_voc" for voc_*, "coco" for coco_*), and
-`transfer.datasets` sets it for the generated datasets, so a new family of datasets needs one entry here
-rather than another branch on the dataset's name.
+detectron2's builtin registrations set `evaluator_type` ("pascal_voc" for voc_*, "coco" for
+coco_*), and `transfer.datasets` sets it for the generated datasets, so a new family of datasets
+needs one entry here rather than another branch on the dataset's name.
 """
 import os
 
-from mocobench.utils import d2compat  # before any detectron2 import; its numpy fixes for the lvis/Cityscapes scripts
+# before any detectron2 import; its numpy fixes for the lvis/Cityscapes scripts
+from mocobench.utils import d2compat
 
 # isort: split
 from detectron2.data import MetadataCatalog
@@ -36,30 +37,35 @@ def register_evaluator(evaluator_type):
 
 @register_evaluator("pascal_voc")
 def _pascal_voc(cfg, dataset_name, output_folder):
-    # AP (mean over IoU .50:.05:.95), AP50, AP75; the 11-point VOC07 metric when the dataset's year is 2007
+    # AP (mean over IoU .50:.05:.95), AP50, AP75; the 11-point VOC07 metric when the dataset's year
+    # is 2007
     return PascalVOCDetectionEvaluator(dataset_name)
 
 def _instance_tasks(cfg):
-    return ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+    return ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) \
+        + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
 
 
 @register_evaluator("coco")
 def _coco(cfg, dataset_name, output_folder):
-    # keypoints: OKS with COCO's per-keypoint sigmas (pycocotools' defaults unless TEST.KEYPOINT_OKS_SIGMAS)
-    return COCOEvaluator(dataset_name, tasks=_instance_tasks(cfg), distributed=True, output_dir=output_folder,
-                         kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS)
+    # keypoints: OKS with COCO's per-keypoint sigmas (pycocotools' defaults unless
+    # TEST.KEYPOINT_OKS_SIGMAS)
+    return COCOEvaluator(dataset_name, tasks=_instance_tasks(cfg), distributed=True,
+                         output_dir=output_folder, kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS)
 
 
 @register_evaluator("lvis")
 def _lvis(cfg, dataset_name, output_folder):
     # the `lvis` package's LVISEval: AP over all categories, plus APr/APc/APf by category frequency
     d2compat.fix_evaluation_numpy("lvis")
-    return LVISEvaluator(dataset_name, tasks=_instance_tasks(cfg), distributed=True, output_dir=output_folder)
+    return LVISEvaluator(dataset_name, tasks=_instance_tasks(cfg), distributed=True,
+                         output_dir=output_folder)
 
 
 class _CityscapesInstanceEvaluator(CityscapesInstanceEvaluator):
-    """detectron2's evaluator, run inside its temporary directory: cityscapesscripts' evaluateImgLists writes
-    a "matches.json" into the current directory, which would otherwise land wherever the user started."""
+    """detectron2's evaluator, run inside its temporary directory: cityscapesscripts'
+    evaluateImgLists writes a "matches.json" into the current directory, which would otherwise land
+    wherever the user started."""
 
     def evaluate(self):
         if comm.get_rank() > 0:
@@ -74,21 +80,24 @@ class _CityscapesInstanceEvaluator(CityscapesInstanceEvaluator):
 
 @register_evaluator("cityscapes_instance")
 def _cityscapes_instance(cfg, dataset_name, output_folder):
-    # cityscapesscripts' evalInstanceLevelSemanticLabeling: mask AP and AP50 over the 8 instance classes
+    # cityscapesscripts' evalInstanceLevelSemanticLabeling: mask AP and AP50 over the 8 instance
+    # classes
     d2compat.fix_evaluation_numpy("cityscapes")
     return _CityscapesInstanceEvaluator(dataset_name)
 
 
 @register_evaluator("cityscapes_sem_seg")
 def _cityscapes_sem_seg(cfg, dataset_name, output_folder):
-    # cityscapesscripts' evalPixelLevelSemanticLabeling: class IoU (mean over the 19 classes) and iIoU
+    # cityscapesscripts' evalPixelLevelSemanticLabeling: class IoU (mean over the 19 classes) and
+    # iIoU
     d2compat.fix_evaluation_numpy("cityscapes")
     return CityscapesSemSegEvaluator(dataset_name)
 
 
 @register_evaluator("sem_seg")
 def _sem_seg(cfg, dataset_name, output_folder):
-    # mIoU, fwIoU, mACC, pACC over the dataset's stuff_classes, pixels labelled ignore_label left out
+    # mIoU, fwIoU, mACC, pACC over the dataset's stuff_classes, pixels labelled ignore_label left
+    # out
     return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
@@ -97,7 +106,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
     if evaluator_type not in EVALUATOR_BUILDERS:
         raise UsageError(
-            f"no evaluator for dataset {dataset_name!r} (its evaluator_type metadata is {evaluator_type!r}); "
-            f"known evaluator types: {', '.join(sorted(EVALUATOR_BUILDERS))}"
+            f"no evaluator for dataset {dataset_name!r} (its evaluator_type metadata is "
+            f"{evaluator_type!r}); known evaluator types: {', '.join(sorted(EVALUATOR_BUILDERS))}"
         )
     return EVALUATOR_BUILDERS[evaluator_type](cfg, dataset_name, output_folder)

@@ -1,19 +1,22 @@
 """The transfer run record: what one trial of `mocobench transfer` was and what it measured.
 
-One JSON file per trial directory, the only hand-off between `mocobench transfer` (the writer, `write_record`)
-and `mocobench report` (the reader, `read_record`). Versioned (`format`, `version`) and validated on read:
-a field of the wrong type is an error that names the file and the field.
+One JSON file per trial directory, the only hand-off between `mocobench transfer` (the writer,
+`write_record`) and `mocobench report` (the reader, `read_record`). Versioned (`format`, `version`)
+and validated on read: a field of the wrong type is an error that names the file and the field.
 
-    results.json        the trial's final evaluation after training (never rewritten by a later call)
-    results_eval.json   `--eval-only`: the same record under its own name, beside the training record
+    results.json        the trial's final evaluation after training (never rewritten by a later
+                        call)
+    results_eval.json   `--eval-only`: the same record under its own name, beside the training
+                        record
 
-Experiment identity. Two trials may be averaged only when they ran the same experiment. `identity` is the
-merged detectron2 config, flattened to "A.B.C" keys, minus the keys that say how a trial was *initialised*
-or *where* it ran: the weights and the pixel conventions that belong to them (a supervised Caffe2 R-50 runs
-BGR, caffe mean/std and stride in the 1x1 conv; a converted torchvision/MoCo R-50 runs RGB, ImageNet mean/std
-and stride in the 3x3 conv: still the same experiment, see configs/detection/pascal_voc_R_50_C4_24k*.yaml),
-the seed, the output directory, the device and the logging/checkpointing periods. Everything else (architecture,
-depth, norm, schedule, input sizes, datasets, test-time thresholds) is identity: runs that differ there are
+Experiment identity. Two trials may be averaged only when they ran the same experiment. `identity`
+is the merged detectron2 config, flattened to "A.B.C" keys, minus the keys that say how a trial was
+*initialised* or *where* it ran: the weights and the pixel conventions that belong to them (a
+supervised Caffe2 R-50 runs BGR, caffe mean/std and stride in the 1x1 conv; a converted
+torchvision/MoCo R-50 runs RGB, ImageNet mean/std and stride in the 3x3 conv: still the same
+experiment, see configs/detection/pascal_voc_R_50_C4_24k*.yaml), the seed, the output directory,
+the device and the logging/checkpointing periods. Everything else (architecture, depth, norm,
+schedule, input sizes, datasets, test-time thresholds) is identity: runs that differ there are
 never averaged.
 """
 import hashlib
@@ -32,11 +35,13 @@ RESULTS_FILE = "results.json"
 EVAL_FILE = "results_eval.json"
 
 # how a trial was initialised: the weights and the pixel conventions that come with them
-INIT_KEYS = ("MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT", "MODEL.RESNETS.STRIDE_IN_1X1")
+INIT_KEYS = ("MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT",
+             "MODEL.RESNETS.STRIDE_IN_1X1")
 # where and how a trial ran, which does not change what is measured
-RUN_KEYS = ("SEED", "OUTPUT_DIR", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD",
-            "TEST.EVAL_PERIOD", "VIS_PERIOD", "CUDNN_BENCHMARK", "GLOBAL.HACK", "MOCOBENCH.LOG_PERIOD",
-            "MOCOBENCH.REQUIRE_WEIGHTS", "MOCOBENCH.SYNTH_ROOT")
+RUN_KEYS = ("SEED", "OUTPUT_DIR", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS",
+            "SOLVER.CHECKPOINT_PERIOD", "TEST.EVAL_PERIOD", "VIS_PERIOD", "CUDNN_BENCHMARK",
+            "GLOBAL.HACK", "MOCOBENCH.LOG_PERIOD", "MOCOBENCH.REQUIRE_WEIGHTS",
+            "MOCOBENCH.SYNTH_ROOT")
 NOT_IDENTITY = frozenset(INIT_KEYS + RUN_KEYS)
 SCHEDULE_KEYS = ("SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.BASE_LR", "SOLVER.IMS_PER_BATCH")
 
@@ -45,11 +50,12 @@ class RecordError(UsageError):
     """A results.json that is not a valid run record (names the file and the field)."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # identity
 
 def flatten_config(node, prefix="") -> dict:
-    """A (detectron2) config as {"A.B.C": value}, tuples as lists, so that it compares equal after a JSON trip."""
+    """A (detectron2) config as {"A.B.C": value}, tuples as lists, so that it compares equal after
+    a JSON trip."""
     out = {}
     for key, value in node.items():
         if isinstance(value, dict):
@@ -81,11 +87,12 @@ def identity_diff(a: dict, b: dict) -> list:
 
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the writer
 
 def plain(value):
-    """Evaluation results (OrderedDicts of numpy/python floats) -> JSON-safe values (NaN/inf -> None)."""
+    """Evaluation results (OrderedDicts of numpy/python floats) -> JSON-safe values (NaN/inf ->
+    None)."""
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -100,7 +107,8 @@ def plain(value):
 def results_per_dataset(results, test_datasets) -> dict:
     """detectron2's `DefaultTrainer.test` output as {dataset: {task: {metric: value}}}.
 
-    detectron2 returns {dataset: {task: ...}} for several test datasets but drops the dataset level for one.
+    detectron2 returns {dataset: {task: ...}} for several test datasets but drops the dataset level
+    for one.
     """
     results = dict(results or {})
     names = list(test_datasets)
@@ -109,8 +117,8 @@ def results_per_dataset(results, test_datasets) -> dict:
     return {name: results.get(name, {}) for name in names}
 
 
-def build_record(cfg, *, config_file, opts, init_name, weights_info, trial, world_size, eval_only, resumed,
-                 iteration, seconds, results, evaluator_types) -> dict:
+def build_record(cfg, *, config_file, opts, init_name, weights_info, trial, world_size, eval_only,
+                 resumed, iteration, seconds, results, evaluator_types) -> dict:
     identity = experiment_identity(cfg)
     flat = flatten_config(cfg)
     return {
@@ -150,7 +158,7 @@ def write_record(path, record: dict):
         f.write("\n")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the reader
 
 _STR, _INT, _NUM, _BOOL, _DICT, _LIST = str, int, (int, float), bool, dict, list
@@ -194,14 +202,18 @@ def _is(value, types):
 
 def validate(record, path):
     if not isinstance(record, dict):
-        raise RecordError(f"{path}: expected a JSON object (a mocobench run record), got {type(record).__name__}")
+        raise RecordError(f"{path}: expected a JSON object (a mocobench run record), got "
+                          f"{type(record).__name__}")
     if record.get("format") != FORMAT:
-        raise RecordError(f"{path}: not a mocobench run record (field 'format' is {record.get('format')!r}, expected "
-                          f"{FORMAT!r}; records without it were written by mocobench before record version 1)")
+        raise RecordError(f"{path}: not a mocobench run record (field 'format' is "
+                          f"{record.get('format')!r}, expected {FORMAT!r}; records without it were "
+                          "written by mocobench before record version 1)")
     version = record.get("version")
     if not _is(version, _INT) or not 1 <= version <= VERSION:
-        raise RecordError(f"{path}: record version {version!r}; this mocobench reads versions 1..{VERSION}"
-                          + (" (written by a newer mocobench: update it)" if _is(version, _INT) else ""))
+        raise RecordError(f"{path}: record version {version!r}; this mocobench reads versions "
+                          f"1..{VERSION}"
+                          + (" (written by a newer mocobench: update it)" if _is(version, _INT)
+                             else ""))
     for field, (types, nullable) in FIELDS.items():
         if field not in record:
             raise RecordError(f"{path}: field {field!r} is missing")
@@ -209,8 +221,8 @@ def validate(record, path):
         if value is None and nullable:
             continue
         if not _is(value, types):
-            name = {_STR: "a string", _INT: "an integer", _NUM: "a number", _BOOL: "true/false", _DICT: "an object",
-                    _LIST: "a list"}[types]
+            name = {_STR: "a string", _INT: "an integer", _NUM: "a number", _BOOL: "true/false",
+                    _DICT: "an object", _LIST: "a list"}[types]
             raise _bad(path, field, value, name + (" or null" if nullable else ""))
     for split in ("train", "test"):
         names = record["datasets"].get(split)
@@ -218,7 +230,8 @@ def validate(record, path):
             raise _bad(path, f"datasets.{split}", names, "a list of dataset names")
     for dataset, tasks in record["results"].items():
         if dataset not in record["datasets"]["test"]:
-            raise _bad(path, f"results.{dataset}", tasks, f"results of a test dataset {record['datasets']['test']}")
+            raise _bad(path, f"results.{dataset}", tasks,
+                       f"results of a test dataset {record['datasets']['test']}")
         if not isinstance(tasks, dict):
             raise _bad(path, f"results.{dataset}", tasks, "an object {task: {metric: value}}")
         for task, metrics in tasks.items():
@@ -226,11 +239,13 @@ def validate(record, path):
                 raise _bad(path, f"results.{dataset}.{task}", metrics, "an object {metric: value}")
             for metric, value in metrics.items():
                 if value is not None and not _is(value, _NUM):
-                    raise _bad(path, f"results.{dataset}.{task}.{metric}", value, "a number or null (NaN)")
+                    raise _bad(path, f"results.{dataset}.{task}.{metric}", value,
+                               "a number or null (NaN)")
 
 
 def read_record(path) -> dict:
-    """The validated record at `path`; RecordError (a UsageError) naming the file and field otherwise."""
+    """The validated record at `path`; RecordError (a UsageError) naming the file and field
+    otherwise."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -238,7 +253,8 @@ def read_record(path) -> dict:
     except UnicodeDecodeError as e:
         raise RecordError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise RecordError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        raise RecordError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, "
+                          f"column {e.colno})") from None
     except OSError as e:
         raise RecordError(f"{path}: cannot be read ({e.strerror})") from None
     validate(record, path)
@@ -246,7 +262,8 @@ def read_record(path) -> dict:
 
 
 def trial_records(output_dir: str, name: str = RESULTS_FILE):
-    """(trial directory, record or RecordError) for every OUTPUT_DIR/seed*/`name`, in trial order."""
+    """(trial directory, record or RecordError) for every OUTPUT_DIR/seed*/`name`, in trial
+    order."""
     found = []
     if not os.path.isdir(output_dir):
         return found

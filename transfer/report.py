@@ -1,25 +1,28 @@
-"""`mocobench report RUN_DIR... [--out DIR] [--baseline NAME]`: the paper's transfer tables from run directories.
+"""`mocobench report RUN_DIR... [--out DIR] [--baseline NAME]`: the paper's transfer tables from
+run directories.
 
-A *run* is one trial directory. Its outcome comes from its run record (results.json, or results_eval.json for
-an evaluation-only trial; `transfer.record`), or, for a plain detectron2 directory without one, from
-config.yaml and the last metrics.json line with `.../AP` scalars; such a run's row name is guessed from the
-MODEL.WEIGHTS file name and marked as guessed. Paths are searched recursively; a directory reached twice
-(overlapping arguments, symlinks) counts once.
+A *run* is one trial directory. Its outcome comes from its run record (results.json, or
+results_eval.json for an evaluation-only trial; `transfer.record`), or, for a plain detectron2
+directory without one, from config.yaml and the last metrics.json line with `.../AP` scalars; such
+a run's row name is guessed from the MODEL.WEIGHTS file name and marked as guessed. Paths are
+searched recursively; a directory reached twice (overlapping arguments, symlinks) counts once.
 
-Tables. One per experiment: (test dataset, config identity). The identity is the merged config without the
-keys that only say how a run was initialised or where it ran (`transfer.record.experiment_identity`), so a
-supervised Caffe2-style config and its `_moco` twin land in one table while runs that differ in architecture,
-schedule, input size or datasets are never averaged. A row per init name, a column per metric (from the
-registry `METRIC_COLUMNS`, keyed by the dataset's evaluator type). Each cell: mean ± sample std (n) over the
-valid seeds; one seed prints its value and n=1. Rows other than the baseline (`--baseline`, default
-supervised) show the difference of means with a 95 % Welch interval (t quantile at the Welch-Satterthwaite
-degrees of freedom), marked * only when the interval excludes 0. A seed whose metric is NaN or missing is
-listed under its table and left out of n. When a table's identity equals an official MoCo detection config,
-the published numbers for that config follow in a separate block (`PUBLISHED`, every number cited).
+Tables. One per experiment: (test dataset, config identity). The identity is the merged config
+without the keys that only say how a run was initialised or where it ran
+(`transfer.record.experiment_identity`), so a supervised Caffe2-style config and its `_moco` twin
+land in one table while runs that differ in architecture, schedule, input size or datasets are
+never averaged. A row per init name, a column per metric (from the registry `METRIC_COLUMNS`, keyed
+by the dataset's evaluator type). Each cell: mean ± sample std (n) over the valid seeds; one seed
+prints its value and n=1. Rows other than the baseline (`--baseline`, default supervised) show the
+difference of means with a 95 % Welch interval (t quantile at the Welch-Satterthwaite degrees of
+freedom), marked * only when the interval excludes 0. A seed whose metric is NaN or missing is
+listed under its table and left out of n. When a table's identity equals an official MoCo detection
+config, the published numbers for that config follow in a separate block (`PUBLISHED`, every number
+cited).
 
-Outputs in --out: report.md (also printed), report.json and report.csv (every seed's values), ap.png, and
-pretrain.png when pretraining runs are among the paths or reachable from the records' weights. Exit 0 when at
-least one table was made, 2 (one-line error) when nothing usable was found.
+Outputs in --out: report.md (also printed), report.json and report.csv (every seed's values),
+ap.png, and pretrain.png when pretraining runs are among the paths or reachable from the records'
+weights. Exit 0 when at least one table was made, 2 (one-line error) when nothing usable was found.
 """
 import argparse
 import csv
@@ -38,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "supervised"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # metric columns by evaluator type (a new task registers its columns here)
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class Column:
 
 
 METRIC_COLUMNS = {}  # evaluator_type -> [Column], in the paper's column order
-_RECOGNIZERS = []  # (evaluator_type, predicate(results of one dataset)) for runs that do not record the type
+# (evaluator_type, predicate(results of one dataset)) for runs that do not record the type
+_RECOGNIZERS = []
 
 
 def register_metrics(evaluator_type, columns, recognizes=None):
@@ -65,14 +69,17 @@ def register_metrics(evaluator_type, columns, recognizes=None):
 
 
 # He et al. 2020, Table 2 (VOC): AP50, AP, AP75 of detectron2's PascalVOCDetectionEvaluator
-register_metrics("pascal_voc", [("bbox", "AP50", "AP50"), ("bbox", "AP", "AP"), ("bbox", "AP75", "AP75")],
-                 recognizes=lambda r: set(r) == {"bbox"} and set(r["bbox"]) <= {"AP", "AP50", "AP75"})
+register_metrics("pascal_voc",
+                 [("bbox", "AP50", "AP50"), ("bbox", "AP", "AP"), ("bbox", "AP75", "AP75")],
+                 recognizes=lambda r: (set(r) == {"bbox"}
+                                       and set(r["bbox"]) <= {"AP", "AP50", "AP75"}))
 # He et al. 2020, Table 5 (COCO): box and mask AP of COCOEvaluator
-register_metrics("coco", [("bbox", "AP", "AP^bb"), ("bbox", "AP50", "AP^bb_50"), ("bbox", "AP75", "AP^bb_75"),
-                          ("segm", "AP", "AP^mk"), ("segm", "AP50", "AP^mk_50"), ("segm", "AP75", "AP^mk_75")],
+register_metrics("coco", [("bbox", "AP", "AP^bb"), ("bbox", "AP50", "AP^bb_50"),
+                          ("bbox", "AP75", "AP^bb_75"), ("segm", "AP", "AP^mk"),
+                          ("segm", "AP50", "AP^mk_50"), ("segm", "AP75", "AP^mk_75")],
                  recognizes=lambda r: "bbox" in r or "segm" in r)
-# He et al. 2020, Table 6: the other tasks' columns (transfer/tasks.py). COCO keypoints share COCOEvaluator with
-# COCO detection, so a keypoint run's table shows its box AP beside AP^kp.
+# He et al. 2020, Table 6: the other tasks' columns (transfer/tasks.py). COCO keypoints share
+# COCOEvaluator with COCO detection, so a keypoint run's table shows its box AP beside AP^kp.
 for _task in TASKS:
     if _task.evaluator_type in METRIC_COLUMNS:
         METRIC_COLUMNS[_task.evaluator_type] += [Column(*c) for c in _task.columns]
@@ -83,7 +90,8 @@ for _task in TASKS:
 
 
 def columns_for(evaluator_type, results_seen):
-    """The registered columns that occur in the results, or every task/metric seen for an unregistered type."""
+    """The registered columns that occur in the results, or every task/metric seen for an
+    unregistered type."""
     present = {f"{t}/{m}" for res in results_seen for t, ms in res.items() for m in ms}
     if evaluator_type in METRIC_COLUMNS:
         return [c for c in METRIC_COLUMNS[evaluator_type] if c.key in present]
@@ -94,46 +102,62 @@ def guess_evaluator_type(results):
     return next((name for name, recognizes in _RECOGNIZERS if recognizes(results)), None)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # published numbers for the official configs (compared by config identity, not by file name)
 #
 # VOC: Faster R-CNN R50-C4, VOC07+12 trainval, 24k iterations, VOC07 test; means of 5 trials.
-#   [T2]   He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020, Table 2
+#   [T2]   He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR
+#          2020, Table 2
 #   [D]    github.com/facebookresearch/moco, detection/README.md ("Results"; means of 5 trials)
 # COCO: Mask R-CNN, coco_2017_train -> coco_2017_val, SyncBN tuned, 1x = 90k / 2x = 180k iterations.
-#   [T5x]  He et al., CVPR 2020, Table 5 (a) R50-FPN 1x, (b) R50-FPN 2x, (c) R50-C4 1x, (d) R50-C4 2x
-# Checked while writing this against copies read through the code-search tool: [D] verbatim; Table 2, 5b and 5d
-# in a transcription of the paper; 5c's supervised row in another README that quotes it. Table 5a and 5c's MoCo
-# rows are from the paper as remembered, not cross-checked here.
+#   [T5x]  He et al., CVPR 2020, Table 5 (a) R50-FPN 1x, (b) R50-FPN 2x, (c) R50-C4 1x, (d) R50-C4
+#          2x
+# Checked while writing this against copies read through the code-search tool: [D] verbatim; Table
+# 2, 5b and 5d in a transcription of the paper; 5c's supervised row in another README that quotes
+# it. Table 5a and 5c's MoCo rows are from the paper as remembered, not cross-checked here.
 _VOC = ("bbox/AP50", "bbox/AP", "bbox/AP75")
 _COCO = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
 PUBLISHED = {
     "pascal_voc_R_50_C4_24k_moco.yaml": [
-        ("supervised IN-1M", dict(zip(_VOC, (81.3, 53.5, 58.8))), "He et al. 2020, Table 2; moco detection README"),
-        ("MoCo v1 IN-1M, 200ep", dict(zip(_VOC, (81.5, 55.9, 62.6))), "He et al. 2020, Table 2; moco detection README"),
+        ("supervised IN-1M", dict(zip(_VOC, (81.3, 53.5, 58.8))),
+         "He et al. 2020, Table 2; moco detection README"),
+        ("MoCo v1 IN-1M, 200ep", dict(zip(_VOC, (81.5, 55.9, 62.6))),
+         "He et al. 2020, Table 2; moco detection README"),
         ("MoCo v1 IG-1B", dict(zip(_VOC, (82.2, 57.2, 63.7))), "He et al. 2020, Table 2"),
         ("MoCo v2 IN-1M, 200ep", dict(zip(_VOC, (82.4, 57.0, 63.6))), "moco detection README"),
         ("MoCo v2 IN-1M, 800ep", dict(zip(_VOC, (82.5, 57.4, 64.0))), "moco detection README"),
     ],
     "coco_R_50_FPN_1x_moco.yaml": [
-        ("supervised IN-1M", dict(zip(_COCO, (38.9, 59.6, 42.7, 35.4, 56.5, 38.1))), "He et al. 2020, Table 5a"),
-        ("MoCo IN-1M", dict(zip(_COCO, (38.5, 58.9, 42.0, 35.1, 55.9, 37.7))), "He et al. 2020, Table 5a"),
-        ("MoCo IG-1B", dict(zip(_COCO, (38.9, 59.4, 42.3, 35.4, 56.5, 37.9))), "He et al. 2020, Table 5a"),
+        ("supervised IN-1M", dict(zip(_COCO, (38.9, 59.6, 42.7, 35.4, 56.5, 38.1))),
+         "He et al. 2020, Table 5a"),
+        ("MoCo IN-1M", dict(zip(_COCO, (38.5, 58.9, 42.0, 35.1, 55.9, 37.7))),
+         "He et al. 2020, Table 5a"),
+        ("MoCo IG-1B", dict(zip(_COCO, (38.9, 59.4, 42.3, 35.4, 56.5, 37.9))),
+         "He et al. 2020, Table 5a"),
     ],
     "coco_R_50_FPN_2x_moco.yaml": [
-        ("supervised IN-1M", dict(zip(_COCO, (40.6, 61.3, 44.4, 36.8, 58.1, 39.5))), "He et al. 2020, Table 5b"),
-        ("MoCo IN-1M", dict(zip(_COCO, (40.8, 61.6, 44.7, 36.9, 58.4, 39.7))), "He et al. 2020, Table 5b"),
-        ("MoCo IG-1B", dict(zip(_COCO, (41.1, 61.8, 45.1, 37.4, 59.1, 40.2))), "He et al. 2020, Table 5b"),
+        ("supervised IN-1M", dict(zip(_COCO, (40.6, 61.3, 44.4, 36.8, 58.1, 39.5))),
+         "He et al. 2020, Table 5b"),
+        ("MoCo IN-1M", dict(zip(_COCO, (40.8, 61.6, 44.7, 36.9, 58.4, 39.7))),
+         "He et al. 2020, Table 5b"),
+        ("MoCo IG-1B", dict(zip(_COCO, (41.1, 61.8, 45.1, 37.4, 59.1, 40.2))),
+         "He et al. 2020, Table 5b"),
     ],
     "coco_R_50_C4_1x_moco.yaml": [
-        ("supervised IN-1M", dict(zip(_COCO, (38.2, 58.2, 41.2, 33.3, 54.7, 35.2))), "He et al. 2020, Table 5c"),
-        ("MoCo IN-1M", dict(zip(_COCO, (38.5, 58.3, 41.6, 33.6, 54.8, 35.6))), "He et al. 2020, Table 5c"),
-        ("MoCo IG-1B", dict(zip(_COCO, (39.1, 58.7, 42.2, 34.1, 55.4, 36.4))), "He et al. 2020, Table 5c"),
+        ("supervised IN-1M", dict(zip(_COCO, (38.2, 58.2, 41.2, 33.3, 54.7, 35.2))),
+         "He et al. 2020, Table 5c"),
+        ("MoCo IN-1M", dict(zip(_COCO, (38.5, 58.3, 41.6, 33.6, 54.8, 35.6))),
+         "He et al. 2020, Table 5c"),
+        ("MoCo IG-1B", dict(zip(_COCO, (39.1, 58.7, 42.2, 34.1, 55.4, 36.4))),
+         "He et al. 2020, Table 5c"),
     ],
     "coco_R_50_C4_2x_moco.yaml": [
-        ("supervised IN-1M", dict(zip(_COCO, (40.0, 59.9, 43.1, 34.7, 56.5, 36.9))), "He et al. 2020, Table 5d"),
-        ("MoCo IN-1M", dict(zip(_COCO, (40.7, 60.5, 44.1, 35.4, 57.3, 37.6))), "He et al. 2020, Table 5d"),
-        ("MoCo IG-1B", dict(zip(_COCO, (41.1, 60.7, 44.8, 35.6, 57.4, 38.1))), "He et al. 2020, Table 5d"),
+        ("supervised IN-1M", dict(zip(_COCO, (40.0, 59.9, 43.1, 34.7, 56.5, 36.9))),
+         "He et al. 2020, Table 5d"),
+        ("MoCo IN-1M", dict(zip(_COCO, (40.7, 60.5, 44.1, 35.4, 57.3, 37.6))),
+         "He et al. 2020, Table 5d"),
+        ("MoCo IG-1B", dict(zip(_COCO, (41.1, 60.7, 44.8, 35.6, 57.4, 38.1))),
+         "He et al. 2020, Table 5d"),
     ],
 }
 # Table 6 (the other tasks): rows attached to their _moco configs, cited in transfer/tasks.py
@@ -143,8 +167,8 @@ _official_identities = {}
 
 
 def official_identity(config_name):
-    """The experiment identity of configs/detection/<config_name>, or configs/<dir/name> for a name with a
-    folder (the Table 6 tasks' configs); loads detectron2's config, cached."""
+    """The experiment identity of configs/detection/<config_name>, or configs/<dir/name> for a name
+    with a folder (the Table 6 tasks' configs); loads detectron2's config, cached."""
     if config_name not in _official_identities:
         from transfer.config import load_config
 
@@ -156,7 +180,8 @@ def official_identity(config_name):
 
 def published_for(identity):
     """(official config name, rows) whose identity equals `identity`, else (None, [])."""
-    if identity.get("MODEL.RESNETS.DEPTH") != 50:  # every official config is R-50: skip loading them otherwise
+    # every official config is R-50: skip loading them otherwise
+    if identity.get("MODEL.RESNETS.DEPTH") != 50:
         return None, []
     for name, rows in PUBLISHED.items():
         if official_identity(name) == identity:
@@ -164,7 +189,7 @@ def published_for(identity):
     return None, []
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # finding and reading runs
 
 def _read_json_lines(path):
@@ -178,7 +203,8 @@ def _read_json_lines(path):
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError:
-                        pass  # a run killed mid-write leaves a torn line; the lines before it still count
+                        # a run killed mid-write leaves a torn line; the lines before it still count
+                        pass
     except UnicodeDecodeError as e:
         return None, f"not UTF-8 text ({e.reason} at byte {e.start})"
     except OSError as e:
@@ -187,9 +213,11 @@ def _read_json_lines(path):
 
 
 def _results_from_metrics(rows, test_datasets):
-    """{dataset: {task: {metric: value}}} from the last metrics.json line with evaluation scalars."""
-    # an evaluation line holds a registered column's metric ("bbox/AP", "sem_seg/mIoU"; Cityscapes' "sem_seg/IoU"),
-    # optionally under its dataset ("synth_voc_test/bbox/AP"); training lines hold losses and timings
+    """{dataset: {task: {metric: value}}} from the last metrics.json line with evaluation
+    scalars."""
+    # an evaluation line holds a registered column's metric ("bbox/AP", "sem_seg/mIoU"; Cityscapes'
+    # "sem_seg/IoU"), optionally under its dataset ("synth_voc_test/bbox/AP"); training lines hold
+    # losses and timings
     columns = {(c.task, c.metric) for cols in METRIC_COLUMNS.values() for c in cols}
     tasks = {task for task, _ in columns}
     for row in reversed(rows):
@@ -204,7 +232,8 @@ def _results_from_metrics(rows, test_datasets):
                 (task, metric), dataset = parts, test_datasets[0]
             else:
                 continue
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value)
             out[dataset][task][metric] = float(value) if ok else None
         return {d: {t: dict(m) for t, m in ts.items()} for d, ts in out.items()}
     return None
@@ -224,7 +253,8 @@ def _plain_detectron2_run(run_dir):
     if problem:
         return None, f"{os.path.join(run_dir, 'metrics.json')}: {problem}"
     if not any("total_loss" in r for r in rows) and _results_from_metrics(rows, ["?"]) is None:
-        return None, None  # not a detectron2 run (a pretraining run has config.yaml + metrics.json too)
+        # not a detectron2 run (a pretraining run has config.yaml + metrics.json too)
+        return None, None
     path = os.path.join(run_dir, "config.yaml")
     try:
         with open(path, encoding="utf-8") as f:
@@ -232,19 +262,22 @@ def _plain_detectron2_run(run_dir):
         if not isinstance(cfg, dict):
             raise ValueError("not a mapping")
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        return None, f"{path}: not a readable detectron2 config ({type(e).__name__}: {str(e).splitlines()[0]})"
+        return None, (f"{path}: not a readable detectron2 config ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0]})")
     test = list((cfg.get("DATASETS") or {}).get("TEST") or [])
     weights = (cfg.get("MODEL") or {}).get("WEIGHTS", "")
     identity = run_record.experiment_identity(cfg)
     run = {
-        "dir": run_dir, "source": "metrics.json", "init": _label_from_weights(weights), "guessed": True,
-        "seed": cfg.get("SEED"), "config_file": "config.yaml", "identity": identity,
-        "identity_sha": run_record.identity_sha(identity), "test_datasets": test, "evaluator_types": {},
-        "results": _results_from_metrics(rows, test), "weights": weights, "weights_info": None,
+        "dir": run_dir, "source": "metrics.json", "init": _label_from_weights(weights),
+        "guessed": True, "seed": cfg.get("SEED"), "config_file": "config.yaml",
+        "identity": identity, "identity_sha": run_record.identity_sha(identity),
+        "test_datasets": test, "evaluator_types": {}, "results": _results_from_metrics(rows, test),
+        "weights": weights, "weights_info": None,
     }
     if run["results"] is None:
         run["results"] = {}
-        run["why"] = "metrics.json has no final evaluation (training unfinished, or evaluation failed)"
+        run["why"] = ("metrics.json has no final evaluation (training unfinished, or evaluation "
+                      "failed)")
     return run, None
 
 
@@ -252,11 +285,12 @@ def _record_run(run_dir, path):
     rec = run_record.read_record(path)
     return {
         "dir": run_dir, "source": os.path.basename(path),
-        "init": rec["init_name"] or _label_from_weights(rec["weights"]), "guessed": rec["init_name"] is None,
-        "seed": rec["seed"], "config_file": os.path.basename(rec["config_file"]),
-        "identity": rec["identity"], "identity_sha": rec["identity_sha"], "test_datasets": rec["datasets"]["test"],
-        "evaluator_types": rec["evaluator_types"], "results": rec["results"], "weights": rec["weights"],
-        "weights_info": rec["weights_info"],
+        "init": rec["init_name"] or _label_from_weights(rec["weights"]),
+        "guessed": rec["init_name"] is None, "seed": rec["seed"],
+        "config_file": os.path.basename(rec["config_file"]), "identity": rec["identity"],
+        "identity_sha": rec["identity_sha"], "test_datasets": rec["datasets"]["test"],
+        "evaluator_types": rec["evaluator_types"], "results": rec["results"],
+        "weights": rec["weights"], "weights_info": rec["weights_info"],
     }
 
 
@@ -274,7 +308,8 @@ def find_runs(paths):
                 dirnames[:] = []  # reached before (overlapping arguments, a symlink): count it once
                 continue
             seen.add(real)
-            record_file = next((f for f in (run_record.RESULTS_FILE, run_record.EVAL_FILE) if f in files), None)
+            record_file = next((f for f in (run_record.RESULTS_FILE, run_record.EVAL_FILE)
+                                if f in files), None)
             try:
                 if record_file:
                     runs.append(_record_run(dirpath, os.path.join(dirpath, record_file)))
@@ -289,7 +324,7 @@ def find_runs(paths):
     return runs, problems
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tables
 
 def _row_order(init, baseline):
@@ -311,9 +346,11 @@ def _failure(run, dataset, values):
     elif not bad:
         return None
     else:
-        nan = [k for k in bad if k.split("/")[1] in run["results"][dataset].get(k.split("/")[0], {})]
+        nan = [k for k in bad
+               if k.split("/")[1] in run["results"][dataset].get(k.split("/")[0], {})]
         missing = [k for k in bad if k not in nan]
-        parts = ([f"{', '.join(nan)} NaN (null in {run['source']}; e.g. an evaluation without detections)"]
+        parts = ([f"{', '.join(nan)} NaN (null in {run['source']}; e.g. an evaluation without "
+                  "detections)"]
                  if nan else []) + ([f"{', '.join(missing)} missing"] if missing else [])
         why = "; ".join(parts)
     return {"dir": run["dir"], "init": run["init"], "seed": run["seed"], "why": why}
@@ -329,15 +366,16 @@ def describe_identity(identity):
     """A one-line title: architecture, norm, schedule, sizes, training data."""
     g = identity.get
     backbone = g("MODEL.BACKBONE.NAME", "?").replace("build_", "").replace("_backbone", "")
-    semantic = g("MODEL.META_ARCHITECTURE") == "SemanticSegmentor"  # no RoI heads: name the segmentation head
+    # no RoI heads: name the segmentation head
+    semantic = g("MODEL.META_ARCHITECTURE") == "SemanticSegmentor"
     head = g("MODEL.SEM_SEG_HEAD.NAME" if semantic else "MODEL.ROI_HEADS.NAME", "?")
     arch = f"R-{g('MODEL.RESNETS.DEPTH', '?')} {backbone}, {head}"
     if g("MODEL.MASK_ON") and not semantic:
         arch += " + mask"
     if g("MODEL.KEYPOINT_ON") and not semantic:
         arch += " + keypoints"
-    schedule = (f"{g('SOLVER.MAX_ITER')} it x {g('SOLVER.IMS_PER_BATCH')} img, lr {g('SOLVER.BASE_LR')}, "
-                f"steps {_short(g('SOLVER.STEPS'))}")
+    schedule = (f"{g('SOLVER.MAX_ITER')} it x {g('SOLVER.IMS_PER_BATCH')} img, lr "
+                f"{g('SOLVER.BASE_LR')}, steps {_short(g('SOLVER.STEPS'))}")
     sizes = f"min size train {_short(g('INPUT.MIN_SIZE_TRAIN'))} / test {g('INPUT.MIN_SIZE_TEST')}"
     return (f"{arch}, norm {g('MODEL.RESNETS.NORM')}; {schedule}; {sizes}; "
             f"train {', '.join(g('DATASETS.TRAIN') or [])}")
@@ -351,12 +389,16 @@ def summarize(runs, baseline=BASELINE):
             groups[(dataset, run["identity_sha"])].append(run)
     tables = {}
     for (dataset, sha), members in sorted(groups.items(), key=lambda kv: kv[0]):
-        etype = next((r["evaluator_types"].get(dataset) for r in members if r["evaluator_types"].get(dataset)), None)
+        etype = next((r["evaluator_types"].get(dataset) for r in members
+                      if r["evaluator_types"].get(dataset)), None)
         seen = [r["results"][dataset] for r in members if r["results"].get(dataset)]
-        etype = etype or next((guess_evaluator_type(s) for s in seen if guess_evaluator_type(s)), None)
+        etype = etype \
+            or next((guess_evaluator_type(s) for s in seen if guess_evaluator_type(s)), None)
         columns = columns_for(etype, seen)
         rows, failures = {}, []
-        for run in sorted(members, key=lambda r: (_row_order(r["init"], baseline), str(r["seed"]), r["dir"])):
+        for run in sorted(members,
+                          key=lambda r: (_row_order(r["init"], baseline), str(r["seed"]),
+                                         r["dir"])):
             values = _seed_values(run, dataset, columns)
             row = rows.setdefault(run["init"], {"guessed": False, "config_files": [], "seeds": []})
             row["guessed"] |= run["guessed"]
@@ -377,30 +419,32 @@ def summarize(runs, baseline=BASELINE):
                     cell, ref = row["cells"][c.key], base["cells"][c.key]
                     if cell["n"] and ref["n"]:
                         row["deltas"][c.key] = (welch_interval(cell, ref)
-                                                or {"diff": cell["mean"] - ref["mean"], "low": None, "high": None,
-                                                    "df": None, "significant": None})
+                                                or {"diff": cell["mean"] - ref["mean"], "low": None,
+                                                    "high": None, "df": None, "significant": None})
         identity = members[0]["identity"]
         official, published = published_for(identity)
         tables[f"{dataset} {sha}"] = {
             "dataset": dataset, "identity_sha": sha, "identity": identity, "evaluator_type": etype,
-            "title": describe_identity(identity), "columns": [c.__dict__ | {"key": c.key} for c in columns],
-            "rows": rows, "baseline": baseline if base is not None else None, "failures": failures,
+            "title": describe_identity(identity),
+            "columns": [c.__dict__ | {"key": c.key} for c in columns], "rows": rows,
+            "baseline": baseline if base is not None else None, "failures": failures,
             "official_config": official,
             "published": [{"name": n, "values": v, "source": s} for n, v, s in published],
         }
     for table in tables.values():  # say what separates tables of the same test dataset
         others = [t for t in tables.values() if t["dataset"] == table["dataset"] and t is not table]
-        table["differs_in"] = sorted({k for o in others for k in run_record.identity_diff(o["identity"],
-                                                                                           table["identity"])})
+        table["differs_in"] = sorted({k for o in others
+                                      for k in run_record.identity_diff(o["identity"],
+                                                                        table["identity"])})
     return tables
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # markdown, json, csv
 
 def _decimals(table):
-    """1 decimal as in the paper's tables; 2 when every mean is below 1 AP (a smoke-test run), where 0.1 steps
-    would print most cells and differences as 0.0."""
+    """1 decimal as in the paper's tables; 2 when every mean is below 1 AP (a smoke-test run),
+    where 0.1 steps would print most cells and differences as 0.0."""
     means = [c["mean"] for row in table["rows"].values() for c in row["cells"].values() if c["n"]]
     return 2 if means and max(abs(m) for m in means) < 1.0 else 1
 
@@ -423,12 +467,14 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
     out = ["# Transfer results", ""]
     for i, table in enumerate(tables.values(), 1):
         cols = table["columns"]
-        out += [f"## {i}. {table['dataset']} · config {table['identity_sha']}", "", f"{table['title']}", ""]
+        out += [f"## {i}. {table['dataset']} · config {table['identity_sha']}", "",
+                f"{table['title']}", ""]
         for j, other in enumerate(tables.values(), 1):
             if other is table or other["dataset"] != table["dataset"]:
                 continue
             keys = run_record.identity_diff(table["identity"], other["identity"])
-            shown = [f"{k} = {_short(table['identity'].get(k))} here, {_short(other['identity'].get(k))} there"
+            shown = [f"{k} = {_short(table['identity'].get(k))} here, "
+                     f"{_short(other['identity'].get(k))} there"
                      for k in keys[:6]]
             out += [f"Not averaged with table {j} (also {table['dataset']}): the configs differ in "
                     f"{'; '.join(shown)}{'; ...' if len(keys) > 6 else ''}.", ""]
@@ -438,31 +484,38 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
         for init, row in table["rows"].items():
             name = init + (" ‡" if row["guessed"] else "")
             guessed |= row["guessed"]
-            cells = [_cell_text(row["cells"][c["key"]], row["deltas"].get(c["key"]), _decimals(table)) for c in cols]
-            out.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(row['config_files'])} |")
+            cells = [_cell_text(row["cells"][c["key"]], row["deltas"].get(c["key"]),
+                                _decimals(table)) for c in cols]
+            out.append(f"| {name} | " + " | ".join(cells)
+                       + f" | {', '.join(row['config_files'])} |")
         out.append("")
         notes = ["Mean ± sample std over the valid seeds (n); n=1: the single value, no std."]
         if table["baseline"]:
-            notes.append(f"Δ: difference of means to the `{table['baseline']}` row with its {CONFIDENCE:.0%} "
-                         "confidence interval (Welch's t-test: unequal variances, Welch–Satterthwaite degrees of "
-                         "freedom); * the interval excludes 0. No CI when either row has n < 2 (or zero variance).")
+            notes.append(f"Δ: difference of means to the `{table['baseline']}` row with its "
+                         f"{CONFIDENCE:.0%} confidence interval (Welch's t-test: unequal "
+                         "variances, Welch–Satterthwaite degrees of freedom); * the interval "
+                         "excludes 0. No CI when either row has n < 2 (or zero variance).")
         else:
-            notes.append(f"No `{baseline}` row in this table, so no differences (choose one with --baseline NAME).")
+            notes.append(f"No `{baseline}` row in this table, so no differences (choose one with "
+                         "--baseline NAME).")
         if guessed:
-            notes.append("‡ row name guessed from the MODEL.WEIGHTS file name (a plain detectron2 directory, or a "
-                         "run without --init-name).")
+            notes.append("‡ row name guessed from the MODEL.WEIGHTS file name (a plain detectron2 "
+                         "directory, or a run without --init-name).")
         out += [" ".join(notes), ""]
         if table["failures"]:
             out += ["Seeds left out of a mean:", ""]
-            out += [f"- `{f['dir']}` ({f['init']}, seed {f['seed']}): {f['why']}" for f in table["failures"]]
+            out += [f"- `{f['dir']}` ({f['init']}, seed {f['seed']}): {f['why']}"
+                    for f in table["failures"]]
             out.append("")
         if table["published"]:
-            out += [f"**Published** for this config ({table['official_config']}): what a faithful reproduction "
-                    "should be near (means of 5 trials).", "",
-                    "| published pre-train | " + " | ".join(c["title"] for c in cols) + " | source |",
+            out += [f"**Published** for this config ({table['official_config']}): what a faithful "
+                    "reproduction should be near (means of 5 trials).", "",
+                    "| published pre-train | " + " | ".join(c["title"] for c in cols)
+                    + " | source |",
                     "|---|" + "---|" * len(cols) + "---|"]
             for p in table["published"]:
-                vals = [f"{p['values'][c['key']]:.1f}" if c["key"] in p["values"] else "–" for c in cols]
+                vals = [f"{p['values'][c['key']]:.1f}" if c["key"] in p["values"] else "–"
+                        for c in cols]
                 out.append(f"| {p['name']} | " + " | ".join(vals) + f" | {p['source']} |")
             out.append("")
     if problems:
@@ -486,11 +539,11 @@ def write_csv(tables, path):
                                          "" if value is None else value, s["dir"]])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # plots
 
-# the plots are drawn from the tables above (mutation-tested); their styling (colours, sizes, titles, legends)
-# is looked at, not asserted, so `make mutation` leaves these two functions out
+# the plots are drawn from the tables above (mutation-tested); their styling (colours, sizes,
+# titles, legends) is looked at, not asserted, so `make mutation` leaves these two functions out
 def plot_ap(tables, path):  # pragma: no mutate block
     import matplotlib
 
@@ -508,13 +561,14 @@ def plot_ap(tables, path):  # pragma: no mutate block
             n_text = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}"
             for j, c in enumerate(cols):
                 x = j + (i - (len(inits) - 1) / 2) * width
-                values = [s["values"][c["key"]] for s in row["seeds"] if s["values"][c["key"]] is not None]
+                values = [s["values"][c["key"]] for s in row["seeds"]
+                          if s["values"][c["key"]] is not None]
                 ax.scatter([x] * len(values), values, s=14, color=color, alpha=0.6,
                            label=f"{init} ({n_text})" if j == 0 else None)
                 cell = row["cells"][c["key"]]
                 if cell["n"] >= 2:
-                    ax.errorbar(x + width * 0.25, cell["mean"], yerr=cell["std"], fmt="_", color=color,
-                                markersize=12, capsize=4, elinewidth=1.5)
+                    ax.errorbar(x + width * 0.25, cell["mean"], yerr=cell["std"], fmt="_",
+                                color=color, markersize=12, capsize=4, elinewidth=1.5)
                 delta = row["deltas"].get(c["key"])
                 if delta is not None and delta["low"] is not None:
                     err = [[delta["diff"] - delta["low"]], [delta["high"] - delta["diff"]]]
@@ -535,13 +589,15 @@ def plot_ap(tables, path):  # pragma: no mutate block
         dax.margins(y=0.15)
         dax.set_ylabel("Δ AP (points)")
         if table["baseline"]:
-            dax.set_title(f"difference to {table['baseline']}, {CONFIDENCE:.0%} Welch CI", fontsize=10)
+            dax.set_title(f"difference to {table['baseline']}, {CONFIDENCE:.0%} Welch CI",
+                          fontsize=10)
             if any(row["deltas"] for row in table["rows"].values()):
                 dax.legend(fontsize=8)
         else:
             dax.set_title("no baseline row: no differences", fontsize=10)
-    fig.text(0.01, 0.005, "left: dots = seeds, bar = mean ± sample std (n ≥ 2); right: mean difference to the "
-             f"baseline with its {CONFIDENCE:.0%} Welch confidence interval (x: n < 2, no interval)", fontsize=8)
+    fig.text(0.01, 0.005, "left: dots = seeds, bar = mean ± sample std (n ≥ 2); right: mean "
+             f"difference to the baseline with its {CONFIDENCE:.0%} Welch confidence interval (x: "
+             "n < 2, no interval)", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -556,13 +612,13 @@ def _pretrain_kind(rows):
 
 
 def find_pretrain_runs(paths, runs=()):
-    """[(dir, rows, label)]: pretraining runs under the paths (searched), and the runs the records' weights were
-    converted from, named by the init that used them."""
+    """[(dir, rows, label)]: pretraining runs under the paths (searched), and the runs the records'
+    weights were converted from, named by the init that used them."""
     labels = {}
     for run in runs:
         info = run.get("weights_info") or {}
-        # whatever the converter wrote down (its report beside the .pkl, the .pkl's metadata): a path to an
-        # existing checkpoint file leads to the pretraining run it came from
+        # whatever the converter wrote down (its report beside the .pkl, the .pkl's metadata): a
+        # path to an existing checkpoint file leads to the pretraining run it came from
         report = {k: v for k, v in (info.get("converter_report") or {}).items() if k != "path"}
         values = [*report.values(), *(info.get("metadata") or {}).values()]
         values += [x for v in values if isinstance(v, dict) for x in v.values()]
@@ -571,7 +627,8 @@ def find_pretrain_runs(paths, runs=()):
                 labels.setdefault(os.path.realpath(os.path.dirname(value)), run["init"])
     candidates = [d for top in paths for d, _, files in os.walk(top) if "metrics.json" in files]
     found, seen = [], set()
-    for directory in sorted(candidates) + [d for d in labels if os.path.isfile(os.path.join(d, "metrics.json"))]:
+    for directory in sorted(candidates) + [d for d in labels
+                                           if os.path.isfile(os.path.join(d, "metrics.json"))]:
         real = os.path.realpath(directory)
         if real in seen:
             continue
@@ -580,12 +637,14 @@ def find_pretrain_runs(paths, runs=()):
         kind = _pretrain_kind(rows or [])
         if kind:
             name = labels.get(real) or os.path.basename(os.path.normpath(directory))
-            found.append((directory, rows, name if name.lower() == kind.lower() else f"{name} ({kind})"))
+            found.append((directory, rows,
+                          name if name.lower() == kind.lower() else f"{name} ({kind})"))
     return found
 
 
 def pretrain_curves(rows):
-    """Per-epoch mean loss and acc@1, and held-out top-1 (kNN for MoCo, val for supervised) where measured."""
+    """Per-epoch mean loss and acc@1, and held-out top-1 (kNN for MoCo, val for supervised) where
+    measured."""
     per_epoch = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if "epoch" not in r:
@@ -621,7 +680,8 @@ def plot_pretrain(found, path):  # pragma: no mutate block (styling, see plot_ap
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    last = max((r["epoch"] for _, rows, _ in found for r in rows if isinstance(r.get("epoch"), int)), default=1)
+    last = max((r["epoch"] for _, rows, _ in found for r in rows
+                if isinstance(r.get("epoch"), int)), default=1)
     for ax in axes:
         ax.set_xlim(0.5, last + 0.5)  # whole epochs, also for a single one
         if ax.get_legend_handles_labels()[0]:
@@ -631,33 +691,37 @@ def plot_pretrain(found, path):  # pragma: no mutate block (styling, see plot_ap
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the entry points
 
 def write_report(paths, out_dir, baseline=BASELINE) -> dict:
-    """Read, tabulate and write report.md/.json/.csv and the plots; UsageError when no table could be made."""
+    """Read, tabulate and write report.md/.json/.csv and the plots; UsageError when no table could
+    be made."""
     from mocobench.utils.fileio import atomic_write
 
     runs, problems = find_runs(paths)
     tables = summarize(runs, baseline)
     pretrain = find_pretrain_runs(paths, runs)
-    usable = any(c["n"] for t in tables.values() for row in t["rows"].values() for c in row["cells"].values())
+    usable = any(c["n"] for t in tables.values() for row in t["rows"].values()
+                 for c in row["cells"].values())
     if not usable and not pretrain:
         failed = [f"{f['dir']}: {f['why']}" for t in tables.values() for f in t["failures"]]
         unread = [f"{p['path']}: {p['why']}" for p in problems]
         shown = "; ".join((unread + failed)[:3])
         raise UsageError(
-            f"no transfer results under {', '.join(map(repr, paths))}: expected run directories with results.json "
-            "(mocobench transfer) or a detectron2 config.yaml + metrics.json, or pretraining runs"
-            + (f" ({len(unread)} unreadable, {len(failed)} without results: {shown})" if shown else ""))
+            f"no transfer results under {', '.join(map(repr, paths))}: expected run directories "
+            "with results.json (mocobench transfer) or a detectron2 config.yaml + metrics.json, or "
+            "pretraining runs"
+            + (f" ({len(unread)} unreadable, {len(failed)} without results: {shown})" if shown
+               else ""))
     os.makedirs(out_dir, exist_ok=True)
     markdown = to_markdown(tables, problems, baseline)
     files = ["report.md", "report.json", "report.csv"]
     with atomic_write(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown)
     with atomic_write(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump({"baseline": baseline, "confidence": CONFIDENCE, "tables": tables, "not_read": problems}, f,
-                  indent=2)
+        json.dump({"baseline": baseline, "confidence": CONFIDENCE, "tables": tables,
+                   "not_read": problems}, f, indent=2)
     write_csv(tables, os.path.join(out_dir, "report.csv"))
     if tables:
         plot_ap(tables, os.path.join(out_dir, "ap.png"))
@@ -672,9 +736,11 @@ def write_report(paths, out_dir, baseline=BASELINE) -> dict:
 def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="mocobench report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (searched recursively)")
-    parser.add_argument("--out", default=None, help="where to write report.md/.json/.csv and the plots "
-                        "(default: the first RUN_DIR)")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories (searched recursively)")
+    parser.add_argument("--out", default=None,
+                        help="where to write report.md/.json/.csv and the plots (default: the "
+                             "first RUN_DIR)")
     parser.add_argument("--baseline", default=BASELINE, metavar="NAME",
                         help=f"the init name the differences are taken to (default: {BASELINE})")
     args = parser.parse_args(argv)

@@ -1,31 +1,35 @@
-"""`mocobench transfer`: fine-tune a detectron2 model from converted weights and evaluate, S seeds at a time.
+"""`mocobench transfer`: fine-tune a detectron2 model from converted weights and evaluate, S seeds
+at a time.
 
-    mocobench transfer --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml --num-gpus 8 \
-        --seeds 5 MODEL.WEIGHTS out/moco_v2.pkl OUTPUT_DIR out/voc_moco
+    mocobench transfer --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml \
+        --num-gpus 8 --seeds 5 MODEL.WEIGHTS out/moco_v2.pkl OUTPUT_DIR out/voc_moco
 
-Everything runs on detectron2's own engine (DefaultTrainer, launch, DetectionCheckpointer, its evaluators);
-what is ours: the Res5ROIHeadsExtraNorm head (transfer.heads), the evaluator registry (transfer.evaluation),
-the generated datasets and dataset checks (transfer.datasets), the CPU/gloo launcher (transfer.launch), and
-the seeds: trial i trains into OUTPUT_DIR/seed{i}/ (detectron2's metrics.json, log.txt, config.yaml,
-checkpoints) and writes its run record, results.json (transfer.record: init, weights and their sha256, config
-identity, schedule, versions, results per test dataset); OUTPUT_DIR/summary.json has mean and std over every
-trial record present. Detection on VOC varies by 0.2-0.4 AP from run to run (MoCo's detection README reports
-means of 5 trials), so one trial is not a result.
+Everything runs on detectron2's own engine (DefaultTrainer, launch, DetectionCheckpointer, its
+evaluators); what is ours: the Res5ROIHeadsExtraNorm head (transfer.heads), the evaluator registry
+(transfer.evaluation), the generated datasets and dataset checks (transfer.datasets), the CPU/gloo
+launcher (transfer.launch), and the seeds: trial i trains into OUTPUT_DIR/seed{i}/ (detectron2's
+metrics.json, log.txt, config.yaml, checkpoints) and writes its run record, results.json
+(transfer.record: init, weights and their sha256, config identity, schedule, versions, results per
+test dataset); OUTPUT_DIR/summary.json has mean and std over every trial record present. Detection
+on VOC varies by 0.2-0.4 AP from run to run (MoCo's detection README reports means of 5 trials), so
+one trial is not a result.
 
-Re-runs never destroy results: an OUTPUT_DIR whose trials have started or finished is refused without
---resume; --resume keeps finished trials as they are (same config and weights, or it is refused) and
-continues or starts the others; --eval-only writes results_eval.json and leaves training records alone.
+Re-runs never destroy results: an OUTPUT_DIR whose trials have started or finished is refused
+without --resume; --resume keeps finished trials as they are (same config and weights, or it is
+refused) and continues or starts the others; --eval-only writes results_eval.json and leaves
+training records alone.
 
-Seeds: trial i uses SEED + i when the config's SEED >= 0, else a random seed; --resume and --eval-only reuse
-the seed recorded in the trial's config.yaml.
+Seeds: trial i uses SEED + i when the config's SEED >= 0, else a random seed; --resume and
+--eval-only reuse the seed recorded in the trial's config.yaml.
 
-Weights: every backbone tensor (for C4 also res5 in the ROI head) must load from MODEL.WEIGHTS with its
-shape, checked before any process starts (transfer.checkpoint.inspect_weights); a mismatch is an error,
-never a silently random-initialised backbone.
+Weights: every backbone tensor (for C4 also res5 in the ROI head) must load from MODEL.WEIGHTS with
+its shape, checked before any process starts (transfer.checkpoint.inspect_weights); a mismatch is
+an error, never a silently random-initialised backbone.
 
-Weights: MODEL.WEIGHTS is a local file (a .pkl from `mocobench convert`, or any detectron2 checkpoint), or a
-URL/`detectron2://` path that detectron2 fetches into its cache. mocobench never downloads anything itself;
-when such a fetch fails (as on a machine without internet) the error says where to put the file instead.
+Weights: MODEL.WEIGHTS is a local file (a .pkl from `mocobench convert`, or any detectron2
+checkpoint), or a URL/`detectron2://` path that detectron2 fetches into its cache. mocobench never
+downloads anything itself; when such a fetch fails (as on a machine without internet) the error
+says where to put the file instead.
 """
 import argparse
 import glob
@@ -95,18 +99,21 @@ class TransferJob:
 def trial_dir(output_dir: str, index: int) -> str:
     return os.path.join(output_dir, f"seed{index}")
 
-# ----------------------------------------------------------------------------------------------------------------
-# configuration: everything that can be wrong with the input is found here, before any process is started
+# --------------------------------------------------------------------------------------------------
+# configuration: everything that can be wrong with the input is found here, before any process is
+# started
 
 def prepare_config(config_file: str, opts, world_size: int = 1):
     """The merged config, with the generated datasets registered; returns (cfg, notes to log)."""
     cfg = load_config(config_file, opts)
-    notes = configure_resnet(cfg)  # MODEL.RESNETS from the architecture a converted .pkl records, or refuse
+    # MODEL.RESNETS from the architecture a converted .pkl records, or refuse
+    notes = configure_resnet(cfg)
     if cfg.MODEL.DEVICE == "cpu" and world_size > 1:
         swapped = swap_sync_bn(cfg)
         if swapped:
-            notes.append(f"{world_size} CPU processes (gloo): SyncBN -> naiveSyncBN in {', '.join(swapped)} "
-                         "(torch's SyncBatchNorm synchronizes CUDA tensors only)")
+            notes.append(f"{world_size} CPU processes (gloo): SyncBN -> naiveSyncBN in "
+                         f"{', '.join(swapped)} (torch's SyncBatchNorm synchronizes CUDA tensors "
+                         "only)")
     if uses_synth(cfg):
         root = resolve_synth_root(cfg.MOCOBENCH.SYNTH_ROOT)
         register_synth_datasets(root)
@@ -120,35 +127,41 @@ def check_device(cfg, num_gpus: int):
         raise UsageError(f"--num-gpus {num_gpus}: expected >= 1 (processes per machine)")
     if cfg.MODEL.DEVICE.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UsageError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA device is available here; "
-                             "pass MODEL.DEVICE cpu (with --num-gpus N for N CPU processes)")
+            raise UsageError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA device is "
+                             "available here; pass MODEL.DEVICE cpu (with --num-gpus N for N CPU "
+                             "processes)")
         if num_gpus > torch.cuda.device_count():
-            raise UsageError(f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise UsageError(f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")
     elif cfg.MODEL.DEVICE != "cpu":
         raise UsageError(f"MODEL.DEVICE {cfg.MODEL.DEVICE!r}: expected 'cuda' or 'cpu'")
 
 def check_weights(cfg, resume: bool, eval_only: bool):
-    """MODEL.WEIGHTS must be loadable before N processes start (detectron2 would fail inside each)."""
+    """MODEL.WEIGHTS must be loadable before N processes start (detectron2 would fail inside
+    each)."""
     weights = cfg.MODEL.WEIGHTS
     if not weights:
         if cfg.MOCOBENCH.REQUIRE_WEIGHTS and not resume:
-            raise UsageError("MODEL.WEIGHTS is empty: pass MODEL.WEIGHTS /path/to/backbone.pkl (from `mocobench "
-                             "convert`), or MOCOBENCH.REQUIRE_WEIGHTS False to train from random init")
+            raise UsageError("MODEL.WEIGHTS is empty: pass MODEL.WEIGHTS /path/to/backbone.pkl "
+                             "(from `mocobench convert`), or MOCOBENCH.REQUIRE_WEIGHTS False to "
+                             "train from random init")
         if eval_only and not resume:
-            raise UsageError("--eval-only needs MODEL.WEIGHTS (a trained model) or --resume (the trial's last "
-                             "checkpoint)")
+            raise UsageError("--eval-only needs MODEL.WEIGHTS (a trained model) or --resume (the "
+                             "trial's last checkpoint)")
         return
     if "://" in weights:
         try:
-            PathManager.get_local_path(weights)  # detectron2's own fetch-and-cache (its model zoo URLs)
+            # detectron2's own fetch-and-cache (its model zoo URLs)
+            PathManager.get_local_path(weights)
         except Exception as e:
             raise UsageError(
-                f"MODEL.WEIGHTS {weights!r} could not be fetched ({type(e).__name__}: {e}). mocobench downloads "
-                "nothing itself; get the file onto this machine and pass MODEL.WEIGHTS /local/path.pkl"
+                f"MODEL.WEIGHTS {weights!r} could not be fetched ({type(e).__name__}: {e}). "
+                "mocobench downloads nothing itself; get the file onto this machine and pass "
+                "MODEL.WEIGHTS /local/path.pkl"
             ) from None
     elif not os.path.isfile(weights):
-        raise UsageError(f"MODEL.WEIGHTS {weights!r} does not exist (expected a .pkl from `mocobench convert` or "
-                         "a detectron2 checkpoint .pth)")
+        raise UsageError(f"MODEL.WEIGHTS {weights!r} does not exist (expected a .pkl from "
+                         "`mocobench convert` or a detectron2 checkpoint .pth)")
 
 def choose_seeds(cfg, trial_dirs, reuse_recorded: bool) -> list:
     seeds = []
@@ -172,24 +185,26 @@ def _recorded_seed(directory):
         seed = (yaml.safe_load(f) or {}).get("SEED")
     return seed if isinstance(seed, int) and seed >= 0 else None
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the worker: runs in each training process (the caller's, or spawned ones)
 
 def _setup_console_logging():
     rank = comm.get_rank()
     for name in LOGGERS:
-        setup_logger(distributed_rank=rank, name=name, abbrev_name={"detectron2": "d2", "transfer": "mb"}.get(name))
+        setup_logger(distributed_rank=rank, name=name,
+                     abbrev_name={"detectron2": "d2", "transfer": "mb"}.get(name))
 
 class _TrialLogFile:
-    """log.txt of one trial (log.txt.rank{r} for other ranks), attached to our loggers for its duration."""
+    """log.txt of one trial (log.txt.rank{r} for other ranks), attached to our loggers for its
+    duration."""
 
     def __init__(self, directory):
         rank = comm.get_rank()
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "log.txt" if rank == 0 else f"log.txt.rank{rank}")
         self.handler = logging.FileHandler(self.path)
-        self.handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s",
-                                                    datefmt="%m/%d %H:%M:%S"))
+        self.handler.setFormatter(logging.Formatter(
+            "[%(asctime)s] %(name)s %(levelname)s: %(message)s", datefmt="%m/%d %H:%M:%S"))
         self.handler.setLevel(logging.DEBUG)
 
     def __enter__(self):
@@ -203,16 +218,20 @@ class _TrialLogFile:
         self.handler.close()
 
 def _evaluator_types(cfg) -> dict:
-    return {name: MetadataCatalog.get(name).get("evaluator_type", None) for name in cfg.DATASETS.TEST}
+    return {name: MetadataCatalog.get(name).get("evaluator_type", None)
+            for name in cfg.DATASETS.TEST}
 
 
 def _run_trial(cfg, job: TransferJob, index: int):
     rank = comm.get_rank()
-    if comm.is_main_process() and not job.eval_only:  # --eval-only leaves the training trial's files alone
+    # --eval-only leaves the training trial's files alone
+    if comm.is_main_process() and not job.eval_only:
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
-    seed_all_rng(cfg.SEED + rank)  # as detectron2's default_setup: a different, deterministic stream per rank
-    set_tf32(cfg.MOCOBENCH.TF32)  # explicit; the value is in config.yaml and the record's config hash
+    # as detectron2's default_setup: a different, deterministic stream per rank
+    seed_all_rng(cfg.SEED + rank)
+    # explicit; the value is in config.yaml and the record's config hash
+    set_tf32(cfg.MOCOBENCH.TF32)
     logger.info(f"trial {index + 1}/{len(job.seeds)}: seed {cfg.SEED}, output {cfg.OUTPUT_DIR}, "
                 f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}, TF32 {cfg.MOCOBENCH.TF32}")
     start = time.perf_counter()
@@ -232,27 +251,31 @@ def _run_trial(cfg, job: TransferJob, index: int):
                 trainer.train()
             except TrainingStopped as e:
                 raise Preempted(e.signum, f"trial {index + 1}/{len(job.seeds)} {e}") from None
-        # the final evaluation (EvalHook at the end of training); DefaultTrainer.train returns it only when
-        # TEST.EXPECTED_RESULTS is set, but always keeps it here
+        # the final evaluation (EvalHook at the end of training); DefaultTrainer.train returns it
+        # only when TEST.EXPECTED_RESULTS is set, but always keeps it here
         results = getattr(trainer, "_last_eval_results", None)
         iteration = trainer.iter
     if comm.is_main_process():
         record = run_record.build_record(
-            cfg, config_file=job.config_file, opts=job.opts, init_name=job.init_name, weights_info=job.weights_info,
-            trial=index, world_size=comm.get_world_size(), eval_only=job.eval_only, resumed=job.resume,
-            iteration=iteration, seconds=time.perf_counter() - start, results=results,
+            cfg, config_file=job.config_file, opts=job.opts, init_name=job.init_name,
+            weights_info=job.weights_info, trial=index, world_size=comm.get_world_size(),
+            eval_only=job.eval_only, resumed=job.resume, iteration=iteration,
+            seconds=time.perf_counter() - start, results=results,
             evaluator_types=_evaluator_types(cfg),
         )
-        run_record.write_record(os.path.join(cfg.OUTPUT_DIR, EVAL_FILE if job.eval_only else RESULTS_FILE), record)
+        run_record.write_record(os.path.join(cfg.OUTPUT_DIR,
+                                             EVAL_FILE if job.eval_only else RESULTS_FILE), record)
     comm.synchronize()
 
 
 def _run_trials(job: TransferJob):
     _setup_console_logging()
-    base_cfg, notes = prepare_config(job.config_file, job.opts, job.world_size)  # registers datasets here
+    # registers datasets here
+    base_cfg, notes = prepare_config(job.config_file, job.opts, job.world_size)
     for index, (seed, directory) in enumerate(zip(job.seeds, job.trial_dirs)):
         if index in job.skip:
-            logger.info(f"trial {index + 1}/{len(job.seeds)}: finished earlier ({directory}/{RESULTS_FILE}), kept")
+            logger.info(f"trial {index + 1}/{len(job.seeds)}: finished earlier "
+                        f"({directory}/{RESULTS_FILE}), kept")
             continue
         cfg = base_cfg.clone()
         cfg.OUTPUT_DIR = directory
@@ -262,29 +285,34 @@ def _run_trials(job: TransferJob):
             os.makedirs(directory, exist_ok=True)
         comm.synchronize()
         with _TrialLogFile(directory):
-            for note in notes:  # in every trial's log.txt: what mocobench changed in the config, and why
+            # in every trial's log.txt: what mocobench changed in the config, and why
+            for note in notes:
                 logger.info(note)
             try:
                 _run_trial(cfg, job, index)
             except Preempted as e:
                 if job.world_size == 1:
                     raise
-                # a spawned worker: the launching process learns of the clean stop from this exit code
+                # a spawned worker: the launching process learns of the clean stop from this exit
+                # code
                 logger.warning(str(e))
                 sys.exit(e.exit_code)
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # re-runs: what an OUTPUT_DIR already holds
 
 def _training_files(directory) -> list:
-    found = [os.path.join(directory, RESULTS_FILE)] if os.path.isfile(os.path.join(directory, RESULTS_FILE)) else []
+    found = [os.path.join(directory, RESULTS_FILE)] \
+        if os.path.isfile(os.path.join(directory, RESULTS_FILE)) else []
     for pattern in TRAINING_FILES:
         found += sorted(glob.glob(os.path.join(directory, pattern)))
     return [os.path.basename(p) for p in found]
 
 
-def check_output_dir(cfg, trial_dirs, resume: bool, eval_only: bool, init_name, weights_info) -> list:
-    """Trial indices to skip; UsageError when this call would overwrite, mix with or append to earlier trials."""
+def check_output_dir(cfg, trial_dirs, resume: bool, eval_only: bool, init_name,
+                     weights_info) -> list:
+    """Trial indices to skip; UsageError when this call would overwrite, mix with or append to
+    earlier trials."""
     if eval_only:
         return []  # writes results_eval.json only
     skip = []
@@ -295,12 +323,17 @@ def check_output_dir(cfg, trial_dirs, resume: bool, eval_only: bool, init_name, 
             continue
         if not resume:
             finished = [d for d in trial_dirs if os.path.isfile(os.path.join(d, RESULTS_FILE))]
-            what = (f"finished trials ({', '.join(os.path.join(os.path.basename(d), RESULTS_FILE) for d in finished)})"
-                    if finished else f"a started trial ({os.path.basename(directory)}: {', '.join(present[:3])})")
+            what = (
+                "finished trials ("
+                f"{', '.join(os.path.join(os.path.basename(d), RESULTS_FILE) for d in finished)})"
+                if finished else
+                f"a started trial ({os.path.basename(directory)}: {', '.join(present[:3])})"
+            )
             raise UsageError(
-                f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} already holds {what}; a new run would overwrite them or append "
-                "to their logs. Pass --resume to keep finished trials and continue the others, --eval-only to "
-                "re-evaluate (writes results_eval.json), or choose another OUTPUT_DIR")
+                f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} already holds {what}; a new run would overwrite "
+                "them or append to their logs. Pass --resume to keep finished trials and continue "
+                "the others, --eval-only to re-evaluate (writes results_eval.json), or choose "
+                "another OUTPUT_DIR")
         path = os.path.join(directory, RESULTS_FILE)
         if not os.path.isfile(path):
             continue  # started, not finished: detectron2 resumes it from its last checkpoint
@@ -313,17 +346,18 @@ def check_output_dir(cfg, trial_dirs, resume: bool, eval_only: bool, init_name, 
             changed.append("MODEL.WEIGHTS (another file)")
         if changed:
             raise UsageError(
-                f"--resume: {path} was made by another experiment (differs in {', '.join(changed[:5])}"
-                f"{' ...' if len(changed) > 5 else ''}); its trials and this call's would be averaged together. "
-                "Use another OUTPUT_DIR")
+                f"--resume: {path} was made by another experiment (differs in "
+                f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); its trials and "
+                "this call's would be averaged together. Use another OUTPUT_DIR")
         skip.append(index)
     return skip
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the API and the command
 
 def summarize(records: list) -> dict:
-    """{dataset: {"bbox/AP": describe(finite values), ...}} over trial records (std None for one trial)."""
+    """{dataset: {"bbox/AP": describe(finite values), ...}} over trial records (std None for one
+    trial)."""
     values = {}
     for rec in records:
         for dataset, tasks in rec["results"].items():
@@ -333,7 +367,8 @@ def summarize(records: list) -> dict:
                     values.setdefault(dataset, {}).setdefault(key, [])
                     if value is not None:  # NaN (null) does not enter the mean; n says how many did
                         values[dataset][key].append(float(value))
-    return {dataset: {k: describe(v) for k, v in metrics.items()} for dataset, metrics in values.items()}
+    return {dataset: {k: describe(v) for k, v in metrics.items()}
+            for dataset, metrics in values.items()}
 
 
 def write_summary(output_dir) -> dict:
@@ -355,14 +390,15 @@ def write_summary(output_dir) -> dict:
     return summary
 
 
-def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only=False, init_name=None, *,
-                 num_machines=1, machine_rank=0, dist_url="auto", synth_root=None) -> list:
+def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only=False,
+                 init_name=None, *, num_machines=1, machine_rank=0, dist_url="auto",
+                 synth_root=None) -> list:
     """Fine-tune and evaluate `seeds` trials; returns their run records (rank 0's machine).
 
     `opts`: detectron2 KEY VALUE overrides. `num_gpus`: processes per machine (CUDA devices, or CPU
-    processes over gloo when MODEL.DEVICE is cpu; 0: every visible GPU, 1 process on CPU). `synth_root`:
-    directory of a generated dataset for the synth_* dataset names. With `eval_only` the records are the
-    trials' results_eval.json.
+    processes over gloo when MODEL.DEVICE is cpu; 0: every visible GPU, 1 process on CPU).
+    `synth_root`: directory of a generated dataset for the synth_* dataset names. With `eval_only`
+    the records are the trials' results_eval.json.
     """
     opts = list(opts or [])
     if synth_root:
@@ -370,13 +406,14 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: expected >= 1")
     if num_machines < 1 or not 0 <= machine_rank < num_machines:
-        raise UsageError(f"--machine-rank {machine_rank} with --num-machines {num_machines}: expected "
-                         f"0 <= rank < machines")
+        raise UsageError(f"--machine-rank {machine_rank} with --num-machines {num_machines}: "
+                         "expected 0 <= rank < machines")
     if num_gpus == 0:  # every visible GPU of this machine (the pipeline's default)
         num_gpus = default_num_gpus(load_config(config_file, opts))
     world_size = num_gpus * num_machines
     _setup_console_logging()
-    cfg, _ = prepare_config(config_file, opts, world_size)  # every input error before a process starts
+    # every input error before a process starts
+    cfg, _ = prepare_config(config_file, opts, world_size)
     check_device(cfg, num_gpus)
     check_launch(cfg, num_gpus, num_machines, dist_url)
     check_weights(cfg, resume, eval_only)
@@ -398,8 +435,8 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
     )
     if len(skip) < len(trial_dirs):
         start = launch_cpu if cfg.MODEL.DEVICE == "cpu" else launch
-        # SLURM, Kubernetes and Ctrl-C signal the whole process group: the workers save and stop (StopOnSignal),
-        # this process waits for them instead of dying first
+        # SLURM, Kubernetes and Ctrl-C signal the whole process group: the workers save and stop
+        # (StopOnSignal), this process waits for them instead of dying first
         with Preemption():
             try:
                 start(_run_trials, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
@@ -408,12 +445,14 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
                 if e.exit_code not in EXIT_CODES.values():
                     raise
                 signum = e.exit_code - 128
-                raise Preempted(signum, f"stopped by {signal_name(signum)}; each unfinished trial saved its "
-                                        f"last iteration under {cfg.OUTPUT_DIR}") from None
+                raise Preempted(signum,
+                                f"stopped by {signal_name(signum)}; each unfinished trial saved "
+                                f"its last iteration under {cfg.OUTPUT_DIR}") from None
 
     name = EVAL_FILE if eval_only else RESULTS_FILE
     paths = [os.path.join(d, name) for d in trial_dirs]
-    records = [run_record.read_record(p) for p in paths if os.path.isfile(p)]  # only on the machine of rank 0
+    # only on the machine of rank 0
+    records = [run_record.read_record(p) for p in paths if os.path.isfile(p)]
     if records and not eval_only:
         write_summary(cfg.OUTPUT_DIR)
     return records
@@ -421,35 +460,44 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mocobench transfer",
-        description="Fine-tune detectron2 from converted weights and evaluate (detectron2's train_net conventions).",
-        epilog="Example: mocobench transfer --config-file configs/detection/pascal_voc_R_50_C4_24k_moco.yaml "
-               "--num-gpus 8 --seeds 5 MODEL.WEIGHTS moco.pkl OUTPUT_DIR out/voc",
+        description="Fine-tune detectron2 from converted weights and evaluate (detectron2's "
+                    "train_net conventions).",
+        epilog="Example: mocobench transfer --config-file "
+               "configs/detection/pascal_voc_R_50_C4_24k_moco.yaml --num-gpus 8 --seeds 5 "
+               "MODEL.WEIGHTS moco.pkl OUTPUT_DIR out/voc",
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a detection config")
+    parser.add_argument("--config-file", required=True, metavar="FILE",
+                        help="path to a detection config")
     parser.add_argument("--num-gpus", type=int, default=1,
-                        help="processes per machine: CUDA devices, or CPU processes (gloo) with MODEL.DEVICE cpu")
+                        help="processes per machine: CUDA devices, or CPU processes (gloo) with "
+                             "MODEL.DEVICE cpu")
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine")
     parser.add_argument("--dist-url", default="auto",
-                        help="initialization URL for torch.distributed, e.g. tcp://HOST:PORT ('auto': a free local "
-                             "port, one machine only)")
-    parser.add_argument("--seeds", type=int, default=1, help="independent trials, into OUTPUT_DIR/seed{i}/")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (or with --resume, "
-                        "each trial's last checkpoint) without training")
+                        help="initialization URL for torch.distributed, e.g. tcp://HOST:PORT "
+                             "('auto': a free local port, one machine only)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="independent trials, into OUTPUT_DIR/seed{i}/")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate MODEL.WEIGHTS (or with --resume, each trial's last "
+                             "checkpoint) without training")
     parser.add_argument("--resume", action="store_true",
-                        help="continue each trial from the last checkpoint in its directory (iteration, optimizer "
-                             "and lr schedule restored)")
+                        help="continue each trial from the last checkpoint in its directory "
+                             "(iteration, optimizer and lr schedule restored)")
     parser.add_argument("--synth-root", default=None, metavar="DIR",
-                        help="generated dataset (mocobench data synth) behind the synth_* dataset names "
-                             "(default: $MOCOBENCH_SYNTH, else $DETECTRON2_DATASETS/synth)")
+                        help="generated dataset (mocobench data synth) behind the synth_* dataset "
+                             "names (default: $MOCOBENCH_SYNTH, else $DETECTRON2_DATASETS/synth)")
     parser.add_argument("--init-name", default=None,
-                        help="the initialization's name (e.g. moco_v2, supervised): recorded in each trial's "
-                             "results.json, the row name in `mocobench report` (default: guessed from MODEL.WEIGHTS)")
+                        help="the initialization's name (e.g. moco_v2, supervised): recorded in "
+                             "each trial's results.json, the row name in `mocobench report` "
+                             "(default: guessed from MODEL.WEIGHTS)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=None,
-                        help="detectron2 config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pkl")
+                        help="detectron2 config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS "
+                             "x.pkl")
     return parser
 
-HEADLINE_METRICS = ("AP", "AP50", "AP75", "mIoU", "IoU")  # detection/keypoints; semantic segmentation (Cityscapes: IoU)
+# detection/keypoints; semantic segmentation (Cityscapes: IoU)
+HEADLINE_METRICS = ("AP", "AP50", "AP75", "mIoU", "IoU")
 
 
 def _format_metrics(tasks, fmt) -> str:
@@ -465,9 +513,11 @@ def _format_summary(records) -> str:
             lines.append(f"seed {rec['seed']} {dataset}: {shown}  ({rec['output_dir']})")
     if len(records) > 1:
         for dataset, metrics in summarize(records).items():
-            shown = ", ".join(f"{k} {v['mean']:.2f} ± {v['std']:.2f} (n={v['n']})" for k, v in metrics.items()
+            shown = ", ".join(f"{k} {v['mean']:.2f} ± {v['std']:.2f} (n={v['n']})"
+                              for k, v in metrics.items()
                               if k.split("/")[1] in HEADLINE_METRICS and v["n"] > 1)
-            lines.append(f"{dataset}: mean ± sample std over the valid seeds: {shown or 'fewer than 2 valid seeds'}")
+            lines.append(f"{dataset}: mean ± sample std over the valid seeds: "
+                         f"{shown or 'fewer than 2 valid seeds'}")
     return "\n".join(lines)
 
 def main(argv=None) -> int:
@@ -475,13 +525,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         results = run_transfer(
-            args.config_file, args.opts or [], num_gpus=args.num_gpus, seeds=args.seeds, resume=args.resume,
-            eval_only=args.eval_only, init_name=args.init_name, num_machines=args.num_machines,
-            machine_rank=args.machine_rank, dist_url=args.dist_url, synth_root=args.synth_root,
+            args.config_file, args.opts or [], num_gpus=args.num_gpus, seeds=args.seeds,
+            resume=args.resume, eval_only=args.eval_only, init_name=args.init_name,
+            num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url,
+            synth_root=args.synth_root,
         )
     except Preempted as e:
         resume = ["mocobench", "transfer", *([] if "--resume" in argv else ["--resume"]), *argv]
-        print(f"mocobench transfer: {e}; resume with: {shlex.join(resume)}", file=sys.stderr, flush=True)
+        print(f"mocobench transfer: {e}; resume with: {shlex.join(resume)}", file=sys.stderr,
+              flush=True)
         return e.exit_code
     if results:
         print(_format_summary(results))

@@ -1,4 +1,5 @@
-"""The transfer trainer: detectron2's DefaultTrainer with the evaluator registry, safe checkpoints and progress."""
+"""The transfer trainer: detectron2's DefaultTrainer with the evaluator registry, safe checkpoints
+and progress."""
 import logging
 import os
 import sys
@@ -12,15 +13,17 @@ from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
-import transfer.heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm and DilatedFCNHead in detectron2's registries)
+# registers Res5ROIHeadsExtraNorm and DilatedFCNHead in detectron2's registries
+import transfer.heads  # noqa: F401
 from mocobench.utils.preempt import signal_name
 from transfer.checkpoint import SafeDetectionCheckpointer
 from transfer.evaluation import build_evaluator
 
 
 class TrainingStopped(BaseException):
-    """Raised by StopOnSignal after its checkpoint. A BaseException so that detectron2's TrainerBase.train, which
-    logs every Exception with a traceback as a crash, lets a clean stop through (its after_train hooks still run)."""
+    """Raised by StopOnSignal after its checkpoint. A BaseException so that detectron2's
+    TrainerBase.train, which logs every Exception with a traceback as a crash, lets a clean stop
+    through (its after_train hooks still run)."""
 
     def __init__(self, signum, message):
         super().__init__(message)
@@ -28,10 +31,11 @@ class TrainingStopped(BaseException):
 
 
 class StopOnSignal(HookBase):
-    """SIGTERM / SIGUSR1 / SIGINT (mocobench.utils.preempt `stop`): finish the iteration, save model_{iter}.pth
-    with the optimizer and lr scheduler (what `--resume` continues from: at most the running iteration is lost,
-    not everything since the last periodic checkpoint), then stop. Every rank asks after every step: the answer
-    is a collective, so all ranks stop after the same iteration."""
+    """SIGTERM / SIGUSR1 / SIGINT (mocobench.utils.preempt `stop`): finish the iteration, save
+    model_{iter}.pth with the optimizer and lr scheduler (what `--resume` continues from: at most
+    the running iteration is lost, not everything since the last periodic checkpoint), then stop.
+    Every rank asks after every step: the answer is a collective, so all ranks stop after the same
+    iteration."""
 
     def __init__(self, stop, device):
         self._stop, self._device = stop, device
@@ -44,23 +48,28 @@ class StopOnSignal(HookBase):
         name = f"model_{self.trainer.iter:07d}"
         # as PeriodicCheckpointer saves: rank 0 writes (atomically) and points last_checkpoint at it
         self.trainer.checkpointer.save(name, iteration=self.trainer.iter)
-        comm.synchronize()  # no rank exits (and gets the others terminated by the launcher) before it is written
+        # no rank exits (and gets the others terminated by the launcher) before it is written
+        comm.synchronize()
         path = os.path.join(self.trainer.cfg.OUTPUT_DIR, name + ".pth")
         self._stopped = TrainingStopped(signum, f"stopped by {signal_name(signum)} after iteration "
-                                                f"{self.trainer.iter + 1}/{self.trainer.max_iter}, saved {path}")
+                                                f"{self.trainer.iter + 1}/{self.trainer.max_iter}, "
+                                                f"saved {path}")
 
     def before_step(self):
-        # raised here, not in after_step: the writers' final flush (after_train) then sees a new iteration
-        # number; at the iteration it has just written, detectron2 v0.6's ETA divides by zero
+        # raised here, not in after_step: the writers' final flush (after_train) then sees a new
+        # iteration number; at the iteration it has just written, detectron2 v0.6's ETA divides by
+        # zero
         if self._stopped is not None:
             raise self._stopped
 
 
 class ProgressBar(HookBase):
-    """A tqdm bar on an interactive terminal (rank 0): iterations, rate, ETA, loss and lr on one line.
+    """A tqdm bar on an interactive terminal (rank 0): iterations, rate, ETA, loss and lr on one
+    line.
 
-    Log lines (detectron2's CommonMetricPrinter, which prints its own eta) are routed above the bar by
-    `tqdm.contrib.logging.logging_redirect_tqdm` in `Trainer.train`; in a log file there is no bar.
+    Log lines (detectron2's CommonMetricPrinter, which prints its own eta) are routed above the bar
+    by `tqdm.contrib.logging.logging_redirect_tqdm` in `Trainer.train`; in a log file there is no
+    bar.
     """
 
     def __init__(self, description=""):
@@ -70,8 +79,8 @@ class ProgressBar(HookBase):
     def before_train(self):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter, desc=self._description,
-                         unit="it", dynamic_ncols=True, leave=True)
+        self._bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter,
+                         desc=self._description, unit="it", dynamic_ncols=True, leave=True)
 
     def after_step(self):
         self._bar.update(1)
@@ -89,14 +98,17 @@ class ProgressBar(HookBase):
             self._bar.close()
 
 def semantic_train_augmentations(cfg) -> list:
-    """Scale, then crop, then flip: the MoCo paper's segmentation training (Appendix A.5: "random scaling ...,
-    cropping, and horizontal flipping") in the order of detectron2's DeepLab project (projects/DeepLab/train_net.py,
-    build_sem_seg_train_aug). detectron2's DatasetMapper puts INPUT.CROP *before* the resize (right for its
-    detection crops), which would crop 513 px of the original image and then rescale the crop."""
-    augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
+    """Scale, then crop, then flip: the MoCo paper's segmentation training (Appendix A.5: "random
+    scaling ..., cropping, and horizontal flipping") in the order of detectron2's DeepLab project
+    (projects/DeepLab/train_net.py, build_sem_seg_train_aug). detectron2's DatasetMapper puts
+    INPUT.CROP *before* the resize (right for its detection crops), which would crop 513 px of the
+    original image and then rescale the crop."""
+    augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                 cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
     if cfg.INPUT.CROP.ENABLED:
-        # a plain random crop (DeepLab's category-area constraint at its default 1.0 is the same; the paper
-        # says "cropping"); absolute crops larger than the scaled image keep the image whole
+        # a plain random crop (DeepLab's category-area constraint at its default 1.0 is the same;
+        # the paper says "cropping"); absolute crops larger than the scaled image keep the image
+        # whole
         augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
     augs.append(T.RandomFlip())
     return augs
@@ -108,7 +120,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
-            mapper = DatasetMapper(cfg, is_train=True, augmentations=semantic_train_augmentations(cfg))
+            mapper = DatasetMapper(cfg, is_train=True,
+                                   augmentations=semantic_train_augmentations(cfg))
             return build_detection_train_loader(cfg, mapper=mapper)
         return super().build_train_loader(cfg)
 
@@ -117,9 +130,9 @@ class Trainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        # Loading and saving go through SafeDetectionCheckpointer (restricted unpickling, atomic writes); it is
-        # swapped in here because DefaultTrainer.__init__ creates its checkpointer right before build_hooks,
-        # which hands it to PeriodicCheckpointer.
+        # Loading and saving go through SafeDetectionCheckpointer (restricted unpickling, atomic
+        # writes); it is swapped in here because DefaultTrainer.__init__ creates its checkpointer
+        # right before build_hooks, which hands it to PeriodicCheckpointer.
         self.checkpointer = SafeDetectionCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
                                                       trainer=weakref.proxy(self))
         ret = super().build_hooks()
@@ -130,9 +143,10 @@ class Trainer(DefaultTrainer):
             ret.append(ProgressBar(self.progress_description))
         return ret
 
-    # detectron2 v0.6's DefaultTrainer checkpoints the iteration and the hooks (the lr scheduler) but not the
-    # optimizer, which lives in its inner SimpleTrainer: a resumed run lost the momentum buffers and ran its first
-    # iteration at the lr the optimizer was built with. Later detectron2 releases save it under "_trainer", as here.
+    # detectron2 v0.6's DefaultTrainer checkpoints the iteration and the hooks (the lr scheduler)
+    # but not the optimizer, which lives in its inner SimpleTrainer: a resumed run lost the
+    # momentum buffers and ran its first iteration at the lr the optimizer was built with. Later
+    # detectron2 releases save it under "_trainer", as here.
     def state_dict(self):
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()  # {"iteration", "optimizer"}
@@ -144,15 +158,17 @@ class Trainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
             logging.getLogger(__name__).warning(
-                "the checkpoint has no optimizer state (written by a plain detectron2 v0.6 DefaultTrainer?): "
-                "momentum starts from zero and the first resumed iteration uses the optimizer's initial lr"
+                "the checkpoint has no optimizer state (written by a plain detectron2 v0.6 "
+                "DefaultTrainer?): momentum starts from zero and the first resumed iteration uses "
+                "the optimizer's initial lr"
             )
 
     def train(self):
         if comm.is_main_process() and sys.stderr.isatty():
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            with logging_redirect_tqdm([logging.getLogger("detectron2"), logging.getLogger("fvcore"),
+            with logging_redirect_tqdm([logging.getLogger("detectron2"),
+                                        logging.getLogger("fvcore"),
                                         logging.getLogger("transfer")]):
                 return super().train()
         return super().train()
