@@ -1,18 +1,21 @@
 """MoCo augmentation recipes on uint8 numpy images with OpenCV.
 
-The official MoCo code builds its views with PIL + torchvision.transforms. We keep the same augmentation
-*distribution* (same crop sampler, same jitter factor ranges, same probabilities and op order) but run the
-photometric ops on a uint8 HxWx3 RGB numpy array with OpenCV, which is several times faster per worker; their
-outputs are identically distributed, not pixel-identical (rounding differs by about one grey level).
-Resampling is PIL's own bilinear resize, the op torchvision's PIL path calls: it antialiases at every shrink
-factor (a triangle filter stretched by the factor), which OpenCV's INTER_LINEAR does not and INTER_AREA does
-only with a narrower box. So a crop box gives the same pixels as torchvision's RandomResizedCrop, and the eval
-transform equals torchvision's PIL Resize(256) + CenterCrop(224) to <= 1/255 (tests/test_faithful.py).
-torch's antialiased uint8 kernel was ~10 % faster end to end but up to 2 grey levels off PIL; with PIL the
-training pipeline stays ~3x the official one (benchmarks/augment_throughput.py, target >= 2x).
+The official MoCo code builds its views with PIL + torchvision.transforms. We keep the same
+augmentation *distribution* (same crop sampler, same jitter factor ranges, same probabilities and op
+order) but run the photometric ops on a uint8 HxWx3 RGB numpy array with OpenCV, which is several
+times faster per worker; their outputs are identically distributed, not pixel-identical (rounding
+differs by about one grey level).
+Resampling is PIL's own bilinear resize, the op torchvision's PIL path calls: it antialiases at
+every shrink factor (a triangle filter stretched by the factor), which OpenCV's INTER_LINEAR does
+not and INTER_AREA does only with a narrower box. So a crop box gives the same pixels as
+torchvision's RandomResizedCrop, and the eval transform equals torchvision's PIL
+Resize(256) + CenterCrop(224) to <= 1/255 (tests/test_faithful.py).
+torch's antialiased uint8 kernel was ~10 % faster end to end but up to 2 grey levels off PIL; with
+PIL the training pipeline stays ~3x the official one (benchmarks/augment_throughput.py,
+target >= 2x).
 
-Random numbers come from Python's `random` module (cheap for scalars); the data loader seeds it per worker
-(pretrain.data.worker_init_fn) or per sample (SafeImageFolder(seed=...)).
+Random numbers come from Python's `random` module (cheap for scalars); the data loader seeds it per
+worker (pretrain.data.worker_init_fn) or per sample (SafeImageFolder(seed=...)).
 
     transform = build_two_view_transform("v2", 224)
     view1, view2 = transform(rgb_uint8_image)   # float32 CHW tensors, ImageNet-normalised
@@ -28,20 +31,23 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Per-channel float32 lookup tables uint8 -> (x/255 - mean) / std: normalising is then one cv2.LUT per channel.
+# Per-channel float32 lookup tables uint8 -> (x/255 - mean) / std: normalising is then one cv2.LUT
+# per channel.
 _NORMALIZE_LUTS = [
-    ((np.arange(256, dtype=np.float64) / 255.0 - m) / s).astype(np.float32) for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)
+    ((np.arange(256, dtype=np.float64) / 255.0 - m) / s).astype(np.float32)
+    for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)
 ]
 _IDENTITY = np.arange(256, dtype=np.float32)
-_SOLARIZE_LUT = np.where(np.arange(256) < 128, np.arange(256), 255 - np.arange(256)).astype(np.uint8)
+_SOLARIZE_LUT = np.where(np.arange(256) < 128, np.arange(256),
+                         255 - np.arange(256)).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------------------------- geometry
+# -------------------------------------------------------------------------------------- geometry
 def sample_crop_params(height, width, scale, ratio, rng=random):
     """(top, left, crop_h, crop_w), sampled exactly as torchvision's RandomResizedCrop.get_params.
 
-    Area fraction ~ U[scale], aspect ratio log-uniform in `ratio`; 10 tries, then a centre crop clamped to
-    the ratio range.
+    Area fraction ~ U[scale], aspect ratio log-uniform in `ratio`; 10 tries, then a centre crop
+    clamped to the ratio range.
     """
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -67,9 +73,10 @@ def sample_crop_params(height, width, scale, ratio, rng=random):
 
 
 def pil_resize(img, out_w, out_h, box=None):
-    """PIL's BILINEAR resize of a uint8 HxWx3 array (what torchvision's RandomResizedCrop / Resize run on PIL
-    images): antialiased at every shrink factor, plain bilinear when enlarging. box=(x0, y0, x1, y1) resizes
-    only that region of the image, with the filter taps reaching outside it exactly as in the full resize."""
+    """PIL's BILINEAR resize of a uint8 HxWx3 array (what torchvision's RandomResizedCrop / Resize
+    run on PIL images): antialiased at every shrink factor, plain bilinear when enlarging.
+    box=(x0, y0, x1, y1) resizes only that region of the image, with the filter taps reaching
+    outside it exactly as in the full resize."""
     return np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BILINEAR, box=box))
 
 
@@ -78,17 +85,21 @@ class RandomResizedCrop:
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def __call__(self, img, rng=random):
-        top, left, h, w = sample_crop_params(img.shape[0], img.shape[1], self.scale, self.ratio, rng)
-        # crop, then resize the crop (torchvision's resized_crop): the filter does not reach past the crop edges
+        top, left, h, w = sample_crop_params(img.shape[0], img.shape[1], self.scale, self.ratio,
+                                             rng)
+        # crop, then resize the crop (torchvision's resized_crop): the filter does not reach past
+        # the crop edges
         return pil_resize(img[top : top + h, left : left + w], self.size, self.size)
 
 
 class ResizeCenterCrop:
-    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image (evaluation), computing only the crop.
+    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image (evaluation), computing only
+    the crop.
 
-    Sizes and offsets follow torchvision: the shorter side becomes `resize`, the longer int(resize * long /
-    short); the crop starts at int(round((new - size) / 2)). Only the centre size x size output pixels are
-    resampled (PIL's box argument: the same filter centres and taps as the full resize)."""
+    Sizes and offsets follow torchvision: the shorter side becomes `resize`, the longer
+    int(resize * long / short); the crop starts at int(round((new - size) / 2)). Only the centre
+    size x size output pixels are resampled (PIL's box argument: the same filter centres and taps as
+    the full resize)."""
 
     def __init__(self, resize, size):
         self.resize, self.size = resize, size
@@ -114,7 +125,7 @@ class RandomHorizontalFlip:
         return cv2.flip(img, 1) if rng.random() < self.p else img
 
 
-# ----------------------------------------------------------------------------------------------- photometric
+# -------------------------------------------------------------------------------------- photometric
 def _gray(img):
     return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
 
@@ -138,7 +149,8 @@ def adjust_saturation(img, factor):
 
 
 def adjust_hue(img, shift):
-    """Rotate hue by `shift` turns (in [-0.5, 0.5]); HSV_FULL keeps hue in 256 steps instead of 180."""
+    """Rotate hue by `shift` turns (in [-0.5, 0.5]); HSV_FULL keeps hue in 256 steps instead of
+    180."""
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
     lut = ((np.arange(256) + int(round(shift * 256))) % 256).astype(np.uint8)
     hsv[..., 0] = cv2.LUT(hsv[..., 0], lut)
@@ -146,7 +158,8 @@ def adjust_hue(img, shift):
 
 
 class ColorJitter:
-    """torchvision ColorJitter: factors U[max(0, 1-x), 1+x], hue U[-h, h], the four ops in random order."""
+    """torchvision ColorJitter: factors U[max(0, 1-x), 1+x], hue U[-h, h], the four ops in random
+    order."""
 
     def __init__(self, brightness, contrast, saturation, hue):
         self.brightness = self._range(brightness)
@@ -184,7 +197,8 @@ class RandomGrayscale:
 
 
 class GaussianBlur:
-    """Blur with sigma ~ U[sigma_range]; like PIL's GaussianBlur(radius=sigma) used by the official code."""
+    """Blur with sigma ~ U[sigma_range]; like PIL's GaussianBlur(radius=sigma) used by the official
+    code."""
 
     def __init__(self, sigma=(0.1, 2.0)):
         self.sigma = sigma
@@ -193,7 +207,8 @@ class GaussianBlur:
         sigma = rng.uniform(*self.sigma)
         # Kernel of +-3 sigma (odd size); cv2 applies it separably.
         ksize = 2 * int(math.ceil(3.0 * sigma)) + 1
-        return cv2.GaussianBlur(img, (ksize, ksize), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+        return cv2.GaussianBlur(img, (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
+                                borderType=cv2.BORDER_REFLECT_101)
 
 
 class Solarize:
@@ -237,7 +252,8 @@ class Compose:
 
 
 def _as_rgb_uint8(img):
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+    if (not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3
+            or img.shape[2] != 3):
         desc = f"{type(img).__name__} {getattr(img, 'dtype', '')} {getattr(img, 'shape', '')}"
         raise TypeError(f"expected an RGB uint8 numpy image of shape HxWx3, got {desc}")
     return img
@@ -256,7 +272,7 @@ class TwoViewTransform:
         return f"TwoViewTransform(view1={self.view1!r}, view2={self.view2!r})"
 
 
-# ----------------------------------------------------------------------------------------------- recipes
+# -------------------------------------------------------------------------------------- recipes
 OFFICIAL_SIZE = 224
 OFFICIAL_BLUR_SIGMA = (0.1, 2.0)
 
@@ -264,9 +280,10 @@ OFFICIAL_BLUR_SIGMA = (0.1, 2.0)
 def blur_sigma(size):
     """The official blur sigma range (pixels, tuned for 224 px crops) scaled to `size` px crops.
 
-    A blur is a fraction of the object, not a number of pixels: sigma 2 px at 224 px keeps an object's outline,
-    the same 2 px on a 32 px crop (14 px at 224) wipes most of it out in half of the views. At 224 px this is the
-    official (0.1, 2.0); below it, the same blur relative to the image."""
+    A blur is a fraction of the object, not a number of pixels: sigma 2 px at 224 px keeps an
+    object's outline, the same 2 px on a 32 px crop (14 px at 224) wipes most of it out in half of
+    the views. At 224 px this is the official (0.1, 2.0); below it, the same blur relative to the
+    image."""
     scale = size / OFFICIAL_SIZE
     return (OFFICIAL_BLUR_SIGMA[0] * scale, OFFICIAL_BLUR_SIGMA[1] * scale)
 
@@ -309,8 +326,8 @@ def _moco_v3(size, crop_scale=(0.08, 1.0)):
     return view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)
 
 
-# version -> builder(size[, crop_scale]) -> (view1 transform, view2 transform); crop_scale defaults to the
-# official recipe's RandomResizedCrop area range
+# version -> builder(size[, crop_scale]) -> (view1 transform, view2 transform); crop_scale defaults
+# to the official recipe's RandomResizedCrop area range
 TWO_VIEW_RECIPES = {
     "v1": _moco_v1,
     "v2": _moco_v2,
@@ -323,21 +340,24 @@ def build_two_view_transform(version: str, size: int, crop_scale=None):
 
     crop_scale: RandomResizedCrop's (min, max) area fraction; None = the official recipe's."""
     if version not in TWO_VIEW_RECIPES:
-        raise ValueError(f"unknown MoCo augmentation version {version!r}; expected one of {sorted(TWO_VIEW_RECIPES)}")
+        raise ValueError(f"unknown MoCo augmentation version {version!r}; expected one of "
+                         f"{sorted(TWO_VIEW_RECIPES)}")
     kwargs = {"crop_scale": tuple(crop_scale)} if crop_scale else {}
     view1, view2 = TWO_VIEW_RECIPES[version](int(size), **kwargs)
     return TwoViewTransform(view1, view2)
 
 
 def build_eval_transform(size: int):
-    """Resize the shorter side to round(size * 256 / 224), centre-crop `size`, normalise (one tensor)."""
+    """Resize the shorter side to round(size * 256 / 224), centre-crop `size`, normalise (one
+    tensor)."""
     size = int(size)
     return Compose([ResizeCenterCrop(int(round(size * 256 / 224)), size)])
 
 
 def build_linear_train_transform(size: int, crop_scale=None):
-    """Linear-classification / supervised training augmentation: RandomResizedCrop (scale 0.08-1 unless
-    crop_scale is given) + flip."""
+    """Linear-classification / supervised training augmentation: RandomResizedCrop (scale 0.08-1
+    unless crop_scale is given) + flip."""
     size = int(size)
-    crop = RandomResizedCrop(size, scale=tuple(crop_scale)) if crop_scale else RandomResizedCrop(size)
+    crop = (RandomResizedCrop(size, scale=tuple(crop_scale)) if crop_scale
+            else RandomResizedCrop(size))
     return Compose([crop, RandomHorizontalFlip()])

@@ -3,10 +3,11 @@
 A YAML file sets what differs from these defaults and may inherit from another file with `_BASE_`;
 `KEY VALUE` pairs on the command line come last. Unknown keys are an error that names the key.
 
-Learning rate: SOLVER.BASE_LR is per 256 images (linear scaling rule, Goyal et al. 2017), the optimizer gets
+Learning rate: SOLVER.BASE_LR is per 256 images (linear scaling rule, Goyal et al. 2017), the
+optimizer gets
     lr = SOLVER.BASE_LR * SOLVER.BATCH_SIZE / 256
-with SOLVER.BATCH_SIZE the global batch (all processes together), so a config trains the same way on any
-number of devices.
+with SOLVER.BATCH_SIZE the global batch (all processes together), so a config trains the same way on
+any number of devices.
 """
 
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
@@ -22,7 +23,8 @@ class CfgNode(_FvcoreCfgNode):
 _C = CfgNode()
 _C.MODEL = CfgNode()
 _C.MODEL.ARCH = "resnet50"  # any torchvision ResNet: resnet18/34/50/101/152, resnext*, wide_resnet*
-_C.MODEL.ZERO_INIT_RESIDUAL = False  # MoCo v3 builds its ResNet with zero-initialised last BN of each block
+# MoCo v3 builds its ResNet with zero-initialised last BN of each block
+_C.MODEL.ZERO_INIT_RESIDUAL = False
 
 _C.MOCO = CfgNode()
 _C.MOCO.VERSION = "v1"  # v1 | v2 | v3
@@ -33,15 +35,17 @@ _C.MOCO.M_COS = False
 _C.MOCO.T = 0.07  # softmax temperature
 _C.MOCO.MLP = False  # v2: 2-layer MLP head (hidden = encoder feature width, ReLU)
 _C.MOCO.MLP_DIM = 4096  # v3: hidden width of projector and predictor
-# One process: BN statistics over this many groups of the batch in both encoders, emulating the per-device BN
-# of a multi-GPU run (the key batch is shuffled first: shuffle BN). Ignored (each rank is a group) with >1 process.
+# One process: BN statistics over this many groups of the batch in both encoders, emulating the
+# per-device BN of a multi-GPU run (the key batch is shuffled first: shuffle BN). Ignored (each rank
+# is a group) with >1 process.
 _C.MOCO.SHUFFLE_BN_SPLITS = 8
 
 _C.INPUT = CfgNode()
 _C.INPUT.SIZE = 224
 _C.INPUT.AUG = "v1"  # v1 | v2 (aug+) | v3 (asymmetric, crop scale 0.08-1): pretrain.augment
-# RandomResizedCrop area range (min, max); () = the recipe's own (0.2-1 for v1/v2, 0.08-1 for v3 and supervised).
-# Small object-centric images (the generated data) need a larger minimum, or crops miss the object entirely.
+# RandomResizedCrop area range (min, max); () = the recipe's own (0.2-1 for v1/v2, 0.08-1 for v3 and
+# supervised). Small object-centric images (the generated data) need a larger minimum, or crops miss
+# the object entirely.
 _C.INPUT.CROP_SCALE = ()
 
 _C.DATA = CfgNode()
@@ -63,20 +67,25 @@ _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.WARMUP_EPOCHS = 0  # linear warmup from 0 (per iteration)
 # False: lr changes once per epoch (official v1/v2); True: every iteration (official v3)
 _C.SOLVER.LR_PER_ITER = False
-# A mid-epoch resume point every this many iterations (0 = none): bounds what a SIGKILL loses to this many
-# iterations; each one replaces the previous (pretrain.resume). SIGTERM/SIGUSR1/Ctrl-C always save one.
+# A mid-epoch resume point every this many iterations (0 = none): bounds what a SIGKILL loses to
+# this many iterations; each one replaces the previous (pretrain.resume). SIGTERM/SIGUSR1/Ctrl-C
+# always save one.
 _C.SOLVER.CHECKPOINT_PERIOD_ITERS = 0
 
-# Precision. The official recipes: MoCo v1/v2 train in fp32 (facebookresearch/moco main_moco.py has no autocast);
-# MoCo v3 trains under fp16 autocast with a GradScaler (facebookresearch/moco-v3 main_moco.py:
-# torch.cuda.amp.autocast(True) + torch.cuda.amp.GradScaler()). Under AMP the MoCo v1/v2 logits and loss are still
-# computed in fp32 against the fp32 queue (pretrain.moco.MoCo.contrastive_logits).
+# Precision. The official recipes: MoCo v1/v2 train in fp32 (facebookresearch/moco main_moco.py has
+# no autocast); MoCo v3 trains under fp16 autocast with a GradScaler (facebookresearch/moco-v3
+# main_moco.py: torch.cuda.amp.autocast(True) + torch.cuda.amp.GradScaler()). Under AMP the MoCo
+# v1/v2 logits and loss are still computed in fp32 against the fp32 queue
+# (pretrain.moco.MoCo.contrastive_logits).
 _C.AMP = CfgNode()
-_C.AMP.ENABLED = None  # None = the recipe's: on for MoCo v3 on CUDA, off for v1/v2 and on CPU. True/False forces it
-_C.AMP.DTYPE = "float16"  # float16 (official v3, with a GradScaler) | bfloat16 (opt-in; fp16 on GPUs without bf16)
-# TF32 tensor-core math for CUDA float32 matmuls and cuDNN convolutions (Ampere and newer GPUs). False reproduces the
-# papers' fp32 (their V100s have no TF32); True is faster on A100/H100. Set explicitly at start (torch's own defaults
-# differ: matmul off, cuDNN on), written to log.txt and OUTPUT_DIR/precision.json.
+# None = the recipe's: on for MoCo v3 on CUDA, off for v1/v2 and on CPU. True/False forces it
+_C.AMP.ENABLED = None
+# float16 (official v3, with a GradScaler) | bfloat16 (opt-in; fp16 on GPUs without bf16)
+_C.AMP.DTYPE = "float16"
+# TF32 tensor-core math for CUDA float32 matmuls and cuDNN convolutions (Ampere and newer GPUs).
+# False reproduces the papers' fp32 (their V100s have no TF32); True is faster on A100/H100. Set
+# explicitly at start (torch's own defaults differ: matmul off, cuDNN on), written to log.txt and
+# OUTPUT_DIR/precision.json.
 _C.TF32 = False
 
 _C.CHANNELS_LAST = None  # None = auto: on for CUDA, off for CPU
@@ -91,13 +100,14 @@ _C.KNN.T = 0.1
 _C.KNN.BATCH_SIZE = 256
 
 _C.LOG_PERIOD = 20  # iterations between metrics.json / TensorBoard records
-# A checkpoint is written after every epoch (resume point); one every CHECKPOINT_PERIOD epochs and the
-# last one are kept, the others are deleted once the next one is written.
+# A checkpoint is written after every epoch (resume point); one every CHECKPOINT_PERIOD epochs and
+# the last one are kept, the others are deleted once the next one is written.
 _C.CHECKPOINT_PERIOD = 10
 _C.OUTPUT_DIR = "./output/pretrain"
 
-# The linear protocol (`mocobench lincls`, pretrain.lincls) builds its config from its flags: these are
-# the values it resolved from them and the recipe (recorded in config.yaml and every checkpoint).
+# The linear protocol (`mocobench lincls`, pretrain.lincls) builds its config from its flags: these
+# are the values it resolved from them and the recipe (recorded in config.yaml and every
+# checkpoint).
 _C.LINCLS = CfgNode()
 _C.LINCLS.PRETRAINED = ""  # the MoCo checkpoint whose frozen backbone is evaluated (absolute path)
 _C.LINCLS.RECIPE = "v1v2"  # v1v2 | v3: the official main_lincls recipe
@@ -105,7 +115,8 @@ _C.LINCLS.LR = 30.0  # the learning rate itself (the v3 recipe's batch scaling a
 _C.LINCLS.MILESTONES = (60, 80)  # epochs at which lr drops x0.1; () = cosine
 
 _C.DEBUG = CfgNode()
-_C.DEBUG.SIGKILL_AFTER_EPOCH = 0  # tests: the process SIGKILLs itself after writing this epoch's checkpoint
+# tests: the process SIGKILLs itself after writing this epoch's checkpoint
+_C.DEBUG.SIGKILL_AFTER_EPOCH = 0
 
 
 def get_cfg() -> CfgNode:
@@ -128,10 +139,12 @@ def _lookup(cfg, dotted):
     return node
 
 
-def load_config(config_file=None, opts=(), moco=True, opts_source="command-line override") -> CfgNode:
-    """Defaults <- config_file (with its _BASE_ chain) <- opts (KEY VALUE ...); validated and frozen.
-    Bad files, unknown keys and bad values raise UsageError naming them (opts_source: where opts came from).
-    moco=False (the supervised baseline, which ignores MOCO.*) skips the checks that only concern MoCo's queue."""
+def load_config(config_file=None, opts=(), moco=True,
+                opts_source="command-line override") -> CfgNode:
+    """Defaults <- config_file (with its _BASE_ chain) <- opts (KEY VALUE ...); validated and
+    frozen. Bad files, unknown keys and bad values raise UsageError naming them (opts_source: where
+    opts came from). moco=False (the supervised baseline, which ignores MOCO.*) skips the checks
+    that only concern MoCo's queue."""
     cfg = merge_config(get_cfg(), config_file, opts, opts_source)
     try:
         validate(cfg, moco=moco)
@@ -154,15 +167,17 @@ def validate(cfg, moco=True):
                          f"expected one of {RESNET_ARCHS}")
     positive = {"SOLVER.BATCH_SIZE": cfg.SOLVER.BATCH_SIZE, "SOLVER.EPOCHS": cfg.SOLVER.EPOCHS,
                 "MOCO.T": cfg.MOCO.T, "MOCO.DIM": cfg.MOCO.DIM, "INPUT.SIZE": cfg.INPUT.SIZE,
-                "MOCO.SHUFFLE_BN_SPLITS": cfg.MOCO.SHUFFLE_BN_SPLITS, "CHECKPOINT_PERIOD": cfg.CHECKPOINT_PERIOD,
-                "LOG_PERIOD": cfg.LOG_PERIOD}
+                "MOCO.SHUFFLE_BN_SPLITS": cfg.MOCO.SHUFFLE_BN_SPLITS,
+                "CHECKPOINT_PERIOD": cfg.CHECKPOINT_PERIOD, "LOG_PERIOD": cfg.LOG_PERIOD}
     if moco and cfg.MOCO.VERSION != "v3":
         positive["MOCO.K"] = cfg.MOCO.K
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{key} = {value} must be > 0")
-    non_negative = {"SOLVER.BASE_LR": cfg.SOLVER.BASE_LR, "SOLVER.WEIGHT_DECAY": cfg.SOLVER.WEIGHT_DECAY,
-                    "SOLVER.MOMENTUM": cfg.SOLVER.MOMENTUM, "SOLVER.WARMUP_EPOCHS": cfg.SOLVER.WARMUP_EPOCHS,
+    non_negative = {"SOLVER.BASE_LR": cfg.SOLVER.BASE_LR,
+                    "SOLVER.WEIGHT_DECAY": cfg.SOLVER.WEIGHT_DECAY,
+                    "SOLVER.MOMENTUM": cfg.SOLVER.MOMENTUM,
+                    "SOLVER.WARMUP_EPOCHS": cfg.SOLVER.WARMUP_EPOCHS,
                     "SOLVER.CHECKPOINT_PERIOD_ITERS": cfg.SOLVER.CHECKPOINT_PERIOD_ITERS,
                     "DATALOADER.NUM_WORKERS": cfg.DATALOADER.NUM_WORKERS}
     for key, value in non_negative.items():
@@ -172,16 +187,20 @@ def validate(cfg, moco=True):
         raise UsageError(f"MOCO.M = {cfg.MOCO.M} must be in [0, 1]")
     scale = tuple(cfg.INPUT.CROP_SCALE)
     if scale and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-        raise UsageError(f"INPUT.CROP_SCALE = {scale} must be () or (min, max) with 0 < min <= max <= 1")
+        raise UsageError(
+            f"INPUT.CROP_SCALE = {scale} must be () or (min, max) with 0 < min <= max <= 1")
     if moco and cfg.MOCO.VERSION != "v3" and cfg.MOCO.K % cfg.SOLVER.BATCH_SIZE != 0:
-        raise UsageError(f"MOCO.K = {cfg.MOCO.K} must be divisible by the global batch size "
-                         f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (the queue advances by whole batches)")
+        raise UsageError(
+            f"MOCO.K = {cfg.MOCO.K} must be divisible by the global batch size "
+            f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (the queue advances by whole batches)")
     if not cfg.DATA.ROOT:
-        raise UsageError("DATA.ROOT is empty: set it to the ImageFolder root that holds train/ (and val/)")
+        raise UsageError(
+            "DATA.ROOT is empty: set it to the ImageFolder root that holds train/ (and val/)")
 
 
 def lr_at(cfg, epoch_float) -> float:
-    """Learning rate at a (fractional) epoch: linear scaling, warmup, then the step or cosine schedule."""
+    """Learning rate at a (fractional) epoch: linear scaling, warmup, then the step or cosine
+    schedule."""
     import math
 
     base = cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256
@@ -195,9 +214,11 @@ def lr_at(cfg, epoch_float) -> float:
 
 
 def moco_momentum_at(cfg, epoch_float) -> float:
-    """Key encoder momentum; with MOCO.M_COS it rises from MOCO.M to 1 on a half cosine (MoCo v3)."""
+    """Key encoder momentum; with MOCO.M_COS it rises from MOCO.M to 1 on a half cosine
+    (MoCo v3)."""
     import math
 
     if not cfg.MOCO.M_COS:
         return cfg.MOCO.M
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch_float / cfg.SOLVER.EPOCHS)) * (1.0 - cfg.MOCO.M)
+    return 1.0 - (0.5 * (1.0 + math.cos(math.pi * epoch_float / cfg.SOLVER.EPOCHS))
+                  * (1.0 - cfg.MOCO.M))

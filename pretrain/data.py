@@ -1,22 +1,24 @@
-"""Image folders that survive bad files, and the data loader used by pretraining and linear evaluation.
+"""Image folders that survive bad files, and the data loader used by pretraining and linear
+evaluation.
 
-Layout (torchvision ImageFolder): ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg; classes are the sorted
-subdirectory names.
+Layout (torchvision ImageFolder): ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg; classes are
+the sorted subdirectory names.
 
-Bad files. A corrupt or unreadable image is replaced by the next readable one (so a long run does not die on
-one broken JPEG out of a million), logged once, and recorded. The record lives in a shared-memory status array
-(one byte per image: unseen / ok / bad) created at construction, so every DataLoader worker (fork, spawn,
-persistent) writes to the same array and the main process can read it: `dataset.bad_files()`,
-`dataset.check_bad_fraction()`. We chose this over a validation pass at construction because only a full
-decode catches truncated JPEGs, and decoding 1.28 M ImageNet files up front costs as much as an epoch.
-More than `max_bad_fraction` (1 %) bad images means the data is broken, not noisy: the worker that sees the
-bad image past that count raises TooManyBadImagesError (the DataLoader re-raises it in the main process), and
-`check_bad_fraction()` (called by the training loop after an epoch) applies the same rule to the fraction
-seen so far.
+Bad files. A corrupt or unreadable image is replaced by the next readable one (so a long run does
+not die on one broken JPEG out of a million), logged once, and recorded. The record lives in a
+shared-memory status array (one byte per image: unseen / ok / bad) created at construction, so every
+DataLoader worker (fork, spawn, persistent) writes to the same array and the main process can read
+it: `dataset.bad_files()`, `dataset.check_bad_fraction()`. We chose this over a validation pass at
+construction because only a full decode catches truncated JPEGs, and decoding 1.28 M ImageNet files
+up front costs as much as an epoch.
+More than `max_bad_fraction` (1 %) bad images means the data is broken, not noisy: the worker that
+sees the bad image past that count raises TooManyBadImagesError (the DataLoader re-raises it in the
+main process), and `check_bad_fraction()` (called by the training loop after an epoch) applies the
+same rule to the fraction seen so far.
 
-Determinism. `build_loader(..., seed)` makes the sample order a function of (seed, epoch) and the augmentation
-of each sample a function of (seed, epoch, index), whatever the number of workers: an exact resume needs only
-the epoch number.
+Determinism. `build_loader(..., seed)` makes the sample order a function of (seed, epoch) and the
+augmentation of each sample a function of (seed, epoch, index), whatever the number of workers: an
+exact resume needs only the epoch number.
 """
 import itertools
 import logging
@@ -34,7 +36,8 @@ from mocobench.utils.errors import UsageError
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-LAYOUT_HINT = "expected ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg (one subdirectory per class)"
+LAYOUT_HINT = ("expected ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg "
+               "(one subdirectory per class)")
 
 _UNSEEN, _OK, _BAD = 0, 1, 2
 
@@ -44,11 +47,13 @@ class TooManyBadImagesError(UsageError):
 
 
 def read_rgb(path):
-    """Decode an image file to an RGB uint8 HxWx3 array; raise ValueError/OSError when it is not readable.
+    """Decode an image file to an RGB uint8 HxWx3 array; raise ValueError/OSError when it is not
+    readable.
 
-    OpenCV decodes (faster than PIL). EXIF orientation is ignored, as PIL's loader in torchvision's ImageFolder
-    does. OpenCV silently fills a truncated JPEG with grey, so a JPEG without its end-of-image marker near the
-    end is decoded again by PIL, which raises on truncation (and accepts files with harmless trailing bytes).
+    OpenCV decodes (faster than PIL). EXIF orientation is ignored, as PIL's loader in torchvision's
+    ImageFolder does. OpenCV silently fills a truncated JPEG with grey, so a JPEG without its
+    end-of-image marker near the end is decoded again by PIL, which raises on truncation (and
+    accepts files with harmless trailing bytes).
     """
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
@@ -62,7 +67,8 @@ def read_rgb(path):
 
 
 def find_images(root):
-    """(classes, [(path, class_index), ...]) for ROOT/<class>/**/<image>, sorted like torchvision's ImageFolder."""
+    """(classes, [(path, class_index), ...]) for ROOT/<class>/**/<image>, sorted like torchvision's
+    ImageFolder."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist; {LAYOUT_HINT}")
@@ -73,7 +79,8 @@ def find_images(root):
     for class_index, name in enumerate(classes):
         found = []
         for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
+            found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                      if f.lower().endswith(IMG_EXTENSIONS)]
         if not found:
             empty.append(name)
         samples += [(path, class_index) for path in found]
@@ -86,9 +93,11 @@ def find_images(root):
 
 
 class SafeImageFolder(Dataset):
-    """ImageFolder that replaces unreadable images by the next readable one and counts them across workers.
+    """ImageFolder that replaces unreadable images by the next readable one and counts them across
+    workers.
 
-    Returns (transform(rgb_uint8_image), class_index); with a two-view transform the sample is (view1, view2).
+    Returns (transform(rgb_uint8_image), class_index); with a two-view transform the sample is
+    (view1, view2).
     """
 
     def __init__(self, root, transform=None, max_bad_fraction=0.01, seed=None, loader=read_rgb):
@@ -102,14 +111,16 @@ class SafeImageFolder(Dataset):
         # Shared memory: written by whichever process loads the image, read by all.
         self._status = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        # With a seed, each sample's augmentation is a function of (seed, epoch, index); build_loader sets it.
+        # With a seed, each sample's augmentation is a function of (seed, epoch, index);
+        # build_loader sets it.
         self.seed = seed
 
     def __len__(self):
         return len(self.samples)
 
     def set_epoch(self, epoch):
-        """Visible to running workers (shared memory); build_loader's sampler calls it every epoch."""
+        """Visible to running workers (shared memory); build_loader's sampler calls it every
+        epoch."""
         self._epoch[0] = int(epoch)
 
     def __getitem__(self, index):
@@ -134,7 +145,8 @@ class SafeImageFolder(Dataset):
                 continue
             status[i] = _OK
             return img, target
-        raise TooManyBadImagesError(f"image folder {self.root!r}: none of its {n} images is readable")
+        raise TooManyBadImagesError(f"image folder {self.root!r}: none of its {n} images is "
+                                    "readable")
 
     def _record_bad(self, i, error):
         status = self._status.numpy()
@@ -155,15 +167,17 @@ class SafeImageFolder(Dataset):
         return int(np.count_nonzero(self._status.numpy() == _BAD))
 
     def check_bad_fraction(self):
-        """Raise TooManyBadImagesError if more than max_bad_fraction of the images seen so far were bad.
+        """Raise TooManyBadImagesError if more than max_bad_fraction of the images seen so far were
+        bad.
 
-        Call it after an epoch (each rank sees its shard: bad/seen is then an estimate over that shard).
-        Returns the number of bad files otherwise.
+        Call it after an epoch (each rank sees its shard: bad/seen is then an estimate over that
+        shard). Returns the number of bad files otherwise.
         """
         status = self._status.numpy()
         bad = int(np.count_nonzero(status == _BAD))
         seen = int(np.count_nonzero(status != _UNSEEN))
-        if bad and (bad > self.max_bad_fraction * len(status) or bad > self.max_bad_fraction * seen):
+        if bad and (bad > self.max_bad_fraction * len(status)
+                    or bad > self.max_bad_fraction * seen):
             raise TooManyBadImagesError(self._too_many_message(bad, seen))
         return bad
 
@@ -171,16 +185,17 @@ class SafeImageFolder(Dataset):
         examples = ", ".join(self.bad_files()[:5])
         return (
             f"image folder {self.root!r}: {bad} of {out_of} images are unreadable (more than "
-            f"{self.max_bad_fraction:.0%}); the data is broken, not noisy. Bad files include: {examples}"
+            f"{self.max_bad_fraction:.0%}); the data is broken, not noisy. Bad files include: "
+            f"{examples}"
         )
 
 
 class EpochShuffleSampler(DistributedSampler):
     """DistributedSampler (also for a single process) that keeps the dataset's epoch in step.
 
-    The order is a function of (seed, epoch). set_epoch() before each epoch is the caller's job, as with
-    DistributedSampler; if it is forgotten the epoch still advances by one per pass instead of repeating
-    the same permutation.
+    The order is a function of (seed, epoch). set_epoch() before each epoch is the caller's job, as
+    with DistributedSampler; if it is forgotten the epoch still advances by one per pass instead of
+    repeating the same permutation.
     """
 
     start_index = 0
@@ -203,32 +218,36 @@ class EpochShuffleSampler(DistributedSampler):
 
 
 def worker_init_fn(worker_id):
-    """Seed `random` and numpy from the worker's torch seed (base_seed + worker_id, drawn from the loader's
-    generator), so a loader built with the same seed produces the same random streams; leave stop signals to the
-    main process (mocobench.utils.preempt)."""
+    """Seed `random` and numpy from the worker's torch seed (base_seed + worker_id, drawn from the
+    loader's generator), so a loader built with the same seed produces the same random streams;
+    leave stop signals to the main process (mocobench.utils.preempt)."""
     from mocobench.utils.preempt import ignore_in_worker
 
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    ignore_in_worker()  # SIGTERM / Ctrl-C reach the whole process group; the main process saves and stops
+    # SIGTERM / Ctrl-C reach the whole process group; the main process saves and stops
+    ignore_in_worker()
 
 
-def build_loader(dataset, batch_size, num_workers, shuffle=True, drop_last=True, distributed=False, seed=0):
-    """DataLoader over `dataset`: per-rank shard when distributed, pinned memory on CUDA, persistent workers.
+def build_loader(dataset, batch_size, num_workers, shuffle=True, drop_last=True, distributed=False,
+                 seed=0):
+    """DataLoader over `dataset`: per-rank shard when distributed, pinned memory on CUDA, persistent
+    workers.
 
-    The sampler is `loader.sampler` (an EpochShuffleSampler): call `loader.sampler.set_epoch(epoch)` before
-    each epoch. A dataset with a `seed` attribute left at None gets `seed`, making its augmentations
-    reproducible per (seed, epoch, index).
+    The sampler is `loader.sampler` (an EpochShuffleSampler): call `loader.sampler.set_epoch(epoch)`
+    before each epoch. A dataset with a `seed` attribute left at None gets `seed`, making its
+    augmentations reproducible per (seed, epoch, index).
     """
     if distributed:
         sampler = EpochShuffleSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     else:
         sampler = EpochShuffleSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
     if num_workers > 0:
-        # The workers are the parallelism: OpenCV's own thread pool would oversubscribe the cores, and calling
-        # cv2.setNumThreads inside a forked worker can deadlock on the parent's pool (seen here). Turning the
-        # pool off in the parent before the workers fork is the safe place (detectron2 does the same).
+        # The workers are the parallelism: OpenCV's own thread pool would oversubscribe the cores,
+        # and calling cv2.setNumThreads inside a forked worker can deadlock on the parent's pool
+        # (seen here). Turning the pool off in the parent before the workers fork is the safe place
+        # (detectron2 does the same).
         cv2.setNumThreads(0)
     if getattr(dataset, "seed", False) is None:
         dataset.seed = seed

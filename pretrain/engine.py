@@ -1,5 +1,6 @@
 """The one training loop of `pretrain`, in the spirit of detectron2's TrainerBase and torchvision's
-train_one_epoch: epochs of iterations, with exact resume, clean stops, checkpoints, metrics and progress.
+train_one_epoch: epochs of iterations, with exact resume, clean stops, checkpoints, metrics and
+progress.
 
 A Task supplies what differs between the methods: its data, model, optimizer, step, evaluation and
 state (MoCo: pretrain.train, the supervised baseline: pretrain.supervised, the linear protocol:
@@ -57,7 +58,8 @@ class Task:
         raise NotImplementedError
 
     def build_model(self, device):
-        """The model, not yet on `device`; called after seeding with SEED (identical on every rank)."""
+        """The model, not yet on `device`; called after seeding with SEED (identical on every
+        rank)."""
         raise NotImplementedError
 
     def build_optimizer(self, model, lr):
@@ -103,7 +105,8 @@ class Task:
         return {}
 
     def evaluate(self, model, epoch, device, precision):
-        """After an epoch, on every rank: scalars for metrics.json ({} when there is nothing to say)."""
+        """After an epoch, on every rank: scalars for metrics.json ({} when there is nothing to
+        say)."""
         return {}
 
     def check_replicas(self, model):
@@ -123,10 +126,10 @@ def seed_all(seed):
 
 
 def build_optimizer(cfg, params, lr):
-    """SGD or LARS over `params`. MoCo passes model.parameters() of the unwrapped model, as the official
-    main_moco.py does (frozen key encoder included, in module order): parameters without a gradient get
-    no state, so the training is the same, and the optimizer state_dict has the official layout, which
-    the official `optimizer.load_state_dict` (--resume) accepts."""
+    """SGD or LARS over `params`. MoCo passes model.parameters() of the unwrapped model, as the
+    official main_moco.py does (frozen key encoder included, in module order): parameters without a
+    gradient get no state, so the training is the same, and the optimizer state_dict has the
+    official layout, which the official `optimizer.load_state_dict` (--resume) accepts."""
     from pretrain.lars import LARS
 
     kwargs = dict(momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
@@ -138,9 +141,10 @@ def build_optimizer(cfg, params, lr):
 def precision_settings(cfg, device, write=True):
     """(autocast enabled, dtype, channels_last), and the TF32 switches set from cfg.TF32.
 
-    AMP.ENABLED None follows the official recipe: fp16 autocast + GradScaler for MoCo v3 on CUDA, fp32
-    for v1/v2 (and on CPU, where autocast is slower). channels_last defaults to on for CUDA. With
-    `write`, the resolved precision is logged and written to OUTPUT_DIR/precision.json (main process)."""
+    AMP.ENABLED None follows the official recipe: fp16 autocast + GradScaler for MoCo v3 on CUDA,
+    fp32 for v1/v2 (and on CPU, where autocast is slower). channels_last defaults to on for CUDA.
+    With `write`, the resolved precision is logged and written to OUTPUT_DIR/precision.json (main
+    process)."""
     on_cuda = device.type == "cuda"
     amp = cfg.AMP.ENABLED if cfg.AMP.ENABLED is not None else (on_cuda and cfg.MOCO.VERSION == "v3")
     dtype = torch.bfloat16 if cfg.AMP.DTYPE == "bfloat16" else torch.float16
@@ -160,8 +164,9 @@ def precision_settings(cfg, device, write=True):
 
 
 def optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters):
-    """Backward and step (through the GradScaler for fp16); returns loss.item(). A NaN/inf loss raises
-    TrainingDiverged naming the iteration before any weight changes, so the last checkpoint stays good."""
+    """Backward and step (through the GradScaler for fp16); returns loss.item(). A NaN/inf loss
+    raises TrainingDiverged naming the iteration before any weight changes, so the last checkpoint
+    stays good."""
     loss_value = loss.item()
     # every rank decides together: one rank raising alone would leave the others blocked in backward
     if not comm.all_ranks_agree(math.isfinite(loss_value), loss.device):
@@ -187,15 +192,20 @@ def unwrap(module):
 
 
 def config_command(prog, description, example, example_opts):
-    """The parser of a yacs-config training command: --config-file, --resume and KEY VALUE overrides."""
+    """The parser of a yacs-config training command: --config-file, --resume and KEY VALUE
+    overrides."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=f"Example: {prog} {example}")
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="YAML config (may use _BASE_)")
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog=f"Example: {prog} {example}")
+    parser.add_argument("--config-file", required=True, metavar="FILE",
+                        help="YAML config (may use _BASE_)")
     parser.add_argument("--resume", metavar="auto|PATH",
-                        help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a checkpoint path")
+                        help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a "
+                             "checkpoint path")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
-                        help=f"config overrides, e.g. {example_opts} (flags may come before or after)")
+                        help=f"config overrides, e.g. {example_opts} (flags may come before or "
+                             "after)")
     return parser
 
 
@@ -212,7 +222,8 @@ def run_config_command(parser, argv, make_task, moco):
 
 
 class LogWindow:
-    """Per-iteration loss / acc@1 / data time since the last metrics line, and the images per second."""
+    """Per-iteration loss / acc@1 / data time since the last metrics line, and the images per
+    second."""
 
     def __init__(self, batch_size):
         self.batch_size = batch_size
@@ -243,7 +254,8 @@ class LogWindow:
 def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, device, precision,
                     metrics, start_i=0, checkpointer=None):
     """One epoch from its iteration start_i (an exact mid-epoch resume: the sampler skips what was
-    done); checkpointer.after_iteration runs after every iteration: periodic and preemption saves."""
+    done); checkpointer.after_iteration runs after every iteration: periodic and preemption
+    saves."""
     cfg = task.cfg
     amp, amp_dtype, channels_last = precision
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -264,7 +276,8 @@ def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, de
         loss_value = optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters)
         iteration += 1
 
-        acc1 = (logits.argmax(dim=1) == labels).float().mean().item() * 100.0  # this process's share
+        # this process's share
+        acc1 = (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
         window.add(loss_value, acc1, data_time)
         img_per_s = window.img_per_s()
         progress.update(i, loss=loss_value, acc1=acc1, lr=lr, img_s=round(img_per_s, 1))
@@ -282,8 +295,8 @@ def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, de
 
 
 def train(task, resume=None):
-    """Run `task` in OUTPUT_DIR: from scratch, or from `resume` ('auto' or a checkpoint path). Returns the
-    trained model, or None when the run was already finished."""
+    """Run `task` in OUTPUT_DIR: from scratch, or from `resume` ('auto' or a checkpoint path).
+    Returns the trained model, or None when the run was already finished."""
     cfg = task.cfg
     device = comm.setup_device(cfg.DEVICE)
     world, rank = comm.get_world_size(), comm.get_rank()
@@ -291,7 +304,8 @@ def train(task, resume=None):
         raise UsageError(f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (global) is not divisible "
                          f"by the {world} processes")
     batch_per_rank = cfg.SOLVER.BATCH_SIZE // world
-    logger.handlers.clear()  # until setup_logging: not into an earlier run's log.txt (in-process reruns)
+    # until setup_logging: not into an earlier run's log.txt (in-process reruns)
+    logger.handlers.clear()
     point = resume_mod.plan_resume(cfg, resume, world, task)  # validates; writes nothing
     comm.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
     if point is not None and point.finished:
@@ -306,9 +320,11 @@ def train(task, resume=None):
     precision = precision_settings(cfg, device, write=False)
     model.to(device, memory_format=torch.channels_last if precision[2] else torch.contiguous_format)
     optimizer = task.build_optimizer(model, task.lr_at(0.0))
-    scaler = torch.amp.GradScaler(device.type) if precision[0] and precision[1] == torch.float16 else None
+    scaler = (torch.amp.GradScaler(device.type)
+              if precision[0] and precision[1] == torch.float16 else None)
     seed_all(cfg.SEED + rank)
-    start_epoch, iteration, start_i = resume_mod.restore(point, model, optimizer, scaler, task.load_state_dict)
+    start_epoch, iteration, start_i = resume_mod.restore(point, model, optimizer, scaler,
+                                                         task.load_state_dict)
     if point is not None:
         task.load_extra_state(point.checkpoint.get("task_state", {}))
 
@@ -350,8 +366,9 @@ def run_epochs(task, model, train_set, loader, optimizer, scaler, precision, dev
             for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
                 loader.sampler.set_epoch(epoch)
                 loader.sampler.skip(start_i * batch_per_rank)
-                iteration = train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration,
-                                            device, precision, metrics, start_i, checkpointer)
+                iteration = train_one_epoch(task, model, loader, optimizer, scaler, epoch,
+                                            iteration, device, precision, metrics, start_i,
+                                            checkpointer)
                 start_i = 0
                 bad = train_set.check_bad_fraction()
                 if bad:
@@ -373,15 +390,17 @@ def run_epochs(task, model, train_set, loader, optimizer, scaler, precision, dev
 # --------------------------------------------------------------------------------------------------
 def resume_command(prog, argv):
     """The command line that continues this run (printed when it stops on a signal)."""
-    args = [a for i, a in enumerate(argv) if a != "--resume" and (i == 0 or argv[i - 1] != "--resume")
+    args = [a for i, a in enumerate(argv)
+            if a != "--resume" and (i == 0 or argv[i - 1] != "--resume")
             and not a.startswith("--resume=")]
     return " ".join(shlex.quote(x) for x in [*prog.split(), *args, "--resume", "auto"])
 
 
 def run(prog, argv, task, resume):
-    """train(task) as a command: a clean stop, a Ctrl-C and a divergence become CommandFailed with the
-    line to print (mocobench.utils.errors.run_main prints it and exits with its code: 143 / 138 / 130
-    after a save, 1 diverged); bad input stays a UsageError (exit 2). Returns 0 when done."""
+    """train(task) as a command: a clean stop, a Ctrl-C and a divergence become CommandFailed with
+    the line to print (mocobench.utils.errors.run_main prints it and exits with its code:
+    143 / 138 / 130 after a save, 1 diverged); bad input stays a UsageError (exit 2). Returns 0 when
+    done."""
     import torch.distributed as dist
 
     try:

@@ -1,18 +1,21 @@
-"""Linear classification on a frozen MoCo backbone (`mocobench lincls`), as the official main_lincls.py,
-as a task of the training engine (pretrain.engine): exact checkpoints every epoch, `--resume auto`, clean
-stops on SIGTERM / SIGUSR1 / Ctrl-C (exit 143 / 138 / 130) and requeue, like pretraining.
+"""Linear classification on a frozen MoCo backbone (`mocobench lincls`), as the official
+main_lincls.py, as a task of the training engine (pretrain.engine): exact checkpoints every epoch,
+`--resume auto`, clean stops on SIGTERM / SIGUSR1 / Ctrl-C (exit 143 / 138 / 130) and requeue, like
+pretraining.
 
 Reads a MoCo checkpoint (ours or official `checkpoint_XXXX.pth.tar`: `module.encoder_q.*` for v1/v2,
-`module.base_encoder.*` for v3, plus `arch`), builds torchvision's ResNet, loads the encoder without its
-fc / projection head, freezes everything but a freshly initialised fc and keeps the backbone in eval mode
-(BatchNorm running statistics are part of the pretrained model too). At the end every backbone tensor is
-compared with the checkpoint: any change fails the run, as the official sanity_check does.
+`module.base_encoder.*` for v3, plus `arch`), builds torchvision's ResNet, loads the encoder without
+its fc / projection head, freezes everything but a freshly initialised fc and keeps the backbone in
+eval mode (BatchNorm running statistics are part of the pretrained model too). At the end every
+backbone tensor is compared with the checkpoint: any change fails the run, as the official
+sanity_check does.
 
     mocobench lincls --data ROOT --pretrained checkpoint_0199.pth.tar --output out/lincls
-    mocobench lincls --nproc-per-node 8 ...     (or torchrun --nproc_per_node 8 -m pretrain.lincls ...)
+    mocobench lincls --nproc-per-node 8 ...
+        (or torchrun --nproc_per_node 8 -m pretrain.lincls ...)
 
-Several processes (the official protocol: DDP over 8 GPUs): --batch-size is global, only fc's gradients
-are all-reduced, every rank evaluates its shard of val/ and the counts are summed.
+Several processes (the official protocol: DDP over 8 GPUs): --batch-size is global, only fc's
+gradients are all-reduced, every rank evaluates its shard of val/ and the counts are summed.
 
 Recipes (official defaults; --recipe auto picks by checkpoint keys):
     v1v2: SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80
@@ -56,7 +59,8 @@ class LinearRecipe:
 
 
 RECIPES = {
-    "v1v2": LinearRecipe(lr=30.0, epochs=100, batch_size=256, milestones=(60, 80), scale_lr_by_batch=False),
+    "v1v2": LinearRecipe(lr=30.0, epochs=100, batch_size=256, milestones=(60, 80),
+                         scale_lr_by_batch=False),
     "v3": LinearRecipe(lr=0.1, epochs=90, batch_size=1024, milestones=(), scale_lr_by_batch=True),
 }
 
@@ -76,28 +80,32 @@ class BackboneChangedError(RuntimeError):
     """A frozen backbone tensor differs from the pretrained checkpoint after linear training."""
 
 
-# ----------------------------------------------------------------------------------------------- checkpoint
+# -------------------------------------------------------------------------------------- checkpoint
 def extract_backbone(checkpoint, path="<checkpoint>"):
-    """(backbone state dict without prefix and without fc.*, recipe name, prefix) from a MoCo checkpoint."""
+    """(backbone state dict without prefix and without fc.*, recipe name, prefix) from a MoCo
+    checkpoint."""
     if not isinstance(checkpoint, dict):
         raise UsageError(f"{path!r}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     state = checkpoint.get("state_dict", checkpoint)
     for prefix, recipe in ENCODER_PREFIXES.items():
         stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        backbone = {k: v for k, v in stripped.items() if not k.startswith("fc.")}  # fc / projection head
+        # fc / projection head
+        backbone = {k: v for k, v in stripped.items() if not k.startswith("fc.")}
         if backbone:
             return backbone, recipe, prefix
     examples = ", ".join(list(state)[:5])
     raise UsageError(
-        f"{path!r} is not a MoCo checkpoint: no keys start with any of {', '.join(ENCODER_PREFIXES)} "
-        f"(first keys: {examples})"
+        f"{path!r} is not a MoCo checkpoint: no keys start with any of "
+        f"{', '.join(ENCODER_PREFIXES)} (first keys: {examples})"
     )
 
 
 def build_linear_model(arch, num_classes, backbone_state, path="<checkpoint>"):
-    """torchvision `arch` with the pretrained backbone loaded, fc reset to N(0, 0.01) / 0, backbone frozen."""
+    """torchvision `arch` with the pretrained backbone loaded, fc reset to N(0, 0.01) / 0, backbone
+    frozen."""
     if arch not in RESNET_ARCHS:
-        raise UsageError(f"{path!r}: arch {arch!r} is not supported; expected one of {', '.join(RESNET_ARCHS)}")
+        raise UsageError(f"{path!r}: arch {arch!r} is not supported; expected one of "
+                         f"{', '.join(RESNET_ARCHS)}")
     model = torchvision.models.__dict__[arch](num_classes=num_classes)
     for name, param in model.named_parameters():
         if name not in ("fc.weight", "fc.bias"):
@@ -112,13 +120,15 @@ def build_linear_model(arch, num_classes, backbone_state, path="<checkpoint>"):
         missing = [k for k in result.missing_keys if not k.startswith("fc.")]
         raise UsageError(
             f"{path!r}: encoder weights do not match {arch}: missing {missing[:5]} "
-            f"({len(missing)} in all), unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)} in all)"
+            f"({len(missing)} in all), unexpected {result.unexpected_keys[:5]} "
+            f"({len(result.unexpected_keys)} in all)"
         )
     return model
 
 
 def check_backbone_unchanged(model_state, reference_state):
-    """Raise BackboneChangedError naming the tensors (parameters or BN buffers) that differ from the reference."""
+    """Raise BackboneChangedError naming the tensors (parameters or BN buffers) that differ from the
+    reference."""
     changed = []
     for key, reference in reference_state.items():
         if key.startswith("fc."):
@@ -129,12 +139,13 @@ def check_backbone_unchanged(model_state, reference_state):
             changed.append(key)
     if changed:
         raise BackboneChangedError(
-            f"{len(changed)} frozen backbone tensor(s) changed during linear training, e.g. {', '.join(changed[:5])}: "
-            "the linear protocol is invalid (a parameter was not frozen or BatchNorm ran in train mode)"
+            f"{len(changed)} frozen backbone tensor(s) changed during linear training, e.g. "
+            f"{', '.join(changed[:5])}: the linear protocol is invalid (a parameter was not frozen "
+            "or BatchNorm ran in train mode)"
         )
 
 
-# ----------------------------------------------------------------------------------------------- training
+# -------------------------------------------------------------------------------------- training
 def learning_rate(base_lr, epoch, epochs, milestones):
     """Per-epoch lr: step decay x0.1 at each milestone, or half-cosine to 0 when there are none."""
     if milestones:
@@ -143,7 +154,8 @@ def learning_rate(base_lr, epoch, epochs, milestones):
 
 
 def accuracy(output, target, topk=(1, 5)):
-    """Number of correct predictions within the top-k, for each k (k capped at the number of classes)."""
+    """Number of correct predictions within the top-k, for each k (k capped at the number of
+    classes)."""
     maxk = min(max(topk), output.shape[1])
     pred = output.topk(maxk, dim=1).indices
     correct = pred.eq(target[:, None])
@@ -182,19 +194,22 @@ class LinearTask(engine.Task):
         super().__init__(cfg)
         self.backbone_state, self.prefix = backbone_state, prefix
         self.best_top1, self.last = 0.0, {}
-        self.totals = torch.zeros(3, dtype=torch.float64)  # this epoch's loss sum, hits, images (this rank)
+        # this epoch's loss sum, hits, images (this rank)
+        self.totals = torch.zeros(3, dtype=torch.float64)
 
     def build_data(self, batch_per_rank, world):
         cfg = self.cfg
         root = cfg.DATA.ROOT
-        self.train_set = SafeImageFolder(os.path.join(root, "train"), build_linear_train_transform(cfg.INPUT.SIZE))
-        self.val_set = SafeImageFolder(os.path.join(root, "val"), build_eval_transform(cfg.INPUT.SIZE))
+        self.train_set = SafeImageFolder(os.path.join(root, "train"),
+                                         build_linear_train_transform(cfg.INPUT.SIZE))
+        self.val_set = SafeImageFolder(os.path.join(root, "val"),
+                                       build_eval_transform(cfg.INPUT.SIZE))
         if self.train_set.classes != self.val_set.classes:
             raise UsageError(f"{root!r}: train/ and val/ have different class folders "
                              f"({len(self.train_set.classes)} vs {len(self.val_set.classes)})")
         workers = cfg.DATALOADER.NUM_WORKERS
-        loader = build_loader(self.train_set, batch_per_rank, workers, shuffle=True, drop_last=False,
-                              distributed=world > 1, seed=cfg.SEED)
+        loader = build_loader(self.train_set, batch_per_rank, workers, shuffle=True,
+                              drop_last=False, distributed=world > 1, seed=cfg.SEED)
         self.val_loader = build_loader(shard(self.val_set), batch_per_rank, workers, shuffle=False,
                                        drop_last=False, seed=cfg.SEED)
         return self.train_set, loader
@@ -223,21 +238,23 @@ class LinearTask(engine.Task):
     def describe(self, world, batch_per_rank, device):
         cfg, lin = self.cfg, self.cfg.LINCLS
         schedule = f"step x0.1 at {list(lin.MILESTONES)}" if lin.MILESTONES else "cosine"
-        return [f"lincls: {cfg.MODEL.ARCH} from {lin.PRETRAINED} ({self.prefix}*, recipe {lin.RECIPE}), "
-                f"{len(self.train_set.classes)} classes, {len(self.train_set)} train / {len(self.val_set)} val "
-                f"images, {cfg.SOLVER.EPOCHS} epochs, batch {cfg.SOLVER.BATCH_SIZE}, lr {lin.LR:g} "
-                f"({schedule}), {world} process(es), device {device}, TF32 {cfg.TF32}"]
+        return [f"lincls: {cfg.MODEL.ARCH} from {lin.PRETRAINED} ({self.prefix}*, recipe "
+                f"{lin.RECIPE}), {len(self.train_set.classes)} classes, {len(self.train_set)} "
+                f"train / {len(self.val_set)} val images, {cfg.SOLVER.EPOCHS} epochs, batch "
+                f"{cfg.SOLVER.BATCH_SIZE}, lr {lin.LR:g} ({schedule}), {world} process(es), "
+                f"device {device}, TF32 {cfg.TF32}"]
 
     def wrap(self, model, device):
         if comm.get_world_size() == 1:
             return model
         # only fc trains: its gradients are all DDP reduces; BN buffers are frozen (eval mode)
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
     def lr_at(self, epoch_float):
         lin = self.cfg.LINCLS
-        return learning_rate(lin.LR, math.floor(epoch_float), self.cfg.SOLVER.EPOCHS, tuple(lin.MILESTONES))
+        return learning_rate(lin.LR, math.floor(epoch_float), self.cfg.SOLVER.EPOCHS,
+                             tuple(lin.MILESTONES))
 
     def train_mode(self, model):
         model.eval()  # BatchNorm must not update its running statistics (official main_lincls)
@@ -249,8 +266,9 @@ class LinearTask(engine.Task):
         output = model(images)
         loss = nn.functional.cross_entropy(output, target)
         correct = (output.detach().argmax(dim=1) == target).sum()
-        self.totals += torch.stack([loss.detach().double() * target.numel(), correct.double(),
-                                    torch.tensor(target.numel(), dtype=torch.float64, device=device)])
+        self.totals += torch.stack([
+            loss.detach().double() * target.numel(), correct.double(),
+            torch.tensor(target.numel(), dtype=torch.float64, device=device)])
         return loss, output, target
 
     def evaluate(self, model, epoch, device, precision):
@@ -258,11 +276,13 @@ class LinearTask(engine.Task):
         self.totals.zero_()
         val = evaluate(engine.unwrap(model), self.val_loader, device)
         self.best_top1 = max(self.best_top1, val["top1"])
-        self.last = {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+        self.last = {"train_loss": loss_sum / max(seen, 1),
+                     "train_top1": 100.0 * correct / max(seen, 1),
                      "val_top1": val["top1"], "val_top5": val["top5"]}
         lr = self.lr_at(epoch)
-        logger.info(f"epoch {epoch + 1}/{self.cfg.SOLVER.EPOCHS}  lr {lr:.4g}  loss {self.last['train_loss']:.4f}  "
-                    f"train@1 {self.last['train_top1']:.2f}  val@1 {val['top1']:.2f}  val@5 {val['top5']:.2f}")
+        logger.info(f"epoch {epoch + 1}/{self.cfg.SOLVER.EPOCHS}  lr {lr:.4g}  "
+                    f"loss {self.last['train_loss']:.4f}  train@1 {self.last['train_top1']:.2f}  "
+                    f"val@1 {val['top1']:.2f}  val@5 {val['top5']:.2f}")
         return {"lr": lr, **self.last}
 
     def finish(self, model, device):
@@ -276,12 +296,14 @@ class LinearTask(engine.Task):
         results = {
             "pretrained": lin.PRETRAINED, "arch": cfg.MODEL.ARCH, "recipe": lin.RECIPE,
             "epochs": cfg.SOLVER.EPOCHS, "batch_size": cfg.SOLVER.BATCH_SIZE, "lr": lin.LR,
-            "schedule": list(lin.MILESTONES) if lin.MILESTONES else "cosine", "size": cfg.INPUT.SIZE,
+            "schedule": list(lin.MILESTONES) if lin.MILESTONES else "cosine",
+            "size": cfg.INPUT.SIZE,
             "num_classes": len(self.train_set.classes), "top1": self.last["val_top1"],
             "top5": self.last["val_top5"], "best_top1": self.best_top1,
             "bad_images": self.train_set.num_bad + self.val_set.num_bad, "backbone_unchanged": True,
             "world_size": comm.get_world_size(),
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         }
         if comm.is_main_process():
             with atomic_write(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as f:
@@ -292,34 +314,46 @@ class LinearTask(engine.Task):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="mocobench lincls", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="mocobench lincls", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True, help="ImageFolder root holding train/<class>/ and val/<class>/")
-    parser.add_argument("--pretrained", required=True, help="MoCo checkpoint (.pth.tar), ours or official")
+    parser.add_argument("--data", required=True,
+                        help="ImageFolder root holding train/<class>/ and val/<class>/")
+    parser.add_argument("--pretrained", required=True,
+                        help="MoCo checkpoint (.pth.tar), ours or official")
     parser.add_argument("--output", required=True,
-                        help="the run directory: lincls_results.json, metrics.json, log.txt, checkpoints")
+                        help="the run directory: lincls_results.json, metrics.json, log.txt, "
+                             "checkpoints")
     parser.add_argument("--resume", metavar="auto|PATH",
-                        help="'auto': continue from OUTPUT/last_checkpoint if present; or a checkpoint path")
-    parser.add_argument("--recipe", default="auto", choices=["auto", *RECIPES], help="auto: from checkpoint keys")
+                        help="'auto': continue from OUTPUT/last_checkpoint if present; or a "
+                             "checkpoint path")
+    parser.add_argument("--recipe", default="auto", choices=["auto", *RECIPES],
+                        help="auto: from checkpoint keys")
     parser.add_argument("--arch", default=None, help="only if the checkpoint has no 'arch' entry")
-    parser.add_argument("--epochs", type=int, default=None, help="recipe default: 100 (v1v2) / 90 (v3)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="recipe default: 100 (v1v2) / 90 (v3)")
     parser.add_argument("--lr", type=float, default=None,
                         help="recipe default: 30 (v1v2) / 0.1 (v3, scaled by batch size / 256)")
-    parser.add_argument("--batch-size", type=int, default=None, help="recipe default: 256 (v1v2) / 1024 (v3)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="recipe default: 256 (v1v2) / 1024 (v3)")
     parser.add_argument("--schedule", type=int, nargs="*", default=None,
-                        help="epochs at which lr drops x0.1 (default 60 80 for v1v2; v3 uses cosine)")
+                        help="epochs at which lr drops x0.1 (default 60 80 for v1v2; v3 uses "
+                             "cosine)")
     parser.add_argument("--size", type=int, default=224, help="image size (small tests: 32-64)")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--device", default=None,
-                        help="default: cuda (cuda:LOCAL_RANK with several processes) if available, else cpu")
+                        help="default: cuda (cuda:LOCAL_RANK with several processes) if "
+                             "available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tf32", action="store_true",
-                        help="TF32 matmuls/convolutions on Ampere+ GPUs (off: the official V100 fp32 protocol)")
+                        help="TF32 matmuls/convolutions on Ampere+ GPUs (off: the official V100 "
+                             "fp32 protocol)")
     return parser
 
 
 def build_config(args):
-    """(config, backbone state, prefix) from the flags and the checkpoint's recipe; raises UsageError."""
+    """(config, backbone state, prefix) from the flags and the checkpoint's recipe; raises
+    UsageError."""
     checkpoint = load_checkpoint(args.pretrained)
     backbone_state, detected_recipe, prefix = extract_backbone(checkpoint, args.pretrained)
     recipe_name = detected_recipe if args.recipe == "auto" else args.recipe
@@ -339,7 +373,8 @@ def build_config(args):
     cfg = get_cfg()
     cfg.merge_from_list([
         "MODEL.ARCH", arch, "DATA.ROOT", args.data, "OUTPUT_DIR", args.output, "SEED", args.seed,
-        "INPUT.SIZE", args.size, "DATALOADER.NUM_WORKERS", args.workers, "DEVICE", args.device or "",
+        "INPUT.SIZE", args.size, "DATALOADER.NUM_WORKERS", args.workers,
+        "DEVICE", args.device or "",
         "TF32", args.tf32, "SOLVER.EPOCHS", epochs, "SOLVER.BATCH_SIZE", batch_size,
         "SOLVER.MOMENTUM", recipe.momentum, "SOLVER.WEIGHT_DECAY", recipe.weight_decay,
         "CHECKPOINT_PERIOD", epochs,  # keep the last checkpoint (the trained classifier) only

@@ -2,14 +2,14 @@
 
 Order of a start (nothing is written into OUTPUT_DIR before every input has been validated):
     plan_resume       refuses a directory that holds another run unless resuming; reads the resume
-                      checkpoint (weights_only), checks the config did not change what shapes the state
-                      (the task's state_keys); says when the run is already finished
+                      checkpoint (weights_only), checks the config did not change what shapes the
+                      state (the task's state_keys); says when the run is already finished
     restore           model, optimizer, scaler, RNG; (start epoch, iteration, epoch iteration)
     open_run_dir      creates OUTPUT_DIR, takes its lock, removes what a killed run left behind
-Then a Checkpointer writes the resume points: after every epoch, every SOLVER.CHECKPOINT_PERIOD_ITERS
-iterations, and when a stop signal arrives (mocobench.utils.preempt). A mid-epoch checkpoint records the
-data-loader position; the resumed run skips those batches of the epoch's order, a function of
-(SEED, epoch), so it repeats the rest exactly.
+Then a Checkpointer writes the resume points: after every epoch, every
+SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when a stop signal arrives (mocobench.utils.preempt).
+A mid-epoch checkpoint records the data-loader position; the resumed run skips those batches of the
+epoch's order, a function of (SEED, epoch), so it repeats the rest exactly.
 """
 import dataclasses
 import os
@@ -73,41 +73,47 @@ def plan_resume(cfg, resume, world_size, task):
         existing = run_files(out)
         if existing and not resume:
             verb = "set" if name == "OUTPUT_DIR" else "choose"
-            raise UsageError(f"{name} {out!r} already holds a {task.run_kind} ({', '.join(existing[:3])}); "
-                             f"continue it with --resume auto, or {verb} another {name}")
+            raise UsageError(
+                f"{name} {out!r} already holds a {task.run_kind} ({', '.join(existing[:3])}); "
+                f"continue it with --resume auto, or {verb} another {name}")
         return None
     saved = ckpt.read_resume_checkpoint(path)
     if isinstance(saved.get("config"), str):
         changed = changed_state_keys(cfg, saved["config"], task.state_keys)
         if changed:
-            raise UsageError(f"cannot resume from {path}: the config changes what shapes its state: "
-                             + "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)
-                             + ". Keep those values, or start a new run in another OUTPUT_DIR")
+            raise UsageError(
+                f"cannot resume from {path}: the config changes what shapes its state: "
+                + "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)
+                + ". Keep those values, or start a new run in another OUTPUT_DIR")
     if int(saved.get("epoch_iteration", 0)) and int(saved.get("world_size", 1)) != world_size:
-        raise UsageError(f"cannot resume the mid-epoch checkpoint {path} with {world_size} process(es): it was "
-                         f"written by {saved.get('world_size')} (the data order of the epoch is sharded by the "
-                         "process count); resume with that many processes")
+        raise UsageError(
+            f"cannot resume the mid-epoch checkpoint {path} with {world_size} process(es): it "
+            f"was written by {saved.get('world_size')} (the data order of the epoch is sharded "
+            "by the process count); resume with that many processes")
     finished = int(saved["epoch"]) >= cfg.SOLVER.EPOCHS and not int(saved.get("epoch_iteration", 0))
     return ResumePoint(path, saved, finished)
 
 
 def finished_message(cfg, point):
-    return (f"{cfg.OUTPUT_DIR}: the run is already finished ({point.checkpoint['epoch']} epochs done, "
-            f"SOLVER.EPOCHS = {cfg.SOLVER.EPOCHS}; {os.path.basename(point.path)}). Nothing to do; raise "
-            "SOLVER.EPOCHS to train longer")
+    return (f"{cfg.OUTPUT_DIR}: the run is already finished ({point.checkpoint['epoch']} epochs "
+            f"done, SOLVER.EPOCHS = {cfg.SOLVER.EPOCHS}; {os.path.basename(point.path)}). "
+            "Nothing to do; raise SOLVER.EPOCHS to train longer")
 
 
 def restore(point, model, optimizer, scaler, load_state_dict_fn):
-    """(start_epoch, iteration, iterations already done in start_epoch); (0, 0, 0) without a resume point."""
+    """(start_epoch, iteration, iterations already done in start_epoch); (0, 0, 0) without a resume
+    point."""
     if point is None:
         return 0, 0, 0
-    return ckpt.load_for_resume(point.path, model, optimizer, scaler, load_state_dict_fn, ckpt=point.checkpoint)
+    return ckpt.load_for_resume(point.path, model, optimizer, scaler, load_state_dict_fn,
+                                ckpt=point.checkpoint)
 
 
 def open_run_dir(cfg, point=None):
-    """Main process: create OUTPUT_DIR, lock it for this process's lifetime, remove stale temp files and the
-    mid-epoch checkpoints other than the resume point (a kill between writing the next one and deleting the
-    previous one leaves two). Returns the lock (close() releases it) or None on other ranks."""
+    """Main process: create OUTPUT_DIR, lock it for this process's lifetime, remove stale temp files
+    and the mid-epoch checkpoints other than the resume point (a kill between writing the next one
+    and deleting the previous one leaves two). Returns the lock (close() releases it) or None on
+    other ranks."""
     if not comm.is_main_process():
         return None
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -120,30 +126,34 @@ def open_run_dir(cfg, point=None):
             os.remove(path)
             removed.append(name)
     if removed:
-        print(f"removed {len(removed)} file(s) a killed run left in {cfg.OUTPUT_DIR}: {removed[:3]}")
+        print(f"removed {len(removed)} file(s) a killed run left in {cfg.OUTPUT_DIR}: "
+              f"{removed[:3]}")
     return lock
 
 
 class Checkpointer:
-    """Writes one run's resume points (main process; every rank calls the methods at the same points) and
-    keeps only what is worth keeping: every CHECKPOINT_PERIOD-th epoch and the last one; any other checkpoint
-    is deleted once a newer one exists."""
+    """Writes one run's resume points (main process; every rank calls the methods at the same
+    points) and keeps only what is worth keeping: every CHECKPOINT_PERIOD-th epoch and the last one;
+    any other checkpoint is deleted once a newer one exists."""
 
-    def __init__(self, cfg, model, optimizer, scaler, state_dict_fn, stop, device, previous=None, logger=None,
-                 extra_state_fn=dict):
+    def __init__(self, cfg, model, optimizer, scaler, state_dict_fn, stop, device, previous=None,
+                 logger=None, extra_state_fn=dict):
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
-        self.state_dict_fn, self.stop, self.device, self.previous = state_dict_fn, stop, device, previous
+        self.state_dict_fn, self.stop = state_dict_fn, stop
+        self.device, self.previous = device, previous
         self.logger, self.extra_state_fn = logger, extra_state_fn
 
     def after_iteration(self, epoch, i, iters, iteration):
-        """Called after iteration i (0-based) of the epoch; iteration = iterations done in the run."""
+        """Called after iteration i (0-based) of the epoch; iteration = iterations done in the
+        run."""
         signum = self.stop.agreed(self.device)
         period = self.cfg.SOLVER.CHECKPOINT_PERIOD_ITERS
         if signum or (period and iteration % period == 0 and i + 1 < iters):
             path = self._save(epoch, iteration, epoch_iteration=i + 1)
             if signum:
-                raise Preempted(signum, f"stopped by {signal_name(signum)} after iteration {i + 1}/{iters} of epoch "
-                                        f"{epoch + 1} (iteration {iteration} of the run): saved {path}")
+                raise Preempted(signum, f"stopped by {signal_name(signum)} after iteration "
+                                        f"{i + 1}/{iters} of epoch {epoch + 1} (iteration "
+                                        f"{iteration} of the run): saved {path}")
 
     def after_epoch(self, epoch, iteration):
         path = self._save(epoch, iteration)
@@ -151,15 +161,17 @@ class Checkpointer:
             os.kill(os.getpid(), signal.SIGKILL)
         signum = self.stop.agreed(self.device)
         if signum and epoch + 1 < self.cfg.SOLVER.EPOCHS:
-            raise Preempted(signum, f"stopped by {signal_name(signum)} after epoch {epoch + 1}: saved {path}")
+            raise Preempted(signum, f"stopped by {signal_name(signum)} after epoch {epoch + 1}: "
+                                    f"saved {path}")
         return path
 
     def _save(self, epoch, iteration, epoch_iteration=None):
         path = None
         if comm.is_main_process():
-            path = ckpt.save_checkpoint(self.cfg.OUTPUT_DIR, epoch, self.model, self.optimizer, self.scaler,
-                                        iteration, self.cfg, self.state_dict_fn, epoch_iteration,
-                                        comm.get_world_size(), self.extra_state_fn())
+            path = ckpt.save_checkpoint(self.cfg.OUTPUT_DIR, epoch, self.model, self.optimizer,
+                                        self.scaler, iteration, self.cfg, self.state_dict_fn,
+                                        epoch_iteration, comm.get_world_size(),
+                                        self.extra_state_fn())
             if self.logger is not None:
                 self.logger.info(f"saved {path}")
             if self.previous and self.previous != path and self._is_scratch(self.previous):
@@ -169,8 +181,9 @@ class Checkpointer:
         return path
 
     def _is_scratch(self, path):
-        """A checkpoint kept only as a resume point: a mid-epoch one, or not every CHECKPOINT_PERIOD-th epoch
-        and not the last one. Files outside OUTPUT_DIR (--resume PATH) are never deleted."""
+        """A checkpoint kept only as a resume point: a mid-epoch one, or not every
+        CHECKPOINT_PERIOD-th epoch and not the last one. Files outside OUTPUT_DIR (--resume PATH)
+        are never deleted."""
         name = os.path.basename(path)
         if os.path.dirname(os.path.abspath(path)) != os.path.abspath(self.cfg.OUTPUT_DIR):
             return False
@@ -182,4 +195,5 @@ class Checkpointer:
             epochs_done = int(name[len("checkpoint_"):-len(".pth.tar")]) + 1
         except ValueError:
             return False
-        return epochs_done % self.cfg.CHECKPOINT_PERIOD != 0 and epochs_done != self.cfg.SOLVER.EPOCHS
+        return (epochs_done % self.cfg.CHECKPOINT_PERIOD != 0
+                and epochs_done != self.cfg.SOLVER.EPOCHS)

@@ -1,9 +1,9 @@
 """MoCo pretraining (`mocobench pretrain`): the MoCo task of the training engine (pretrain.engine).
 
 What is MoCo's own: the two-view data, the model (query/key encoders and queue, or v3's momentum
-encoder and predictor), its loss per version, the kNN monitor, and the state that no DDP keeps in step
-(momentum encoder and queue), checked to agree on every rank after each epoch. Checkpoints use the
-official layout (pretrain.checkpoint). `torchrun -m pretrain.train ...` runs the same command.
+encoder and predictor), its loss per version, the kNN monitor, and the state that no DDP keeps in
+step (momentum encoder and queue), checked to agree on every rank after each epoch. Checkpoints use
+the official layout (pretrain.checkpoint). `torchrun -m pretrain.train ...` runs the same command.
 """
 import os
 import sys
@@ -24,9 +24,9 @@ from pretrain.moco import build_model, convert_sync_bn
 logger = engine.logger
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # losses per MoCo version
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def moco_v1_v2_loss(model, x1, x2, m):
     model.m = m
     logits, labels = model(x1, x2)
@@ -40,12 +40,13 @@ def moco_v3_loss(model, x1, x2, m):
 LOSSES = {"v1": moco_v1_v2_loss, "v2": moco_v1_v2_loss, "v3": moco_v3_loss}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the state DDP does not keep in step
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def wrap_ddp(model, device):
-    """Wrap only the submodules that receive gradients (model.ddp_modules) in DDP: the key encoder and
-    the queue stay outside, so nothing but query-side gradients and BN buffers is communicated."""
+    """Wrap only the submodules that receive gradients (model.ddp_modules) in DDP: the key encoder
+    and the queue stay outside, so nothing but query-side gradients and BN buffers is
+    communicated."""
     if comm.get_world_size() == 1:
         return
     device_ids = [device.index] if device.type == "cuda" else None
@@ -54,19 +55,20 @@ def wrap_ddp(model, device):
 
 
 def replicated_state(model):
-    """The tensors every rank updates on its own and must hold identically: the parameters outside DDP
-    (the momentum encoder's), the queue and its pointer. (Its BN running statistics are per rank.)"""
+    """The tensors every rank updates on its own and must hold identically: the parameters outside
+    DDP (the momentum encoder's), the queue and its pointer. (Its BN running statistics are per
+    rank.)"""
     params = [p for name, p in model.named_parameters() if not name.startswith(model.ddp_modules)]
     return params + [b for name, b in model.named_buffers() if name in ("queue", "queue_ptr")]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # watching it learn
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def knn_monitor(cfg, model, device, num_workers):
-    """Weighted kNN top-1 (%) of the backbone features (before the projection head), DATA.ROOT/train as
-    the memory bank and DATA.ROOT/val as queries; None when val/ does not exist. Every process: each
-    extracts its shard of the images and the bank is all-gathered (pretrain.knn)."""
+    """Weighted kNN top-1 (%) of the backbone features (before the projection head), DATA.ROOT/train
+    as the memory bank and DATA.ROOT/val as queries; None when val/ does not exist. Every process:
+    each extracts its shard of the images and the bank is all-gathered (pretrain.knn)."""
     from pretrain.augment import build_eval_transform
     from pretrain.data import SafeImageFolder, build_loader
     from pretrain.knn import knn_accuracy, shard
@@ -80,7 +82,8 @@ def knn_monitor(cfg, model, device, num_workers):
     loaders = [build_loader(shard(s), cfg.KNN.BATCH_SIZE, num_workers, shuffle=False,
                             drop_last=False, seed=cfg.SEED) for s in (train_set, val_set)]
     encoder = engine.unwrap(model.encoder_q if cfg.MOCO.VERSION != "v3" else model.base_encoder)
-    if comm.get_world_size() > 1:  # BN running statistics: rank 0's (the checkpointed ones) everywhere
+    # BN running statistics: rank 0's (the checkpointed ones) everywhere
+    if comm.get_world_size() > 1:
         for buffer in encoder.buffers():
             dist.broadcast(buffer, src=0)
 
@@ -98,16 +101,17 @@ def knn_monitor(cfg, model, device, num_workers):
         model.train(was_training)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the task
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class MocoTask(engine.Task):
     tag = "pretrain"
 
     def __init__(self, cfg):
         super().__init__(cfg)
         keys = resume_mod.STATE_SHAPING_KEYS + resume_mod.MOCO_STATE_SHAPING_KEYS
-        self.state_keys = keys if cfg.MOCO.VERSION == "v3" else tuple(k for k in keys if k != "MOCO.MLP_DIM")
+        self.state_keys = (keys if cfg.MOCO.VERSION == "v3"
+                           else tuple(k for k in keys if k != "MOCO.MLP_DIM"))
         self.bn_splits = 1
 
     def build_data(self, batch_per_rank, world):
@@ -115,12 +119,13 @@ class MocoTask(engine.Task):
         from pretrain.data import SafeImageFolder, build_loader
 
         cfg = self.cfg
-        # One process: emulate SHUFFLE_BN_SPLITS devices' BN. Several: each rank's BN is one device's
-        # (v1/v2), SyncBN for v3 (as the official v3 code).
-        self.bn_splits = cfg.MOCO.SHUFFLE_BN_SPLITS if world == 1 and cfg.MOCO.VERSION != "v3" else 1
+        # One process: emulate SHUFFLE_BN_SPLITS devices' BN. Several: each rank's BN is one
+        # device's (v1/v2), SyncBN for v3 (as the official v3 code).
+        self.bn_splits = (cfg.MOCO.SHUFFLE_BN_SPLITS if world == 1 and cfg.MOCO.VERSION != "v3"
+                          else 1)
         if batch_per_rank % self.bn_splits != 0:
-            raise UsageError(f"MOCO.SHUFFLE_BN_SPLITS = {self.bn_splits} must divide the batch size "
-                             f"{batch_per_rank}")
+            raise UsageError(f"MOCO.SHUFFLE_BN_SPLITS = {self.bn_splits} must divide the batch "
+                             f"size {batch_per_rank}")
         transform = build_two_view_transform(cfg.INPUT.AUG, cfg.INPUT.SIZE, cfg.INPUT.CROP_SCALE)
         train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), transform)
         loader = build_loader(train_set, batch_per_rank, cfg.DATALOADER.NUM_WORKERS, shuffle=True,
@@ -133,7 +138,8 @@ class MocoTask(engine.Task):
     def build_model(self, device):
         model = build_model(self.cfg, bn_splits=self.bn_splits)
         if comm.get_world_size() > 1 and self.cfg.MOCO.VERSION == "v3":
-            model = convert_sync_bn(model, device)  # torch's SyncBatchNorm on CUDA, AllReduceBatchNorm on CPU
+            # torch's SyncBatchNorm on CUDA, AllReduceBatchNorm on CPU
+            model = convert_sync_bn(model, device)
         return model
 
     def state_dict(self, model):
@@ -144,11 +150,14 @@ class MocoTask(engine.Task):
 
     def describe(self, world, batch_per_rank, device):
         cfg = self.cfg
-        bn_group = cfg.SOLVER.BATCH_SIZE if cfg.MOCO.VERSION == "v3" else batch_per_rank // self.bn_splits
-        return [comm.topology_summary(world, cfg.SOLVER.BATCH_SIZE, bn_group, cfg.SOLVER.BASE_LR, device)]
+        bn_group = (cfg.SOLVER.BATCH_SIZE if cfg.MOCO.VERSION == "v3"
+                    else batch_per_rank // self.bn_splits)
+        return [comm.topology_summary(world, cfg.SOLVER.BATCH_SIZE, bn_group, cfg.SOLVER.BASE_LR,
+                                      device)]
 
     def wrap(self, model, device):
-        if comm.get_world_size() > 1:  # every rank starts from rank 0's state, key encoder and queue too
+        # every rank starts from rank 0's state, key encoder and queue too
+        if comm.get_world_size() > 1:
             for tensor in model.state_dict().values():
                 dist.broadcast(tensor, src=0)
         wrap_ddp(model, device)
@@ -182,14 +191,16 @@ class MocoTask(engine.Task):
         return {"knn_top1": top1}
 
     def check_replicas(self, model):
-        comm.check_replicas_equal("the momentum encoder's weights and the queue", replicated_state(model))
+        comm.check_replicas_equal("the momentum encoder's weights and the queue",
+                                  replicated_state(model))
 
 
 def build_parser():
     return engine.config_command(
-        "mocobench pretrain", "MoCo v1/v2/v3 pretraining of a torchvision ResNet (see configs/pretrain/).",
-        "--config-file configs/pretrain/synth_R18_cpu.yaml DATA.ROOT /data/imagenet OUTPUT_DIR out/r18 "
-        "SOLVER.EPOCHS 2", "SOLVER.EPOCHS 10 MOCO.K 4096")
+        "mocobench pretrain",
+        "MoCo v1/v2/v3 pretraining of a torchvision ResNet (see configs/pretrain/).",
+        "--config-file configs/pretrain/synth_R18_cpu.yaml DATA.ROOT /data/imagenet "
+        "OUTPUT_DIR out/r18 SOLVER.EPOCHS 2", "SOLVER.EPOCHS 10 MOCO.K 4096")
 
 
 def main(argv=None) -> int:

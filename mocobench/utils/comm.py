@@ -1,9 +1,10 @@
-"""Processes and ranks: join the launcher's process group, pick this process's device, and the rank and
-collective helpers that work with and without torch.distributed (detectron2's `comm` style).
+"""Processes and ranks: join the launcher's process group, pick this process's device, and the rank
+and collective helpers that work with and without torch.distributed (detectron2's `comm` style).
 
-Processes are started by a launcher (`mocobench pretrain --nproc-per-node N`, torchrun, submitit), which
-exports the env:// variables (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT). `pretrain` uses these helpers;
-`transfer` uses detectron2's own `detectron2.utils.comm`, which reads the same process group.
+Processes are started by a launcher (`mocobench pretrain --nproc-per-node N`, torchrun, submitit),
+which exports the env:// variables (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT). `pretrain` uses
+these helpers; `transfer` uses detectron2's own `detectron2.utils.comm`, which reads the same
+process group.
 """
 import hashlib
 import os
@@ -14,9 +15,10 @@ import torch.distributed as dist
 
 from mocobench.utils.errors import UsageError
 
-# NCCL's default collective timeout is 10 minutes (30 for gloo): a rank that legitimately works alone for longer
-# (a long evaluation, a slow checkpoint write on a network file system) would have the watchdog abort the job.
-# Every pretraining process group gets this one explicit value instead (MOCOBENCH_DIST_TIMEOUT_MIN overrides it).
+# NCCL's default collective timeout is 10 minutes (30 for gloo): a rank that legitimately works
+# alone for longer (a long evaluation, a slow checkpoint write on a network file system) would have
+# the watchdog abort the job. Every pretraining process group gets this one explicit value instead
+# (MOCOBENCH_DIST_TIMEOUT_MIN overrides it).
 DEFAULT_TIMEOUT = timedelta(minutes=float(os.environ.get("MOCOBENCH_DIST_TIMEOUT_MIN", 60)))
 
 
@@ -42,16 +44,19 @@ def barrier():
 
 
 def launched_world_size() -> int:
-    """WORLD_SIZE as the launcher (torchrun, torch elastic, submitit) exported it; 1 when run directly."""
+    """WORLD_SIZE as the launcher (torchrun, torch elastic, submitit) exported it; 1 when run
+    directly."""
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def init_process_group(use_cuda: bool, timeout: timedelta = DEFAULT_TIMEOUT):
-    """Join the launcher's env:// process group (NCCL on CUDA, gloo on CPU) with an explicit timeout."""
+    """Join the launcher's env:// process group (NCCL on CUDA, gloo on CPU) with an explicit
+    timeout."""
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", timeout=timeout)
 
 
-# all_gather_into_tensor (torch >= 1.13) was renamed all_gather_single (the old name warns in newer torch)
+# all_gather_into_tensor (torch >= 1.13) was renamed all_gather_single (the old name warns in newer
+# torch)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -62,8 +67,10 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     world = get_world_size()
     if world == 1:
         return tensor
-    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
-        # NHWC images (channels_last): gather the memory as it lies and hand back the same layout, no conversion
+    if (tensor.dim() == 4 and not tensor.is_contiguous()
+            and tensor.is_contiguous(memory_format=torch.channels_last)):
+        # NHWC images (channels_last): gather the memory as it lies and hand back the same layout,
+        # no conversion
         return all_gather_cat(tensor.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     tensor = tensor.contiguous()
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
@@ -73,7 +80,8 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def all_gather_uneven(tensor: torch.Tensor) -> list:
-    """Every rank's `tensor` (same trailing shape, any number of rows), as a list indexed by rank."""
+    """Every rank's `tensor` (same trailing shape, any number of rows), as a list indexed by
+    rank."""
     world = get_world_size()
     if world == 1:
         return [tensor]
@@ -86,9 +94,9 @@ def all_gather_uneven(tensor: torch.Tensor) -> list:
 
 
 def all_ranks_agree(flag: bool, device=None) -> bool:
-    """True when `flag` is True on every rank (one all-reduce of one number; every rank gets the same answer).
-    Used before acting on a per-rank observation (a NaN loss): a rank that stops alone leaves the others
-    blocked in the next collective until the timeout."""
+    """True when `flag` is True on every rank (one all-reduce of one number; every rank gets the
+    same answer). Used before acting on a per-rank observation (a NaN loss): a rank that stops alone
+    leaves the others blocked in the next collective until the timeout."""
     if get_world_size() == 1:
         return bool(flag)
     value = torch.tensor([0.0 if flag else 1.0], device=device)
@@ -114,8 +122,8 @@ def gather_objects(obj) -> list:
 
 
 def check_same_on_all_ranks(what: str, value):
-    """Raise RuntimeError on every rank (not just the odd one out) when `value` (a picklable, comparable object,
-    e.g. a fingerprint or a checkpoint description) differs between ranks."""
+    """Raise RuntimeError on every rank (not just the odd one out) when `value` (a picklable,
+    comparable object, e.g. a fingerprint or a checkpoint description) differs between ranks."""
     values = gather_objects(value)
     if any(v != values[0] for v in values[1:]):
         listed = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
@@ -123,8 +131,9 @@ def check_same_on_all_ranks(what: str, value):
 
 
 def bf16_supported_in_hardware(device) -> bool:
-    """bfloat16 runs natively: CUDA compute capability >= 8.0 (Ampere). torch.cuda.is_bf16_supported() also
-    answers True for pre-Ampere GPUs, which emulate it (slower than fp16, and not what AMP is for)."""
+    """bfloat16 runs natively: CUDA compute capability >= 8.0 (Ampere).
+    torch.cuda.is_bf16_supported() also answers True for pre-Ampere GPUs, which emulate it (slower
+    than fp16, and not what AMP is for)."""
     device = torch.device(device)
     if device.type != "cuda":
         return device.type == "cpu"
@@ -134,19 +143,21 @@ def bf16_supported_in_hardware(device) -> bool:
 def setup_device(device_name=""):
     """Join the launcher's process group when WORLD_SIZE > 1; returns this process's torch.device.
 
-    device_name: "" (cuda:LOCAL_RANK if CUDA is available, else cpu), "cpu", or "cuda". "cuda:N" is refused
-    under a multi-process launcher: every rank would train on the same GPU.
+    device_name: "" (cuda:LOCAL_RANK if CUDA is available, else cpu), "cpu", or "cuda". "cuda:N" is
+    refused under a multi-process launcher: every rank would train on the same GPU.
     """
     world = launched_world_size()
     if world > 1 and device_name.startswith("cuda:"):
-        raise UsageError(f"DEVICE {device_name!r} with {world} processes would put every rank on the same GPU; "
-                         "use DEVICE cuda (each process takes cuda:LOCAL_RANK) or choose GPUs with "
-                         "CUDA_VISIBLE_DEVICES")
+        raise UsageError(f"DEVICE {device_name!r} with {world} processes would put every rank on "
+                         "the same GPU; use DEVICE cuda (each process takes cuda:LOCAL_RANK) or "
+                         "choose GPUs with CUDA_VISIBLE_DEVICES")
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
-        torch.cuda.set_device(local_rank if device_name in ("", "cuda") else torch.device(device_name))
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels (official)
+        torch.cuda.set_device(local_rank if device_name in ("", "cuda")
+                              else torch.device(device_name))
+        # fixed input sizes: let cuDNN pick its fastest kernels (official)
+        torch.backends.cudnn.benchmark = True
     if world > 1 and not is_dist():
         init_process_group(use_cuda)
     if device_name and device_name not in ("cuda",):
@@ -155,7 +166,8 @@ def setup_device(device_name=""):
 
 
 def topology_summary(world, global_batch, bn_group, base_lr=None, device=None):
-    """The log's first line about scale: world size, per-process batch, BN group size, effective lr."""
+    """The log's first line about scale: world size, per-process batch, BN group size, effective
+    lr."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     text = (f"world size {world} ({per_node} per node) on {device}; global batch {global_batch} = "
             f"{global_batch // world} per process; BN statistics over {bn_group} images")
@@ -173,21 +185,24 @@ def _file_sha1(path):
 
 
 def check_same_resume(resume_path, start_epoch, iteration):
-    """Every rank must resume from the same checkpoint (same bytes). Without a shared OUTPUT_DIR, the nodes
-    other than rank 0's find no last_checkpoint and would start at epoch 0 with a fresh optimizer while only
-    the weights are broadcast: a silent divergence. Raises UsageError on every rank instead."""
+    """Every rank must resume from the same checkpoint (same bytes). Without a shared OUTPUT_DIR,
+    the nodes other than rank 0's find no last_checkpoint and would start at epoch 0 with a fresh
+    optimizer while only the weights are broadcast: a silent divergence. Raises UsageError on every
+    rank instead."""
     if get_world_size() == 1:
         return
     mine = (start_epoch, iteration, _file_sha1(resume_path) if resume_path else None)
     ranks = gather_objects(mine)
     if any(r != ranks[0] for r in ranks[1:]):
-        listed = "; ".join(f"rank {i}: " + (f"epoch {e}, iteration {it}, sha1 {h[:10]}" if h else "no checkpoint")
-                           for i, (e, it, h) in enumerate(ranks))
-        raise UsageError(f"the ranks resume from different checkpoints ({listed}); OUTPUT_DIR must be a directory "
-                         "every node shares, or pass --resume PATH to a checkpoint every node can read")
+        listed = "; ".join(
+            f"rank {i}: " + (f"epoch {e}, iteration {it}, sha1 {h[:10]}" if h else "no checkpoint")
+            for i, (e, it, h) in enumerate(ranks))
+        raise UsageError(f"the ranks resume from different checkpoints ({listed}); OUTPUT_DIR must "
+                         "be a directory every node shares, or pass --resume PATH to a checkpoint "
+                         "every node can read")
 
 
 def check_replicas_equal(what, tensors):
-    """Raise RuntimeError on every rank when `tensors` (the state that no DDP keeps in step: the momentum
-    encoder, the queue and its pointer) differ in any bit between ranks."""
+    """Raise RuntimeError on every rank when `tensors` (the state that no DDP keeps in step: the
+    momentum encoder, the queue and its pointer) differ in any bit between ranks."""
     check_same_on_all_ranks(what, fingerprint(tensors))

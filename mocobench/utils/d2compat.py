@@ -1,36 +1,42 @@
-"""The one door to detectron2: `from mocobench.utils import d2compat` before any `import detectron2...`.
+"""The one door to detectron2: `from mocobench.utils import d2compat` before any
+`import detectron2...`.
 
-detectron2 v0.6 (the last release, and what the pb1-detectron2 sdist holds) breaks on current libraries.
-Importing this module imports detectron2's public packages once, applying each fix below only when the
-thing it repairs is really missing, so on a modern or self-built detectron2 every fix is a no-op.
-`ACTIVE_FIXES` lists what was applied; `mocobench env` prints it.
+detectron2 v0.6 (the last release, and what the pb1-detectron2 sdist holds) breaks on current
+libraries. Importing this module imports detectron2's public packages once, applying each fix below
+only when the thing it repairs is really missing, so on a modern or self-built detectron2 every fix
+is a no-op. `ACTIVE_FIXES` lists what was applied; `mocobench env` prints it.
 
 Fixes are as local as possible: module-level names inside the affected detectron2 modules are
 rebound; stand-in modules exist in `sys.modules` only while detectron2 itself is being imported, so
 no other library ever sees them afterwards.
 
-  numpy_aliases     numpy >= 1.24 dropped np.int/np.float/np.str/np.object, used by data/build.py (class
-                    histogram of every train loader) and data/datasets/pascal_voc.py (every VOC load).
-                    Those modules get a numpy proxy that has the aliases; global numpy is untouched.
-  pil_linear        Pillow >= 10 dropped Image.LINEAR, a default argument in data/transforms/transform.py:
-                    present only while that module is imported (the default becomes BILINEAR, its value).
-  no_C_extension    the build has no detectron2._C: a stand-in is importable only while detectron2 loads;
-                    deformable convs, rotated boxes and ROIAlignRotated then raise a clear error when used.
-  coco_eval         COCOEvaluator's default use_fast_impl=True needs the C++ COCOeval from _C: routed to
-                    pycocotools' COCOeval (same results; the fast one is only faster).
-  pkg_resources     setuptools >= 81 has no pkg_resources, imported by model_zoo: model_zoo gets a private
-                    resource_filename() built on importlib.resources.
-  random_sample_set Python >= 3.11 random.sample() refuses sets; data/common.py MapDataset samples its
-                    fallback candidates (a set) exactly when a mapper returns None. Its Random sorts first.
-  numpy_aliases_{lvis,cityscapes}  the same numpy aliases (and np.in1d, gone in numpy 2.4; count_nonzero
-                    returning a Python int, as before numpy 2) for the lvis and cityscapesscripts evaluation
-                    modules, applied when such an evaluator is built (`fix_evaluation_numpy`): importing them
-                    costs a second.
-  cityscapes_pool   load_cityscapes_instances' multiprocessing.Pool: under a spawned launcher its workers are fresh
-                    interpreters that import detectron2 without the fixes above; they import this module first.
+  numpy_aliases     numpy >= 1.24 dropped np.int/np.float/np.str/np.object, used by data/build.py
+                    (class histogram of every train loader) and data/datasets/pascal_voc.py (every
+                    VOC load). Those modules get a numpy proxy that has the aliases; global numpy is
+                    untouched.
+  pil_linear        Pillow >= 10 dropped Image.LINEAR, a default argument in
+                    data/transforms/transform.py: present only while that module is imported (the
+                    default becomes BILINEAR, its value).
+  no_C_extension    the build has no detectron2._C: a stand-in is importable only while detectron2
+                    loads; deformable convs, rotated boxes and ROIAlignRotated then raise a clear
+                    error when used.
+  coco_eval         COCOEvaluator's default use_fast_impl=True needs the C++ COCOeval from _C:
+                    routed to pycocotools' COCOeval (same results; the fast one is only faster).
+  pkg_resources     setuptools >= 81 has no pkg_resources, imported by model_zoo: model_zoo gets a
+                    private resource_filename() built on importlib.resources.
+  random_sample_set Python >= 3.11 random.sample() refuses sets; data/common.py MapDataset samples
+                    its fallback candidates (a set) exactly when a mapper returns None. Its Random
+                    sorts first.
+  numpy_aliases_{lvis,cityscapes}  the same numpy aliases (and np.in1d, gone in numpy 2.4;
+                    count_nonzero returning a Python int, as before numpy 2) for the lvis and
+                    cityscapesscripts evaluation modules, applied when such an evaluator is built
+                    (`fix_evaluation_numpy`): importing them costs a second.
+  cityscapes_pool   load_cityscapes_instances' multiprocessing.Pool: under a spawned launcher its
+                    workers are fresh interpreters that import detectron2 without the fixes above;
+                    they import this module first.
   lr_scheduler_ckpt torch >= 2.0: the LRScheduler hook saves/loads state only for the private
-                    _LRScheduler; schedulers derived from the public LRScheduler (StepLR, ...) were silently
-                    not checkpointed and restarted on resume.
+                    _LRScheduler; schedulers derived from the public LRScheduler (StepLR, ...) were
+                    silently not checkpointed and restarted on resume.
 detectron2.export (which imports caffe2, gone from torch) is never imported through here.
 """
 import contextlib
@@ -44,8 +50,9 @@ ACTIVE_FIXES = []
 
 _MISSING_C = (
     "detectron2 was built without its C++ extension (detectron2._C), so {what} is unavailable. "
-    "Faster/Mask R-CNN need none of it (ROIAlign and NMS come from torchvision). For deformable convs, "
-    "rotated boxes or ROIAlignRotated install a full detectron2 build; `tools/install_detectron2.py` keeps it."
+    "Faster/Mask R-CNN need none of it (ROIAlign and NMS come from torchvision). For deformable "
+    "convs, rotated boxes or ROIAlignRotated install a full detectron2 build; "
+    "`tools/install_detectron2.py` keeps it."
 )
 
 
@@ -112,7 +119,8 @@ def _pkg_resources():
         yield
         return
     ACTIVE_FIXES.append("pkg_resources")
-    shim = types.ModuleType("pkg_resources", "mocobench stand-in: resource_filename via importlib.resources")
+    shim = types.ModuleType("pkg_resources",
+                            "mocobench stand-in: resource_filename via importlib.resources")
     shim.resource_filename = _resource_filename
     with _temporary_module("pkg_resources", shim):
         yield
@@ -121,7 +129,8 @@ def _pkg_resources():
 def _numpy_with_aliases():
     import numpy
 
-    proxy = types.ModuleType("numpy", "numpy with the aliases removed in numpy 1.24 (for detectron2 v0.6)")
+    proxy = types.ModuleType("numpy",
+                             "numpy with the aliases removed in numpy 1.24 (for detectron2 v0.6)")
     proxy.__getattr__ = lambda name: getattr(numpy, name)
     proxy.int, proxy.float, proxy.str, proxy.object = int, float, str, object
     if not hasattr(numpy, "in1d"):  # removed in numpy 2.4; isin(...).ravel() is what in1d returned
@@ -131,8 +140,8 @@ def _numpy_with_aliases():
 
 
 def _count_nonzero_as_int(a, axis=None, **kwargs):
-    """numpy < 2 returned a Python int without `axis`; cityscapesscripts json-dumps those counts with
-    `default=lambda o: o.__dict__`, which a numpy integer does not have."""
+    """numpy < 2 returned a Python int without `axis`; cityscapesscripts json-dumps those counts
+    with `default=lambda o: o.__dict__`, which a numpy integer does not have."""
     import numpy
 
     count = numpy.count_nonzero(a, axis=axis, **kwargs)
@@ -151,10 +160,10 @@ def _fix_numpy_aliases():
         importlib.import_module(name).np = proxy
 
 
-# Evaluation code that detectron2's evaluators call, from the `lvis` and `cityscapesscripts` packages, written for
-# numpy < 1.24 / < 2 (np.float in lvis' accumulate; np.in1d and int-valued count_nonzero in the Cityscapes ones).
-# They are imported only when an evaluator of that family is built (lvis pulls in matplotlib: ~1 s), so the fix is
-# applied then.
+# Evaluation code that detectron2's evaluators call, from the `lvis` and `cityscapesscripts`
+# packages, written for numpy < 1.24 / < 2 (np.float in lvis' accumulate; np.in1d and int-valued
+# count_nonzero in the Cityscapes ones). They are imported only when an evaluator of that family is
+# built (lvis pulls in matplotlib: ~1 s), so the fix is applied then.
 EVALUATION_MODULES = {
     "lvis": ("lvis.eval",),
     "cityscapes": ("cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling",
@@ -163,7 +172,8 @@ EVALUATION_MODULES = {
 
 
 def fix_evaluation_numpy(family: str):
-    """Give the `family` evaluation modules a numpy with the removed names; a no-op on a numpy that has them."""
+    """Give the `family` evaluation modules a numpy with the removed names; a no-op on a numpy that
+    has them."""
     import numpy
 
     numpy2 = isinstance(numpy.count_nonzero(numpy.ones(1)), numpy.integer)
@@ -193,7 +203,8 @@ def _fix_coco_eval():
 class _SetSamplingRandom(random.Random):
     def sample(self, population, k, **kwargs):
         if isinstance(population, (set, frozenset)):
-            population = sorted(population)  # sorted: the same draw for the same seed, as before 3.11
+            # sorted: the same draw for the same seed, as before 3.11
+            population = sorted(population)
         return super().sample(population, k, **kwargs)
 
 
@@ -206,7 +217,8 @@ def _fix_random_sample_set():
     from detectron2.data import common
 
     ACTIVE_FIXES.append("random_sample_set")
-    local_random = types.ModuleType("random", "random whose Random.sample accepts sets (for detectron2 v0.6)")
+    local_random = types.ModuleType("random",
+                                    "random whose Random.sample accepts sets (for detectron2 v0.6)")
     local_random.__getattr__ = lambda name: getattr(random, name)
     local_random.Random = _SetSamplingRandom
     common.random = local_random
@@ -217,9 +229,10 @@ def _import_d2compat():
 
 
 def _fix_cityscapes_pool():
-    """load_cityscapes_instances parses the json files in a multiprocessing.Pool. Under a spawned launcher
-    (detectron2's `launch`, our CPU launcher) the pool's workers are fresh interpreters that import detectron2
-    by unpickling the task, without the import-time fixes above; their pool now imports this module first."""
+    """load_cityscapes_instances parses the json files in a multiprocessing.Pool. Under a spawned
+    launcher (detectron2's `launch`, our CPU launcher) the pool's workers are fresh interpreters
+    that import detectron2 by unpickling the task, without the import-time fixes above; their pool
+    now imports this module first."""
     if not {"no_C_extension", "pil_linear", "pkg_resources"} & set(ACTIVE_FIXES):
         return
     import multiprocessing
@@ -229,10 +242,12 @@ def _fix_cityscapes_pool():
     ACTIVE_FIXES.append("cityscapes_pool")
 
     def pool(processes=None):  # detectron2 calls mp.Pool(processes=...)
-        # spawn, not fork: forking a process that runs torch's and pytest-xdist's threads hung a worker for good
+        # spawn, not fork: forking a process that runs torch's and pytest-xdist's threads hung a
+        # worker for good
         return multiprocessing.get_context("spawn").Pool(processes, initializer=_import_d2compat)
 
-    local_mp = types.ModuleType("multiprocessing", "multiprocessing whose Pool workers import mocobench.utils.d2compat")
+    local_mp = types.ModuleType(
+        "multiprocessing", "multiprocessing whose Pool workers import mocobench.utils.d2compat")
     local_mp.__getattr__ = lambda name: getattr(multiprocessing, name)
     local_mp.Pool = pool
     cityscapes.mp = local_mp
@@ -263,10 +278,12 @@ def _load_detectron2():
     import warnings
 
     with _no_C_extension(), _pil_linear(), _pkg_resources(), warnings.catch_warnings():
-        # v0.6 decorates a few helpers with torch.jit.script, deprecated in torch >= 2.10: not our users' concern
+        # v0.6 decorates a few helpers with torch.jit.script, deprecated in torch >= 2.10: not our
+        # users' concern
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        for name in ("detectron2.layers", "detectron2.data", "detectron2.modeling", "detectron2.checkpoint",
-                     "detectron2.solver", "detectron2.engine", "detectron2.evaluation", "detectron2.model_zoo"):
+        for name in ("detectron2.layers", "detectron2.data", "detectron2.modeling",
+                     "detectron2.checkpoint", "detectron2.solver", "detectron2.engine",
+                     "detectron2.evaluation", "detectron2.model_zoo"):
             importlib.import_module(name)
     _fix_numpy_aliases()
     _fix_coco_eval()
@@ -286,7 +303,8 @@ def detectron2_origin() -> str:
     if os.path.exists(marker):
         with open(marker) as f:
             meta = json.load(f)
-        return f"{meta['origin']} from {meta['sdist']} (sha256 {meta['sha256'][:12]}..., no C++ extension)"
+        return (f"{meta['origin']} from {meta['sdist']} (sha256 {meta['sha256'][:12]}..., "
+                "no C++ extension)")
     return "user build"
 
 
@@ -297,8 +315,9 @@ CHECKPOINT_LOGGERS = ("fvcore.common.checkpoint", "detectron2.checkpoint.c2_mode
 
 @contextlib.contextmanager
 def quiet_checkpoint_logs(*more_loggers):
-    """Only errors from detectron2/fvcore's checkpoint loggers (and `more_loggers`) inside the block: callers that
-    check a load themselves and report the result would otherwise print the same account twice."""
+    """Only errors from detectron2/fvcore's checkpoint loggers (and `more_loggers`) inside the
+    block: callers that check a load themselves and report the result would otherwise print the same
+    account twice."""
     import logging
 
     loggers = [logging.getLogger(n) for n in CHECKPOINT_LOGGERS + more_loggers]

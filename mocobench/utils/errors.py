@@ -1,6 +1,8 @@
-"""The errors a command ends with, and the one mapping from them to exit codes (mocobench.cli applies it)."""
+"""The errors a command ends with, and the one mapping from them to exit codes (mocobench.cli
+applies it)."""
 
-EXIT_USAGE = 2  # bad input: a one-line error naming the file / key / value, no traceback, nothing written
+# bad input: a one-line error naming the file / key / value, no traceback, nothing written
+EXIT_USAGE = 2
 
 
 class UsageError(Exception):
@@ -11,8 +13,9 @@ class UsageError(Exception):
 
 class CommandFailed(Exception):
     """A command that ran and then failed or stopped (not bad input); str() is its one-line reason.
-    exit_code: 1 failed (e.g. training diverged), 128 + N stopped by signal N after saving (143 SIGTERM,
-    138 SIGUSR1, 130 SIGINT: mocobench.utils.preempt), or the exit code of a stage that failed."""
+    exit_code: 1 failed (e.g. training diverged), 128 + N stopped by signal N after saving (143
+    SIGTERM, 138 SIGUSR1, 130 SIGINT: mocobench.utils.preempt), or the exit code of a stage that
+    failed."""
 
     def __init__(self, message, exit_code=1, is_error=True):
         super().__init__(message)
@@ -21,9 +24,10 @@ class CommandFailed(Exception):
 
 
 def run_main(prog, main, argv):
-    """main(argv) -> exit code, and the one place where the errors above become exit codes: bad input
-    prints `PROG: error: MESSAGE` (exit 2), a failed or stopped command `PROG: [error: ]MESSAGE` with its own
-    code; no traceback. Under a multi-process launcher only rank 0 prints (every rank ends the same way)."""
+    """main(argv) -> exit code, and the one place where the errors above become exit codes: bad
+    input prints `PROG: error: MESSAGE` (exit 2), a failed or stopped command
+    `PROG: [error: ]MESSAGE` with its own code; no traceback. Under a multi-process launcher
+    only rank 0 prints (every rank ends the same way)."""
     import os
     import sys
 

@@ -1,5 +1,6 @@
-"""What a training run tells the user while it runs: log.txt, metrics.json (one JSON object per line,
-detectron2 style), TensorBoard events and a progress display. Main process only; other ranks stay quiet."""
+"""What a training run tells the user while it runs: log.txt, metrics.json (one JSON object per
+line, detectron2 style), TensorBoard events and a progress display. Main process only; other ranks
+stay quiet."""
 import json
 import logging
 import os
@@ -23,16 +24,17 @@ def setup_logging(logger, output_dir, tag):
 
 
 def log_to_file_only(logger, level, line):
-    """Write `line` into the log files of `logger` but not to the console (the caller prints it itself)."""
+    """Write `line` into the log files of `logger` but not to the console (the caller prints it
+    itself)."""
     for handler in logger.handlers:
         if isinstance(handler, logging.FileHandler):
             handler.emit(logger.makeRecord(logger.name, level, __file__, 0, line, None, None))
 
 
 class MetricsWriter:
-    """metrics.json and TensorBoard. A run resumed at iteration N first drops the records after N (they are
-    about to be written again) and a line a kill cut in half; TensorBoard purges its events after N the
-    same way (purge_step)."""
+    """metrics.json and TensorBoard. A run resumed at iteration N first drops the records after N
+    (they are about to be written again) and a line a kill cut in half; TensorBoard purges its
+    events after N the same way (purge_step)."""
 
     def __init__(self, output_dir, start_iteration=0):
         self.enabled = comm.is_main_process()
@@ -100,7 +102,8 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
         elif (i + 1) % self.log_period == 0 or i + 1 == self.total:
-            self.logger.info(f"epoch {self.epoch + 1}/{self.epochs} iter {i + 1}/{self.total}  {text}")
+            self.logger.info(f"epoch {self.epoch + 1}/{self.epochs} iter {i + 1}/{self.total}"
+                             f"  {text}")
 
     def close(self):
         if self.bar is not None:

@@ -1,10 +1,11 @@
 """Checkpoint and file I/O that never tears a file and never runs code from one.
 
-- `atomic_write`: write to a temp file in the same directory, fsync, then `os.replace`: a crash leaves
-  either the old file or the new one, never half of one; a full disk is a one-line UsageError. The file gets
-  the permissions the umask gives a new file (as open() would), not mkstemp's 0600.
-- `RunLock`: an exclusive lock on a run directory for the life of the process (released by the kernel even
-  on SIGKILL): a second process writing into the same directory is refused.
+- `atomic_write`: write to a temp file in the same directory, fsync, then `os.replace`: a crash
+  leaves either the old file or the new one, never half of one; a full disk is a one-line
+  UsageError. The file gets the permissions the umask gives a new file (as open() would), not
+  mkstemp's 0600.
+- `RunLock`: an exclusive lock on a run directory for the life of the process (released by the
+  kernel even on SIGKILL): a second process writing into the same directory is refused.
 - `load_checkpoint`: `torch.load(weights_only=True)` with an error that names the file.
 - `safe_unpickle`: an allow-list unpickler for .pkl files (detectron2 weights): plain containers and
   numpy arrays only; anything else (a `__reduce__` that calls os.system, say) is refused.
@@ -27,7 +28,8 @@ def atomic_write(path, mode="wb"):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
@@ -41,8 +43,10 @@ def atomic_write(path, mode="wb"):
         why = _out_of_room(e)
         if why:
             free_mib = shutil.disk_usage(directory).free / 2**20
-            raise UsageError(f"no room to write {path!r}: {why} ({free_mib:.0f} MiB free there); "
-                             "files written before are intact; free some space and resume") from None
+            raise UsageError(
+                f"no room to write {path!r}: {why} ({free_mib:.0f} MiB free there); "
+                "files written before are intact; free some space and resume"
+            ) from None
         raise
 
 
@@ -52,8 +56,9 @@ _NO_ROOM = {errno.ENOSPC: "the device is full", errno.EDQUOT: "the disk quota is
 
 
 def _out_of_room(error):
-    """Why `error` (or an exception it was raised while handling: torch.save reports a full disk as a
-    RuntimeError from its zip writer, with the OSError as context) means there is no room; else ''."""
+    """Why `error` (or an exception it was raised while handling: torch.save reports a full disk as
+    a RuntimeError from its zip writer, with the OSError as context) means there is no room;
+    else ''."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in _NO_ROOM:
             return _NO_ROOM[error.errno]
@@ -68,7 +73,8 @@ def _umask():
 
 
 class RunLock:
-    """Exclusive, non-blocking lock on DIR/.lock (fcntl.flock); UsageError when another process holds it."""
+    """Exclusive, non-blocking lock on DIR/.lock (fcntl.flock); UsageError when another process
+    holds it."""
 
     NAME = ".lock"
 
@@ -83,8 +89,10 @@ class RunLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "?"
             self._file.close()
-            raise UsageError(f"another process (pid {holder}) is writing into {directory!r}; wait for it to "
-                             "finish or stop it, or choose another output directory") from None
+            raise UsageError(
+                f"another process (pid {holder}) is writing into {directory!r}; wait for it to "
+                "finish or stop it, or choose another output directory"
+            ) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(str(os.getpid()))
@@ -110,11 +118,13 @@ def load_checkpoint(path, map_location="cpu"):
         raise UsageError(f"checkpoint {path!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(2)
-    # torch.save writes a zip archive (PK); the legacy format and plain pickles start with the pickle PROTO
-    # opcode 0x80. Anything else (text, JSON, an image) is not a checkpoint: say so, not "unsafe pickle".
+    # torch.save writes a zip archive (PK); the legacy format and plain pickles start with the
+    # pickle PROTO opcode 0x80. Anything else (text, JSON, an image) is not a checkpoint: say so,
+    # not "unsafe pickle".
     if head != b"PK" and head[:1] != b"\x80":
-        raise UsageError(f"{path!r} is not a readable torch checkpoint: it is not a checkpoint at all (it starts "
-                         f"with {head!r}; a torch.save file is a zip archive or a pickle)")
+        raise UsageError(f"{path!r} is not a readable torch checkpoint: it is not a checkpoint at "
+                         f"all (it starts with {head!r}; a torch.save file is a zip archive or a "
+                         "pickle)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -122,8 +132,10 @@ def load_checkpoint(path, map_location="cpu"):
             f"refusing to load {path!r}: it holds objects outside torch's weights-only allow-list "
             f"(a checkpoint must contain tensors, numbers, strings and containers only): {e}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"{path!r} is not a readable torch checkpoint (truncated or another format?): {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError) as e:
+        raise UsageError(f"{path!r} is not a readable torch checkpoint (truncated or another "
+                         f"format?): {e}") from None
 
 
 _NUMPY_ALLOWED = {
@@ -176,5 +188,7 @@ def safe_unpickle(path):
             f"refusing to load {path!r}: {e}. A weights .pkl may hold only dicts, lists, numbers, "
             "strings and numpy arrays"
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"{path!r} is not a readable pickle (truncated or another format?): {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError) as e:
+        raise UsageError(f"{path!r} is not a readable pickle (truncated or another format?): "
+                         f"{e}") from None

@@ -1,24 +1,29 @@
-"""Clean stops on SIGTERM / SIGUSR1 / SIGINT: finish the iteration, save exactly, exit with a known code.
+"""Clean stops on SIGTERM / SIGUSR1 / SIGINT: finish the iteration, save exactly, exit with a known
+code.
 
 Contract (the SLURM requeue logic and every training loop build on it):
 
-    with Preemption() as stop:              # installs handlers for SIGTERM, SIGUSR1, SIGINT; restores the old
-        for i, batch in ...:                # ones on exit
+    with Preemption() as stop:              # installs handlers for SIGTERM, SIGUSR1, SIGINT;
+        for i, batch in ...:                # restores the old ones on exit
             step(batch)
-            if stop.agreed(device):         # collective under torch.distributed: every rank calls it after
-                save_exact_checkpoint()     # every iteration and all get the same answer (all_reduce MAX of
-                raise Preempted(stop.signum, where, resume_command)   # the requested signal number)
+            if stop.agreed(device):         # collective under torch.distributed: every rank calls
+                save_exact_checkpoint()     # it after every iteration and all get the same answer
+                raise Preempted(stop.signum, where, resume_command)   # (all_reduce MAX of the
+                                                                      # requested signal number)
 
-- `stop.requested` is the signal number received by this process (None when none was). A second SIGINT
-  while a stop is pending raises KeyboardInterrupt at once (the user insists; nothing more is saved).
-- `Preempted.exit_code` is EXIT_CODES[signum] = 128 + signum, the shell's convention for "killed by":
-  SIGINT 130, SIGTERM 143, SIGUSR1 138 (Linux numbering). REQUEUE_EXIT_CODES (SIGTERM, SIGUSR1) are the codes
-  after which a scheduler should requeue the job with `--resume auto`; 130 (Ctrl-C) means the user stopped it.
-- `ignore_in_worker()` makes a DataLoader worker ignore these signals: SLURM and a terminal's Ctrl-C signal the
-  whole process group, and a worker killed by SIGTERM would make the main process fail with "DataLoader worker
-  killed" instead of saving. The main process ends its workers itself when it exits.
-- Only the main process writes the checkpoint; the training loop decides what "exact" means (pretrain.train:
-  model, optimizer, scaler, queue, RNG states and the data-loader position).
+- `stop.requested` is the signal number received by this process (None when none was). A second
+  SIGINT while a stop is pending raises KeyboardInterrupt at once (the user insists; nothing more is
+  saved).
+- `Preempted.exit_code` is EXIT_CODES[signum] = 128 + signum, the shell's convention for
+  "killed by": SIGINT 130, SIGTERM 143, SIGUSR1 138 (Linux numbering). REQUEUE_EXIT_CODES (SIGTERM,
+  SIGUSR1) are the codes after which a scheduler should requeue the job with `--resume auto`; 130
+  (Ctrl-C) means the user stopped it.
+- `ignore_in_worker()` makes a DataLoader worker ignore these signals: SLURM and a terminal's Ctrl-C
+  signal the whole process group, and a worker killed by SIGTERM would make the main process fail
+  with "DataLoader worker killed" instead of saving. The main process ends its workers itself when
+  it exits.
+- Only the main process writes the checkpoint; the training loop decides what "exact" means
+  (pretrain.train: model, optimizer, scaler, queue, RNG states and the data-loader position).
 """
 import signal
 
@@ -33,7 +38,8 @@ REQUEUE_EXIT_CODES = (EXIT_CODES[int(signal.SIGTERM)], EXIT_CODES[int(signal.SIG
 
 
 class Preempted(CommandFailed):
-    """Training stopped cleanly on a signal after writing a checkpoint; str() is the one-line message."""
+    """Training stopped cleanly on a signal after writing a checkpoint; str() is the one-line
+    message."""
 
     def __init__(self, signum, message):
         super().__init__(message, EXIT_CODES.get(int(signum), 1), is_error=False)
@@ -45,7 +51,8 @@ def signal_name(signum):
 
 
 class Preemption:
-    """Context manager: records the first SIGTERM / SIGUSR1 / SIGINT instead of dying; see the module doc."""
+    """Context manager: records the first SIGTERM / SIGUSR1 / SIGINT instead of dying; see the
+    module doc."""
 
     def __init__(self, signals=SIGNALS):
         self.signals = tuple(signals)
@@ -61,7 +68,8 @@ class Preemption:
     def __enter__(self):
         import threading
 
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        # signal handlers live in the main thread
+        if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -73,8 +81,8 @@ class Preemption:
         return False
 
     def agreed(self, device=None):
-        """The signal number to stop for, or None; identical on every rank (a collective call under DDP:
-        every rank must call it at the same point)."""
+        """The signal number to stop for, or None; identical on every rank (a collective call under
+        DDP: every rank must call it at the same point)."""
         if comm.get_world_size() == 1:
             return self.requested
         flag = torch.tensor([self.requested or 0], dtype=torch.int64, device=device)
