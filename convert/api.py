@@ -21,14 +21,14 @@ from convert.arch import Architecture
 from convert.rename import detectron2_name, to_detectron2
 from convert.sources import extract_trunk, read_checkpoint
 from mocobench.utils.converted import read_converted, write_converted
-from mocobench.utils.errors import UsageError
+from mocobench.utils.errors import CommandFailed, UsageError
 from mocobench.utils.fileio import atomic_torch_save, atomic_write, file_sha256
 
 FORMATS = {"detectron2": ".pkl", "torchvision": ".pth"}
 
 
-class VerificationError(Exception):
-    """Raised when converted weights fail verification; carries the report (`.report`)."""
+class VerificationError(CommandFailed):
+    """Raised when converted weights fail verification (exit code 1); carries the report (`.report`)."""
 
     def __init__(self, message, report=None):
         super().__init__(message)

@@ -4,7 +4,6 @@
 Exit codes: 0 converted (and verified), 1 verification failed (nothing written), 2 bad input.
 """
 import argparse
-import sys
 
 from convert.api import FORMATS, VerificationError, convert_checkpoint
 from convert.sources import SOURCES
@@ -64,11 +63,10 @@ def main(argv):
     try:
         report = convert_checkpoint(args.input, args.output, source=args.source, verify=args.verify,
                                     prefix=args.prefix, to=args.to)
-    except VerificationError as e:
+    except VerificationError as e:  # what was checked, then the error (mocobench.utils.errors)
         if e.report is not None:
             print(e.report.summary())
-        print(f"mocobench convert: error: {e}", file=sys.stderr)
-        return 1
+        raise
     print(report.summary())
     if args.list_dropped:
         for reason, keys in report.dropped_by_reason().items():

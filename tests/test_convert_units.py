@@ -37,7 +37,7 @@ from convert.verify import (
     verify_weights,
 )
 from mocobench.utils import d2compat  # noqa: F401  (before detectron2)
-from mocobench.utils.errors import UsageError
+from mocobench.utils.errors import UsageError, run_main
 from mocobench.utils.fileio import safe_unpickle
 
 R18 = Architecture(18, "basic")
@@ -307,7 +307,8 @@ def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch
         and 0 < report.verify_seconds < report.seconds
     # the command prints the same summary and exits 1
     capsys.readouterr()
-    assert convert_main([str(path), str(out), "--to", "torchvision"]) == 1
+    assert run_main("mocobench convert", convert_main, [str(path), str(out), "--to", "torchvision"]) \
+        == 1
     printed = capsys.readouterr()
     assert printed.out.splitlines()[-1].startswith("verification FAILED; nothing written (")
     assert printed.err.splitlines()[0] \

@@ -55,7 +55,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from mocobench.utils.env import set_tf32
-from mocobench.utils.errors import UsageError
+from mocobench.utils.errors import UsageError, run_main
 from mocobench.utils.fileio import atomic_write
 from mocobench.utils.preempt import EXIT_CODES, Preempted, Preemption, signal_name
 from transfer import record as run_record
@@ -532,12 +532,10 @@ def main(argv=None) -> int:
         )
     except Preempted as e:
         resume = ["mocobench", "transfer", *([] if "--resume" in argv else ["--resume"]), *argv]
-        print(f"mocobench transfer: {e}; resume with: {shlex.join(resume)}", file=sys.stderr,
-              flush=True)
-        return e.exit_code
+        raise Preempted(e.signum, f"{e}; resume with: {shlex.join(resume)}") from None
     if results:
         print(_format_summary(results))
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("mocobench transfer", main, sys.argv[1:]))
