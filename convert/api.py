@@ -28,7 +28,7 @@ FORMATS = {"detectron2": ".pkl", "torchvision": ".pth"}
 
 
 class VerificationError(CommandFailed):
-    """Raised when converted weights fail verification (exit code 1); carries the report (`.report`)."""
+    """Converted weights failed verification (exit code 1); carries the report (`.report`)."""
 
     def __init__(self, message, report=None):
         super().__init__(message)
