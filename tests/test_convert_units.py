@@ -307,8 +307,8 @@ def test_to_torchvision_verifies_the_file_it_writes(state, tmp_path, monkeypatch
         and 0 < report.verify_seconds < report.seconds
     # the command prints the same summary and exits 1
     capsys.readouterr()
-    assert run_main("mocobench convert", convert_main, [str(path), str(out), "--to", "torchvision"]) \
-        == 1
+    argv = [str(path), str(out), "--to", "torchvision"]
+    assert run_main("mocobench convert", convert_main, argv) == 1
     printed = capsys.readouterr()
     assert printed.out.splitlines()[-1].startswith("verification FAILED; nothing written (")
     assert printed.err.splitlines()[0] \
