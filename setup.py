@@ -33,17 +33,20 @@ setup(
         "yacs>=0.1.8",
         "termcolor>=1.1",
         "tabulate",
-        # `mocobench data synth` makes the Cityscapes gtFine PNGs with its preparation tools; Cityscapes evaluation
+        # `mocobench data synth` makes the Cityscapes gtFine PNGs with its preparation tools;
+        # Cityscapes evaluation
         "cityscapesscripts",
     ],
     extras_require={
         "slurm": ["submitit>=1.5"],  # --launcher slurm (mocobench.launch)
-        # the paper's other transfer tasks: LVIS evaluation (lvis), Cityscapes polygons in detectron2's loader (shapely)
+        # the paper's other transfer tasks: LVIS evaluation (lvis), Cityscapes polygons in
+        # detectron2's loader (shapely)
         "tasks": ["lvis", "shapely"],
-        # timm and lightly: the tests build checkpoints of those layouts with the real packages (convert);
-        # pytest-timeout: per-test limit (pytest.ini); pytest-xdist: `pytest -n 2`; mutmut: `make mutation`
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "mutmut==3.8.1", "ruff", "submitit>=1.5", "timm>=0.9",
-                 "lightly>=1.4", "lvis", "shapely"],
+        # timm and lightly: the tests build checkpoints of those layouts with the real packages
+        # (convert); pytest-timeout: per-test limit (pytest.ini); pytest-xdist: `pytest -n 2`;
+        # mutmut: `make mutation`
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "mutmut==3.8.1", "ruff",
+                 "submitit>=1.5", "timm>=0.9", "lightly>=1.4", "lvis", "shapely"],
     },
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )

@@ -4,11 +4,11 @@ benchmarks/gpu_smoke.sh).
     python benchmarks/gpu_smoke.py --config-file configs/pretrain/moco_v2_R50_200ep.yaml \
         [--compile] [--batch 64] [--size 224] [--steps 10] [--device cuda] [KEY VALUE ...]
 
-The model, BN (SplitBatchNorm over MOCO.SHUFFLE_BN_SPLITS groups, shuffle BN), precision (AMP dtype with the
-hardware bf16 check, channels_last) and step are the training script's own (pretrain.moco.build_model,
-pretrain.engine.precision_settings / optimization_step, pretrain.train.LOSSES); the images are random
-tensors, so this measures the GPU step, not the data loader. Prints one line:
-`RESULT name PASS|FAIL img/s peak_MiB details`.
+The model, BN (SplitBatchNorm over MOCO.SHUFFLE_BN_SPLITS groups, shuffle BN), precision (AMP
+dtype with the hardware bf16 check, channels_last) and step are the training script's own
+(pretrain.moco.build_model, pretrain.engine.precision_settings / optimization_step,
+pretrain.train.LOSSES); the images are random tensors, so this measures the GPU step, not the data
+loader. Prints one line: `RESULT name PASS|FAIL img/s peak_MiB details`.
 """
 import argparse
 import math

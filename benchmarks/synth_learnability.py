@@ -1,12 +1,13 @@
 """Is the generated ImageNet stand-in learnable but not trivial? And how long does generation take?
 
 Three linear/small probes on the object images (train -> val accuracy, chance = 1 / classes):
-- colour histograms (joint 6x6x6 RGB + per-channel 16 bins) -> logistic regression: should stay near chance,
-  because colour, texture and background are drawn alike for every class;
-- HOG (gradient orientations on a grid) -> logistic regression: shapes leave a trace even without learning
-  features;
+- colour histograms (joint 6x6x6 RGB + per-channel 16 bins) -> logistic regression: should stay
+  near chance, because colour, texture and background are drawn alike for every class;
+- HOG (gradient orientations on a grid) -> logistic regression: shapes leave a trace even without
+  learning features;
 - a tiny CNN trained from scratch for a few epochs: well above chance, still short of perfect.
-Then times `synthesize` for the test and demo presets (one process; the files go to a temporary directory).
+Then times `synthesize` for the test and demo presets (one process; the files go to a temporary
+directory).
 
     python benchmarks/synth_learnability.py [--classes 8] [--images-per-class 150] [--epochs 8]
 """
@@ -42,20 +43,24 @@ def colour_histograms(images):
     joint = q[..., 0] * 36 + q[..., 1] * 6 + q[..., 2]
     feats = [np.stack([np.bincount(j.ravel(), minlength=216) for j in joint])]
     for c in range(3):
-        feats.append(np.stack([np.bincount((im[..., c] // 16).ravel(), minlength=16) for im in images]))
+        feats.append(np.stack([np.bincount((im[..., c] // 16).ravel(), minlength=16)
+                               for im in images]))
     return np.concatenate(feats, 1).astype(np.float32) / (images.shape[1] * images.shape[2])
 
 
 def hog_features(images, cell=8, bins=9):
-    """Histograms of unsigned gradient orientations per 8x8 cell (HOG without block normalisation)."""
+    """Histograms of unsigned gradient orientations per 8x8 cell (HOG without block
+    normalisation)."""
     gray = images.astype(np.float32).mean(3)
     gy, gx = np.gradient(gray, axis=(1, 2))
     magnitude = np.hypot(gx, gy)
     orientation = ((np.arctan2(gy, gx) % np.pi) / np.pi * bins).astype(np.int64).clip(0, bins - 1)
     n, h, w = gray.shape
     cells = (np.arange(h)[:, None] // cell) * (w // cell) + np.arange(w)[None, :] // cell
-    index = (cells[None] * bins + orientation) + np.arange(n)[:, None, None] * (h // cell) * (w // cell) * bins
-    hist = np.bincount(index.ravel(), magnitude.ravel(), minlength=n * (h // cell) * (w // cell) * bins)
+    index = ((cells[None] * bins + orientation)
+             + np.arange(n)[:, None, None] * (h // cell) * (w // cell) * bins)
+    hist = np.bincount(index.ravel(), magnitude.ravel(),
+                       minlength=n * (h // cell) * (w // cell) * bins)
     hist = hist.reshape(n, -1).astype(np.float32)
     return hist / (np.linalg.norm(hist, axis=1, keepdims=True) + 1e-6)
 
@@ -78,7 +83,8 @@ def tiny_cnn(x_train, y_train, x_val, y_val, classes, epochs):
     torch.manual_seed(0)
 
     def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                             nn.MaxPool2d(2))
 
     model = nn.Sequential(block(3, 16), block(16, 32), block(32, 64), block(64, 64),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
@@ -117,7 +123,8 @@ def main():
             meta = synthesize(os.path.join(tmp, preset), preset=preset, seed=0)
             s = meta["splits"]
             print(f"synthesize preset={preset}: {time.perf_counter() - start:.1f} s "
-                  f"({s['imagenet']['train'] + s['imagenet']['val']} object images at {meta['size']} px, "
+                  f"({s['imagenet']['train'] + s['imagenet']['val']} object images "
+                  f"at {meta['size']} px, "
                   f"{meta['scenes']} scenes at {meta['scene_size']} px, "
                   f"{sum(meta['objects'].values())} objects)")
 
@@ -130,9 +137,11 @@ def main():
 
     print(f"probes: {args.classes} classes, {len(x_train)} train / {len(x_val)} val images, "
           f"chance = {1 / args.classes:.3f}")
-    acc = logistic_regression(colour_histograms(x_train), y_train, colour_histograms(x_val), y_val, args.classes)
+    acc = logistic_regression(colour_histograms(x_train), y_train, colour_histograms(x_val), y_val,
+                              args.classes)
     print(f"  colour histogram + logistic regression: val acc {acc:.3f}")
-    acc = logistic_regression(hog_features(x_train), y_train, hog_features(x_val), y_val, args.classes)
+    acc = logistic_regression(hog_features(x_train), y_train, hog_features(x_val), y_val,
+                              args.classes)
     print(f"  HOG + logistic regression:              val acc {acc:.3f}")
     start = time.perf_counter()
     acc = tiny_cnn(x_train, y_train, x_val, y_val, args.classes, args.epochs)

@@ -1,8 +1,9 @@
-"""`mocobench configs [--kind paper|cpu|test|base]`: the shipped configs, each with its kind and one-line purpose.
+"""`mocobench configs [--kind paper|cpu|test|base]`: the shipped configs, each with its kind and
+one-line purpose.
 
-The purpose is the first line of the file's header comment (every shipped config starts with one); the kind
-comes from the file name: tiny_* are test configs, *cpu* / synth_* run on CPUs in minutes, Base-* are only
-inherited (_BASE_), everything else reproduces a paper setting.
+The purpose is the first line of the file's header comment (every shipped config starts with one);
+the kind comes from the file name: tiny_* are test configs, *cpu* / synth_* run on CPUs in minutes,
+Base-* are only inherited (_BASE_), everything else reproduces a paper setting.
 """
 import argparse
 import os
@@ -23,7 +24,8 @@ def config_kind(name):
 
 
 def config_purpose(path, limit=140):
-    """The header comment's first sentence (up to the first line that ends one), at most `limit` characters."""
+    """The header comment's first sentence (up to the first line that ends one), at most `limit`
+    characters."""
     text = ""
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -37,12 +39,14 @@ def config_purpose(path, limit=140):
 
 
 def list_configs(root=CONFIGS_DIR):
-    """[(path relative to the repository, kind, purpose)] for every yaml under root, sorted by folder."""
+    """[(path relative to the repository, kind, purpose)] for every yaml under root, sorted by
+    folder."""
     rows = []
     for folder, _, files in sorted(os.walk(root)):
         for name in sorted(f for f in files if f.endswith(".yaml")):
             path = os.path.join(folder, name)
-            rows.append((os.path.relpath(path, os.path.dirname(root)), config_kind(name), config_purpose(path)))
+            rows.append((os.path.relpath(path, os.path.dirname(root)), config_kind(name),
+                         config_purpose(path)))
     return rows
 
 

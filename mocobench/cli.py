@@ -1,7 +1,7 @@
-"""The `mocobench` command: one table of commands, each a module with `main(argv) -> int` that owns its
-argparse parser (so `mocobench env` never pays for importing torch or detectron2). The commands that run
-on many processes or a cluster go through mocobench.launch; how any command ends becomes its exit code
-in one place, mocobench.utils.errors.run_main."""
+"""The `mocobench` command: one table of commands, each a module with `main(argv) -> int` that owns
+its argparse parser (so `mocobench env` never pays for importing torch or detectron2). The commands
+that run on many processes or a cluster go through mocobench.launch; how any command ends becomes
+its exit code in one place, mocobench.utils.errors.run_main."""
 import dataclasses
 import importlib
 import sys
@@ -16,7 +16,8 @@ class Command:
     help: str
     launched: bool = False  # through mocobench.launch: --nproc-per-node ..., --launcher slurm
     per_rank: bool = False  # launched: one process (SLURM task) per GPU, env://; else one per node
-    resume: Optional[tuple] = None  # launched: the flags a requeued job continues with; None: not requeued
+    # launched: the flags a requeued job continues with; None: not requeued
+    resume: Optional[tuple] = None
 
 
 def _trained(module, help_):  # a training command: a process per GPU, requeued with --resume auto
@@ -24,28 +25,35 @@ def _trained(module, help_):  # a training command: a process per GPU, requeued 
 
 
 COMMANDS = {  # in the order data flows
-    "env": Command("mocobench.info", "print the software environment and the active detectron2 fixes"),
+    "env": Command("mocobench.info",
+                   "print the software environment and the active detectron2 fixes"),
     "configs": Command("mocobench.catalog",
                        "list the shipped configs: kind (paper / cpu / test / base) and purpose"),
     "data": Command("synth.cli",
-                    "generate datasets in the real on-disk formats: mocobench data synth --out DIR"),
+                    "generate datasets in the real on-disk formats: "
+                    "mocobench data synth --out DIR"),
     "pretrain": _trained("pretrain.train",
-                         "MoCo v1/v2/v3 pretraining of a torchvision ResNet (configs/pretrain/*.yaml)"),
+                         "MoCo v1/v2/v3 pretraining of a torchvision ResNet "
+                         "(configs/pretrain/*.yaml)"),
     "supervised": _trained("pretrain.supervised",
                            "supervised pretraining of a torchvision ResNet: the baseline"),
     "lincls": _trained("pretrain.lincls",
                        "linear classification on a frozen MoCo backbone (official protocol)"),
-    "convert": Command("convert.cli", "ResNet checkpoint of any SSL framework -> verified detectron2 "
-                                      ".pkl / torchvision .pth"),
+    "convert": Command("convert.cli",
+                       "ResNet checkpoint of any SSL framework -> verified detectron2 .pkl / "
+                       "torchvision .pth"),
     # detectron2's launch spawns a process per GPU; --resume continues the trials
-    "transfer": Command("transfer.run", "fine-tune detectron2 from a converted .pkl on VOC/COCO, N seeds, "
-                                        "AP per seed", launched=True, resume=("--resume",)),
-    "report": Command("transfer.report", "AP tables (mean ± std over seeds, deltas to supervised) and "
-                                         "plots from run dirs"),
+    "transfer": Command("transfer.run",
+                        "fine-tune detectron2 from a converted .pkl on VOC/COCO, "
+                        "N seeds, AP per seed", launched=True, resume=("--resume",)),
+    "report": Command("transfer.report",
+                      "AP tables (mean ± std over seeds, deltas to supervised) "
+                      "and plots from run dirs"),
     # its manifest resumes every stage
-    "pipeline": Command("mocobench.pipeline", "data -> pretrain -> convert -> transfer x inits x seeds "
-                                              "-> report, resumable (--dry-run: the plan and what is "
-                                              "missing)", launched=True, resume=()),
+    "pipeline": Command("mocobench.pipeline",
+                        "data -> pretrain -> convert -> transfer x inits x seeds -> report, "
+                        "resumable (--dry-run: the plan and what is missing)",
+                        launched=True, resume=()),
 }
 
 

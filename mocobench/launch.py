@@ -1,16 +1,19 @@
-"""Where a command's processes run: this process, every GPU of this node, several nodes, or a SLURM cluster.
+"""Where a command's processes run: this process, every GPU of this node, several nodes, or a SLURM
+cluster.
 
-    mocobench pretrain --config-file X.yaml ...                      every visible GPU of this node (1 on CPU)
+    mocobench pretrain --config-file X.yaml ...       every visible GPU of this node (1 on CPU)
     mocobench pretrain --nproc-per-node 8 --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT ...
     mocobench pretrain --launcher slurm --nodes 2 --gpus-per-node 8 --partition P --timeout 4320 ...
 
-Processes are started by torch's elastic launcher (`torch.distributed.run`, the engine behind torchrun: the
-options mean what torchrun's mean, and `torchrun -m pretrain.train ...` gives the same run); SLURM jobs are
-submitted with submitit (the launcher of the MoCo v3, DeiT and MAE codebases; `pip install -e '.[slurm]'`).
-A timed-out or preempted SLURM job checkpoints and requeues itself with the command's resume flag
-(`--resume auto` for pretraining); a requeued pipeline continues from its manifest.
+Processes are started by torch's elastic launcher (`torch.distributed.run`, the engine behind
+torchrun: the options mean what torchrun's mean, and `torchrun -m pretrain.train ...` gives the same
+run); SLURM jobs are submitted with submitit (the launcher of the MoCo v3, DeiT and MAE codebases;
+`pip install -e '.[slurm]'`). A timed-out or preempted SLURM job checkpoints and requeues itself
+with the command's resume flag (`--resume auto` for pretraining); a requeued pipeline continues from
+its manifest.
 
-This is the top floor: the stages know nothing of it; they read the env:// variables their launcher exports.
+This is the top floor: the stages know nothing of it; they read the env:// variables their launcher
+exports.
 """
 import argparse
 import importlib
@@ -21,38 +24,48 @@ import sys
 from mocobench.cli import COMMANDS
 from mocobench.utils.errors import CommandFailed, UsageError
 
-# Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of sbatch.
+# Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of
+# sbatch.
 SUBMITIT_CLUSTER_ENV = "MOCOBENCH_SUBMITIT_CLUSTER"
 
 
 def build_parser(command):
     spec = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=f"mocobench {command}", add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=f"mocobench {command}", add_help=False,
+                                     allow_abbrev=False)
     if spec.per_rank:
         group = parser.add_argument_group("processes (torchrun's options and meaning)")
         group.add_argument("--nproc-per-node", type=int, default=None,
-                           help="processes on this node (default: every visible CUDA device; 1 without CUDA)")
+                           help="processes on this node (default: every visible CUDA device; "
+                                "1 without CUDA)")
         group.add_argument("--nnodes", default="1", help="nodes (or MIN:MAX for elastic jobs)")
         group.add_argument("--node-rank", type=int, default=0)
         group.add_argument("--rdzv-endpoint", default="",
-                           help="HOST:PORT every node reaches (several nodes); default: a free local port")
-        group.add_argument("--rdzv-id", default="mocobench", help="the job's id, the same on every node")
+                           help="HOST:PORT every node reaches (several nodes); "
+                                "default: a free local port")
+        group.add_argument("--rdzv-id", default="mocobench",
+                           help="the job's id, the same on every node")
     group = parser.add_argument_group("SLURM (submitit)")
     group.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                       help="local: this node (default); slurm: submit a job with the options below")
+                       help="local: this node (default); "
+                            "slurm: submit a job with the options below")
     group.add_argument("--nodes", type=int, default=1)
-    group.add_argument("--gpus-per-node", type=int, default=8, help="also the processes (tasks) per node")
-    group.add_argument("--tasks-per-node", type=int, default=None, help=argparse.SUPPRESS)  # CPU tests
+    group.add_argument("--gpus-per-node", type=int, default=8,
+                       help="also the processes (tasks) per node")
+    # CPU tests
+    group.add_argument("--tasks-per-node", type=int, default=None, help=argparse.SUPPRESS)
     group.add_argument("--cpus-per-task", type=int, default=10)
     group.add_argument("--partition", default=None)
     group.add_argument("--timeout", type=int, default=72 * 60, metavar="MINUTES",
-                       help="the job's time limit; before it, the job checkpoints and requeues itself")
+                       help="the job's time limit; "
+                            "before it, the job checkpoints and requeues itself")
     group.add_argument("--account", default=None)
     group.add_argument("--qos", default=None)
     group.add_argument("--constraint", default=None, help="e.g. volta32gb")
     group.add_argument("--mem", default=None, help="SLURM --mem, e.g. 400G")
     group.add_argument("--comment", default=None)
-    group.add_argument("--job-dir", default="slurm_jobs/%j", help="submitit's folder: logs and job pickles")
+    group.add_argument("--job-dir", default="slurm_jobs/%j",
+                       help="submitit's folder: logs and job pickles")
     return parser
 
 
@@ -61,7 +74,8 @@ def main(command, argv) -> int:
     spec = COMMANDS[command]
     parser = build_parser(command)
     args, rest = parser.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:  # the launch options, then the command's own (from its parser)
+    # the launch options, then the command's own (from its parser)
+    if "-h" in rest or "--help" in rest:
         parser.print_help()
         print()
         return int(importlib.import_module(spec.module).main(rest) or 0)
@@ -70,24 +84,28 @@ def main(command, argv) -> int:
         return 0
     if not spec.per_rank:
         return int(importlib.import_module(spec.module).main(rest) or 0)
-    nproc = args.nproc_per_node if args.nproc_per_node is not None else default_nproc_per_node(rest)
+    nproc = (args.nproc_per_node if args.nproc_per_node is not None
+             else default_nproc_per_node(rest))
     if args.nnodes == "1":
         return run_on_this_node(spec.module, rest, nproc)
-    return run_elastic(spec.module, rest, nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+    return run_elastic(spec.module, rest, nproc, args.nnodes, args.node_rank, args.rdzv_endpoint,
+                       args.rdzv_id)
 
 
 def default_nproc_per_node(argv=()) -> int:
-    """Every visible CUDA device; 1 without CUDA or when the command pins the CPU (DEVICE / MODEL.DEVICE /
-    --device cpu)."""
+    """Every visible CUDA device; 1 without CUDA or when the command pins the CPU (DEVICE /
+    MODEL.DEVICE / --device cpu)."""
     import torch
 
-    pins_cpu = any(a in ("DEVICE", "MODEL.DEVICE", "--device") and b == "cpu" for a, b in zip(argv, argv[1:]))
+    pins_cpu = any(a in ("DEVICE", "MODEL.DEVICE", "--device") and b == "cpu"
+                   for a, b in zip(argv, argv[1:]))
     return torch.cuda.device_count() if torch.cuda.is_available() and not pins_cpu else 1
 
 
 def run_on_this_node(module, argv, nproc) -> int:
-    """MODULE.main(ARGV) on `nproc` processes of this node: in this process when 1 (no launcher in the way),
-    else through the elastic launcher. Returns the exit code. (`mocobench pretrain` and the pipeline.)"""
+    """MODULE.main(ARGV) on `nproc` processes of this node: in this process when 1 (no launcher in
+    the way), else through the elastic launcher. Returns the exit code. (`mocobench pretrain` and
+    the pipeline.)"""
     if nproc < 1:
         raise UsageError(f"--nproc-per-node {nproc}: expected >= 1")
     if nproc == 1:
@@ -95,17 +113,22 @@ def run_on_this_node(module, argv, nproc) -> int:
     return run_elastic(module, argv, nproc)
 
 
-def run_elastic(module, argv, nproc, nnodes="1", node_rank=0, rdzv_endpoint="", rdzv_id="mocobench") -> int:
-    """`torchrun --nproc-per-node N [--nnodes ...] -m MODULE ARGV` through torch's own code; returns the exit code
-    of the first process that failed (2 for a UsageError), 0 when all succeed. One node without an endpoint
-    rendezvous on localhost port 0 (the OS picks a free one: no port race)."""
+def run_elastic(module, argv, nproc, nnodes="1", node_rank=0, rdzv_endpoint="",
+                rdzv_id="mocobench") -> int:
+    """`torchrun --nproc-per-node N [--nnodes ...] -m MODULE ARGV` through torch's own code; returns
+    the exit code of the first process that failed (2 for a UsageError), 0 when all succeed. One
+    node without an endpoint rendezvous on localhost port 0 (the OS picks a free one: no port
+    race)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    torchrun_argv = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank),
-                     "--monitor-interval", "0.5"]  # how often the agent polls its workers (torchrun's default: 0.1-5 s)
+    torchrun_argv = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
+                     "--node-rank", str(node_rank),
+                     # how often the agent polls its workers (torchrun's default: 0.1-5 s)
+                     "--monitor-interval", "0.5"]
     if rdzv_endpoint:
-        torchrun_argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
+        torchrun_argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+                          "--rdzv-id", rdzv_id]
     try:
         run(get_args_parser().parse_args([*torchrun_argv, "-m", module, *argv]))
     except ChildFailedError as e:
@@ -114,7 +137,7 @@ def run_elastic(module, argv, nproc, nnodes="1", node_rank=0, rdzv_endpoint="", 
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------- SLURM
+# ------------------------------------------------------------------------------------------ SLURM
 def with_resume(argv, resume_flags):
     """argv with any resume flag removed and `resume_flags` in front (what a requeued job runs)."""
     if not resume_flags:
@@ -138,7 +161,8 @@ def without_flag(argv, flag, takes_value):
 
 
 class StageJob:
-    """What submitit runs in every task of the job; picklable. checkpoint() is submitit's requeue hook."""
+    """What submitit runs in every task of the job; picklable. checkpoint() is submitit's requeue
+    hook."""
 
     def __init__(self, command, argv):
         self.command, self.argv = command, list(argv)
@@ -149,15 +173,18 @@ class StageJob:
         spec = COMMANDS[self.command]
         argv = self.argv
         if spec.per_rank:  # one task per GPU: each is a rank of the env:// process group
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                  overwrite=True)
         else:
             argv = self._node_argv(submitit.JobEnvironment())
         module = importlib.import_module(spec.module)
-        # pretrain / supervised train in this task: submitit's warning signal is handed to their loop, which stops
-        # cleanly. transfer and the pipeline spawn their workers: submitit's handler requeues at once on it. Every
-        # stage that stopped on SIGTERM after its checkpoint (exit 143 / 138) is requeued below.
-        requeue, requeue_codes = (_route_preemption_to_the_training_loop(forward_warning=spec.per_rank)
-                                  if spec.resume is not None else (None, ()))
+        # pretrain / supervised train in this task: submitit's warning signal is handed to their
+        # loop, which stops cleanly. transfer and the pipeline spawn their workers: submitit's
+        # handler requeues at once on it. Every stage that stopped on SIGTERM after its checkpoint
+        # (exit 143 / 138) is requeued below.
+        requeue, requeue_codes = (
+            _route_preemption_to_the_training_loop(forward_warning=spec.per_rank)
+            if spec.resume is not None else (None, ()))
         try:
             code = int(module.main(argv) or 0)
         except CommandFailed as e:  # the pipeline stops with its stage's exit code
@@ -165,17 +192,19 @@ class StageJob:
             code = e.exit_code
         except SystemExit as e:  # a command's own exit (argparse)
             code = e.code if isinstance(e.code, int) else 1
-        if code in requeue_codes:  # stopped on the signal after an exact checkpoint: requeue the job now
-            requeue(_submitit_signal(), None)  # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
+        # stopped on the signal after an exact checkpoint: requeue the job now
+        if code in requeue_codes:
+            # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
+            requeue(_submitit_signal(), None)
             return code
         if code:
             raise RuntimeError(f"mocobench {self.command} exited with code {code}")
         return code
 
     def _node_argv(self, env):
-        """transfer (and a pipeline stage) on several nodes: this node's place, from submitit's JobEnvironment
-        (SLURM_JOB_NUM_NODES, SLURM_NODEID, SLURM_JOB_NODELIST), in transfer's --num-machines / --machine-rank /
-        --dist-url (machine 0: the job's first host)."""
+        """transfer (and a pipeline stage) on several nodes: this node's place, from submitit's
+        JobEnvironment (SLURM_JOB_NUM_NODES, SLURM_NODEID, SLURM_JOB_NODELIST), in transfer's
+        --num-machines / --machine-rank / --dist-url (machine 0: the job's first host)."""
         if self.command not in ("transfer", "pipeline") or env.num_nodes == 1:
             return self.argv
         import random
@@ -185,14 +214,15 @@ class StageJob:
                 "--dist-url", f"tcp://{env.hostnames[0]}:{port}", *self.argv]
 
     def checkpoint(self, *args, **kwargs):
-        """Called by submitit on timeout / preemption (on rank 0): the same job, continuing where it stopped
-        (None: not requeued)."""
+        """Called by submitit on timeout / preemption (on rank 0): the same job, continuing where it
+        stopped (None: not requeued)."""
         import submitit
 
         if COMMANDS[self.command].resume is None:
             return None
         argv = with_resume(self.argv, COMMANDS[self.command].resume)
-        if self.command == "pipeline":  # the redo has begun (old outputs moved aside): the requeued job resumes it
+        # the redo has begun (old outputs moved aside): the requeued job resumes it
+        if self.command == "pipeline":
             argv = without_flag(argv, "--redo", takes_value=True)
         return submitit.helpers.DelayedSubmission(StageJob(self.command, argv))
 
@@ -204,12 +234,13 @@ def _submitit_signal():
 
 
 def _route_preemption_to_the_training_loop(forward_warning=True):
-    """SLURM sends submitit's signal (USR2) before a timeout and SIGTERM on preemption. submitit's own handler
-    would requeue at once, in the middle of an iteration (the run then repeats the work since the last epoch
-    checkpoint). When the training loop stops cleanly on SIGTERM (mocobench.utils.preempt: finish the iteration, write
-    an exact checkpoint, return a requeue exit code), the signal is handed to it instead, and submitit's handler
-    runs once the checkpoint is written (only with `forward_warning`). Returns (submitit's handler, the exit codes
-    that mean "requeue me")."""
+    """SLURM sends submitit's signal (USR2) before a timeout and SIGTERM on preemption. submitit's
+    own handler would requeue at once, in the middle of an iteration (the run then repeats the work
+    since the last epoch checkpoint). When the training loop stops cleanly on SIGTERM
+    (mocobench.utils.preempt: finish the iteration, write an exact checkpoint, return a requeue exit
+    code), the signal is handed to it instead, and submitit's handler runs once the checkpoint is
+    written (only with `forward_warning`). Returns (submitit's handler, the exit codes that mean
+    "requeue me")."""
     try:
         from mocobench.utils.preempt import REQUEUE_EXIT_CODES, Preemption
     except ImportError:  # a training loop without clean stops: submitit's handler stays as it is
@@ -229,34 +260,39 @@ def _route_preemption_to_the_training_loop(forward_warning=True):
 
 
 def submit(command, args, argv):
-    """Submit the command as a submitit job (sbatch); prints the job id and log paths; returns the job (the
-    pipeline: a job per stage, see submit_pipeline; returns the list)."""
+    """Submit the command as a submitit job (sbatch); prints the job id and log paths; returns the
+    job (the pipeline: a job per stage, see submit_pipeline; returns the list)."""
     spec = COMMANDS[command]
     if command == "pipeline" and args.nodes != 1:
-        raise UsageError(f"--nodes {args.nodes}: the pipeline's stages take their node count from its config "
-                         f"(NUM_NODES {args.nodes})")
+        raise UsageError(f"--nodes {args.nodes}: the pipeline's stages take their node count from "
+                         f"its config (NUM_NODES {args.nodes})")
     if args.nodes < 1 or args.gpus_per_node < 0:
-        raise UsageError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: expected >= 1 and >= 0")
+        raise UsageError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: "
+                         "expected >= 1 and >= 0")
     if command == "pipeline":
         return submit_pipeline(args, argv)
     tasks = args.tasks_per_node or (max(args.gpus_per_node, 1) if spec.per_rank else 1)
-    if command == "transfer" and not any(a == "--num-gpus" or a.startswith("--num-gpus=") for a in argv):
+    if command == "transfer" and not any(a == "--num-gpus" or a.startswith("--num-gpus=")
+                                         for a in argv):
         argv = ["--num-gpus", str(max(args.gpus_per_node, 1)), *argv]
     executor, cluster = _executor(args)
-    executor.update_parameters(**_job_parameters(args, f"mocobench-{command}", args.nodes, args.gpus_per_node, tasks))
+    executor.update_parameters(**_job_parameters(args, f"mocobench-{command}", args.nodes,
+                                                 args.gpus_per_node, tasks))
     job = executor.submit(StageJob(command, argv))
-    _print_job(job, f"mocobench {command}", f"{cluster}: {args.nodes} node(s) x {tasks} task(s), "
-                                            f"{args.gpus_per_node} GPU(s) per node, timeout {args.timeout} min")
+    _print_job(job, f"mocobench {command}",
+               f"{cluster}: {args.nodes} node(s) x {tasks} task(s), "
+               f"{args.gpus_per_node} GPU(s) per node, timeout {args.timeout} min")
     return job
 
 
 def submit_pipeline(args, argv):
-    """`mocobench pipeline --launcher slurm`: the pipeline's preflight here, then a job per stage that is not
-    done, each with the stage's own resources (pretrain / supervised / transfer: NUM_NODES nodes x their GPUs;
-    data, convert, report: one node, no GPU) and each after the previous one succeeded (SLURM afterok; the chain
-    stops at a failed stage). One stage at a time, as one process would run them: the jobs share manifest.json.
-    Every job runs `mocobench pipeline --stage STAGE` through the manifest: a requeued job resumes its stage,
-    a re-submitted pipeline submits only the stages that are not done. Returns the jobs."""
+    """`mocobench pipeline --launcher slurm`: the pipeline's preflight here, then a job per stage
+    that is not done, each with the stage's own resources (pretrain / supervised / transfer:
+    NUM_NODES nodes x their GPUs; data, convert, report: one node, no GPU) and each after the
+    previous one succeeded (SLURM afterok; the chain stops at a failed stage). One stage at a time,
+    as one process would run them: the jobs share manifest.json. Every job runs
+    `mocobench pipeline --stage STAGE` through the manifest: a requeued job resumes its stage, a
+    re-submitted pipeline submits only the stages that are not done. Returns the jobs."""
     from mocobench import pipeline
 
     stage_jobs, dry_run = pipeline.stage_jobs(argv, args.gpus_per_node)
@@ -264,26 +300,32 @@ def submit_pipeline(args, argv):
         for name, nodes, gpus, _ in stage_jobs:
             print(f"would submit {name}: {nodes} node(s), {gpus} GPU(s) per node")
         return []
-    _, cluster = _executor(args)  # submitit is there and can submit, before anything is said to be submitted
-    print(f"submitting {len(stage_jobs)} job(s), one per stage, each after the previous one succeeded", flush=True)
+    # submitit is there and can submit, before anything is said to be submitted
+    _, cluster = _executor(args)
+    print(f"submitting {len(stage_jobs)} job(s), one per stage, "
+          "each after the previous one succeeded", flush=True)
     jobs = []
     for name, nodes, gpus, job_argv in stage_jobs:
-        executor, cluster = _executor(args)  # a fresh one per job: submitit's parameters only accumulate
+        # a fresh one per job: submitit's parameters only accumulate
+        executor, cluster = _executor(args)
         after = jobs[-1].job_id if jobs else None
-        executor.update_parameters(**_job_parameters(args, f"mocobench-pipeline-{name}", nodes, gpus, tasks=1,
-                                                     after=after))
+        executor.update_parameters(**_job_parameters(args, f"mocobench-pipeline-{name}", nodes,
+                                                     gpus, tasks=1, after=after))
         job = executor.submit(StageJob("pipeline", job_argv))
         jobs.append(job)
-        _print_job(job, f"pipeline stage {name}", f"{cluster}: {nodes} node(s), {gpus} GPU(s) per node, timeout "
-                                                  f"{args.timeout} min" + (f", after job {after}" if after else ""))
+        _print_job(job, f"pipeline stage {name}",
+                   f"{cluster}: {nodes} node(s), {gpus} GPU(s) per node, timeout "
+                   f"{args.timeout} min" + (f", after job {after}" if after else ""))
         if cluster == "local":
-            # submitit's local executor (tests) ignores SLURM dependencies: run the chain in order here instead
+            # submitit's local executor (tests) ignores SLURM dependencies: run the chain in order
+            # here instead
             try:
                 job.result()
-            except Exception as e:  # noqa: BLE001 - submitit's FailedJobError carries the job's traceback
+            # submitit's FailedJobError carries the job's traceback
+            except Exception as e:  # noqa: BLE001
                 last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                raise UsageError(f"pipeline stage {name} (job {job.job_id}) failed: see {job.paths.stderr}: "
-                                 f"{last_line}") from None
+                raise UsageError(f"pipeline stage {name} (job {job.job_id}) failed: "
+                                 f"see {job.paths.stderr}: {last_line}") from None
     if jobs:
         print(f"follow the chain: squeue -j {','.join(job.job_id for job in jobs)}")
     sys.stdout.flush()
@@ -291,22 +333,27 @@ def submit_pipeline(args, argv):
 
 
 def _executor(args):
-    """(submitit executor, cluster name): sbatch, or submitit's local executor under the test switch."""
+    """(submitit executor, cluster name): sbatch, or submitit's local executor under the test
+    switch."""
     try:
         import submitit
     except ImportError:
         raise UsageError("--launcher slurm needs submitit: pip install -e '.[slurm]'") from None
     cluster = os.environ.get(SUBMITIT_CLUSTER_ENV, "slurm")
     try:
-        return submitit.AutoExecutor(folder=args.job_dir, cluster=cluster, slurm_max_num_timeout=30), cluster
+        return (submitit.AutoExecutor(folder=args.job_dir, cluster=cluster,
+                                      slurm_max_num_timeout=30), cluster)
     except Exception as e:  # noqa: BLE001 - submitit says why (no sbatch on PATH, unknown cluster)
-        raise UsageError(f"--launcher slurm: submitit cannot use cluster {cluster!r} here: {e}") from None
+        raise UsageError(f"--launcher slurm: submitit cannot use cluster {cluster!r} here: "
+                         f"{e}") from None
 
 
 def _job_parameters(args, name, nodes, gpus_per_node, tasks, after=None):
-    """submitit's parameters of one job; `after`: the job id it waits for (runs only if that one succeeded)."""
+    """submitit's parameters of one job; `after`: the job id it waits for (runs only if that one
+    succeeded)."""
     dependency = {}
-    if after is not None:  # kill_on_invalid_dep: a failed predecessor cancels this job instead of leaving it pending
+    # kill_on_invalid_dep: a failed predecessor cancels this job instead of leaving it pending
+    if after is not None:
         dependency = {"slurm_dependency": f"afterok:{after}",
                       "slurm_additional_parameters": {"kill_on_invalid_dep": "yes"}}
     return dict(
@@ -314,7 +361,8 @@ def _job_parameters(args, name, nodes, gpus_per_node, tasks, after=None):
         cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
         slurm_partition=args.partition, slurm_account=args.account, slurm_qos=args.qos,
         slurm_constraint=args.constraint, slurm_mem=args.mem, slurm_comment=args.comment,
-        slurm_signal_delay_s=120,  # time between SLURM's warning signal and the kill: enough to checkpoint
+        # time between SLURM's warning signal and the kill: enough to checkpoint
+        slurm_signal_delay_s=120,
         **dependency,
     )
 

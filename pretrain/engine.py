@@ -411,7 +411,8 @@ def run(prog, argv, task, resume):
             log_to_file_only(logger, logging.WARNING, f"{prog}: {line}")
         raise Preempted(e.signum, line) from None
     except KeyboardInterrupt:  # before the loop's handler was installed, or Ctrl-C twice
-        raise CommandFailed(f"interrupted; resume from the last checkpoint with: {resume_command(prog, argv)}",
+        raise CommandFailed("interrupted; resume from the last checkpoint with: "
+                            f"{resume_command(prog, argv)}",
                             EXIT_CODES[int(signal.SIGINT)], is_error=False) from None
     except TrainingDiverged as e:
         last = os.path.join(task.cfg.OUTPUT_DIR, ckpt.LAST_CHECKPOINT)

@@ -185,7 +185,8 @@ def test_recipe_precision_on_cuda_and_cpu(config, amp, dtype, tmp_path, restore_
     cfg = load_config(os.path.join(PRETRAIN_CONFIGS, config), ["OUTPUT_DIR", str(tmp_path)])
     # the resolution only reads the device type: no GPU needed to check what a CUDA run would use
     got_amp, got_dtype, _ = engine.precision_settings(cfg, torch.device("cuda"))
-    assert got_amp is amp and (not amp or got_dtype == dtype)  # fp16 -> train() builds the GradScaler
+    # fp16 -> train() builds the GradScaler
+    assert got_amp is amp and (not amp or got_dtype == dtype)
     assert json.load(open(tmp_path / engine.PRECISION_RECORD))["grad_scaler"] is amp
     assert engine.precision_settings(cfg, torch.device("cpu"))[0] is False
     assert cfg.TF32 is False and torch.backends.cudnn.allow_tf32 is False
@@ -194,7 +195,8 @@ def test_recipe_precision_on_cuda_and_cpu(config, amp, dtype, tmp_path, restore_
 
 def test_tf32_and_bf16_are_opt_in(tmp_path, restore_tf32):
     cfg = load_config(os.path.join(PRETRAIN_CONFIGS, "moco_v2_R50_200ep.yaml"),
-                      ["OUTPUT_DIR", str(tmp_path), "TF32", "True", "AMP.ENABLED", "True", "AMP.DTYPE", "bfloat16"])
+                      ["OUTPUT_DIR", str(tmp_path), "TF32", "True", "AMP.ENABLED", "True",
+                       "AMP.DTYPE", "bfloat16"])
     amp, dtype, _ = engine.precision_settings(cfg, torch.device("cpu"))
     assert amp and dtype == torch.bfloat16
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
@@ -636,8 +638,9 @@ def test_detection_header_names_every_difference_from_the_official_file(name, tm
 
 # --------------------------------------------------------------------------------------------------
 # paper mode: the detection config per init
-# ------------------------------------------------------------------------------------------------------------
-def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row(tmp_path, monkeypatch):
+# --------------------------------------------------------------------------------------------------
+def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row(tmp_path,
+                                                                                 monkeypatch):
     from mocobench.pipeline.config import load_pipeline_config
     from mocobench.pipeline.stages import Wiring
 
@@ -645,7 +648,8 @@ def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row
     weights = tmp_path / "R-50.pkl"
     weights.write_bytes(b"MSRA weights stand-in: never read by this stage")
     cfg = load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2_paper.yaml",
-                               ["OUTPUT_DIR", str(tmp_path / "run"), "SUPERVISED.WEIGHTS", str(weights)])
+                               ["OUTPUT_DIR", str(tmp_path / "run"),
+                                "SUPERVISED.WEIGHTS", str(weights)])
     run = Wiring(cfg, "configs/pipeline/voc_R50_C4_moco_v2_paper.yaml")
     # (sub-config paths are resolved to absolute ones: the pipeline runs from any working directory)
     assert run.transfer_config_file("supervised").endswith(
@@ -655,15 +659,17 @@ def test_pipeline_paper_mode_uses_the_msra_config_and_pkl_for_the_supervised_row
         "configs/detection/pascal_voc_R_50_C4_24k_moco.yaml")
     # the stage inputs (what a resumed run compares) carry the config of that init, text included
     inputs = run.transfer_inputs("random")
-    assert inputs["config_file"].endswith("_moco.yaml") and 'FORMAT: "RGB"' in inputs["config_text"]
+    assert inputs["config_file"].endswith("_moco.yaml") \
+        and 'FORMAT: "RGB"' in inputs["config_text"]
     # an MSRA .pkl is already detectron2 weights: the convert stage hands it on untouched
     run.outputs["supervised"] = run.use_supervised_weights()
     converted = run.run_convert("supervised")
     assert converted["pkl"] == str(weights) and not os.path.exists(run.path("convert"))
     run.outputs["convert_supervised"] = converted
     supervised = run.transfer_inputs("supervised")
-    assert supervised["config_file"].endswith("pascal_voc_R_50_C4_24k.yaml") and 'FORMAT: "BGR"' in \
-        supervised["config_text"] and supervised["weights_sha256"] == file_sha256(weights)
+    assert supervised["config_file"].endswith("pascal_voc_R_50_C4_24k.yaml") \
+        and 'FORMAT: "BGR"' in supervised["config_text"] \
+        and supervised["weights_sha256"] == file_sha256(weights)
 
 
 def test_pipeline_config_files_must_exist(tmp_path, monkeypatch):
@@ -671,8 +677,10 @@ def test_pipeline_config_files_must_exist(tmp_path, monkeypatch):
     from mocobench.utils.errors import UsageError
 
     monkeypatch.chdir(REPO)
-    with pytest.raises(UsageError, match="TRANSFER.CONFIG_FILES.SUPERVISED 'nope.yaml' does not exist"):
+    with pytest.raises(UsageError,
+                       match="TRANSFER.CONFIG_FILES.SUPERVISED 'nope.yaml' does not exist"):
         load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2.yaml",
                              ["TRANSFER.CONFIG_FILES.SUPERVISED", "nope.yaml"])
     with pytest.raises(UsageError, match="CONFIG_FILES.DETR"):
-        load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2.yaml", ["TRANSFER.CONFIG_FILES.DETR", "x.yaml"])
+        load_pipeline_config("configs/pipeline/voc_R50_C4_moco_v2.yaml",
+                             ["TRANSFER.CONFIG_FILES.DETR", "x.yaml"])

@@ -1,5 +1,6 @@
-"""`mocobench pipeline`: a shrunken demo end to end from another working directory, then a real kill mid-transfer
-and a re-run, skip / redo decisions, the dry-run preflight and fail-fast config errors."""
+"""`mocobench pipeline`: a shrunken demo end to end from another working directory, then a real
+kill mid-transfer and a re-run, skip / redo decisions, the dry-run preflight and fail-fast config
+errors."""
 import json
 import os
 import shutil
@@ -30,8 +31,9 @@ def manifest(out):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """The tiny pipeline, run from a working directory that is not the repository (shipped sub-config paths
-    are relative: they must resolve against the pipeline yaml / the shipped configs, not the cwd)."""
+    """The tiny pipeline, run from a working directory that is not the repository (shipped
+    sub-config paths are relative: they must resolve against the pipeline yaml / the shipped
+    configs, not the cwd)."""
     out = tmp_path_factory.mktemp("pipeline") / "run"
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     cwd = os.getcwd()
@@ -59,9 +61,11 @@ def test_shrunken_demo_runs_every_stage_and_reports(finished_run):
     report = json.loads((out / "report.json").read_text())
     [table] = report["tables"].values()
     assert list(table["rows"]) == ["random", "supervised", "moco"]
-    assert all(table["rows"][i]["cells"]["bbox/AP"]["n"] == 2 for i in table["rows"])  # 2 seeds each
+    # 2 seeds each
+    assert all(table["rows"][i]["cells"]["bbox/AP"]["n"] == 2 for i in table["rows"])
     for init in ("moco", "supervised", "random"):
-        seeds = {json.loads((out / "transfer" / init / f"seed{i}" / "results.json").read_text())["seed"]
+        seeds = {json.loads(
+                     (out / "transfer" / init / f"seed{i}" / "results.json").read_text())["seed"]
                  for i in range(2)}
         assert seeds == {0, 1}
     md = (out / "report.md").read_text()
@@ -70,7 +74,8 @@ def test_shrunken_demo_runs_every_stage_and_reports(finished_run):
 
 
 def _fork(argv, log):
-    """pipeline.main(argv) in a forked child (a real process for a real SIGKILL); returns its pid."""
+    """pipeline.main(argv) in a forked child (a real process for a real SIGKILL); returns its
+    pid."""
     pid = os.fork()
     if pid == 0:  # child
         try:
@@ -89,11 +94,13 @@ def test_killed_mid_transfer_then_rerun_gives_the_same_report(finished_run, tmp_
     report_before = json.loads((out / "report.json").read_text())["tables"]
     started = manifest(out)["stages"]
     # redo transfer_moco and SIGKILL the process while its second seed trains
-    pid = _fork(["--config-file", TINY, "OUTPUT_DIR", str(out), "--redo", "transfer_moco"], str(tmp_path / "log"))
+    pid = _fork(["--config-file", TINY, "OUTPUT_DIR", str(out), "--redo", "transfer_moco"],
+                str(tmp_path / "log"))
     deadline = time.time() + 300
     def second_seed_of_the_redo_started():  # the old transfer/moco is moved to superseded/ first
         moved = out / "superseded"
-        return moved.exists() and any((moved / stamp / "transfer" / "moco").exists() for stamp in os.listdir(moved)) \
+        return moved.exists() and any((moved / stamp / "transfer" / "moco").exists()
+                                      for stamp in os.listdir(moved)) \
             and (out / "transfer" / "moco" / "seed1").exists()
 
     while not second_seed_of_the_redo_started():
@@ -112,8 +119,8 @@ def test_killed_mid_transfer_then_rerun_gives_the_same_report(finished_run, tmp_
     assert run(out) == 0  # the same command again, no hand edits
     printed = capsys.readouterr().out
     after = manifest(out)["stages"]
-    for name in ("data", "pretrain", "supervised", "convert_moco", "convert_supervised", "transfer_supervised",
-                 "transfer_random"):
+    for name in ("data", "pretrain", "supervised", "convert_moco", "convert_supervised",
+                 "transfer_supervised", "transfer_random"):
         assert after[name]["started"] == started[name]["started"], f"{name} ran again"
         assert f"{name}: done earlier" in printed
     assert "transfer_moco (resuming)" in printed and after["transfer_moco"]["status"] == "done"
@@ -130,25 +137,31 @@ def test_dry_run_lists_the_plan_and_what_changed_and_writes_nothing(finished_run
     for init in ("moco", "supervised", "random"):
         assert "redo (inputs changed: seeds)" in lines[f"transfer_{init}"]
         assert "3 seeds x 2 iterations" in lines[f"transfer_{init}"]
-        assert " s" in lines[f"transfer_{init}"].split("|")[-1]  # an expected time from the measured run
+        # an expected time from the measured run
+        assert " s" in lines[f"transfer_{init}"].split("|")[-1]
     assert "all inputs present" in printed
     assert (finished_run / "manifest.json").read_text() == before
-    with pytest.raises(UsageError, match="--redo pretrian: not a stage of this pipeline; stages: data, pretrain"):
+    with pytest.raises(UsageError, match="--redo pretrian: not a stage of this pipeline; "
+                                         "stages: data, pretrain"):
         run(finished_run, "--redo", "pretrian", "--dry-run")
 
 
-def test_dry_run_of_a_new_run_estimates_every_stage_from_this_machines_earlier_pipeline(finished_run, tmp_path,
-                                                                                       capsys):
+def test_dry_run_of_a_new_run_estimates_every_stage_from_this_machines_earlier_pipeline(  # noqa: E501
+        finished_run, tmp_path, capsys):
     def estimates(*opts):
         assert run(tmp_path / "new", "--dry-run", *opts) == 0
-        rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("[")]
-        return {line.split()[1]: float(line.rsplit("~", 1)[1].split()[0]) for line in rows if "~" in line}
+        rows = [line for line in capsys.readouterr().out.splitlines()
+                if line.strip().startswith("[")]
+        return {line.split()[1]: float(line.rsplit("~", 1)[1].split()[0])
+                for line in rows if "~" in line}
 
     measured = {name: stage["seconds"] for name, stage in manifest(finished_run)["stages"].items()}
     two_seeds = estimates()
-    assert list(two_seeds) == STAGES  # nothing of this run has run: every estimate is the earlier pipeline's
+    # nothing of this run has run: every estimate is the earlier pipeline's
+    assert list(two_seeds) == STAGES
     assert two_seeds["pretrain"] == pytest.approx(measured["pretrain"], abs=0.5)
-    # the same work, twice as long: twice the time (transfer: seconds per seed-iteration; pretrain: per epoch)
+    # the same work, twice as long: twice the time (transfer: seconds per seed-iteration; pretrain:
+    # per epoch)
     pretrain_opts = list(load_pipeline_config(TINY, []).PRETRAIN.OPTS)
     pretrain_opts[pretrain_opts.index("SOLVER.EPOCHS") + 1] = "2"
     longer = estimates("TRANSFER.SEEDS", "4", "PRETRAIN.OPTS", repr(pretrain_opts))
@@ -181,7 +194,8 @@ def test_missing_checkpoint_is_caught_before_anything_runs(finished_run):
     (["PRETRAIN.CONFIG_FILE", "nope.yaml"], "PRETRAIN.CONFIG_FILE 'nope.yaml' does not exist"),
     (["DATA.SYNTH", "False", "DATA.PRETRAIN_ROOT", "/nonexistent/imagenet"],
      "missing input(s): ImageFolder train/ /nonexistent/imagenet/train"),
-    (["SUPERVISED.WEIGHTS", "/nonexistent/r50.pth"], "missing input(s): SUPERVISED.WEIGHTS /nonexistent/r50.pth"),
+    (["SUPERVISED.WEIGHTS", "/nonexistent/r50.pth"],
+     "missing input(s): SUPERVISED.WEIGHTS /nonexistent/r50.pth"),
 ])
 def test_bad_pipeline_config_fails_before_any_stage(tmp_path, opts, expected):
     with pytest.raises(UsageError) as e:
@@ -198,8 +212,9 @@ def test_a_stage_stopped_by_a_signal_stops_the_pipeline_with_its_exit_code(tmp_p
     monkeypatch.setattr("synth.cli.main", lambda argv: 143)  # `mocobench data`, on SIGTERM
     out = tmp_path / "run"
     assert cli.main(["pipeline", "--config-file", TINY, "OUTPUT_DIR", str(out)]) == 143
-    assert capsys.readouterr().err == ("mocobench pipeline: mocobench data stopped by a signal (exit 143); "
-                                       "run the same pipeline command again to resume\n")
+    assert capsys.readouterr().err == ("mocobench pipeline: mocobench data stopped by a signal "
+                                       "(exit 143); run the same pipeline command again to "
+                                       "resume\n")
     data = manifest(out)["stages"]["data"]
     assert data["status"] == "failed" and "(exit 143)" in data["error"]
     assert run(out, "--dry-run") == 0

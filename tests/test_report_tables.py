@@ -1,12 +1,13 @@
 """`mocobench report` on run directories made by the real writers, fast: the numbers in every
 table, line and file.
 
-Inputs come from the writers `mocobench transfer` and pretraining use, without training: run records from
-`transfer.record.build_record`/`write_record` on a config loaded by `transfer.config.load_config` (what
-transfer/run.py does after its final evaluation), a plain detectron2 directory from `CfgNode.dump` and
-detectron2's own `EventStorage` + `JSONWriter` (what `DefaultTrainer` writes), and a pretraining run from
-`mocobench.utils.events.MetricsWriter`. tests/test_report.py runs the same report on real trials (slow); these are what
-`make mutation` runs against transfer/report.py.
+Inputs come from the writers `mocobench transfer` and pretraining use, without training: run
+records from `transfer.record.build_record`/`write_record` on a config loaded by
+`transfer.config.load_config` (what transfer/run.py does after its final evaluation), a plain
+detectron2 directory from `CfgNode.dump` and detectron2's own `EventStorage` + `JSONWriter` (what
+`DefaultTrainer` writes), and a pretraining run from `mocobench.utils.events.MetricsWriter`.
+tests/test_report.py runs the same report on real trials (slow); these are what `make mutation`
+runs against transfer/report.py.
 """
 import csv
 import json
