@@ -380,7 +380,7 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
 
 
-def _agree(rank, port, queue):
+def _agree(rank, port, queue, signalled_ranks=(1,)):
     import torch.distributed as dist
 
     from mocobench.utils.preempt import Preemption
@@ -388,14 +388,16 @@ def _agree(rank, port, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     with Preemption() as stop:
         before = stop.agreed()
-        if rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is signalled
+        if rank in signalled_ranks:
+            os.kill(os.getpid(), signal.SIGTERM)
         after = stop.agreed()
     queue.put((rank, before, after))
     dist.destroy_process_group()
 
 
-def test_every_rank_agrees_to_stop_when_one_is_signalled():
+def _agreement_of_two_gloo_ranks(signalled_ranks):
+    """[(rank, agreed before the signal, agreed after it)] of 2 forked gloo processes, SIGTERM sent
+    to each of `signalled_ranks` by itself between the two votes."""
     import multiprocessing
     import socket
 
@@ -404,13 +406,26 @@ def test_every_rank_agrees_to_stop_when_one_is_signalled():
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_agree, args=(rank, port, queue)) for rank in (0, 1)]
+    procs = [ctx.Process(target=_agree, args=(rank, port, queue, signalled_ranks))
+             for rank in (0, 1)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(60)
-    assert results == [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
+    return results
+
+
+def test_every_rank_agrees_to_stop_when_one_is_signalled():
+    assert _agreement_of_two_gloo_ranks(signalled_ranks=(1,)) == \
+        [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
+
+
+def test_every_rank_agrees_on_the_signal_when_all_are_signalled():
+    # SLURM signals every task of the job: both ranks hold SIGTERM (15) and must agree on 15, the
+    # signal they got (exit 143, requeued), not on a sum of the ranks' signals (30)
+    assert _agreement_of_two_gloo_ranks(signalled_ranks=(0, 1)) == \
+        [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
 
 
 TRANSFER_CFG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
