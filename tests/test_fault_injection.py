@@ -343,6 +343,94 @@ def test_flags_may_follow_the_overrides(tiny_imagenet, reference, capsys):
     assert "already finished" in capsys.readouterr().out
 
 
+CHANGED_STATE_KEYS = [  # (key, value in the reference run, a value that changes its state)
+    ("SOLVER.BATCH_SIZE", 8, 16),
+    ("SEED", 0, 1),
+    ("SOLVER.OPTIMIZER", "sgd", "lars"),
+    ("MODEL.ARCH", "resnet18", "resnet34"),
+]
+
+
+@pytest.mark.parametrize("key,old,new", CHANGED_STATE_KEYS, ids=[c[0] for c in CHANGED_STATE_KEYS])
+def test_resume_that_changes_what_shapes_the_state_is_refused_and_writes_nothing(
+        key, old, new, tiny_imagenet, reference, capsys):
+    # the finished 2-epoch run, continued to a 3rd epoch with one state-shaping key changed
+    before, stats = sha256_tree(reference), stat_tree(reference)
+    argv = command("--resume", "auto",
+                   *opts(tiny_imagenet, reference, **{"SOLVER.EPOCHS": 3, key: new}))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"cannot resume from {os.path.join(reference, 'checkpoint_0001.pth.tar')}: the config " \
+           f"changes what shapes its state: {key} {old!r} -> {new!r}. Keep those values" in err[0]
+    assert sha256_tree(reference) == before and stat_tree(reference) == stats
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(tiny_imagenet, tmp_path_factory):
+    """A real run (this process, one process) stopped by a real SIGTERM during iteration 3 of
+    epoch 1: OUTPUT_DIR holds the mid-epoch checkpoint_iter_00000003.pth.tar it saved."""
+    from pretrain import engine
+
+    out = str(tmp_path_factory.mktemp("stopped") / "run")
+    real_step, calls = engine.optimization_step, []
+
+    def step_then_sigterm(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "optimization_step", step_then_sigterm)
+        assert cli.main(command(*opts(tiny_imagenet, out))) == 143
+    assert open(os.path.join(out, "last_checkpoint")).read() == "checkpoint_iter_00000003.pth.tar"
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_mid_epoch_checkpoint_is_refused_with_another_process_count(
+        stopped_mid_epoch, reference, tiny_imagenet):
+    from mocobench.utils.errors import UsageError
+    from pretrain.config import load_config
+    from pretrain.resume import plan_resume
+    from pretrain.train import MocoTask
+
+    before, stats = sha256_tree(stopped_mid_epoch), stat_tree(stopped_mid_epoch)
+    cfg = load_config(SYNTH_CFG, opts(tiny_imagenet, stopped_mid_epoch))
+    point = plan_resume(cfg, "auto", 1, MocoTask(cfg))  # the process count that wrote it
+    assert os.path.basename(point.path) == "checkpoint_iter_00000003.pth.tar"
+    assert (point.checkpoint["epoch_iteration"], point.checkpoint["world_size"]) == (3, 1)
+    assert not point.finished
+    with pytest.raises(UsageError) as refused:
+        plan_resume(cfg, "auto", 2, MocoTask(cfg))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(
+        f"cannot resume the mid-epoch checkpoint {point.path} with 2 process(es): it was written "
+        "by 1 (the data order of the epoch is sharded by the process count)")
+    assert sha256_tree(stopped_mid_epoch) == before and stat_tree(stopped_mid_epoch) == stats
+    # an epoch boundary has no position in the epoch's order: another process count may go on
+    cfg = load_config(SYNTH_CFG, opts(tiny_imagenet, reference, **{"SOLVER.EPOCHS": 3}))
+    point = plan_resume(cfg, "auto", 2, MocoTask(cfg))
+    assert os.path.basename(point.path) == "checkpoint_0001.pth.tar" and not point.finished
+
+
+def test_resume_from_a_checkpoint_outside_output_dir_never_deletes_it(
+        stopped_mid_epoch, reference, tiny_imagenet, tmp_path):
+    # a resume point (the name of a scratch checkpoint) copied out of its run: the run continued
+    # from it with --resume PATH into a new OUTPUT_DIR must leave it alone
+    outside = tmp_path / "kept" / "checkpoint_iter_00000003.pth.tar"
+    outside.parent.mkdir()
+    shutil.copyfile(os.path.join(stopped_mid_epoch, "checkpoint_iter_00000003.pth.tar"), outside)
+    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    out = str(tmp_path / "continued")
+    assert cli.main(command("--resume", str(outside), *opts(tiny_imagenet, out))) == 0
+    assert outside.exists(), "the --resume PATH checkpoint outside OUTPUT_DIR was deleted"
+    assert hashlib.sha256(outside.read_bytes()).hexdigest() == digest
+    assert os.listdir(outside.parent) == [outside.name]
+    assert_same_final_state(reference, out)  # and the resume from it was exact
+
+
 def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(
         tiny_imagenet, tmp_path, monkeypatch, capsys):
     # the supervised loop shares the mechanism: SIGUSR1 (a real signal to this process) during
@@ -380,7 +468,7 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
 
 
-def _agree(rank, port, queue):
+def _agree(rank, port, queue, signalled_ranks=(1,)):
     import torch.distributed as dist
 
     from mocobench.utils.preempt import Preemption
@@ -388,14 +476,16 @@ def _agree(rank, port, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     with Preemption() as stop:
         before = stop.agreed()
-        if rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is signalled
+        if rank in signalled_ranks:
+            os.kill(os.getpid(), signal.SIGTERM)
         after = stop.agreed()
     queue.put((rank, before, after))
     dist.destroy_process_group()
 
 
-def test_every_rank_agrees_to_stop_when_one_is_signalled():
+def _agreement_of_two_gloo_ranks(signalled_ranks):
+    """[(rank, agreed before the signal, agreed after it)] of 2 forked gloo processes, SIGTERM sent
+    to each of `signalled_ranks` by itself between the two votes."""
     import multiprocessing
     import socket
 
@@ -404,13 +494,26 @@ def test_every_rank_agrees_to_stop_when_one_is_signalled():
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_agree, args=(rank, port, queue)) for rank in (0, 1)]
+    procs = [ctx.Process(target=_agree, args=(rank, port, queue, signalled_ranks))
+             for rank in (0, 1)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(60)
-    assert results == [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
+    return results
+
+
+def test_every_rank_agrees_to_stop_when_one_is_signalled():
+    assert _agreement_of_two_gloo_ranks(signalled_ranks=(1,)) == \
+        [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
+
+
+def test_every_rank_agrees_on_the_signal_when_all_are_signalled():
+    # SLURM signals every task of the job: both ranks hold SIGTERM (15) and must agree on 15, the
+    # signal they got (exit 143, requeued), not on a sum of the ranks' signals (30)
+    assert _agreement_of_two_gloo_ranks(signalled_ranks=(0, 1)) == \
+        [(0, None, signal.SIGTERM), (1, None, signal.SIGTERM)]
 
 
 TRANSFER_CFG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")

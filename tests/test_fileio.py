@@ -23,6 +23,48 @@ def test_atomic_write_keeps_old_file_and_leaves_no_temp_on_error(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.pth"]
 
 
+class _Abort(BaseException):
+    """Neither an Exception nor a KeyboardInterrupt: what SystemExit or a GeneratorExit look like to
+    a handler that catches Exception only."""
+
+
+class _RaisesWhenPickled:
+    def __init__(self, exc_type):
+        self.exc_type = exc_type
+
+    def __reduce__(self):
+        raise self.exc_type("stopped while torch.save pickles")
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, _Abort], ids=["ctrl-c", "base-exception"])
+@pytest.mark.parametrize("existed", [True, False], ids=["old-file", "no-file"])
+def test_an_interrupted_write_keeps_the_old_file_or_none_and_leaves_no_temp(tmp_path, exc_type,
+                                                                            existed):
+    """Ctrl-C (KeyboardInterrupt) or any other BaseException inside the write: the target keeps
+    its old bytes (or still does not exist) and no temporary file is left, for atomic_write and
+    atomic_torch_save (which raises from inside torch.save's pickling)."""
+    text, ckpt = tmp_path / "notes.txt", tmp_path / "ckpt.pth"
+    if existed:
+        text.write_bytes(b"old content\n")
+        atomic_torch_save({"w": torch.ones(3)}, ckpt)
+    names = sorted(os.listdir(tmp_path))
+    with pytest.raises(exc_type):
+        with atomic_write(text) as f:
+            f.write(b"half of the new content")
+            f.flush()
+            assert any(n.endswith(".tmp") for n in os.listdir(tmp_path))  # the temp file exists
+            raise exc_type("stopped mid-write")
+    with pytest.raises(exc_type, match="stopped while torch.save pickles"):
+        atomic_torch_save({"w": torch.zeros(3), "x": _RaisesWhenPickled(exc_type)}, ckpt)
+    left = sorted(set(os.listdir(tmp_path)) - set(names))
+    assert not left, f"the interrupted writes left {left}"  # no .tmp, no new target
+    if existed:
+        assert text.read_bytes() == b"old content\n"
+        assert torch.equal(load_checkpoint(ckpt)["w"], torch.ones(3))
+    else:
+        assert names == []
+
+
 def test_a_full_disk_is_a_one_line_error_naming_the_file_and_keeps_the_old_checkpoint(tmp_path):
     """A real refused write: the child runs under a 1 MiB file-size limit (EFBIG, what a full disk's
     ENOSPC looks like to the writer); torch.save reports it as a RuntimeError from its zip

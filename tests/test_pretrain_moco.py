@@ -633,3 +633,40 @@ def test_moco_v3_ddp_two_ranks_with_syncbn_equals_one_process_on_the_global_batc
     for key in ("base_encoder.conv1.weight", "predictor.0.weight", "momentum_encoder.conv1.weight",
                 "base_encoder.bn1.running_mean", "momentum_encoder.fc.1.running_var"):
         assert (state[key] - initial[key]).abs().max() > 1e-3, key
+
+
+def test_moco_v2_training_moves_the_queue_by_exactly_the_keys_of_its_iterations():
+    """Three iterations of the real MoCo v2 training (pretrain.engine.train_one_epoch with MoCo's
+    task, the shipped CPU config: ResNet-18, split BN) with K 32 and batch 8: the pointer stands at
+    3 * 8 = 24, the 24 columns those iterations wrote are new unit keys, the other 8 are the
+    initial queue, bit for bit. (A run whose iterations fill the queue a whole number of times
+    ends with the pointer at 0, as a run that never enqueues does.)"""
+    from pretrain import engine
+    from pretrain.config import load_config, lr_at
+    from pretrain.moco import build_model
+    from pretrain.train import MocoTask
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(repo, "configs", "pretrain", "synth_R18_cpu.yaml"),
+                      ["MOCO.K", "32", "SOLVER.BATCH_SIZE", "8", "MOCO.SHUFFLE_BN_SPLITS", "2",
+                       "INPUT.SIZE", "32", "DEVICE", "cpu", "LOG_PERIOD", "1"])
+    assert (cfg.MOCO.VERSION, cfg.MOCO.MLP) == ("v2", True)
+    iterations, batch, K = 3, cfg.SOLVER.BATCH_SIZE, cfg.MOCO.K
+    engine.seed_all(cfg.SEED)
+    model = build_model(cfg, bn_splits=2)
+    initial = model.queue.clone()
+    assert int(model.queue_ptr) == 0
+    g = torch.Generator().manual_seed(0)
+    loader = [((torch.randn(batch, 3, 32, 32, generator=g),
+                torch.randn(batch, 3, 32, 32, generator=g)), torch.zeros(batch, dtype=torch.long))
+              for _ in range(iterations)]
+    optimizer = engine.build_optimizer(cfg, model.parameters(), lr_at(cfg, 0.0))
+    done = engine.train_one_epoch(MocoTask(cfg), model, loader, optimizer, None, 0, 0,
+                                  torch.device("cpu"), (False, torch.float32, False), _StepLog())
+    assert done == iterations
+    written = iterations * batch
+    assert int(model.queue_ptr) == written % K == 24
+    changed = (model.queue != initial).any(dim=0)  # per column
+    assert changed[:written].all(), f"columns never written: {(~changed[:written]).nonzero()}"
+    assert torch.equal(model.queue[:, written:], initial[:, written:])
+    torch.testing.assert_close(model.queue[:, :written].norm(dim=0), torch.ones(written))

@@ -169,3 +169,50 @@ def test_bad_input_is_a_clear_error(tiny_imagenet, tmp_path, capsys):
                        match=r"two_classes.pth.tar: state_dict does not match the model"):
         supervised.main(["--config-file", SUP_CFG, "--resume", bad,
                          *opts(tiny_imagenet, str(tmp_path / "b"))])
+
+
+def test_a_step_that_draws_torch_rng_resumes_bit_exactly_after_a_mid_epoch_stop(
+        tiny_imagenet, tmp_path, monkeypatch, capsys):
+    """The supervised step draws no torch random numbers of its own; here it does (a random factor
+    on the loss, so the draws reach the gradients): stopped by a real SIGTERM during iteration 3
+    and resumed, the run must restore the torch RNG state and end where the uninterrupted one
+    does, bit for bit."""
+    import signal
+
+    from pretrain import engine
+
+    real_step, real_optimization_step = supervised.SupervisedTask.step, engine.optimization_step
+
+    def step_drawing_torch_rng(self, *args):
+        loss, logits, target = real_step(self, *args)
+        return loss * (1.0 + 1e-3 * torch.rand(())), logits, target
+
+    monkeypatch.setattr(supervised.SupervisedTask, "step", step_drawing_torch_rng)
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    assert cli.main(["supervised", "--config-file", SUP_CFG, *opts(tiny_imagenet, full)]) == 0
+    calls = []
+
+    def step_then_sigterm(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_optimization_step(*args)
+
+    monkeypatch.setattr(engine, "optimization_step", step_then_sigterm)
+    assert cli.main(["supervised", "--config-file", SUP_CFG, *opts(tiny_imagenet, stopped)]) == 143
+    assert "stopped by SIGTERM after iteration 3/4 of epoch 1" in capsys.readouterr().err
+    assert open(os.path.join(stopped, "last_checkpoint")).read() == \
+        "checkpoint_iter_00000003.pth.tar"
+    monkeypatch.setattr(engine, "optimization_step", real_optimization_step)
+    assert cli.main(["supervised", "--config-file", SUP_CFG, "--resume", "auto",
+                     *opts(tiny_imagenet, stopped)]) == 0
+    assert "iteration 4/4 of it (iteration 3)" in capsys.readouterr().out
+
+    a = load_checkpoint(os.path.join(full, "checkpoint_0001.pth.tar"))
+    b = load_checkpoint(os.path.join(stopped, "checkpoint_0001.pth.tar"))
+    assert a["iteration"] == b["iteration"] == 8
+    assert list(a["state_dict"]) == list(b["state_dict"])
+    for key in a["state_dict"]:  # weights and BN buffers
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert_optimizer_states_equal(a["optimizer"], b["optimizer"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # the same 8 draws, no more
