@@ -3,9 +3,11 @@ import math
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
-from pretrain.knn import knn_accuracy, knn_predict
+from pretrain.knn import extract_features, knn_accuracy, knn_predict, shard
 
 
 def batches(features, labels, batch_size=64):
@@ -67,3 +69,64 @@ def test_two_view_batches_and_k_larger_than_bank():
 def test_empty_loader_is_an_error():
     with pytest.raises(ValueError, match="no batches"):
         knn_accuracy(lambda x: x, [], [], num_classes=2)
+
+
+# ------------------------------------------------------------------------------- 2 gloo processes
+def near_and_far_bank():
+    """A bank where k=3 decides: around each axis e_g of R^4 the nearest point is class g, the next
+    two are class g+1 (a query on e_g is class g+1), plus one point far from every query. 13 rows
+    in a fixed shuffled order, so 2 ranks get 7 and 6 of them; 8 queries (2 per axis)."""
+    eye = torch.eye(4)
+    rows, labels, queries, query_labels = [], [], [], []
+    for g in range(4):
+        rows += [eye[g] + 0.05 * eye[(g + 1) % 4], eye[g] + 0.10 * eye[(g + 2) % 4],
+                 eye[g] + 0.15 * eye[(g + 3) % 4]]
+        labels += [g, (g + 1) % 4, (g + 1) % 4]
+        queries += [eye[g], eye[g] - 0.01 * eye[(g + 1) % 4]]
+        query_labels += [(g + 1) % 4] * 2
+    rows.append(-torch.ones(4))
+    labels.append(0)
+    order = torch.randperm(13, generator=torch.Generator().manual_seed(0))
+    return (TensorDataset(torch.stack(rows)[order], torch.tensor(labels)[order]),
+            TensorDataset(torch.stack(queries), torch.tensor(query_labels)))
+
+
+def knn_loaders(bank, queries):
+    """This rank's shards of both, in batches of 3 (uneven: the last batch is short)."""
+    return [DataLoader(shard(d), batch_size=3, shuffle=False) for d in (bank, queries)]
+
+
+def _knn_rank(rank, world, init_method, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    train, val = knn_loaders(*near_and_far_bank())
+    bank, labels = extract_features(lambda x: x, train, "cpu")
+    top1 = knn_accuracy(lambda x: x, train, val, k=3, t=0.1, num_classes=4)
+    torch.save({"bank": bank, "labels": labels, "top1": top1, "shard": len(train.dataset)},
+               f"{out}/knn{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_score_exactly_as_one_with_k_below_the_bank_size(tmp_path, rendezvous):
+    train, val = knn_loaders(*near_and_far_bank())
+    bank, labels = extract_features(lambda x: x, train, "cpu")
+    top1 = knn_accuracy(lambda x: x, train, val, k=3, t=0.1, num_classes=4)
+    assert top1 == 100.0 and bank.shape == (13, 4)
+    # the data tells a duplicated bank apart: every row twice, the nearest (class g) outvotes the
+    # two class g+1 ones, and every query is wrong
+    queries, query_labels = val.dataset.tensors
+    query = F.normalize(queries, dim=1)
+    doubled = knn_predict(query, bank.repeat_interleave(2, 0), labels.repeat_interleave(2), 4, k=3)
+    assert (doubled.argmax(1) == query_labels).sum() == 0
+    mp.spawn(_knn_rank, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"knn{r}.pt") for r in range(2)]
+    # the same accuracy on both ranks as one process ...
+    assert [r["top1"] for r in ranks] == [top1, top1] == [100.0, 100.0]
+    # ... from the whole bank, in the dataset's order, bit for bit, each rank extracting its share
+    assert [r["shard"] for r in ranks] == [7, 6]
+    for r in ranks:
+        assert r["bank"].shape == (13, 4), r["bank"].shape
+        assert torch.equal(r["bank"], bank) and torch.equal(r["labels"], labels)

@@ -195,3 +195,46 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(
     assert open(os.path.join(out, "last_checkpoint")).read().strip() == "checkpoint_0000.pth.tar"
     assert open(os.path.join(out, "checkpoint_0000.pth.tar"), "rb").read() == saved
     assert not os.path.exists(os.path.join(out, "checkpoint_0001.pth.tar"))
+
+
+def test_fp16_steps_go_through_a_real_gradscaler_skipping_the_overflows():
+    """optimization_step's GradScaler branch (MoCo v3's fp16 on CUDA) on CPU: fp16 autocast and a
+    real torch.amp.GradScaler("cpu"). A loss whose scaled gradients overflow fp16 is skipped and
+    the scale halves; a normal one is an SGD step on the unscaled gradients."""
+    import copy
+
+    from pretrain import engine
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(8, 4)
+
+    def loss_of(net, factor):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = net(x)
+        assert out.dtype == torch.float16
+        return out.float().pow(2).mean() * factor
+
+    start = [p.detach().clone() for p in model.parameters()]
+    # finite in fp32 (the loss is checked before anything), but 1024 x 1000 x its gradient is past
+    # fp16's 65504 in the backward of the fp16 matmul
+    big = loss_of(model, 1000.0)
+    assert engine.optimization_step(big, optimizer, scaler, 0, 0, 0, 2) == big.item()
+    assert all(not torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start)), \
+        f"the overflowing step was taken: {list(model.parameters())}"
+    # no momentum buffer yet: the optimizer never stepped
+    assert scaler.get_scale() == 512.0 and optimizer.state_dict()["state"] == {}
+    # a normal loss: the step is taken with the gradients unscaled (those of the same fp16 forward
+    # without a scaler; the first momentum step is lr x gradient), and the scale stays
+    reference = copy.deepcopy(model)
+    loss_of(reference, 1.0).backward()
+    normal = loss_of(model, 1.0)
+    assert engine.optimization_step(normal, optimizer, scaler, 1, 0, 1, 2) == normal.item()
+    assert scaler.get_scale() == 512.0
+    for p, s, r in zip(model.parameters(), start, reference.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-6)
+        assert p.grad.abs().max() > 1e-3
+        torch.testing.assert_close(p.detach(), s - 0.1 * r.grad, rtol=1e-4, atol=1e-6)

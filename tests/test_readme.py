@@ -1,6 +1,7 @@
 """The README is executable: every `mocobench` command of its Commands block runs as written, from a
 scratch directory, on generated data. The substitutions (data paths, sizes) are listed here and in
 the README."""
+import json
 import os
 import re
 import shlex
@@ -89,3 +90,46 @@ def test_every_readme_command_runs_as_written_on_generated_data(tmp_path, monkey
         assert os.path.isfile(tmp_path / path), path
     # the pipeline's preflight found every substituted input
     assert "all inputs present" in printed.out
+    check_report_table(tmp_path)
+
+
+def markdown_tables(text):
+    """Every markdown table in `text`: (header cells, [row cells]), a table being a `| ... |` line,
+    a `|---|...` separator and the `|` lines that follow."""
+    def cells(line):
+        assert line.startswith("| ") and line.endswith(" |"), line
+        return [c.strip() for c in line[2:-2].split(" | ")]
+
+    lines, tables = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if i and re.fullmatch(r"\|(---\|)+", line):
+            rows = []
+            for row in lines[i + 1:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(cells(row))
+            tables.append((cells(lines[i - 1]), rows))
+    return tables
+
+
+def check_report_table(root):
+    """report.md holds the VOC table of the one trial the block trained: the paper's columns, a row
+    for its init (named after mocov2.pkl, guessed), in each cell the record's number with n=1."""
+    text = (root / "out" / "report" / "report.md").read_text(encoding="utf-8")
+    rec = json.loads((root / "out" / "voc_moco" / "seed0" / "results.json").read_text())
+    tables = markdown_tables(text)
+    # one table: no published block, the tiny config is not an official one
+    assert len(tables) == 1, f"report.md has {len(tables)} tables:\n{text}"
+    [(header, rows)] = tables
+    assert header == ["pre-train", "AP50", "AP", "AP75", "config file"], text
+    assert [row[0] for row in rows] == ["mocov2 ‡"], text
+    [row] = rows
+    assert len(row) == len(header) and row[-1] == "tiny_synth_voc_R_50_C4.yaml", row
+    [results] = rec["results"].values()
+    for metric, cell in zip(header[1:-1], row[1:-1]):
+        match = re.fullmatch(r"(-?\d+)\.(\d+) \(n=1\)", cell)
+        assert match, (metric, cell)
+        value, decimals = float(cell.split()[0]), len(match.group(2))
+        assert decimals in (1, 2) \
+            and value == pytest.approx(results["bbox"][metric], abs=0.5 * 10 ** -decimals), \
+            (metric, cell, results)

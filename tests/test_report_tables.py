@@ -157,6 +157,52 @@ def test_deltas_are_welch_intervals_to_the_baseline(summary):
             "significant": None}
 
 
+# supervised above moco on every metric: AP50 and AP by far more than their seed noise, AP75 by
+# less
+WORSE = {"supervised": [(82.0, 55.0, 60.0), (83.0, 56.0, 62.0), (82.5, 55.5, 58.0),
+                        (83.5, 56.5, 61.0)],
+         "moco": [(80.0, 52.0, 59.0), (79.0, 51.0, 62.0), (80.5, 52.5, 57.0)]}
+
+
+def welch_by_hand(a, b):
+    """mean(a) - mean(b) and its 95 % Welch interval, written out: sample variances, the standard
+    error, the Welch–Satterthwaite degrees of freedom and scipy's t quantile."""
+    from scipy.stats import t
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    diff = statistics.mean(a) - statistics.mean(b)
+    half = t.ppf(0.975, df) * math.sqrt(va + vb)
+    return diff, diff - half, diff + half, df
+
+
+def test_a_significantly_negative_difference_is_marked_with_its_sign(tmp_path):
+    for init, seeds in WORSE.items():
+        for seed, values in enumerate(seeds):
+            write_trial(tmp_path / "runs", init, seed, values)
+    summary = report.write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    [table] = summary["tables"].values()
+    deltas = table["rows"]["moco"]["deltas"]
+    [moco] = [x for x in summary["markdown"].splitlines() if x.startswith("| moco |")]
+    cells = moco.split(" | ")[1:4]
+    for metric, cell, significant in zip(VOC, cells, (True, True, False)):
+        i = VOC.index(metric)
+        diff, low, high, df = welch_by_hand([v[i] for v in WORSE["moco"]],
+                                            [v[i] for v in WORSE["supervised"]])
+        assert diff < 0 and (high < 0) == significant, (metric, diff, low, high)
+        d = deltas[f"bbox/{metric}"]
+        assert d["diff"] == pytest.approx(diff) and d["df"] == pytest.approx(df)
+        assert d["low"] == pytest.approx(low) and d["high"] == pytest.approx(high)
+        assert d["significant"] is significant
+        text = f"Δ {diff:+.1f} [{low:+.1f}, {high:+.1f}]" + ("*" if significant else "")
+        assert cell.endswith(text), (metric, cell, text)
+    # the numbers themselves (AP: 51.83 - 55.75, se 0.546, df 3.96, t 2.78): the whole interval
+    # below zero
+    assert deltas["bbox/AP"]["diff"] == pytest.approx(-3.9166667)
+    assert deltas["bbox/AP"]["df"] == pytest.approx(3.959, abs=1e-3)
+    assert cells[1] == "51.8 ± 0.8 (n=3), Δ -3.9 [-5.4, -2.4]*"
+
+
 def test_failures_name_the_seed_and_the_nan_metric(summary, runs):
     a = table_of(summary, 300)
     assert a["failures"] \

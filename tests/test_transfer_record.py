@@ -84,23 +84,66 @@ def test_the_written_record_reads_back_with_every_field(tmp_path):
     assert back["weights_info"] == {"sha256": "ab" * 32}
 
 
-def test_identity_leaves_out_init_and_run_keys_only(tmp_path):
-    base = record.experiment_identity(config(tmp_path))
+# written out here, not read from transfer/record.py: a key dropped from (or added to) the module's
+# sets is caught by the tests below. Each with a value other than synth_voc_R18_FPN_cpu.yaml's.
+INIT_KEYS = {"MODEL.WEIGHTS": "x.pkl", "MODEL.PIXEL_MEAN": "[103.53, 116.28, 123.675]",
+             "MODEL.PIXEL_STD": "[1.0, 1.0, 1.0]", "INPUT.FORMAT": "BGR",
+             "MODEL.RESNETS.STRIDE_IN_1X1": "True"}
+RUN_KEYS = {"SEED": "7", "OUTPUT_DIR": "elsewhere", "MODEL.DEVICE": "cuda",
+            "DATALOADER.NUM_WORKERS": "0", "SOLVER.CHECKPOINT_PERIOD": "7", "TEST.EVAL_PERIOD": "3",
+            "VIS_PERIOD": "5", "CUDNN_BENCHMARK": "True", "GLOBAL.HACK": "0.5",
+            "MOCOBENCH.LOG_PERIOD": "1", "MOCOBENCH.REQUIRE_WEIGHTS": "True",
+            "MOCOBENCH.SYNTH_ROOT": "/synth"}
+# keys of the experiment: a change is another experiment
+EXPERIMENT_KEYS = {"SOLVER.MAX_ITER": "2", "SOLVER.BASE_LR": "0.02", "SOLVER.WEIGHT_DECAY": "0.001",
+                   "MODEL.RESNETS.DEPTH": "34", "MODEL.RESNETS.NORM": "BN",
+                   "MODEL.ROI_HEADS.SCORE_THRESH_TEST": "0.5", "MODEL.RPN.NMS_THRESH": "0.6",
+                   "INPUT.MIN_SIZE_TEST": "160", "INPUT.MIN_SIZE_TRAIN": "(128,)",
+                   "TEST.DETECTIONS_PER_IMAGE": "50", "DATASETS.TRAIN": "('synth_voc_test',)"}
+
+
+def test_the_identity_is_the_config_minus_the_init_and_run_keys_written_out(tmp_path):
+    assert record.NOT_IDENTITY == set(INIT_KEYS) | set(RUN_KEYS)
+    assert set(record.INIT_KEYS) == set(INIT_KEYS) and set(record.RUN_KEYS) == set(RUN_KEYS)
     flat = record.flatten_config(config(tmp_path))
-    assert set(base) == set(flat) - record.NOT_IDENTITY and list(base) == sorted(base)
-    assert not set(base) & record.NOT_IDENTITY
+    base = record.experiment_identity(config(tmp_path))
+    # every init/run key is in the config (so leaving it out means something), every other key stays
+    assert set(INIT_KEYS) | set(RUN_KEYS) <= set(flat)
+    assert set(base) == set(flat) - set(INIT_KEYS) - set(RUN_KEYS) and list(base) == sorted(base)
+    assert base == {k: v for k, v in flat.items() if k in base}
     assert base["MODEL.RESNETS.DEPTH"] == 18 \
         and base["INPUT.MIN_SIZE_TRAIN"] == [96, 112, 128, 144, 160]
     # tuples as lists: equal after a JSON trip
     assert base["DATASETS.TRAIN"] == ["synth_voc_trainval"]
-    # how a trial was initialised or where it ran: the same experiment
-    same = config(tmp_path / "other", "SEED", "7", "MODEL.WEIGHTS", "x.pkl",
-                  "MODEL.PIXEL_MEAN", "[103.53, 116.28, 123.675]", "MODEL.PIXEL_STD",
-                  "[1.0, 1.0, 1.0]", "INPUT.FORMAT", "BGR", "MODEL.RESNETS.STRIDE_IN_1X1", "True",
-                  "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "7",
-                  "TEST.EVAL_PERIOD", "3", "MOCOBENCH.LOG_PERIOD", "1")
+    # all init and run keys changed at once: still the same experiment
+    same = config(tmp_path, *[x for kv in {**INIT_KEYS, **RUN_KEYS}.items() for x in kv])
     assert record.experiment_identity(same) == base
     assert record.identity_sha(record.experiment_identity(same)) == record.identity_sha(base)
+
+
+@pytest.mark.parametrize("key", sorted({**INIT_KEYS, **RUN_KEYS}))
+def test_an_init_or_run_key_leaves_the_identity_alone(tmp_path, key):
+    base_cfg = config(tmp_path)
+    changed_cfg = config(tmp_path, key, {**INIT_KEYS, **RUN_KEYS}[key])
+    flat, changed_flat = record.flatten_config(base_cfg), record.flatten_config(changed_cfg)
+    # the override took: the configs differ in this key only ...
+    assert [k for k in flat if flat[k] != changed_flat[k]] == [key]
+    # ... and that is the same experiment
+    base, changed = record.experiment_identity(base_cfg), record.experiment_identity(changed_cfg)
+    assert changed == base and record.identity_sha(changed) == record.identity_sha(base)
+    assert key not in changed
+
+
+@pytest.mark.parametrize("key", sorted(EXPERIMENT_KEYS))
+def test_an_experiment_key_changes_the_identity(tmp_path, key):
+    base = record.experiment_identity(config(tmp_path))
+    changed = record.experiment_identity(config(tmp_path, key, EXPERIMENT_KEYS[key]))
+    assert record.identity_diff(base, changed) == [key]
+    assert record.identity_sha(changed) != record.identity_sha(base)
+
+
+def test_identity_diff_names_the_keys(tmp_path):
+    base = record.experiment_identity(config(tmp_path))
     # a different schedule or architecture: another experiment, and the diff names the keys
     other = record.experiment_identity(config(tmp_path, "SOLVER.MAX_ITER", "2",
                                               "MODEL.RESNETS.DEPTH", "34"))

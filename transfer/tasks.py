@@ -1,8 +1,9 @@
 """The MoCo paper's other transfer tasks (Table 6): which metrics make each table, and the
 published rows.
 
-A task is recognized by the test dataset of a run (detectron2's builtin name, or the synth_* twin).
-For each:
+A task's runs are recognized by their evaluator type, under which the report registers the task's
+columns; `datasets` names the test datasets (detectron2's builtin name, or the synth_* twin) of the
+task. For each:
 
     columns    (result group, metric, title): the paper's columns, read from the evaluation results
                ("keypoints/AP" is results["keypoints"]["AP"]), registered by evaluator type
@@ -40,7 +41,6 @@ DensePose (Table 6's fifth task) is not here: see the README ("What DensePose wo
 
 This module is plain data with no detectron2 import, so that the report can read it anywhere.
 """
-import os
 from dataclasses import dataclass, field
 
 PAPER = "He et al., CVPR 2020 (arXiv:1911.05722)"
@@ -61,17 +61,6 @@ class Task:
     columns: tuple  # ((evaluator result group, metric, column title), ...), in the paper's order
     # {config path under configs/: [(row label, {key: value}, source)]}
     published: dict = field(default_factory=dict)
-
-    @property
-    def keys(self):
-        return [f"{group}/{metric}" for group, metric, _ in self.columns]
-
-    def published_rows(self, config_file: str) -> list:
-        """[(label, {results key: value}, source)] published for `config_file` (path ending in
-        configs/<dir>/<name>)."""
-        config_file = (config_file or "").replace(os.sep, "/")
-        return next((rows for name, rows in self.published.items() if config_file.endswith(name)),
-                    [])
 
 
 KEYPOINT_COLUMNS = (("keypoints", "AP", "AP^kp"), ("keypoints", "AP50", "AP^kp_50"),
@@ -166,26 +155,3 @@ TASKS = (
             ("moco_ig1b", (73.6,), T6_CORROBORATED))},
     ),
 )
-
-_BY_DATASET = {dataset: task for task in TASKS for dataset in task.datasets}
-
-
-def task_for_dataset(dataset_name: str):
-    """The Task whose table a run evaluated on `dataset_name` belongs to, or None (VOC/COCO
-    detection)."""
-    return _BY_DATASET.get(dataset_name)
-
-
-def results_value(results: dict, key: str):
-    """results["keypoints"]["AP"] for key "keypoints/AP"; None when absent or not a number (NaN ->
-    None).
-
-    LVIS and COCO report -100 (their -1 times 100) for a metric without ground truth (e.g. APr on a
-    split without rare classes): that is "not measured", not a score, and reads as None too.
-    """
-    group, metric = key.split("/", 1)
-    value = (results.get(group) or {}).get(metric)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value \
-            or value < 0:
-        return None
-    return float(value)
