@@ -42,7 +42,7 @@ setup(
         # the paper's other transfer tasks: LVIS evaluation (lvis), Cityscapes polygons in
         # detectron2's loader (shapely)
         "tasks": ["lvis", "shapely"],
-        # optional Weights & Biases logging (WANDB.ENABLED, MOCOBENCH.WANDB.ENABLED; docs/logging.md)
+        # optional W&B logging (WANDB.ENABLED, MOCOBENCH.WANDB.ENABLED; docs/logging.md)
         "wandb": ["wandb"],
         # timm and lightly: the tests build checkpoints of those layouts with the real packages
         # (convert); pytest-timeout: per-test limit (pytest.ini); pytest-xdist: `pytest -n 2`;
