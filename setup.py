@@ -42,11 +42,13 @@ setup(
         # the paper's other transfer tasks: LVIS evaluation (lvis), Cityscapes polygons in
         # detectron2's loader (shapely)
         "tasks": ["lvis", "shapely"],
+        # optional W&B logging (WANDB.ENABLED, MOCOBENCH.WANDB.ENABLED; docs/logging.md)
+        "wandb": ["wandb"],
         # timm and lightly: the tests build checkpoints of those layouts with the real packages
         # (convert); pytest-timeout: per-test limit (pytest.ini); pytest-xdist: `pytest -n 2`;
-        # mutmut: `make mutation`
+        # mutmut: `make mutation`; wandb: its offline mode is tested (tests/test_run_logging.py)
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "mutmut==3.8.1", "ruff",
-                 "submitit>=1.5", "timm>=0.9", "lightly>=1.4", "lvis", "shapely"],
+                 "submitit>=1.5", "timm>=0.9", "lightly>=1.4", "lvis", "shapely", "wandb"],
     },
     entry_points={"console_scripts": ["mocobench=mocobench.cli:main"]},
 )

@@ -100,6 +100,13 @@ _C.KNN.T = 0.1
 _C.KNN.BATCH_SIZE = 256
 
 _C.LOG_PERIOD = 20  # iterations between metrics.json / TensorBoard records
+
+# Optional Weights & Biases logging (pip install -e '.[wandb]'; docs/logging.md): the scalars of
+# metrics.json and this config as the W&B run's config. Off by default.
+_C.WANDB = CfgNode()
+_C.WANDB.ENABLED = False
+_C.WANDB.PROJECT = "mocobench"
+_C.WANDB.NAME = ""  # "" = the OUTPUT_DIR's name
 # A checkpoint is written after every epoch (resume point); one every CHECKPOINT_PERIOD epochs and
 # the last one are kept, the others are deleted once the next one is written.
 _C.CHECKPOINT_PERIOD = 10
@@ -193,6 +200,10 @@ def validate(cfg, moco=True):
         raise UsageError(
             f"MOCO.K = {cfg.MOCO.K} must be divisible by the global batch size "
             f"SOLVER.BATCH_SIZE = {cfg.SOLVER.BATCH_SIZE} (the queue advances by whole batches)")
+    if cfg.WANDB.ENABLED:
+        from mocobench.utils.events import check_wandb
+
+        check_wandb("WANDB.ENABLED")
     if not cfg.DATA.ROOT:
         raise UsageError(
             "DATA.ROOT is empty: set it to the ImageFolder root that holds train/ (and val/)")

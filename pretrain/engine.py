@@ -244,8 +244,11 @@ class LogWindow:
         return self.n * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
 
     def means(self):
+        """The window's means (img_per_s: its images over its wall time), in the order of the log
+        line."""
         n = self.n
-        return {"loss": self.loss / n, "acc1": self.acc1 / n, "data_time": self.data_time / n}
+        return {"loss": self.loss / n, "acc1": self.acc1 / n, "img_per_s": self.img_per_s(),
+                "data_time": self.data_time / n}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,13 +282,14 @@ def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, de
         # this process's share
         acc1 = (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
         window.add(loss_value, acc1, data_time)
-        img_per_s = window.img_per_s()
-        progress.update(i, loss=loss_value, acc1=acc1, lr=lr, img_s=round(img_per_s, 1))
+        progress.update(i, loss=loss_value, acc1=acc1, lr=lr)  # the bar: this iteration
         if iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters:
+            # metrics.json, TensorBoard, W&B and the log line: the same numbers, means over the
+            # window where the value is one per iteration
             means = window.means()
-            metrics.write(iteration, epoch=epoch + 1, loss=means["loss"], acc1=means["acc1"], lr=lr,
-                          img_per_s=img_per_s, data_time=means["data_time"],
-                          **task.iteration_scalars(iteration, epoch_float))
+            now = {"lr": lr, **task.iteration_scalars(iteration, epoch_float)}
+            metrics.write(iteration, epoch=epoch + 1, **means, **now)
+            progress.log(i, iteration, {"n": window.n, **means}, now)
             window.reset()
         if checkpointer is not None:
             checkpointer.after_iteration(epoch, i, iters, iteration)
@@ -352,12 +356,23 @@ def train(task, resume=None):
     return model
 
 
+def wandb_settings(cfg):
+    """MetricsWriter's W&B settings (None: off): the config's WANDB keys and the merged config as
+    the W&B run's config."""
+    if not cfg.get("WANDB") or not cfg.WANDB.ENABLED:
+        return None
+    import yaml
+
+    return {"project": cfg.WANDB.PROJECT, "name": cfg.WANDB.NAME,
+            "config": yaml.safe_load(cfg.dump())}
+
+
 def run_epochs(task, model, train_set, loader, optimizer, scaler, precision, device, start, point):
     """The epochs from `start` = (epoch, iteration of the run, iteration within the epoch)."""
     cfg = task.cfg
     start_epoch, iteration, start_i = start
     batch_per_rank = loader.batch_size
-    metrics = MetricsWriter(cfg.OUTPUT_DIR, iteration)
+    metrics = MetricsWriter(cfg.OUTPUT_DIR, iteration, wandb=wandb_settings(cfg))
     try:
         with Preemption() as stop:
             checkpointer = resume_mod.Checkpointer(

@@ -10,7 +10,7 @@ import time
 
 from mocobench.utils.synth_meta import CLASS_NAMES, META_FILE
 from synth.generate import synthesize
-from synth.presets import MIN_SCENE_SIZE, MIN_SIZE, PRESETS
+from synth.presets import DEFAULT_PRESET, MIN_SCENE_SIZE, MIN_SIZE, PRESETS
 from synth.voc import VOC_SEG_YEAR
 
 
@@ -28,8 +28,9 @@ def _build_parser():
                         for name, p in PRESETS.items()))
     synth.add_argument("--out", required=True,
                        help="output directory (empty, new, or a tree with the same params)")
-    synth.add_argument("--preset", default="test", choices=sorted(PRESETS),
-                       help="size defaults (default: test)")
+    synth.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                       help=f"size defaults (default: {DEFAULT_PRESET}, the size the shipped CPU "
+                            "configs are made for; test: a tiny tree for tests)")
     synth.add_argument("--seed", type=int, default=0,
                        help="same seed and sizes -> byte-identical files")
     synth.add_argument("--classes", type=int,

@@ -21,6 +21,11 @@ PRESETS = {
                  scene_size=128),
 }
 
+# what `mocobench data synth` writes without --preset: the size the shipped CPU configs
+# (configs/pretrain/*cpu*.yaml, batch 64) are made for; `test` holds 48 ImageNet-style images, no
+# full batch of 64 (tests/test_cpu_defaults.py checks every CPU config against this preset)
+DEFAULT_PRESET = "demo"
+
 MIN_SIZE = 32  # smallest object-image side: below this the shapes stop being recognisable
 MIN_SCENE_SIZE = 64  # smallest scene side: 2-6 objects must fit, the smallest still > a few pixels
 MAX_SIZE = 1024

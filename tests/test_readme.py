@@ -1,6 +1,8 @@
 """The README is executable: every `mocobench` command of its Commands block runs as written, from a
 scratch directory, on generated data. The substitutions (data paths, sizes) are listed here and in
-the README."""
+the README. The block is looked for in README.md and then in the pages under docs/ that the README
+links (the reference moved there), so it runs wherever it lives."""
+import glob
 import json
 import os
 import re
@@ -28,11 +30,29 @@ SHRINK = {
 }
 
 
+def documentation_pages():
+    """README.md, then every page under docs/ (sorted)."""
+    docs = os.path.join(REPO, "docs")
+    pages = sorted(glob.glob(os.path.join(docs, "*.md"))) if os.path.isdir(docs) else []
+    return [os.path.join(REPO, "README.md"), *pages]
+
+
+def section_text(section):
+    """The text from the heading `section` (its title, at any heading level) to the end of the
+    first page that has it."""
+    heading = re.compile(r"^#+ " + re.escape(section.lstrip("# ")) + r"\s*$", re.M)
+    for path in documentation_pages():
+        text = open(path, encoding="utf-8").read()
+        found = heading.search(text)
+        if found:
+            return text[found.start():]
+    raise AssertionError(f"no page has the heading {section!r}")
+
+
 def readme_commands(section="## Commands"):
-    """The `mocobench ...` lines of the first code block after `section`, continuation lines
-    joined."""
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    block = re.search(r"```\n(.*?)```", text[text.index(section):], re.S).group(1)
+    """The `mocobench ...` lines of the first code block after `section` (in README.md or a page
+    under docs/), continuation lines joined."""
+    block = re.search(r"```\n(.*?)```", section_text(section), re.S).group(1)
     block = block.replace("\\\n", " ")
     commands = []
     for line in block.splitlines():

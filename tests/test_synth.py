@@ -287,8 +287,9 @@ def _cli(*args):
 
 def test_cli_writes_the_tree_and_rejects_bad_input(tmp_path):
     out = str(tmp_path / "cli")
-    flags = ["--classes", "2", "--images-per-class", "2", "--scenes", "4", "--size", "32",
-             "--scene-size", "64"]
+    # the test preset's val default (a fifth, >= 2); the CLI's default preset is demo
+    flags = ["--preset", "test", "--classes", "2", "--images-per-class", "2", "--scenes", "4",
+             "--size", "32", "--scene-size", "64"]
     result = _cli("--out", out, "--seed", "5", *flags)
     assert result.returncode == 0, result.stderr
     assert "4 train + 4 val images" in result.stdout and "3 trainval + 2 test" not in result.stdout

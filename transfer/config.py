@@ -13,6 +13,7 @@ import transfer.heads  # noqa: F401
 from mocobench.utils.config import merge_config
 from mocobench.utils.converted import recorded_resnets
 from mocobench.utils.errors import UsageError
+from mocobench.utils.events import check_wandb
 
 # the MODEL.RESNETS keys a converted .pkl records; a config that leaves one at detectron2's default
 # takes its value
@@ -35,6 +36,11 @@ def add_mocobench_config(cfg: CfgNode):
     # at the start of each trial and recorded in results.json; False reproduces the paper's V100
     # fp32 fine-tuning
     cfg.MOCOBENCH.TF32 = False
+    # optional Weights & Biases logging of each trial (pip install -e '.[wandb]'; docs/logging.md):
+    # the scalars of its metrics.json, its config and run record as the W&B run's config
+    cfg.MOCOBENCH.WANDB = CfgNode()
+    cfg.MOCOBENCH.WANDB.ENABLED = False
+    cfg.MOCOBENCH.WANDB.PROJECT = "mocobench"
     # transfer.heads.DilatedFCNHead (the MoCo paper's semantic-segmentation head): its 3x3 convs
     # and their dilation
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
@@ -45,7 +51,10 @@ def load_config(config_file: str, opts=()) -> CfgNode:
     UsageError."""
     cfg = get_cfg()
     add_mocobench_config(cfg)
-    return merge_config(cfg, config_file, opts)
+    cfg = merge_config(cfg, config_file, opts)
+    if cfg.MOCOBENCH.WANDB.ENABLED:
+        check_wandb("MOCOBENCH.WANDB.ENABLED")
+    return cfg
 
 def _walk(node: CfgNode, prefix=""):
     for key, value in node.items():

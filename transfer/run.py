@@ -243,6 +243,7 @@ def _run_trial(cfg, job: TransferJob, index: int):
         iteration = None
     else:
         Trainer.progress_description = f"seed{index}"
+        Trainer.wandb_run = _open_wandb(cfg, index)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=job.resume)
         with Preemption() as stop:
@@ -250,7 +251,11 @@ def _run_trial(cfg, job: TransferJob, index: int):
             try:
                 trainer.train()
             except TrainingStopped as e:
+                _close_wandb()
                 raise Preempted(e.signum, f"trial {index + 1}/{len(job.seeds)} {e}") from None
+            except BaseException:
+                _close_wandb()
+                raise
         # the final evaluation (EvalHook at the end of training); DefaultTrainer.train returns it
         # only when TEST.EXPECTED_RESULTS is set, but always keeps it here
         results = getattr(trainer, "_last_eval_results", None)
@@ -265,7 +270,30 @@ def _run_trial(cfg, job: TransferJob, index: int):
         )
         run_record.write_record(os.path.join(cfg.OUTPUT_DIR,
                                              EVAL_FILE if job.eval_only else RESULTS_FILE), record)
+        if Trainer.wandb_run is not None:
+            Trainer.wandb_run.update_config({"run_record": record})
+        _close_wandb()
     comm.synchronize()
+
+
+def _open_wandb(cfg, index):
+    """The trial's W&B run (rank 0, MOCOBENCH.WANDB.ENABLED; else None): named OUTPUT/seedN, the
+    merged config as its config (the run record joins it when the trial is done)."""
+    if not cfg.MOCOBENCH.WANDB.ENABLED or not comm.is_main_process():
+        return None
+    import yaml
+
+    from mocobench.utils.events import WandbRun
+
+    parent = os.path.basename(os.path.dirname(os.path.abspath(cfg.OUTPUT_DIR)))
+    return WandbRun(cfg.OUTPUT_DIR, cfg.MOCOBENCH.WANDB.PROJECT, f"{parent}/seed{index}",
+                    {"config": yaml.safe_load(cfg.dump())})
+
+
+def _close_wandb():
+    if Trainer.wandb_run is not None:
+        Trainer.wandb_run.finish()
+        Trainer.wandb_run = None
 
 
 def _run_trials(job: TransferJob):

@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 import weakref
+from collections import defaultdict
 
 from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
@@ -12,6 +13,7 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
+from detectron2.utils.events import EventWriter, get_event_storage
 
 # registers Res5ROIHeadsExtraNorm and DilatedFCNHead in detectron2's registries
 import transfer.heads  # noqa: F401
@@ -97,6 +99,26 @@ class ProgressBar(HookBase):
         if self._bar is not None:
             self._bar.close()
 
+class WandbWriter(EventWriter):
+    """Sends what detectron2's JSONWriter writes to metrics.json to a W&B run
+    (mocobench.utils.events.WandbRun): the storage's latest scalars with the same median smoothing
+    (window 20) and keys, each iteration once, at step = iteration; the final evaluation's AP
+    too."""
+
+    def __init__(self, run, window_size=20):
+        self._run, self._window_size, self._last_write = run, window_size, -1
+
+    def write(self):
+        to_save = defaultdict(dict)
+        latest = get_event_storage().latest_with_smoothing_hint(self._window_size)
+        for key, (value, iteration) in latest.items():
+            if iteration > self._last_write:
+                to_save[iteration][key] = value
+        for iteration in sorted(to_save):
+            self._run.log(iteration, to_save[iteration])
+            self._last_write = iteration
+
+
 def semantic_train_augmentations(cfg) -> list:
     """Scale, then crop, then flip: the MoCo paper's segmentation training (Appendix A.5: "random
     scaling ..., cropping, and horizontal flipping") in the order of detectron2's DeepLab project
@@ -116,6 +138,13 @@ def semantic_train_augmentations(cfg) -> list:
 
 class Trainer(DefaultTrainer):
     progress_description = ""
+    wandb_run = None  # a WandbRun (rank 0, MOCOBENCH.WANDB.ENABLED): set by transfer.run
+
+    def build_writers(self):
+        writers = super().build_writers()
+        if self.wandb_run is not None:
+            writers.append(WandbWriter(self.wandb_run))
+        return writers
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -1,12 +1,15 @@
 """What a training run tells the user while it runs: log.txt, metrics.json (one JSON object per
-line, detectron2 style), TensorBoard events and a progress display. Main process only; other ranks
-stay quiet."""
+line, detectron2 style), TensorBoard events, optional Weights & Biases logging and a progress
+display. Main process only; other ranks stay quiet. docs/logging.md describes the files."""
+import importlib.util
 import json
 import logging
 import os
+import secrets
 import sys
 
 from mocobench.utils import comm
+from mocobench.utils.errors import UsageError
 from mocobench.utils.fileio import atomic_write
 
 
@@ -31,14 +34,68 @@ def log_to_file_only(logger, level, line):
             handler.emit(logger.makeRecord(logger.name, level, __file__, 0, line, None, None))
 
 
-class MetricsWriter:
-    """metrics.json and TensorBoard. A run resumed at iteration N first drops the records after N
-    (they are about to be written again) and a line a kill cut in half; TensorBoard purges its
-    events after N the same way (purge_step)."""
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
 
-    def __init__(self, output_dir, start_iteration=0):
+
+def check_wandb(key):
+    """UsageError (before anything is written) when the config key `key` turns W&B logging on but
+    wandb is not installed."""
+    if importlib.util.find_spec("wandb") is None:
+        raise UsageError(f"{key} is True but wandb is not installed: pip install -e '.[wandb]' "
+                         "(or set it to False)")
+
+
+class WandbRun:
+    """Optional Weights & Biases logging (the `wandb` extra): the scalars of metrics.json under the
+    same keys, at step = iteration, and `config` (the run's merged config) as the W&B run's config.
+    Main process only. The W&B files go under $WANDB_DIR if set, else OUTPUT_DIR; WANDB_MODE=offline
+    keeps them local (`wandb sync` uploads them later). The run id is kept in
+    OUTPUT_DIR/wandb_run_id.txt, so a resumed run continues the same W&B run; iterations W&B already
+    holds are not sent again."""
+
+    def __init__(self, output_dir, project, name, config):
+        import wandb
+
+        id_file = os.path.join(output_dir, WANDB_RUN_ID_FILE)
+        run_id = open(id_file).read().strip() if os.path.isfile(id_file) else None
+        if not run_id:
+            run_id = secrets.token_hex(4)  # W&B ids: [a-z0-9_-]
+            with atomic_write(id_file, "w") as f:
+                f.write(run_id + "\n")
+        self.run = wandb.init(project=project, name=name or os.path.basename(
+                                  os.path.abspath(output_dir)),
+                              dir=os.environ.get("WANDB_DIR") or output_dir, config=config,
+                              id=run_id, resume="allow")
+
+    def log(self, step, scalars):
+        if step < self.run.step:
+            return  # W&B refuses steps below its current one (a resumed run logs them again)
+        self.run.log(dict(scalars), step=step)
+
+    def update_config(self, values):
+        self.run.config.update(values, allow_val_change=True)
+
+    def finish(self):
+        self.run.finish()
+
+
+def open_wandb(output_dir, settings):
+    """A WandbRun on the main process when `settings` (dict: project, name, config) is given, else
+    None."""
+    if not settings or not comm.is_main_process():
+        return None
+    return WandbRun(output_dir, **settings)
+
+
+class MetricsWriter:
+    """metrics.json and TensorBoard (and W&B when `wandb` holds its settings: see WandbRun), the
+    same scalars in each. A run resumed at iteration N first drops the records after N (they are
+    about to be written again) and a line a kill cut in half; TensorBoard purges its events after N
+    the same way (purge_step)."""
+
+    def __init__(self, output_dir, start_iteration=0, wandb=None):
         self.enabled = comm.is_main_process()
-        self.tb = None
+        self.tb = self.wandb = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -47,6 +104,7 @@ class MetricsWriter:
             self.json = open(path, "a")
             purge = start_iteration + 1 if start_iteration else None
             self.tb = SummaryWriter(log_dir=output_dir, purge_step=purge)
+            self.wandb = open_wandb(output_dir, wandb)
 
     @staticmethod
     def _truncate(path, start_iteration):
@@ -73,15 +131,21 @@ class MetricsWriter:
         for key, value in scalars.items():
             if key != "epoch":
                 self.tb.add_scalar(key, value, iteration)
+        if self.wandb is not None:
+            self.wandb.log(iteration, scalars)
 
     def close(self):
         if self.enabled:
             self.json.close()
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain log lines every `log_period` iterations otherwise."""
+    """A tqdm bar on a terminal, showing the last iteration's numbers (labelled so); the metrics
+    line (`log`) is the one metrics.json records: window means, in log.txt and, without a bar, on
+    stdout."""
 
     def __init__(self, logger, total, epoch, epochs, log_period):
         self.enabled = comm.is_main_process()
@@ -94,17 +158,41 @@ class Progress:
             self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
 
     def update(self, i, **stats):
-        if not self.enabled:
+        """The bar's postfix: one iteration's values."""
+        if self.bar is None:
             return
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in stats.items())
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-        elif (i + 1) % self.log_period == 0 or i + 1 == self.total:
-            self.logger.info(f"epoch {self.epoch + 1}/{self.epochs} iter {i + 1}/{self.total}"
-                             f"  {text}")
+        self.bar.set_postfix_str(f"this iteration: {text}", refresh=False)
+        self.bar.update(1)
+
+    def log(self, i, iteration, means, now):
+        """The metrics line of iteration `iteration` (the i-th of the epoch, 0-based): `means` over
+        the iterations since the previous line, `now` at this iteration."""
+        if not self.enabled:
+            return
+        n = means.pop("n")
+        first = iteration - n + 1
+        span = f"iteration {iteration}" if n == 1 else f"iterations {first}-{iteration}"
+        line = (f"epoch {self.epoch + 1}/{self.epochs} iter {i + 1}/{self.total}  "
+                f"mean of {n} ({span}): " + "  ".join(format_scalar(k, v) for k, v in means.items())
+                + "  | at iteration " + f"{iteration}: "
+                + "  ".join(format_scalar(k, v) for k, v in now.items()))
+        if self.bar is None:
+            self.logger.info(line)
+        else:
+            log_to_file_only(self.logger, logging.INFO, line)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+# printed decimals of the metrics line (metrics.json keeps 6)
+DECIMALS = {"loss": 4, "acc1": 2, "data_time": 4, "img_per_s": 1, "queue_fill": 4}
+
+
+def format_scalar(key, value):
+    if isinstance(value, float):
+        return f"{key} {value:.{DECIMALS[key]}f}" if key in DECIMALS else f"{key} {value:.6g}"
+    return f"{key} {value}"
