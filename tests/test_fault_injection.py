@@ -41,18 +41,25 @@ class Run:
 
     _count = 0
 
-    def __init__(self, argv, log_dir):
+    def __init__(self, argv, log_dir, own_group=False, prepare=None):
+        """own_group: the child leads a session and process group of its own, as a scheduler's job
+        step does, so that signal_group reaches it and its DataLoader workers (and not pytest).
+        prepare: called in the child before the command (a scheduler's signal handlers)."""
         import multiprocessing
 
         Run._count += 1
         self.log = os.path.join(str(log_dir), f"run{Run._count}")
-        self.proc = multiprocessing.get_context("fork").Process(target=self._child,
-                                                                args=(list(argv), self.log))
+        self.proc = multiprocessing.get_context("fork").Process(
+            target=self._child, args=(list(argv), self.log, own_group, prepare))
         self.proc.start()
 
     @staticmethod
-    def _child(argv, log):
+    def _child(argv, log, own_group=False, prepare=None):
+        if own_group:
+            os.setsid()
         torch.set_num_threads(1)
+        if prepare is not None:
+            prepare()
         out, err = open(log + ".out", "w", buffering=1), open(log + ".err", "w", buffering=1)
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
@@ -67,6 +74,11 @@ class Run:
 
     def send_signal(self, sig):
         os.kill(self.proc.pid, sig)
+
+    def signal_group(self, sig):
+        """sig to every process of the run's group (own_group): the main process and its DataLoader
+        workers, as SLURM, Kubernetes or a terminal's Ctrl-C deliver it."""
+        os.killpg(self.proc.pid, sig)
 
     def communicate(self, timeout=300):
         self.proc.join(timeout)
@@ -429,6 +441,91 @@ def test_resume_from_a_checkpoint_outside_output_dir_never_deletes_it(
     assert hashlib.sha256(outside.read_bytes()).hexdigest() == digest
     assert os.listdir(outside.parent) == [outside.name]
     assert_same_final_state(reference, out)  # and the resume from it was exact
+
+
+def group_members(pgid):
+    """pids of the live (not zombie) processes in process group pgid (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue  # exited meanwhile
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def submitit_like_handlers():
+    """In a run's child: the signal handlers of a `--launcher slurm` task. submitit's handler for
+    its warning signal (USR2) checkpoints, requeues and exits (SignalHandler: sys.exit(-1) on rank
+    0); mocobench.launch hands that signal to the training loop as a SIGTERM while the loop runs.
+    Installed in the main process before the DataLoader workers fork: the workers inherit both."""
+    from mocobench import launch
+
+    def requeue_and_exit(signum, frame):
+        sys.exit(-1)
+
+    signal.signal(signal.SIGUSR2, requeue_and_exit)
+    launch._route_preemption_to_the_training_loop(forward_warning=True)
+
+
+def _stop_the_process_group_mid_epoch(sig, tiny_imagenet, out, tmp_path, prepare=None):
+    """A 2-worker pretrain run in its own process group, `sig` to the whole group during epoch 1;
+    returns the saved iteration (after checking the exit code, the one-line message, the
+    checkpoint)."""
+    workers = {"DATALOADER.NUM_WORKERS": 2}
+    proc = Run(command(*opts(tiny_imagenet, out, **workers)), tmp_path, own_group=True,
+               prepare=prepare)
+    assert wait_for(lambda: any(i >= 3 for i in metrics_iterations(out)), proc)
+    # the main process and both (persistent) loader workers are there to be signalled
+    assert len(group_members(proc.proc.pid)) == 3, group_members(proc.proc.pid)
+    proc.signal_group(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if "stopped by" in x]
+    saved = load_checkpoint(os.path.join(
+        out, open(os.path.join(out, "last_checkpoint")).read().strip()))
+    done = saved["iteration"]
+    assert 3 <= done < ITERS_PER_EPOCH * EPOCHS
+    assert f"stopped by SIGTERM after iteration {saved['epoch_iteration']}/{ITERS_PER_EPOCH}" \
+        in line and f"checkpoint_iter_{done:08d}.pth.tar" in line
+    assert metrics_iterations(out)[-1] == done
+    return done
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_resumes_bit_exactly(
+        tiny_imagenet, reference, tmp_path):
+    # SLURM, Kubernetes and Ctrl-C signal the whole group: the workers ignore the stop (else the
+    # main process fails with "DataLoader worker exited unexpectedly" and saves nothing), the main
+    # process finishes the iteration, saves and exits 143. The reference ran without workers: data
+    # order and augmentation are functions of (SEED, epoch, index), not of the worker count.
+    out = str(tmp_path / "group")
+    _stop_the_process_group_mid_epoch(signal.SIGTERM, tiny_imagenet, out, tmp_path)
+    proc = Run(command("--resume", "auto",
+                       *opts(tiny_imagenet, out, **{"DATALOADER.NUM_WORKERS": 2})),
+               tmp_path, own_group=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout
+    assert_same_final_state(reference, out)
+    assert metrics_iterations(out) == list(range(1, 17))
+
+
+@pytest.mark.slow
+def test_submitit_warning_signal_to_the_process_group_stops_cleanly_with_loader_workers(
+        tiny_imagenet, tmp_path):
+    # `--launcher slurm`: USR2 reaches every process of the task. The main process turns it into a
+    # clean stop (exit 143, a checkpoint); the forked workers must not run submitit's handler they
+    # inherited (it exits, and the main process then fails with "DataLoader worker exited
+    # unexpectedly").
+    out = str(tmp_path / "usr2")
+    _stop_the_process_group_mid_epoch(signal.SIGUSR2, tiny_imagenet, out, tmp_path,
+                                      prepare=submitit_like_handlers)
 
 
 def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(
