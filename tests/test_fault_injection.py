@@ -667,3 +667,111 @@ def metrics_iterations_d2(trial):
         except json.JSONDecodeError:
             pass  # being written
     return [r["iteration"] for r in rows if "lr" in r]
+
+
+def restored_optimizer_saved_to(path):
+    """A `prepare` for Run: the transfer trainer, right after resume_or_load, saves the state of
+    the optimizer it will train with to `path` (what the resume actually restored)."""
+    def prepare():
+        from transfer.trainer import Trainer
+
+        real = Trainer.resume_or_load
+
+        def resume_or_load(self, *args, **kwargs):
+            ret = real(self, *args, **kwargs)
+            torch.save(self._trainer.optimizer.state_dict(), path)
+            return ret
+
+        Trainer.resume_or_load = resume_or_load
+
+    return prepare
+
+
+@pytest.mark.slow
+def test_transfer_with_loader_workers_stops_on_sigterm_to_the_process_group_and_resumes(
+        synth_root, tmp_path):
+    """SIGTERM to the whole process group of a transfer run with 2 loader workers (detectron2's
+    workers keep default handlers unless told otherwise: they die first and the run fails with
+    exit 1, nothing saved): a checkpoint of the running iteration, exit 143, and `--resume`
+    restores that checkpoint's optimizer state (the momentum buffers) and finishes every
+    iteration."""
+    from conftest import assert_optimizer_states_equal
+
+    import transfer.run  # noqa: F401  (detectron2 loaded once here, not in every forked run)
+
+    out = tmp_path / "transfer"
+    trial = out / "seed0"
+    argv = ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root,
+            "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "2", "MOCOBENCH.LOG_PERIOD", "1",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+            "SEED", "3", "OUTPUT_DIR", str(out)]
+    proc = Run(argv, tmp_path, own_group=True)
+    assert wait_for(lambda: len(metrics_iterations_d2(trial)) >= 2, proc, timeout=500)
+    # the main process and both loader workers are there to be signalled
+    assert len(group_members(proc.proc.pid)) == 3, group_members(proc.proc.pid)
+    proc.signal_group(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if "stopped by" in x]
+    name = (trial / "last_checkpoint").read_text().strip()
+    saved = load_checkpoint(trial / name)
+    done = saved["iteration"]
+    assert name == f"model_{done:07d}.pth" and 2 <= done + 1 < 12
+    assert f"trial 1/1 stopped by SIGTERM after iteration {done + 1}/12, " \
+           f"saved {trial / name}" in line
+    assert not (trial / "model_final.pth").exists()
+    printed = shlex.split(line.split("resume with: ", 1)[1])
+
+    restored = tmp_path / "restored_optimizer.pth"
+    proc = Run(printed[1:], tmp_path, own_group=True,
+               prepare=restored_optimizer_saved_to(restored))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"Starting training from iteration {done + 1}" in (trial / "log.txt").read_text()
+    # the momentum buffers and lr the stopped run had, not a fresh optimizer
+    assert_optimizer_states_equal(saved["trainer"]["_trainer"]["optimizer"],
+                                  torch.load(restored, weights_only=True))
+    record = json.loads((trial / "results.json").read_text())
+    assert record["resumed"] and record["iteration"] == 12
+    assert metrics_iterations_d2(trial)[-1] == 11
+
+
+def children_of(pid):
+    """pids of the live child processes of pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                state, ppid = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            if int(ppid) == pid and state != "Z":
+                found.append(int(entry))
+    return found
+
+
+def test_transfer_loader_workers_for_training_and_evaluation_survive_stop_signals(synth_root):
+    """The final evaluation runs inside the trial's stop handling too: a SIGTERM to the group then
+    must not kill the evaluation loader's workers (the run would fail after training, exit 1)."""
+    from transfer.run import prepare_config
+    from transfer.trainer import Trainer
+
+    cfg, _ = prepare_config(TRANSFER_CFG, ["MOCOBENCH.SYNTH_ROOT", synth_root,
+                                           "DATALOADER.NUM_WORKERS", "1",
+                                           "SOLVER.IMS_PER_BATCH", "2"])
+    loaders = {"training": Trainer.build_train_loader(cfg),
+               "evaluation": Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0])}
+    for what, loader in loaders.items():
+        before = set(children_of(os.getpid()))
+        batches = iter(loader)
+        next(batches)  # the worker has started (and run its worker_init_fn)
+        [worker] = set(children_of(os.getpid())) - before
+        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGUSR1):
+            os.kill(worker, sig)
+        time.sleep(0.2)
+        # "DataLoader worker ... exited unexpectedly" if it died
+        more = [b for _, b in zip(range(3), batches, strict=False)]
+        assert len(more) == 3 and worker in children_of(os.getpid()), what
+        del batches  # ends the worker
