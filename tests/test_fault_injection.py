@@ -516,7 +516,6 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_resumes_bit_
     assert metrics_iterations(out) == list(range(1, 17))
 
 
-@pytest.mark.slow
 def test_submitit_warning_signal_to_the_process_group_stops_cleanly_with_loader_workers(
         tiny_imagenet, tmp_path):
     # `--launcher slurm`: USR2 reaches every process of the task. The main process turns it into a
