@@ -41,18 +41,25 @@ class Run:
 
     _count = 0
 
-    def __init__(self, argv, log_dir):
+    def __init__(self, argv, log_dir, own_group=False, prepare=None):
+        """own_group: the child leads a session and process group of its own, as a scheduler's job
+        step does, so that signal_group reaches it and its DataLoader workers (and not pytest).
+        prepare: called in the child before the command (a scheduler's signal handlers)."""
         import multiprocessing
 
         Run._count += 1
         self.log = os.path.join(str(log_dir), f"run{Run._count}")
-        self.proc = multiprocessing.get_context("fork").Process(target=self._child,
-                                                                args=(list(argv), self.log))
+        self.proc = multiprocessing.get_context("fork").Process(
+            target=self._child, args=(list(argv), self.log, own_group, prepare))
         self.proc.start()
 
     @staticmethod
-    def _child(argv, log):
+    def _child(argv, log, own_group=False, prepare=None):
+        if own_group:
+            os.setsid()
         torch.set_num_threads(1)
+        if prepare is not None:
+            prepare()
         out, err = open(log + ".out", "w", buffering=1), open(log + ".err", "w", buffering=1)
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
@@ -67,6 +74,11 @@ class Run:
 
     def send_signal(self, sig):
         os.kill(self.proc.pid, sig)
+
+    def signal_group(self, sig):
+        """sig to every process of the run's group (own_group): the main process and its DataLoader
+        workers, as SLURM, Kubernetes or a terminal's Ctrl-C deliver it."""
+        os.killpg(self.proc.pid, sig)
 
     def communicate(self, timeout=300):
         self.proc.join(timeout)
@@ -431,6 +443,90 @@ def test_resume_from_a_checkpoint_outside_output_dir_never_deletes_it(
     assert_same_final_state(reference, out)  # and the resume from it was exact
 
 
+def group_members(pgid):
+    """pids of the live (not zombie) processes in process group pgid (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue  # exited meanwhile
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def submitit_like_handlers():
+    """In a run's child: the signal handlers of a `--launcher slurm` task. submitit's handler for
+    its warning signal (USR2) checkpoints, requeues and exits (SignalHandler: sys.exit(-1) on rank
+    0); mocobench.launch hands that signal to the training loop as a SIGTERM while the loop runs.
+    Installed in the main process before the DataLoader workers fork: the workers inherit both."""
+    from mocobench import launch
+
+    def requeue_and_exit(signum, frame):
+        sys.exit(-1)
+
+    signal.signal(signal.SIGUSR2, requeue_and_exit)
+    launch._route_preemption_to_the_training_loop(forward_warning=True)
+
+
+def _stop_the_process_group_mid_epoch(sig, tiny_imagenet, out, tmp_path, prepare=None):
+    """A 2-worker pretrain run in its own process group, `sig` to the whole group during epoch 1;
+    returns the saved iteration (after checking the exit code, the one-line message, the
+    checkpoint)."""
+    workers = {"DATALOADER.NUM_WORKERS": 2}
+    proc = Run(command(*opts(tiny_imagenet, out, **workers)), tmp_path, own_group=True,
+               prepare=prepare)
+    assert wait_for(lambda: any(i >= 3 for i in metrics_iterations(out)), proc)
+    # the main process and both (persistent) loader workers are there to be signalled
+    assert len(group_members(proc.proc.pid)) == 3, group_members(proc.proc.pid)
+    proc.signal_group(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if "stopped by" in x]
+    saved = load_checkpoint(os.path.join(
+        out, open(os.path.join(out, "last_checkpoint")).read().strip()))
+    done = saved["iteration"]
+    assert 3 <= done < ITERS_PER_EPOCH * EPOCHS
+    assert f"stopped by SIGTERM after iteration {saved['epoch_iteration']}/{ITERS_PER_EPOCH}" \
+        in line and f"checkpoint_iter_{done:08d}.pth.tar" in line
+    assert metrics_iterations(out)[-1] == done
+    return done
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_resumes_bit_exactly(
+        tiny_imagenet, reference, tmp_path):
+    # SLURM, Kubernetes and Ctrl-C signal the whole group: the workers ignore the stop (else the
+    # main process fails with "DataLoader worker exited unexpectedly" and saves nothing), the main
+    # process finishes the iteration, saves and exits 143. The reference ran without workers: data
+    # order and augmentation are functions of (SEED, epoch, index), not of the worker count.
+    out = str(tmp_path / "group")
+    _stop_the_process_group_mid_epoch(signal.SIGTERM, tiny_imagenet, out, tmp_path)
+    proc = Run(command("--resume", "auto",
+                       *opts(tiny_imagenet, out, **{"DATALOADER.NUM_WORKERS": 2})),
+               tmp_path, own_group=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout
+    assert_same_final_state(reference, out)
+    assert metrics_iterations(out) == list(range(1, 17))
+
+
+def test_submitit_warning_signal_to_the_process_group_stops_cleanly_with_loader_workers(
+        tiny_imagenet, tmp_path):
+    # `--launcher slurm`: USR2 reaches every process of the task. The main process turns it into a
+    # clean stop (exit 143, a checkpoint); the forked workers must not run submitit's handler they
+    # inherited (it exits, and the main process then fails with "DataLoader worker exited
+    # unexpectedly").
+    out = str(tmp_path / "usr2")
+    _stop_the_process_group_mid_epoch(signal.SIGUSR2, tiny_imagenet, out, tmp_path,
+                                      prepare=submitit_like_handlers)
+
+
 def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(
         tiny_imagenet, tmp_path, monkeypatch, capsys):
     # the supervised loop shares the mechanism: SIGUSR1 (a real signal to this process) during
@@ -570,3 +666,111 @@ def metrics_iterations_d2(trial):
         except json.JSONDecodeError:
             pass  # being written
     return [r["iteration"] for r in rows if "lr" in r]
+
+
+def restored_optimizer_saved_to(path):
+    """A `prepare` for Run: the transfer trainer, right after resume_or_load, saves the state of
+    the optimizer it will train with to `path` (what the resume actually restored)."""
+    def prepare():
+        from transfer.trainer import Trainer
+
+        real = Trainer.resume_or_load
+
+        def resume_or_load(self, *args, **kwargs):
+            ret = real(self, *args, **kwargs)
+            torch.save(self._trainer.optimizer.state_dict(), path)
+            return ret
+
+        Trainer.resume_or_load = resume_or_load
+
+    return prepare
+
+
+@pytest.mark.slow
+def test_transfer_with_loader_workers_stops_on_sigterm_to_the_process_group_and_resumes(
+        synth_root, tmp_path):
+    """SIGTERM to the whole process group of a transfer run with 2 loader workers (detectron2's
+    workers keep default handlers unless told otherwise: they die first and the run fails with
+    exit 1, nothing saved): a checkpoint of the running iteration, exit 143, and `--resume`
+    restores that checkpoint's optimizer state (the momentum buffers) and finishes every
+    iteration."""
+    from conftest import assert_optimizer_states_equal
+
+    import transfer.run  # noqa: F401  (detectron2 loaded once here, not in every forked run)
+
+    out = tmp_path / "transfer"
+    trial = out / "seed0"
+    argv = ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root,
+            "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "2", "MOCOBENCH.LOG_PERIOD", "1",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+            "SEED", "3", "OUTPUT_DIR", str(out)]
+    proc = Run(argv, tmp_path, own_group=True)
+    assert wait_for(lambda: len(metrics_iterations_d2(trial)) >= 2, proc, timeout=500)
+    # the main process and both loader workers are there to be signalled
+    assert len(group_members(proc.proc.pid)) == 3, group_members(proc.proc.pid)
+    proc.signal_group(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if "stopped by" in x]
+    name = (trial / "last_checkpoint").read_text().strip()
+    saved = load_checkpoint(trial / name)
+    done = saved["iteration"]
+    assert name == f"model_{done:07d}.pth" and 2 <= done + 1 < 12
+    assert f"trial 1/1 stopped by SIGTERM after iteration {done + 1}/12, " \
+           f"saved {trial / name}" in line
+    assert not (trial / "model_final.pth").exists()
+    printed = shlex.split(line.split("resume with: ", 1)[1])
+
+    restored = tmp_path / "restored_optimizer.pth"
+    proc = Run(printed[1:], tmp_path, own_group=True,
+               prepare=restored_optimizer_saved_to(restored))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"Starting training from iteration {done + 1}" in (trial / "log.txt").read_text()
+    # the momentum buffers and lr the stopped run had, not a fresh optimizer
+    assert_optimizer_states_equal(saved["trainer"]["_trainer"]["optimizer"],
+                                  torch.load(restored, weights_only=True))
+    record = json.loads((trial / "results.json").read_text())
+    assert record["resumed"] and record["iteration"] == 12
+    assert metrics_iterations_d2(trial)[-1] == 11
+
+
+def children_of(pid):
+    """pids of the live child processes of pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                state, ppid = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            if int(ppid) == pid and state != "Z":
+                found.append(int(entry))
+    return found
+
+
+def test_transfer_loader_workers_for_training_and_evaluation_survive_stop_signals(synth_root):
+    """The final evaluation runs inside the trial's stop handling too: a SIGTERM to the group then
+    must not kill the evaluation loader's workers (the run would fail after training, exit 1)."""
+    from transfer.run import prepare_config
+    from transfer.trainer import Trainer
+
+    cfg, _ = prepare_config(TRANSFER_CFG, ["MOCOBENCH.SYNTH_ROOT", synth_root,
+                                           "DATALOADER.NUM_WORKERS", "1",
+                                           "SOLVER.IMS_PER_BATCH", "2"])
+    loaders = {"training": Trainer.build_train_loader(cfg),
+               "evaluation": Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0])}
+    for what, loader in loaders.items():
+        before = set(children_of(os.getpid()))
+        batches = iter(loader)
+        next(batches)  # the worker has started (and run its worker_init_fn)
+        [worker] = set(children_of(os.getpid())) - before
+        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGUSR1):
+            os.kill(worker, sig)
+        time.sleep(0.2)
+        # "DataLoader worker ... exited unexpectedly" if it died
+        more = [b for _, b in zip(range(3), batches, strict=False)]
+        assert len(more) == 3 and worker in children_of(os.getpid()), what
+        del batches  # ends the worker

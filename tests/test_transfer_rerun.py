@@ -10,6 +10,7 @@ any trial directory exists.
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -31,11 +32,14 @@ TRAINING_FILES = ("results.json", "metrics.json", "config.yaml", "model_final.pt
                   "last_checkpoint")
 
 
-def r18_pkl(tmp_path):
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
-    assert mocobench(["convert", str(tmp_path / "r18.pth"), str(tmp_path / "r18.pkl")]) == 0
-    return str(tmp_path / "r18.pkl")
+def r18_pkl(tmp_path, seed=0, name="r18"):
+    """tmp_path/name.pkl: a random ResNet-18 (torch seed `seed`) through the real `mocobench
+    convert`."""
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / f"{name}.pth")
+    assert mocobench(["convert", str(tmp_path / f"{name}.pth"),
+                      str(tmp_path / f"{name}.pkl")]) == 0
+    return str(tmp_path / f"{name}.pkl")
 
 
 def error_lines(capsys):
@@ -56,10 +60,10 @@ def snapshot(trial):
 def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, tmp_path, capsys):
     pkl, out = r18_pkl(tmp_path), tmp_path / "run"
 
-    def transfer(*flags, opts=()):
+    def transfer(*flags, opts=(), weights=None):
         return mocobench(["transfer", "--config-file", R18, "--synth-root", synth_root,
-                          "--init-name", "alpha", *flags, *TINY, *opts, "MODEL.WEIGHTS", pkl,
-                          "OUTPUT_DIR", str(out)])
+                          "--init-name", "alpha", *flags, *TINY, *opts,
+                          "MODEL.WEIGHTS", weights or pkl, "OUTPUT_DIR", str(out)])
 
     def summary_n():
         return json.loads((out / "summary.json").read_text())["metrics"]["synth_voc_test"][
@@ -99,6 +103,20 @@ def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, 
     assert rec["weights_info"]["sha256"] == file_sha256(pkl) \
         and rec["weights_info"]["author"] == "torchvision"
     assert rec["schedule"] == {"MAX_ITER": 1, "STEPS": [], "BASE_LR": 0.01, "IMS_PER_BATCH": 2}
+
+    # other weights, the config unchanged: the finished trials were trained from another
+    # initialization, refused like another config. Another converted file, then the same path
+    # holding other bytes (only its sha256 tells)
+    other = r18_pkl(tmp_path, seed=1, name="other")
+    for report in (".pkl.json", ".json"):  # the converter's report beside it, if any
+        if os.path.exists(other[:-4] + report):
+            shutil.copyfile(other[:-4] + report, pkl[:-4] + report)
+    for weights in (other, shutil.copyfile(other, pkl)):
+        capsys.readouterr()
+        assert transfer("--resume", "--seeds", "2", weights=weights) == 2
+        [err] = error_lines(capsys)
+        assert "was made by another experiment (differs in MODEL.WEIGHTS (another file))" in err
+        assert snapshot(seed0) == before and (out / "seed1" / "results.json").is_file()
 
 
 def test_resnet18_weights_in_an_r50_c4_config_stop_before_training(synth_root, tmp_path, capsys):

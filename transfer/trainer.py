@@ -6,10 +6,12 @@ import sys
 import weakref
 from collections import defaultdict
 
+import torch
+
 from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
 
 # isort: split
-from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
@@ -17,7 +19,7 @@ from detectron2.utils.events import EventWriter, get_event_storage
 
 # registers Res5ROIHeadsExtraNorm and DilatedFCNHead in detectron2's registries
 import transfer.heads  # noqa: F401
-from mocobench.utils.preempt import signal_name
+from mocobench.utils.preempt import ignore_in_worker, signal_name
 from transfer.checkpoint import SafeDetectionCheckpointer
 from transfer.evaluation import build_evaluator
 
@@ -99,6 +101,7 @@ class ProgressBar(HookBase):
         if self._bar is not None:
             self._bar.close()
 
+
 class WandbWriter(EventWriter):
     """Sends what detectron2's JSONWriter writes to metrics.json to a W&B run
     (mocobench.utils.events.WandbRun): the storage's latest scalars with the same median smoothing
@@ -117,6 +120,39 @@ class WandbWriter(EventWriter):
         for iteration in sorted(to_save):
             self._run.log(iteration, to_save[iteration])
             self._last_write = iteration
+
+
+class WorkerInit:
+    """A DataLoader worker_init_fn: the loader's own (detectron2's worker_init_reset_seed for the
+    training loader, a seed per worker), then mocobench.utils.preempt.ignore_in_worker. SLURM,
+    Kubernetes and a terminal's Ctrl-C signal the whole process group: a worker with default
+    handlers dies first, and the main process fails ("DataLoader worker exited unexpectedly", exit
+    1, nothing saved) instead of finishing the iteration and saving (StopOnSignal)."""
+
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def __call__(self, worker_id):
+        if self.previous is not None:
+            self.previous(worker_id)
+        ignore_in_worker()
+
+
+def leave_stops_to_the_main_process(loader):
+    """Give the torch DataLoader inside a detectron2 loader a WorkerInit; returns the loader.
+    detectron2 v0.6's build_detection_*_loader take no worker_init_fn; the DataLoader reads it when
+    its workers start. With ASPECT_RATIO_GROUPING the training DataLoader is wrapped in an
+    AspectRatioGroupedDataset (`.dataset`), possibly in a MapDataset (`._dataset`)."""
+    inner = loader
+    while not isinstance(inner, torch.utils.data.DataLoader):
+        # (no `or`: the truth value of a DataLoader over an infinite sampler is an error)
+        inner = getattr(inner, "dataset", getattr(inner, "_dataset", None))
+        if inner is None:
+            raise TypeError(f"no torch DataLoader inside {type(loader).__name__}: its workers "
+                            "would die on a stop signal to the process group")
+    if not isinstance(inner.worker_init_fn, WorkerInit):
+        inner.worker_init_fn = WorkerInit(inner.worker_init_fn)
+    return loader
 
 
 def semantic_train_augmentations(cfg) -> list:
@@ -146,13 +182,19 @@ class Trainer(DefaultTrainer):
             writers.append(WandbWriter(self.wandb_run))
         return writers
 
+    # the loaders' workers leave SIGTERM / SIGUSR1 / SIGINT (and submitit's USR2) to this process,
+    # which stops cleanly; evaluation too: the final one runs inside the stop handling
     @classmethod
     def build_train_loader(cls, cfg):
         if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
             mapper = DatasetMapper(cfg, is_train=True,
                                    augmentations=semantic_train_augmentations(cfg))
-            return build_detection_train_loader(cfg, mapper=mapper)
-        return super().build_train_loader(cfg)
+            return leave_stops_to_the_main_process(build_detection_train_loader(cfg, mapper=mapper))
+        return leave_stops_to_the_main_process(build_detection_train_loader(cfg))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return leave_stops_to_the_main_process(build_detection_test_loader(cfg, dataset_name))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

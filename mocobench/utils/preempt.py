@@ -18,13 +18,16 @@ Contract (the SLURM requeue logic and every training loop build on it):
   "killed by": SIGINT 130, SIGTERM 143, SIGUSR1 138 (Linux numbering). REQUEUE_EXIT_CODES (SIGTERM,
   SIGUSR1) are the codes after which a scheduler should requeue the job with `--resume auto`; 130
   (Ctrl-C) means the user stopped it.
-- `ignore_in_worker()` makes a DataLoader worker ignore these signals: SLURM and a terminal's Ctrl-C
-  signal the whole process group, and a worker killed by SIGTERM would make the main process fail
-  with "DataLoader worker killed" instead of saving. The main process ends its workers itself when
-  it exits.
+- `ignore_in_worker()` makes a DataLoader worker ignore these signals, and submitit's warning signal
+  (`--launcher slurm`: SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL names another; a forked worker
+  inherits the main process's handler for it, which exits): SLURM, Kubernetes and a terminal's
+  Ctrl-C signal the whole process group, and a worker killed by one would make the main process fail
+  with "DataLoader worker exited unexpectedly" instead of saving. The main process ends its workers
+  itself when it exits.
 - Only the main process writes the checkpoint; the training loop decides what "exact" means
   (pretrain.train: model, optimizer, scaler, queue, RNG states and the data-loader position).
 """
+import os
 import signal
 
 import torch
@@ -90,7 +93,14 @@ class Preemption:
         return int(flag.item()) or None
 
 
+def submitit_warning_signal():
+    """The signal submitit sends before a timeout or preemption: SIGUSR2 unless
+    SUBMITIT_PREEMPT_SIGNAL names another (submitit.JobEnvironment._usr_sig, read here without
+    importing submitit); None for a name that is no signal (submitit refuses it)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
 def ignore_in_worker():
     """Called in each DataLoader worker: leave the stop to the main process (see the module doc)."""
-    for s in SIGNALS:
+    for s in {*SIGNALS, submitit_warning_signal()} - {None}:
         signal.signal(s, signal.SIG_IGN)
