@@ -217,3 +217,25 @@ def test_a_closed_pipe_ends_quietly():
     finally:
         os.close(write)
     assert (proc.returncode, proc.stderr) == (1, "")
+
+
+def test_timm_hub_weights_are_named_by_their_config_json(f, tmp_path):
+    """timm's hub format: model.safetensors in torchvision names next to config.json, whose
+    `architecture` names the model; without it the warning, with a non-plain name a refusal."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from convert import convert_checkpoint
+    from mocobench.utils.errors import UsageError
+
+    weights = str(tmp_path / "model.safetensors")
+    state = torch.load(f["r18.pth"], weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, weights)
+    report = convert_checkpoint(weights, tmp_path / "a.pkl", verify=False)
+    assert report.warnings == [TIMM_WARNING.format(path=weights)]
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
+    assert convert_checkpoint(weights, tmp_path / "b.pkl", verify=False).warnings == []
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnetblur18"}))
+    with pytest.raises(UsageError, match=r"is a timm 'resnetblur18' \(config.json\): not a plain "):
+        convert_checkpoint(weights, tmp_path / "c.pkl", verify=False)
+    assert not (tmp_path / "c.pkl").exists()
