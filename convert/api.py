@@ -59,6 +59,8 @@ class ConversionReport:
     json_path: Optional[str] = None
     # framework classes read as placeholders (convert.sources)
     opaque: List[str] = field(default_factory=list)
+    # converted, with something the user should check (convert.sources.unnamed_variant_warning)
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def verification_ran(self):
@@ -90,6 +92,7 @@ class ConversionReport:
             "max_rel_error": self.max_rel_error,
             "stage_rel_errors": dict(self.stage_errors),
             "problems": list(self.problems),
+            "warnings": list(self.warnings),
             "seconds": round(self.seconds, 3),
         }
 
@@ -163,10 +166,23 @@ def torchvision_state(trunk):
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
+def check_output(output_path, force):
+    """UsageError when the output (or its OUT.json) is a directory, or exists and `force` is
+    False: `mocobench convert` replaces a file only when asked (--force), as pretrain and transfer
+    refuse to write into a finished run."""
+    for path in (output_path, report_path(output_path)):
+        if os.path.isdir(path):
+            raise UsageError(f"output {path!r} is a directory, not a file")
+        if os.path.lexists(path) and not force:
+            raise UsageError(f"output {path!r} already exists; pass --force to replace it, or "
+                             "choose another output")
+
+
 def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm="FrozenBN",
-                       prefix=None, to="detectron2") -> ConversionReport:
+                       prefix=None, to="detectron2", force=True) -> ConversionReport:
     """Convert, verify (unless verify=False), atomically write the output and OUT.json; see the
-    module docstring.
+    module docstring. force=False refuses an output or OUT.json that exists already (the command
+    line's default; callers that own their output directory, like the pipeline, replace it).
 
     Raises UsageError for unusable input (unreadable, code-carrying, not a plain ResNet, no or
     several trunks) and VerificationError when the converted weights do not load completely or
@@ -182,6 +198,7 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
             in (os.path.abspath(output_path), os.path.abspath(report_path(output_path))):
         raise UsageError(f"output {output_path!r} (or its report {report_path(output_path)!r}) "
                          "would overwrite the input")
+    check_output(output_path, force)
     trunk = extract_trunk(read_checkpoint(input_path), source, prefix)
     weights = to_detectron2(trunk.state)
     tv_state = None
@@ -193,7 +210,7 @@ def convert_checkpoint(input_path, output_path, source="auto", verify=True, norm
     report = ConversionReport(
         input_path=input_path, output_path=None, source=trunk.source, detected=trunk.detected,
         author=trunk.author, arch=trunk.arch, prefix=trunk.prefix, converted=converted,
-        dropped=trunk.dropped, to=to, opaque=list(trunk.opaque),
+        dropped=trunk.dropped, to=to, opaque=list(trunk.opaque), warnings=list(trunk.warnings),
     )
     if verify:
         _verify(weights, trunk, report, norm, reference_state=tv_state)

@@ -1,9 +1,10 @@
 """`mocobench convert INPUT OUTPUT [--source ...] [--prefix P] [--to detectron2|torchvision]
-[--no-verify]`.
+[--no-verify] [--force]`.
 
 Exit codes: 0 converted (and verified), 1 verification failed (nothing written), 2 bad input.
 """
 import argparse
+import sys
 
 from convert.api import FORMATS, VerificationError, convert_checkpoint
 from convert.sources import SOURCES
@@ -35,6 +36,9 @@ def build_parser():
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip loading into detectron2 and the numerical comparison (not "
                              "recommended)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUTPUT (and OUT.json) when it exists already (default: "
+                             "refuse)")
     parser.add_argument("--list-dropped", action="store_true",
                         help="print every key that was not converted (the summary shows one per "
                              "reason)")
@@ -62,12 +66,14 @@ def main(argv):
         raise UsageError("convert needs INPUT and OUTPUT (or --list-sources)")
     try:
         report = convert_checkpoint(args.input, args.output, source=args.source, verify=args.verify,
-                                    prefix=args.prefix, to=args.to)
+                                    prefix=args.prefix, to=args.to, force=args.force)
     except VerificationError as e:  # what was checked, then the error (mocobench.utils.errors)
         if e.report is not None:
             print(e.report.summary())
         raise
     print(report.summary())
+    for warning in report.warnings:  # also in OUT.json ("warnings")
+        print(f"mocobench convert: warning: {warning}", file=sys.stderr)
     if args.list_dropped:
         for reason, keys in report.dropped_by_reason().items():
             print(f"\ndropped: {reason} ({len(keys)})")

@@ -27,7 +27,7 @@ import torch
 
 from convert.arch import Architecture, infer_architecture
 from mocobench.utils.errors import UsageError
-from mocobench.utils.fileio import load_checkpoint, safe_unpickle
+from mocobench.utils.fileio import check_input_file, load_checkpoint, safe_unpickle
 
 WRAPPERS = ("state_dict", "model", "net")
 # lightly's documented backbone, nn.Sequential(*list(resnet.children())[:-1]): child index ->
@@ -128,17 +128,50 @@ _TIMM_PLAIN = re.compile(r"^(resnet(18|34|50|101|152)|resnext50_32x4d|resnext101
 
 
 def _timm_model_name(ckpt):
+    """timm's model name for the file: train.py's args.model, or for hub weights
+    (model.safetensors) the `architecture` of the config.json next to it; None if neither."""
     args = ckpt.entries.get("args")
-    return getattr(args, "model", None) if args is not None else None
+    if args is not None and getattr(args, "model", None) is not None:
+        return args.model
+    return _hub_architecture(ckpt.path)
+
+
+def _hub_architecture(path):
+    """`architecture` of the config.json next to a timm hub model.safetensors, else None."""
+    import json
+
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not str(path).endswith(".safetensors") or not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            name = json.load(f).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _check_timm_model(ckpt):
     name = _timm_model_name(ckpt)
     if name is not None and not _TIMM_PLAIN.match(str(name)):
-        raise UsageError(f"{ckpt.path!r} is a timm {name!r} (args.model): not a plain ResNet "
+        where = "args.model" if ckpt.entries.get("args") is not None else "config.json"
+        raise UsageError(f"{ckpt.path!r} is a timm {name!r} ({where}): not a plain ResNet "
                          "(timm's anti-aliased, blur-pool, deep-stem, SE and ECA variants compute "
                          "something detectron2's ResNet does not); supported: resnet18 ... "
                          "resnet152, resnext*, wide_resnet*")
+
+
+def unnamed_variant_warning(ckpt, arch):
+    """The warning for a timm-layout file that names no model (a timm train.py checkpoint without
+    args.model, or a timm hub model.safetensors without a config.json that names its
+    architecture), else None: timm's anti-aliased (resnetaa*) and blur-pool (resnetblur*) ResNets
+    have no weights of their own, so nothing in the file tells them from the plain network."""
+    if _timm_model_name(ckpt) is not None:
+        return None
+    return (f"{ckpt.path!r} names no timm model (no args.model / config.json architecture): "
+            f"converted as a plain {arch.name}, but anti-aliased (resnetaa*), blur-pool "
+            "(resnetblur*) and other variants without weights of their own cannot be told apart "
+            "from the weights; check which model it was")
 
 
 SOURCES = {
@@ -419,8 +452,7 @@ def _read_safetensors(path):
         raise UsageError(f"{path!r}: reading .safetensors needs the safetensors package (pip "
                          "install safetensors)") from None
 
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path!r} does not exist")
+    check_input_file(path, "checkpoint")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -505,6 +537,8 @@ class Trunk:
     detected: bool = True  # found by --source auto (not named by --source/--prefix)
     # framework classes in the file, read as placeholders
     opaque: List[str] = field(default_factory=list)
+    # converted, but the user should know (unnamed_variant_warning)
+    warnings: List[str] = field(default_factory=list)
 
 
 def _rename(name, naming):
@@ -574,6 +608,15 @@ def _build_trunk(ckpt, source, prefix, naming, detected):
                              f"{arch.name} has {want}")
     if source.check is not None:
         source.check(ckpt)
+    # timm's layout, or its hub format (.safetensors in torchvision names): the file may come from
+    # a timm variant whose weights are key for key the plain network's
+    warnings = []
+    if source.name == "timm" or (str(ckpt.path).endswith(".safetensors")
+                                 and naming == "torchvision"):
+        _check_timm_model(ckpt)
+        warning = unnamed_variant_warning(ckpt, arch)
+        if warning:
+            warnings.append(warning)
 
     state = {name: ckpt.tensors[encoder[name]]
              for name in sorted(required, key=list(reference).index)}
@@ -585,7 +628,7 @@ def _build_trunk(ckpt, source, prefix, naming, detected):
         if key not in converted:
             dropped.append((key, _what_is(key, prefix, naming, source, other_trunks)))
     return Trunk(source.name, source.author, prefix, arch, state, original_keys, dropped, detected,
-                 ckpt.opaque)
+                 ckpt.opaque, warnings)
 
 
 def _matches(key, prefix):

@@ -79,7 +79,7 @@ def test_truncated_and_non_checkpoint_files(resnet18_state, tmp_path):
         "truncated.pkl": (pickle.dumps({k: v.numpy() for k, v in resnet18_state.items()})[:5000],
                           "truncated"),
         "notes.pth": (b"these are my notes, not a checkpoint\n", "not a readable torch checkpoint"),
-        "empty.pth.tar": (b"", "not a readable torch checkpoint"),
+        "empty.pth.tar": (b"", r"empty.pth.tar' is empty \(0 bytes\)"),
     }
     for name, (content, match) in cases.items():
         (tmp_path / name).write_bytes(content)

@@ -172,14 +172,15 @@ def test_parser_defaults_and_every_flag():
     parser = build_parser()
     assert vars(parser.parse_args([])) \
         == {"input": None, "output": None, "source": "auto", "prefix": None,
-            "to": "detectron2", "verify": True, "list_dropped": False,
+            "to": "detectron2", "verify": True, "force": False, "list_dropped": False,
             "list_sources": False}
     args = parser.parse_args(["in.pth", "out.pth", "--source", "moco", "--prefix",
                               "module.encoder_k.", "--to", "torchvision", "--no-verify",
-                              "--list-dropped", "--list-sources"])
+                              "--force", "--list-dropped", "--list-sources"])
     assert vars(args) \
         == {"input": "in.pth", "output": "out.pth", "source": "moco", "prefix": "module.encoder_k.",
-            "to": "torchvision", "verify": False, "list_dropped": True, "list_sources": True}
+            "to": "torchvision", "verify": False, "force": True, "list_dropped": True,
+            "list_sources": True}
     # `--source auto` may be given explicitly, as --list-sources says
     for source in ["auto", *SOURCES]:
         assert parser.parse_args(["a.pth", "b.pkl", "--source", source]).source == source
@@ -241,7 +242,7 @@ def test_cli_passes_every_flag_to_the_conversion(state, tmp_path, capsys):
                      "reason": "another ResNet trunk (module.encoder_q.*)"}
                     for k in state] + [{"key": "module.queue", "reason": "queue of negative keys"}],
         "ignored_objects": [], "verified": 0, "max_rel_error": None, "stage_rel_errors": {},
-        "problems": [],
+        "problems": [], "warnings": [],
     }
     loaded = torch.load(out, weights_only=True)
     assert torch.equal(loaded["layer3.1.conv2.weight"], momentum["layer3.1.conv2.weight"])
@@ -538,8 +539,8 @@ def test_help_text_in_full(monkeypatch):
     sources = ",".join(["auto", *SOURCES])
     assert " ".join(build_parser().format_help().split()) == " ".join([
         f"usage: mocobench convert [-h] [--source {{{sources}}}] [--prefix PREFIX] [--to "
-        "{detectron2,torchvision}] [--no-verify] [--list-dropped] [--list-sources] [input] "
-        "[output]",
+        "{detectron2,torchvision}] [--no-verify] [--force] [--list-dropped] [--list-sources] "
+        "[input] [output]",
         "Convert a ResNet checkpoint (MoCo, DINO, SwAV, Barlow Twins, DenseCL, PixPro, solo-learn, "
         "mmselfsup, VISSL, lightly, timm, torchvision, or any file with one ResNet trunk) into a "
         "detectron2 backbone .pkl or a torchvision .pth, then prove it: detectron2 must load every "
@@ -557,6 +558,7 @@ def test_help_text_in_full(monkeypatch):
         "files with several trunks and no known layout)",
         "--to {detectron2,torchvision} output format (default: detectron2 .pkl)",
         "--no-verify skip loading into detectron2 and the numerical comparison (not recommended)",
+        "--force replace OUTPUT (and OUT.json) when it exists already (default: refuse)",
         "--list-dropped print every key that was not converted (the summary shows one per reason)",
         "--list-sources print the known layouts and exit",
         "exit codes: 0 ok, 1 verification failed (nothing written), 2 bad input",

@@ -187,9 +187,10 @@ def test_missing_checkpoint_is_caught_before_anything_runs(finished_run):
 
 @pytest.mark.parametrize("opts,expected", [
     (["TRANSFER.INITS", "['moco', 'imagenet21k']"], "TRANSFER.INITS"),
-    (["TRANSFER.NOPE", "1"], "Non-existent key: TRANSFER.NOPE"),
+    (["TRANSFER.NOPE", "1"], "unknown config key TRANSFER.NOPE"),
     (["TRANSFER.OPTS", "['SOLVER.MAX_ITRE', '2']"],
-     "tiny_cpu.yaml: TRANSFER.OPTS: Non-existent key: SOLVER.MAX_ITRE"),
+     "tiny_cpu.yaml: TRANSFER.OPTS: unknown config key SOLVER.MAX_ITRE; did you mean "
+     "SOLVER.MAX_ITER?"),
     (["PRETRAIN.OPTS", "['SOLVER.BASE_LR', '-1.0']"], "tiny_cpu.yaml: PRETRAIN.OPTS (on "),
     (["PRETRAIN.CONFIG_FILE", "nope.yaml"], "PRETRAIN.CONFIG_FILE 'nope.yaml' does not exist"),
     (["DATA.SYNTH", "False", "DATA.PRETRAIN_ROOT", "/nonexistent/imagenet"],

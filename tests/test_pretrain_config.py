@@ -112,7 +112,7 @@ def test_errors_from_a_pipeline_name_where_the_overrides_came_from(tmp_path):
     assert str(e.value) == f"{source} (on {config}): MOCO.M = 2.0 must be in [0, 1]"
     with pytest.raises(UsageError) as e:  # an unknown key is named with the same source
         load_config(str(config), ["MOCO.NOPE", "1"], opts_source=source)
-    assert str(e.value) == f"{source}: Non-existent key: MOCO.NOPE"
+    assert str(e.value) == f"{source}: unknown config key MOCO.NOPE"
     with pytest.raises(UsageError) as e:  # the command line's own errors carry no prefix
         load_config(str(config), ["MOCO.M", "2.0"])
     assert str(e.value) == "MOCO.M = 2.0 must be in [0, 1]"

@@ -101,8 +101,10 @@ def test_every_readme_command_runs_as_written_on_generated_data(tmp_path, monkey
         printed = capsys.readouterr()
         assert "Traceback" not in printed.err, argv
         if argv[0] == "configs":
-            assert re.search(r"configs/pipeline/demo_cpu.yaml +cpu +The embedded demo", printed.out)
-            assert re.search(r"configs/pretrain/moco_v2_R50_200ep.yaml +paper +MoCo v2",
+            # PATH  KIND, then the purpose on indented lines
+            assert re.search(r"configs/pipeline/demo_cpu.yaml +cpu\n +The embedded demo",
+                             printed.out)
+            assert re.search(r"configs/pretrain/moco_v2_R50_200ep.yaml +paper\n +MoCo v2",
                              printed.out)
     for path in ("out/mocov2/checkpoint_0000.pth.tar", "out/sup_r18/checkpoint_0000.pth.tar",
                  "out/lincls/lincls_results.json", "mocov2.pkl", "out/voc_moco/seed0/results.json",

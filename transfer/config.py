@@ -78,13 +78,16 @@ def swap_sync_bn(cfg: CfgNode, replacement: str = "naiveSyncBN") -> list:
     return changed
 
 
-def configure_resnet(cfg, weights_path=None):
+def configure_resnet(cfg, weights_path=None, explicit=()):
     """Make a detectron2 cfg build the ResNet that a converted .pkl holds; returns notes for the
     log.
 
     MODEL.RESNETS keys the config leaves at detectron2's defaults take the .pkl's values; a key set
-    to something else must agree, or UsageError. Weights without a recorded architecture
-    (detectron2 model-zoo files, URLs, .pth checkpoints) leave the config as it is.
+    to something else, or set explicitly (`explicit`: the full keys the yaml chain and the
+    command line set, mocobench.utils.config.set_keys; `MODEL.RESNETS.DEPTH 50` is detectron2's
+    default but still the user's word), must agree, or UsageError naming both. Weights without a
+    recorded architecture (detectron2 model-zoo files, URLs, .pth checkpoints) leave the config as
+    it is.
     """
     path = weights_path if weights_path is not None else cfg.MODEL.WEIGHTS
     if not path or not str(path).endswith(".pkl") or not os.path.isfile(path):
@@ -100,7 +103,7 @@ def configure_resnet(cfg, weights_path=None):
         want, have = recorded[key], resnets[key]
         if have == want:
             continue
-        if have != default:
+        if have != default or f"MODEL.RESNETS.{key}" in explicit:
             raise UsageError(f"MODEL.RESNETS.{key} is {have} but MODEL.WEIGHTS {path!r} holds a "
                              f"{architecture or 'ResNet'} ({key} {want}); drop the override or "
                              "convert the matching checkpoint")

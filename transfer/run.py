@@ -54,6 +54,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from mocobench.utils.config import set_keys
 from mocobench.utils.env import set_tf32
 from mocobench.utils.errors import UsageError, run_main
 from mocobench.utils.fileio import atomic_write
@@ -106,8 +107,9 @@ def trial_dir(output_dir: str, index: int) -> str:
 def prepare_config(config_file: str, opts, world_size: int = 1):
     """The merged config, with the generated datasets registered; returns (cfg, notes to log)."""
     cfg = load_config(config_file, opts)
-    # MODEL.RESNETS from the architecture a converted .pkl records, or refuse
-    notes = configure_resnet(cfg)
+    # MODEL.RESNETS from the architecture a converted .pkl records, or refuse (a value set in the
+    # config or on the command line that the weights contradict)
+    notes = configure_resnet(cfg, explicit=set_keys(config_file, opts))
     if cfg.MODEL.DEVICE == "cpu" and world_size > 1:
         swapped = swap_sync_bn(cfg)
         if swapped:

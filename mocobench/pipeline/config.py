@@ -9,7 +9,13 @@ import os
 
 from fvcore.common.config import CfgNode
 
-from mocobench.utils.config import merge_config, resolve_config_path
+from mocobench.utils.config import (
+    CONFIGS_DIR,
+    config_path,
+    full_keys,
+    merge_config,
+    resolve_config_path,
+)
 from mocobench.utils.errors import UsageError
 
 INITS = ("moco", "supervised", "random")
@@ -61,11 +67,63 @@ def load_pipeline_config(config_file, opts) -> CfgNode:
     """The pipeline config, checked, with every path made absolute: sub-configs found by
     resolve_config_path (relative to this yaml's folder first), data paths and OUTPUT_DIR relative
     to the working directory."""
+    _refuse_other_kinds(config_file)
     cfg = merge_config(get_pipeline_cfg(), config_file, opts)
     _check(cfg, config_file)
     _make_paths_absolute(cfg, config_file)
     cfg.freeze()
     return cfg
+
+
+def config_kind(config_file):
+    """'pipeline', 'pretrain' or 'transfer': the first config whose keys include every key the
+    file (with its _BASE_ chain) sets; None when none does or it cannot be read (merge_config then
+    says why)."""
+    try:
+        keys = set(full_keys(CfgNode.load_yaml_with_base(config_path(config_file))))
+    except Exception:  # missing, not YAML, a broken _BASE_ ...: merge_config names the problem
+        return None
+
+    def pretrain():
+        from pretrain.config import get_cfg
+
+        return get_cfg()
+
+    def transfer():  # detectron2's config, after mocobench.utils.d2compat
+        from transfer.config import add_mocobench_config, get_cfg
+
+        cfg = get_cfg()
+        add_mocobench_config(cfg)
+        return cfg
+
+    for kind, defaults in (("pipeline", get_pipeline_cfg), ("pretrain", pretrain),
+                           ("transfer", transfer)):
+        if keys <= set(full_keys(defaults())):
+            return kind
+    return None
+
+
+# what a stage config given to `mocobench pipeline` is, and where it belongs
+_OTHER_KINDS = {
+    "pretrain": ("a pretrain config", "mocobench pretrain", " (a supervised baseline: mocobench "
+                 "supervised)", "PRETRAIN.CONFIG_FILE"),
+    "transfer": ("a transfer (detectron2) config", "mocobench transfer", "",
+                 "TRANSFER.CONFIG_FILE"),
+}
+
+
+def _refuse_other_kinds(config_file):
+    """A pretrain or transfer yaml given as the pipeline config: one line saying what it is and the
+    command that takes it, not "unknown config key MODEL"."""
+    kind = config_kind(config_file)
+    if kind in _OTHER_KINDS:
+        what, command, other, key = _OTHER_KINDS[kind]
+        name = config_file
+        if os.path.abspath(config_file).startswith(CONFIGS_DIR + os.sep):  # a shipped config
+            name = os.path.relpath(os.path.abspath(config_file), os.path.dirname(CONFIGS_DIR))
+        raise UsageError(f"{name} is {what}, not a pipeline config: run it with `{command} "
+                         f"--config-file {name}`{other}, or name it as {key} in a pipeline "
+                         "config (configs/pipeline/)")
 
 
 def _check(cfg, config_file):

@@ -3,6 +3,8 @@ applies it)."""
 
 # bad input: a one-line error naming the file / key / value, no traceback, nothing written
 EXIT_USAGE = 2
+# stdout was a pipe whose reader closed it (`| head`): Python's own exit code on EPIPE
+EXIT_BROKEN_PIPE = 1
 
 
 class UsageError(Exception):
@@ -26,13 +28,28 @@ class CommandFailed(Exception):
 def run_main(prog, main, argv):
     """main(argv) -> exit code, and the one place where the errors above become exit codes: bad
     input prints `PROG: error: MESSAGE` (exit 2), a failed or stopped command
-    `PROG: [error: ]MESSAGE` with its own code; no traceback. Under a multi-process launcher
-    only rank 0 prints (every rank ends the same way)."""
+    `PROG: [error: ]MESSAGE` with its own code, a closed stdout pipe nothing (exit 1); no
+    traceback. Under a multi-process launcher only rank 0 prints (every rank ends the same
+    way)."""
     import os
     import sys
 
     try:
-        return int(main(argv) or 0)
+        code = int(main(argv) or 0)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        # stdout's reader went away (`mocobench configs | head -1`): stop quietly, as the Python
+        # docs recommend (library/signal.html, "Note on SIGPIPE"): point stdout at devnull so the
+        # flush at exit cannot fail again, and exit 1 as Python does on EPIPE
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # stdout is no file (captured, replaced)
+            pass
+        return EXIT_BROKEN_PIPE
     except (UsageError, CommandFailed) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             label = "error: " if getattr(e, "is_error", True) else ""  # UsageError: always

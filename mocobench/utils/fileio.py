@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import tempfile
 
@@ -109,13 +110,87 @@ def atomic_torch_save(obj, path):
         torch.save(obj, f)
 
 
+def check_input_file(path, what="file"):
+    """A one-line UsageError unless `path` is a non-empty regular file: it does not exist, it is a
+    directory, or it is empty (0 bytes)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{what} {path!r} is empty (0 bytes)")
+    return path
+
+
+# globals whose presence in a refused checkpoint means it holds a whole pickled model (torch.save(
+# model)) rather than its state dict
+_MODULE_GLOBALS = ("torch.nn.modules.", "torch.nn.parallel.", "torchvision.models.", "timm.models.")
+
+
+def _unsafe_globals(path):
+    """The globals a refused zip checkpoint names, [] when torch cannot list them."""
+    import torch
+
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a legacy (non-zip) file, truncated ...: the unpickler's error stands
+        return []
+
+
+def _first_global(path, names):
+    """The first of `names` the checkpoint's pickle refers to (the class of the pickled object
+    itself, e.g. torchvision.models.resnet.ResNet), None if it cannot be read."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            data = archive.read(member)
+        strings = []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":  # protocol 2 (torch.save's): "module name"
+                name = str(arg).replace(" ", ".")
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = ".".join(strings[-2:])
+            else:
+                if isinstance(arg, str):
+                    strings.append(arg)
+                continue
+            if name in names:
+                return name
+    except Exception:  # not a zip, no data.pkl, a broken pickle: name another global
+        return None
+    return None
+
+
+def _refusal(path, error):
+    """One line for a checkpoint torch's weights-only unpickler refused: a pickled module says
+    so and how to save the weights instead; anything else names the global."""
+    names = _unsafe_globals(path)
+    if any(name.startswith(_MODULE_GLOBALS) for name in names):
+        model = _first_global(path, names) or names[0]
+        return (f"{path!r} holds a pickled module ({model}: code), not a state dict; save the "
+                "weights with torch.save(model.state_dict(), PATH) and pass that file")
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    found = match.group(1) if match else (names[0] if names else _first_line(error))
+    return (f"refusing to load {path!r}: it holds objects outside torch's weights-only allow-list "
+            "(a checkpoint must contain tensors, numbers, strings and containers only): "
+            f"{found}")
+
+
+def _first_line(error):
+    """The first line of an exception's text, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True; unreadable or code-carrying files raise UsageError."""
     import torch
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path!r} does not exist")
+    path = check_input_file(path, "checkpoint")
     with open(path, "rb") as f:
         head = f.read(2)
     # torch.save writes a zip archive (PK); the legacy format and plain pickles start with the
@@ -128,14 +203,11 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UsageError(
-            f"refusing to load {path!r}: it holds objects outside torch's weights-only allow-list "
-            f"(a checkpoint must contain tensors, numbers, strings and containers only): {e}"
-        ) from None
+        raise UsageError(_refusal(path, e)) from None
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError,
             AttributeError) as e:
         raise UsageError(f"{path!r} is not a readable torch checkpoint (truncated or another "
-                         f"format?): {e}") from None
+                         f"format?): {_first_line(e)}") from None
 
 
 _NUMPY_ALLOWED = {
@@ -176,9 +248,7 @@ def file_sha256(path) -> str:
 
 def safe_unpickle(path):
     """Load a .pkl of containers and numpy arrays; refuse anything that could run code."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UsageError(f"file {path!r} does not exist")
+    path = check_input_file(path)
     with open(path, "rb") as f:
         data = f.read()
     try:
