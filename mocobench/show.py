@@ -217,12 +217,22 @@ def _checkpoint_context(info, path, obj, shallow):
         rows = _json_lines(os.path.join(directory, "metrics.json"))
         at = [r for r in rows if info["iterations"] is None
               or r.get("iteration", 0) <= info["iterations"]]
-        if at:
-            info["results"]["metrics at this checkpoint (metrics.json)"] = _metric_row(at[-1])
+        info["results"].update(_latest_metrics(at, "at this checkpoint"))
 
 
-def _metric_row(row):
-    return {k: row[k] for k in ("iteration", *METRIC_KEYS) if k in row}
+def _latest_metrics(rows, label="latest"):
+    """The last training line (loss, acc1) and the last held-out top-1 of metrics.json rows."""
+    out = {}
+    trained = [r for r in rows if "loss" in r]
+    if trained:
+        out[f"{label}: training (metrics.json)"] = \
+            {k: trained[-1][k] for k in ("iteration", *METRIC_KEYS) if k in trained[-1]}
+    for key in ("knn_top1", "val_top1"):
+        held = [r for r in rows if isinstance(r.get(key), (int, float))]
+        if held:
+            out[f"{label}: {key} (metrics.json)"] = {"epoch": held[-1].get("epoch"),
+                                                     key: held[-1][key]}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,13 +483,7 @@ def describe_run_dir(path, shallow=False):
         info["epochs"] = f"{done:g} of {flat['SOLVER.EPOCHS']}"
     info["iterations"] = max((r["iteration"] for r in rows if isinstance(r.get("iteration"), int)),
                              default=None)
-    if rows:
-        info["results"]["latest (metrics.json)"] = _metric_row(rows[-1])
-        for key in ("knn_top1", "val_top1"):
-            held = [r for r in rows if isinstance(r.get(key), (int, float))]
-            if held:
-                info["results"][f"latest {key}"] = {"epoch": held[-1].get("epoch"),
-                                                    key: held[-1][key]}
+    info["results"].update(_latest_metrics(rows))
     if os.path.isfile(lincls_path):
         data = _read_json(lincls_path)
         if isinstance(data, dict):

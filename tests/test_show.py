@@ -19,8 +19,8 @@ PRETRAIN_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
 SUPERVISED_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu_supervised.yaml")
 DETECTION_CFG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
 TINY_PRETRAIN = ["SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16", "MOCO.K", "32", "INPUT.SIZE",
-                 "32", "DATALOADER.NUM_WORKERS", "0", "KNN.PERIOD", "0", "MOCO.SHUFFLE_BN_SPLITS",
-                 "2", "DEVICE", "cpu"]
+                 "32", "DATALOADER.NUM_WORKERS", "0", "KNN.PERIOD", "1", "KNN.BATCH_SIZE", "64",
+                 "MOCO.SHUFFLE_BN_SPLITS", "2", "DEVICE", "cpu"]
 TINY_TRANSFER = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
                  "TEST.PRECISE_BN.ENABLED", "False", "INPUT.MIN_SIZE_TRAIN", "(96,)",
                  "INPUT.MIN_SIZE_TEST", "96", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
@@ -148,15 +148,20 @@ def test_show_a_pretraining_run_directory(made, capsys):
     hashes = {f["name"]: f["sha256"] for f in info["files"]}
     assert hashes == {name: file_sha256(pre / name)
                       for name in ("config.yaml", "metrics.json", "checkpoint_0000.pth.tar")}
-    latest = info["results"]["latest (metrics.json)"]
-    assert latest["loss"] == rows[-1]["loss"] and latest["acc1"] == rows[-1]["acc1"]
+    trained = [r for r in rows if "loss" in r][-1]
+    latest = info["results"]["latest: training (metrics.json)"]
+    assert latest["loss"] == trained["loss"] and latest["acc1"] == trained["acc1"]
 
     code, out, _ = show(capsys, pre)
     assert code == 0
     assert "  kind        MoCo v2 pretraining run (mocobench pretrain)" in out
     assert "    MOCO.K 32" in out and "KNN.K" not in out  # key lines only
     assert f"{file_sha256(pre / 'checkpoint_0000.pth.tar')}  checkpoint_0000.pth.tar" in out
-    assert f"acc1 {rows[-1]['acc1']:.4g}" in out
+    assert f"epoch 1, loss {trained['loss']:.4g}, acc1 {trained['acc1']:.4g}" in out
+    knn = [r for r in rows if "knn_top1" in r][-1]
+    assert info["results"]["latest: knn_top1 (metrics.json)"] == \
+        {"epoch": 1, "knn_top1": knn["knn_top1"]}
+    assert f"latest: knn_top1 (metrics.json): epoch 1, knn_top1 {knn['knn_top1']:.4g}" in out
     code, full, _ = show(capsys, pre, "--config")
     assert code == 0 and "  config (full)" in full and "KNN:" in full and "    K: 200" in full
 
@@ -175,8 +180,8 @@ def test_show_a_checkpoint(made, capsys):
     assert info["config"]["MOCO.K"] == 32
     assert [(s["relation"], s["path"], s["kind"]) for s in info["chain"]] == \
         [("written by run", str(made["pre"]), "pretrain run")]
-    row = json.loads(open(made["pre"] / "metrics.json").read().splitlines()[-1])
-    assert info["results"]["metrics at this checkpoint (metrics.json)"]["loss"] == row["loss"]
+    row = [json.loads(line) for line in open(made["pre"] / "metrics.json") if "loss" in line][-1]
+    assert info["results"]["at this checkpoint: training (metrics.json)"]["loss"] == row["loss"]
 
 
 @pytest.mark.slow
