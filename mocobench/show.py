@@ -459,6 +459,8 @@ def describe_run_dir(path, shallow=False):
     lincls_path = os.path.join(path, "lincls_results.json")
     latest = _latest_checkpoint(path)
     kind = info["config_kind"]
+    if kind == "detectron2":  # a detectron2 output directory without a mocobench run record
+        return _describe_plain_d2_dir(info, path, rows, shallow)
     # the same config keys for both: MoCo logs the key encoder's momentum, else its weights tell
     if os.path.isfile(lincls_path) or kind == "lincls":
         kind = "lincls"
@@ -509,6 +511,27 @@ def describe_run_dir(path, shallow=False):
     return info
 
 
+def _describe_plain_d2_dir(info, path, rows, shallow):
+    flat = info["config"]
+    info["kind"] = "detectron2 run"
+    info["what"] = ("detectron2 training directory without a mocobench run record (results.json): "
+                    "written by plain detectron2, or a trial that has not finished")
+    info["arch"] = f"ResNet-{flat.get('MODEL.RESNETS.DEPTH', '?')}"
+    info["source"] = f"MODEL.WEIGHTS {flat.get('MODEL.WEIGHTS') or '(random init)'}"
+    info["iterations"] = max((r["iteration"] for r in rows if isinstance(r.get("iteration"), int)),
+                             default=None)
+    evaluated = [r for r in rows if any("/AP" in k for k in r)]
+    if evaluated:
+        info["results"]["last evaluation (metrics.json)"] = \
+            {k: v for k, v in evaluated[-1].items() if "/AP" in k or k == "iteration"}
+    if not shallow and os.path.isfile(os.path.join(path, "config.yaml")):
+        info["files"].append(_file_entry(os.path.join(path, "config.yaml")))
+    _d2_trial_files(info, path, shallow)
+    if flat.get("MODEL.WEIGHTS"):
+        info["links"].append(_link("fine-tuned from", flat["MODEL.WEIGHTS"]))
+    return info
+
+
 def _latest_checkpoint(path):
     pointer = os.path.join(path, "last_checkpoint")
     if not os.path.isfile(pointer):
@@ -522,12 +545,14 @@ def _latest_checkpoint(path):
 # dispatch and the chain
 
 def _text_start(head):
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text if text.isprintable() or all(c.isprintable() or c.isspace() for c in text) \
-        else None
+    """The start of a text file (UTF-8, printable), or None for binary data."""
+    for cut in range(4):  # the 64 bytes may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return text if all(c.isprintable() or c.isspace() for c in text) else None
+    return None
 
 
 def describe(path, shallow=False):

@@ -1,6 +1,6 @@
-"""The README is executable: every `mocobench` command of its Commands block runs as written, from a
-scratch directory, on generated data. The substitutions (data paths, sizes) are listed here and in
-the README."""
+"""The documentation is executable: every `mocobench` command of the block in docs/commands.md
+(the README's Commands section points there) runs as written, from a scratch directory, on generated
+data. The substitutions (data paths, sizes) are listed here and in that page."""
 import os
 import re
 import shlex
@@ -27,10 +27,10 @@ SHRINK = {
 }
 
 
-def readme_commands(section="## Commands"):
-    """The `mocobench ...` lines of the first code block after `section`, continuation lines
-    joined."""
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+def readme_commands(section="# Commands", page="docs/commands.md"):
+    """The `mocobench ...` lines of the first code block after `section` of `page`, continuation
+    lines joined."""
+    text = open(os.path.join(REPO, page), encoding="utf-8").read()
     block = re.search(r"```\n(.*?)```", text[text.index(section):], re.S).group(1)
     block = block.replace("\\\n", " ")
     commands = []
@@ -64,8 +64,9 @@ def substitute(argv, data):
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written_on_generated_data(tmp_path, monkeypatch, capsys):
     commands = readme_commands()
-    assert [c[0] for c in commands] == ["env", "configs", "data", "pretrain", "supervised",
-                                        "lincls", "convert", "transfer", "report", "pipeline"]
+    assert [c[0] for c in commands] == ["--version", "env", "configs", "data", "pretrain",
+                                        "supervised", "lincls", "convert", "show", "transfer",
+                                        "show", "report", "pipeline"]
     data = {"imagenet": os.path.join(str(tmp_path), "small", "imagenet"),
             "synth": str(tmp_path / "synth"), "voc": str(tmp_path / "small_voc")}
     make_imagenet(os.path.dirname(data["imagenet"]), classes=4, images_per_class=8, val_per_class=2,
@@ -79,6 +80,9 @@ def test_every_readme_command_runs_as_written_on_generated_data(tmp_path, monkey
         print(f"README: mocobench {argv[0]} {time.time() - start:.1f} s", file=sys.__stdout__)
         printed = capsys.readouterr()
         assert "Traceback" not in printed.err, argv
+        if argv[0] == "show":  # the .pkl, then the transfer run: each names where it came from
+            assert "<- converted from " in printed.out
+            assert "sha256 matches the record" in printed.out
         if argv[0] == "configs":
             assert re.search(r"configs/pipeline/demo_cpu.yaml +cpu +The embedded demo", printed.out)
             assert re.search(r"configs/pretrain/moco_v2_R50_200ep.yaml +paper +MoCo v2",

@@ -253,6 +253,21 @@ def test_show_a_transfer_run_and_its_trial(made, capsys):
 
 
 @pytest.mark.slow
+def test_show_a_detectron2_directory_without_a_record(made, capsys, tmp_path):
+    import shutil
+
+    plain = tmp_path / "d2run"
+    shutil.copytree(made["voc"] / "seed0", plain, ignore=shutil.ignore_patterns("results.json"))
+    info = show_json(capsys, plain)
+    assert info["kind"] == "detectron2 run" and info["arch"] == "ResNet-18"
+    evaluation = info["results"]["last evaluation (metrics.json)"]
+    record = json.load(open(made["voc"] / "seed0" / "results.json"))
+    assert evaluation["bbox/AP"] == record["results"]["synth_voc_test"]["bbox"]["AP"]
+    assert info["chain"][0]["path"] == str(made["pkl"]) and info["chain"][0]["kind"] == \
+        "converted backbone"
+
+
+@pytest.mark.slow
 def test_show_a_lincls_run(made, capsys):
     results = json.load(open(made["lincls"] / "lincls_results.json"))
     info = show_json(capsys, made["lincls"])
@@ -350,6 +365,18 @@ def test_print_config_of_a_training_command_writes_nothing(command, config, tmp_
     assert _tree(out) == ["keep.txt"]
     # bad overrides stay errors
     assert cli.main([command, "--config-file", config, "--print-config", "SOLVER.NOPE", "1"]) == 2
+
+
+def test_print_config_starts_no_process_and_submits_no_job(tmp_path, capsys):
+    """Under the launcher options (several processes, SLURM) this process prints the config once."""
+    capsys.readouterr()
+    for launch_options in (["--nproc-per-node", "2"],
+                           ["--launcher", "slurm", "--job-dir", str(tmp_path / "jobs")]):
+        assert cli.main(["pretrain", *launch_options, "--config-file", PRETRAIN_CFG,
+                         "--print-config", "MOCO.K", "64"]) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("\nMOCO:\n") == 1 and "  K: 64\n" in printed
+    assert not (tmp_path / "jobs").exists()
 
 
 def test_print_config_of_transfer_is_its_first_trial(tmp_path, capsys):
