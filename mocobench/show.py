@@ -264,7 +264,7 @@ def _convert_report_beside(path):
 def _add_report(info, report, shallow):
     """The convert report beside a converted file: its sha256 among the files, its input as the
     next link of the chain."""
-    info["convert_report"] = report["path"]
+    info["convert_report"] = os.path.abspath(report["path"])
     if not shallow:
         info["files"].append(_file_entry(report["path"]))
     recorded = report["data"].get("output_sha256")
