@@ -54,12 +54,29 @@ COMMANDS = {  # in the order data flows
                         "data -> pretrain -> convert -> transfer x inits x seeds -> report, "
                         "resumable (--dry-run: the plan and what is missing)",
                         launched=True, resume=()),
+    # reads what any of the above wrote
+    "show": Command("mocobench.show",
+                    "what a run dir, checkpoint or .pkl is and how it was made: arch, config, "
+                    "sha256, results"),
 }
+
+
+def version_text() -> str:
+    """`mocobench --version`: this mocobench and the versions it runs on (package metadata only:
+    no torch import)."""
+    import mocobench
+    from mocobench.utils.env import software_versions
+
+    v = software_versions()
+    others = ", ".join(f"{name} {v[name] or 'not installed'}"
+                       for name in ("torch", "torchvision", "detectron2"))
+    return f"mocobench {mocobench.__version__}\n{others}, python {v['python']}"
 
 
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = ["usage: mocobench <command> [args...]", "", "commands:"]
+    lines = ["usage: mocobench <command> [args...]", "       mocobench --version", "",
+             "commands:"]
     lines += [f"  {name:<{width}}  {command.help}" for name, command in COMMANDS.items()]
     lines += ["", "`mocobench <command> --help` shows a command's options."]
     return "\n".join(lines)
@@ -70,6 +87,9 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_text())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"mocobench: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

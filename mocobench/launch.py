@@ -79,6 +79,8 @@ def main(command, argv) -> int:
         parser.print_help()
         print()
         return int(importlib.import_module(spec.module).main(rest) or 0)
+    if "--print-config" in rest:  # one process prints, here: nothing is launched or submitted
+        return int(importlib.import_module(spec.module).main(rest) or 0)
     if args.launcher == "slurm":
         submit(command, args, rest)
         return 0

@@ -203,6 +203,9 @@ def config_command(prog, description, example, example_opts):
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a "
                              "checkpoint path")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the merged config (the yaml, its _BASE_ chain and the KEY "
+                             "VALUE overrides, validated) as YAML and exit; writes nothing")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help=f"config overrides, e.g. {example_opts} (flags may come before or "
                              "after)")
@@ -218,6 +221,9 @@ def run_config_command(parser, argv, make_task, moco):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config_file, args.opts, moco=moco)
+    if args.print_config:
+        print(cfg.dump(), end="")
+        return 0
     return run(parser.prog, argv, make_task(cfg), args.resume)
 
 

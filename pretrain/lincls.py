@@ -348,6 +348,10 @@ def build_parser():
     parser.add_argument("--tf32", action="store_true",
                         help="TF32 matmuls/convolutions on Ampere+ GPUs (off: the official V100 "
                              "fp32 protocol)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config these flags and the checkpoint's recipe make (as "
+                             "YAML, the keys of `mocobench pretrain`'s config) and exit; writes "
+                             "nothing")
     return parser
 
 
@@ -390,6 +394,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg, backbone_state, prefix = build_config(args)
+    if args.print_config:
+        print(cfg.dump(), end="")
+        return 0
     return engine.run(parser.prog, argv, LinearTask(cfg, backbone_state, prefix), args.resume)
 
 

@@ -487,6 +487,38 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
         write_summary(cfg.OUTPUT_DIR)
     return records
 
+def first_trial_config(config_file, opts, num_gpus=1, num_machines=1, resume=False,
+                       eval_only=False, synth_root=None):
+    """The config of the first trial as it would run, and notes on what mocobench changed; starts
+    and writes nothing and checks no dataset: the merged config (yaml, _BASE_ chain, KEY VALUE
+    overrides), MODEL.RESNETS from a converted .pkl, SyncBN swapped for several CPU processes, then
+    the trial's own OUTPUT_DIR/seed0 and SEED."""
+    opts = list(opts or [])
+    if synth_root:
+        opts += ["MOCOBENCH.SYNTH_ROOT", os.fspath(synth_root)]
+    cfg = load_config(config_file, opts)
+    if num_gpus == 0:
+        num_gpus = default_num_gpus(cfg)
+    notes = configure_resnet(cfg)
+    if cfg.MODEL.DEVICE == "cpu" and num_gpus * num_machines > 1:
+        swapped = swap_sync_bn(cfg)
+        if swapped:
+            notes.append(f"SyncBN -> naiveSyncBN in {', '.join(swapped)} (several CPU processes)")
+    directory = trial_dir(cfg.OUTPUT_DIR, 0)
+    recorded = _recorded_seed(directory) if resume or eval_only else None
+    if recorded is not None:
+        cfg.SEED = recorded
+        notes.append(f"SEED {recorded}: recorded in {directory}/config.yaml")
+    elif cfg.SEED < 0:
+        notes.append(f"SEED {cfg.SEED}: each trial draws a random seed when it starts")
+    else:
+        notes.append(f"SEED {cfg.SEED}: trial i runs with SEED + i")
+    notes.append(f"OUTPUT_DIR {directory}: the trial's own directory")
+    cfg.OUTPUT_DIR = directory
+    cfg.freeze()
+    return cfg, notes
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mocobench transfer",
@@ -521,6 +553,11 @@ def build_parser():
                         help="the initialization's name (e.g. moco_v2, supervised): recorded in "
                              "each trial's results.json, the row name in `mocobench report` "
                              "(default: guessed from MODEL.WEIGHTS)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config of the first trial as it would run (the merged "
+                             "config, MODEL.RESNETS from the weights' .pkl, OUTPUT_DIR/seed0 and "
+                             "its SEED; later trials differ in those two only) as YAML and exit; "
+                             "writes nothing, starts nothing, checks no dataset")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=None,
                         help="detectron2 config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS "
                              "x.pkl")
@@ -553,6 +590,16 @@ def _format_summary(records) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if "--print-config" in (args.opts or []):  # after the KEY VALUE pairs: REMAINDER took it
+        args.opts = [a for a in args.opts if a != "--print-config"]
+        args.print_config = True
+    if args.print_config:
+        cfg, notes = first_trial_config(
+            args.config_file, args.opts, num_gpus=args.num_gpus, num_machines=args.num_machines,
+            resume=args.resume, eval_only=args.eval_only, synth_root=args.synth_root)
+        print(f"# mocobench transfer: the config of trial 1 of {args.seeds} as it would run")
+        print("".join(f"# {note}\n" for note in notes) + cfg.dump(), end="")
+        return 0
     try:
         results = run_transfer(
             args.config_file, args.opts or [], num_gpus=args.num_gpus, seeds=args.seeds,
