@@ -51,13 +51,13 @@ COMMANDS = {  # in the order data flows
                       "and plots from run dirs"),
     # its manifest resumes every stage
     "pipeline": Command("mocobench.pipeline",
-                        "data -> pretrain -> convert -> transfer x inits x seeds -> report, "
-                        "resumable (--dry-run: the plan and what is missing)",
+                        "data -> pretrain -> convert -> transfer (inits x seeds) -> report, "
+                        "resumable",
                         launched=True, resume=()),
     # reads what any of the above wrote
     "show": Command("mocobench.show",
-                    "what a run dir, checkpoint or .pkl is and how it was made: arch, config, "
-                    "sha256, results"),
+                    "what a run dir, checkpoint or .pkl is and how it was made (sha256, "
+                    "results)"),
 }
 
 
@@ -82,14 +82,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _print_and_exit(text, code):
+    """A main() that prints `text` (through run_main: a closed pipe ends quietly)."""
+    def main(_argv):
+        print(text)
+        return code
+    return main
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
+        return run_main("mocobench", _print_and_exit(_usage(), 0 if argv else 2), argv)
     if argv[0] in ("-V", "--version"):
-        print(version_text())
-        return 0
+        return run_main("mocobench", _print_and_exit(version_text(), 0), argv)
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"mocobench: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

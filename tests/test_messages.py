@@ -208,15 +208,17 @@ def test_a_closed_pipe_ends_quietly():
     assert proc.returncode == 0 and proc.stdout.startswith("configs/"), proc
     assert proc.stdout.count("\n") == 1
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
-    # a reader gone before the first write: always EPIPE, exit 1 as Python's own convention
-    read, write = os.pipe()
-    os.close(read)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "mocobench", "configs"], stdout=write,
-                              stderr=subprocess.PIPE, text=True)
-    finally:
-        os.close(write)
-    assert (proc.returncode, proc.stderr) == (1, "")
+    # a reader gone before the first write: always EPIPE, exit 1 as Python's own convention;
+    # the same for the command list that `mocobench --help` prints before any command runs
+    for argv in (["configs"], ["--help"], ["--version"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "mocobench", *argv], stdout=write,
+                                  stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(write)
+        assert (proc.returncode, proc.stderr) == (1, ""), argv
 
 
 def test_timm_hub_weights_are_named_by_their_config_json(f, tmp_path):
