@@ -349,25 +349,19 @@ def test_the_report_header_is_words_and_the_hash_stays_in_report_json(tmp_path):
 
 @pytest.mark.slow  # 2 real (1-iteration) trials
 def test_transfer_without_init_name_records_the_inferred_name(weights, synth_root, tmp_path,
-                                                              monkeypatch, caplog):
+                                                              monkeypatch):
     """`mocobench transfer` from another directory, naming the shipped config by its configs/
     name, with a .pkl converted from a MoCo v2 run and no --init-name: every record, summary.json
     and the report say moco_v2; the records' config_file resolves."""
-    import logging
-
     tiny = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED",
             "False", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96",
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SOLVER.WARMUP_ITERS", "1",
             "SOLVER.STEPS", "()", "SOLVER.MAX_ITER", "1", "SEED", "-1"]
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "voc"
-    with caplog.at_level(logging.INFO, logger="transfer.run"):
-        assert mocobench(["transfer", "--config-file", SHIPPED, "--synth-root", synth_root,
-                          "--seeds", "2", *tiny, "MODEL.WEIGHTS", weights["moco v2 checkpoint"],
-                          "OUTPUT_DIR", str(out)]) == 0
-    assert any(r.getMessage().startswith("init name 'moco_v2', inferred: moco_v2.pkl was "
-                                         "converted (moco_v2.json) from ")
-               for r in caplog.records)
+    assert mocobench(["transfer", "--config-file", SHIPPED, "--synth-root", synth_root,
+                      "--seeds", "2", *tiny, "MODEL.WEIGHTS", weights["moco v2 checkpoint"],
+                      "OUTPUT_DIR", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     records = [record.read_record(out / f"seed{i}" / "results.json") for i in range(2)]
     for i, rec in enumerate(records):
@@ -380,6 +374,9 @@ def test_transfer_without_init_name_records_the_inferred_name(weights, synth_roo
     assert summary["init_names"] == ["moco_v2"] and summary["config_files"] == [SHIPPED]
     # the seeds are random (SEED -1): the directory names are trial indices
     assert [rec["seed"] for rec in records] == summary["seeds"] != [0, 1]
-    assert "trial 1/2 in " in (out / "seed0" / "log.txt").read_text()
+    # each trial's log.txt says where its name came from
+    log = (out / "seed1" / "log.txt").read_text()
+    assert f"trial 2/2 in {out / 'seed1'}: seed {records[1]['seed']}, init name 'moco_v2' " \
+        "(inferred: moco_v2.pkl was converted (moco_v2.json) from " in log
     md = report.write_report([str(out)], str(tmp_path / "report"))["markdown"]
     assert "| moco_v2 |" in md and "‡" not in md
