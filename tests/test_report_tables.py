@@ -218,7 +218,12 @@ def test_markdown_lines(summary):
     index = list(summary["tables"].values()).index(a) + 1
     other = 3 - index
     assert lines[0] == "# Transfer results"
-    assert f"## {index}. {TEST_SET} · config {a['identity_sha']}" in lines
+    # the header says what the table is in words; the identity hash is in report.json only
+    assert f"## {index}. synth_voc_trainval detection, R18-FPN, 300 iterations, test on " \
+        f"{TEST_SET}" in lines
+    assert a["header"] \
+        == "synth_voc_trainval detection, R18-FPN, 300 iterations, test on synth_voc_test"
+    assert a["identity_sha"] not in md
     assert (f"Not averaged with table {other} (also {TEST_SET}): the configs differ in "
             "SOLVER.MAX_ITER = 300 here, 2 there.") in lines
     assert "| pre-train | AP50 | AP | AP75 | config file |" in lines \
@@ -235,8 +240,9 @@ def test_markdown_lines(summary):
             "difference of means to the `supervised` row with its 95% confidence interval (Welch's "
             "t-test: unequal variances, Welch–Satterthwaite degrees of freedom); * the interval "
             "excludes 0. No CI when either row has n < 2 (or zero variance). ‡ row name guessed "
-            "from the MODEL.WEIGHTS file name (a plain detectron2 directory, or a run without "
-            "--init-name).") in lines
+            "from the MODEL.WEIGHTS file name (a plain detectron2 directory, or a run whose init "
+            "name was neither given with --init-name nor inferred from its weights' record "
+            "chain).") in lines
     i = lines.index("Seeds left out of a mean:")
     assert lines[i + 1:i + 3] \
         == ["", f"- `{a['failures'][0]['dir']}` (moco_v2, seed 2): {a['failures'][0]['why']}"]
@@ -371,17 +377,19 @@ def test_another_baseline_and_none(runs, tmp_path, capsys):
     assert table["rows"]["supervised"]["deltas"]["bbox/AP"]["diff"] \
         == pytest.approx(51.0 - 54.1666667)
     assert "difference of means to the `moco_v2` row" in out
-    # a baseline no table has: no differences, and how to choose one; --out defaults to the first
-    # directory
+    # the default baseline, which a table may lack: no differences, and how to choose one; --out
+    # defaults to the first directory
     copy = tmp_path / "B"
     os.makedirs(copy / "x" / "seed0")
     with open(runs / "B" / "supervised" / "seed0" / "results.json") as f:
-        (copy / "x" / "seed0" / "results.json").write_text(f.read())
-    assert report.main([str(copy), "--baseline", "nobody"]) == 0
+        rec = json.loads(f.read())
+    rec["init_name"] = "moco_v2"
+    (copy / "x" / "seed0" / "results.json").write_text(json.dumps(rec))
+    assert report.main([str(copy)]) == 0
     md = (copy / "report.md").read_text()
-    assert "No `nobody` row in this table, so no differences (choose one with --baseline NAME)." \
-        in md
-    assert "| supervised | 0.75 (n=1) | 0.50 (n=1) | 0.25 (n=1) |" in md
+    assert "No `supervised` row in this table, so no differences (choose one with --baseline " \
+        "NAME)." in md
+    assert "| moco_v2 | 0.75 (n=1) | 0.50 (n=1) | 0.25 (n=1) |" in md
 
 
 def test_nothing_usable_is_a_one_line_usage_error(tmp_path):

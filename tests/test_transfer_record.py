@@ -54,7 +54,11 @@ def test_the_written_record_reads_back_with_every_field(tmp_path):
     assert back == json.loads(json.dumps(rec))
     assert (back["format"], back["version"]) == ("mocobench.transfer.run", 1)
     assert back["init_name"] == "moco_v2" and back["weights"] == "weights/moco.pkl"
-    assert back["config_file"] == os.path.abspath(CONFIG) and back["opts"] == ["SEED", "3"]
+    # a shipped config by its configs/ name (resolves from any directory), with the file's sha256
+    assert back["config_file"] == "configs/detection/synth_voc_R18_FPN_cpu.yaml" \
+        and back["opts"] == ["SEED", "3"]
+    assert back["config_file_sha256"] == hashlib.sha256(open(CONFIG, "rb").read()).hexdigest()
+    assert back["init_name_from"] is None  # not given to build_record here
     assert back["seed"] == 3 and back["trial"] == 0 and back["world_size"] == 1 \
         and back["iteration"] == 300
     assert back["eval_only"] is False and back["resumed"] is False and back["device"] == "cpu"
@@ -222,6 +226,8 @@ def edited(path, edit):
     ("seconds", "1.0", "a number"),
     ("results", [], "an object"),
     ("device", 0, "a string"),
+    ("init_name_from", ["--init-name"], "a string or null"),
+    ("config_file_sha256", 1, "a string or null"),
 ])
 def test_a_field_of_the_wrong_type_is_named(tmp_path, field, value, expected):
     path, _ = written(tmp_path)

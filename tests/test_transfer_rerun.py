@@ -87,6 +87,8 @@ def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, 
     assert transfer("--resume", "--seeds", "1") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary_n() == 2 and summary["seeds"] == [0, 1] and summary["init_names"] == ["alpha"]
+    assert [(t["dir"], t["trial"], t["seed"]) for t in summary["trials"]] \
+        == [("seed0", 0, 0), ("seed1", 1, 1)]
 
     assert transfer("--eval-only", "--resume", "--seeds", "1") == 0
     evaluated = record.read_record(seed0 / "results_eval.json")

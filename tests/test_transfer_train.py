@@ -157,7 +157,9 @@ def test_seeds_write_one_result_per_trial_with_distinct_seeds(synth_root, tmp_pa
     for i in range(2):
         on_disk = json.loads((out / f"seed{i}" / "results.json").read_text())
         assert on_disk["seed"] == 11 + i and on_disk["init_name"] == "scratch"
-        assert on_disk["config_file"] == R18 and on_disk["weights"] == ""
+        # the shipped config by its configs/ name, which resolves from any directory
+        assert on_disk["config_file"] == "configs/detection/synth_voc_R18_FPN_cpu.yaml" \
+            and on_disk["weights"] == ""
         assert_ap_metrics(on_disk["results"]["synth_voc_test"]["bbox"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [11, 12]

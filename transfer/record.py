@@ -25,9 +25,10 @@ import math
 import os
 import time
 
+from mocobench.utils.config import CONFIGS_DIR
 from mocobench.utils.env import software_versions
 from mocobench.utils.errors import UsageError
-from mocobench.utils.fileio import atomic_write
+from mocobench.utils.fileio import atomic_write, file_sha256, load_checkpoint
 
 FORMAT = "mocobench.transfer.run"
 VERSION = 1
@@ -85,6 +86,138 @@ def identity_diff(a: dict, b: dict) -> list:
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
+# --------------------------------------------------------------------------------------------------
+# provenance: the config file and the init name
+
+def recorded_config_file(config_file) -> tuple:
+    """(path to record, sha256 of the file) for the --config-file a run was given, resolved as
+    `mocobench.utils.config.merge_config` resolves it: a shipped config (one under CONFIGS_DIR,
+    however it was named) as its "configs/..." name, which every mocobench command resolves from
+    any working directory; any other file as its absolute path. (path, None) when no file is
+    there."""
+    path = os.fspath(config_file)
+    shipped = os.path.join(os.path.dirname(CONFIGS_DIR), path)
+    if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(shipped):
+        path = shipped
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        return path, None
+    sha = file_sha256(path)
+    inside = os.path.relpath(os.path.realpath(path), os.path.realpath(CONFIGS_DIR))
+    if inside.split(os.sep)[0] != os.pardir:
+        path = "/".join(["configs", *inside.split(os.sep)])
+    return path, sha
+
+
+def row_name(init_name, weights) -> tuple:
+    """(the report's row name, guessed): the init name, else the weights file's name ("random init"
+    without weights), guessed."""
+    if init_name is not None:
+        return init_name, False
+    if not weights:
+        return "random init", True
+    return os.path.splitext(os.path.basename(weights))[0], True
+
+
+MOCO_NAMES = {"v1": "moco_v1", "v2": "moco_v2", "v3": "moco_v3"}
+
+
+def _moco_version_of_config(text):
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    version = ((data or {}).get("MOCO") or {}).get("VERSION") if isinstance(data, dict) else None
+    return version if version in MOCO_NAMES else None
+
+
+def _moco_version(conversion):
+    """(version, where it was read) of the MoCo v1/v2 checkpoint a conversion report names:
+    the checkpoint's `config` entry (when the file is still the one converted), else its run
+    directory's config.yaml (when the checkpoint is gone), else the head layout the converter
+    dropped (v2: MLP fc.0/fc.2, v1: linear fc); (None, why not) otherwise."""
+    checkpoint = conversion.get("input")
+    changed = False
+    if isinstance(checkpoint, str) and os.path.isfile(checkpoint):
+        if file_sha256(checkpoint) == conversion.get("input_sha256"):
+            try:
+                config = load_checkpoint(checkpoint).get("config")
+            except (UsageError, AttributeError):
+                config = None
+            version = _moco_version_of_config(config) if isinstance(config, str) else None
+            if version:
+                return version, f"its config entry says MOCO.VERSION {version}"
+        else:
+            changed = True  # another file now: neither it nor its directory describes the input
+    elif isinstance(checkpoint, str):
+        run_config = os.path.join(os.path.dirname(checkpoint), "config.yaml")
+        if os.path.isfile(run_config):
+            try:
+                with open(run_config, encoding="utf-8") as f:
+                    version = _moco_version_of_config(f.read())
+            except (OSError, UnicodeDecodeError):
+                version = None
+            if version:
+                return version, f"its run directory's config.yaml says MOCO.VERSION {version}"
+    prefix = conversion.get("prefix") or ""
+    heads = {d.get("key", "")[len(prefix):] for d in conversion.get("dropped") or []
+             if isinstance(d, dict) and str(d.get("key", "")).startswith(prefix)}
+    if "fc.0.weight" in heads:
+        return "v2", "its projection head is an MLP (fc.0, fc.2): MoCo v2's layout"
+    if "fc.weight" in heads:
+        return "v1", "its projection head is linear (fc): MoCo v1's layout"
+    return None, ("its MoCo version is recorded nowhere (no config entry"
+                  + (", and the file changed since the conversion" if changed else "")
+                  + ", no projection head)")
+
+
+def infer_init_name(weights, weights_info) -> tuple:
+    """(init name or None, how) from the record chain behind MODEL.WEIGHTS: no weights is
+    "random"; a .pkl whose `mocobench convert` report (OUT.json beside it, recorded in
+    weights_info by transfer.checkpoint.inspect_weights) describes this very file (its
+    output_sha256) is named after the checkpoint it was converted from: a MoCo v1/v2 checkpoint
+    "moco_v1"/"moco_v2" by the MoCo version its config records (`_moco_version`), a MoCo v3
+    checkpoint "moco_v3", a torchvision-layout classifier (one with its fc) "supervised".
+    Anything else: None and why not (the report then names the run after its weights file)."""
+    if not weights:
+        return "random", "no MODEL.WEIGHTS: random initialisation"
+    info = weights_info or {}
+    found = info.get("converter_report") or {}
+    shown = os.path.basename(weights)
+    if not found.get("path") or found.get("error"):
+        return None, (f"{shown} has no readable conversion report beside it (the OUT.json of "
+                      "`mocobench convert`)")
+    try:
+        with open(found["path"], encoding="utf-8") as f:
+            conversion = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        conversion = None
+    if not isinstance(conversion, dict):
+        return None, f"{found['path']} cannot be read as a conversion report"
+    report = os.path.basename(found["path"])
+    if conversion.get("output_sha256") != info.get("sha256"):
+        return None, (f"{report} records the conversion of another file (its output sha256 is not "
+                      f"that of {shown})")
+    source, checkpoint = conversion.get("source"), conversion.get("input")
+    what = f"{shown} was converted ({report}) from {checkpoint}"
+    if source == "moco-v3":
+        return "moco_v3", f"{what}, a MoCo v3 checkpoint (base_encoder layout)"
+    if source == "moco":
+        version, where = _moco_version(conversion)
+        if version in ("v1", "v2"):
+            return MOCO_NAMES[version], f"{what}, a MoCo v1/v2 checkpoint: {where}"
+        return None, f"{what}, a MoCo v1/v2 checkpoint, but {where}"
+    if source == "torchvision":
+        prefix = conversion.get("prefix") or ""
+        dropped = {d.get("key") for d in conversion.get("dropped") or [] if isinstance(d, dict)}
+        if prefix + "fc.weight" in dropped:
+            return "supervised", f"{what}, a torchvision-layout classifier (its fc was dropped)"
+        return None, (f"{what}, a torchvision-layout backbone without a classifier: a supervised "
+                      "model or a backbone-only release of a self-supervised one (DINO, Barlow "
+                      "Twins) cannot be told apart")
+    return None, f"{what}, a {source!r} checkpoint: no init name is inferred for that source"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,16 +251,21 @@ def results_per_dataset(results, test_datasets) -> dict:
 
 
 def build_record(cfg, *, config_file, opts, init_name, weights_info, trial, world_size, eval_only,
-                 resumed, iteration, seconds, results, evaluator_types) -> dict:
+                 resumed, iteration, seconds, results, evaluator_types,
+                 init_name_from=None) -> dict:
+    """`init_name_from`: how the init name was chosen ("--init-name", "inferred: ...")."""
     identity = experiment_identity(cfg)
     flat = flatten_config(cfg)
+    config_path, config_sha = recorded_config_file(config_file)
     return {
         "format": FORMAT,
         "version": VERSION,
         "init_name": init_name,
+        "init_name_from": init_name_from,
         "weights": cfg.MODEL.WEIGHTS,
         "weights_info": weights_info,
-        "config_file": os.path.abspath(config_file),
+        "config_file": config_path,
+        "config_file_sha256": config_sha,
         "opts": [str(o) for o in opts],
         "config_sha256": hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest(),
         "identity_sha": identity_sha(identity),
@@ -188,6 +326,11 @@ FIELDS = {
     "versions": (_DICT, False),
     "results": (_DICT, False),
 }
+# fields added within version 1: checked when present (records written before them lack them)
+OPTIONAL_FIELDS = {
+    "init_name_from": (_STR, True),
+    "config_file_sha256": (_STR, True),
+}
 
 
 def _bad(path, field, value, expected):
@@ -214,8 +357,10 @@ def validate(record, path):
                           f"1..{VERSION}"
                           + (" (written by a newer mocobench: update it)" if _is(version, _INT)
                              else ""))
-    for field, (types, nullable) in FIELDS.items():
+    for field, (types, nullable) in {**FIELDS, **OPTIONAL_FIELDS}.items():
         if field not in record:
+            if field in OPTIONAL_FIELDS:
+                continue
             raise RecordError(f"{path}: field {field!r} is missing")
         value = record[field]
         if value is None and nullable:

@@ -20,9 +20,13 @@ listed under its table and left out of n. When a table's identity equals an offi
 config, the published numbers for that config follow in a separate block (`PUBLISHED`, every number
 cited).
 
+Each table is headed by what it is in words (training data, task, model, schedule, test set:
+`describe_experiment`); its config identity hash is in report.json and report.csv.
+
 Outputs in --out: report.md (also printed), report.json and report.csv (every seed's values),
 ap.png, and pretrain.png when pretraining runs are among the paths or reachable from the records'
-weights. Exit 0 when at least one table was made, 2 (one-line error) when nothing usable was found.
+weights. Exit 0 when at least one table was made, 2 (one-line error) when nothing usable was found
+or when --baseline names no row of the report (the error lists the rows there are).
 """
 import argparse
 import csv
@@ -239,12 +243,6 @@ def _results_from_metrics(rows, test_datasets):
     return None
 
 
-def _label_from_weights(weights):
-    if not weights:
-        return "random init"
-    return os.path.splitext(os.path.basename(weights))[0]
-
-
 def _plain_detectron2_run(run_dir):
     """A detectron2 output directory without a run record: (run or None, problem or None)."""
     import yaml
@@ -268,7 +266,7 @@ def _plain_detectron2_run(run_dir):
     weights = (cfg.get("MODEL") or {}).get("WEIGHTS", "")
     identity = run_record.experiment_identity(cfg)
     run = {
-        "dir": run_dir, "source": "metrics.json", "init": _label_from_weights(weights),
+        "dir": run_dir, "source": "metrics.json", "init": run_record.row_name(None, weights)[0],
         "guessed": True, "seed": cfg.get("SEED"), "config_file": "config.yaml",
         "identity": identity, "identity_sha": run_record.identity_sha(identity),
         "test_datasets": test, "evaluator_types": {}, "results": _results_from_metrics(rows, test),
@@ -283,10 +281,10 @@ def _plain_detectron2_run(run_dir):
 
 def _record_run(run_dir, path):
     rec = run_record.read_record(path)
+    init, guessed = run_record.row_name(rec["init_name"], rec["weights"])
     return {
-        "dir": run_dir, "source": os.path.basename(path),
-        "init": rec["init_name"] or _label_from_weights(rec["weights"]),
-        "guessed": rec["init_name"] is None, "seed": rec["seed"],
+        "dir": run_dir, "source": os.path.basename(path), "init": init,
+        "guessed": guessed, "seed": rec["seed"],
         "config_file": os.path.basename(rec["config_file"]), "identity": rec["identity"],
         "identity_sha": rec["identity_sha"], "test_datasets": rec["datasets"]["test"],
         "evaluator_types": rec["evaluator_types"], "results": rec["results"],
@@ -381,6 +379,53 @@ def describe_identity(identity):
             f"train {', '.join(g('DATASETS.TRAIN') or [])}")
 
 
+# dataset names in words, as the paper's tables name them (a name not listed is shown as it is)
+TRAIN_WORDS = {("voc_2007_trainval", "voc_2012_trainval"): "VOC07+12",
+               ("voc_2007_trainval",): "VOC07", ("voc_2012_trainval",): "VOC12",
+               ("coco_2017_train",): "COCO", ("keypoints_coco_2017_train",): "COCO",
+               ("lvis_v0.5_train",): "LVIS v0.5",
+               ("cityscapes_fine_instance_seg_train",): "Cityscapes",
+               ("cityscapes_fine_sem_seg_train",): "Cityscapes",
+               ("voc_2012_sem_seg_train_aug",): "VOC12 train_aug"}
+TEST_WORDS = {"voc_2007_test": "VOC07 test", "coco_2017_val": "COCO val2017",
+              "keypoints_coco_2017_val": "COCO val2017", "lvis_v0.5_val": "LVIS v0.5 val",
+              "cityscapes_fine_instance_seg_val": "Cityscapes val",
+              "cityscapes_fine_sem_seg_val": "Cityscapes val",
+              "voc_2012_sem_seg_val": "VOC12 val"}
+
+
+def _iterations(n):
+    if not isinstance(n, int):
+        return f"{n} iterations"
+    if n >= 1000:
+        return f"{n / 1000:g}k iterations"
+    return f"{n} iteration" + ("" if n == 1 else "s")
+
+
+def describe_experiment(identity, dataset):
+    """What a table is, in words: training data, task, model, schedule and test set, e.g.
+    "VOC07+12 detection, R50-C4, 24k iterations, test on VOC07 test"."""
+    g = identity.get
+    train = tuple(g("DATASETS.TRAIN") or ())
+    train_words = TRAIN_WORDS.get(train) or " + ".join(train) or "no training data"
+    if g("MODEL.META_ARCHITECTURE") == "SemanticSegmentor":
+        task = "semantic segmentation"
+        head = str(g("MODEL.SEM_SEG_HEAD.NAME", "?"))
+        design = {"DilatedFCNHead": "FCN"}.get(head, head)
+    else:
+        task = ("keypoint detection" if g("MODEL.KEYPOINT_ON")
+                else "detection and instance segmentation" if g("MODEL.MASK_ON") else "detection")
+        backbone = str(g("MODEL.BACKBONE.NAME", "?"))
+        design = ("FPN" if "fpn" in backbone
+                  else "C4" if str(g("MODEL.ROI_HEADS.NAME", "")).startswith("Res5ROIHeads")
+                  else backbone)
+    depth, groups = g("MODEL.RESNETS.DEPTH", "?"), g("MODEL.RESNETS.NUM_GROUPS", 1)
+    trunk = (f"X{depth}-{groups}x{g('MODEL.RESNETS.WIDTH_PER_GROUP')}d"
+             if isinstance(groups, int) and groups > 1 else f"R{depth}")
+    return (f"{train_words} {task}, {trunk}-{design}, {_iterations(g('SOLVER.MAX_ITER'))}, "
+            f"test on {TEST_WORDS.get(dataset, dataset)}")
+
+
 def summarize(runs, baseline=BASELINE):
     """{"<test dataset> <config identity>": table}, in that order (see the module docstring)."""
     groups = defaultdict(list)
@@ -425,7 +470,7 @@ def summarize(runs, baseline=BASELINE):
         official, published = published_for(identity)
         tables[f"{dataset} {sha}"] = {
             "dataset": dataset, "identity_sha": sha, "identity": identity, "evaluator_type": etype,
-            "title": describe_identity(identity),
+            "header": describe_experiment(identity, dataset), "title": describe_identity(identity),
             "columns": [c.__dict__ | {"key": c.key} for c in columns], "rows": rows,
             "baseline": baseline if base is not None else None, "failures": failures,
             "official_config": official,
@@ -467,8 +512,7 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
     out = ["# Transfer results", ""]
     for i, table in enumerate(tables.values(), 1):
         cols = table["columns"]
-        out += [f"## {i}. {table['dataset']} · config {table['identity_sha']}", "",
-                f"{table['title']}", ""]
+        out += [f"## {i}. {table['header']}", "", f"{table['title']}", ""]
         for j, other in enumerate(tables.values(), 1):
             if other is table or other["dataset"] != table["dataset"]:
                 continue
@@ -500,7 +544,8 @@ def to_markdown(tables, problems, baseline=BASELINE) -> str:
                          "--baseline NAME).")
         if guessed:
             notes.append("‡ row name guessed from the MODEL.WEIGHTS file name (a plain detectron2 "
-                         "directory, or a run without --init-name).")
+                         "directory, or a run whose init name was neither given with --init-name "
+                         "nor inferred from its weights' record chain).")
         out += [" ".join(notes), ""]
         if table["failures"]:
             out += ["Seeds left out of a mean:", ""]
@@ -543,17 +588,49 @@ def write_csv(tables, path):
 # plots
 
 # the plots are drawn from the tables above (mutation-tested); their styling (colours, sizes,
-# titles, legends) is looked at, not asserted, so `make mutation` leaves these two functions out
-def plot_ap(tables, path):  # pragma: no mutate block
+# titles, legends) is looked at, not asserted, so `make mutation` leaves the figure functions out.
+# What is asserted (tests/test_report_plots.py): one quantity per axis, and readable tick labels.
+
+def _pyplot():  # pragma: no mutate block
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def fixed_decimal_axis(ax, values, decimals, signed=False):  # pragma: no mutate block
+    """y limits around `values` (and 0 when signed) at least a few display steps wide, ticks at
+    steps of 1, 2 or 5 x 10^k, labelled with `decimals` decimals and no offset or scientific
+    notation: an all-zero difference axis reads 0, not "1e-17" (matplotlib's limits around a single
+    value are of the order of float noise)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    values = [v for v in values if v is not None and math.isfinite(v)] + ([0.0] if signed else [])
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = max((high - low) * 0.15, 5 * 10.0 ** -decimals)
+    ax.set_ylim(low - pad, high + pad)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+
+    def label(value, _):
+        value = round(value, decimals) + 0.0  # -0.0 -> 0.0
+        if value == 0:
+            return "0"
+        return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
+
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+
+
+def ap_figure(tables):  # pragma: no mutate block
+    """The AP figure: per table, the seeds' values and means (left), the differences to the
+    baseline with their intervals (right)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(len(tables), 2, figsize=(13, 4.2 * len(tables)), squeeze=False)
-    for (ax, dax), table in zip(axes, tables.values()):
+    for number, ((ax, dax), table) in enumerate(zip(axes, tables.values()), 1):
         cols, inits = table["columns"], list(table["rows"])
         width = 0.8 / max(len(inits), 1)
+        plotted, differences = [], []
         for i, init in enumerate(inits):
             row = table["rows"][init]
             color = f"C{i}"
@@ -563,30 +640,35 @@ def plot_ap(tables, path):  # pragma: no mutate block
                 x = j + (i - (len(inits) - 1) / 2) * width
                 values = [s["values"][c["key"]] for s in row["seeds"]
                           if s["values"][c["key"]] is not None]
+                plotted += values
                 ax.scatter([x] * len(values), values, s=14, color=color, alpha=0.6,
                            label=f"{init} ({n_text})" if j == 0 else None)
                 cell = row["cells"][c["key"]]
                 if cell["n"] >= 2:
                     ax.errorbar(x + width * 0.25, cell["mean"], yerr=cell["std"], fmt="_",
                                 color=color, markersize=12, capsize=4, elinewidth=1.5)
+                    plotted += [cell["mean"] - cell["std"], cell["mean"] + cell["std"]]
                 delta = row["deltas"].get(c["key"])
                 if delta is not None and delta["low"] is not None:
                     err = [[delta["diff"] - delta["low"]], [delta["high"] - delta["diff"]]]
                     dax.errorbar(x, delta["diff"], yerr=err, fmt="o", color=color, capsize=4,
                                  label=init if j == 0 else None)
+                    differences += [delta["low"], delta["high"]]
                 elif delta is not None:
                     dax.scatter([x], [delta["diff"]], marker="x", color=color,
                                 label=f"{init} (no CI)" if j == 0 else None)
+                    differences.append(delta["diff"])
         for a in (ax, dax):
             a.set_xticks(range(len(cols)))
             a.set_xticklabels([c["title"] for c in cols])
             a.set_xlim(-0.6, len(cols) - 0.4)
-        ax.margins(y=0.15)
+        decimals = _decimals(table)
+        fixed_decimal_axis(ax, plotted, decimals)
         ax.set_ylabel("AP (%)")
-        ax.set_title(f"{table['dataset']} · config {table['identity_sha']}", fontsize=10)
+        ax.set_title(f"{number}. {table['header']}", fontsize=10)
         ax.legend(fontsize=8)
         dax.axhline(0.0, color="0.3", linewidth=1)
-        dax.margins(y=0.15)
+        fixed_decimal_axis(dax, differences, decimals, signed=True)
         dax.set_ylabel("Δ AP (points)")
         if table["baseline"]:
             dax.set_title(f"difference to {table['baseline']}, {CONFIDENCE:.0%} Welch CI",
@@ -599,8 +681,13 @@ def plot_ap(tables, path):  # pragma: no mutate block
              f"difference to the baseline with its {CONFIDENCE:.0%} Welch confidence interval (x: "
              "n < 2, no interval)", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def plot_ap(tables, path):  # pragma: no mutate block
+    fig = ap_figure(tables)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def _pretrain_kind(rows):
@@ -659,48 +746,72 @@ def pretrain_curves(rows):
     return dict(curves)
 
 
-def plot_pretrain(found, path):  # pragma: no mutate block (styling, see plot_ap)
-    import matplotlib
+# one quantity per axis: a row of axes per kind of pretraining, since MoCo's InfoNCE loss and
+# instance-discrimination accuracy are other quantities than a classifier's cross-entropy and
+# accuracy (and its kNN top-1 another estimate than a trained classifier's val top-1)
+PRETRAIN_PANELS = {
+    "MoCo": (("loss", "InfoNCE loss"), ("acc1", "instance discrimination acc@1 (%)"),
+             ("knn_top1", "kNN top-1 on val (%)")),
+    "supervised": (("loss", "cross-entropy loss"), ("acc1", "training acc@1 (%)"),
+                   ("val_top1", "val top-1 (%)")),
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def pretrain_figure(found):  # pragma: no mutate block (styling, see ap_figure)
+    """Training curves per epoch: a row of three axes (loss, training acc@1, held-out top-1) for
+    each kind of pretraining among `found` (find_pretrain_runs), every axis one quantity."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    panels = (("loss", "training loss (MoCo: InfoNCE, supervised: cross-entropy)"),
-              ("acc1", "training acc@1 (%) (MoCo: instance discrimination)"),
-              ("top1", "held-out top-1 (%) (MoCo: kNN, supervised: val)"))
-    for i, (_, rows, label) in enumerate(found):
-        curves = pretrain_curves(rows)
-        curves["top1"] = curves.get("knn_top1") or curves.get("val_top1") or []
-        for ax, (key, title) in zip(axes, panels):
-            if curves.get(key):
-                xs, ys = zip(*curves[key])
-                ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    plt = _pyplot()
+    kinds = [k for k in PRETRAIN_PANELS if any(_pretrain_kind(rows) == k for _, rows, _ in found)]
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(15, 3.8 * len(kinds)), squeeze=False)
     last = max((r["epoch"] for _, rows, _ in found for r in rows
                 if isinstance(r.get("epoch"), int)), default=1)
-    for ax in axes:
-        ax.set_xlim(0.5, last + 0.5)  # whole epochs, also for a single one
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    for row_axes, kind in zip(axes, kinds):
+        for ax, (key, quantity) in zip(row_axes, PRETRAIN_PANELS[kind]):
+            for i, (_, rows, label) in enumerate(found):
+                curve = pretrain_curves(rows).get(key) if _pretrain_kind(rows) == kind else None
+                if curve:
+                    xs, ys = zip(*curve)
+                    ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
+            ax.set_title(f"{kind}: {quantity}", fontsize=9)
+            ax.set_ylabel(quantity, fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+            ax.set_xlim(0.5, last + 0.5)  # whole epochs, also for a single one
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center",
+                        va="center", color="0.5")
     fig.tight_layout()
+    return fig
+
+
+def plot_pretrain(found, path):  # pragma: no mutate block (styling, see ap_figure)
+    fig = pretrain_figure(found)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
 # the entry points
 
-def write_report(paths, out_dir, baseline=BASELINE) -> dict:
+def check_baseline(tables, baseline):
+    """UsageError unless `baseline` is a row of some table (when there are tables)."""
+    rows = sorted({init for t in tables.values() for init in t["rows"]})
+    if rows and baseline not in rows:
+        raise UsageError(f"--baseline {baseline!r} names no row of the report; its rows are "
+                         f"{', '.join(map(repr, rows))}")
+
+
+def write_report(paths, out_dir, baseline=None) -> dict:
     """Read, tabulate and write report.md/.json/.csv and the plots; UsageError when no table could
-    be made."""
+    be made, or when a `baseline` given (None: BASELINE, which a table may lack) is no row."""
     from mocobench.utils.fileio import atomic_write
 
     runs, problems = find_runs(paths)
-    tables = summarize(runs, baseline)
+    tables = summarize(runs, baseline or BASELINE)
     pretrain = find_pretrain_runs(paths, runs)
     usable = any(c["n"] for t in tables.values() for row in t["rows"].values()
                  for c in row["cells"].values())
@@ -714,6 +825,9 @@ def write_report(paths, out_dir, baseline=BASELINE) -> dict:
             "pretraining runs"
             + (f" ({len(unread)} unreadable, {len(failed)} without results: {shown})" if shown
                else ""))
+    if baseline is not None:
+        check_baseline(tables, baseline)  # before anything is written
+    baseline = baseline or BASELINE
     os.makedirs(out_dir, exist_ok=True)
     markdown = to_markdown(tables, problems, baseline)
     files = ["report.md", "report.json", "report.csv"]
@@ -741,8 +855,9 @@ def main(argv) -> int:
     parser.add_argument("--out", default=None,
                         help="where to write report.md/.json/.csv and the plots (default: the "
                              "first RUN_DIR)")
-    parser.add_argument("--baseline", default=BASELINE, metavar="NAME",
-                        help=f"the init name the differences are taken to (default: {BASELINE})")
+    parser.add_argument("--baseline", default=None, metavar="NAME",
+                        help=f"the init name the differences are taken to (default: {BASELINE}); "
+                             "a NAME that is no row of the report is an error")
     args = parser.parse_args(argv)
     summary = write_report(args.run_dirs, args.out or args.run_dirs[0], args.baseline)
     print(summary["markdown"])

@@ -7,10 +7,12 @@ at a time.
 Everything runs on detectron2's own engine (DefaultTrainer, launch, DetectionCheckpointer, its
 evaluators); what is ours: the Res5ROIHeadsExtraNorm head (transfer.heads), the evaluator registry
 (transfer.evaluation), the generated datasets and dataset checks (transfer.datasets), the CPU/gloo
-launcher (transfer.launch), and the seeds: trial i trains into OUTPUT_DIR/seed{i}/ (detectron2's
-metrics.json, log.txt, config.yaml, checkpoints) and writes its run record, results.json
+launcher (transfer.launch), and the seeds: trial i trains into OUTPUT_DIR/seed{i}/, named by its
+index i = 0, 1, ... and not by the seed it draws (detectron2's metrics.json, log.txt, config.yaml,
+checkpoints) and writes its run record, results.json
 (transfer.record: init, weights and their sha256, config identity, schedule, versions, results per
-test dataset); OUTPUT_DIR/summary.json has mean and std over every trial record present. Detection
+test dataset); OUTPUT_DIR/summary.json has mean and std over every trial record present, and
+each trial's directory and seed. Detection
 on VOC varies by 0.2-0.4 AP from run to run (MoCo's detection README reports means of 5 trials), so
 one trial is not a result.
 
@@ -21,6 +23,11 @@ training records alone.
 
 Seeds: trial i uses SEED + i when the config's SEED >= 0, else a random seed; --resume and
 --eval-only reuse the seed recorded in the trial's config.yaml.
+
+Init name: --init-name, else inferred (choose_init_name): with --resume the name the finished
+trials recorded, else from the record chain of MODEL.WEIGHTS (transfer.record.infer_init_name);
+the log says which, and when none was found (the report then names the run after its weights
+file).
 
 Weights: every backbone tensor (for C4 also res5 in the ROI head) must load from MODEL.WEIGHTS with
 its shape, checked before any process starts (transfer.checkpoint.inspect_weights); a mismatch is
@@ -94,10 +101,14 @@ class TransferJob:
     resume: bool = False
     eval_only: bool = False
     init_name: str = None
+    init_name_from: str = None  # how the init name was chosen (choose_init_name)
     weights_info: dict = None
     skip: list = field(default_factory=list)  # trial indices already finished (--resume)
 
 def trial_dir(output_dir: str, index: int) -> str:
+    """OUTPUT_DIR/seed{index}: the index-th trial (0, 1, ...), whatever seed it draws; the seed is
+    in its config.yaml, its results.json and summary.json (directory names stay fixed: --resume
+    finds a trial by them)."""
     return os.path.join(output_dir, f"seed{index}")
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +276,8 @@ def _run_trial(cfg, job: TransferJob, index: int):
     if comm.is_main_process():
         record = run_record.build_record(
             cfg, config_file=job.config_file, opts=job.opts, init_name=job.init_name,
-            weights_info=job.weights_info, trial=index, world_size=comm.get_world_size(),
+            init_name_from=job.init_name_from, weights_info=job.weights_info, trial=index,
+            world_size=comm.get_world_size(),
             eval_only=job.eval_only, resumed=job.resume, iteration=iteration,
             seconds=time.perf_counter() - start, results=results,
             evaluator_types=_evaluator_types(cfg),
@@ -315,6 +327,8 @@ def _run_trials(job: TransferJob):
             os.makedirs(directory, exist_ok=True)
         comm.synchronize()
         with _TrialLogFile(directory):
+            logger.info(f"trial {index + 1}/{len(job.seeds)} in {directory}: seed {seed}, init "
+                        f"name {job.init_name!r} ({job.init_name_from})")
             # in every trial's log.txt: what mocobench changed in the config, and why
             for note in notes:
                 logger.info(note)
@@ -402,13 +416,22 @@ def summarize(records: list) -> dict:
 
 
 def write_summary(output_dir) -> dict:
-    """OUTPUT_DIR/summary.json from every trial record present (not only this call's seeds)."""
+    """OUTPUT_DIR/summary.json from every trial record present (not only this call's seeds).
+
+    `trials`: per trial its directory (seed{N}/ is the N-th trial), its record and the seed it ran
+    with; `init_names`: the row names the report gives these trials (`init_names_guessed`: those
+    only guessed from the weights file's name, no init name having been given or inferred)."""
     found = run_record.trial_records(output_dir)
     records = [r for _, r in found if isinstance(r, dict)]
+    names = [run_record.row_name(r["init_name"], r["weights"]) for r in records]
     summary = {
         "output_dir": os.path.abspath(output_dir),
-        "trials": [os.path.basename(d) for d, r in found if isinstance(r, dict)],
-        "init_names": sorted({str(r["init_name"]) for r in records}),
+        "trials": [{"dir": os.path.basename(d), "trial": r["trial"], "seed": r["seed"],
+                    "init_name": r["init_name"],
+                    "record": f"{os.path.basename(d)}/{RESULTS_FILE}"}
+                   for d, r in found if isinstance(r, dict)],
+        "init_names": sorted({name for name, _ in names}),
+        "init_names_guessed": sorted({name for name, guessed in names if guessed}),
         "config_files": sorted({r["config_file"] for r in records}),
         "seeds": [r["seed"] for r in records],
         "unreadable": [str(r) for _, r in found if not isinstance(r, dict)],
@@ -418,6 +441,37 @@ def write_summary(output_dir) -> dict:
         json.dump(summary, f, indent=2)
         f.write("\n")
     return summary
+
+
+def choose_init_name(given, cfg, weights_info, trial_dirs, resume) -> tuple:
+    """(init name, how it was chosen): --init-name when given; with --resume, the name the finished
+    trials recorded (all trials of an OUTPUT_DIR are one row of the report); else inferred from the
+    record chain behind MODEL.WEIGHTS (transfer.record.infer_init_name), or None (the report names
+    the run after its weights file)."""
+    if given is not None:
+        return given, "--init-name"
+    if resume:
+        earlier = set()
+        for directory in trial_dirs:
+            path = os.path.join(directory, RESULTS_FILE)
+            if os.path.isfile(path):
+                try:
+                    earlier.add(run_record.read_record(path)["init_name"])
+                except run_record.RecordError:
+                    pass  # check_output_dir says what is wrong with it
+        if len(earlier) == 1:
+            return earlier.pop(), "kept from the finished trials' records (--resume)"
+    name, how = run_record.infer_init_name(cfg.MODEL.WEIGHTS, weights_info)
+    return name, ("inferred: " if name is not None else "not inferred: ") + how
+
+
+def _log_init_name(name, how, weights):
+    if name is None:
+        label, _ = run_record.row_name(None, weights)
+        logger.warning(f"init name: none given, {how}; the report names this run after its "
+                       f"weights file ({label!r}, marked ‡): pass --init-name NAME to name it")
+    elif how != "--init-name":
+        logger.info(f"init name {name!r}, {how}; --init-name NAME chooses another")
 
 
 def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only=False,
@@ -450,6 +504,8 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
     weights_info = inspect_weights(cfg) if cfg.MODEL.WEIGHTS else None
 
     trial_dirs = [trial_dir(cfg.OUTPUT_DIR, i) for i in range(seeds)]
+    init_name, init_name_from = choose_init_name(init_name, cfg, weights_info, trial_dirs, resume)
+    _log_init_name(init_name, init_name_from, cfg.MODEL.WEIGHTS)
     skip = check_output_dir(cfg, trial_dirs, resume, eval_only, init_name, weights_info)
     job = TransferJob(
         config_file=config_file,
@@ -460,6 +516,7 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
         resume=resume,
         eval_only=eval_only,
         init_name=init_name,
+        init_name_from=init_name_from,
         weights_info=weights_info,
         skip=skip,
     )
@@ -539,7 +596,8 @@ def build_parser():
                         help="initialization URL for torch.distributed, e.g. tcp://HOST:PORT "
                              "('auto': a free local port, one machine only)")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="independent trials, into OUTPUT_DIR/seed{i}/")
+                        help="independent trials: the i-th (i = 0, 1, ...) into "
+                             "OUTPUT_DIR/seed{i}/, its seed recorded in its results.json")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate MODEL.WEIGHTS (or with --resume, each trial's last "
                              "checkpoint) without training")
@@ -552,7 +610,10 @@ def build_parser():
     parser.add_argument("--init-name", default=None,
                         help="the initialization's name (e.g. moco_v2, supervised): recorded in "
                              "each trial's results.json, the row name in `mocobench report` "
-                             "(default: guessed from MODEL.WEIGHTS)")
+                             "(default: inferred from the record chain of MODEL.WEIGHTS: random "
+                             "without weights; for a .pkl from `mocobench convert`, moco_v1/v2/v3 "
+                             "or supervised by the checkpoint it was converted from; else the "
+                             "weights file's name, marked as guessed)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the config of the first trial as it would run (the merged "
                              "config, MODEL.RESNETS from the weights' .pkl, OUTPUT_DIR/seed0 and "
@@ -577,7 +638,8 @@ def _format_summary(records) -> str:
     for rec in records:
         for dataset, tasks in rec["results"].items():
             shown = _format_metrics(tasks, lambda v: "NaN" if v is None else f"{v:.2f}")
-            lines.append(f"seed {rec['seed']} {dataset}: {shown}  ({rec['output_dir']})")
+            lines.append(f"trial {rec['trial']} (seed {rec['seed']}) {dataset}: {shown}  "
+                         f"({rec['output_dir']})")
     if len(records) > 1:
         for dataset, metrics in summarize(records).items():
             shown = ", ".join(f"{k} {v['mean']:.2f} ± {v['std']:.2f} (n={v['n']})"
