@@ -97,7 +97,8 @@ RUN_KEYS = {"SEED": "7", "OUTPUT_DIR": "elsewhere", "MODEL.DEVICE": "cuda",
             "DATALOADER.NUM_WORKERS": "0", "SOLVER.CHECKPOINT_PERIOD": "7", "TEST.EVAL_PERIOD": "3",
             "VIS_PERIOD": "5", "CUDNN_BENCHMARK": "True", "GLOBAL.HACK": "0.5",
             "MOCOBENCH.LOG_PERIOD": "1", "MOCOBENCH.REQUIRE_WEIGHTS": "True",
-            "MOCOBENCH.SYNTH_ROOT": "/synth"}
+            "MOCOBENCH.SYNTH_ROOT": "/synth", "MOCOBENCH.WANDB.ENABLED": "True",
+            "MOCOBENCH.WANDB.PROJECT": "elsewhere"}
 # keys of the experiment: a change is another experiment
 EXPERIMENT_KEYS = {"SOLVER.MAX_ITER": "2", "SOLVER.BASE_LR": "0.02", "SOLVER.WEIGHT_DECAY": "0.001",
                    "MODEL.RESNETS.DEPTH": "34", "MODEL.RESNETS.NORM": "BN",
