@@ -106,6 +106,30 @@ def test_reruns_keep_finished_trials_and_eval_only_has_its_own_file(synth_root, 
         and rec["weights_info"]["author"] == "torchvision"
     assert rec["schedule"] == {"MAX_ITER": 1, "STEPS": [], "BASE_LR": 0.01, "IMS_PER_BATCH": 2}
 
+    # a trial started but not finished (stopped before its results.json) is checked the same way,
+    # against the started.json it wrote when it started: neither other weights nor another config
+    # may continue it (seed0 is moved aside so that only the unfinished trial is checked)
+    seed1, aside = out / "seed1", tmp_path / "seed0_aside"
+    started = record.read_started(seed1 / record.STARTED_FILE)
+    assert started["identity"] == record.read_record(seed1 / "results.json")["identity"]
+    assert started["weights_sha256"] == file_sha256(pkl) and started["init_name"] == "alpha"
+    finished_record = (seed1 / "results.json").read_bytes()
+    (seed1 / "results.json").unlink()
+    seed0.rename(aside)
+    unfinished = sorted((p.name, p.read_bytes()) for p in seed1.iterdir() if p.is_file())
+    for weights, opts, differs in ((r18_pkl(tmp_path, seed=2, name="third"), (),
+                                    "MODEL.WEIGHTS (another file)"),
+                                   (None, ("SOLVER.BASE_LR", "0.5"), "SOLVER.BASE_LR")):
+        capsys.readouterr()
+        assert transfer("--resume", "--seeds", "2", opts=opts, weights=weights) == 2
+        [err] = error_lines(capsys)
+        assert f"seed1/started.json was made by another experiment (differs in {differs})" in err \
+            and "one trial of two experiments" in err, err
+        assert sorted((p.name, p.read_bytes()) for p in seed1.iterdir() if p.is_file()) \
+            == unfinished and not seed0.exists()
+    aside.rename(seed0)
+    (seed1 / "results.json").write_bytes(finished_record)
+
     # other weights, the config unchanged: the finished trials were trained from another
     # initialization, refused like another config. Another converted file, then the same path
     # holding other bytes (only its sha256 tells)

@@ -297,6 +297,37 @@ def write_record(path, record: dict):
 
 
 # --------------------------------------------------------------------------------------------------
+# a trial's start: what it trains, so that --resume never continues it as another experiment
+STARTED_FILE = "started.json"
+STARTED_FORMAT = "mocobench-trial-start"
+
+
+def write_started(directory, cfg, init_name, weights_info):
+    """DIRECTORY/started.json, written when a trial starts: its experiment identity, init name and
+    the weights' sha256 (a finished trial's results.json records the same)."""
+    started = {"format": STARTED_FORMAT, "version": 1, "identity": experiment_identity(cfg),
+               "init_name": init_name, "weights_sha256": (weights_info or {}).get("sha256")}
+    with atomic_write(os.path.join(directory, STARTED_FILE), "w") as f:
+        json.dump(started, f, indent=2)
+        f.write("\n")
+
+
+def read_started(path) -> dict:
+    """The started.json at `path`; RecordError naming the file otherwise."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            started = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: not a readable trial start record ({e})") from None
+    if not isinstance(started, dict) or started.get("format") != STARTED_FORMAT \
+            or not isinstance(started.get("identity"), dict):
+        raise RecordError(f"{path}: expected a dict with format {STARTED_FORMAT!r} and an "
+                          "'identity' dict")
+    return started
+
+
+# --------------------------------------------------------------------------------------------------
 # the reader
 
 _STR, _INT, _NUM, _BOOL, _DICT, _LIST = str, int, (int, float), bool, dict, list

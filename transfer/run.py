@@ -86,7 +86,8 @@ RESULTS_FILE = run_record.RESULTS_FILE
 EVAL_FILE = run_record.EVAL_FILE
 SUMMARY_FILE = "summary.json"
 # what detectron2 leaves in a trial directory once training has started
-TRAINING_FILES = ("metrics.json", "last_checkpoint", "model_*.pth", "events.out.tfevents.*")
+TRAINING_FILES = (run_record.STARTED_FILE, "metrics.json", "last_checkpoint", "model_*.pth",
+                  "events.out.tfevents.*")
 LOGGERS = ("detectron2", "fvcore", "transfer")
 
 @dataclass
@@ -325,6 +326,9 @@ def _run_trials(job: TransferJob):
         cfg.freeze()
         if comm.is_main_process():
             os.makedirs(directory, exist_ok=True)
+            started = os.path.join(directory, run_record.STARTED_FILE)
+            if not job.eval_only and not os.path.isfile(started):  # kept as first written
+                run_record.write_started(directory, cfg, job.init_name, job.weights_info)
         comm.synchronize()
         with _TrialLogFile(directory):
             logger.info(f"trial {index + 1}/{len(job.seeds)} in {directory}: seed {seed}, init "
@@ -379,21 +383,30 @@ def check_output_dir(cfg, trial_dirs, resume: bool, eval_only: bool, init_name,
                 "the others, --eval-only to re-evaluate (writes results_eval.json), or choose "
                 "another OUTPUT_DIR")
         path = os.path.join(directory, RESULTS_FILE)
-        if not os.path.isfile(path):
-            continue  # started, not finished: detectron2 resumes it from its last checkpoint
-        earlier = run_record.read_record(path)
+        started = os.path.join(directory, run_record.STARTED_FILE)
+        finished = os.path.isfile(path)
+        if finished:
+            earlier = run_record.read_record(path)
+            earlier_sha = (earlier.get("weights_info") or {}).get("sha256")
+            consequence = "its trials and this call's would be averaged together"
+        elif os.path.isfile(started):  # started, not finished: detectron2 resumes its checkpoint
+            path, earlier = started, run_record.read_started(started)
+            earlier_sha = earlier["weights_sha256"]
+            consequence = "continuing it would make one trial of two experiments"
+        else:
+            continue  # started by a mocobench that recorded nothing to check against
         changed = run_record.identity_diff(earlier["identity"], identity)
         if earlier["init_name"] != init_name:
             changed.append(f"--init-name ({earlier['init_name']!r} -> {init_name!r})")
-        earlier_sha = (earlier.get("weights_info") or {}).get("sha256")
         if earlier_sha != (weights_info or {}).get("sha256"):
             changed.append("MODEL.WEIGHTS (another file)")
         if changed:
             raise UsageError(
                 f"--resume: {path} was made by another experiment (differs in "
-                f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); its trials and "
-                "this call's would be averaged together. Use another OUTPUT_DIR")
-        skip.append(index)
+                f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); {consequence}. "
+                "Use another OUTPUT_DIR")
+        if finished:
+            skip.append(index)
     return skip
 
 # --------------------------------------------------------------------------------------------------
