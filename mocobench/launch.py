@@ -120,23 +120,147 @@ def run_elastic(module, argv, nproc, nnodes="1", node_rank=0, rdzv_endpoint="",
     """`torchrun --nproc-per-node N [--nnodes ...] -m MODULE ARGV` through torch's own code; returns
     the exit code of the first process that failed (2 for a UsageError), 0 when all succeed. One
     node without an endpoint rendezvous on localhost port 0 (the OS picks a free one: no port
-    race)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    race); several nodes need one (UsageError, before anything starts).
 
+    SIGTERM / SIGUSR1 / SIGINT to this process are handed on to the workers, which stop cleanly
+    (mocobench.utils.preempt: finish the iteration, save, exit 143 / 138 / 130); the agent keeps
+    watching them and the command ends with their exit code (see _StopForwarder)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, parse_min_max_nnodes, run
+
+    from mocobench.utils.preempt import EXIT_CODES, SIGNALS, signal_name
+
+    try:
+        _, max_nodes = parse_min_max_nnodes(str(nnodes))
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--nnodes {nnodes}: expected N or MIN:MAX") from None
+    if max_nodes > 1 and not rdzv_endpoint:
+        raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT: a free port on one "
+                         "of the nodes that every node reaches, the same on every node (e.g. "
+                         "--rdzv-endpoint node0:29500)")
     torchrun_argv = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
                      "--node-rank", str(node_rank),
                      # how often the agent polls its workers (torchrun's default: 0.1-5 s)
-                     "--monitor-interval", "0.5"]
+                     "--monitor-interval", "0.5",
+                     # the agent's own signal handling (raise, shut the workers down with that
+                     # signal, exit with a traceback) only for the signals that no worker stops on
+                     "--signals-to-handle", ",".join(
+                         s for s in _TORCHRUN_SIGNALS if getattr(signal, s) not in SIGNALS)]
     if rdzv_endpoint:
         torchrun_argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
                           "--rdzv-id", rdzv_id]
-    try:
-        run(get_args_parser().parse_args([*torchrun_argv, "-m", module, *argv]))
-    except ChildFailedError as e:
-        _, failure = e.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
+    with _StopForwarder(SIGNALS) as stops:
+        try:
+            run(get_args_parser().parse_args([*torchrun_argv, "-m", module, *argv]))
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            code = failure.exitcode if failure.exitcode > 0 else 1
+            if stops.forwarded and failure.exitcode != EXIT_CODES[stops.forwarded]:
+                # torch's own report is silenced once the stop is handed on: say it here
+                how = (f"exit code {failure.exitcode}" if failure.exitcode > 0
+                       else f"killed by {signal_name(-failure.exitcode)}")
+                raise CommandFailed(f"{signal_name(stops.forwarded)} handed on to the workers: "
+                                    f"rank {rank} (pid {failure.pid}) ended with {how}",
+                                    code) from None
+            return code
+        except SignalException as e:  # no worker was running, or a signal torch handles
+            why = ("with no worker running" if e.sigval in SIGNALS
+                   else "(torch elastic shut the workers down)")
+            raise CommandFailed(f"stopped by {signal_name(e.sigval)} {why}: nothing new saved",
+                                128 + int(e.sigval), is_error=False) from None
     return 0
+
+
+# torchrun's default --signals-to-handle
+_TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+class _StopForwarder:
+    """While torch's elastic agent runs the workers: the stop signals (SIGTERM, SIGUSR1, SIGINT)
+    that reach this process are handed on to every worker, as torch's own shutdown sends a signal
+    (to the worker's process group: each worker leads its own session), and nothing more: the
+    agent keeps watching the workers, which finish their iteration, save and exit with 128 + N;
+    the command then ends with their code. (torch's own handling would raise in the agent, give the
+    workers its shutdown timeout, then exit 1 with a traceback, and it does not handle SIGUSR1 at
+    all: the launcher died and left the workers running.) A second Ctrl-C is handed on too (the
+    workers stop at once). Once a stop is handed on, torch's log lines about the workers' "failure"
+    are silenced (run_elastic reports an unexpected end itself). With no worker to hand it to
+    (before they start, after they end), the signal ends the agent as torch's own handler does
+    (SignalException)."""
+
+    def __init__(self, signals):
+        self.signals = tuple(signals)
+        self.forwarded = None  # the first signal handed on
+        self._previous = {}
+        self._quieted = []
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # where handlers live
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+        for logger in self._quieted:
+            logger.removeFilter(_drop_record)
+        self._quieted.clear()
+        return False
+
+    def _handle(self, signum, frame):
+        from torch.distributed.elastic.multiprocessing import SignalException
+
+        workers = _worker_pids()
+        if not workers:
+            raise SignalException(f"Process {os.getpid()} got signal: {signum}",
+                                  sigval=signal.Signals(signum))
+        if self.forwarded is None:
+            self.forwarded = int(signum)
+            self._quiet_torch_elastic()
+        for pid in workers:
+            try:
+                os.killpg(pid, signum)
+            except (ProcessLookupError, PermissionError):  # it has just ended
+                pass
+
+    def _quiet_torch_elastic(self):
+        import logging
+
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger):
+                logger.addFilter(_drop_record)
+                self._quieted.append(logger)
+
+
+def _drop_record(record):
+    return False
+
+
+def _worker_pids():
+    """The children of this process that lead their own session: the workers torch's elastic agent
+    started (its SubprocessHandler: Popen(start_new_session=True)); not, e.g., multiprocessing's
+    resource tracker. From /proc (Linux); [] elsewhere (then torch's own shutdown hands the signal
+    on, through SignalException)."""
+    me, pids = os.getpid(), []
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return pids
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me and int(fields[3]) == int(entry):
+            pids.append(int(entry))
+    return pids
 
 
 # ------------------------------------------------------------------------------------------ SLURM
