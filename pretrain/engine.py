@@ -47,6 +47,7 @@ class Task:
     tag = "pretrain"  # the log lines' tag
     output_name = "OUTPUT_DIR"  # how the user names the run directory (in refusals)
     run_kind = "run"  # what a refused run directory already holds
+    epochs_name = "SOLVER.EPOCHS"  # how the user sets the schedule's length (in refusals)
     state_keys = resume_mod.STATE_SHAPING_KEYS  # config keys a resume may not change
 
     def __init__(self, cfg):
@@ -203,6 +204,7 @@ def config_command(prog, description, example, example_opts):
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="'auto': continue from OUTPUT_DIR/last_checkpoint if present; or a "
                              "checkpoint path")
+    add_extend_flag(parser)
     parser.add_argument("--print-config", action="store_true",
                         help="print the merged config (the yaml, its _BASE_ chain and the KEY "
                              "VALUE overrides, validated) as YAML and exit; writes nothing")
@@ -210,6 +212,14 @@ def config_command(prog, description, example, example_opts):
                         help=f"config overrides, e.g. {example_opts} (flags may come before or "
                              "after)")
     return parser
+
+
+def add_extend_flag(parser, epochs="SOLVER.EPOCHS"):
+    parser.add_argument("--extend", action="store_true",
+                        help=f"with --resume: continue a finished run to a larger {epochs}. Its "
+                             "schedule changes (the learning rate follows the new length from "
+                             "then on); its final checkpoint is kept and the change is written to "
+                             "the log and OUTPUT_DIR/extended.json. Without it, that is refused")
 
 
 def run_config_command(parser, argv, make_task, moco):
@@ -224,7 +234,7 @@ def run_config_command(parser, argv, make_task, moco):
     if args.print_config:
         print(cfg.dump(), end="")
         return 0
-    return run(parser.prog, argv, make_task(cfg), args.resume)
+    return run(parser.prog, argv, make_task(cfg), args.resume, extend=args.extend)
 
 
 class LogWindow:
@@ -304,9 +314,10 @@ def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, de
     return iteration
 
 
-def train(task, resume=None):
-    """Run `task` in OUTPUT_DIR: from scratch, or from `resume` ('auto' or a checkpoint path).
-    Returns the trained model, or None when the run was already finished."""
+def train(task, resume=None, extend=False):
+    """Run `task` in OUTPUT_DIR: from scratch, or from `resume` ('auto' or a checkpoint path);
+    `extend`: a finished run may go on to a larger SOLVER.EPOCHS. Returns the trained model, or
+    None when the run was already finished."""
     cfg = task.cfg
     device = comm.setup_device(cfg.DEVICE)
     world, rank = comm.get_world_size(), comm.get_rank()
@@ -316,7 +327,7 @@ def train(task, resume=None):
     batch_per_rank = cfg.SOLVER.BATCH_SIZE // world
     # until setup_logging: not into an earlier run's log.txt (in-process reruns)
     logger.handlers.clear()
-    point = resume_mod.plan_resume(cfg, resume, world, task)  # validates; writes nothing
+    point = resume_mod.plan_resume(cfg, resume, world, task, extend)  # validates; writes nothing
     comm.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
     if point is not None and point.finished:
         if comm.is_main_process():
@@ -351,6 +362,7 @@ def train(task, resume=None):
             logger.info(f"resumed from {point.path}: starting at epoch {start_epoch + 1}"
                         + (f", iteration {start_i + 1}/{len(loader)} of it" if start_i else "")
                         + f" (iteration {iteration})")
+        resume_mod.schedule_change(cfg, point, logger)
         comm.check_same_resume(point.path if point else None, start_epoch, iteration)
         model = task.wrap(model, device)
         model = run_epochs(task, model, train_set, loader, optimizer, scaler, precision, device,
@@ -417,7 +429,7 @@ def resume_command(prog, argv):
     return " ".join(shlex.quote(x) for x in [*prog.split(), *args, "--resume", "auto"])
 
 
-def run(prog, argv, task, resume):
+def run(prog, argv, task, resume, extend=False):
     """train(task) as a command: a clean stop, a Ctrl-C and a divergence become CommandFailed with
     the line to print (mocobench.utils.errors.run_main prints it and exits with its code:
     143 / 138 / 130 after a save, 1 diverged); bad input stays a UsageError (exit 2). Returns 0 when
@@ -425,7 +437,7 @@ def run(prog, argv, task, resume):
     import torch.distributed as dist
 
     try:
-        train(task, resume=resume)
+        train(task, resume=resume, extend=extend)
     except Preempted as e:
         line = f"{e}; resume with: {resume_command(prog, argv)}"
         if comm.is_main_process():  # the same line in log.txt as on stderr (the job log)

@@ -188,6 +188,7 @@ class LinearTask(engine.Task):
     tag = "lincls"
     output_name = "--output"
     run_kind = "linear evaluation"
+    epochs_name = "--epochs"
     state_keys = ("MODEL.ARCH", "SOLVER.BATCH_SIZE", "SEED", "LINCLS.PRETRAINED", "LINCLS.RECIPE")
 
     def __init__(self, cfg, backbone_state, prefix):
@@ -327,6 +328,7 @@ def build_parser():
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="'auto': continue from OUTPUT/last_checkpoint if present; or a "
                              "checkpoint path")
+    engine.add_extend_flag(parser, "--epochs")
     parser.add_argument("--recipe", default="auto", choices=["auto", *RECIPES],
                         help="auto: from checkpoint keys")
     parser.add_argument("--arch", default=None, help="only if the checkpoint has no 'arch' entry")
@@ -397,7 +399,8 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.dump(), end="")
         return 0
-    return engine.run(parser.prog, argv, LinearTask(cfg, backbone_state, prefix), args.resume)
+    return engine.run(parser.prog, argv, LinearTask(cfg, backbone_state, prefix), args.resume,
+                      extend=args.extend)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,29 @@
 Order of a start (nothing is written into OUTPUT_DIR before every input has been validated):
     plan_resume       refuses a directory that holds another run unless resuming; reads the resume
                       checkpoint (weights_only), checks the config did not change what shapes the
-                      state (the task's state_keys); says when the run is already finished
+                      state (the task's state_keys); says when the run is already finished;
+                      refuses to extend a finished run (a larger SOLVER.EPOCHS) unless asked with
+                      --extend: that changes its schedule (see EXTENDED_RECORD)
     restore           model, optimizer, scaler, RNG; (start epoch, iteration, epoch iteration)
     open_run_dir      creates OUTPUT_DIR, takes its lock, removes what a killed run left behind
 Then a Checkpointer writes the resume points: after every epoch, every
 SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when a stop signal arrives (mocobench.utils.preempt).
 A mid-epoch checkpoint records the data-loader position; the resumed run skips those batches of the
 epoch's order, a function of (SEED, epoch), so it repeats the rest exactly.
+
+An extended run (--extend) appends {from_epochs, to_epochs, checkpoint, sha256, time} to
+OUTPUT_DIR/extended.json, says in the log that the schedule changed from N to M epochs, and keeps
+every checkpoint that file names (the earlier runs' final ones) for good.
 """
 import dataclasses
+import datetime
+import json
 import os
 import signal
 
 from mocobench.utils import comm
 from mocobench.utils.errors import UsageError
-from mocobench.utils.fileio import RunLock
+from mocobench.utils.fileio import RunLock, atomic_write, file_sha256
 from mocobench.utils.preempt import Preempted, signal_name
 from pretrain import checkpoint as ckpt
 from pretrain.config import _lookup
@@ -26,6 +34,7 @@ from pretrain.config import _lookup
 STATE_SHAPING_KEYS = ("MODEL.ARCH", "SOLVER.OPTIMIZER", "SOLVER.BATCH_SIZE", "SEED")
 MOCO_STATE_SHAPING_KEYS = ("MOCO.VERSION", "MOCO.K", "MOCO.DIM", "MOCO.MLP", "MOCO.MLP_DIM")
 RUN_FILES = (ckpt.LAST_CHECKPOINT, "metrics.json")  # with checkpoint_*.pth.tar: "a run lives here"
+EXTENDED_RECORD = "extended.json"  # the schedule changes of an extended run (--extend)
 
 
 def run_files(output_dir):
@@ -41,6 +50,8 @@ class ResumePoint:
     path: str
     checkpoint: dict
     finished: bool
+    epochs_before: int | None = None  # SOLVER.EPOCHS of the run that wrote it (None: unknown)
+    extends: bool = False  # it is the final checkpoint of a finished run, continued to more epochs
 
 
 def changed_state_keys(cfg, saved_config_text, keys):
@@ -62,9 +73,23 @@ def changed_state_keys(cfg, saved_config_text, keys):
     return [(k, saved_value(k), _lookup(cfg, k)) for k in keys if saved_value(k) != _lookup(cfg, k)]
 
 
-def plan_resume(cfg, resume, world_size, task):
+def saved_epochs(saved):
+    """SOLVER.EPOCHS in a checkpoint's config (None: it has no config, or no such key)."""
+    import yaml
+
+    if not isinstance(saved.get("config"), str):
+        return None
+    try:
+        epochs = (yaml.safe_load(saved["config"]) or {}).get("SOLVER", {}).get("EPOCHS")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return int(epochs) if isinstance(epochs, int) else None
+
+
+def plan_resume(cfg, resume, world_size, task, extend=False):
     """The checkpoint to resume from (None: start from scratch); raises UsageError, writes nothing.
-    `task` (pretrain.engine.Task) names the run directory and the keys a resume may not change."""
+    `task` (pretrain.engine.Task) names the run directory and the keys a resume may not change.
+    Continuing a finished run to more epochs is refused unless `extend` (--extend)."""
     out, name = cfg.OUTPUT_DIR, task.output_name
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"{name} {out!r} is a file, not a directory")
@@ -90,14 +115,66 @@ def plan_resume(cfg, resume, world_size, task):
             f"cannot resume the mid-epoch checkpoint {path} with {world_size} process(es): it "
             f"was written by {saved.get('world_size')} (the data order of the epoch is sharded "
             "by the process count); resume with that many processes")
-    finished = int(saved["epoch"]) >= cfg.SOLVER.EPOCHS and not int(saved.get("epoch_iteration", 0))
-    return ResumePoint(path, saved, finished)
+    done, mid_epoch = int(saved["epoch"]), int(saved.get("epoch_iteration", 0))
+    finished = done >= cfg.SOLVER.EPOCHS and not mid_epoch
+    before = saved_epochs(saved)
+    extends = not finished and not mid_epoch and before is not None and done >= before
+    if extends and not extend:
+        epochs = getattr(task, "epochs_name", "SOLVER.EPOCHS")
+        raise UsageError(
+            f"{out}: the run is finished ({done} epochs done, {os.path.basename(path)}); "
+            f"{epochs} = {cfg.SOLVER.EPOCHS} would extend it and change its schedule from "
+            f"{before} to {cfg.SOLVER.EPOCHS} epochs (not the same as a {cfg.SOLVER.EPOCHS}-epoch "
+            f"run); pass --extend to continue it so (its final checkpoint is kept), or start a "
+            f"{cfg.SOLVER.EPOCHS}-epoch run in another {name}")
+    return ResumePoint(path, saved, finished, before, extends)
 
 
 def finished_message(cfg, point):
     return (f"{cfg.OUTPUT_DIR}: the run is already finished ({point.checkpoint['epoch']} epochs "
             f"done, SOLVER.EPOCHS = {cfg.SOLVER.EPOCHS}; {os.path.basename(point.path)}). "
-            "Nothing to do; raise SOLVER.EPOCHS to train longer")
+            "Nothing to do; to train longer, raise SOLVER.EPOCHS and pass --extend")
+
+
+def schedule_change(cfg, point, logger):
+    """Say in the log when the resume point's schedule length differs from SOLVER.EPOCHS; for an
+    extended finished run also append the change to OUTPUT_DIR/extended.json (main process; the run
+    directory is open)."""
+    if point is None or point.epochs_before in (None, cfg.SOLVER.EPOCHS):
+        return
+    before, after = point.epochs_before, cfg.SOLVER.EPOCHS
+    name = os.path.basename(point.path)
+    if not point.extends:
+        logger.warning(f"SOLVER.EPOCHS changed from {before} ({name}) to {after}: the schedule "
+                       f"changed from {before} to {after} epochs")
+        return
+    logger.warning(f"extending the finished {before}-epoch run ({name}) to {after} epochs "
+                   f"(--extend): the schedule changed from {before} to {after} epochs; {name} is "
+                   f"kept, recorded in {EXTENDED_RECORD}")
+    if not comm.is_main_process():
+        return
+    record_path = os.path.join(cfg.OUTPUT_DIR, EXTENDED_RECORD)
+    records = extended_records(cfg.OUTPUT_DIR)
+    entry = {"from_epochs": before, "to_epochs": after, "checkpoint": name,
+             "sha256": file_sha256(point.path),
+             "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    if any((r.get("checkpoint"), r.get("to_epochs")) == (name, after) for r in records):
+        return  # the same extension, resumed before its first checkpoint
+    with atomic_write(record_path, "w") as f:
+        json.dump(records + [entry], f, indent=2)
+
+
+def extended_records(output_dir):
+    """The entries of OUTPUT_DIR/extended.json ([] when the run was never extended)."""
+    path = os.path.join(output_dir, EXTENDED_RECORD)
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not readable JSON: {e}") from None
+    return records if isinstance(records, list) else []
 
 
 def restore(point, model, optimizer, scaler, load_state_dict_fn):
@@ -142,6 +219,8 @@ class Checkpointer:
         self.state_dict_fn, self.stop = state_dict_fn, stop
         self.device, self.previous = device, previous
         self.logger, self.extra_state_fn = logger, extra_state_fn
+        # the final checkpoints of the runs this one extends: never scratch
+        self.kept = {r.get("checkpoint") for r in extended_records(cfg.OUTPUT_DIR)}
 
     def after_iteration(self, epoch, i, iters, iteration):
         """Called after iteration i (0-based) of the epoch; iteration = iterations done in the
@@ -189,6 +268,8 @@ class Checkpointer:
             return False
         if ckpt.is_iteration_checkpoint(name):
             return True
+        if name in self.kept:
+            return False
         if not (name.startswith("checkpoint_") and name.endswith(".pth.tar")):
             return False
         try:

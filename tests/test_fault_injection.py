@@ -255,7 +255,7 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(
     assert len(err) == 1 and "already holds a run (checkpoint_0000.pth.tar" in err[0]
     assert "--resume auto" in err[0] and "another OUTPUT_DIR" in err[0]
     # resuming it with a bad DATA.ROOT: refused before config.yaml or anything else is rewritten
-    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+    assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto", "--extend",
                      *opts(reference + "/nope", reference, **{"SOLVER.EPOCHS": 3})]) == 2
     assert "nope/train' does not exist" in capsys.readouterr().err
     # lincls: one evaluation per --output too
@@ -267,11 +267,16 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(
     assert cli.main(lincls) == 0
     results = open(os.path.join(lincls_out, "lincls_results.json")).read()
     assert cli.main(lincls) == 2 and "already holds a linear evaluation" in capsys.readouterr().err
+    # ... and a finished one is not extended to more epochs unless asked for (--extend)
+    longer = [*lincls[:lincls.index("--epochs") + 1], "2", *lincls[lincls.index("--epochs") + 2:]]
+    assert cli.main([*longer, "--resume", "auto"]) == 2
+    assert "--epochs = 2 would extend it and change its schedule from 1 to 2 epochs" in \
+        capsys.readouterr().err
     assert open(os.path.join(lincls_out, "lincls_results.json")).read() == results
     # while another process holds the run, --resume auto is refused too
     lock = RunLock(reference)
     try:
-        assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+        assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto", "--extend",
                          *opts(tiny_imagenet, reference, **{"SOLVER.EPOCHS": 3})]) == 2
         assert f"(pid {os.getpid()}) is writing into" in capsys.readouterr().err
     finally:
@@ -423,8 +428,52 @@ def test_a_mid_epoch_checkpoint_is_refused_with_another_process_count(
     assert sha256_tree(stopped_mid_epoch) == before and stat_tree(stopped_mid_epoch) == stats
     # an epoch boundary has no position in the epoch's order: another process count may go on
     cfg = load_config(SYNTH_CFG, opts(tiny_imagenet, reference, **{"SOLVER.EPOCHS": 3}))
-    point = plan_resume(cfg, "auto", 2, MocoTask(cfg))
+    point = plan_resume(cfg, "auto", 2, MocoTask(cfg), extend=True)
     assert os.path.basename(point.path) == "checkpoint_0001.pth.tar" and not point.finished
+    assert point.extends and point.epochs_before == 2
+
+
+def test_extending_a_finished_run_is_refused_without_extend_and_writes_nothing(
+        tiny_imagenet, reference, tmp_path, capsys):
+    out = str(tmp_path / "finished")
+    shutil.copytree(reference, out)
+    before, stats = sha256_tree(out), stat_tree(out)
+    assert cli.main(command("--resume", "auto", *opts(tiny_imagenet, out,
+                                                      **{"SOLVER.EPOCHS": 3}))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{out}: the run is finished (2 epochs done, checkpoint_0001.pth.tar); SOLVER.EPOCHS " \
+           "= 3 would extend it and change its schedule from 2 to 3 epochs" in err[0]
+    assert "pass --extend" in err[0]
+    assert sha256_tree(out) == before and stat_tree(out) == stats
+
+
+def test_extend_continues_a_finished_run_keeps_its_final_checkpoint_and_says_so(
+        tiny_imagenet, reference, tmp_path, capsys):
+    out = str(tmp_path / "extended")
+    shutil.copytree(reference, out)
+    final = os.path.join(out, "checkpoint_0001.pth.tar")
+    digest = hashlib.sha256(open(final, "rb").read()).hexdigest()
+    # CHECKPOINT_PERIOD 3: under 3 epochs, epoch 2's checkpoint is not one the schedule keeps
+    argv = command("--resume", "auto", "--extend",
+                   *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3, "CHECKPOINT_PERIOD": 3}))
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert os.path.isfile(final), "the earlier run's final checkpoint was deleted"
+    assert hashlib.sha256(open(final, "rb").read()).hexdigest() == digest
+    assert load_checkpoint(os.path.join(out, "checkpoint_0002.pth.tar"))["epoch"] == 3
+    assert open(os.path.join(out, "last_checkpoint")).read().strip() == "checkpoint_0002.pth.tar"
+    said = "the schedule changed from 2 to 3 epochs"
+    assert said in printed and said in open(os.path.join(out, "log.txt")).read()
+    [record] = json.load(open(os.path.join(out, "extended.json")))
+    assert (record["from_epochs"], record["to_epochs"], record["checkpoint"], record["sha256"]) \
+        == (2, 3, "checkpoint_0001.pth.tar", digest)
+    assert metrics_iterations(out)[-1] == 3 * ITERS_PER_EPOCH
+    # done: the same command says so and writes nothing
+    before = sha256_tree(out)
+    assert cli.main(argv) == 0
+    assert "already finished (3 epochs done" in capsys.readouterr().out
+    assert sha256_tree(out) == before
 
 
 def test_resume_from_a_checkpoint_outside_output_dir_never_deletes_it(

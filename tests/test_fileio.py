@@ -1,6 +1,11 @@
-"""Safe I/O: atomic writes never tear a file, loaders never run code from one."""
+"""Safe I/O: atomic writes never tear a file, loaders never run code from one, a run directory has
+one writer (with flock, or a lock file where the file system has none)."""
+import errno
+import fcntl
+import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 
@@ -9,7 +14,15 @@ import pytest
 import torch
 
 from mocobench.utils.errors import UsageError
-from mocobench.utils.fileio import atomic_torch_save, atomic_write, load_checkpoint, safe_unpickle
+from mocobench.utils.fileio import (
+    RunLock,
+    atomic_torch_save,
+    atomic_write,
+    load_checkpoint,
+    safe_unpickle,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_atomic_write_keeps_old_file_and_leaves_no_temp_on_error(tmp_path):
@@ -124,3 +137,153 @@ def test_safe_unpickle_reads_arrays_and_reports_truncation(tmp_path):
     (tmp_path / "t.pth").write_text("hello")
     with pytest.raises(UsageError, match="not a readable torch checkpoint"):
         load_checkpoint(tmp_path / "t.pth")
+
+
+# ------------------------------------------------------------------------------------ run lock
+def _no_flock(code=errno.ENOLCK):
+    """fcntl.flock as on a file system without it (NFSv3 without lockd: ENOLCK; Lustre mounted
+    without -o flock: ENOSYS / EOPNOTSUPP)."""
+    def flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+    return flock
+
+
+# a second process on the same file system: flock fails the same way there
+_LOCKER = """
+import errno, fcntl, os, sys
+def flock(fd, operation):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+fcntl.flock = flock
+from mocobench.utils.errors import UsageError
+from mocobench.utils.fileio import RunLock
+try:
+    lock = RunLock(sys.argv[1])
+except UsageError as e:
+    print(e, flush=True)
+    sys.exit(3)
+print("locked", flush=True)
+sys.stdin.readline()
+lock.close()
+"""
+
+
+def _locker(directory):
+    return subprocess.Popen([sys.executable, "-c", _LOCKER, str(directory)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP],
+                         ids=["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
+def test_without_flock_a_lock_file_with_host_and_pid_locks_the_run(tmp_path, monkeypatch, code):
+    monkeypatch.setattr(fcntl, "flock", _no_flock(code))
+    lock = RunLock(str(tmp_path))
+    owner = json.loads((tmp_path / RunLock.OWNER_NAME).read_text())
+    assert (owner["host"], owner["pid"]) == (socket.gethostname(), os.getpid())
+    assert owner["started"]
+    lock.close()
+    assert not (tmp_path / RunLock.OWNER_NAME).exists()  # removed on close
+    RunLock(str(tmp_path)).close()  # and the next run takes it
+
+
+def test_without_flock_two_processes_still_exclude_each_other(tmp_path, monkeypatch):
+    monkeypatch.setattr(fcntl, "flock", _no_flock())
+    other = _locker(tmp_path)
+    try:
+        assert other.stdout.readline().strip() == "locked", other.stderr.read()
+        with pytest.raises(UsageError) as refused:
+            RunLock(str(tmp_path))
+        message = str(refused.value)
+        assert "\n" not in message and "is writing into" in message
+        assert f"pid {other.pid} on {socket.gethostname()}" in message
+    finally:
+        other.communicate("\n", timeout=60)
+    assert other.returncode == 0
+    # the other way round: this process holds the run, the other one is refused
+    lock = RunLock(str(tmp_path))
+    try:
+        other = _locker(tmp_path)
+        out, err = other.communicate("\n", timeout=60)
+        assert other.returncode == 3, err
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in out and "is writing into" in out
+    finally:
+        lock.close()
+
+
+def test_without_flock_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setattr(fcntl, "flock", _no_flock())
+    dead = _dead_pid()
+    path = tmp_path / RunLock.OWNER_NAME
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead,
+                                "started": "2024-01-01T00:00:00+00:00"}))
+    lock = RunLock(str(tmp_path))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and f"took over the stale lock file {path} of pid {dead} on " \
+        f"{socket.gethostname()}" in out[0]
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.close()
+    assert not path.exists()
+
+
+def test_without_flock_a_lock_file_of_another_host_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(fcntl, "flock", _no_flock())
+    path = tmp_path / RunLock.OWNER_NAME
+    text = json.dumps({"host": "node-17.cluster", "pid": _dead_pid(), "started": "yesterday"})
+    path.write_text(text)
+    with pytest.raises(UsageError) as refused:
+        RunLock(str(tmp_path))
+    message = str(refused.value)
+    assert "\n" not in message and "node-17.cluster" in message and "is writing into" in message
+    assert f"pid {json.loads(text)['pid']} on node-17.cluster" in message
+    assert f"remove {str(path)!r}" in message
+    assert path.read_text() == text
+
+
+def test_a_held_flock_still_says_another_process_is_writing(tmp_path):
+    lock = RunLock(str(tmp_path))
+    try:
+        other = _locker_with_flock(tmp_path)
+        assert other.returncode == 3 and f"another process (pid {os.getpid()}) is writing into" \
+            in other.stdout, other.stderr
+    finally:
+        lock.close()
+
+
+def _locker_with_flock(directory):
+    script = ("import sys\nfrom mocobench.utils.fileio import RunLock\n"
+              "try:\n    RunLock(sys.argv[1]).close()\nexcept Exception as e:\n"
+              "    print(e)\n    sys.exit(3)\n")
+    return subprocess.run([sys.executable, "-c", script, str(directory)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_another_flock_error_is_not_reported_as_another_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(fcntl, "flock", _no_flock(errno.EIO))
+    with pytest.raises(UsageError) as refused:
+        RunLock(str(tmp_path))
+    assert "cannot lock" in str(refused.value) and "another process" not in str(refused.value)
+
+
+def test_pretrain_runs_on_a_file_system_without_flock(tiny_imagenet, tmp_path, monkeypatch,
+                                                      capsys):
+    from mocobench import cli
+
+    monkeypatch.setattr(fcntl, "flock", _no_flock())
+    out = tmp_path / "run"
+    cfg = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
+    opts = {"DATA.ROOT": tiny_imagenet, "OUTPUT_DIR": out, "SOLVER.EPOCHS": 1,
+            "SOLVER.BATCH_SIZE": 16, "MOCO.K": 32, "INPUT.SIZE": 32,
+            "DATALOADER.NUM_WORKERS": 0, "KNN.PERIOD": 0, "LOG_PERIOD": 2,
+            "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2, "DEVICE": "cpu"}
+    argv = ["pretrain", "--config-file", cfg, *[str(x) for kv in opts.items() for x in kv]]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert (out / "checkpoint_0000.pth.tar").is_file()
+    assert not (out / RunLock.OWNER_NAME).exists()

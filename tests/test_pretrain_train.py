@@ -187,7 +187,7 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(
         return (loss * float("nan") if calls["n"] == 3 else loss), logits, labels
 
     monkeypatch.setitem(train_mod.LOSSES, "v2", nan_on_third_iteration)
-    code = cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto",
+    code = cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto", "--extend",
                      *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 2})])
     assert code == 1
     err = capsys.readouterr().err

@@ -5,7 +5,9 @@
   UsageError. The file gets the permissions the umask gives a new file (as open() would), not
   mkstemp's 0600.
 - `RunLock`: an exclusive lock on a run directory for the life of the process (released by the
-  kernel even on SIGKILL): a second process writing into the same directory is refused.
+  kernel even on SIGKILL): a second process writing into the same directory is refused. Where the
+  file system has no flock (NFSv3 without lockd, Lustre without -o flock), an exclusive lock file
+  holding host and pid; a stale one (dead pid, same host) is taken over.
 - `load_checkpoint`: `torch.load(weights_only=True)` with an error that names the file.
 - `safe_unpickle`: an allow-list unpickler for .pkl files (detectron2 weights): plain containers and
   numpy arrays only; anything else (a `__reduce__` that calls os.system, say) is refused.
@@ -73,34 +75,166 @@ def _umask():
     return mask
 
 
+# flock errors that mean "this file system does not do flock" (NFSv3 without lockd: ENOLCK; Lustre
+# mounted without -o flock: ENOSYS or EOPNOTSUPP), not "another process holds the lock"
+_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+_HELD = {errno.EWOULDBLOCK, errno.EAGAIN}
+
+
 class RunLock:
     """Exclusive, non-blocking lock on DIR/.lock (fcntl.flock); UsageError when another process
-    holds it."""
+    holds it.
+
+    On a file system without flock it falls back to an exclusive lock file, DIR/.lock.owner,
+    created with O_CREAT | O_EXCL and holding host, pid and start time: a second process is
+    refused naming them; one left by a dead process on this host (SIGKILL, a crash) is taken over
+    with a one-line message; one from another host is refused (whether that process still runs
+    cannot be seen from here). close() removes it."""
 
     NAME = ".lock"
+    OWNER_NAME = ".lock.owner"
 
     def __init__(self, directory):
         import fcntl
 
+        self.directory = directory
         self.path = os.path.join(directory, self.NAME)
+        self.owner_path = None  # set when the lock is the lock file
         self._file = open(self.path, "a+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             self._file.seek(0)
             holder = self._file.read().strip() or "?"
             self._file.close()
-            raise UsageError(
-                f"another process (pid {holder}) is writing into {directory!r}; wait for it to "
-                "finish or stop it, or choose another output directory"
-            ) from None
+            self._file = None
+            if e.errno in _NO_FLOCK:
+                self._take_lock_file(os.strerror(e.errno))
+                return
+            if e.errno in _HELD:
+                raise UsageError(
+                    f"another process (pid {holder}) is writing into {directory!r}; wait for it "
+                    "to finish or stop it, or choose another output directory"
+                ) from None
+            raise UsageError(f"cannot lock {self.path!r}: {os.strerror(e.errno)} "
+                             f"(errno {e.errno})") from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(str(os.getpid()))
         self._file.flush()
 
+    def _owner_record(self):
+        import datetime
+        import json
+        import socket
+
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "started": datetime.datetime.now().astimezone().isoformat(
+                               timespec="seconds")}) + "\n"
+
+    def _create_owner_file(self, path):
+        """Create `path` exclusively with this process's record; False when it exists."""
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(self._record)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _take_lock_file(self, why):
+        """The fallback lock: DIR/.lock.owner created exclusively; raises UsageError when another
+        live process (or one on another host) holds it."""
+        path = os.path.join(self.directory, self.OWNER_NAME)
+        self._record = self._owner_record()
+        if self._create_owner_file(path):
+            self.owner_path = path
+            return
+        text, owner = _read_owner(path)
+        if owner is None or not _dead_here(owner):
+            raise UsageError(_held_message(self.directory, path, owner, why))
+        # stale: its process died on this host. Take it over under a guard file, so that of two
+        # processes that both found it stale one removes it and the other finds the new owner.
+        guard = path + ".takeover"
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise UsageError(
+                f"another process is taking over the stale lock file {path!r} of {self.directory!r}"
+                f" (or one died doing so: then remove {guard!r})") from None
+        try:
+            if _read_owner(path)[0] == text:
+                os.remove(path)
+            taken = self._create_owner_file(path)
+        finally:
+            os.close(fd)
+            os.remove(guard)
+        if not taken:
+            raise UsageError(_held_message(self.directory, path, _read_owner(path)[1], why))
+        self.owner_path = path
+        print(f"took over the stale lock file {path} of pid {owner['pid']} on {owner['host']} "
+              f"(started {owner.get('started', '?')}; no such process any more)", flush=True)
+
     def close(self):
-        self._file.close()  # closing releases the flock
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+        if self.owner_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if _read_owner(self.owner_path)[0] == self._record:  # still ours
+                    os.remove(self.owner_path)
+            self.owner_path = None
+
+
+def _read_owner(path):
+    """(text, {host, pid, started}) of a lock file; (text, None) when it cannot be parsed (being
+    written, or damaged)."""
+    import json
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None, None
+    try:
+        owner = json.loads(text)
+        owner["pid"] = int(owner["pid"])
+        owner["host"] = str(owner["host"])
+    except (ValueError, TypeError, KeyError):
+        return text, None
+    return text, owner
+
+
+def _dead_here(owner):
+    """True when the lock file's process ran on this host and no longer exists."""
+    import socket
+
+    if owner["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _held_message(directory, path, owner, why):
+    import socket
+
+    if owner is None:
+        who = "another process"
+        gone = f"if no run is writing there, remove {path!r}"
+    else:
+        who = (f"another process (pid {owner['pid']} on {owner['host']}, started "
+               f"{owner.get('started', '?')})")
+        gone = (f"if that process is gone, remove {path!r}" if owner["host"] != socket.gethostname()
+                else "wait for it to finish or stop it")
+    return (f"{who} is writing into {directory!r} (lock file {path}: no flock here, {why}); "
+            f"{gone}, or choose another output directory")
 
 
 def atomic_torch_save(obj, path):
