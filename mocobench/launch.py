@@ -18,15 +18,25 @@ exports.
 import argparse
 import importlib
 import os
+import shlex
 import signal
 import sys
 
 from mocobench.cli import COMMANDS
-from mocobench.utils.errors import CommandFailed, UsageError
+from mocobench.utils.errors import CommandFailed, UsageError, error_line
 
 # Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of
 # sbatch.
 SUBMITIT_CLUSTER_ENV = "MOCOBENCH_SUBMITIT_CLUSTER"
+
+# --mem when not given, per node: 40 GB per GPU (one GPU's worth without a GPU), what the submitit
+# launchers of MoCo v3, DeiT and MAE ask for (mem_gb=40 * num_gpus_per_node). Without a request
+# SLURM gives the partition's DefMemPerCPU / DefMemPerNode (often a few GB per CPU: too little for
+# 8 GPUs' loaders) or, with none set, the whole node
+MEM_PER_GPU_GB = 40
+# srun ends the whole step when a task exits non-zero: a failing rank ends the job at once instead
+# of leaving the others blocked in a collective for the process group's timeout (60 min)
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 
 def build_parser(command):
@@ -54,7 +64,12 @@ def build_parser(command):
                        help="also the processes (tasks) per node")
     # CPU tests
     group.add_argument("--tasks-per-node", type=int, default=None, help=argparse.SUPPRESS)
-    group.add_argument("--cpus-per-task", type=int, default=10)
+    group.add_argument("--cpus-per-task", type=int, default=None,
+                       help="default: a CPU per DataLoader worker + 1 per process of the task, "
+                            "from the command's config: (NUM_WORKERS + 1) for a task per GPU "
+                            "(pretrain, supervised: DATALOADER.NUM_WORKERS; lincls: --workers), "
+                            "(NUM_WORKERS + 1) x GPUs for transfer (one task per node that "
+                            "starts a process per GPU) and each pipeline stage")
     group.add_argument("--partition", default=None)
     group.add_argument("--timeout", type=int, default=72 * 60, metavar="MINUTES",
                        help="the job's time limit; "
@@ -62,7 +77,10 @@ def build_parser(command):
     group.add_argument("--account", default=None)
     group.add_argument("--qos", default=None)
     group.add_argument("--constraint", default=None, help="e.g. volta32gb")
-    group.add_argument("--mem", default=None, help="SLURM --mem, e.g. 400G")
+    group.add_argument("--mem", default=None,
+                       help=f"SLURM --mem (per node), e.g. 400G; default: {MEM_PER_GPU_GB}G x "
+                            "GPUs per node (at least one GPU's worth), as the MoCo v3 / DeiT / MAE "
+                            "submitit launchers ask; 0: all of the node's memory")
     group.add_argument("--comment", default=None)
     group.add_argument("--job-dir", default="slurm_jobs/%j",
                        help="submitit's folder: logs and job pickles")
@@ -311,20 +329,29 @@ class StageJob:
         requeue, requeue_codes = (
             _route_preemption_to_the_training_loop(forward_warning=spec.per_rank)
             if spec.resume is not None else (None, ()))
+        prog, rank = f"mocobench {self.command}", submitit.JobEnvironment().global_rank
         try:
             code = int(module.main(argv) or 0)
-        except CommandFailed as e:  # the pipeline stops with its stage's exit code
-            print(e, file=sys.stderr, flush=True)
-            code = e.exit_code
-        except SystemExit as e:  # a command's own exit (argparse)
-            code = e.code if isinstance(e.code, int) else 1
+        # bad input, a failed stage (its exit code), a clean stop after a checkpoint
+        except (UsageError, CommandFailed) as e:
+            code, line = e.exit_code, error_line(prog, e, rank)
+        except SystemExit as e:  # a command's own exit (argparse: it said why)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            line = f"{prog}: exited with code {code}"
+        except Exception as e:  # this rank's own failure (out of memory, a bug): its traceback
+            _record_failure(f"{prog} (rank {rank}): error: {type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[0]}")
+            raise
         # stopped on the signal after an exact checkpoint: requeue the job now
         if code in requeue_codes:
+            print(line, file=sys.stderr, flush=True)
             # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
             requeue(_submitit_signal(), None)
             return code
         if code:
-            raise RuntimeError(f"mocobench {self.command} exited with code {code}")
+            _record_failure(line)
+            # the last line of this task's log; submitit records it as the job's error
+            raise JobFailed(line)
         return code
 
     def _node_argv(self, env):
@@ -351,6 +378,41 @@ class StageJob:
         if self.command == "pipeline":
             argv = without_flag(argv, "--redo", takes_value=True)
         return submitit.helpers.DelayedSubmission(StageJob(self.command, argv))
+
+
+class JobFailed(RuntimeError):
+    """A command that failed in a SLURM task; str(): its one-line error (mocobench.utils.errors)."""
+
+
+# the first failing rank's error line, which the batch script prints last (_failure_teardown)
+FAILURE_FILE = "%j_error.txt"
+
+
+def _record_failure(line):
+    """Keep `line` in the job's folder for the batch script to print after srun, as the job's last
+    line. The first failing rank wins: a rank that fails next, when its peer is gone, fails because
+    of it."""
+    import submitit
+
+    try:
+        env = submitit.JobEnvironment()
+        path = env.paths.folder / FAILURE_FILE.replace("%j", str(env.job_id))
+        with open(path, "x") as f:
+            f.write(line + "\n")
+    except (OSError, RuntimeError):  # another rank's is there; not under submitit
+        pass
+
+
+def _failure_teardown(job_dir):
+    """The batch script's lines after srun: the failing rank's error line (_record_failure) to the
+    job's stderr, last; the script's exit code stays srun's (a failed job stays FAILED, afterok
+    holds)."""
+    folder = os.path.abspath(os.path.expanduser(job_dir))
+    path = '"${SLURM_JOB_ID}"'.join(shlex.quote(part)
+                                    for part in os.path.join(folder, FAILURE_FILE).split("%j"))
+    return ["rc=$?", f"error_file={path}",
+            'if [ "$rc" -ne 0 ] && [ -s "$error_file" ]; then cat "$error_file" >&2; fi',
+            'exit "$rc"']
 
 
 def _submitit_signal():
@@ -395,26 +457,65 @@ def submit(command, args, argv):
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise UsageError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: "
                          "expected >= 1 and >= 0")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise UsageError(f"--cpus-per-task {args.cpus_per_task}: expected >= 1")
     if command == "pipeline":
         return submit_pipeline(args, argv)
     tasks = args.tasks_per_node or (max(args.gpus_per_node, 1) if spec.per_rank else 1)
     if command == "transfer" and not any(a == "--num-gpus" or a.startswith("--num-gpus=")
                                          for a in argv):
         argv = ["--num-gpus", str(max(args.gpus_per_node, 1)), *argv]
+    workers, processes = loader_workers(command, argv)
+    cpus = args.cpus_per_task or (workers + 1) * processes
     executor, cluster = _executor(args)
     executor.update_parameters(**_job_parameters(args, f"mocobench-{command}", args.nodes,
-                                                 args.gpus_per_node, tasks))
+                                                 args.gpus_per_node, tasks, cpus))
     job = executor.submit(StageJob(command, argv))
     _print_job(job, f"mocobench {command}",
                f"{cluster}: {args.nodes} node(s) x {tasks} task(s), "
-               f"{args.gpus_per_node} GPU(s) per node, timeout {args.timeout} min")
+               f"{args.gpus_per_node} GPU(s) per node, "
+               f"{_cpus_and_mem(args, cpus, args.gpus_per_node)}, timeout {args.timeout} min")
     return job
+
+
+def loader_workers(command, argv):
+    """(DataLoader workers per process, processes per task) of `mocobench COMMAND ARGV` as it will
+    run, from its config: pretrain / supervised: DATALOADER.NUM_WORKERS of the merged config, a task
+    per GPU; lincls: --workers, a task per GPU; transfer: DATALOADER.NUM_WORKERS of its detectron2
+    config, a task per node that starts --num-gpus processes. Bad input is an error here, before
+    anything is submitted."""
+    module = importlib.import_module(COMMANDS[command].module)
+    if command in ("pretrain", "supervised"):
+        from pretrain.config import load_config
+
+        args = module.build_parser().parse_intermixed_args(argv)
+        cfg = load_config(args.config_file, args.opts, moco=command == "pretrain")
+        return cfg.DATALOADER.NUM_WORKERS, 1
+    if command == "lincls":
+        return module.build_parser().parse_args(argv).workers, 1
+    if command == "transfer":
+        from transfer.config import load_config
+
+        args = module.build_parser().parse_args(argv)
+        cfg = load_config(args.config_file, args.opts or [])
+        return cfg.DATALOADER.NUM_WORKERS, max(args.num_gpus, 1)
+    return 0, 1
+
+
+def job_mem(args, gpus_per_node):
+    """The job's --mem: the one given, else MEM_PER_GPU_GB per GPU of a node (at least one)."""
+    return args.mem or f"{MEM_PER_GPU_GB * max(gpus_per_node, 1)}G"
+
+
+def _cpus_and_mem(args, cpus, gpus_per_node):
+    return f"{cpus} CPU(s) per task, --mem {job_mem(args, gpus_per_node)} per node"
 
 
 def submit_pipeline(args, argv):
     """`mocobench pipeline --launcher slurm`: the pipeline's preflight here, then a job per stage
     that is not done, each with the stage's own resources (pretrain / supervised / transfer:
-    NUM_NODES nodes x their GPUs; data, convert, report: one node, no GPU) and each after the
+    NUM_NODES nodes x their GPUs, a task per node of (NUM_WORKERS + 1) x GPUs CPUs from the stage's
+    config; data, convert, report: one node, no GPU, 1 CPU) and each after the
     previous one succeeded (SLURM afterok; the chain stops at a failed stage). One stage at a time,
     as one process would run them: the jobs share manifest.json. Every job runs
     `mocobench pipeline --stage STAGE` through the manifest: a requeued job resumes its stage, a
@@ -422,26 +523,31 @@ def submit_pipeline(args, argv):
     from mocobench import pipeline
 
     stage_jobs, dry_run = pipeline.stage_jobs(argv, args.gpus_per_node)
+    # the stage's own CPUs (its workers and processes, from its config), unless --cpus-per-task
+    stage_jobs = [(name, nodes, gpus, args.cpus_per_task or cpus, job_argv)
+                  for name, nodes, gpus, cpus, job_argv in stage_jobs]
     if dry_run:
-        for name, nodes, gpus, _ in stage_jobs:
-            print(f"would submit {name}: {nodes} node(s), {gpus} GPU(s) per node")
+        for name, nodes, gpus, cpus, _ in stage_jobs:
+            print(f"would submit {name}: {nodes} node(s), {gpus} GPU(s) per node, "
+                  f"{_cpus_and_mem(args, cpus, gpus)}")
         return []
     # submitit is there and can submit, before anything is said to be submitted
     _, cluster = _executor(args)
     print(f"submitting {len(stage_jobs)} job(s), one per stage, "
           "each after the previous one succeeded", flush=True)
     jobs = []
-    for name, nodes, gpus, job_argv in stage_jobs:
+    for name, nodes, gpus, cpus, job_argv in stage_jobs:
         # a fresh one per job: submitit's parameters only accumulate
         executor, cluster = _executor(args)
         after = jobs[-1].job_id if jobs else None
         executor.update_parameters(**_job_parameters(args, f"mocobench-pipeline-{name}", nodes,
-                                                     gpus, tasks=1, after=after))
+                                                     gpus, tasks=1, cpus=cpus, after=after))
         job = executor.submit(StageJob("pipeline", job_argv))
         jobs.append(job)
         _print_job(job, f"pipeline stage {name}",
-                   f"{cluster}: {nodes} node(s), {gpus} GPU(s) per node, timeout "
-                   f"{args.timeout} min" + (f", after job {after}" if after else ""))
+                   f"{cluster}: {nodes} node(s), {gpus} GPU(s) per node, "
+                   f"{_cpus_and_mem(args, cpus, gpus)}, timeout {args.timeout} min"
+                   + (f", after job {after}" if after else ""))
         if cluster == "local":
             # submitit's local executor (tests) ignores SLURM dependencies: run the chain in order
             # here instead
@@ -474,8 +580,10 @@ def _executor(args):
                          f"{e}") from None
 
 
-def _job_parameters(args, name, nodes, gpus_per_node, tasks, after=None):
-    """submitit's parameters of one job; `after`: the job id it waits for (runs only if that one
+def _job_parameters(args, name, nodes, gpus_per_node, tasks, cpus, after=None):
+    """submitit's parameters of one job: `tasks` per node of `cpus` CPUs each, --mem (job_mem),
+    srun ending the step when a task fails (SRUN_ARGS) and the failing rank's error as the job's
+    last line (_failure_teardown); `after`: the job id it waits for (runs only if that one
     succeeded)."""
     dependency = {}
     # kill_on_invalid_dep: a failed predecessor cancels this job instead of leaving it pending
@@ -484,11 +592,13 @@ def _job_parameters(args, name, nodes, gpus_per_node, tasks, after=None):
                       "slurm_additional_parameters": {"kill_on_invalid_dep": "yes"}}
     return dict(
         name=name, nodes=nodes, gpus_per_node=gpus_per_node or None, tasks_per_node=tasks,
-        cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
+        cpus_per_task=cpus, timeout_min=args.timeout,
         slurm_partition=args.partition, slurm_account=args.account, slurm_qos=args.qos,
-        slurm_constraint=args.constraint, slurm_mem=args.mem, slurm_comment=args.comment,
+        slurm_constraint=args.constraint, slurm_mem=job_mem(args, gpus_per_node),
+        slurm_comment=args.comment,
         # time between SLURM's warning signal and the kill: enough to checkpoint
         slurm_signal_delay_s=120,
+        slurm_srun_args=list(SRUN_ARGS), slurm_teardown=_failure_teardown(args.job_dir),
         **dependency,
     )
 

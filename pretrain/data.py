@@ -45,6 +45,8 @@ _UNSEEN, _OK, _BAD = 0, 1, 2
 class TooManyBadImagesError(UsageError):
     """More than the allowed fraction of a dataset's images are unreadable."""
 
+    every_rank = False  # seen in this rank's shard: the others may not know (run_main)
+
 
 def read_rgb(path):
     """Decode an image file to an RGB uint8 HxWx3 array; raise ValueError/OSError when it is not

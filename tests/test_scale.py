@@ -425,15 +425,9 @@ def _sbatch_flags(path):
     return flags
 
 
-def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
-        tmp_path, monkeypatch, capsys):
-    """The real SLURM path of submitit (sbatch scripts written by its SlurmExecutor), with sbatch
-    and srun replaced by scripts: each stage its own job with its own resources, each after the
-    previous one."""
-    import submitit
-
-    from mocobench import cli
-
+def _fake_slurm(tmp_path, monkeypatch):
+    """sbatch and srun replaced by scripts on PATH (sbatch keeps each submitted script in the
+    returned folder as jobN.sh); --launcher slurm then takes submitit's real SLURM path."""
     bin_dir, state = tmp_path / "bin", tmp_path / "sbatch"
     bin_dir.mkdir()
     state.mkdir()
@@ -443,10 +437,141 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
         (bin_dir / exe).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.delenv(launch.SUBMITIT_CLUSTER_ENV, raising=False)
+    return state
+
+
+def _srun_line(path):
+    return next(line for line in open(path) if line.startswith("srun "))
+
+
+def _opts_with(opts, key, value):
+    """A stage's OPTS list (KEY VALUE ...) with KEY set to VALUE, as a config override."""
+    opts = list(opts)
+    opts[opts.index(key) + 1] = value
+    return repr(opts)
+
+
+def test_slurm_jobs_ask_for_the_cpus_of_their_loaders_memory_and_end_on_a_failing_task(
+        tmp_path, monkeypatch, capsys):
+    """The sbatch scripts submitit's SlurmExecutor writes (sbatch and srun replaced by scripts): a
+    task per GPU with (NUM_WORKERS + 1) CPUs each, read from the command's config, or one task per
+    node with (NUM_WORKERS + 1) x GPUs for transfer; --mem 40G per GPU; an explicit
+    --cpus-per-task / --mem wins; srun ends the step when a task exits non-zero, and the batch
+    script prints the failing rank's error last."""
+    from mocobench import cli
+
+    state, jobs = _fake_slurm(tmp_path, monkeypatch), tmp_path / "jobs"
+    slurm = ["--launcher", "slurm", "--gpus-per-node", "8", "--job-dir", str(jobs / "%j")]
+    pretrain = ["--config-file", SYNTH_CFG, "DATA.ROOT", "d", "OUTPUT_DIR", "o",
+                "DATALOADER.NUM_WORKERS", "6"]
+    transfer = ["--config-file",
+                os.path.join(REPO, "configs", "detection", "tiny_synth_voc_R_50_C4.yaml"),
+                "MODEL.WEIGHTS", "m.pkl", "DATALOADER.NUM_WORKERS", "4"]
+    lincls = ["--data", "d", "--pretrained", "p.pth", "--output", "o", "--workers", "3"]
+    submissions = [(["pretrain", *slurm, *pretrain], ("8", "7", "320G")),
+                   (["transfer", *slurm, *transfer], ("1", "40", "320G")),
+                   (["lincls", *slurm, *lincls], ("8", "4", "320G")),
+                   (["pretrain", *slurm, "--cpus-per-task", "12", "--mem", "500G", *pretrain],
+                    ("8", "12", "500G")),
+                   (["transfer", *slurm, "--cpus-per-task", "16", *transfer], ("1", "16", "320G"))]
+    for i, (argv, (tasks, cpus, mem)) in enumerate(submissions):
+        assert cli.main(argv) == 0, argv
+        printed = capsys.readouterr().out
+        assert f"1 node(s) x {tasks} task(s), 8 GPU(s) per node, {cpus} CPU(s) per task, " \
+               f"--mem {mem} per node, timeout" in printed, printed
+        script = state / f"job{101 + i}.sh"
+        flags = _sbatch_flags(script)
+        assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"],
+                flags["cpus-per-task"], flags["mem"]) == ("1", tasks, "8", cpus, mem), argv
+        assert "--kill-on-bad-exit=1" in _srun_line(script).split()
+    assert capsys.readouterr().err == ""
+    # bad input of the command is an error before anything is submitted
+    assert cli.main(["pretrain", *slurm, *pretrain, "SOLVER.NOPE", "1"]) == 2
+    assert "SOLVER.NOPE" in capsys.readouterr().err and not (state / "job106.sh").exists()
+    assert cli.main(["pretrain", *slurm, "--cpus-per-task", "0", *pretrain]) == 2
+    assert "--cpus-per-task 0: expected >= 1" in capsys.readouterr().err
+
+    # the batch script as SLURM runs it, srun failing (exit 3) after the first failing rank wrote
+    # its error line: that line is the job's last, and the job fails with srun's exit code
+    script = state / "job101.sh"
+    (state / "srun").write_text("#!/bin/sh\necho 'srun: error: node1: task 5: Exited with exit "
+                                "code 1' >&2\nexit 3\n")
+    (state / "srun").chmod(0o755)
+    (jobs / "101").mkdir(parents=True, exist_ok=True)  # --job-dir JOBS/%j: %j is SLURM's job id
+    env = {**ENV, "PATH": f"{state}:{ENV['PATH']}", "SLURM_JOB_ID": "101"}
+    line = "mocobench pretrain (rank 5): error: RuntimeError: CUDA out of memory."
+    (jobs / "101" / "101_error.txt").write_text(line + "\n")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 3 and proc.stderr.splitlines()[-2:] == [
+        "srun: error: node1: task 5: Exited with exit code 1", line], proc.stderr
+    (state / "srun").write_text("#!/bin/sh\nexit 0\n")  # success: nothing more, exit 0
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+def test_a_failing_rank_says_its_error_and_the_jobs_last_line_is_it(tmp_path, monkeypatch, capsys):
+    """Under a launcher rank 0 alone prints an error that every rank raises alike (bad input, an
+    agreed stop); a rank's own error (its shard's bad images) is printed by that rank. In a SLURM
+    task the failing rank's one-line error ends its log and is kept for the batch script (the
+    first failing rank's)."""
+    from mocobench.utils.errors import run_main
+    from pretrain.data import TooManyBadImagesError
+
+    def fails(error):
+        def main(argv):
+            raise error
+        return main
+
+    for rank, error, printed in [
+            ("0", UsageError("bad key"), "mocobench pretrain: error: bad key\n"),
+            ("3", UsageError("bad key"), ""),
+            ("3", TooManyBadImagesError("12 of 100 images"),
+             "mocobench pretrain (rank 3): error: 12 of 100 images\n")]:
+        monkeypatch.setenv("RANK", rank)
+        assert run_main("mocobench pretrain", fails(error), []) == 2
+        assert capsys.readouterr().err == printed
+
+    # rank 1 of a 2-task SLURM job (per rank: lincls), failing on its input
+    folder = tmp_path / "jobs" / "77"
+    folder.mkdir(parents=True)
+    env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder),
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_NODEID": "0", "SLURM_PROCID": "1",
+           "SLURM_LOCALID": "1"}
+    code = ("import sys; from mocobench.launch import StageJob; "
+            "StageJob('lincls', sys.argv[1:])()")
+    lines = []
+    for name in ("missing.pth", "other.pth"):  # the first failing rank's line stays
+        argv = ["--data", "d", "--pretrained", str(tmp_path / name), "--output", "o"]
+        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        lines.append(f"mocobench lincls (rank 1): error: checkpoint '{tmp_path / name}' does "
+                     "not exist")
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1] == f"mocobench.launch.JobFailed: {lines[-1]}"
+        assert (folder / "77_error.txt").read_text() == lines[0] + "\n"
+
+
+def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
+        tmp_path, monkeypatch, capsys):
+    """The real SLURM path of submitit (sbatch scripts written by its SlurmExecutor), with sbatch
+    and srun replaced by scripts: each stage its own job with its own resources (nodes, GPUs, the
+    CPUs of its loaders, memory), each after the previous one."""
+    import submitit
+
+    from mocobench import cli
+    from mocobench.pipeline.config import load_pipeline_config
+
+    state = _fake_slurm(tmp_path, monkeypatch)
+    tiny = load_pipeline_config(TINY_PIPELINE, [])
     out, jobs = tmp_path / "run", tmp_path / "jobs"
     assert cli.main(["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--partition", "P",
                      "--timeout", "600", "--job-dir", str(jobs), "--config-file", TINY_PIPELINE,
                      "OUTPUT_DIR", str(out), "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "8",
+                     "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6"),
+                     "TRANSFER.OPTS", _opts_with(tiny.TRANSFER.OPTS, "DATALOADER.NUM_WORKERS", "4"),
                      "TRANSFER.INITS", "['moco', 'random']", "--redo", "transfer_moco"]) == 0
     printed = capsys.readouterr().out
     stages = ["data", "pretrain", "convert_moco", "transfer_moco", "transfer_random", "report"]
@@ -464,12 +589,21 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
         assert f["dependency"] == f"afterok:{previous}" and f["kill-on-invalid-dep"] == "yes"
     # the stages that train span NUM_NODES nodes with their own process counts; the others: one
     # node, no GPU
-    resources = {s: (f["nodes"], f.get("gpus-per-node"), f["ntasks-per-node"])
-                 for s, f in zip(stages, flags)}
-    assert resources == {"data": ("1", None, "1"), "pretrain": ("2", "8", "1"),
-                         "convert_moco": ("1", None, "1"), "transfer_moco": ("2", "4", "1"),
-                         "transfer_random": ("2", "4", "1"), "report": ("1", None, "1")}
+    # node, no GPU. One task per node, which starts a process per GPU: (NUM_WORKERS + 1) x GPUs
+    # CPUs from the stage's config (pretrain 7 x 8, transfer 5 x 4), 40G of memory per GPU
+    resources = {s: (f["nodes"], f.get("gpus-per-node"), f["ntasks-per-node"], f["cpus-per-task"],
+                     f["mem"]) for s, f in zip(stages, flags)}
+    assert resources == {"data": ("1", None, "1", "1", "40G"),
+                         "pretrain": ("2", "8", "1", "56", "320G"),
+                         "convert_moco": ("1", None, "1", "1", "40G"),
+                         "transfer_moco": ("2", "4", "1", "20", "160G"),
+                         "transfer_random": ("2", "4", "1", "20", "160G"),
+                         "report": ("1", None, "1", "1", "40G")}
+    assert "submitted pipeline stage pretrain as job 102 (slurm: 2 node(s), 8 GPU(s) per node, " \
+           "56 CPU(s) per task, --mem 320G per node, timeout 600 min, after job 101)" in printed
     assert all(f["partition"] == "P" and f["time"] == "600" for f in flags)
+    assert all("--kill-on-bad-exit=1" in _srun_line(state / f"job{job_id}.sh").split()
+               for job_id in ids)
     # each job runs its own stage of the same pipeline through the manifest
     for stage, job_id in zip(stages, ids):
         job = submitit.helpers.DelayedSubmission.load(jobs / f"{job_id}_submitted.pkl").function

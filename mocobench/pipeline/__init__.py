@@ -10,7 +10,7 @@ import os
 
 from mocobench.pipeline.config import load_pipeline_config
 from mocobench.pipeline.driver import Pipeline
-from mocobench.pipeline.machines import Place, stage_gpus, stage_nodes
+from mocobench.pipeline.machines import Place, stage_cpus, stage_gpus, stage_nodes
 from mocobench.utils.config import resolve_config_path
 from mocobench.utils.errors import UsageError
 
@@ -89,9 +89,9 @@ def parse(argv):
 def stage_jobs(argv, gpus_per_node):
     """For `mocobench pipeline --launcher slurm ARGV`: the preflight (printed; a missing input is an
     error, nothing is submitted), then one job per stage that is not done, in order, as
-    [(stage, nodes, GPUs per node, the job's `mocobench pipeline` argv)]; and whether it is a
-    --dry-run. Each job runs `--stage STAGE` through the manifest, so a re-submitted pipeline
-    continues where it stopped."""
+    [(stage, nodes, GPUs per node, CPUs of its task (machines.stage_cpus), the job's
+    `mocobench pipeline` argv)]; and whether it is a --dry-run. Each job runs `--stage STAGE`
+    through the manifest, so a re-submitted pipeline continues where it stopped."""
     args, pipeline = parse(argv)
     if args.stage or args.num_machines != 1:
         raise UsageError("--stage / --num-machines with --launcher slurm: the launcher submits a "
@@ -105,8 +105,9 @@ def stage_jobs(argv, gpus_per_node):
         # OUTPUT_DIR absolute: the same run wherever the job starts
         job_argv = ["--config-file", pipeline.config_file, "--stage", row.name, *redo, *args.opts,
                     "OUTPUT_DIR", pipeline.run_dir]
-        jobs.append((row.name, stage_nodes(cfg, row.name),
-                     stage_gpus(cfg, row.name, gpus_per_node), job_argv))
+        gpus = stage_gpus(cfg, row.name, gpus_per_node)
+        jobs.append((row.name, stage_nodes(cfg, row.name), gpus,
+                     stage_cpus(cfg, pipeline.config_file, row.name, gpus), job_argv))
     return jobs, args.dry_run
 
 

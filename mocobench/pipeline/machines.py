@@ -1,4 +1,4 @@
-"""Where each stage runs: its nodes and GPUs per node, and this machine's place in it.
+"""Where each stage runs: its nodes, GPUs and CPUs per node, and this machine's place in it.
 
 The stages that train span NUM_NODES nodes; the others run on one node without a GPU. A command
 that runs a stage must be started on as many machines as the stage spans (`--launcher slurm` does
@@ -6,7 +6,7 @@ that, a job per stage); check_machines says so before anything runs.
 """
 import dataclasses
 
-from mocobench.pipeline.config import trains_classifier
+from mocobench.pipeline.config import stage_config, trains_classifier
 from mocobench.utils.errors import UsageError
 
 
@@ -44,6 +44,21 @@ def stage_gpus(cfg, name, gpus_per_node):
     else:
         own = cfg.PRETRAIN.NPROC_PER_NODE
     return own or gpus_per_node
+
+
+def stage_cpus(cfg, config_file, name, gpus):
+    """CPUs of the stage's task (one per node, which starts a process per GPU, one without): a CPU
+    per DataLoader worker + 1, for each process: (NUM_WORKERS + 1) x max(gpus, 1), NUM_WORKERS from
+    the stage's own merged config (pretrain / supervised: DATALOADER.NUM_WORKERS of
+    PRETRAIN / SUPERVISED; transfer_INIT: of its detectron2 config); 1 for the stages that do not
+    train (one process, no loader)."""
+    if not trains(cfg, name):
+        return 1
+    if name.startswith("transfer_"):
+        stage_cfg = stage_config(cfg, config_file, "TRANSFER", name.removeprefix("transfer_"))
+    else:
+        stage_cfg = stage_config(cfg, config_file, name.upper())
+    return (stage_cfg.DATALOADER.NUM_WORKERS + 1) * max(gpus, 1)
 
 
 def check_machines(cfg, config_file, names, place):

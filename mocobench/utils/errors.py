@@ -11,6 +11,9 @@ class UsageError(Exception):
     """Bad user input (file, key or value): printed without a traceback, exit code 2."""
 
     exit_code = EXIT_USAGE
+    # the same on every rank (each validates the same input): under a launcher rank 0 alone says
+    # it. False: this rank's own (e.g. its shard of the data): the rank that raised it says it
+    every_rank = True
 
 
 class CommandFailed(Exception):
@@ -18,6 +21,8 @@ class CommandFailed(Exception):
     exit_code: 1 failed (e.g. training diverged), 128 + N stopped by signal N after saving (143
     SIGTERM, 138 SIGUSR1, 130 SIGINT: mocobench.utils.preempt), or the exit code of a stage that
     failed."""
+
+    every_rank = True  # stops and divergence are agreed by every rank (see UsageError)
 
     def __init__(self, message, exit_code=1, is_error=True):
         super().__init__(message)
@@ -29,8 +34,9 @@ def run_main(prog, main, argv):
     """main(argv) -> exit code, and the one place where the errors above become exit codes: bad
     input prints `PROG: error: MESSAGE` (exit 2), a failed or stopped command
     `PROG: [error: ]MESSAGE` with its own code, a closed stdout pipe nothing (exit 1); no
-    traceback. Under a multi-process launcher only rank 0 prints (every rank ends the same
-    way)."""
+    traceback. Under a multi-process launcher rank 0 prints an error that every rank raises alike;
+    one that is a rank's own (`every_rank` False) is printed by that rank, with its rank: the other
+    ranks never see it (error_line)."""
     import os
     import sys
 
@@ -51,7 +57,15 @@ def run_main(prog, main, argv):
             pass
         return EXIT_BROKEN_PIPE
     except (UsageError, CommandFailed) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            label = "error: " if getattr(e, "is_error", True) else ""  # UsageError: always
-            print(f"{prog}: {label}{e}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0 or not e.every_rank:
+            print(error_line(prog, e, rank), file=sys.stderr, flush=True)
         return e.exit_code
+
+
+def error_line(prog, error, rank=0):
+    """`PROG: error: MESSAGE` (a clean stop: without "error:"); a rank other than 0 says which it
+    is: `PROG (rank R): error: MESSAGE`."""
+    label = "error: " if getattr(error, "is_error", True) else ""  # UsageError: always
+    where = f" (rank {rank})" if rank else ""
+    return f"{prog}{where}: {label}{error}"
