@@ -24,6 +24,7 @@ import sys
 
 from mocobench.cli import COMMANDS
 from mocobench.utils.errors import CommandFailed, UsageError, error_line
+from mocobench.utils.preempt import SignalHandlers
 
 # Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of
 # sbatch.
@@ -194,7 +195,7 @@ def run_elastic(module, argv, nproc, nnodes="1", node_rank=0, rdzv_endpoint="",
 _TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 
-class _StopForwarder:
+class _StopForwarder(SignalHandlers):
     """While torch's elastic agent runs the workers: the stop signals (SIGTERM, SIGUSR1, SIGINT)
     that reach this process are handed on to every worker, as torch's own shutdown sends a signal
     (to the worker's process group: each worker leads its own session), and nothing more: the
@@ -208,23 +209,12 @@ class _StopForwarder:
     (SignalException)."""
 
     def __init__(self, signals):
-        self.signals = tuple(signals)
+        super().__init__(signals)
         self.forwarded = None  # the first signal handed on
-        self._previous = {}
         self._quieted = []
 
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # where handlers live
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
     def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
+        super().__exit__(*exc)
         for logger in self._quieted:
             logger.removeFilter(_drop_record)
         self._quieted.clear()

@@ -190,3 +190,24 @@ def test_cuda_device_without_cuda_is_a_usage_error(synth_root, capsys, monkeypat
                    os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"), "--synth-root",
                    synth_root, "MODEL.DEVICE", "cuda"])
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_console_logging_follows_the_current_stdout(monkeypatch):
+    """detectron2's setup_logger is cached: a second transfer in the same process (a notebook, the
+    README test after another test) must log to the stdout of now, not to a closed earlier one
+    (which printed a '--- Logging error ---' traceback)."""
+    import io
+    import logging
+
+    from transfer import run
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stdout", first)
+    run._setup_console_logging()
+    first.close()
+    monkeypatch.setattr("sys.stdout", second)
+    run._setup_console_logging()
+    errors = io.StringIO()
+    monkeypatch.setattr("sys.stderr", errors)
+    logging.getLogger("transfer").info("after the stream changed")
+    assert "after the stream changed" in second.getvalue() and errors.getvalue() == ""

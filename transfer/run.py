@@ -205,8 +205,14 @@ def _recorded_seed(directory):
 def _setup_console_logging():
     rank = comm.get_rank()
     for name in LOGGERS:
-        setup_logger(distributed_rank=rank, name=name,
-                     abbrev_name={"detectron2": "d2", "transfer": "mb"}.get(name))
+        logger_ = setup_logger(distributed_rank=rank, name=name,
+                               abbrev_name={"detectron2": "d2", "transfer": "mb"}.get(name))
+        # detectron2's setup_logger is cached: its console handler keeps the sys.stdout of the
+        # first call. A later run in the same process (a notebook, a test) may have another one,
+        # and writing to the old, closed stream would print a logging traceback
+        for handler in logger_.handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is not sys.stdout:
+                handler.setStream(sys.stdout)
 
 class _TrialLogFile:
     """log.txt of one trial (log.txt.rank{r} for other ranks), attached to our loggers for its

@@ -53,25 +53,20 @@ def signal_name(signum):
     return signal.Signals(signum).name
 
 
-class Preemption:
-    """Context manager: records the first SIGTERM / SIGUSR1 / SIGINT instead of dying; see the
-    module doc."""
+class SignalHandlers:
+    """Context manager: `_handle(signum, frame)` receives `signals` while inside (handlers live in
+    the main thread; elsewhere nothing is installed); the previous handlers come back on exit."""
 
     def __init__(self, signals=SIGNALS):
         self.signals = tuple(signals)
-        self.requested = None
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.requested == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: stop now
-        if self.requested is None:
-            self.requested = int(signum)
+        raise NotImplementedError
 
     def __enter__(self):
         import threading
 
-        # signal handlers live in the main thread
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -82,6 +77,21 @@ class Preemption:
             signal.signal(s, handler)
         self._previous.clear()
         return False
+
+
+class Preemption(SignalHandlers):
+    """Context manager: records the first SIGTERM / SIGUSR1 / SIGINT instead of dying; see the
+    module doc."""
+
+    def __init__(self, signals=SIGNALS):
+        super().__init__(signals)
+        self.requested = None
+
+    def _handle(self, signum, frame):
+        if self.requested == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
+        if self.requested is None:
+            self.requested = int(signum)
 
     def agreed(self, device=None):
         """The signal number to stop for, or None; identical on every rank (a collective call under
