@@ -192,22 +192,33 @@ def test_cuda_device_without_cuda_is_a_usage_error(synth_root, capsys, monkeypat
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err
 
 
-def test_console_logging_follows_the_current_stdout(monkeypatch):
+def test_console_logging_follows_the_current_stdout(monkeypatch, tmp_path):
     """detectron2's setup_logger is cached: a second transfer in the same process (a notebook, the
     README test after another test) must log to the stdout of now, not to a closed earlier one
-    (which printed a '--- Logging error ---' traceback)."""
+    (which printed a '--- Logging error ---' traceback, or raised on the way)."""
     import io
     import logging
 
     from transfer import run
 
-    first, second = io.StringIO(), io.StringIO()
+    def console_streams():
+        return [h.stream for h in logging.getLogger("transfer").handlers
+                if type(h) is logging.StreamHandler]
+
+    # real files: a closed one refuses a flush, as pytest's closed capture does
+    first, second = open(tmp_path / "first", "w"), open(tmp_path / "second", "w")
     monkeypatch.setattr("sys.stdout", first)
     run._setup_console_logging()
-    first.close()
+    assert console_streams() == [first]
+    first.close()  # as pytest closes a test's capture, or a notebook replaces its stdout
     monkeypatch.setattr("sys.stdout", second)
     run._setup_console_logging()
+    assert console_streams() == [second]
     errors = io.StringIO()
     monkeypatch.setattr("sys.stderr", errors)
     logging.getLogger("transfer").info("after the stream changed")
-    assert "after the stream changed" in second.getvalue() and errors.getvalue() == ""
+    second.close()
+    monkeypatch.undo()
+    run._setup_console_logging()  # back to this process's stdout for the tests after this one
+    assert "after the stream changed" in (tmp_path / "second").read_text()
+    assert errors.getvalue() == ""

@@ -212,7 +212,7 @@ def _setup_console_logging():
         # and writing to the old, closed stream would print a logging traceback
         for handler in logger_.handlers:
             if type(handler) is logging.StreamHandler and handler.stream is not sys.stdout:
-                handler.setStream(sys.stdout)
+                handler.stream = sys.stdout  # not setStream: it flushes the old, closed stream
 
 class _TrialLogFile:
     """log.txt of one trial (log.txt.rank{r} for other ranks), attached to our loggers for its
