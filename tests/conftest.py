@@ -182,3 +182,19 @@ def score_outputs():
         return evaluator.evaluate()
 
     return score
+
+
+def signal_on_step(step, signum):
+    """pretrain.engine.optimization_step that sends `signum` to this process (a real signal)
+    during its `step`-th call, as a scheduler does mid-epoch; install it with monkeypatch."""
+    from pretrain import engine
+
+    real_step, calls = engine.optimization_step, []
+
+    def step_then_signal(*args):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real_step(*args)
+
+    return step_then_signal

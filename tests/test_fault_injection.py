@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import signal_on_step
 
 from mocobench import cli
 from mocobench.utils.fileio import RunLock, load_checkpoint
@@ -390,16 +391,8 @@ def stopped_mid_epoch(tiny_imagenet, tmp_path_factory):
     from pretrain import engine
 
     out = str(tmp_path_factory.mktemp("stopped") / "run")
-    real_step, calls = engine.optimization_step, []
-
-    def step_then_sigterm(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*args)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "optimization_step", step_then_sigterm)
+        mp.setattr(engine, "optimization_step", signal_on_step(3, signal.SIGTERM))
         assert cli.main(command(*opts(tiny_imagenet, out))) == 143
     assert open(os.path.join(out, "last_checkpoint")).read() == "checkpoint_iter_00000003.pth.tar"
     yield out
@@ -588,15 +581,8 @@ def test_supervised_stops_on_sigusr1_mid_epoch_and_resumes_bit_exactly(
           "CHECKPOINT_PERIOD", "1", "DEVICE", "cpu"]
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", full]) == 0
-    real_step, calls = engine.optimization_step, []
-
-    def step_then_signal(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return real_step(*args)
-
-    monkeypatch.setattr(engine, "optimization_step", step_then_signal)
+    real_step = engine.optimization_step
+    monkeypatch.setattr(engine, "optimization_step", signal_on_step(3, signal.SIGUSR1))
     assert cli.main(["supervised", "--config-file", sup_cfg, *kv, "OUTPUT_DIR", stopped]) == 138
     printed = capsys.readouterr()
     assert "stopped by SIGUSR1 after iteration 3/8 of epoch 1" in printed.err and \

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import signal_on_step
 from scipy.stats import binom
 
 from mocobench import cli
@@ -238,15 +239,8 @@ def test_lincls_sigterm_mid_epoch_exits_143_and_resumes_to_the_same_head(
             "--device", "cpu"]
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     assert cli.main(["lincls", *args, "--output", full]) == 0
-    real_step, calls = engine.optimization_step, []
-
-    def step_then_sigterm(*step_args):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*step_args)
-
-    monkeypatch.setattr(engine, "optimization_step", step_then_sigterm)
+    real_step = engine.optimization_step
+    monkeypatch.setattr(engine, "optimization_step", signal_on_step(5, signal.SIGTERM))
     assert cli.main(["lincls", *args, "--output", stopped]) == 143
     err = capsys.readouterr().err
     assert "stopped by SIGTERM after iteration 2/3 of epoch 2" in err and \

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import assert_optimizer_states_equal
+from conftest import assert_optimizer_states_equal, signal_on_step
 
 from mocobench import cli
 from mocobench.utils.errors import UsageError
@@ -190,15 +190,7 @@ def test_a_step_that_draws_torch_rng_resumes_bit_exactly_after_a_mid_epoch_stop(
     monkeypatch.setattr(supervised.SupervisedTask, "step", step_drawing_torch_rng)
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     assert cli.main(["supervised", "--config-file", SUP_CFG, *opts(tiny_imagenet, full)]) == 0
-    calls = []
-
-    def step_then_sigterm(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_optimization_step(*args)
-
-    monkeypatch.setattr(engine, "optimization_step", step_then_sigterm)
+    monkeypatch.setattr(engine, "optimization_step", signal_on_step(3, signal.SIGTERM))
     assert cli.main(["supervised", "--config-file", SUP_CFG, *opts(tiny_imagenet, stopped)]) == 143
     assert "stopped by SIGTERM after iteration 3/4 of epoch 1" in capsys.readouterr().err
     assert open(os.path.join(stopped, "last_checkpoint")).read() == \
