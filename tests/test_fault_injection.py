@@ -650,6 +650,18 @@ def test_every_rank_agrees_on_the_signal_when_all_are_signalled():
 TRANSFER_CFG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
 
 
+def tiny_transfer(synth_root, out, workers):
+    """`mocobench transfer` argv: 12 iterations of the synth VOC config into `out`, a metrics line
+    every iteration, no periodic checkpoint before the end, `workers` DataLoader workers."""
+    return ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root,
+            "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", str(workers),
+            "MOCOBENCH.LOG_PERIOD", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "INPUT.MIN_SIZE_TEST", "64",
+            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+            "SEED", "3", "OUTPUT_DIR", str(out)]
+
+
 @pytest.mark.slow
 def test_transfer_stops_on_sigterm_after_the_iteration_and_resumes_from_it(synth_root, tmp_path):
     """detectron2 fine-tuning under a scheduler's SIGTERM: a checkpoint of the running iteration
@@ -659,12 +671,7 @@ def test_transfer_stops_on_sigterm_after_the_iteration_and_resumes_from_it(synth
 
     out = tmp_path / "transfer"
     trial = out / "seed0"
-    argv = ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root,
-            "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
-            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MOCOBENCH.LOG_PERIOD", "1",
-            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
-            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-            "SEED", "3", "OUTPUT_DIR", str(out)]
+    argv = tiny_transfer(synth_root, out, workers=0)
     proc = Run(argv, tmp_path)
     assert wait_for(lambda: len(metrics_iterations_d2(trial)) >= 2, proc, timeout=500)
     proc.send_signal(signal.SIGTERM)
@@ -735,12 +742,7 @@ def test_transfer_with_loader_workers_stops_on_sigterm_to_the_process_group_and_
 
     out = tmp_path / "transfer"
     trial = out / "seed0"
-    argv = ["transfer", "--config-file", TRANSFER_CFG, "--synth-root", synth_root,
-            "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
-            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "2", "MOCOBENCH.LOG_PERIOD", "1",
-            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
-            "TEST.PRECISE_BN.ENABLED", "False", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-            "SEED", "3", "OUTPUT_DIR", str(out)]
+    argv = tiny_transfer(synth_root, out, workers=2)
     proc = Run(argv, tmp_path, own_group=True)
     assert wait_for(lambda: len(metrics_iterations_d2(trial)) >= 2, proc, timeout=500)
     # the main process and both loader workers are there to be signalled
