@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.mocobench-setup
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test lint demo clean mutation
+.PHONY: setup test test-slurm slurm-setup lint demo clean mutation
 
 setup: $(STAMP)
 
@@ -22,7 +22,17 @@ $(STAMP): setup.py tools/install_detectron2.py Makefile
 # two pytest-xdist workers: the suite is mostly single-process training and subprocesses, so 2 cores halve it
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 -m "not slurm" tests
+
+# the slurm tier: the scale path on a real one-node SLURM on localhost (tests/slurm_cluster.py starts
+# munged, slurmctld and slurmd of Debian's slurm-wlm and stops them when the tier ends; root only).
+# A cluster that cannot start fails every test of the tier with the reason.
+test-slurm: setup slurm-setup
+	$(PY) -m pytest -q -m slurm tests/test_slurm.py
+
+slurm-setup:
+	command -v slurmctld > /dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm \
+		|| { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm; }
 
 # the embedded demo: generated data -> MoCo -> convert -> VOC-format detection x3 inits x3 seeds -> report
 demo: setup

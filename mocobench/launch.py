@@ -24,7 +24,7 @@ import sys
 
 from mocobench.cli import COMMANDS
 from mocobench.utils.errors import CommandFailed, UsageError, error_line
-from mocobench.utils.preempt import SignalHandlers
+from mocobench.utils.preempt import REQUEUE_EXIT_CODES, Preemption, SignalHandlers
 
 # Tests only: run the real `--launcher slurm` path on submitit's local executor ("local") instead of
 # sbatch.
@@ -75,6 +75,9 @@ def build_parser(command):
     group.add_argument("--timeout", type=int, default=72 * 60, metavar="MINUTES",
                        help="the job's time limit; "
                             "before it, the job checkpoints and requeues itself")
+    group.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
+                       help="SLURM sends the warning signal (USR2) this long before the time "
+                            "limit: the time the job has to checkpoint and requeue itself")
     group.add_argument("--account", default=None)
     group.add_argument("--qos", default=None)
     group.add_argument("--constraint", default=None, help="e.g. volta32gb")
@@ -316,16 +319,18 @@ class StageJob:
         # loop, which stops cleanly. transfer and the pipeline spawn their workers: submitit's
         # handler requeues at once on it. Every stage that stopped on SIGTERM after its checkpoint
         # (exit 143 / 138) is requeued below.
-        requeue, requeue_codes = (
-            _route_preemption_to_the_training_loop(forward_warning=spec.per_rank)
-            if spec.resume is not None else (None, ()))
+        warning = (SubmititWarning(forward_to_loop=spec.per_rank) if spec.resume is not None
+                   else None)
         prog, rank = f"mocobench {self.command}", submitit.JobEnvironment().global_rank
         try:
             code = int(module.main(argv) or 0)
         # bad input, a failed stage (its exit code), a clean stop after a checkpoint
         except (UsageError, CommandFailed) as e:
             code, line = e.exit_code, error_line(prog, e, rank)
-        except SystemExit as e:  # a command's own exit (argparse: it said why)
+        except SystemExit as e:
+            if warning is not None and warning.requeued:
+                raise  # submitit requeued the job on its warning (outside the loop): no failure
+            # a command's own exit (argparse: it said why)
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
             line = f"{prog}: exited with code {code}"
         except Exception as e:  # this rank's own failure (out of memory, a bug): its traceback
@@ -333,11 +338,12 @@ class StageJob:
                             f"{(str(e).strip().splitlines() or [''])[0]}")
             raise
         # stopped on the signal after an exact checkpoint: requeue the job now
-        if code in requeue_codes:
+        if warning is not None and code in REQUEUE_EXIT_CODES:
             print(line, file=sys.stderr, flush=True)
-            # submitit: checkpoint() -> requeue -> exit (rank 0; no-op elsewhere)
-            requeue(_submitit_signal(), None)
+            warning.requeue()
             return code
+        if warning is not None:
+            warning.ignore()
         if code:
             _record_failure(line)
             # the last line of this task's log; submitit records it as the job's error
@@ -411,30 +417,39 @@ def _submitit_signal():
     return submitit.JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
 
 
-def _route_preemption_to_the_training_loop(forward_warning=True):
-    """SLURM sends submitit's signal (USR2) before a timeout and SIGTERM on preemption. submitit's
-    own handler would requeue at once, in the middle of an iteration (the run then repeats the work
-    since the last epoch checkpoint). When the training loop stops cleanly on SIGTERM
-    (mocobench.utils.preempt: finish the iteration, write an exact checkpoint, return a requeue exit
-    code), the signal is handed to it instead, and submitit's handler runs once the checkpoint is
-    written (only with `forward_warning`). Returns (submitit's handler, the exit codes that mean
-    "requeue me")."""
-    try:
-        from mocobench.utils.preempt import REQUEUE_EXIT_CODES, Preemption
-    except ImportError:  # a training loop without clean stops: submitit's handler stays as it is
-        return None, ()
-    usr = _submitit_signal()
-    submitit_handler = signal.getsignal(usr)
+class SubmititWarning:
+    """submitit's warning signal in a SLURM task (USR2 unless SUBMITIT_PREEMPT_SIGNAL names another;
+    SLURM sends it --signal-delay s before the time limit, scancel --signal=USR2 at any time).
+    submitit's own handler would requeue at once, in the middle of an iteration (the run then
+    repeats the work since the last epoch checkpoint). With `forward_to_loop`, while the training
+    loop runs (mocobench.utils.preempt.Preemption holds SIGTERM: it finishes the iteration, writes
+    an exact checkpoint and returns a requeue exit code) the signal is handed to it as a SIGTERM;
+    before and after the loop, and without `forward_to_loop` (transfer and the pipeline, whose
+    workers stop on SLURM's SIGTERM), submitit's handler requeues the job at once."""
 
-    def forward(signum, frame):
+    def __init__(self, forward_to_loop):
+        self.signum = _submitit_signal()
+        self._submitit_handler = signal.getsignal(self.signum)
+        self.requeued = False
+        signal.signal(self.signum, self._handle if forward_to_loop else self.requeue)
+
+    def _handle(self, signum, frame):
         if isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), Preemption):
             os.kill(os.getpid(), signal.SIGTERM)  # the loop saves at the end of this iteration
         else:  # before or after the loop: nothing in flight to save
-            submitit_handler(signum, frame)
+            self.requeue(signum, frame)
 
-    if forward_warning:
-        signal.signal(usr, forward)
-    return submitit_handler, tuple(REQUEUE_EXIT_CODES)
+    def requeue(self, signum=None, frame=None):
+        """submitit's handler: StageJob.checkpoint(), `scontrol requeue`, then SystemExit(-1) (on
+        rank 0; nothing on the others)."""
+        self.requeued = True
+        self._submitit_handler(signum or self.signum, frame)
+
+    def ignore(self):
+        """The command has ended: a warning now changes nothing. (Left to Python, a warning during
+        the interpreter's exit, which restores the signal's default action, would kill the finished
+        task and FAIL the job.)"""
+        signal.signal(self.signum, signal.SIG_IGN)
 
 
 def submit(command, args, argv):
@@ -449,6 +464,9 @@ def submit(command, args, argv):
                          "expected >= 1 and >= 0")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise UsageError(f"--cpus-per-task {args.cpus_per_task}: expected >= 1")
+    if not 0 <= args.signal_delay < 60 * args.timeout:
+        raise UsageError(f"--signal-delay {args.signal_delay}: expected 0 <= seconds < the time "
+                         f"limit (--timeout {args.timeout} min = {60 * args.timeout} s)")
     if command == "pipeline":
         return submit_pipeline(args, argv)
     tasks = args.tasks_per_node or (max(args.gpus_per_node, 1) if spec.per_rank else 1)
@@ -587,7 +605,7 @@ def _job_parameters(args, name, nodes, gpus_per_node, tasks, cpus, after=None):
         slurm_constraint=args.constraint, slurm_mem=job_mem(args, gpus_per_node),
         slurm_comment=args.comment,
         # time between SLURM's warning signal and the kill: enough to checkpoint
-        slurm_signal_delay_s=120,
+        slurm_signal_delay_s=args.signal_delay,
         slurm_srun_args=list(SRUN_ARGS), slurm_teardown=_failure_teardown(args.job_dir),
         **dependency,
     )

@@ -512,7 +512,7 @@ def submitit_like_handlers():
         sys.exit(-1)
 
     signal.signal(signal.SIGUSR2, requeue_and_exit)
-    launch._route_preemption_to_the_training_loop(forward_warning=True)
+    launch.SubmititWarning(forward_to_loop=True)
 
 
 def _stop_the_process_group_mid_epoch(sig, tiny_imagenet, out, tmp_path, prepare=None):

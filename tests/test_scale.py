@@ -444,10 +444,15 @@ def _srun_line(path):
     return next(line for line in open(path) if line.startswith("srun "))
 
 
-def _opts_with(opts, key, value):
-    """A stage's OPTS list (KEY VALUE ...) with KEY set to VALUE, as a config override."""
+def _opts_with(opts, *pairs):
+    """A stage's OPTS list (KEY VALUE ...) with each KEY of `pairs` (KEY, VALUE, ...) set to its
+    VALUE, as a config override."""
     opts = list(opts)
-    opts[opts.index(key) + 1] = value
+    for key, value in zip(pairs[::2], pairs[1::2]):
+        if key in opts:
+            opts[opts.index(key) + 1] = value
+        else:
+            opts += [key, value]
     return repr(opts)
 
 
@@ -554,6 +559,44 @@ def test_a_failing_rank_says_its_error_and_the_jobs_last_line_is_it(tmp_path, mo
         assert (folder / "77_error.txt").read_text() == lines[0] + "\n"
 
 
+# a SLURM task's handler for submitit's warning signal as submitit installs it (requeue, then
+# sys.exit(-1) on rank 0), then StageJob running a command whose main is `main`
+WARNING_TASK = """
+import os, signal, sys
+import pretrain.lincls
+from mocobench.launch import StageJob
+
+def submitit_requeue(signum, frame):
+    print("requeued", flush=True)
+    sys.exit(-1)
+
+signal.signal(signal.SIGUSR2, submitit_requeue)
+pretrain.lincls.main = {main}
+StageJob("lincls", [])()
+os.kill(os.getpid(), signal.SIGUSR2)  # a late warning: the command has ended
+print("alive after the warning", flush=True)
+"""
+
+
+@pytest.mark.parametrize("main,code,stdout", [
+    # before the training loop: submitit requeues at once; no failure is kept for the job
+    ("lambda argv: os.kill(os.getpid(), signal.SIGUSR2)", 255, "requeued\n"),
+    # after the command ended: nothing requeues, nothing kills the finished task
+    ("lambda argv: 0", 0, "alive after the warning\n")])
+def test_submitits_warning_outside_the_loop_requeues_without_a_failure_and_is_ignored_after_it(
+        tmp_path, main, code, stdout):
+    folder = tmp_path / "jobs" / "78"
+    folder.mkdir(parents=True)
+    env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder),
+           "SLURM_JOB_ID": "78", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+           "SLURM_LOCALID": "0"}
+    proc = subprocess.run([sys.executable, "-c", WARNING_TASK.format(main=main)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (code, stdout), proc.stderr[-3000:]
+    assert "JobFailed" not in proc.stderr and not (folder / "78_error.txt").exists()
+
+
 def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
         tmp_path, monkeypatch, capsys):
     """The real SLURM path of submitit (sbatch scripts written by its SlurmExecutor), with sbatch
@@ -570,8 +613,11 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
     assert cli.main(["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--partition", "P",
                      "--timeout", "600", "--job-dir", str(jobs), "--config-file", TINY_PIPELINE,
                      "OUTPUT_DIR", str(out), "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "8",
-                     "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6"),
-                     "TRANSFER.OPTS", _opts_with(tiny.TRANSFER.OPTS, "DATALOADER.NUM_WORKERS", "4"),
+                     # a GPU cluster's stages: not pinned to the CPU (DEVICE "": CUDA there)
+                     "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6",
+                                                 "DEVICE", ""),
+                     "TRANSFER.OPTS", _opts_with(tiny.TRANSFER.OPTS, "DATALOADER.NUM_WORKERS", "4",
+                                                 "MODEL.DEVICE", "cuda"),
                      "TRANSFER.INITS", "['moco', 'random']", "--redo", "transfer_moco"]) == 0
     printed = capsys.readouterr().out
     stages = ["data", "pretrain", "convert_moco", "transfer_moco", "transfer_random", "report"]

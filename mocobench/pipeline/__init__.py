@@ -10,7 +10,7 @@ import os
 
 from mocobench.pipeline.config import load_pipeline_config
 from mocobench.pipeline.driver import Pipeline
-from mocobench.pipeline.machines import Place, stage_cpus, stage_gpus, stage_nodes
+from mocobench.pipeline.machines import Place, stage_cpus, stage_gpus, stage_nodes, stage_processes
 from mocobench.utils.config import resolve_config_path
 from mocobench.utils.errors import UsageError
 
@@ -105,9 +105,10 @@ def stage_jobs(argv, gpus_per_node):
         # OUTPUT_DIR absolute: the same run wherever the job starts
         job_argv = ["--config-file", pipeline.config_file, "--stage", row.name, *redo, *args.opts,
                     "OUTPUT_DIR", pipeline.run_dir]
-        gpus = stage_gpus(cfg, row.name, gpus_per_node)
-        jobs.append((row.name, stage_nodes(cfg, row.name), gpus,
-                     stage_cpus(cfg, pipeline.config_file, row.name, gpus), job_argv))
+        processes = stage_processes(cfg, row.name, gpus_per_node)
+        jobs.append((row.name, stage_nodes(cfg, row.name),
+                     stage_gpus(cfg, pipeline.config_file, row.name, gpus_per_node),
+                     stage_cpus(cfg, pipeline.config_file, row.name, processes), job_argv))
     return jobs, args.dry_run
 
 

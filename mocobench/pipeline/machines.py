@@ -33,32 +33,43 @@ def stage_nodes(cfg, name):
     return cfg.NUM_NODES if trains(cfg, name) else 1
 
 
-def stage_gpus(cfg, name, gpus_per_node):
-    """GPUs per node of the stage's job: its own process count (PRETRAIN.NPROC_PER_NODE,
-    TRANSFER.NUM_GPUS), else `gpus_per_node` (the launcher's --gpus-per-node); 0 for the stages that
-    do not train."""
+def stage_processes(cfg, name, gpus_per_node):
+    """Processes per node of a stage that trains: its own count (PRETRAIN.NPROC_PER_NODE,
+    TRANSFER.NUM_GPUS), else `gpus_per_node` (the launcher's --gpus-per-node); 1 for the others."""
+    return max(_own_processes(cfg, name) or gpus_per_node, 1) if trains(cfg, name) else 1
+
+
+def stage_gpus(cfg, config_file, name, gpus_per_node):
+    """GPUs per node of the stage's job: a GPU per process (stage_processes); 0 for the stages that
+    do not train and for a stage its config pins to the CPU (DEVICE / MODEL.DEVICE cpu: a job on a
+    cluster without GPUs cannot ask for one)."""
     if not trains(cfg, name):
         return 0
-    if name.startswith("transfer_"):
-        own = cfg.TRANSFER.NUM_GPUS
-    else:
-        own = cfg.PRETRAIN.NPROC_PER_NODE
-    return own or gpus_per_node
+    stage_cfg = _stage_config(cfg, config_file, name)
+    device = stage_cfg.MODEL.DEVICE if name.startswith("transfer_") else stage_cfg.DEVICE
+    return 0 if device == "cpu" else _own_processes(cfg, name) or gpus_per_node
 
 
-def stage_cpus(cfg, config_file, name, gpus):
-    """CPUs of the stage's task (one per node, which starts a process per GPU, one without): a CPU
-    per DataLoader worker + 1, for each process: (NUM_WORKERS + 1) x max(gpus, 1), NUM_WORKERS from
-    the stage's own merged config (pretrain / supervised: DATALOADER.NUM_WORKERS of
-    PRETRAIN / SUPERVISED; transfer_INIT: of its detectron2 config); 1 for the stages that do not
-    train (one process, no loader)."""
+def stage_cpus(cfg, config_file, name, processes):
+    """CPUs of the stage's task (one per node, which starts its processes): a CPU per DataLoader
+    worker + 1, for each process: (NUM_WORKERS + 1) x processes, NUM_WORKERS from the stage's own
+    merged config (pretrain / supervised: DATALOADER.NUM_WORKERS of PRETRAIN / SUPERVISED;
+    transfer_INIT: of its detectron2 config); 1 for the stages that do not train (one process, no
+    loader)."""
     if not trains(cfg, name):
         return 1
+    return (_stage_config(cfg, config_file, name).DATALOADER.NUM_WORKERS + 1) * processes
+
+
+def _own_processes(cfg, name):
+    """The stage's own process count per node; 0: the launcher's --gpus-per-node."""
+    return cfg.TRANSFER.NUM_GPUS if name.startswith("transfer_") else cfg.PRETRAIN.NPROC_PER_NODE
+
+
+def _stage_config(cfg, config_file, name):
     if name.startswith("transfer_"):
-        stage_cfg = stage_config(cfg, config_file, "TRANSFER", name.removeprefix("transfer_"))
-    else:
-        stage_cfg = stage_config(cfg, config_file, name.upper())
-    return (stage_cfg.DATALOADER.NUM_WORKERS + 1) * max(gpus, 1)
+        return stage_config(cfg, config_file, "TRANSFER", name.removeprefix("transfer_"))
+    return stage_config(cfg, config_file, name.upper())
 
 
 def check_machines(cfg, config_file, names, place):

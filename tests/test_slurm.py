@@ -1,0 +1,312 @@
+"""The scale path on a real SLURM (the `slurm` tier: `make test-slurm`): a one-node cluster on
+localhost (tests/slurm_cluster.py: munged, slurmctld, slurmd of Debian's slurm-wlm), real sbatch /
+srun job steps, `scancel --signal`, time limits with submitit's `--signal=USR2@N`, requeue by
+`scontrol requeue` and `scontrol show job`. Small CPU runs, several jobs side by side (the node
+claims 16 CPUs): each interrupted run and its uninterrupted reference are submitted together.
+
+If the cluster cannot start, every test here fails with the reason (never a skip)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import slurm_cluster
+import torch
+
+from mocobench.utils.fileio import load_checkpoint
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN_CFG = os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml")
+VOC_CFG = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
+TINY_PIPELINE = os.path.join(REPO, "configs", "pipeline", "tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The running cluster's client environment; the daemons stop when the module ends, pass or
+    fail. Its state lives in slurm_cluster.DEFAULT_STATE, not in pytest's folder: munged runs as the
+    munge user, which may not enter pytest's (mode 0700) temporary folders."""
+    state = slurm_cluster.DEFAULT_STATE
+    try:
+        slurm_env = slurm_cluster.start(state)
+    except slurm_cluster.ClusterError as e:
+        slurm_cluster.stop(state)
+        pytest.fail(f"the test SLURM cluster did not start: {e}", pytrace=False)
+    try:
+        yield {**os.environ, **slurm_env, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+    finally:
+        slurm_cluster.stop(state)
+
+
+class Job:
+    """A job submitted with `mocobench COMMAND --launcher slurm`, and what SLURM says of it."""
+
+    def __init__(self, env, job_dir, printed):
+        self.env, self.job_dir = env, job_dir
+        self.id = re.search(r"as job (\d+)", printed).group(1)
+
+    def info(self):
+        """`scontrol show job -o ID` as {key: value}."""
+        out = subprocess.run(["scontrol", "show", "job", "-o", self.id], env=self.env,
+                             capture_output=True, text=True, timeout=30).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def log(self):
+        """The job's stdout and stderr so far (submitit's files, appended across requeues)."""
+        text = ""
+        for suffix in ("out", "err"):
+            path = os.path.join(self.job_dir, f"{self.id}_0_log.{suffix}")
+            text += open(path).read() if os.path.exists(path) else ""
+        return text
+
+    def signal(self, name, *flags):
+        subprocess.run(["scancel", f"--signal={name}", *flags, self.id], env=self.env,
+                       check=True, timeout=30)
+
+    def wait(self, states=("COMPLETED",), timeout=600):
+        """Wait until the job is in a final state; return scontrol's record of it (read before
+        MinJobAge forgets it)."""
+        deadline = time.time() + timeout
+        while True:
+            info = self.info()
+            assert info, f"job {self.id} is unknown to scontrol (older than MinJobAge?)"
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                        "NODE_FAIL", "OUT_OF_MEMORY"):
+                assert info["JobState"] in states, (info, self.log()[-4000:])
+                return info
+            assert time.time() < deadline, (info, self.log()[-4000:])
+            time.sleep(1)
+
+
+def submit(env, tmp_path, command, *argv, slurm=()):
+    job_dir = str(tmp_path / "jobs")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mocobench", command, "--launcher", "slurm", "--gpus-per-node",
+         "0", "--mem", "2G", "--timeout", "20", "--job-dir", job_dir, *slurm, *argv],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return Job(env, job_dir, proc.stdout)
+
+
+def wait_for(condition, job, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline and job.info().get("JobState") in ("PENDING", "RUNNING"), \
+            (job.info(), job.log()[-4000:])
+        time.sleep(0.5)
+
+
+def pretrain_opts(root, out, **extra):
+    values = {"DATA.ROOT": root, "OUTPUT_DIR": out, "SOLVER.EPOCHS": 3, "SOLVER.BATCH_SIZE": 16,
+              "MOCO.K": 32, "INPUT.SIZE": 32, "DATALOADER.NUM_WORKERS": 2, "KNN.PERIOD": 0,
+              "LOG_PERIOD": 1, "CHECKPOINT_PERIOD": 1, "MOCO.SHUFFLE_BN_SPLITS": 2,
+              "DEVICE": "cpu", **extra}
+    return ["--config-file", PRETRAIN_CFG, *(str(x) for kv in values.items() for x in kv)]
+
+
+def assert_same_pretraining(path_a, path_b):
+    """Weights, BN buffers, queue and its pointer, optimizer state: bit for bit."""
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tiny_imagenet, tmp_path_factory):
+    """An uninterrupted 3-epoch pretraining, a SLURM job of its own (submitted at once, waited for
+    where it is compared)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job = submit(cluster, tmp, "pretrain", *pretrain_opts(tiny_imagenet, str(tmp / "run")))
+    return job, tmp / "run"
+
+
+def test_pretrain_with_loader_workers_stopped_by_scancel_usr2_requeues_and_ends_bit_exact(
+        cluster, tiny_imagenet, reference, tmp_path):
+    """`scancel --signal=USR2` reaches every process of the step, the DataLoader workers too: the
+    workers ignore it, the training loop finishes its iteration, writes an exact checkpoint, and
+    submitit requeues the job (`scontrol requeue`); the requeued job resumes from that checkpoint
+    and ends with the uninterrupted run's weights, queue and optimizer, bit for bit."""
+    out = tmp_path / "run"
+    job = submit(cluster, tmp_path, "pretrain", *pretrain_opts(tiny_imagenet, str(out)))
+    # epoch 1 is saved: the signal lands in epoch 2 (4 iterations an epoch)
+    wait_for(lambda: (out / "last_checkpoint").exists(), job)
+    job.signal("USR2")
+    info = job.wait()
+    log = job.log()
+    assert info["Restarts"] == "1", info
+    assert "exited unexpectedly" not in log  # no DataLoader worker died of the signal
+    assert "stopped by SIGTERM after iteration" in log and "Requeued job" in log, log[-4000:]
+    assert f"resumed from {out / 'checkpoint_iter_'}" in log, log[-4000:]
+    assert not os.path.exists(os.path.join(job.job_dir, f"{job.id}_error.txt"))
+    ref_job, ref_out = reference
+    ref_job.wait()
+    assert_same_pretraining(ref_out / "checkpoint_0002.pth.tar", out / "checkpoint_0002.pth.tar")
+
+
+def test_pretrain_reaching_its_time_limit_checkpoints_on_the_warning_and_is_requeued(
+        cluster, tiny_imagenet, tmp_path):
+    """A 1-minute time limit with SLURM's warning signal 50 s before it (`--signal=USR2@50`: about
+    10 s into each run, before, during or after the training loop): the job checkpoints on the
+    warning and requeues itself before the limit, as often as it takes, and ends bit-exact."""
+    out, full_out = tmp_path / "run", tmp_path / "full" / "run"
+    six_epochs = {"SOLVER.EPOCHS": 6}
+    # and an uninterrupted 6-epoch run beside it, the reference
+    full = submit(cluster, tmp_path / "full", "pretrain",
+                  *pretrain_opts(tiny_imagenet, str(full_out), **six_epochs))
+    job = submit(cluster, tmp_path, "pretrain",
+                 *pretrain_opts(tiny_imagenet, str(out), **six_epochs),
+                 slurm=("--timeout", "1", "--signal-delay", "50"))
+    info = job.wait(timeout=800)
+    log = job.log()
+    assert int(info["Restarts"]) >= 1, info
+    assert "this job is timed-out" in log and "Requeued job" in log, log[-4000:]
+    assert "DUE TO TIME LIMIT" not in log  # never killed by the limit itself
+    # a warning that came before the loop started (or after it ended) requeued the job at once:
+    # not a failure (no error line kept for the job's end)
+    assert not os.path.exists(os.path.join(job.job_dir, f"{job.id}_error.txt"))
+    full.wait()
+    assert_same_pretraining(full_out / "checkpoint_0005.pth.tar", out / "checkpoint_0005.pth.tar")
+
+
+def test_transfer_with_loader_workers_stopped_by_sigterm_requeues_and_finishes(
+        cluster, synth_root, tmp_path):
+    """SIGTERM to every process of the job's step (what SLURM sends on preemption), with 2
+    detectron2 loader workers: the trainer saves after its iteration, the job requeues and finishes
+    every iteration from that checkpoint."""
+    out = tmp_path / "transfer"
+    trial = out / "seed0"
+    job = submit(cluster, tmp_path, "transfer", "--config-file", VOC_CFG, "--synth-root",
+                 synth_root, "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
+                 "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "2",
+                 "MOCOBENCH.LOG_PERIOD", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+                 "INPUT.MIN_SIZE_TEST", "64", "TEST.PRECISE_BN.ENABLED", "False", "MODEL.WEIGHTS",
+                 "", "MOCOBENCH.REQUIRE_WEIGHTS", "False", "SEED", "3", "OUTPUT_DIR", str(out))
+    metrics = trial / "metrics.json"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count('"lr"') >= 2, job)
+    job.signal("TERM")
+    info = job.wait()
+    log = job.log()
+    assert info["Restarts"] == "1", info
+    assert "stopped by SIGTERM after iteration" in log and "Requeued job" in log, log[-4000:]
+    saved = sorted(p.name for p in trial.glob("model_0*.pth"))
+    assert len(saved) == 1, saved  # the stop's checkpoint (CHECKPOINT_PERIOD is past the schedule)
+    assert f"Starting training from iteration {int(saved[0][6:13]) + 1}" in \
+        (trial / "log.txt").read_text()
+    record = json.loads((trial / "results.json").read_text())
+    assert record["resumed"] and record["iteration"] == 12
+
+
+def test_lincls_requeued_mid_run_ends_with_the_uninterrupted_head(cluster, tiny_imagenet,
+                                                                  reference, tmp_path):
+    ref_job, ref_out = reference
+    ref_job.wait()
+    args = ["--data", tiny_imagenet, "--pretrained", str(ref_out / "checkpoint_0002.pth.tar"),
+            "--epochs", "4", "--batch-size", "16", "--size", "32", "--workers", "2", "--lr", "0.5",
+            "--device", "cpu"]
+    full = submit(cluster, tmp_path / "full", "lincls", *args, "--output",
+                  str(tmp_path / "full" / "out"))
+    stopped_out = tmp_path / "stopped" / "out"
+    stopped = submit(cluster, tmp_path / "stopped", "lincls", *args, "--output", str(stopped_out))
+    wait_for(lambda: (stopped_out / "last_checkpoint").exists(), stopped)
+    stopped.signal("USR2")
+    info = stopped.wait()
+    assert info["Restarts"] == "1", info
+    assert "Requeued job" in stopped.log() and "resumed from" in stopped.log()
+    full.wait()
+    a, b = (load_checkpoint(d / "checkpoint_0003.pth.tar")
+            for d in (tmp_path / "full" / "out", stopped_out))
+    for key in a["state_dict"]:  # fc and the frozen backbone with its BN buffers
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    ra, rb = (json.loads((d / "lincls_results.json").read_text())
+              for d in (tmp_path / "full" / "out", stopped_out))
+    assert ra == rb
+
+
+# what a rank's own failure looks like: rank 1 alone raises in its 3rd MoCo forward pass, while
+# rank 0 waits for it in a collective (a bug, out of memory, a bad shard). Loaded in every process
+# of the job through PYTHONPATH (Python imports sitecustomize at start-up).
+FAILING_RANK = '''
+import os, sys
+if os.environ.get("SLURM_PROCID") == "1":
+    import importlib.abc, importlib.machinery
+
+    class _Fault(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "pretrain.moco":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            exec_module = spec.loader.exec_module
+
+            def patched(module):
+                exec_module(module)
+                forward, calls = module.MoCo.forward, []
+
+                def failing(self, *args, **kwargs):
+                    calls.append(1)
+                    if len(calls) == 3:
+                        raise RuntimeError("injected fault on rank 1")
+                    return forward(self, *args, **kwargs)
+                module.MoCo.forward = failing
+            spec.loader.exec_module = patched
+            return spec
+
+    sys.meta_path.insert(0, _Fault())
+'''
+
+
+def test_a_failing_rank_ends_the_whole_job_at_once_with_its_error_last(cluster, tiny_imagenet,
+                                                                      tmp_path):
+    """A 2-task job in which rank 1 raises: srun's --kill-on-bad-exit ends rank 0 (blocked in a
+    collective, which would wait the process group's 60-minute timeout) within seconds, the job
+    FAILS, and the failing rank's error is the job's last line."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAILING_RANK)
+    env = {**cluster, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    out = tmp_path / "run"
+    start = time.time()
+    job = submit(env, tmp_path, "pretrain",
+                 *pretrain_opts(tiny_imagenet, str(out), **{"DATALOADER.NUM_WORKERS": 0}),
+                 slurm=("--tasks-per-node", "2"))
+    info = job.wait(states=("FAILED",), timeout=300)
+    elapsed = time.time() - start
+    assert elapsed < 120, (elapsed, job.log()[-3000:])
+    err = open(os.path.join(job.job_dir, f"{job.id}_0_log.err")).read()
+    assert "world size 2" in job.log()  # both ranks were training together
+    assert err.strip().splitlines()[-1] == \
+        "mocobench pretrain (rank 1): error: RuntimeError: injected fault on rank 1", err[-3000:]
+    assert info["ExitCode"] != "0:0"
+
+
+def test_pipeline_of_the_tiny_study_runs_through_on_slurm(cluster, tmp_path):
+    """`pipeline --launcher slurm`: every job SLURM ran COMPLETED, every stage is done in the
+    manifest and the report has its table."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mocobench", "pipeline", "--launcher", "slurm", "--gpus-per-node",
+         "0", "--mem", "2G", "--timeout", "20", "--job-dir", str(tmp_path / "jobs"),
+         "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']",
+         "TRANSFER.SEEDS", "1"], cwd=REPO, env=cluster, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = [Job(cluster, str(tmp_path / "jobs"), line)
+            for line in proc.stdout.splitlines() if " as job " in line]
+    assert len(jobs) >= 2, proc.stdout
+    for job in jobs:
+        job.wait(timeout=800)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(stage["status"] == "done" for stage in manifest["stages"].values()), manifest
+    report = (out / "report.md").read_text()
+    assert "| moco" in report, report
