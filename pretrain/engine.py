@@ -422,11 +422,15 @@ def run_epochs(task, model, train_set, loader, optimizer, scaler, precision, dev
 # the command around it
 # --------------------------------------------------------------------------------------------------
 def resume_command(prog, argv):
-    """The command line that continues this run (printed when it stops on a signal)."""
+    """The command line that continues this run (printed when it stops on a signal): with the same
+    processes per node when a launcher started several (a mid-epoch checkpoint resumes only on the
+    same process count)."""
     args = [a for i, a in enumerate(argv)
             if a != "--resume" and (i == 0 or argv[i - 1] != "--resume")
             and not a.startswith("--resume=")]
-    return " ".join(shlex.quote(x) for x in [*prog.split(), *args, "--resume", "auto"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torch elastic / submitit export it
+    launch = ["--nproc-per-node", str(per_node)] if per_node > 1 else []
+    return " ".join(shlex.quote(x) for x in [*prog.split(), *launch, *args, "--resume", "auto"])
 
 
 def run(prog, argv, task, resume, extend=False):

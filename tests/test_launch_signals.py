@@ -5,6 +5,7 @@ no worker left behind; and a multi-node launch without a rendezvous endpoint is 
 (issue 20, items 3 and 8)."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -92,9 +93,11 @@ def test_a_signal_to_the_launcher_stops_the_workers_cleanly_with_their_exit_code
     assert os.path.exists(os.path.join(out, last)) and f"saved {os.path.join(out, last)}" in line
     if signum != signal.SIGTERM:
         return
-    # the run resumes from it and completes
-    resumed = subprocess.run(pretrain_cmd(tiny_imagenet, out, "--resume", "auto"), cwd=REPO,
-                             env=ENV, text=True, capture_output=True, timeout=200)
+    # the printed command (the same 2 processes per node) resumes from it and completes
+    printed = shlex.split(line.split("resume with: ", 1)[1])
+    assert printed[:4] == ["mocobench", "pretrain", "--nproc-per-node", "2"], printed
+    resumed = subprocess.run([sys.executable, "-m", *printed], cwd=REPO, env=ENV, text=True,
+                             capture_output=True, timeout=200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from " + os.path.join(out, last) in open(os.path.join(out, "log.txt")).read()
     assert open(os.path.join(out, "last_checkpoint")).read().strip() == "checkpoint_0001.pth.tar"
