@@ -69,7 +69,8 @@ class PlanRow:
 
     @property
     def missing(self):
-        return [f"{need.what} {need.path}" for need in self.needs if need.missing]
+        """[(the input, what is wrong with it)] of the inputs the stage cannot read."""
+        return [(f"{need.what} {need.path}", need.problem) for need in self.needs if need.missing]
 
 
 def make_plan(wiring, manifest, redo):
@@ -126,13 +127,25 @@ def print_plan(rows, config_file, run_dir):
               + ("" if row.action == "done" else f" | {eta}"))
         for need in row.needs:
             print(f"        needs {need.what}: {need.path} [{need.state}]")
-    missing = [m for row in rows for m in row.missing]
+    missing = missing_inputs(rows)
     known = [row.seconds for row in rows if row.action != "done"]
     if all(known):
         print(f"  expected time of the remaining stages: ~{sum(known):.0f} s")
     print(f"  missing inputs: {', '.join(missing)}" if missing else "  all inputs present",
           flush=True)
     return missing
+
+
+def missing_inputs(rows):
+    """One line per input some stage cannot read, naming the stages that read it and what is wrong
+    (a dataset's expected layout); an input several stages read is listed once."""
+    stages = {}
+    for row in rows:
+        for what, problem in row.missing:
+            stages.setdefault((what, problem), []).append(row.name)
+    return [f"{what} (stage {', '.join(names)})"
+            + ("" if problem == "does not exist" else f": {problem}")
+            for (what, problem), names in stages.items()]
 
 
 def preflight(wiring, manifest, redo):
