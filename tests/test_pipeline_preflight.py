@@ -169,3 +169,34 @@ def test_the_dry_run_refuses_a_missing_or_broken_input(tree, tmp_path, capsys, c
     assert broken in err  # the path it broke
     assert "BROKEN" in out or "MISSING" in out  # the plan marks it too
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
+
+
+def test_dry_run_prints_the_study_graph_and_its_critical_path(tree, tmp_path, capsys):
+    """The COCO paper study: random-init trials wait for nothing, MoCo's for its conversion, the
+    report for every trial; with the 8 x V100 figures (53 h of pretraining, 90k iterations at
+    0.210 s) the study takes pretraining + one trial with a machine per job, against pretraining +
+    15 trials one after another."""
+    import re
+
+    code, out, err = dry_run("coco_R50_FPN_moco_v2", tree, tmp_path / "run", capsys)
+    assert (code, err) == (0, "")
+    jobs = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ")
+            and " after " in line}
+    assert len(jobs) == 20  # pretrain, supervised, 2 conversions, 15 trials, the report
+    for i in range(5):
+        assert " after convert_moco |" in jobs[f"transfer_moco/seed{i}"]
+        assert " after convert_supervised |" in jobs[f"transfer_supervised/seed{i}"]
+        assert " after - |" in jobs[f"transfer_random/seed{i}"]  # needs nothing from pretraining
+        assert "1 node(s) x 8 GPU(s)" in jobs[f"transfer_moco/seed{i}"]
+        assert jobs[f"transfer_moco/seed{i}"].endswith("| ~5.2 h")  # 90000 x 0.210 s
+    assert " after convert_moco " not in jobs["report"]
+    assert "after transfer_moco/seed{0,1,2,3,4}, transfer_supervised/seed{0,1,2,3,4}, " \
+           "transfer_random/seed{0,1,2,3,4} |" in jobs["report"]
+    assert jobs["pretrain"].endswith("| ~53.0 h")
+    [path] = [line for line in out.splitlines() if "critical path:" in line]
+    assert "critical path: pretrain -> convert_moco -> transfer_moco/seed0 -> report: " in path
+    [wall] = [line for line in out.splitlines() if "with fan-out" in line]
+    fan_out, sequential = (float(h) for h in re.findall(r"~([\d.]+) h", wall))
+    trial = 90000 * 0.210 / 3600
+    assert fan_out == pytest.approx(53 + trial, abs=0.1)
+    assert sequential == pytest.approx(53 + 15 * trial, abs=0.1)

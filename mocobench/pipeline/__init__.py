@@ -60,6 +60,11 @@ def build_parser():
     parser.add_argument("--redo", action="append", default=[], metavar="STAGE",
                         help="run STAGE again even if it is done (its old outputs go to "
                              "superseded/); repeatable")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="run the study's jobs (a stage, or one transfer trial: init x seed) "
+                             "side by side on this machine, up to N at once, each in its own "
+                             "process, when what it reads is done (default: visible GPUs // "
+                             "TRANSFER.NUM_GPUS; 1 on CPU: one stage after another)")
     parser.add_argument("--stage", default=None, metavar="STAGE",
                         help="run STAGE alone; the stages before it must be done (what each job of "
                              "--launcher slurm runs)")
@@ -113,5 +118,5 @@ def stage_jobs(argv, gpus_per_node):
 
 def main(argv) -> int:
     args, pipeline = parse(argv)
-    pipeline.run(dry_run=args.dry_run)
+    pipeline.run(dry_run=args.dry_run, jobs=args.jobs)
     return 0

@@ -148,10 +148,13 @@ def missing_inputs(rows):
             for (what, problem), names in stages.items()]
 
 
-def preflight(wiring, manifest, redo):
-    """make_plan(), printed; a missing input is an error before anything runs or is written."""
+def preflight(wiring, manifest, redo, then=None):
+    """make_plan(), printed (and `then(rows)`: the graph); a missing input is an error before
+    anything runs or is written."""
     rows = make_plan(wiring, manifest, redo)
     missing = print_plan(rows, wiring.config_file, wiring.run_dir)
+    if then is not None:
+        then(rows)
     if missing:
         raise UsageError(f"{wiring.config_file}: missing input(s): {'; '.join(missing)} "
                          f"(nothing was run)")

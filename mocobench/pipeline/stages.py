@@ -279,7 +279,9 @@ class Wiring:
         return {"pkl": pkl, "source": report.source, "verified": report.verified,
                 "max_rel_error": report.max_rel_error}
 
-    def run_transfer(self, init):
+    def run_transfer(self, init, trials=None):
+        """The trials of `init` (`trials`: these indices only, the others left to other processes);
+        returns the stage's outputs."""
         from mocobench.utils.preempt import Preempted
         from transfer import run_transfer
 
@@ -293,23 +295,46 @@ class Wiring:
             results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS,
                                    seeds=t.SEEDS, resume=True, init_name=init,
                                    synth_root=self.synth_root, num_machines=place.num_machines,
-                                   machine_rank=place.machine_rank, dist_url=place.dist_url)
+                                   machine_rank=place.machine_rank, dist_url=place.dist_url,
+                                   trials=trials)
         except Preempted as e:  # as call_stage does for the other stages: the same exit code
             raise CommandFailed(f"mocobench transfer ({init}) {e}; run the same pipeline command "
                                 f"again to resume", e.exit_code, is_error=False) from None
         if place.machine_rank:  # rank 0's machine writes the results, machine 0 records them
             return {"output_dir": output_dir}
+        if trials is not None:
+            return self.trial_outputs(init, trials)
         if len(results) != t.SEEDS:
             raise UsageError(f"transfer of {init} produced {len(results)} results for {t.SEEDS} "
                              f"seeds: see the log.txt files under {output_dir}")
         return {"output_dir": output_dir, "results": [r.get("results") for r in results]}
 
-    def run_report(self):
+    def trial_dir(self, init, index):
+        return self.path("transfer", init, f"seed{index}")
+
+    def trial_outputs(self, init, trials):
+        """{"output_dir", "results"} of the finished trials `trials` of `init`, read from their
+        results.json (UsageError naming the first one that has none)."""
+        from transfer import record
+
+        results = []
+        for index in trials:
+            path = os.path.join(self.trial_dir(init, index), record.RESULTS_FILE)
+            if not os.path.isfile(path):
+                raise UsageError(f"transfer of {init}: trial seed{index} left no {path}: see its "
+                                 "log.txt")
+            results.append(record.read_record(path).get("results"))
+        return {"output_dir": self.path("transfer", init), "results": results}
+
+    def run_report(self, partial=False):
+        """report.md/.json/.csv and the plots; `partial`: while trials still run, over those
+        finished, without the plots."""
         from transfer.report import write_report
 
         pretraining = [self.path(d) for d in ("pretrain", "supervised")
                        if os.path.isdir(self.path(d))]
-        summary = write_report([self.path("transfer")] + pretraining, self.run_dir)
+        summary = write_report([self.path("transfer")] + pretraining, self.run_dir,
+                               plots=not partial)
         print(summary["markdown"])
         return {"files": summary["files"]}
 
