@@ -41,6 +41,12 @@ transfer from each seed's), and redoes a stage whose inputs changed, or one name
 its old outputs are moved to superseded/<time>/, never deleted, and the stages after it see the
 new inputs and are redone in turn.
 
+The study is a graph (graph.py): a job per stage and per transfer trial (init x seed), each waiting
+only for the stages whose outputs it reads (random-init trials for nothing but the data). --dry-run
+prints it with the critical path and the wall time with fan-out against the sequential sum;
+`--jobs N` runs it on this machine, N jobs at once, each in its own process (local.py), with the
+same records and report as one job after another. `mocobench status RUN_DIR` shows where it stands.
+
 `--stage STAGE` runs one stage (those before it must be done). `--launcher slurm`
 (mocobench.launch) submits one job per stage that is not done, each running `--stage STAGE` with
 the stage's own resources (NUM_NODES nodes for pretrain, supervised and transfer) after the
