@@ -54,6 +54,10 @@ COMMANDS = {  # in the order data flows
                         "data -> pretrain -> convert -> transfer (inits x seeds) -> report, "
                         "resumable",
                         launched=True, resume=()),
+    # reads a pipeline's run directory and asks the scheduler; writes nothing
+    "status": Command("mocobench.status",
+                      "where a study stands: each stage and trial, SLURM job states, seeds "
+                      "finished, AP, ETA"),
     # reads what any of the above wrote
     "show": Command("mocobench.show",
                     "what a run dir, checkpoint or .pkl is and how it was made (sha256, "

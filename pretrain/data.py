@@ -94,6 +94,41 @@ def find_images(root):
     return classes, samples
 
 
+def _first_image(folder):
+    """The first image under `folder` (depth first, sorted), or None; stops at it (an ImageNet class
+    holds ~1300)."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.lower().endswith(IMG_EXTENSIONS):
+                return os.path.join(dirpath, f)
+    return None
+
+
+def check_image_folder(root):
+    """What find_images would refuse, without listing every image: ROOT has class folders, each
+    holds at least one image, and the first one decodes. For a check before a run starts."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise UsageError(f"image folder {root!r} does not exist; {LAYOUT_HINT}")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise UsageError(f"image folder {root!r} has no class subdirectories; {LAYOUT_HINT}")
+    first = None
+    for name in classes:
+        found = _first_image(os.path.join(root, name))
+        if found is None:
+            raise UsageError(f"image folder {root!r}: class folder {name!r} holds no images with "
+                             f"extensions {', '.join(IMG_EXTENSIONS)}; {LAYOUT_HINT}")
+        first = first or found
+    try:
+        read_rgb(first)
+    except Exception as e:  # noqa: BLE001 - cv2 / PIL: any failure means it does not decode
+        raise UsageError(f"image folder {root!r}: {first!r} does not decode as an image "
+                         f"({type(e).__name__}: {e})") from None
+    return len(classes)
+
+
 class SafeImageFolder(Dataset):
     """ImageFolder that replaces unreadable images by the next readable one and counts them across
     workers.

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 
 import pytest
@@ -245,3 +246,86 @@ def test_the_plan_and_the_run_take_one_decision(previous, inputs, redo, expected
     """decide() is what --dry-run prints and what the run does (so an interrupted stage whose inputs
     changed is planned as redone, as the run does, not resumed)."""
     assert str(decide("s", previous, inputs, redo)) == expected
+
+
+def tables(out):
+    """report.json's tables with the run directory taken out of the trials' paths."""
+    text = (out / "report.json").read_text().replace(str(out), "RUN")
+    return json.loads(text)["tables"]
+
+
+def _fork_cli(argv, log):
+    """`mocobench pipeline ARGV` in a forked child, exit code as a user gets it; returns its pid."""
+    from mocobench import cli
+
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 3
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # to fd 1 / 2: not pytest's
+            code = cli.main(["pipeline", *argv])
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    return pid
+
+
+@pytest.mark.slow
+def test_jobs_side_by_side_a_failed_trial_reruns_alone_and_the_report_is_the_sequential_one(
+        finished_run, tmp_path, capsys):
+    """--jobs 2 runs the study's graph two jobs at a time, each in its own process. One trial
+    fails for real (its directory is taken by a file): the others finish, a partial report holds
+    them, `mocobench status` says which failed, and the same command again runs that trial alone;
+    the report tables then equal the sequential run's (the same seeds, the same records)."""
+    from mocobench.status import study_status
+
+    out = tmp_path / "run"
+    os.makedirs(out / "transfer" / "random")
+    (out / "transfer" / "random" / "seed1").write_text("in the way")
+    log = tmp_path / "log"
+    pid = _fork_cli(["--config-file", TINY, "--jobs", "2", "OUTPUT_DIR", str(out)], str(log))
+    seen = set()
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if (out / "manifest.json").exists():
+            for line in study_status(str(out)):
+                seen.update(w for w in ("running", "queued", "not started") if f" {w}" in line)
+        time.sleep(0.05)
+    assert {"running", "not started"} <= seen  # status while the study ran
+    printed = log.read_text()
+    assert printed.rstrip().splitlines()[-1].startswith(
+        "mocobench pipeline: error: 1 job(s) failed: transfer_random/seed1; "
+        "transfer_random/seed1: ")
+    assert "(2 running" in printed  # two jobs at once
+    m = manifest(out)["stages"]
+    assert m["transfer_random"]["status"] == "failed"
+    assert all(m[n]["status"] == "done" for n in STAGES if n not in ("transfer_random", "report"))
+    # the partial report: every finished trial, the failed one missing
+    partial = json.loads((out / "report.json").read_text())["tables"]
+    [table] = partial.values()
+    assert {r: table["rows"][r]["cells"]["bbox/AP"]["n"] for r in table["rows"]} \
+        == {"moco": 2, "supervised": 2, "random": 1}
+    status = "\n".join(study_status(str(out)))
+    assert "transfer_random      failed: transfer_random/seed1 failed" in status
+    assert "seed1              failed: " in status
+    assert "seeds finished: moco 2/2, supervised 2/2, random 1/2" in status
+
+    os.remove(out / "transfer" / "random" / "seed1")
+    capsys.readouterr()
+    assert run(out, "--jobs", "2") == 0  # the same command again
+    rerun = capsys.readouterr().out
+    assert [line.split()[1] for line in rerun.splitlines() if line.startswith("started ")] \
+        == ["transfer_random/seed1", "report"]
+    assert tables(out) == tables(finished_run)
+    for init in ("moco", "supervised", "random"):
+        for i in range(2):
+            ours, theirs = (json.loads((o / "transfer" / init / f"seed{i}" / "results.json")
+                                       .read_text()) for o in (out, finished_run))
+            assert (ours["seed"], ours["results"]) == (theirs["seed"], theirs["results"])
+    status = "\n".join(study_status(str(out)))
+    assert "seeds finished: moco 2/2, supervised 2/2, random 2/2" in status
+    assert "ETA: done" in status and "failed" not in status
+    shutil.rmtree(out, ignore_errors=True)

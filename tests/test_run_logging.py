@@ -200,3 +200,23 @@ def test_wandb_offline_transfer_trial_holds_metrics_json_scalars_config_and_run_
     assert any("bbox/AP" in row for row in got.values())  # the final evaluation too
     assert wb_config["config"]["SOLVER"]["MAX_ITER"] == 2
     assert wb_config["run_record"] == json.loads(json.dumps(record))
+
+
+ETA = re.compile(r"eta: (\d+):(\d\d):(\d\d) \(epoch (\d+)/2\)  eta run: (\d+):(\d\d):(\d\d)  "
+                 r"iter (\d+)/3  ([\d.]+) s/it$")
+
+
+def test_a_log_that_is_not_a_terminal_says_the_eta_of_the_epoch_and_the_run(tmp_path):
+    """stdout a pipe (a SLURM log): after each metrics line, the time left of the epoch and of the
+    run, detectron2's `eta:` style; it counts down to 0 at the run's last iteration."""
+    out, proc = tiny_pretrain(tmp_path)
+    for text in (proc.stdout, (out / "log.txt").read_text()):
+        etas = [ETA.search(line) for line in text.splitlines() if "eta: " in line]
+        metrics = [line for line in text.splitlines() if LINE.search(line)]
+        assert etas and all(etas) and len(etas) == len(metrics)  # one after each metrics line
+        # (epoch, iteration) at each line: every 2 iterations and at each epoch's end
+        assert [(int(m.group(4)), int(m.group(8))) for m in etas] == [(1, 2), (1, 3), (2, 1),
+                                                                    (2, 3)]
+        run_left = [int(m.group(5)) * 3600 + int(m.group(6)) * 60 + int(m.group(7)) for m in etas]
+        assert run_left[-1] == 0 and run_left == sorted(run_left, reverse=True)
+        assert all(float(m.group(9)) > 0 for m in etas)

@@ -271,7 +271,7 @@ def test_palette_labels_for_training_name_the_dataset_and_the_png(fresh_synth):
         "SegmentationClassAug)")
 
 
-def test_builtin_voc_segmentation_names_point_under_the_root_once(tmp_path):
+def test_builtin_voc_segmentation_names_point_under_the_root_once(tmp_path, monkeypatch):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     def unregister():
@@ -290,6 +290,8 @@ def test_builtin_voc_segmentation_names_point_under_the_root_once(tmp_path):
                 == (str(tmp_path / "VOC2012"), split, "sem_seg")
             # 21: VOC's 20 + background
             assert list(info.stuff_classes) == ["background", *datasets.VOC_CLASS_NAMES]
+        # the check looks under $DETECTRON2_DATASETS as it is now (the pipeline's preflight)
+        monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
         with pytest.raises(UsageError) as e:
             datasets.check_dataset("voc_2012_sem_seg_train_aug")
         segmentation_list = str(tmp_path / "VOC2012" / "ImageSets" / "Segmentation"

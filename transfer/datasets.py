@@ -37,7 +37,7 @@ DIR is, first match wins: `--synth-root DIR` (= config key MOCOBENCH.SYNTH_ROOT)
 import logging
 import os
 
-from mocobench.utils import d2compat  # noqa: F401  (before any detectron2 import)
+from mocobench.utils import d2compat  # before any detectron2 import
 
 # isort: split
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -233,31 +233,141 @@ def _missing_paths(paths):
 # --------------------------------------------------------------------------------------------------
 # checks before training
 
+def _current_paths(name, meta):
+    """The dataset's paths: a detectron2 builtin name (and our VOC segmentation ones) under
+    $DETECTRON2_DATASETS as it is now (detectron2 registered them under its value at import), every
+    other dataset as registered."""
+    if meta.get("synth_root", None):
+        return dict(meta.as_dict())
+    paths = d2compat.builtin_dataset_paths(name, datasets_root())
+    if paths is None and name in VOC_SEM_SEG_SPLITS:
+        paths = {"dirname": os.path.join(datasets_root(), "VOC2012")}
+    return {**meta.as_dict(), **(paths or {})}
+
+
 def _expected_files(meta):
-    """(paths that must exist, layout text) for a dataset's metadata, or None for a family we
-    cannot check."""
-    if meta.get("evaluator_type", None) == "pascal_voc" and meta.get("dirname", None):
-        return ([os.path.join(meta.dirname, "ImageSets", "Main", f"{meta.split}.txt"),
-                 os.path.join(meta.dirname, "Annotations"),
-                 os.path.join(meta.dirname, "JPEGImages")],
-                VOC_LAYOUT.format(dirname=meta.dirname, split=meta.split))
-    if meta.get("label_dir", None):
-        return ([os.path.join(meta.dirname, "ImageSets", "Segmentation", f"{meta.split}.txt"),
-                 os.path.join(meta.dirname, "JPEGImages"),
-                 os.path.join(meta.dirname, meta.label_dir)],
-                VOC_SEM_SEG_LAYOUT.format(dirname=meta.dirname, split=meta.split,
-                                          label_dir=meta.label_dir))
-    if meta.get("json_file", None):
-        return [meta.json_file, meta.image_root], JSON_LAYOUT.format(json_file=meta.json_file,
-                                                                     image_root=meta.image_root)
-    if meta.get("gt_dir", None):
-        return [meta.image_dir, meta.gt_dir], CITYSCAPES_LAYOUT.format(image_dir=meta.image_dir,
-                                                                       gt_dir=meta.gt_dir)
+    """(paths that must exist, layout text) for a dataset's metadata (a dict), or None for a family
+    we cannot check."""
+    if meta.get("evaluator_type") == "pascal_voc" and meta.get("dirname"):
+        dirname, split = meta["dirname"], meta["split"]
+        return ([os.path.join(dirname, "ImageSets", "Main", f"{split}.txt"),
+                 os.path.join(dirname, "Annotations"),
+                 os.path.join(dirname, "JPEGImages")],
+                VOC_LAYOUT.format(dirname=dirname, split=split))
+    if meta.get("label_dir"):
+        dirname, split, label_dir = meta["dirname"], meta["split"], meta["label_dir"]
+        return ([os.path.join(dirname, "ImageSets", "Segmentation", f"{split}.txt"),
+                 os.path.join(dirname, "JPEGImages"),
+                 os.path.join(dirname, label_dir)],
+                VOC_SEM_SEG_LAYOUT.format(dirname=dirname, split=split, label_dir=label_dir))
+    if meta.get("json_file"):
+        return [meta["json_file"], meta["image_root"]], JSON_LAYOUT.format(
+            json_file=meta["json_file"], image_root=meta["image_root"])
+    if meta.get("gt_dir"):
+        return [meta["image_dir"], meta["gt_dir"]], CITYSCAPES_LAYOUT.format(
+            image_dir=meta["image_dir"], gt_dir=meta["gt_dir"])
     return None
 
+
+def _first_id(list_file):
+    with open(list_file) as f:
+        return next((line.split()[0] for line in f if line.strip()), None)
+
+
+def _image_problem(path):
+    """Why the image at `path` cannot be read (None: it opens)."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return "does not exist"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:  # noqa: BLE001 - PIL's many errors all mean "not an image"
+        return f"does not open as an image ({type(e).__name__}: {e})"
+    return None
+
+
+# how far into a COCO / LVIS json the first image entry is looked for: its "images" come before the
+# annotations in COCO's and LVIS's files; a whole train json (~450 MB) is not parsed here
+_JSON_HEAD_BYTES = 4 << 20
+
+
+def _first_json_image(meta):
+    """The first image a COCO / LVIS json lists, where detectron2's loader will look for it (LVIS:
+    image_root + the split folder of its coco_url), from the file's head; None when the head lists
+    none."""
+    import re
+
+    with open(meta["json_file"], "rb") as f:
+        head = f.read(_JSON_HEAD_BYTES).decode("utf-8", "replace")
+    if meta.get("evaluator_type") == "lvis":
+        found = re.search(r'"coco_url"\s*:\s*"([^"]+)"', head)
+        if found:  # detectron2.data.datasets.lvis.get_file_name
+            split_folder, file_name = found.group(1).split("/")[-2:]
+            return os.path.join(meta["image_root"] + split_folder, file_name)
+    found = re.search(r'"file_name"\s*:\s*"([^"]+)"', head)
+    return os.path.join(meta["image_root"], found.group(1)) if found else None
+
+
+def _cityscapes_first(meta, task):
+    """(first image, its ground-truth file) of a Cityscapes split, or (None, folder) when the split
+    holds no image."""
+    image_dir = meta["image_dir"]
+    for city in sorted(e.name for e in os.scandir(image_dir) if e.is_dir()):
+        images = sorted(f for f in os.listdir(os.path.join(image_dir, city))
+                        if f.endswith("_leftImg8bit.png"))
+        if images:
+            base = images[0][:-len("leftImg8bit.png")]
+            # what detectron2's loaders read: polygons (instance, from_json) or train ids (sem_seg)
+            gt = "gtFine_polygons.json" if task == "cityscapes_instance" else \
+                "gtFine_labelTrainIds.png"
+            return (os.path.join(image_dir, city, images[0]),
+                    os.path.join(meta["gt_dir"], city, base + gt))
+    return None, image_dir
+
+
+def _content_problem(meta):
+    """(path, what is wrong) for the first sample of a dataset whose folders exist: its list of
+    ids, its annotation and one image that opens; None when they are fine."""
+    kind = meta.get("evaluator_type")
+    if kind == "pascal_voc" or meta.get("label_dir"):
+        folder = "Main" if kind == "pascal_voc" else "Segmentation"
+        list_file = os.path.join(meta["dirname"], "ImageSets", folder, f"{meta['split']}.txt")
+        first = _first_id(list_file)
+        if first is None:
+            return list_file, "lists no image id"
+        label = (os.path.join(meta["dirname"], "Annotations", f"{first}.xml")
+                 if kind == "pascal_voc" else
+                 os.path.join(meta["dirname"], meta["label_dir"], f"{first}.png"))
+        if not os.path.isfile(label):
+            return label, f"does not exist (the annotation of {first}, the first id of {list_file})"
+        image = os.path.join(meta["dirname"], "JPEGImages", f"{first}.jpg")
+        problem = _image_problem(image)
+        return (image, problem) if problem else None
+    if meta.get("json_file"):
+        if not os.path.isfile(meta["json_file"]):
+            return meta["json_file"], "is not a file"
+        image = _first_json_image(meta)
+        problem = image and _image_problem(image)
+        return (image, f"{problem} (the first image {meta['json_file']} lists)") if problem \
+            else None
+    if meta.get("gt_dir"):
+        image, gt = _cityscapes_first(meta, kind)
+        if image is None:
+            return gt, "holds no <city>/*_leftImg8bit.png"
+        problem = _image_problem(image)
+        if problem:
+            return image, problem
+        if not os.path.isfile(gt):
+            return gt, f"does not exist (the ground truth of {os.path.basename(image)})"
+    return None
+
+
 def check_dataset(name: str, training: bool = False):
-    """Raise UsageError naming the missing path and the expected layout; detectron2 would fail much
-    later."""
+    """Raise UsageError naming the missing or broken path and the expected layout (detectron2 would
+    fail much later): the dataset's folders and files, then its first sample (the id list, its
+    annotation, an image that opens)."""
     if name not in DatasetCatalog.list():
         voc = sorted(n for n in DatasetCatalog.list() if n.startswith("voc_"))
         raise UsageError(
@@ -267,8 +377,9 @@ def check_dataset(name: str, training: bool = False):
             f"cityscapes_fine_sem_seg_train, ...; generated data: {', '.join(SYNTH_DATASETS)} "
             f"(with --synth-root DIR or ${SYNTH_ENV})"
         )
-    meta = MetadataCatalog.get(name)
-    where = (f"generated dataset root {meta.synth_root!r}" if meta.get("synth_root", None)
+    registered = MetadataCatalog.get(name)
+    meta = _current_paths(name, registered)
+    where = (f"generated dataset root {meta['synth_root']!r}" if meta.get("synth_root")
              else f"DETECTRON2_DATASETS={datasets_root()!r}")
     expected = _expected_files(meta)
     if expected is None:
@@ -276,13 +387,14 @@ def check_dataset(name: str, training: bool = False):
         return
     paths, layout = expected
     missing = _missing_paths(paths)
-    if missing:
+    broken = (missing[0], "does not exist") if missing else _content_problem(meta)
+    if broken:
         raise UsageError(
-            f"dataset {name!r}: {missing[0]!r} does not exist ({where}). Expected "
+            f"dataset {name!r}: {broken[0]!r} {broken[1]} ({where}). Expected "
             f"layout:\n{layout}\nNothing is downloaded here: put the data there, or point "
             "DETECTRON2_DATASETS at its root."
         )
-    if training and meta.get("label_dir", None):
+    if training and meta.get("label_dir"):
         _check_training_labels(name, meta)
 
 def _check_training_labels(name, meta):
@@ -291,7 +403,7 @@ def _check_training_labels(name, meta):
     indices."""
     from PIL import Image
 
-    first = load_voc_sem_seg(meta.dirname, meta.split, meta.label_dir)[:1]
+    first = load_voc_sem_seg(meta["dirname"], meta["split"], meta["label_dir"])[:1]
     if first:
         with Image.open(first[0]["sem_seg_file_name"]) as image:
             mode = image.mode

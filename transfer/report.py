@@ -805,9 +805,10 @@ def check_baseline(tables, baseline):
                          f"{', '.join(map(repr, rows))}")
 
 
-def write_report(paths, out_dir, baseline=None) -> dict:
-    """Read, tabulate and write report.md/.json/.csv and the plots; UsageError when no table could
-    be made, or when a `baseline` given (None: BASELINE, which a table may lack) is no row."""
+def write_report(paths, out_dir, baseline=None, plots=True) -> dict:
+    """Read, tabulate and write report.md/.json/.csv and the plots (unless `plots` is False: a
+    partial report while trials still run); UsageError when no table could be made, or when a
+    `baseline` given (None: BASELINE, which a table may lack) is no row."""
     from mocobench.utils.fileio import atomic_write
 
     runs, problems = find_runs(paths)
@@ -837,10 +838,10 @@ def write_report(paths, out_dir, baseline=None) -> dict:
         json.dump({"baseline": baseline, "confidence": CONFIDENCE, "tables": tables,
                    "not_read": problems}, f, indent=2)
     write_csv(tables, os.path.join(out_dir, "report.csv"))
-    if tables:
+    if tables and plots:
         plot_ap(tables, os.path.join(out_dir, "ap.png"))
         files.append("ap.png")
-    if pretrain:
+    if pretrain and plots:
         plot_pretrain(pretrain, os.path.join(out_dir, "pretrain.png"))
         files.append("pretrain.png")
     return {"tables": tables, "not_read": problems, "markdown": markdown,

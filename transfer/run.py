@@ -323,9 +323,10 @@ def _run_trials(job: TransferJob):
     base_cfg, notes = prepare_config(job.config_file, job.opts, job.world_size)
     for index, (seed, directory) in enumerate(zip(job.seeds, job.trial_dirs)):
         if index in job.skip:
-            logger.info(f"trial {index + 1}/{len(job.seeds)}: finished earlier "
-                        f"({directory}/{RESULTS_FILE}), kept")
-            continue
+            if os.path.isfile(os.path.join(directory, RESULTS_FILE)):
+                logger.info(f"trial {index + 1}/{len(job.seeds)}: finished earlier "
+                            f"({directory}/{RESULTS_FILE}), kept")
+            continue  # else another process's (trials=)
         cfg = base_cfg.clone()
         cfg.OUTPUT_DIR = directory
         cfg.SEED = seed
@@ -495,13 +496,16 @@ def _log_init_name(name, how, weights):
 
 def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only=False,
                  init_name=None, *, num_machines=1, machine_rank=0, dist_url="auto",
-                 synth_root=None) -> list:
+                 synth_root=None, trials=None) -> list:
     """Fine-tune and evaluate `seeds` trials; returns their run records (rank 0's machine).
 
     `opts`: detectron2 KEY VALUE overrides. `num_gpus`: processes per machine (CUDA devices, or CPU
     processes over gloo when MODEL.DEVICE is cpu; 0: every visible GPU, 1 process on CPU).
     `synth_root`: directory of a generated dataset for the synth_* dataset names. With `eval_only`
-    the records are the trials' results_eval.json.
+    the records are the trials' results_eval.json. `trials`: the indices of the trials this call
+    runs (default: all); the others are left as they are, so that trials of one OUTPUT_DIR can run
+    in separate processes or jobs (`mocobench pipeline --jobs`, `--launcher slurm`), each with the
+    seed it would have had in one call.
     """
     opts = list(opts or [])
     if synth_root:
@@ -526,6 +530,11 @@ def run_transfer(config_file, opts, num_gpus=1, seeds=1, resume=False, eval_only
     init_name, init_name_from = choose_init_name(init_name, cfg, weights_info, trial_dirs, resume)
     _log_init_name(init_name, init_name_from, cfg.MODEL.WEIGHTS)
     skip = check_output_dir(cfg, trial_dirs, resume, eval_only, init_name, weights_info)
+    if trials is not None:
+        unknown = sorted(set(trials) - set(range(seeds)))
+        if unknown:
+            raise UsageError(f"trial(s) {unknown}: expected indices below --seeds {seeds}")
+        skip = sorted(set(skip) | (set(range(seeds)) - set(trials)))
     job = TransferJob(
         config_file=config_file,
         opts=opts,

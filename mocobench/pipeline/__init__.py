@@ -41,6 +41,12 @@ transfer from each seed's), and redoes a stage whose inputs changed, or one name
 its old outputs are moved to superseded/<time>/, never deleted, and the stages after it see the
 new inputs and are redone in turn.
 
+The study is a graph (graph.py): a job per stage and per transfer trial (init x seed), each waiting
+only for the stages whose outputs it reads (random-init trials for nothing but the data). --dry-run
+prints it with the critical path and the wall time with fan-out against the sequential sum;
+`--jobs N` runs it on this machine, N jobs at once, each in its own process (local.py), with the
+same records and report as one job after another. `mocobench status RUN_DIR` shows where it stands.
+
 `--stage STAGE` runs one stage (those before it must be done). `--launcher slurm`
 (mocobench.launch) submits one job per stage that is not done, each running `--stage STAGE` with
 the stage's own resources (NUM_NODES nodes for pretrain, supervised and transfer) after the
@@ -60,6 +66,11 @@ def build_parser():
     parser.add_argument("--redo", action="append", default=[], metavar="STAGE",
                         help="run STAGE again even if it is done (its old outputs go to "
                              "superseded/); repeatable")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="run the study's jobs (a stage, or one transfer trial: init x seed) "
+                             "side by side on this machine, up to N at once, each in its own "
+                             "process, when what it reads is done (default: visible GPUs // "
+                             "TRANSFER.NUM_GPUS; 1 on CPU: one stage after another)")
     parser.add_argument("--stage", default=None, metavar="STAGE",
                         help="run STAGE alone; the stages before it must be done (what each job of "
                              "--launcher slurm runs)")
@@ -114,5 +125,5 @@ def stage_jobs(argv, gpus_per_node):
 
 def main(argv) -> int:
     args, pipeline = parse(argv)
-    pipeline.run(dry_run=args.dry_run)
+    pipeline.run(dry_run=args.dry_run, jobs=args.jobs)
     return 0

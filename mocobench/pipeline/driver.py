@@ -8,11 +8,27 @@ import os
 import time
 
 from mocobench.pipeline.estimate import record_rate, time_left
+from mocobench.pipeline.graph import build_jobs, print_graph
 from mocobench.pipeline.machines import ONE_MACHINE, check_machines
 from mocobench.pipeline.manifest import Manifest, git_commit
 from mocobench.pipeline.plan import decide, preflight
 from mocobench.pipeline.stages import Wiring
 from mocobench.utils.errors import UsageError
+
+
+def visible_gpus():
+    """CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_jobs(cfg, gpus):
+    """Trials side by side on this machine: as many as its GPUs hold (8 GPUs, 2 per trial: 4);
+    1 without CUDA (--jobs N asks for more) or when a trial takes every GPU."""
+    if not gpus or not cfg.TRANSFER.NUM_GPUS:
+        return 1
+    return max(1, gpus // cfg.TRANSFER.NUM_GPUS)
 
 
 class Pipeline:
@@ -37,21 +53,31 @@ class Pipeline:
     def run_dir(self):
         return self.wiring.run_dir
 
-    def preflight(self):
-        return preflight(self.wiring, self.manifest, self.redo)
+    def preflight(self, then=None):
+        return preflight(self.wiring, self.manifest, self.redo, then)
 
-    def run(self, dry_run=False):
+    def run(self, dry_run=False, jobs=None):
         """Every stage in order (with `only`: the stages up to it, those before it done); returns
-        the outputs of the stages, or None with `dry_run` (the preflight alone)."""
+        the outputs of the stages, or None with `dry_run` (the preflight and the graph alone).
+        `jobs` > 1: the study's graph, up to `jobs` jobs at once on this machine (local.py);
+        None: visible GPUs // a trial's GPUs, 1 without CUDA."""
         stages = self.wiring.stages()
         names = [stage.name for stage in stages]
         self._check_selection(names)
-        rows = self.preflight()
+        gpus = visible_gpus()
+        slots = jobs or default_jobs(self.wiring.cfg, gpus)
+        if slots < 1:
+            raise UsageError(f"--jobs {slots}: expected >= 1")
+        graph = None if self.only else \
+            (lambda rows: print_graph(build_jobs(self.wiring, rows, gpus), slots, gpus))
+        rows = self.preflight(then=graph)
         if self.only:
             self._check_earlier_stages_done(rows[:names.index(self.only)])
         if dry_run:
             return None
         self._open_manifest()
+        if slots > 1 and not self.only:
+            return self._run_graph(rows, slots, gpus)
         end = names.index(self.only) + 1 if self.only else len(stages)  # later: their own jobs
         start, stamp = time.time(), time.strftime("%Y%m%d-%H%M%S")
         measured = {}  # stage -> seconds, of the stages this command ran
@@ -74,6 +100,25 @@ class Pipeline:
             measured[stage.name] = self._run_stage(stage, inputs)
         what = f"stage {self.only}" if self.only else "pipeline"
         print(f"\n{what} finished in {time.time() - start:.0f} s: {self.run_dir}", flush=True)
+        return self.wiring.outputs
+
+    def _run_graph(self, rows, slots, gpus):
+        """The graph's jobs, `slots` at once, each in its own process (local.LocalRunner)."""
+        from mocobench.pipeline.local import LocalRunner
+
+        for row in rows:  # what the jobs read from the stages done earlier
+            if row.decision.kind == "done":
+                self.wiring.outputs[row.name] = self.manifest.stage(row.name)["outputs"]
+        start, stamp = time.time(), time.strftime("%Y%m%d-%H%M%S")
+        jobs = build_jobs(self.wiring, rows, gpus)
+        print(f"\n=== {len(jobs)} job(s), up to {slots} at once", flush=True)
+        failed = LocalRunner(self, jobs, slots, gpus).run(stamp)
+        if failed:
+            first = next(iter(failed))
+            raise UsageError(f"{len(failed)} job(s) failed: {', '.join(failed)}; {first}: "
+                             f"{failed[first]} (see logs/ in {self.run_dir}); run the same "
+                             "command again to rerun only those")
+        print(f"\npipeline finished in {time.time() - start:.0f} s: {self.run_dir}", flush=True)
         return self.wiring.outputs
 
     def _check_selection(self, names):

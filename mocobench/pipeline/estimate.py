@@ -107,7 +107,34 @@ def expected_seconds(wiring, manifest, name, finished, rates):
         return sum(same) / len(same)
     key, units = work(wiring, name)
     rate = rates.get(key)
-    return rate["seconds_per_unit"] * units if rate else None
+    return rate["seconds_per_unit"] * units if rate else reference_seconds(wiring, name)
+
+
+# The paper-scale work on 8 x V100 (docs/scale.md, the official repositories' figures), for a
+# stage this machine has not measured: MoCo v1/v2 R50 at 224 px, 200 epochs in 53 h
+# (facebookresearch/moco README); detectron2 R50 training, seconds per iteration at 16 images on 8
+# GPUs (detectron2 MODEL_ZOO.md, Faster R-CNN: FPN 0.210, C4 0.551)
+REFERENCE_PRETRAIN_SECONDS_PER_EPOCH = 53 * 3600 / 200
+REFERENCE_TRANSFER_SECONDS_PER_ITER = {"FPN": 0.210, "C4": 0.551}
+
+
+def reference_seconds(wiring, name):
+    """The 8 x V100 figures for a ResNet-50 pretraining at 224 px or a ResNet-50 detectron2 transfer
+    on CUDA (its seeds x iterations); None for other work."""
+    cfg = wiring.cfg
+    if name == "supervised" and cfg.SUPERVISED.WEIGHTS:
+        return 1.0  # the weights given: nothing to compute
+    if name == "pretrain":
+        c = wiring.stage_config("PRETRAIN")
+        if c.MODEL.ARCH == "resnet50" and c.INPUT.SIZE == 224:
+            return REFERENCE_PRETRAIN_SECONDS_PER_EPOCH * c.SOLVER.EPOCHS
+    if name.startswith("transfer_"):
+        c = wiring.stage_config("TRANSFER", name.split("_", 1)[1])
+        if c.MODEL.RESNETS.DEPTH == 50 and c.MODEL.DEVICE.startswith("cuda"):
+            kind = "FPN" if "fpn" in c.MODEL.BACKBONE.NAME.lower() else "C4"
+            per_iter = REFERENCE_TRANSFER_SECONDS_PER_ITER[kind]
+            return per_iter * c.SOLVER.MAX_ITER * cfg.TRANSFER.SEEDS
+    return None
 
 
 def time_left(wiring, manifest, names, measured):

@@ -3,10 +3,14 @@
 Per stage: its inputs, outputs, status (running / failed / done), error, timings and the git commit
 that ran it; for the run: the pipeline config, the software versions and the commit. This module
 alone reads and writes the file, rewriting it atomically after every change, so an interrupted
-process leaves the last complete record.
+process leaves the last complete record. Each change re-reads the file under a lock
+(manifest.json.lock, flock) first: the jobs of one study on SLURM (a stage each, a trial each)
+record their stages side by side without losing each other's changes.
 """
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 
@@ -55,20 +59,46 @@ class Manifest:
         return {n: s.get("seconds") for n, s in self._data["stages"].items()
                 if s.get("status") == "done" and s.get("seconds")}
 
+    @contextlib.contextmanager
+    def _changing(self):
+        """The file as it is now (another job may have changed it), locked until saved."""
+        if not self.writable:
+            yield
+            return
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path + ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # a file system without flock: one writer at a time, as before
+                pass
+            if os.path.exists(self.path):
+                with open(self.path) as f:
+                    self._data = json.load(f)
+            yield
+            self.save()
+
     def record_run(self, config_file, config, commit):
         """The run's own fields, written before its first stage starts."""
-        self._data.update(config_file=config_file, config=config, versions=software_versions(),
-                          git_commit=commit)
-        self.save()
+        with self._changing():
+            self._data.update(config_file=config_file, config=config,
+                              versions=software_versions(), git_commit=commit)
 
     def forget(self, name):
-        """Drop a stage's record (it is redone; its old outputs were moved aside). Saved with the
-        stage's next change."""
-        self._data["stages"].pop(name, None)
+        """Drop a stage's record (it is redone; its old outputs were moved aside)."""
+        with self._changing():
+            self._data["stages"].pop(name, None)
 
     def start(self, name, inputs, commit):
+        # pid and host: `mocobench status` tells a running stage from one whose process is gone
         self._update(name, status="running", inputs=inputs,
-                     started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=commit)
+                     started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=commit,
+                     pid=os.getpid(), host=socket.gethostname(), failed_jobs={})
+
+    def note(self, name, **fields):
+        """Fields of a stage's record besides its status: its failed jobs, its SLURM job ids."""
+        self._update(name, **fields)
 
     def fail(self, name, error, seconds):
         self._update(name, status="failed", error=error, seconds=seconds)
@@ -77,5 +107,5 @@ class Manifest:
         self._update(name, status="done", outputs=outputs, seconds=seconds, error=None)
 
     def _update(self, name, **fields):
-        self._data["stages"].setdefault(name, {}).update(fields)
-        self.save()
+        with self._changing():
+            self._data["stages"].setdefault(name, {}).update(fields)

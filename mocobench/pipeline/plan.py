@@ -69,7 +69,8 @@ class PlanRow:
 
     @property
     def missing(self):
-        return [f"{need.what} {need.path}" for need in self.needs if need.missing]
+        """[(the input, what is wrong with it)] of the inputs the stage cannot read."""
+        return [(f"{need.what} {need.path}", need.problem) for need in self.needs if need.missing]
 
 
 def make_plan(wiring, manifest, redo):
@@ -126,7 +127,7 @@ def print_plan(rows, config_file, run_dir):
               + ("" if row.action == "done" else f" | {eta}"))
         for need in row.needs:
             print(f"        needs {need.what}: {need.path} [{need.state}]")
-    missing = [m for row in rows for m in row.missing]
+    missing = missing_inputs(rows)
     known = [row.seconds for row in rows if row.action != "done"]
     if all(known):
         print(f"  expected time of the remaining stages: ~{sum(known):.0f} s")
@@ -135,10 +136,25 @@ def print_plan(rows, config_file, run_dir):
     return missing
 
 
-def preflight(wiring, manifest, redo):
-    """make_plan(), printed; a missing input is an error before anything runs or is written."""
+def missing_inputs(rows):
+    """One line per input some stage cannot read, naming the stages that read it and what is wrong
+    (a dataset's expected layout); an input several stages read is listed once."""
+    stages = {}
+    for row in rows:
+        for what, problem in row.missing:
+            stages.setdefault((what, problem), []).append(row.name)
+    return [f"{what} (stage {', '.join(names)})"
+            + ("" if problem == "does not exist" else f": {problem}")
+            for (what, problem), names in stages.items()]
+
+
+def preflight(wiring, manifest, redo, then=None):
+    """make_plan(), printed (and `then(rows)`: the graph); a missing input is an error before
+    anything runs or is written."""
     rows = make_plan(wiring, manifest, redo)
     missing = print_plan(rows, wiring.config_file, wiring.run_dir)
+    if then is not None:
+        then(rows)
     if missing:
         raise UsageError(f"{wiring.config_file}: missing input(s): {'; '.join(missing)} "
                          f"(nothing was run)")

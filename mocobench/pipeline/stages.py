@@ -6,8 +6,9 @@ before it: there is no second implementation here, only the wiring. A stage's in
 config, the sha256 of the files it reads) are what a re-run compares to decide whether it is done.
 """
 import dataclasses
+import functools
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from mocobench.pipeline.config import stage_config, trains_classifier, transfer_config_file
 from mocobench.pipeline.machines import ONE_MACHINE
@@ -26,20 +27,37 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Need:
-    """A file or folder a stage reads; `produced`: an earlier stage of the pipeline writes it."""
+    """A file or folder a stage reads; `produced`: an earlier stage of the pipeline writes it;
+    `check`: () -> None, raising UsageError when the input is there but unusable (a dataset's
+    layout, an empty class folder), run when it exists."""
 
     what: str
     path: str
     produced: bool
+    check: Optional[Callable] = None
+
+    @functools.cached_property
+    def problem(self):
+        """Why the stage cannot read it (None: it can, or an earlier stage writes it)."""
+        exists = os.path.exists(self.path)
+        if self.produced and not exists:
+            return None
+        if self.check is None:
+            return None if exists else "does not exist"
+        try:
+            self.check()  # also when missing: it says what is missing, and the layout expected
+        except UsageError as e:  # one line: the layout's lines joined
+            return " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        return None
 
     @property
     def missing(self):
-        return not self.produced and not os.path.exists(self.path)
+        return self.problem is not None
 
     @property
     def state(self):
-        if self.missing:
-            return "MISSING"
+        if self.problem:
+            return "MISSING" if self.problem == "does not exist" else f"BROKEN: {self.problem}"
         return "from an earlier stage" if self.produced and not os.path.exists(self.path) else "ok"
 
 
@@ -123,14 +141,17 @@ class Wiring:
         return []
 
     def needs(self, name):
-        """[Need] of the files a stage reads."""
+        """[Need] of the files a stage reads, each with the check of its content."""
         cfg = self.cfg
         if trains_classifier(cfg, name):
+            train = os.path.join(self.pretrain_root, "train")
             return [Need(f"{name} config", cfg[name.upper()].CONFIG_FILE, False),
-                    Need("ImageFolder train/", os.path.join(self.pretrain_root, "train"),
-                         bool(cfg.DATA.SYNTH))]
+                    Need("ImageFolder train/", train, bool(cfg.DATA.SYNTH),
+                         functools.partial(_check_image_folder, train))]
         if name == "supervised":
-            return [Need("SUPERVISED.WEIGHTS", cfg.SUPERVISED.WEIGHTS, False)]
+            weights = cfg.SUPERVISED.WEIGHTS
+            return [Need("SUPERVISED.WEIGHTS", weights, False,
+                         functools.partial(_check_weights_file, weights))]
         if name.startswith("convert_"):
             return [Need("checkpoint", f"last checkpoint of the {name.split('_')[1]} stage", True)]
         if name.startswith("transfer_"):
@@ -140,8 +161,28 @@ class Wiring:
                 needs.append(Need("converted weights", self.path("convert", f"{init}.pkl"), True))
             if cfg.DATA.SYNTH:
                 needs.append(Need("generated detection data", self.path("data"), True))
-            return needs
+            return needs + self.dataset_needs(init)
         return []
+
+    def dataset_needs(self, init):
+        """A Need per dataset the transfer of `init` trains or tests on: detectron2's builtin names
+        under $DETECTRON2_DATASETS (its own layout, down to the annotation files and one image that
+        opens), generated ones under this run's data/ (written by the data stage) or their root."""
+        from transfer.datasets import datasets_root, resolve_synth_root
+
+        c = self.stage_config("TRANSFER", init)
+        training = set(c.DATASETS.TRAIN)
+        needs = []
+        for dataset in dict.fromkeys([*c.DATASETS.TRAIN, *c.DATASETS.TEST]):
+            if dataset.startswith("synth_"):
+                root = self.synth_root or resolve_synth_root(c.MOCOBENCH.SYNTH_ROOT)
+                where = "generated"
+            else:
+                root, where = os.path.abspath(datasets_root()), "DETECTRON2_DATASETS"
+            needs.append(Need(f"dataset {dataset} ({where})", root, bool(self.synth_root),
+                              functools.partial(_check_dataset, dataset, dataset in training,
+                                                root if where == "generated" else None)))
+        return needs
 
     # ---- inputs: what a re-run compares --------------------------------------------------------
     def synth_inputs(self):
@@ -238,7 +279,9 @@ class Wiring:
         return {"pkl": pkl, "source": report.source, "verified": report.verified,
                 "max_rel_error": report.max_rel_error}
 
-    def run_transfer(self, init):
+    def run_transfer(self, init, trials=None):
+        """The trials of `init` (`trials`: these indices only, the others left to other processes);
+        returns the stage's outputs."""
         from mocobench.utils.preempt import Preempted
         from transfer import run_transfer
 
@@ -252,25 +295,70 @@ class Wiring:
             results = run_transfer(self.transfer_config_file(init), opts, num_gpus=t.NUM_GPUS,
                                    seeds=t.SEEDS, resume=True, init_name=init,
                                    synth_root=self.synth_root, num_machines=place.num_machines,
-                                   machine_rank=place.machine_rank, dist_url=place.dist_url)
+                                   machine_rank=place.machine_rank, dist_url=place.dist_url,
+                                   trials=trials)
         except Preempted as e:  # as call_stage does for the other stages: the same exit code
             raise CommandFailed(f"mocobench transfer ({init}) {e}; run the same pipeline command "
                                 f"again to resume", e.exit_code, is_error=False) from None
         if place.machine_rank:  # rank 0's machine writes the results, machine 0 records them
             return {"output_dir": output_dir}
+        if trials is not None:
+            return self.trial_outputs(init, trials)
         if len(results) != t.SEEDS:
             raise UsageError(f"transfer of {init} produced {len(results)} results for {t.SEEDS} "
                              f"seeds: see the log.txt files under {output_dir}")
         return {"output_dir": output_dir, "results": [r.get("results") for r in results]}
 
-    def run_report(self):
+    def trial_dir(self, init, index):
+        return self.path("transfer", init, f"seed{index}")
+
+    def trial_outputs(self, init, trials):
+        """{"output_dir", "results"} of the finished trials `trials` of `init`, read from their
+        results.json (UsageError naming the first one that has none)."""
+        from transfer import record
+
+        results = []
+        for index in trials:
+            path = os.path.join(self.trial_dir(init, index), record.RESULTS_FILE)
+            if not os.path.isfile(path):
+                raise UsageError(f"transfer of {init}: trial seed{index} left no {path}: see its "
+                                 "log.txt")
+            results.append(record.read_record(path).get("results"))
+        return {"output_dir": self.path("transfer", init), "results": results}
+
+    def run_report(self, partial=False):
+        """report.md/.json/.csv and the plots; `partial`: while trials still run, over those
+        finished, without the plots."""
         from transfer.report import write_report
 
         pretraining = [self.path(d) for d in ("pretrain", "supervised")
                        if os.path.isdir(self.path(d))]
-        summary = write_report([self.path("transfer")] + pretraining, self.run_dir)
+        summary = write_report([self.path("transfer")] + pretraining, self.run_dir,
+                               plots=not partial)
         print(summary["markdown"])
         return {"files": summary["files"]}
+
+
+def _check_image_folder(root):
+    from pretrain.data import check_image_folder
+
+    check_image_folder(root)
+
+
+def _check_weights_file(path):
+    if not os.path.exists(path):
+        raise UsageError("does not exist")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise UsageError("is not a non-empty file (expected a torchvision .pth or a detectron2 "
+                         ".pkl)")
+
+
+def _check_dataset(name, training, synth_root):
+    from transfer.datasets import check_dataset, register_synth_datasets
+
+    if synth_root:  # the synth_* names of this tree
+        register_synth_datasets(synth_root)
+    check_dataset(name, training=training)
 
 
 def sha_or_error(path, what):

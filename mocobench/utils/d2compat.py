@@ -308,6 +308,35 @@ def detectron2_origin() -> str:
     return "user build"
 
 
+def builtin_dataset_paths(name, root):
+    """The files of detectron2's builtin dataset `name` under the datasets root `root`, as
+    detectron2.data.datasets.builtin lays them out (its own tables: COCO, keypoints, LVIS,
+    Cityscapes; VOC by its registered folder name), or None when `name` is not one of its names.
+
+    detectron2 registers its builtin names once, at import, under the $DETECTRON2_DATASETS of that
+    moment; a check made later (the pipeline's preflight) asks here with the root of now."""
+    import os
+
+    from detectron2.data import MetadataCatalog
+    from detectron2.data.datasets import builtin
+
+    for splits in (*builtin._PREDEFINED_SPLITS_COCO.values(),
+                   *builtin._PREDEFINED_SPLITS_LVIS.values()):
+        if name in splits:
+            image_root, json_file = splits[name]
+            return {"json_file": os.path.join(root, json_file),
+                    "image_root": os.path.join(root, image_root)}
+    for key, (image_dir, gt_dir) in builtin._RAW_CITYSCAPES_SPLITS.items():
+        if name in (key.format(task="instance_seg"), key.format(task="sem_seg")):
+            return {"image_dir": os.path.join(root, image_dir),
+                    "gt_dir": os.path.join(root, gt_dir)}
+    if name.startswith("voc_") and name in MetadataCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if meta.get("dirname", None):  # register_all_pascal_voc: ROOT/VOC2007, ROOT/VOC2012
+            return {"dirname": os.path.join(root, os.path.basename(meta.dirname))}
+    return None
+
+
 # the loggers that print a matching table or a "loading from" line on every checkpoint load
 CHECKPOINT_LOGGERS = ("fvcore.common.checkpoint", "detectron2.checkpoint.c2_model_loading",
                       "detectron2.checkpoint.detection_checkpoint")

@@ -148,9 +148,13 @@ class Progress:
     stdout."""
 
     def __init__(self, logger, total, epoch, epochs, log_period):
+        import time
+
         self.enabled = comm.is_main_process()
         self.logger, self.bar = logger, None
         self.total, self.epoch, self.epochs, self.log_period = total, epoch, epochs, log_period
+        self.clock = time.perf_counter
+        self.start, self.first_i = self.clock(), None
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -159,6 +163,8 @@ class Progress:
 
     def update(self, i, **stats):
         """The bar's postfix: one iteration's values."""
+        if self.first_i is None:  # the epoch's first iteration here (a resumed epoch: not 0)
+            self.first_i = i
         if self.bar is None:
             return
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -180,8 +186,30 @@ class Progress:
                 + "  ".join(format_scalar(k, v) for k, v in now.items()))
         if self.bar is None:
             self.logger.info(line)
+            # no bar (stdout is a file or a pipe: a SLURM log): how long this epoch and the run
+            # still take, in detectron2's `eta:` style, after each metrics line
+            self.logger.info(self.eta_line(i, now.get("lr")))
         else:
             log_to_file_only(self.logger, logging.INFO, line)
+
+    def eta_line(self, i, lr=None):
+        """'eta: 0:01:02 (epoch 2/5)  eta run: 0:04:10  iter 12/40  0.52 s/it': from the mean time
+        of this epoch's iterations so far (those of this process: a resumed epoch counts from where
+        it resumed)."""
+        import datetime
+
+        if self.first_i is None:
+            self.first_i = 0
+        done = i + 1 - self.first_i
+        per_iter = (self.clock() - self.start) / max(done, 1)
+        epoch_left = (self.total - i - 1) * per_iter
+        run_left = epoch_left + (self.epochs - self.epoch - 1) * self.total * per_iter
+
+        def hms(seconds):
+            return str(datetime.timedelta(seconds=int(seconds)))
+
+        return (f"eta: {hms(epoch_left)} (epoch {self.epoch + 1}/{self.epochs})  eta run: "
+                f"{hms(run_left)}  iter {i + 1}/{self.total}  {per_iter:.3f} s/it")
 
     def close(self):
         if self.bar is not None:
