@@ -14,7 +14,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from mocobench.pipeline.machines import stage_cpus, stage_gpus, stage_nodes
+from mocobench.pipeline.machines import stage_cpus, stage_gpus, stage_nodes, stage_processes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +67,10 @@ def build_jobs(wiring, rows, gpus_per_node):
     for row in rows:
         if row.name not in pending:
             continue
-        gpus = stage_gpus(cfg, row.name, gpus_per_node)
-        resources = dict(nodes=stage_nodes(cfg, row.name), gpus=gpus,
-                         cpus=stage_cpus(cfg, wiring.config_file, row.name, gpus))
+        processes = stage_processes(cfg, row.name, gpus_per_node)
+        resources = dict(nodes=stage_nodes(cfg, row.name),
+                         gpus=stage_gpus(cfg, wiring.config_file, row.name, gpus_per_node),
+                         cpus=stage_cpus(cfg, wiring.config_file, row.name, processes))
         after = [n for stage in upstream(cfg, row.name) if stage in pending for n in names[stage]]
         if row.name == "report":
             after = [job.name for job in jobs if job.trial is not None]
