@@ -86,6 +86,9 @@ def build_parser(command):
                             "GPUs per node (at least one GPU's worth), as the MoCo v3 / DeiT / MAE "
                             "submitit launchers ask; 0: all of the node's memory")
     group.add_argument("--comment", default=None)
+    group.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                       help="pipeline: at most N tasks of a job array (a transfer stage's trials) "
+                            "running at once (SLURM --array=...%%N); default: no cap")
     group.add_argument("--job-dir", default="slurm_jobs/%j",
                        help="submitit's folder: logs and job pickles")
     return parser
@@ -464,6 +467,8 @@ def submit(command, args, argv):
                          "expected >= 1 and >= 0")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise UsageError(f"--cpus-per-task {args.cpus_per_task}: expected >= 1")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UsageError(f"--max-concurrent {args.max_concurrent}: expected >= 1")
     if not 0 <= args.signal_delay < 60 * args.timeout:
         raise UsageError(f"--signal-delay {args.signal_delay}: expected 0 <= seconds < the time "
                          f"limit (--timeout {args.timeout} min = {60 * args.timeout} s)")
@@ -520,56 +525,86 @@ def _cpus_and_mem(args, cpus, gpus_per_node):
 
 
 def submit_pipeline(args, argv):
-    """`mocobench pipeline --launcher slurm`: the pipeline's preflight here, then a job per stage
-    that is not done, each with the stage's own resources (pretrain / supervised / transfer:
-    NUM_NODES nodes x their GPUs, a task per node of (NUM_WORKERS + 1) x GPUs CPUs from the stage's
-    config; data, convert, report: one node, no GPU, 1 CPU) and each after the
-    previous one succeeded (SLURM afterok; the chain stops at a failed stage). One stage at a time,
-    as one process would run them: the jobs share manifest.json. Every job runs
-    `mocobench pipeline --stage STAGE` through the manifest: a requeued job resumes its stage, a
-    re-submitted pipeline submits only the stages that are not done. Returns the jobs."""
+    """`mocobench pipeline --launcher slurm`: the preflight and the study's graph here, then a
+    job per stage that is not done and a job array per transfer stage (a task per trial: init x
+    seed). Each has its own resources (pretrain / supervised / transfer: NUM_NODES nodes x their
+    GPUs, a task per node of (NUM_WORKERS + 1) x processes CPUs from the stage's config; data,
+    convert, report: one node, no GPU, 1 CPU) and waits (SLURM afterok) only for the jobs whose
+    outputs it reads: supervised and random-init trials start at once, MoCo trials after the
+    conversion, the report after every trial. `--max-concurrent N` caps the running tasks of an
+    array. Every job runs `mocobench pipeline --stage STAGE [--trial I]` through the shared
+    manifest: a requeued job resumes, a failed trial is rerun alone, and the same command again
+    submits only what is not done. Returns the jobs."""
     from mocobench import pipeline
 
-    stage_jobs, dry_run = pipeline.stage_jobs(argv, args.gpus_per_node)
+    graph, study, dry_run = pipeline.slurm_jobs(argv, args.gpus_per_node)
     # the stage's own CPUs (its workers and processes, from its config), unless --cpus-per-task
-    stage_jobs = [(name, nodes, gpus, args.cpus_per_task or cpus, job_argv)
-                  for name, nodes, gpus, cpus, job_argv in stage_jobs]
+    groups = []  # [(stage, [(graph job, argv)])]: a stage's trials form one array
+    for job, job_argv in graph:
+        if job.trial is not None and groups and groups[-1][0] == job.stage:
+            groups[-1][1].append((job, job_argv))
+        else:
+            groups.append((job.stage, [(job, job_argv)]))
     if dry_run:
-        for name, nodes, gpus, cpus, _ in stage_jobs:
-            print(f"would submit {name}: {nodes} node(s), {gpus} GPU(s) per node, "
-                  f"{_cpus_and_mem(args, cpus, gpus)}")
+        for stage, members in groups:
+            job = members[0][0]
+            what = f"an array of {len(members)} trial(s)" if job.trial is not None else "a job"
+            print(f"would submit {stage} as {what}: {job.nodes} node(s), {job.gpus} GPU(s) per "
+                  f"node, {_cpus_and_mem(args, args.cpus_per_task or job.cpus, job.gpus)}"
+                  + (f", after {', '.join(sorted({a.split('/')[0] for a in job.after}))}"
+                     if job.after else ""))
         return []
     # submitit is there and can submit, before anything is said to be submitted
     _, cluster = _executor(args)
-    print(f"submitting {len(stage_jobs)} job(s), one per stage, "
-          "each after the previous one succeeded", flush=True)
-    jobs = []
-    for name, nodes, gpus, cpus, job_argv in stage_jobs:
-        # a fresh one per job: submitit's parameters only accumulate
+    print(f"submitting {len(groups)} job(s) ({len(graph)} task(s)), each after the jobs whose "
+          "outputs it reads", flush=True)
+    ids, submitted = {}, []  # graph job name -> SLURM job id; [(stage, [submitit jobs])]
+    for stage, members in groups:
+        job = members[0][0]
+        # a fresh executor per submission: submitit's parameters only accumulate
         executor, cluster = _executor(args)
-        after = jobs[-1].job_id if jobs else None
-        executor.update_parameters(**_job_parameters(args, f"mocobench-pipeline-{name}", nodes,
-                                                     gpus, tasks=1, cpus=cpus, after=after))
-        job = executor.submit(StageJob("pipeline", job_argv))
-        jobs.append(job)
-        _print_job(job, f"pipeline stage {name}",
-                   f"{cluster}: {nodes} node(s), {gpus} GPU(s) per node, "
-                   f"{_cpus_and_mem(args, cpus, gpus)}, timeout {args.timeout} min"
-                   + (f", after job {after}" if after else ""))
+        after = sorted({ids[a].split("_")[0] for a in job.after})
+        executor.update_parameters(**_job_parameters(
+            args, f"mocobench-pipeline-{stage}", job.nodes, job.gpus, tasks=1,
+            cpus=args.cpus_per_task or job.cpus, after=":".join(after) or None))
+        if job.trial is None:
+            jobs = [executor.submit(StageJob("pipeline", members[0][1]))]
+        else:
+            if args.max_concurrent:
+                executor.update_parameters(slurm_array_parallelism=args.max_concurrent)
+            with executor.batch():
+                jobs = [executor.submit(StageJob("pipeline", job_argv))
+                        for _, job_argv in members]
+        for (member, _), submitted_job in zip(members, jobs, strict=True):
+            ids[member.name] = submitted_job.job_id
+        submitted.append((stage, jobs))
+        what = (f"pipeline stage {stage}" if job.trial is None
+                else f"pipeline stage {stage} trials {members[0][0].trial}-{members[-1][0].trial}")
+        _print_job(jobs[0], what,
+                   f"{cluster}: {job.nodes} node(s), {job.gpus} GPU(s) per node, "
+                   f"{_cpus_and_mem(args, args.cpus_per_task or job.cpus, job.gpus)}, timeout "
+                   f"{args.timeout} min" + (f", after job {', '.join(after)}" if after else ""),
+                   array=len(jobs) if job.trial is not None else 0)
         if cluster == "local":
-            # submitit's local executor (tests) ignores SLURM dependencies: run the chain in order
-            # here instead
-            try:
-                job.result()
-            # submitit's FailedJobError carries the job's traceback
-            except Exception as e:  # noqa: BLE001
-                last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                raise UsageError(f"pipeline stage {name} (job {job.job_id}) failed: "
-                                 f"see {job.paths.stderr}: {last_line}") from None
-    if jobs:
-        print(f"follow the chain: squeue -j {','.join(job.job_id for job in jobs)}")
+            # submitit's local executor (tests) ignores SLURM dependencies: run them in order here
+            _wait_locally(stage, jobs)
+    if ids:
+        study.manifest.record_slurm_jobs(ids)  # for `mocobench status`
+        print(f"follow them: squeue -j {','.join(sorted({i.split('_')[0] for i in ids.values()}))}"
+              f"; mocobench status {study.run_dir}")
     sys.stdout.flush()
-    return jobs
+    return [job for _, jobs in submitted for job in jobs]
+
+
+def _wait_locally(stage, jobs):
+    for job in jobs:
+        try:
+            job.result()
+        # submitit's FailedJobError carries the job's traceback
+        except Exception as e:  # noqa: BLE001
+            last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise UsageError(f"pipeline stage {stage} (job {job.job_id}) failed: "
+                             f"see {job.paths.stderr}: {last_line}") from None
 
 
 def _executor(args):
@@ -594,7 +629,8 @@ def _job_parameters(args, name, nodes, gpus_per_node, tasks, cpus, after=None):
     last line (_failure_teardown); `after`: the job id it waits for (runs only if that one
     succeeded)."""
     dependency = {}
-    # kill_on_invalid_dep: a failed predecessor cancels this job instead of leaving it pending
+    # kill_on_invalid_dep: a failed predecessor cancels this job instead of leaving it pending;
+    # `after`: job ids joined by ":" (an array's id waits for all its tasks)
     if after is not None:
         dependency = {"slurm_dependency": f"afterok:{after}",
                       "slurm_additional_parameters": {"kill_on_invalid_dep": "yes"}}
@@ -611,7 +647,12 @@ def _job_parameters(args, name, nodes, gpus_per_node, tasks, cpus, after=None):
     )
 
 
-def _print_job(job, what, resources):
+def _print_job(job, what, resources, array=0):
     stdout, stderr = job.paths.stdout, job.paths.stderr
+    if array:
+        print(f"submitted {what} as job array {job.job_id.split('_')[0]} ({array} task(s); "
+              f"{resources})")
+        print(f"  first task's stdout: {stdout}\n  stderr: {stderr}", flush=True)
+        return
     print(f"submitted {what} as job {job.job_id} ({resources})")
     print(f"  stdout: {stdout}\n  stderr: {stderr}\n  follow: tail -f {stdout}", flush=True)

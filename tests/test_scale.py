@@ -4,6 +4,7 @@ the elastic launcher rendezvous on port 0 (the OS picks), the in-test process gr
 FileStore (no port at all)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -611,7 +612,8 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
     tiny = load_pipeline_config(TINY_PIPELINE, [])
     out, jobs = tmp_path / "run", tmp_path / "jobs"
     assert cli.main(["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--partition", "P",
-                     "--timeout", "600", "--job-dir", str(jobs), "--config-file", TINY_PIPELINE,
+                     "--timeout", "600", "--job-dir", str(jobs), "--max-concurrent", "1",
+                     "--config-file", TINY_PIPELINE,
                      "OUTPUT_DIR", str(out), "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "8",
                      # a GPU cluster's stages: not pinned to the CPU (DEVICE "": CUDA there)
                      "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6",
@@ -623,16 +625,31 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
     stages = ["data", "pretrain", "convert_moco", "transfer_moco", "transfer_random", "report"]
     ids = [str(101 + i) for i in range(len(stages))]
     for stage, job_id in zip(stages, ids):
-        assert f"submitted pipeline stage {stage} as job {job_id} " in printed
-        assert f"tail -f {jobs / f'{job_id}_0_log.out'}" in printed
-    assert f"follow the chain: squeue -j {','.join(ids)}" in printed
-    assert not out.exists()  # submitting runs nothing
+        if stage.startswith("transfer_"):  # a job array, a task per trial (TRANSFER.SEEDS 2)
+            assert f"submitted pipeline stage {stage} trials 0-1 as job array {job_id} (2 " \
+                   f"task(s)" in printed
+        else:
+            assert f"submitted pipeline stage {stage} as job {job_id} " in printed
+            assert f"tail -f {jobs / f'{job_id}_0_log.out'}" in printed
+    assert f"follow them: squeue -j {','.join(ids)}; mocobench status {out}" in printed
+    # the SLURM ids are kept for `mocobench status`; nothing has run
+    assert json.loads((out / "manifest.json").read_text())["slurm"]["jobs"] == {
+        "data": "101", "pretrain": "102", "convert_moco": "103", "transfer_moco/seed0": "104_0",
+        "transfer_moco/seed1": "104_1", "transfer_random/seed0": "105_0",
+        "transfer_random/seed1": "105_1", "report": "106"}
+    assert not (out / "pretrain").exists()
 
     flags = [_sbatch_flags(state / f"job{job_id}.sh") for job_id in ids]
     assert [f["job-name"] for f in flags] == [f"mocobench-pipeline-{s}" for s in stages]
-    assert "dependency" not in flags[0]
-    for previous, f in zip(ids, flags[1:]):
-        assert f["dependency"] == f"afterok:{previous}" and f["kill-on-invalid-dep"] == "yes"
+    # each job waits only for the jobs whose outputs it reads: the random-init trials for the data
+    # alone, the report for both arrays (all their tasks)
+    waits = {s: f.get("dependency") for s, f in zip(stages, flags)}
+    assert waits == {"data": None, "pretrain": "afterok:101", "convert_moco": "afterok:102",
+                     "transfer_moco": "afterok:101:103", "transfer_random": "afterok:101",
+                     "report": "afterok:104:105"}
+    assert all(f["kill-on-invalid-dep"] == "yes" for f in flags[1:])
+    # --max-concurrent 1: one trial of an array at a time
+    assert [f.get("array") for f in flags] == [None, None, None, "0-1%1", "0-1%1", None]
     # the stages that train span NUM_NODES nodes with their own process counts; the others: one
     # node, no GPU
     # node, no GPU. One task per node, which starts a process per GPU: (NUM_WORKERS + 1) x GPUs
@@ -650,14 +667,20 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
     assert all(f["partition"] == "P" and f["time"] == "600" for f in flags)
     assert all("--kill-on-bad-exit=1" in _srun_line(state / f"job{job_id}.sh").split()
                for job_id in ids)
-    # each job runs its own stage of the same pipeline through the manifest
+    # each job runs its own stage (a task: its trial) of the same pipeline through the manifest
     for stage, job_id in zip(stages, ids):
-        job = submitit.helpers.DelayedSubmission.load(jobs / f"{job_id}_submitted.pkl").function
-        assert job.command == "pipeline" and \
-            job.argv[:4] == ["--config-file", TINY_PIPELINE, "--stage", stage]
-        assert job.argv[-2:] == ["OUTPUT_DIR", str(out)]
-        # --redo goes to its stage's job only
-        assert ("--redo" in job.argv) == (stage == "transfer_moco")
+        tasks = ([f"{job_id}_{i}" for i in range(2)] if stage.startswith("transfer_")
+                 else [job_id])
+        for task, name in enumerate(tasks):
+            job = submitit.helpers.DelayedSubmission.load(
+                jobs / f"{name}_submitted.pkl").function
+            trial = ["--trial", str(task)] if stage.startswith("transfer_") else []
+            assert job.command == "pipeline" and \
+                job.argv[:4 + len(trial)] == ["--config-file", TINY_PIPELINE, "--stage", stage,
+                                              *trial]
+            assert job.argv[-2:] == ["OUTPUT_DIR", str(out)]
+            # --redo goes to its stage's jobs only
+            assert ("--redo" in job.argv) == (stage == "transfer_moco")
 
 
 def test_num_nodes_and_single_stage_errors(tmp_path, capsys):
@@ -741,23 +764,26 @@ def test_pipeline_on_slurm_runs_each_stage_as_its_own_job_in_order_and_a_resubmi
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     stages = ["data", "pretrain", "convert_moco", "transfer_moco", "report"]
-    assert "submitting 5 job(s), one per stage" in printed
-    ids = [printed.split(f"submitted pipeline stage {stage} as job ")[1].split()[0]
-           for stage in stages]
-    assert len(set(ids)) == len(stages)  # a job (a process of its own) per stage
+    assert "submitting 5 job(s) (5 task(s)), each after the jobs whose outputs it reads" in printed
+    # (submitit's local executor runs an array's task as a job of its own)
+    ids = [re.search(rf"submitted pipeline stage {stage} (trials 0-0 )?as job (array )?(\d+)",
+                     printed).group(3) for stage in stages]
+    assert len(set(ids)) == len(stages)  # a job (a process of its own) per stage and trial
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["stages"]) == stages and \
         all(s["status"] == "done" for s in manifest["stages"].values())
+    # what each job found done in the manifest first: only the stages whose outputs it reads,
+    # directly or not; then its own stage, or its trial
+    reads = {"data": [], "pretrain": ["data"], "convert_moco": ["data", "pretrain"],
+             "transfer_moco": ["data", "pretrain", "convert_moco"], "report": stages[:-1]}
     for i, (stage, job_id) in enumerate(zip(stages, ids)):
         log = (jobs / f"{job_id}_0_log.out").read_text()
-        # its own stage, after every earlier one had finished (found done in the manifest), and
-        # nothing after it
-        assert f"=== [{i + 1}/5] {stage} | pipeline elapsed" in log and \
-            f"stage {stage} finished in" in log
-        assert all(f"=== [{j + 1}/5] {earlier}: done earlier" in log
-                   for j, earlier in enumerate(stages[:i]))
-        assert not any(f"=== [{j + 1}/5] {later}" in log
-                       for j, later in enumerate(stages[i + 1:], i + 1))
+        own = (f"=== [{i + 1}/5] transfer_moco: trial 0 of 1 (transfer_moco/seed0)"
+               if stage == "transfer_moco" else f"=== [{i + 1}/5] {stage} | pipeline elapsed")
+        assert own in log, log[-2000:]
+        assert all(f"] {earlier}: done earlier" in log for earlier in reads[stage])
+        assert not any(re.search(rf"=== \[\d/5\] {other}\b", log) for other in stages
+                       if other not in reads[stage] and other != stage), log[-2000:]
     assert (out / "report.md").exists()
 
     # submitted again: the manifest says what is done; only the report (always redone) gets a job

@@ -10,7 +10,7 @@ import os
 
 from mocobench.pipeline.config import load_pipeline_config
 from mocobench.pipeline.driver import Pipeline
-from mocobench.pipeline.machines import Place, stage_cpus, stage_gpus, stage_nodes, stage_processes
+from mocobench.pipeline.machines import Place
 from mocobench.utils.config import resolve_config_path
 from mocobench.utils.errors import UsageError
 
@@ -74,6 +74,9 @@ def build_parser():
     parser.add_argument("--stage", default=None, metavar="STAGE",
                         help="run STAGE alone; the stages before it must be done (what each job of "
                              "--launcher slurm runs)")
+    parser.add_argument("--trial", type=int, default=None, metavar="I",
+                        help="with --stage transfer_INIT: run its trial I alone (seed SEED + I; "
+                             "what each task of a --launcher slurm job array runs)")
     group = parser.add_argument_group("machines of a stage that spans NUM_NODES nodes (set by "
                                       "--launcher slurm; transfer's meaning)")
     group.add_argument("--num-machines", type=int, default=1)
@@ -93,34 +96,44 @@ def parse(argv):
     if not 0 <= args.machine_rank < args.num_machines:
         raise UsageError(f"--machine-rank {args.machine_rank} with --num-machines "
                          f"{args.num_machines}: expected 0 <= rank < machines")
+    if args.trial is not None and not (args.stage or "").startswith("transfer_"):
+        raise UsageError(f"--trial {args.trial}: expected with --stage transfer_INIT")
+    if args.trial is not None and not 0 <= args.trial < cfg.TRANSFER.SEEDS:
+        raise UsageError(f"--trial {args.trial}: expected 0 <= trial < TRANSFER.SEEDS "
+                         f"({cfg.TRANSFER.SEEDS})")
     place = Place(args.num_machines, args.machine_rank, args.dist_url)
-    return args, Pipeline(cfg, args.config_file, redo=args.redo, only=args.stage, place=place)
+    return args, Pipeline(cfg, args.config_file, redo=args.redo, only=args.stage, place=place,
+                          trial=args.trial)
 
 
-def stage_jobs(argv, gpus_per_node):
-    """For `mocobench pipeline --launcher slurm ARGV`: the preflight (printed; a missing input is an
-    error, nothing is submitted), then one job per stage that is not done, in order, as
-    [(stage, nodes, GPUs per node, CPUs of its task (machines.stage_cpus), the job's
-    `mocobench pipeline` argv)]; and whether it is a --dry-run. Each job runs `--stage STAGE`
-    through the manifest, so a re-submitted pipeline continues where it stopped."""
+def slurm_jobs(argv, gpus_per_node):
+    """For `mocobench pipeline --launcher slurm ARGV`: the preflight and the study's graph (printed;
+    a missing input is an error, nothing is submitted), then the graph's jobs that are not done, in
+    dependency order, as [(graph.Job, its `mocobench pipeline` argv)]: `--stage STAGE` for a stage,
+    `--stage transfer_INIT --trial I` for a trial; the Pipeline; and whether it is a --dry-run.
+    Every job runs through the manifest, so a requeued job resumes and a re-submitted pipeline
+    submits only what is not done."""
+    from mocobench.pipeline.graph import build_jobs, print_graph
+
     args, pipeline = parse(argv)
     if args.stage or args.num_machines != 1:
         raise UsageError("--stage / --num-machines with --launcher slurm: the launcher submits a "
-                         "job per stage and sets them; submit the whole pipeline")
-    cfg = pipeline.wiring.cfg
+                         "job per stage and per trial and sets them; submit the whole pipeline")
+    graph = []
+
+    def show_graph(rows):
+        graph.extend(build_jobs(pipeline.wiring, rows, gpus_per_node))
+        print_graph(graph, slots=len(graph) or 1, gpus=0)
+
+    pipeline.preflight(then=show_graph)
     jobs = []
-    for row in pipeline.preflight():
-        if row.decision.kind == "done":
-            continue
-        redo = ["--redo", row.name] if row.name in pipeline.redo else []
+    for job in graph:
+        redo = ["--redo", job.stage] if job.stage in pipeline.redo else []
+        trial = [] if job.trial is None else ["--trial", str(job.trial)]
         # OUTPUT_DIR absolute: the same run wherever the job starts
-        job_argv = ["--config-file", pipeline.config_file, "--stage", row.name, *redo, *args.opts,
-                    "OUTPUT_DIR", pipeline.run_dir]
-        processes = stage_processes(cfg, row.name, gpus_per_node)
-        jobs.append((row.name, stage_nodes(cfg, row.name),
-                     stage_gpus(cfg, pipeline.config_file, row.name, gpus_per_node),
-                     stage_cpus(cfg, pipeline.config_file, row.name, processes), job_argv))
-    return jobs, args.dry_run
+        jobs.append((job, ["--config-file", pipeline.config_file, "--stage", job.stage, *trial,
+                           *redo, *args.opts, "OUTPUT_DIR", pipeline.run_dir]))
+    return jobs, pipeline, args.dry_run
 
 
 def main(argv) -> int:

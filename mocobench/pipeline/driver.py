@@ -8,10 +8,16 @@ import os
 import time
 
 from mocobench.pipeline.estimate import record_rate, time_left
-from mocobench.pipeline.graph import build_jobs, print_graph
+from mocobench.pipeline.graph import (
+    build_jobs,
+    finished_trials,
+    print_graph,
+    trial_name,
+    upstream_closure,
+)
 from mocobench.pipeline.machines import ONE_MACHINE, check_machines
 from mocobench.pipeline.manifest import Manifest, git_commit
-from mocobench.pipeline.plan import decide, preflight
+from mocobench.pipeline.plan import changed_inputs, decide, preflight
 from mocobench.pipeline.stages import Wiring
 from mocobench.utils.errors import UsageError
 
@@ -34,15 +40,16 @@ def default_jobs(cfg, gpus):
 class Pipeline:
     """One `mocobench pipeline` command: its stages, its manifest and what it was asked to redo."""
 
-    def __init__(self, cfg, config_file, redo=(), only=None, place=ONE_MACHINE):
-        """`only`: run this stage alone (the stages before it must be done): one job of
-        `--launcher slurm`. `place`: this machine's place in a stage that spans NUM_NODES machines;
+    def __init__(self, cfg, config_file, redo=(), only=None, place=ONE_MACHINE, trial=None):
+        """`only`: run this stage alone (the stages it reads must be done): one job of
+        `--launcher slurm`; `trial`: with a transfer stage, only its trial of that index (a task
+        of a job array). `place`: this machine's place in a stage that spans NUM_NODES machines;
         machine 0 writes the manifest."""
         self.wiring = Wiring(cfg, config_file, place)
         # read only until the preflight has passed
         self.manifest = Manifest(self.wiring.run_dir, writable=place.machine_rank == 0)
         self.redo = set(redo)
-        self.only = only
+        self.only, self.trial = only, trial
         self.commit = git_commit()
 
     @property
@@ -71,8 +78,11 @@ class Pipeline:
         graph = None if self.only else \
             (lambda rows: print_graph(build_jobs(self.wiring, rows, gpus), slots, gpus))
         rows = self.preflight(then=graph)
+        # with --stage: the stages it reads (the others are other jobs' to run)
+        reads = upstream_closure(self.wiring.cfg, self.only, names) if self.only else set(names)
         if self.only:
-            self._check_earlier_stages_done(rows[:names.index(self.only)])
+            self._check_earlier_stages_done([row for row in rows[:names.index(self.only)]
+                                             if row.name in reads])
         if dry_run:
             return None
         self._open_manifest()
@@ -83,6 +93,11 @@ class Pipeline:
         measured = {}  # stage -> seconds, of the stages this command ran
         for index, stage in enumerate(stages[:end], 1):
             header = f"[{index}/{len(stages)}] {stage.name}"
+            if stage.name not in reads | {self.only}:
+                continue
+            if self.trial is not None and stage.name == self.only:
+                measured[stage.name] = self._run_trial(stage, header, stamp)
+                continue
             inputs = stage.inputs()
             previous = self.manifest.stage(stage.name)
             decision = decide(stage.name, previous, inputs, self.redo)
@@ -121,6 +136,61 @@ class Pipeline:
         print(f"\npipeline finished in {time.time() - start:.0f} s: {self.run_dir}", flush=True)
         return self.wiring.outputs
 
+    def _run_trial(self, stage, header, stamp):
+        """`--stage transfer_INIT --trial I` (a task of a SLURM job array): that trial alone. The
+        first trial of the stage to start opens it (run / resume / redo decided under the
+        manifest's lock; a redone stage's old outputs moved aside), the others join it; the last to
+        finish closes it with the outputs of every trial. A partial report follows every finished
+        trial, so a failed seed hides none of the others. Returns the trial's seconds."""
+        init = stage.name.removeprefix("transfer_")
+        name = trial_name(stage.name, self.trial)
+        inputs = stage.inputs()
+        with self.manifest.changing():
+            previous = self.manifest.stage(stage.name)
+            opened = previous.get("status") == "running" and \
+                not changed_inputs(previous.get("inputs"), inputs)
+            if not opened:
+                decision = decide(stage.name, previous, inputs, self.redo)
+                if decision.kind == "done":
+                    print(f"\n=== {header}: done earlier, skipped", flush=True)
+                    return 0.0
+                if decision.kind == "redo" and self.manifest.writable:
+                    self._move_aside(stage.name, header, decision.reason, stamp)
+                self.manifest.start(stage.name, inputs, self.commit)
+        print(f"\n=== {header}: trial {self.trial} of {self.wiring.cfg.TRANSFER.SEEDS} ({name})",
+              flush=True)
+        t0 = time.time()
+        try:
+            self.wiring.run_transfer(init, trials=[self.trial])
+        except BaseException as e:
+            self._note_trial(stage.name, name, f"{type(e).__name__}: {e}")
+            raise
+        seconds = time.time() - t0
+        self._note_trial(stage.name, name, None)
+        seeds = self.wiring.cfg.TRANSFER.SEEDS
+        with self.manifest.changing():
+            record = self.manifest.stage(stage.name)
+            if record.get("status") != "done" and \
+                    len(finished_trials(self.wiring, init)) == seeds:
+                from transfer.run import write_summary
+
+                outputs = self.wiring.trial_outputs(init, range(seeds))
+                write_summary(outputs["output_dir"])  # over every trial
+                started = time.mktime(time.strptime(record["started"], "%Y-%m-%dT%H:%M:%S"))
+                self.manifest.finish(stage.name, outputs, time.time() - started)
+        self.wiring.partial_report()
+        return seconds
+
+    def _note_trial(self, stage, name, error):
+        """The stage's failed trials (`mocobench status`): `name` failed with `error`, or not (None:
+        it finished)."""
+        with self.manifest.changing():
+            failed = dict(self.manifest.stage(stage).get("failed_jobs") or {})
+            failed.pop(name, None)
+            if error is not None:
+                failed[name] = error
+            self.manifest.note(stage, failed_jobs=failed)
+
     def _check_selection(self, names):
         """--stage and --redo name stages of this pipeline; the stages this command runs are
         started on as many machines as they span."""
@@ -134,7 +204,7 @@ class Pipeline:
                        self.wiring.place)
 
     def _check_earlier_stages_done(self, rows):
-        """With --stage, the stages before it are other runs' (jobs') to do."""
+        """With --stage, the stages it reads are other runs' (jobs') to do first."""
         for row in rows:
             if row.decision.kind != "done":
                 raise UsageError(f"--stage {self.only}: the earlier stage {row.name} is not done "

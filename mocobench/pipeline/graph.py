@@ -47,6 +47,20 @@ def upstream(cfg, name):
     return []
 
 
+def upstream_closure(cfg, name, names):
+    """Every stage of `names` whose outputs stage `name` reads, directly or not (the report: every
+    stage before it)."""
+    if name == "report":
+        return set(names) - {"report"}
+    seen, todo = set(), list(upstream(cfg, name))
+    while todo:
+        stage = todo.pop()
+        if stage in names and stage not in seen:
+            seen.add(stage)
+            todo += upstream(cfg, stage)
+    return seen
+
+
 def finished_trials(wiring, init):
     """The trial indices of `init` that wrote their results.json."""
     from transfer.record import RESULTS_FILE

@@ -146,7 +146,7 @@ class LocalRunner:
             failed = {n: e for n, e in self.failed.items() if n.startswith(job.stage)}
             self.manifest.note(job.stage, failed_jobs=failed)  # for `mocobench status`
         if job.trial is not None:
-            self._partial_report()
+            self.wiring.partial_report()
         if left:
             return
         stage_seconds = time.time() - self.started[job.stage]
@@ -163,14 +163,3 @@ class LocalRunner:
             write_summary(value["output_dir"])  # over every trial, whichever process ended last
         self.wiring.outputs[job.stage] = value
         self.manifest.finish(job.stage, value, stage_seconds)
-
-    def _partial_report(self):
-        """report.md over the trials finished so far (a failed seed hides none of the others)."""
-        import contextlib
-        import io
-
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.wiring.run_report(partial=True)
-        except Exception as e:  # noqa: BLE001 - the partial report is a courtesy; the final one says
-            print(f"partial report not written: {type(e).__name__}: {e}", flush=True)

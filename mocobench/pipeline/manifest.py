@@ -38,6 +38,7 @@ class Manifest:
     def __init__(self, run_dir, writable=True):
         self.path = os.path.join(run_dir, MANIFEST)
         self.writable = writable
+        self._locked = False  # inside changing()
         self._data = {"stages": {}}
         if os.path.exists(self.path):
             with open(self.path) as f:
@@ -60,9 +61,10 @@ class Manifest:
                 if s.get("status") == "done" and s.get("seconds")}
 
     @contextlib.contextmanager
-    def _changing(self):
-        """The file as it is now (another job may have changed it), locked until saved."""
-        if not self.writable:
+    def changing(self):
+        """The file as it is now (another job may have changed it), locked until saved; nested
+        calls share the outer one's lock and save."""
+        if not self.writable or self._locked:
             yield
             return
         import fcntl
@@ -76,18 +78,22 @@ class Manifest:
             if os.path.exists(self.path):
                 with open(self.path) as f:
                     self._data = json.load(f)
-            yield
+            self._locked = True
+            try:
+                yield
+            finally:
+                self._locked = False
             self.save()
 
     def record_run(self, config_file, config, commit):
         """The run's own fields, written before its first stage starts."""
-        with self._changing():
+        with self.changing():
             self._data.update(config_file=config_file, config=config,
                               versions=software_versions(), git_commit=commit)
 
     def forget(self, name):
         """Drop a stage's record (it is redone; its old outputs were moved aside)."""
-        with self._changing():
+        with self.changing():
             self._data["stages"].pop(name, None)
 
     def start(self, name, inputs, commit):
@@ -100,6 +106,12 @@ class Manifest:
         """Fields of a stage's record besides its status: its failed jobs, its SLURM job ids."""
         self._update(name, **fields)
 
+    def record_slurm_jobs(self, jobs):
+        """{job name (a stage, or transfer_INIT/seedI): SLURM job id} of a submission, added to
+        the earlier ones (`mocobench status` asks SLURM for their states)."""
+        with self.changing():
+            self._data.setdefault("slurm", {}).setdefault("jobs", {}).update(jobs)
+
     def fail(self, name, error, seconds):
         self._update(name, status="failed", error=error, seconds=seconds)
 
@@ -107,5 +119,5 @@ class Manifest:
         self._update(name, status="done", outputs=outputs, seconds=seconds, error=None)
 
     def _update(self, name, **fields):
-        with self._changing():
+        with self.changing():
             self._data["stages"].setdefault(name, {}).update(fields)

@@ -326,6 +326,18 @@ class Wiring:
             results.append(record.read_record(path).get("results"))
         return {"output_dir": self.path("transfer", init), "results": results}
 
+    def partial_report(self):
+        """report.md over the trials finished so far (a failed seed hides none of the others),
+        quietly; a courtesy: a failure is said in one line, the final report says the rest."""
+        import contextlib
+        import io
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.run_report(partial=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"partial report not written: {type(e).__name__}: {e}", flush=True)
+
     def run_report(self, partial=False):
         """report.md/.json/.csv and the plots; `partial`: while trials still run, over those
         finished, without the plots."""
