@@ -563,7 +563,7 @@ def submit_pipeline(args, argv):
         job = members[0][0]
         # a fresh executor per submission: submitit's parameters only accumulate
         executor, cluster = _executor(args)
-        after = sorted({ids[a].split("_")[0] for a in job.after})
+        after = sorted({ids[a].split("_")[0] for a in job.after}, key=int)
         executor.update_parameters(**_job_parameters(
             args, f"mocobench-pipeline-{stage}", job.nodes, job.gpus, tasks=1,
             cpus=args.cpus_per_task or job.cpus, after=":".join(after) or None))
@@ -588,9 +588,11 @@ def submit_pipeline(args, argv):
         if cluster == "local":
             # submitit's local executor (tests) ignores SLURM dependencies: run them in order here
             _wait_locally(stage, jobs)
-    if ids:
-        study.manifest.record_slurm_jobs(ids)  # for `mocobench status`
-        print(f"follow them: squeue -j {','.join(sorted({i.split('_')[0] for i in ids.values()}))}"
+    if ids:  # the run's config and its jobs' SLURM ids, for `mocobench status`
+        study.open_manifest()
+        study.manifest.record_slurm_jobs(ids)
+        print(f"follow them: squeue -j "
+              f"{','.join(sorted({i.split('_')[0] for i in ids.values()}, key=int))}"
               f"; mocobench status {study.run_dir}")
     sys.stdout.flush()
     return [job for _, jobs in submitted for job in jobs]

@@ -65,14 +65,14 @@ def headline(results):
 
 
 def scheduler_states(job_ids):
-    """{job id: state} from squeue (pending / running jobs) and sacct (finished ones, where
-    accounting is on); (states, notes on what could not be asked)."""
+    """{job id: state} from squeue (pending / running jobs), sacct (finished ones, where accounting
+    is on) and else scontrol (recently ended ones); (states, notes on what could not be asked)."""
     states, notes = {}, []
     if not job_ids:
         return states, notes
     ids = ",".join(sorted(set(job_ids)))
     for command in (["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ids],
-                    ["squeue", "-h", "-o", "%i|%T", "-j", ids]):
+                    ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ids]):
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -85,6 +85,16 @@ def scheduler_states(job_ids):
             job, _, state = line.strip().partition("|")
             if job and state:
                 states[job] = state.split()[0]  # squeue, the live one, last: it wins
+    # a job that has ended, without accounting: slurmctld still knows it for MinJobAge
+    for job in sorted(set(job_ids) - set(states)):
+        try:
+            proc = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            break
+        fields = dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
+        if proc.returncode == 0 and "JobState" in fields:
+            states[job] = fields["JobState"]
     return states, notes
 
 

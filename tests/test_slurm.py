@@ -49,7 +49,7 @@ class Job:
 
     def __init__(self, env, job_dir, printed):
         self.env, self.job_dir = env, job_dir
-        self.id = re.search(r"as job (\d+)", printed).group(1)
+        self.id = re.search(r"as job ([\d_]+)", printed).group(1)
 
     def info(self):
         """`scontrol show job -o ID` as {key: value}."""
@@ -290,23 +290,63 @@ def test_a_failing_rank_ends_the_whole_job_at_once_with_its_error_last(cluster, 
     assert info["ExitCode"] != "0:0"
 
 
-def test_pipeline_of_the_tiny_study_runs_through_on_slurm(cluster, tmp_path):
-    """`pipeline --launcher slurm`: every job SLURM ran COMPLETED, every stage is done in the
-    manifest and the report has its table."""
-    out = tmp_path / "run"
+def report_tables(out):
+    """report.json's tables with the run directory taken out of the trials' paths."""
+    return json.loads((out / "report.json").read_text().replace(str(out), "RUN"))["tables"]
+
+
+def test_the_tiny_study_runs_on_slurm_as_a_graph_and_reports_what_the_sequential_run_does(
+        cluster, tmp_path):
+    """`pipeline --launcher slurm` of the tiny study with 3 inits x 3 seeds: a job per stage and a
+    job array per init (a task per trial), each waiting (afterok) only for what it reads; every job
+    COMPLETED; `mocobench status` follows it; the report's tables equal those of the same study run
+    one stage after another in one process, right before it on this machine."""
+    study = ["--config-file", TINY_PIPELINE, "TRANSFER.SEEDS", "3"]
+    sequential = tmp_path / "sequential"
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "mocobench", "pipeline", *study, "OUTPUT_DIR",
+                           str(sequential)], cwd=REPO, env=cluster, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sequential_s = time.time() - t0
+
+    out, job_dir = tmp_path / "graph", tmp_path / "jobs"
+    t0 = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "mocobench", "pipeline", "--launcher", "slurm", "--gpus-per-node",
-         "0", "--mem", "2G", "--timeout", "20", "--job-dir", str(tmp_path / "jobs"),
-         "--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "TRANSFER.INITS", "['moco']",
-         "TRANSFER.SEEDS", "1"], cwd=REPO, env=cluster, capture_output=True, text=True,
-        timeout=300)
+         "0", "--mem", "2G", "--timeout", "20", "--job-dir", str(job_dir), *study, "OUTPUT_DIR",
+         str(out)], cwd=REPO, env=cluster, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    jobs = [Job(cluster, str(tmp_path / "jobs"), line)
-            for line in proc.stdout.splitlines() if " as job " in line]
-    assert len(jobs) >= 2, proc.stdout
-    for job in jobs:
-        job.wait(timeout=800)
+    ids = dict(re.findall(r"submitted pipeline stage (\S+) (?:trials \S+ )?as job (?:array )?"
+                          r"(\d+)", proc.stdout))
+    assert list(ids) == ["data", "pretrain", "supervised", "convert_moco", "convert_supervised",
+                         "transfer_moco", "transfer_supervised", "transfer_random", "report"]
+    # the batch scripts: an array of 3 per init, dependencies only where data flows
+    scripts = {stage: sorted(job_dir.glob(f"{job_id}*_submission.sh"))[0].read_text()
+               for stage, job_id in ids.items()}
+    for init in ("moco", "supervised", "random"):
+        assert "#SBATCH --array=0-2%3" in scripts[f"transfer_{init}"]
+    waits = {stage: re.findall(r"#SBATCH --dependency=afterok:(\S+)", script)
+             for stage, script in scripts.items()}
+    assert waits["transfer_random"] == [ids["data"]]  # nothing from pretraining
+    assert waits["transfer_moco"] == [f"{ids['data']}:{ids['convert_moco']}"]
+    assert waits["report"] == [":".join(ids[f"transfer_{i}"]
+                                        for i in ("moco", "supervised", "random"))]
+    status = subprocess.run([sys.executable, "-m", "mocobench", "status", str(out)], cwd=REPO,
+                            env=cluster, capture_output=True, text=True, timeout=120).stdout
+    assert f"[SLURM {ids['data']} " in status, status
+
+    for stage, job_id in ids.items():  # an array: each of its tasks
+        for task in ([f"{job_id}_{i}" for i in range(3)] if stage.startswith("transfer_")
+                     else [job_id]):
+            Job(cluster, str(job_dir), f"as job {task}").wait(timeout=900)
+    graph_s = time.time() - t0
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(stage["status"] == "done" for stage in manifest["stages"].values()), manifest
-    report = (out / "report.md").read_text()
-    assert "| moco" in report, report
+    status = subprocess.run([sys.executable, "-m", "mocobench", "status", str(out)], cwd=REPO,
+                            env=cluster, capture_output=True, text=True, timeout=120).stdout
+    assert "seeds finished: moco 3/3, supervised 3/3, random 3/3" in status, status
+    assert f"[SLURM {ids['transfer_moco']}_2 COMPLETED]" in status, status
+    assert report_tables(out) == report_tables(sequential)
+    print(f"\ntiny study, 3 inits x 3 seeds: sequential {sequential_s:.0f} s, as a SLURM graph "
+          f"{graph_s:.0f} s (submission to the last job's end)")

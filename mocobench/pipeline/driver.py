@@ -85,7 +85,7 @@ class Pipeline:
                                              if row.name in reads])
         if dry_run:
             return None
-        self._open_manifest()
+        self.open_manifest()
         if slots > 1 and not self.only:
             return self._run_graph(rows, slots, gpus)
         end = names.index(self.only) + 1 if self.only else len(stages)  # later: their own jobs
@@ -211,7 +211,7 @@ class Pipeline:
                                  f"({row.action}); run the pipeline (or its --stage {row.name}) "
                                  f"first")
 
-    def _open_manifest(self):
+    def open_manifest(self):
         if self.manifest.writable:
             os.makedirs(self.run_dir, exist_ok=True)
         self.manifest.record_run(self.config_file, self.wiring.cfg.dump(), self.commit)
