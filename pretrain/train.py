@@ -65,20 +65,30 @@ def replicated_state(model):
 # --------------------------------------------------------------------------------------------------
 # watching it learn
 # --------------------------------------------------------------------------------------------------
-def knn_monitor(cfg, model, device, num_workers):
-    """Weighted kNN top-1 (%) of the backbone features (before the projection head), DATA.ROOT/train
-    as the memory bank and DATA.ROOT/val as queries; None when val/ does not exist. Every process:
-    each extracts its shard of the images and the bank is all-gathered (pretrain.knn)."""
+def knn_datasets(cfg):
+    """(DATA.ROOT/train as the memory bank, DATA.ROOT/val as the queries) with the evaluation
+    transform; None when val/ does not exist. Each lists its directory once: the task keeps them for
+    the run (an ImageNet train/ is 1.28M files)."""
     from pretrain.augment import build_eval_transform
-    from pretrain.data import SafeImageFolder, build_loader
-    from pretrain.knn import knn_accuracy, shard
+    from pretrain.data import SafeImageFolder
 
     val_dir = os.path.join(cfg.DATA.ROOT, "val")
     if not os.path.isdir(val_dir):
         return None
     transform = build_eval_transform(cfg.INPUT.SIZE)
-    train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), transform)
-    val_set = SafeImageFolder(val_dir, transform)
+    return (SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), transform),
+            SafeImageFolder(val_dir, transform))
+
+
+def knn_monitor(cfg, model, device, num_workers, datasets):
+    """Weighted kNN top-1 (%) of the backbone features (before the projection head), `datasets` =
+    knn_datasets(cfg). Every process: each extracts its shard of the images and scores every query
+    against its shard of the bank (pretrain.knn). Leaves the RNG states as it found them: it runs
+    after the epoch's checkpoint, which keeps them."""
+    from pretrain.data import build_loader
+    from pretrain.knn import knn_accuracy, shard
+
+    train_set, val_set = datasets
     loaders = [build_loader(shard(s), cfg.KNN.BATCH_SIZE, num_workers, shuffle=False,
                             drop_last=False, seed=cfg.SEED) for s in (train_set, val_set)]
     encoder = engine.unwrap(model.encoder_q if cfg.MOCO.VERSION != "v3" else model.base_encoder)
@@ -93,12 +103,14 @@ def knn_monitor(cfg, model, device, num_workers):
         return torch.flatten(encoder.avgpool(x), 1)
 
     was_training = model.training
+    rng = ckpt.get_rng_state()  # a seeded dataset reseeds `random` per image (num_workers 0)
     model.eval()
     try:
         return knn_accuracy(backbone_features, *loaders, k=cfg.KNN.K, t=cfg.KNN.T,
                             num_classes=len(train_set.classes), device=device)
     finally:
         model.train(was_training)
+        ckpt.set_rng_state(rng)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +125,7 @@ class MocoTask(engine.Task):
         self.state_keys = (keys if cfg.MOCO.VERSION == "v3"
                            else tuple(k for k in keys if k != "MOCO.MLP_DIM"))
         self.bn_splits = 1
+        self.knn_sets = None  # knn_datasets, listed at the first monitor
 
     def build_data(self, batch_per_rank, world):
         from pretrain.augment import build_two_view_transform
@@ -179,14 +192,16 @@ class MocoTask(engine.Task):
             scalars["queue_fill"] = min(1.0, iteration * cfg.SOLVER.BATCH_SIZE / cfg.MOCO.K)
         return scalars
 
-    def evaluate(self, model, epoch, device, precision):
+    def monitor(self, model, epoch, device, precision):
         cfg = self.cfg
         last_epoch = epoch + 1 == cfg.SOLVER.EPOCHS
         if cfg.KNN.PERIOD <= 0 or not ((epoch + 1) % cfg.KNN.PERIOD == 0 or last_epoch):
             return {}
-        top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS)
-        if top1 is None:
+        if self.knn_sets is None:
+            self.knn_sets = knn_datasets(cfg) or ()
+        if not self.knn_sets:
             return {}
+        top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS, self.knn_sets)
         logger.info(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
         return {"knn_top1": top1}
 
