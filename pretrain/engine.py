@@ -37,6 +37,7 @@ from pretrain import resume as resume_mod
 logger = logging.getLogger("pretrain")
 
 PRECISION_RECORD = "precision.json"
+TOPOLOGY_RECORD = "topology.json"  # world size, batches, BN groups and their warnings
 
 
 class TrainingDiverged(CommandFailed):
@@ -86,6 +87,10 @@ class Task:
         """The log's first lines about the run."""
         return []
 
+    def topology(self, world, batch_per_rank):
+        """OUTPUT_DIR/topology.json: the run's scale; its `warnings` (lines) are logged too."""
+        return {"world_size": world, "batch_size": self.cfg.SOLVER.BATCH_SIZE,
+                "batch_per_process": batch_per_rank, "warnings": []}
 
     def wrap(self, model, device):
         """The model the loop trains: DDP, torch.compile. Called once the state is restored."""
@@ -170,6 +175,17 @@ def precision_settings(cfg, device, write=True):
             with atomic_write(os.path.join(cfg.OUTPUT_DIR, PRECISION_RECORD), "w") as f:
                 json.dump(record, f, indent=2)
     return amp, dtype, channels_last
+
+
+def write_topology(cfg, record):
+    """Log the record's warnings and write it to OUTPUT_DIR/TOPOLOGY_RECORD (main process: on the
+    others a warning would reach stderr through logging's last-resort handler)."""
+    if not comm.is_main_process():
+        return
+    for line in record["warnings"]:
+        logger.warning(line)
+    with atomic_write(os.path.join(cfg.OUTPUT_DIR, TOPOLOGY_RECORD), "w") as f:
+        json.dump(record, f, indent=2)
 
 
 def optimization_step(loss, optimizer, scaler):
@@ -414,6 +430,7 @@ def train(task, resume=None, extend=False):
                 f.write(cfg.dump())
         for line in task.describe(world, batch_per_rank, device):
             logger.info(line)
+        write_topology(cfg, task.topology(world, batch_per_rank))
         if point is not None:
             logger.info(f"resumed from {point.path}: starting at epoch {start_epoch + 1}"
                         + (f", iteration {start_i + 1}/{len(loader)} of it" if start_i else "")

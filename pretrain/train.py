@@ -114,6 +114,38 @@ def knn_monitor(cfg, model, device, num_workers, datasets):
 
 
 # --------------------------------------------------------------------------------------------------
+# batch-norm groups
+# --------------------------------------------------------------------------------------------------
+# MoCo v1/v2: batch 256 on 8 GPUs, each GPU's BN over its own 32 images, keys shuffled across the
+# GPUs (He et al. 2020, Sec. 3.3 "Shuffling BN" and Sec. 4 "Training": mini-batch 256 in 8 GPUs;
+# facebookresearch/moco main_moco.py: -b 256 divided among the GPUs of the node). The group size
+# decides how much the BN statistics leak between the samples of a group, which shuffle BN is
+# there to stop. v3: SyncBN over the whole batch (moco-v3 main_moco.py), no per-device group.
+RECIPE_BN_GROUP = {"v1": 32, "v2": 32}
+
+
+def bn_group_warning(cfg, world, batch_per_rank, splits, group, recipe):
+    """One line: the BN group this run has, the recipe's, and the two ways to keep the recipe."""
+    where = (f"{batch_per_rank} per process (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} over "
+             f"{world} process(es)" + (f", {splits} SHUFFLE_BN_SPLITS groups" if splits > 1 else "")
+             + ")")
+    ways = [f"SOLVER.BATCH_SIZE {recipe * world * splits} ({recipe} per BN group; the lr follows "
+            "by the linear rule, SOLVER.BASE_LR is per 256)"]
+    if world == 1 and batch_per_rank % recipe == 0:
+        ways.append(f"MOCO.SHUFFLE_BN_SPLITS {batch_per_rank // recipe} (SplitBN / shuffle BN over "
+                    f"groups of {recipe} in this process)")
+    elif world == 1:
+        ways.append(f"SplitBN / shuffle-BN groups of {recipe}: a batch that is a multiple of "
+                    f"{recipe} and MOCO.SHUFFLE_BN_SPLITS = batch / {recipe}")
+    else:
+        ways.append(f"SplitBN / shuffle-BN groups of {recipe} (MOCO.SHUFFLE_BN_SPLITS, in one "
+                    "process only: with several, each process is one BN group)")
+    return (f"BN statistics over {group} images: {where}, where the MoCo {cfg.MOCO.VERSION} recipe "
+            f"has {recipe} (batch 256 on 8 GPUs, MoCo paper Sec. 3.3/4, official main_moco.py). "
+            f"To keep the recipe: " + ", or ".join(ways))
+
+
+# --------------------------------------------------------------------------------------------------
 # the task
 # --------------------------------------------------------------------------------------------------
 class MocoTask(engine.Task):
@@ -161,12 +193,31 @@ class MocoTask(engine.Task):
     def load_state_dict(self, model, state_dict, source):
         ckpt.load_official_state_dict(model, state_dict, source)
 
+    def bn_group(self, batch_per_rank):
+        """The images one BN layer's batch statistics are over: v3's SyncBN (one process: plain BN)
+        spans the global batch; v1/v2's BN is each process's batch, or a SHUFFLE_BN_SPLITS group
+        of it in one process."""
+        if self.cfg.MOCO.VERSION == "v3":
+            return self.cfg.SOLVER.BATCH_SIZE
+        return batch_per_rank // self.bn_splits
+
     def describe(self, world, batch_per_rank, device):
         cfg = self.cfg
-        bn_group = (cfg.SOLVER.BATCH_SIZE if cfg.MOCO.VERSION == "v3"
-                    else batch_per_rank // self.bn_splits)
-        return [comm.topology_summary(world, cfg.SOLVER.BATCH_SIZE, bn_group, cfg.SOLVER.BASE_LR,
-                                      device)]
+        return [comm.topology_summary(world, cfg.SOLVER.BATCH_SIZE, self.bn_group(batch_per_rank),
+                                      cfg.SOLVER.BASE_LR, device)]
+
+    def topology(self, world, batch_per_rank):
+        """The run record's scale, with a warning when v1/v2's BN groups are not the recipe's 32
+        images. v3 has none: its SyncBN statistics are over the whole batch on any number of
+        processes, so the per-process batch changes nothing there."""
+        record = super().topology(world, batch_per_rank)
+        group = self.bn_group(batch_per_rank)
+        recipe = RECIPE_BN_GROUP.get(self.cfg.MOCO.VERSION)
+        record.update(bn_group=group, recipe_bn_group=recipe)
+        if recipe is not None and group != recipe:
+            record["warnings"].append(bn_group_warning(self.cfg, world, batch_per_rank,
+                                                       self.bn_splits, group, recipe))
+        return record
 
     def wrap(self, model, device):
         # every rank starts from rank 0's state, key encoder and queue too

@@ -358,7 +358,37 @@ def test_one_host_sync_and_one_vote_per_log_period_on_two_processes(tiny_imagene
                    for n in os.listdir(out))
 
 
-# ------------------------------------------------------------------------------------ kNN monitor
+# ---------------------------------------------------------------------------------- BN groups
+def test_bn_groups_other_than_the_recipes_32_are_warned_and_recorded(tiny_imagenet, tmp_path):
+    """One process, batch 16 in 2 shuffle-BN groups: BN over 8 images where MoCo v2 has 32 (256 on
+    8 GPUs). The log warns and topology.json records the line with both ways to keep the recipe;
+    batch 64 in 2 groups is the recipe's 32: nothing to say."""
+    out = str(tmp_path / "small")
+    assert train_mod.main(["--config-file", SYNTH_CFG,
+                           *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 1})]) == 0
+    record = json.load(open(os.path.join(out, "topology.json")))
+    assert {k: record[k] for k in ("world_size", "batch_size", "batch_per_process", "bn_group",
+                                   "recipe_bn_group")} == \
+        {"world_size": 1, "batch_size": 16, "batch_per_process": 16, "bn_group": 8,
+         "recipe_bn_group": 32}
+    [line] = record["warnings"]
+    assert line.startswith("BN statistics over 8 images: 16 per process (SOLVER.BATCH_SIZE 16 over "
+                           "1 process(es), 2 SHUFFLE_BN_SPLITS groups), where the MoCo v2 recipe "
+                           "has 32")
+    assert "To keep the recipe: SOLVER.BATCH_SIZE 64 (32 per BN group; the lr follows by the " \
+        "linear rule" in line
+    assert line.endswith(", or SplitBN / shuffle-BN groups of 32: a batch that is a multiple of 32 "
+                         "and MOCO.SHUFFLE_BN_SPLITS = batch / 32")
+    assert line in open(os.path.join(out, "log.txt")).read()
+
+    out = str(tmp_path / "recipe")
+    assert train_mod.main(["--config-file", SYNTH_CFG, *tiny_opts(
+        tiny_imagenet, out, **{"SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 64, "MOCO.K": 64})]) == 0
+    record = json.load(open(os.path.join(out, "topology.json")))
+    assert (record["bn_group"], record["warnings"]) == (32, [])
+    assert "BN statistics over" not in open(os.path.join(out, "log.txt")).read().split(
+        "BN statistics over 32 images", 1)[1]
+
 
 # ------------------------------------------------------------------------------------ kNN monitor
 def test_knn_monitor_runs_after_the_epoch_checkpoint_and_lists_its_folders_once(
