@@ -159,6 +159,11 @@ def test_official_moco_v3_resume_loads_a_v3_checkpoint_and_scaler(tiny_imagenet,
                   "MOCO.MLP_DIM", "32", "SOLVER.WARMUP_EPOCHS", "0")
     official = official_moco_v3_resnet("resnet18", dim=16, mlp_dim=32)
     official.load_state_dict(ckpt["state_dict"])
+    # SyncBN (one process: plain BN) spans the whole batch whatever the world size: no BN-group
+    # warning for v3
+    topology = json.load(open(tmp_path / "v3" / "topology.json"))
+    assert (topology["bn_group"], topology["recipe_bn_group"], topology["warnings"]) == \
+        (16, None, [])
     # moco-v3 main_moco.py: LARS(model.parameters(), ...) (torch.optim.Optimizer's load_state_dict,
     # state "mu")
     optimizer = LARS(official.parameters(), 0.6, weight_decay=1e-6, momentum=0.9)
