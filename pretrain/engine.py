@@ -360,7 +360,7 @@ def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, de
         iteration += 1
 
         # this process's share, on the device
-        acc1 = (logits.detach().argmax(dim=1) == labels).float().mean() * 100.0
+        acc1 = (logits.detach().argmax(dim=1) == labels).double().mean() * 100.0
         window.add(loss, acc1, data_time)
         progress.update(i, lr=lr)
         log_now = iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters
