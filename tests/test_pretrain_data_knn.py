@@ -109,11 +109,24 @@ def _knn_rank(rank, world, init_method, out):
     top1 = knn_accuracy(lambda x: x, train, val, k=3, t=0.1, num_classes=4)
     torch.save({"bank": bank, "labels": labels, "top1": top1, "shard": len(train.dataset)},
                f"{out}/knn{rank}.pt")
+    # the same processes measure what a larger bank costs (test_two_processes_hold_...)
+    big_bank, queries = memory_bank_and_queries()
+    loaders = [DataLoader(shard(d), batch_size=256, shuffle=False) for d in (big_bank, queries)]
+    with LiveTensorBytes() as live:
+        top1 = knn_accuracy(lambda x: x, *loaders, k=20, t=0.1)
+    torch.save({"peak": live.peak, "top1": top1}, f"{out}/memory{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.timeout(180)
-def test_two_processes_score_exactly_as_one_with_k_below_the_bank_size(tmp_path, rendezvous):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The output directory of one 2-process gloo run of _knn_rank (both tests below read it)."""
+    out = tmp_path_factory.mktemp("knn_ranks")
+    mp.spawn(_knn_rank, args=(2, f"file://{out / 'rendezvous'}", str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_two_processes_score_exactly_as_one_with_k_below_the_bank_size(two_ranks):
     train, val = knn_loaders(*near_and_far_bank())
     bank, labels = extract_features(lambda x: x, train, "cpu")
     top1 = knn_accuracy(lambda x: x, train, val, k=3, t=0.1, num_classes=4)
@@ -124,8 +137,7 @@ def test_two_processes_score_exactly_as_one_with_k_below_the_bank_size(tmp_path,
     query = F.normalize(queries, dim=1)
     doubled = knn_predict(query, bank.repeat_interleave(2, 0), labels.repeat_interleave(2), 4, k=3)
     assert (doubled.argmax(1) == query_labels).sum() == 0
-    mp.spawn(_knn_rank, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"knn{r}.pt") for r in range(2)]
+    ranks = [torch.load(two_ranks / f"knn{r}.pt") for r in range(2)]
     # the same accuracy on both ranks as one process ...
     assert [r["top1"] for r in ranks] == [top1, top1] == [100.0, 100.0]
     # ... each rank extracting and keeping its share of the bank (rows rank, rank + 2, ...), bit for
@@ -176,21 +188,7 @@ def memory_bank_and_queries():
             TensorDataset(features[query], labels[query]))
 
 
-def _memory_rank(rank, world, init_method, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
-    bank, queries = memory_bank_and_queries()
-    loaders = [DataLoader(shard(d), batch_size=256, shuffle=False) for d in (bank, queries)]
-    with LiveTensorBytes() as live:
-        top1 = knn_accuracy(lambda x: x, *loaders, k=20, t=0.1)
-    torch.save({"peak": live.peak, "top1": top1}, f"{out}/memory{rank}.pt")
-    dist.destroy_process_group()
-
-
-@pytest.mark.timeout(180)
-def test_two_processes_hold_at_most_one_bank_each(tmp_path, rendezvous):
+def test_two_processes_hold_at_most_one_bank_each(two_ranks):
     """Measured: the peak of live tensor bytes on each rank during knn_accuracy, input batches
     included. An all-gathered bank is the whole bank on every rank plus the padded and gathered
     copies in transit (about three banks); the sharded top-k holds half of it and the queries."""
@@ -198,8 +196,7 @@ def test_two_processes_hold_at_most_one_bank_each(tmp_path, rendezvous):
     loaders = [DataLoader(d, batch_size=256, shuffle=False) for d in (bank, queries)]
     top1 = knn_accuracy(lambda x: x, *loaders, k=20, t=0.1)
     assert 50.0 < top1 < 100.0  # noisy clusters: some queries have wrong nearest neighbours
-    mp.spawn(_memory_rank, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"memory{r}.pt") for r in range(2)]
+    ranks = [torch.load(two_ranks / f"memory{r}.pt") for r in range(2)]
     bank_bytes = BANK_ROWS * BANK_DIM * 4
     print(f"peak live tensor bytes per rank: {[r['peak'] for r in ranks]} "
           f"(one bank: {bank_bytes})")

@@ -326,6 +326,7 @@ def _sync_rank(rank, world, store, root, out_dir, nan_rank):
     torch.save(result, os.path.join(out_dir, f"syncs{rank}.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_host_sync_and_one_vote_per_log_period_on_two_processes(tiny_imagenet, tmp_path):
     """2 gloo processes, 2 epochs of 4 iterations, LOG_PERIOD 2: inside the training loop, outside
