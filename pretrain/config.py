@@ -13,6 +13,7 @@ any number of devices.
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
 from mocobench.utils.config import merge_config
+from mocobench.utils.env import check_tf32
 from mocobench.utils.errors import UsageError
 
 
@@ -83,10 +84,11 @@ _C.AMP.ENABLED = None
 # float16 (official v3, with a GradScaler) | bfloat16 (opt-in; fp16 on GPUs without bf16)
 _C.AMP.DTYPE = "float16"
 # TF32 tensor-core math for CUDA float32 matmuls and cuDNN convolutions (Ampere and newer GPUs).
-# False reproduces the papers' fp32 (their V100s have no TF32); True is faster on A100/H100. Set
-# explicitly at start (torch's own defaults differ: matmul off, cuDNN on), written to log.txt and
-# OUTPUT_DIR/precision.json.
-_C.TF32 = False
+# None (null) = torch's defaults, what the official scripts run with on an A100/H100: cuDNN
+# convolutions in TF32, matmuls in IEEE fp32. True: both TF32 (faster still); False: both IEEE fp32,
+# the papers' V100 numerics (no TF32 there), slower convolutions on an A100/H100. Set
+# explicitly at start, written to log.txt and OUTPUT_DIR/precision.json (mocobench.utils.env).
+_C.TF32 = None
 
 _C.CHANNELS_LAST = None  # None = auto: on for CUDA, off for CPU
 _C.COMPILE = False  # torch.compile the encoders (opt-in)
@@ -190,6 +192,7 @@ def validate(cfg, moco=True):
     for key, value in non_negative.items():
         if value < 0:
             raise UsageError(f"{key} = {value} must be >= 0")
+    check_tf32("TF32", cfg.TF32)
     if not 0.0 <= cfg.MOCO.M <= 1.0:
         raise UsageError(f"MOCO.M = {cfg.MOCO.M} must be in [0, 1]")
     scale = tuple(cfg.INPUT.CROP_SCALE)

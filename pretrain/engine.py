@@ -7,8 +7,10 @@ state (MoCo: pretrain.train, the supervised baseline: pretrain.supervised, the l
 pretrain.lincls). Everything else lives here once:
 
     train(task)  validate (nothing written yet) -> build -> restore -> open OUTPUT_DIR -> epochs of
-                   iterations: lr, step, NaN vote, backward, metrics, checkpoint / stop vote
-                   after each epoch: unreadable images, evaluation, replica check, checkpoint
+                   iterations: lr, step, backward; every LOG_PERIOD: one vote (NaN, stop), metrics,
+                   checkpoint on a stop
+                   after each epoch: unreadable images, evaluation, replica check, checkpoint,
+                   monitor (kNN), stop
                  -> task.finish
 """
 import json
@@ -35,6 +37,7 @@ from pretrain import resume as resume_mod
 logger = logging.getLogger("pretrain")
 
 PRECISION_RECORD = "precision.json"
+TOPOLOGY_RECORD = "topology.json"  # world size, batches, BN groups and their warnings
 
 
 class TrainingDiverged(CommandFailed):
@@ -84,6 +87,11 @@ class Task:
         """The log's first lines about the run."""
         return []
 
+    def topology(self, world, batch_per_rank):
+        """OUTPUT_DIR/topology.json: the run's scale; its `warnings` (lines) are logged too."""
+        return {"world_size": world, "batch_size": self.cfg.SOLVER.BATCH_SIZE,
+                "batch_per_process": batch_per_rank, "warnings": []}
+
     def wrap(self, model, device):
         """The model the loop trains: DDP, torch.compile. Called once the state is restored."""
         return model
@@ -106,8 +114,13 @@ class Task:
         return {}
 
     def evaluate(self, model, epoch, device, precision):
-        """After an epoch, on every rank: scalars for metrics.json ({} when there is nothing to
-        say)."""
+        """After an epoch, before its checkpoint, on every rank: scalars for metrics.json ({} when
+        there is nothing to say). It may change what the checkpoint keeps (the task's state)."""
+        return {}
+
+    def monitor(self, model, epoch, device, precision):
+        """After the epoch's checkpoint, on every rank: scalars for metrics.json ({} when there is
+        nothing to say). Watches only: it must change nothing a checkpoint keeps."""
         return {}
 
     def check_replicas(self, model):
@@ -164,16 +177,21 @@ def precision_settings(cfg, device, write=True):
     return amp, dtype, channels_last
 
 
-def optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters):
-    """Backward and step (through the GradScaler for fp16); returns loss.item(). A NaN/inf loss
-    raises TrainingDiverged naming the iteration before any weight changes, so the last checkpoint
-    stays good."""
-    loss_value = loss.item()
-    # every rank decides together: one rank raising alone would leave the others blocked in backward
-    if not comm.all_ranks_agree(math.isfinite(loss_value), loss.device):
-        what = f"{loss_value}" if not math.isfinite(loss_value) else "not finite on another rank"
-        raise TrainingDiverged(f"loss is {what} at iteration {iteration + 1} (epoch {epoch + 1}, "
-                               f"iteration {i + 1}/{iters} of the epoch); stopping")
+def write_topology(cfg, record):
+    """Log the record's warnings and write it to OUTPUT_DIR/TOPOLOGY_RECORD (main process: on the
+    others a warning would reach stderr through logging's last-resort handler)."""
+    if not comm.is_main_process():
+        return
+    for line in record["warnings"]:
+        logger.warning(line)
+    with atomic_write(os.path.join(cfg.OUTPUT_DIR, TOPOLOGY_RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def optimization_step(loss, optimizer, scaler):
+    """Backward and step (through the GradScaler for fp16). Nothing here reads the loss on the host:
+    a NaN/inf loss is caught by the loop's next vote (see train_one_epoch), which comes before any
+    checkpoint."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -182,7 +200,6 @@ def optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters):
     else:
         loss.backward()
         optimizer.step()
-    return loss_value
 
 
 def unwrap(module):
@@ -238,33 +255,71 @@ def run_config_command(parser, argv, make_task, moco):
 
 
 class LogWindow:
-    """Per-iteration loss / acc@1 / data time since the last metrics line, and the images per
-    second."""
+    """The iterations since the last metrics line: per-iteration loss and acc@1 kept on the device
+    (reading them each iteration would wait for the GPU every iteration), data time and the images
+    per second on the host. Read once, by the loop's vote."""
 
-    def __init__(self, batch_size):
+    def __init__(self, batch_size, capacity, device):
         self.batch_size = batch_size
-        self.reset()
+        # rows (loss, acc1): at most LOG_PERIOD iterations lie between two metrics lines
+        self.values = torch.zeros(capacity, 2, dtype=torch.float64, device=device)
+        self.reset(0, 0)
 
-    def reset(self):
-        self.loss = self.acc1 = self.data_time = 0.0
+    def reset(self, iteration, i):
+        """Start a window at the run's iteration `iteration` (done so far), the epoch's i."""
+        self.first_iteration, self.first_i = iteration + 1, i
+        self.data_time = 0.0
         self.n = 0
         self.start = time.perf_counter()
 
     def add(self, loss, acc1, data_time):
-        self.loss += loss
-        self.acc1 += acc1
+        """loss, acc1: 0-dim tensors on the device (copied there without a host sync)."""
+        self.values[self.n].copy_(torch.stack([loss.detach().double(), acc1.double()]))
         self.data_time += data_time
         self.n += 1
 
     def img_per_s(self):
         return self.n * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
 
-    def means(self):
-        """The window's means (img_per_s: its images over its wall time), in the order of the log
-        line."""
+    def means(self, rows):
+        """The window's means from its `rows` [(loss, acc1)] as the vote read them (img_per_s: its
+        images over its wall time), in the order of the log line."""
         n = self.n
-        return {"loss": self.loss / n, "acc1": self.acc1 / n, "img_per_s": self.img_per_s(),
-                "data_time": self.data_time / n}
+        return {"loss": sum(r[0] for r in rows) / n, "acc1": sum(r[1] for r in rows) / n,
+                "img_per_s": self.img_per_s(), "data_time": self.data_time / n}
+
+
+def vote(window, signum, device):
+    """The loop's one synchronisation point: (the signal to stop for or None, any rank's loss not
+    finite in the window, this rank's window rows [(loss, acc1)]), the same first two on every rank.
+
+    One all-reduce (MAX) of [requested signal, this rank saw a non-finite loss] and one read to the
+    host (the window's rows come along). Every rank calls it at the same iterations."""
+    rows = window.values[:window.n]
+    flags = torch.stack([torch.full((), float(signum or 0), dtype=torch.float64, device=device),
+                         (~torch.isfinite(rows[:, 0])).any().double()])
+    if comm.get_world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    values = torch.cat([flags, rows.flatten()]).tolist()
+    agreed, bad = int(values[0]) or None, values[1] > 0
+    return agreed, bad, [values[2 + 2 * j: 4 + 2 * j] for j in range(window.n)]
+
+
+def diverged(window, rows, epoch, iters):
+    """TrainingDiverged naming the first non-finite loss of the window (this rank's, else the
+    window: another rank saw it)."""
+    first, last = window.first_iteration, window.first_iteration + window.n - 1
+    for j, (loss, _) in enumerate(rows):
+        if not math.isfinite(loss):
+            where = (f"loss is {loss} at iteration {first + j} (epoch {epoch + 1}, iteration "
+                     f"{window.first_i + j + 1}/{iters} of the epoch)")
+            break
+    else:
+        where = (f"loss is not finite on another rank in iterations {first}-{last} (epoch "
+                 f"{epoch + 1})")
+    return TrainingDiverged(f"{where}; stopped at iteration {last}, before any checkpoint of it")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,15 +328,24 @@ class LogWindow:
 def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, device, precision,
                     metrics, start_i=0, checkpointer=None):
     """One epoch from its iteration start_i (an exact mid-epoch resume: the sampler skips what was
-    done); checkpointer.after_iteration runs after every iteration: periodic and preemption
-    saves."""
+    done).
+
+    Nothing on the way waits for the device but the vote (`vote`): one all-reduce and one read,
+    every LOG_PERIOD iterations, at the end of the epoch and before any checkpoint, plus (one
+    process, where it costs no collective) as soon as a stop signal arrives. A NaN/inf loss is
+    acted on at the next vote: the weights in memory may have taken up to LOG_PERIOD - 1 steps from
+    it, but no checkpoint is written between it and the vote, so every checkpoint holds weights
+    whose every step had a finite loss. A stop signal on any rank stops every rank after the same
+    iteration, with an exact checkpoint (checkpointer.after_iteration: periodic and stop saves)."""
     cfg = task.cfg
     amp, amp_dtype, channels_last = precision
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     iters = len(loader)
     progress = Progress(logger, iters, epoch, cfg.SOLVER.EPOCHS, cfg.LOG_PERIOD)
-    window = LogWindow(cfg.SOLVER.BATCH_SIZE)
+    window = LogWindow(cfg.SOLVER.BATCH_SIZE, cfg.LOG_PERIOD, device)
+    window.reset(iteration, start_i)
     task.train_mode(model)
+    one_process = comm.get_world_size() == 1
     end = time.perf_counter()
     for i, batch in enumerate(loader, start_i):
         data_time = time.perf_counter() - end
@@ -292,23 +356,31 @@ def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, de
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             loss, logits, labels = task.step(model, batch, device, epoch_float, memory_format)
-        loss_value = optimization_step(loss, optimizer, scaler, iteration, epoch, i, iters)
+        optimization_step(loss, optimizer, scaler)
         iteration += 1
 
-        # this process's share
-        acc1 = (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
-        window.add(loss_value, acc1, data_time)
-        progress.update(i, loss=loss_value, acc1=acc1, lr=lr)  # the bar: this iteration
-        if iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters:
-            # metrics.json, TensorBoard, W&B and the log line: the same numbers, means over the
-            # window where the value is one per iteration
-            means = window.means()
-            now = {"lr": lr, **task.iteration_scalars(iteration, epoch_float)}
-            metrics.write(iteration, epoch=epoch + 1, **means, **now)
-            progress.log(i, iteration, {"n": window.n, **means}, now)
-            window.reset()
-        if checkpointer is not None:
-            checkpointer.after_iteration(epoch, i, iters, iteration)
+        # this process's share, on the device
+        acc1 = (logits.detach().argmax(dim=1) == labels).double().mean() * 100.0
+        window.add(loss, acc1, data_time)
+        progress.update(i, lr=lr)
+        log_now = iteration % cfg.LOG_PERIOD == 0 or i + 1 == iters
+        stop_now = one_process and checkpointer is not None and checkpointer.stop.requested
+        save_now = checkpointer is not None and checkpointer.periodic_save_due(i, iters, iteration)
+        if log_now or stop_now or save_now:
+            signum, bad, rows = vote(window, checkpointer.stop.requested if checkpointer else None,
+                                     device)
+            if bad:
+                raise diverged(window, rows, epoch, iters)
+            if log_now:
+                # metrics.json, TensorBoard, W&B and the log line: the same numbers, means over the
+                # window where the value is one per iteration
+                means = window.means(rows)
+                now = {"lr": lr, **task.iteration_scalars(iteration, epoch_float)}
+                metrics.write(iteration, epoch=epoch + 1, **means, **now)
+                progress.log(i, iteration, {"n": window.n, **means}, now)
+                window.reset(iteration, i + 1)
+            if checkpointer is not None:
+                checkpointer.after_iteration(epoch, i, iters, iteration, signum)
         end = time.perf_counter()
     progress.close()
     return iteration
@@ -358,6 +430,7 @@ def train(task, resume=None, extend=False):
                 f.write(cfg.dump())
         for line in task.describe(world, batch_per_rank, device):
             logger.info(line)
+        write_topology(cfg, task.topology(world, batch_per_rank))
         if point is not None:
             logger.info(f"resumed from {point.path}: starting at epoch {start_epoch + 1}"
                         + (f", iteration {start_i + 1}/{len(loader)} of it" if start_i else "")
@@ -412,7 +485,12 @@ def run_epochs(task, model, train_set, loader, optimizer, scaler, precision, dev
                     metrics.write(iteration, epoch=epoch + 1, **scalars)
                 if comm.get_world_size() > 1:
                     task.check_replicas(model)
-                checkpointer.after_epoch(epoch, iteration)
+                path = checkpointer.save_epoch(epoch, iteration)
+                # after the checkpoint: a stop signal during a long monitor loses nothing
+                scalars = task.monitor(model, epoch, device, precision)
+                if scalars:
+                    metrics.write(iteration, epoch=epoch + 1, **scalars)
+                checkpointer.after_epoch(epoch, path)
     finally:
         metrics.close()
     return model

@@ -243,7 +243,9 @@ class LinearTask(engine.Task):
                 f"{lin.RECIPE}), {len(self.train_set.classes)} classes, {len(self.train_set)} "
                 f"train / {len(self.val_set)} val images, {cfg.SOLVER.EPOCHS} epochs, batch "
                 f"{cfg.SOLVER.BATCH_SIZE}, lr {lin.LR:g} ({schedule}), {world} process(es), "
-                f"device {device}, TF32 {cfg.TF32}"]
+                f"device {device}, TF32 {cfg.TF32} (matmul "
+                f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN "
+                f"{torch.backends.cudnn.allow_tf32})"]
 
     def wrap(self, model, device):
         if comm.get_world_size() == 1:
@@ -347,9 +349,11 @@ def build_parser():
                         help="default: cuda (cuda:LOCAL_RANK with several processes) if "
                              "available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tf32", action="store_true",
-                        help="TF32 matmuls/convolutions on Ampere+ GPUs (off: the official V100 "
-                             "fp32 protocol)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                        help="--tf32: TF32 matmuls and convolutions on Ampere+ GPUs; --no-tf32: "
+                             "neither (the official V100 fp32 protocol); default: torch's defaults "
+                             "(cuDNN convolutions TF32, matmuls fp32), as the official script gets "
+                             "on an A100/H100")
     parser.add_argument("--print-config", action="store_true",
                         help="print the config these flags and the checkpoint's recipe make (as "
                              "YAML, the keys of `mocobench pretrain`'s config) and exit; writes "

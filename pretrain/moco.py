@@ -303,9 +303,11 @@ class MoCo(nn.Module):
         n = keys.shape[0]
         if self.K % n != 0:
             raise ValueError(f"MOCO.K={self.K} must be divisible by the global batch size {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = keys.t()  # replaces the oldest n keys
-        self.queue_ptr[0] = (ptr + n) % self.K
+        # replaces the oldest n keys (the official queue[:, ptr:ptr + n] = keys.T), with the
+        # pointer kept on the device: int(queue_ptr) would wait for the GPU every iteration
+        columns = torch.arange(n, device=self.queue_ptr.device) + self.queue_ptr
+        self.queue.index_copy_(1, columns, keys.t().to(self.queue.dtype))
+        self.queue_ptr.add_(n).remainder_(self.K)
 
     def contrastive_logits(self, q, k):
         """[q.k+, q.queue] / T: N x (1+K) with the positive at index 0, always in float32 against

@@ -8,8 +8,9 @@ Order of a start (nothing is written into OUTPUT_DIR before every input has been
                       --extend: that changes its schedule (see EXTENDED_RECORD)
     restore           model, optimizer, scaler, RNG; (start epoch, iteration, epoch iteration)
     open_run_dir      creates OUTPUT_DIR, takes its lock, removes what a killed run left behind
-Then a Checkpointer writes the resume points: after every epoch, every
-SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when a stop signal arrives (mocobench.utils.preempt).
+Then a Checkpointer writes the resume points: after every epoch (before its evaluation), every
+SOLVER.CHECKPOINT_PERIOD_ITERS iterations, and when a stop signal arrives (mocobench.utils.preempt;
+the loop acts on it at its next vote, pretrain.engine.train_one_epoch).
 A mid-epoch checkpoint records the data-loader position; the resumed run skips those batches of the
 epoch's order, a function of (SEED, epoch), so it repeats the rest exactly.
 
@@ -222,27 +223,36 @@ class Checkpointer:
         # the final checkpoints of the runs this one extends: never scratch
         self.kept = {r.get("checkpoint") for r in extended_records(cfg.OUTPUT_DIR)}
 
-    def after_iteration(self, epoch, i, iters, iteration):
-        """Called after iteration i (0-based) of the epoch; iteration = iterations done in the
-        run."""
-        signum = self.stop.agreed(self.device)
+    def periodic_save_due(self, i, iters, iteration):
+        """A SOLVER.CHECKPOINT_PERIOD_ITERS save comes after iteration i (0-based) of the epoch
+        (the loop votes before it)."""
         period = self.cfg.SOLVER.CHECKPOINT_PERIOD_ITERS
-        if signum or (period and iteration % period == 0 and i + 1 < iters):
+        return bool(period and iteration % period == 0 and i + 1 < iters)
+
+    def after_iteration(self, epoch, i, iters, iteration, signum):
+        """Called after the loop's vote on iteration i (0-based) of the epoch; iteration =
+        iterations done in the run; signum: the stop every rank agreed on (None: none)."""
+        if signum or self.periodic_save_due(i, iters, iteration):
             path = self._save(epoch, iteration, epoch_iteration=i + 1)
             if signum:
                 raise Preempted(signum, f"stopped by {signal_name(signum)} after iteration "
                                         f"{i + 1}/{iters} of epoch {epoch + 1} (iteration "
                                         f"{iteration} of the run): saved {path}")
 
-    def after_epoch(self, epoch, iteration):
-        path = self._save(epoch, iteration)
+    def save_epoch(self, epoch, iteration):
+        """The epoch's checkpoint, written before its evaluation: a stop during a long monitor
+        loses nothing of the epoch."""
+        return self._save(epoch, iteration)
+
+    def after_epoch(self, epoch, path):
+        """After the epoch's evaluation: stop (every rank) when a signal arrived, naming the epoch's
+        checkpoint `path`."""
         if self.cfg.DEBUG.SIGKILL_AFTER_EPOCH == epoch + 1:  # tests of exact resume
             os.kill(os.getpid(), signal.SIGKILL)
         signum = self.stop.agreed(self.device)
         if signum and epoch + 1 < self.cfg.SOLVER.EPOCHS:
             raise Preempted(signum, f"stopped by {signal_name(signum)} after epoch {epoch + 1}: "
                                     f"saved {path}")
-        return path
 
     def _save(self, epoch, iteration, epoch_iteration=None):
         path = None

@@ -65,20 +65,30 @@ def replicated_state(model):
 # --------------------------------------------------------------------------------------------------
 # watching it learn
 # --------------------------------------------------------------------------------------------------
-def knn_monitor(cfg, model, device, num_workers):
-    """Weighted kNN top-1 (%) of the backbone features (before the projection head), DATA.ROOT/train
-    as the memory bank and DATA.ROOT/val as queries; None when val/ does not exist. Every process:
-    each extracts its shard of the images and the bank is all-gathered (pretrain.knn)."""
+def knn_datasets(cfg):
+    """(DATA.ROOT/train as the memory bank, DATA.ROOT/val as the queries) with the evaluation
+    transform; None when val/ does not exist. Each lists its directory once: the task keeps them for
+    the run (an ImageNet train/ is 1.28M files)."""
     from pretrain.augment import build_eval_transform
-    from pretrain.data import SafeImageFolder, build_loader
-    from pretrain.knn import knn_accuracy, shard
+    from pretrain.data import SafeImageFolder
 
     val_dir = os.path.join(cfg.DATA.ROOT, "val")
     if not os.path.isdir(val_dir):
         return None
     transform = build_eval_transform(cfg.INPUT.SIZE)
-    train_set = SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), transform)
-    val_set = SafeImageFolder(val_dir, transform)
+    return (SafeImageFolder(os.path.join(cfg.DATA.ROOT, "train"), transform),
+            SafeImageFolder(val_dir, transform))
+
+
+def knn_monitor(cfg, model, device, num_workers, datasets):
+    """Weighted kNN top-1 (%) of the backbone features (before the projection head), `datasets` =
+    knn_datasets(cfg). Every process: each extracts its shard of the images and scores every query
+    against its shard of the bank (pretrain.knn). Leaves the RNG states as it found them: it runs
+    after the epoch's checkpoint, which keeps them."""
+    from pretrain.data import build_loader
+    from pretrain.knn import knn_accuracy, shard
+
+    train_set, val_set = datasets
     loaders = [build_loader(shard(s), cfg.KNN.BATCH_SIZE, num_workers, shuffle=False,
                             drop_last=False, seed=cfg.SEED) for s in (train_set, val_set)]
     encoder = engine.unwrap(model.encoder_q if cfg.MOCO.VERSION != "v3" else model.base_encoder)
@@ -93,12 +103,46 @@ def knn_monitor(cfg, model, device, num_workers):
         return torch.flatten(encoder.avgpool(x), 1)
 
     was_training = model.training
+    rng = ckpt.get_rng_state()  # a seeded dataset reseeds `random` per image (num_workers 0)
     model.eval()
     try:
         return knn_accuracy(backbone_features, *loaders, k=cfg.KNN.K, t=cfg.KNN.T,
                             num_classes=len(train_set.classes), device=device)
     finally:
         model.train(was_training)
+        ckpt.set_rng_state(rng)
+
+
+# --------------------------------------------------------------------------------------------------
+# batch-norm groups
+# --------------------------------------------------------------------------------------------------
+# MoCo v1/v2: batch 256 on 8 GPUs, each GPU's BN over its own 32 images, keys shuffled across the
+# GPUs (He et al. 2020, Sec. 3.3 "Shuffling BN" and Sec. 4 "Training": mini-batch 256 in 8 GPUs;
+# facebookresearch/moco main_moco.py: -b 256 divided among the GPUs of the node). The group size
+# decides how much the BN statistics leak between the samples of a group, which shuffle BN is
+# there to stop. v3: SyncBN over the whole batch (moco-v3 main_moco.py), no per-device group.
+RECIPE_BN_GROUP = {"v1": 32, "v2": 32}
+
+
+def bn_group_warning(cfg, world, batch_per_rank, splits, group, recipe):
+    """One line: the BN group this run has, the recipe's, and the two ways to keep the recipe."""
+    where = (f"{batch_per_rank} per process (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} over "
+             f"{world} process(es)" + (f", {splits} SHUFFLE_BN_SPLITS groups" if splits > 1 else "")
+             + ")")
+    ways = [f"SOLVER.BATCH_SIZE {recipe * world * splits} ({recipe} per BN group; the lr follows "
+            "by the linear rule, SOLVER.BASE_LR is per 256)"]
+    if world == 1 and batch_per_rank % recipe == 0:
+        ways.append(f"MOCO.SHUFFLE_BN_SPLITS {batch_per_rank // recipe} (SplitBN / shuffle BN over "
+                    f"groups of {recipe} in this process)")
+    elif world == 1:
+        ways.append(f"SplitBN / shuffle-BN groups of {recipe}: a batch that is a multiple of "
+                    f"{recipe} and MOCO.SHUFFLE_BN_SPLITS = batch / {recipe}")
+    else:
+        ways.append(f"SplitBN / shuffle-BN groups of {recipe} (MOCO.SHUFFLE_BN_SPLITS, in one "
+                    "process only: with several, each process is one BN group)")
+    return (f"BN statistics over {group} images: {where}, where the MoCo {cfg.MOCO.VERSION} recipe "
+            f"has {recipe} (batch 256 on 8 GPUs, MoCo paper Sec. 3.3/4, official main_moco.py). "
+            f"To keep the recipe: " + ", or ".join(ways))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +157,7 @@ class MocoTask(engine.Task):
         self.state_keys = (keys if cfg.MOCO.VERSION == "v3"
                            else tuple(k for k in keys if k != "MOCO.MLP_DIM"))
         self.bn_splits = 1
+        self.knn_sets = None  # knn_datasets, listed at the first monitor
 
     def build_data(self, batch_per_rank, world):
         from pretrain.augment import build_two_view_transform
@@ -148,12 +193,31 @@ class MocoTask(engine.Task):
     def load_state_dict(self, model, state_dict, source):
         ckpt.load_official_state_dict(model, state_dict, source)
 
+    def bn_group(self, batch_per_rank):
+        """The images one BN layer's batch statistics are over: v3's SyncBN (one process: plain BN)
+        spans the global batch; v1/v2's BN is each process's batch, or a SHUFFLE_BN_SPLITS group
+        of it in one process."""
+        if self.cfg.MOCO.VERSION == "v3":
+            return self.cfg.SOLVER.BATCH_SIZE
+        return batch_per_rank // self.bn_splits
+
     def describe(self, world, batch_per_rank, device):
         cfg = self.cfg
-        bn_group = (cfg.SOLVER.BATCH_SIZE if cfg.MOCO.VERSION == "v3"
-                    else batch_per_rank // self.bn_splits)
-        return [comm.topology_summary(world, cfg.SOLVER.BATCH_SIZE, bn_group, cfg.SOLVER.BASE_LR,
-                                      device)]
+        return [comm.topology_summary(world, cfg.SOLVER.BATCH_SIZE, self.bn_group(batch_per_rank),
+                                      cfg.SOLVER.BASE_LR, device)]
+
+    def topology(self, world, batch_per_rank):
+        """The run record's scale, with a warning when v1/v2's BN groups are not the recipe's 32
+        images. v3 has none: its SyncBN statistics are over the whole batch on any number of
+        processes, so the per-process batch changes nothing there."""
+        record = super().topology(world, batch_per_rank)
+        group = self.bn_group(batch_per_rank)
+        recipe = RECIPE_BN_GROUP.get(self.cfg.MOCO.VERSION)
+        record.update(bn_group=group, recipe_bn_group=recipe)
+        if recipe is not None and group != recipe:
+            record["warnings"].append(bn_group_warning(self.cfg, world, batch_per_rank,
+                                                       self.bn_splits, group, recipe))
+        return record
 
     def wrap(self, model, device):
         # every rank starts from rank 0's state, key encoder and queue too
@@ -179,14 +243,16 @@ class MocoTask(engine.Task):
             scalars["queue_fill"] = min(1.0, iteration * cfg.SOLVER.BATCH_SIZE / cfg.MOCO.K)
         return scalars
 
-    def evaluate(self, model, epoch, device, precision):
+    def monitor(self, model, epoch, device, precision):
         cfg = self.cfg
         last_epoch = epoch + 1 == cfg.SOLVER.EPOCHS
         if cfg.KNN.PERIOD <= 0 or not ((epoch + 1) % cfg.KNN.PERIOD == 0 or last_epoch):
             return {}
-        top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS)
-        if top1 is None:
+        if self.knn_sets is None:
+            self.knn_sets = knn_datasets(cfg) or ()
+        if not self.knn_sets:
             return {}
+        top1 = knn_monitor(cfg, model, device, cfg.DATALOADER.NUM_WORKERS, self.knn_sets)
         logger.info(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
         return {"knn_top1": top1}
 

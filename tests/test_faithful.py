@@ -25,6 +25,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
+from mocobench import cli
+from mocobench.utils.env import set_tf32
 from mocobench.utils.fileio import file_sha256, load_checkpoint
 from pretrain import augment, engine
 from pretrain import train as train_mod
@@ -135,10 +137,11 @@ def test_official_main_moco_resume_loads_a_v2_checkpoint(tiny_imagenet, tmp_path
     with pytest.raises(ValueError, match="size"):
         torch.optim.SGD(official.parameters(), 0.03,
                         momentum=0.9).load_state_dict(trainable_only.state_dict())
-    # the run recorded its precision: the v2 recipe is fp32, TF32 off
+    # the run recorded its precision: the v2 recipe is fp32, TF32 torch's defaults
     record = json.load(open(tmp_path / "v2" / engine.PRECISION_RECORD))
     assert record == {"device": "cpu", "amp": False, "amp_dtype": None, "grad_scaler": False,
-                      "tf32_matmul": False, "tf32_cudnn": False, "channels_last": False}
+                      "tf32": None, "tf32_matmul": False, "tf32_cudnn": True,
+                      "channels_last": False}
     assert "precision: device cpu, amp False" in (tmp_path / "v2" / "log.txt").read_text()
     # the linear protocol sets and records TF32 too (opt-in)
     from pretrain import lincls
@@ -156,6 +159,11 @@ def test_official_moco_v3_resume_loads_a_v3_checkpoint_and_scaler(tiny_imagenet,
                   "MOCO.MLP_DIM", "32", "SOLVER.WARMUP_EPOCHS", "0")
     official = official_moco_v3_resnet("resnet18", dim=16, mlp_dim=32)
     official.load_state_dict(ckpt["state_dict"])
+    # SyncBN (one process: plain BN) spans the whole batch whatever the world size: no BN-group
+    # warning for v3
+    topology = json.load(open(tmp_path / "v3" / "topology.json"))
+    assert (topology["bn_group"], topology["recipe_bn_group"], topology["warnings"]) == \
+        (16, None, [])
     # moco-v3 main_moco.py: LARS(model.parameters(), ...) (torch.optim.Optimizer's load_state_dict,
     # state "mu")
     optimizer = LARS(official.parameters(), 0.6, weight_decay=1e-6, momentum=0.9)
@@ -189,8 +197,44 @@ def test_recipe_precision_on_cuda_and_cpu(config, amp, dtype, tmp_path, restore_
     assert got_amp is amp and (not amp or got_dtype == dtype)
     assert json.load(open(tmp_path / engine.PRECISION_RECORD))["grad_scaler"] is amp
     assert engine.precision_settings(cfg, torch.device("cpu"))[0] is False
-    assert cfg.TF32 is False and torch.backends.cudnn.allow_tf32 is False
+    # TF32: torch's defaults, what the official scripts get on an Ampere+ GPU
+    assert cfg.TF32 is None and torch.backends.cudnn.allow_tf32 is True
     assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
+@pytest.mark.parametrize("tf32, matmul, cudnn", [
+    (None, False, True),  # the default: torch's own (cuDNN convolutions TF32, matmuls IEEE fp32)
+    ("True", True, True), ("False", False, False),
+])
+def test_tf32_setting_is_set_and_recorded(tf32, matmul, cudnn, tmp_path, restore_tf32):
+    """precision.json records the TF32 setting and the switches as set; each run sets both, so
+    a previous run in the process leaves nothing behind (the switches start opposite here)."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = not matmul, not cudnn
+    opts = ["OUTPUT_DIR", str(tmp_path)] + ([] if tf32 is None else ["TF32", tf32])
+    cfg = load_config(os.path.join(PRETRAIN_CONFIGS, "moco_v2_R50_200ep.yaml"), opts)
+    engine.precision_settings(cfg, torch.device("cpu"))
+    record = json.load(open(tmp_path / engine.PRECISION_RECORD))
+    assert (record["tf32"], record["tf32_matmul"], record["tf32_cudnn"]) == \
+        ({None: None, "True": True, "False": False}[tf32], matmul, cudnn)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == \
+        (matmul, cudnn)
+    # transfer's detectron2 runs share the default and its meaning
+    from transfer.config import load_config as load_transfer_config
+
+    transfer_cfg = load_transfer_config(os.path.join(DETECTION_CONFIGS,
+                                                     "pascal_voc_R_50_C4_24k_moco.yaml"),
+                                        [] if tf32 is None else ["MOCOBENCH.TF32", tf32])
+    assert set_tf32(transfer_cfg.MOCOBENCH.TF32) == \
+        {k: record[k] for k in ("tf32", "tf32_matmul", "tf32_cudnn")}
+
+
+def test_a_tf32_value_other_than_null_true_false_is_refused(tmp_path, capsys):
+    assert cli.main(["pretrain", "--config-file",
+                     os.path.join(PRETRAIN_CONFIGS, "moco_v2_R50_200ep.yaml"),
+                     "OUTPUT_DIR", str(tmp_path / "out"), "TF32", "default"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "TF32 = 'default' must be None / null" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and not os.path.exists(tmp_path / "out")
 
 
 def test_tf32_and_bf16_are_opt_in(tmp_path, restore_tf32):

@@ -1,10 +1,13 @@
 """Weighted kNN monitor on toy features whose answer is known."""
 import math
+import weakref
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, TensorDataset
 
 from pretrain.knn import extract_features, knn_accuracy, knn_predict, shard
@@ -106,11 +109,24 @@ def _knn_rank(rank, world, init_method, out):
     top1 = knn_accuracy(lambda x: x, train, val, k=3, t=0.1, num_classes=4)
     torch.save({"bank": bank, "labels": labels, "top1": top1, "shard": len(train.dataset)},
                f"{out}/knn{rank}.pt")
+    # the same processes measure what a larger bank costs (test_two_processes_hold_...)
+    big_bank, queries = memory_bank_and_queries()
+    loaders = [DataLoader(shard(d), batch_size=256, shuffle=False) for d in (big_bank, queries)]
+    with LiveTensorBytes() as live:
+        top1 = knn_accuracy(lambda x: x, *loaders, k=20, t=0.1)
+    torch.save({"peak": live.peak, "top1": top1}, f"{out}/memory{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.timeout(180)
-def test_two_processes_score_exactly_as_one_with_k_below_the_bank_size(tmp_path, rendezvous):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The output directory of one 2-process gloo run of _knn_rank (both tests below read it)."""
+    out = tmp_path_factory.mktemp("knn_ranks")
+    mp.spawn(_knn_rank, args=(2, f"file://{out / 'rendezvous'}", str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_two_processes_score_exactly_as_one_with_k_below_the_bank_size(two_ranks):
     train, val = knn_loaders(*near_and_far_bank())
     bank, labels = extract_features(lambda x: x, train, "cpu")
     top1 = knn_accuracy(lambda x: x, train, val, k=3, t=0.1, num_classes=4)
@@ -121,12 +137,69 @@ def test_two_processes_score_exactly_as_one_with_k_below_the_bank_size(tmp_path,
     query = F.normalize(queries, dim=1)
     doubled = knn_predict(query, bank.repeat_interleave(2, 0), labels.repeat_interleave(2), 4, k=3)
     assert (doubled.argmax(1) == query_labels).sum() == 0
-    mp.spawn(_knn_rank, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"knn{r}.pt") for r in range(2)]
+    ranks = [torch.load(two_ranks / f"knn{r}.pt") for r in range(2)]
     # the same accuracy on both ranks as one process ...
     assert [r["top1"] for r in ranks] == [top1, top1] == [100.0, 100.0]
-    # ... from the whole bank, in the dataset's order, bit for bit, each rank extracting its share
+    # ... each rank extracting and keeping its share of the bank (rows rank, rank + 2, ...), bit for
+    # bit; the k nearest of each shard, merged, are the whole bank's
     assert [r["shard"] for r in ranks] == [7, 6]
+    for rank, r in enumerate(ranks):
+        assert r["bank"].shape == (len(range(rank, 13, 2)), 4), r["bank"].shape
+        assert torch.equal(r["bank"], bank[rank::2]) and torch.equal(r["labels"], labels[rank::2])
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The bytes of tensor storages alive while it is active, and their peak: every storage an op
+    creates is counted from its creation until it is freed (a view keeps its storage alive); what
+    existed before is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _freed(self, key):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # a view or an in-place result lies in an input's storage: nothing new
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live and key not in inputs:
+                    self.live[key] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._freed, key)
+        return out
+
+
+BANK_ROWS, BANK_DIM = 2048, 512  # a 4 MiB bank, large next to the 64 queries
+
+
+def memory_bank_and_queries():
+    """Features that are their own images: 8 classes of 256 bank rows and 8 queries each."""
+    features, labels = clusters(8, BANK_ROWS // 8 + 8, BANK_DIM, noise=1.2, seed=0)
+    query = torch.arange(len(labels)) % (BANK_ROWS // 8 + 8) < 8
+    return (TensorDataset(features[~query], labels[~query]),
+            TensorDataset(features[query], labels[query]))
+
+
+def test_two_processes_hold_at_most_one_bank_each(two_ranks):
+    """Measured: the peak of live tensor bytes on each rank during knn_accuracy, input batches
+    included. An all-gathered bank is the whole bank on every rank plus the padded and gathered
+    copies in transit (about three banks); the sharded top-k holds half of it and the queries."""
+    bank, queries = memory_bank_and_queries()
+    loaders = [DataLoader(d, batch_size=256, shuffle=False) for d in (bank, queries)]
+    top1 = knn_accuracy(lambda x: x, *loaders, k=20, t=0.1)
+    assert 50.0 < top1 < 100.0  # noisy clusters: some queries have wrong nearest neighbours
+    ranks = [torch.load(two_ranks / f"memory{r}.pt") for r in range(2)]
+    bank_bytes = BANK_ROWS * BANK_DIM * 4
+    print(f"peak live tensor bytes per rank: {[r['peak'] for r in ranks]} "
+          f"(one bank: {bank_bytes})")
+    assert [r["top1"] for r in ranks] == [top1, top1]
     for r in ranks:
-        assert r["bank"].shape == (13, 4), r["bank"].shape
-        assert torch.equal(r["bank"], bank) and torch.equal(r["labels"], labels)
+        assert bank_bytes // 2 < r["peak"] <= bank_bytes, r["peak"]

@@ -195,9 +195,9 @@ def test_frozen_model_trains_fc_only_and_keeps_bn_stats(v2_checkpoint, tmp_path)
     optimizer = task.build_optimizer(model, task.lr_at(0.0))
     assert [p.shape for g in optimizer.param_groups for p in g["params"]] == [(3, 512), (3,)]
     task.train_mode(model)  # what the engine's loop does for the linear task: eval mode, then steps
-    for i, batch in enumerate(loader):
+    for batch in loader:
         loss, _, _ = task.step(model, batch, torch.device("cpu"), 0.0, torch.contiguous_format)
-        engine.optimization_step(loss, optimizer, None, i, 0, i, len(loader))
+        engine.optimization_step(loss, optimizer, None)
     assert not torch.equal(model.fc.weight, fc_before)  # the classifier learned
     assert task.totals[2] == 8  # the epoch's training statistics counted both batches
     check_backbone_unchanged(model.state_dict(), backbone)  # BN running stats included

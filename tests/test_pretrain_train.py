@@ -221,7 +221,7 @@ def test_fp16_steps_go_through_a_real_gradscaler_skipping_the_overflows():
     # finite in fp32 (the loss is checked before anything), but 1024 x 1000 x its gradient is past
     # fp16's 65504 in the backward of the fp16 matmul
     big = loss_of(model, 1000.0)
-    assert engine.optimization_step(big, optimizer, scaler, 0, 0, 0, 2) == big.item()
+    engine.optimization_step(big, optimizer, scaler)
     assert all(not torch.isfinite(p.grad).all() for p in model.parameters())
     assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start)), \
         f"the overflowing step was taken: {list(model.parameters())}"
@@ -232,9 +232,199 @@ def test_fp16_steps_go_through_a_real_gradscaler_skipping_the_overflows():
     reference = copy.deepcopy(model)
     loss_of(reference, 1.0).backward()
     normal = loss_of(model, 1.0)
-    assert engine.optimization_step(normal, optimizer, scaler, 1, 0, 1, 2) == normal.item()
+    engine.optimization_step(normal, optimizer, scaler)
     assert scaler.get_scale() == 512.0
     for p, s, r in zip(model.parameters(), start, reference.parameters()):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-6)
         assert p.grad.abs().max() > 1e-3
         torch.testing.assert_close(p.detach(), s - 0.1 * r.grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- host syncs, votes
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+               "all_gather_object", "barrier", "reduce", "gather", "scatter", "reduce_scatter",
+               "all_to_all")
+
+
+def count_syncs_in_the_loop(counts):
+    """Count, into counts["sync"] / counts["collective"], the host reads of tensors (.item(),
+    .tolist(), float(), ...; each waits for the GPU) and the torch.distributed collectives that run
+    inside train_one_epoch outside checkpoint writes. Not counted: MoCo's own collectives
+    (pretrain/moco.py: the shuffle-BN and queue all-gathers are the algorithm), DDP's gradient
+    all-reduce (C++, never reaches Python) and the data pipeline's reads (torch.utils.data; worker
+    processes in a real run)."""
+    import torch.distributed as dist
+
+    from mocobench.utils import comm
+    from pretrain import engine
+    from pretrain import resume as resume_mod
+
+    state = {"depth": 0}
+
+    def counted(kind, real, excluded):
+        def wrapper(*args, **kwargs):
+            if state["depth"] > 0 and not _called_from(excluded):
+                counts[kind].append(real.__name__)
+            return real(*args, **kwargs)
+        return wrapper
+
+    def scoped(real, delta):
+        def wrapper(*args, **kwargs):
+            state["depth"] += delta
+            try:
+                return real(*args, **kwargs)
+            finally:
+                state["depth"] -= delta
+        return wrapper
+
+    data, moco = ("torch/utils/data/",), ("pretrain/moco.py",)
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counted("sync", getattr(torch.Tensor, name), data))
+    for name in COLLECTIVES:
+        setattr(dist, name, counted("collective", getattr(dist, name), moco))
+    comm._all_gather_single = counted("collective", comm._all_gather_single, moco)
+    engine.train_one_epoch = scoped(engine.train_one_epoch, 1)
+    resume_mod.Checkpointer._save = scoped(resume_mod.Checkpointer._save, -1)
+
+
+def _called_from(paths):
+    frame = sys._getframe(2)
+    while frame is not None:
+        if any(p in frame.f_code.co_filename.replace(os.sep, "/") for p in paths):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _sync_rank(rank, world, store, root, out_dir, nan_rank):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    counts = {"sync": [], "collective": []}
+    count_syncs_in_the_loop(counts)
+    dist.init_process_group("gloo", init_method=f"file://{store}0", rank=rank, world_size=world)
+    opts = tiny_opts(root, out_dir, **{"SOLVER.EPOCHS": 2, "LOG_PERIOD": 2})
+    assert train_mod.main(["--config-file", SYNTH_CFG, *opts]) == 0
+    result = {"counts": {kind: list(calls) for kind, calls in counts.items()}}
+    # one rank's loss turns NaN at the 2nd iteration of epoch 3: both stop at the vote after it
+    dist.init_process_group("gloo", init_method=f"file://{store}1", rank=rank, world_size=world)
+    real_loss, calls = train_mod.LOSSES["v2"], []
+
+    def nan_on_one_rank(model, x1, x2, m):
+        loss, logits, labels = real_loss(model, x1, x2, m)
+        calls.append(1)
+        return (loss * float("nan") if rank == nan_rank and len(calls) == 2 else loss), logits, \
+            labels
+
+    train_mod.LOSSES["v2"] = nan_on_one_rank
+    opts = tiny_opts(root, out_dir, **{"SOLVER.EPOCHS": 3, "LOG_PERIOD": 2})
+    try:
+        train_mod.main(["--config-file", SYNTH_CFG, "--resume", "auto", "--extend", *opts])
+    except Exception as e:  # TrainingDiverged (run_main prints it and exits 1)
+        result["diverged"] = f"{type(e).__name__}: {e}"
+    torch.save(result, os.path.join(out_dir, f"syncs{rank}.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_host_sync_and_one_vote_per_log_period_on_two_processes(tiny_imagenet, tmp_path):
+    """2 gloo processes, 2 epochs of 4 iterations, LOG_PERIOD 2: inside the training loop, outside
+    checkpoint writes, each rank reads the device once and joins one collective per metrics line (4
+    lines; the NaN and stop votes are one all-reduce). Then a NaN loss on rank 1 alone stops both
+    ranks at the next vote, naming it, and no checkpoint of the NaN weights is written."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    mp.spawn(_sync_rank, args=(2, str(tmp_path / "store"), tiny_imagenet, out, 1), nprocs=2,
+             join=True)
+    ranks = [torch.load(os.path.join(out, f"syncs{r}.pt")) for r in range(2)]
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    lines = [r for r in records if "loss" in r and r["epoch"] <= 2]
+    assert [r["iteration"] for r in lines] == [2, 4, 6, 8]
+    for r in ranks:
+        print(f"in the loop: {r['counts']}")
+        assert len(r["counts"]["sync"]) == len(lines), r["counts"]["sync"]
+        assert r["counts"]["collective"] == ["all_reduce"] * len(lines), r["counts"]
+    # the NaN of iteration 10 (rank 1's 2nd of epoch 3), seen by both at the vote of iteration 10
+    assert ranks[1]["diverged"] == ("TrainingDiverged: loss is nan at iteration 10 (epoch 3, "
+                                    "iteration 2/4 of the epoch); stopped at iteration 10, before "
+                                    "any checkpoint of it")
+    assert ranks[0]["diverged"] == ("TrainingDiverged: loss is not finite on another rank in "
+                                    "iterations 9-10 (epoch 3); stopped at iteration 10, before "
+                                    "any checkpoint of it")
+    assert open(os.path.join(out, "last_checkpoint")).read().strip() == "checkpoint_0001.pth.tar"
+    assert not any(n.startswith("checkpoint_iter") or n == "checkpoint_0002.pth.tar"
+                   for n in os.listdir(out))
+
+
+# ---------------------------------------------------------------------------------- BN groups
+def test_bn_groups_other_than_the_recipes_32_are_warned_and_recorded(tiny_imagenet, tmp_path):
+    """One process, batch 16 in 2 shuffle-BN groups: BN over 8 images where MoCo v2 has 32 (256 on
+    8 GPUs). The log warns and topology.json records the line with both ways to keep the recipe;
+    batch 64 in 2 groups is the recipe's 32: nothing to say."""
+    out = str(tmp_path / "small")
+    assert train_mod.main(["--config-file", SYNTH_CFG,
+                           *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 1})]) == 0
+    record = json.load(open(os.path.join(out, "topology.json")))
+    assert {k: record[k] for k in ("world_size", "batch_size", "batch_per_process", "bn_group",
+                                   "recipe_bn_group")} == \
+        {"world_size": 1, "batch_size": 16, "batch_per_process": 16, "bn_group": 8,
+         "recipe_bn_group": 32}
+    [line] = record["warnings"]
+    assert line.startswith("BN statistics over 8 images: 16 per process (SOLVER.BATCH_SIZE 16 over "
+                           "1 process(es), 2 SHUFFLE_BN_SPLITS groups), where the MoCo v2 recipe "
+                           "has 32")
+    assert "To keep the recipe: SOLVER.BATCH_SIZE 64 (32 per BN group; the lr follows by the " \
+        "linear rule" in line
+    assert line.endswith(", or SplitBN / shuffle-BN groups of 32: a batch that is a multiple of 32 "
+                         "and MOCO.SHUFFLE_BN_SPLITS = batch / 32")
+    assert line in open(os.path.join(out, "log.txt")).read()
+
+    out = str(tmp_path / "recipe")
+    assert train_mod.main(["--config-file", SYNTH_CFG, *tiny_opts(
+        tiny_imagenet, out, **{"SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 64, "MOCO.K": 64})]) == 0
+    record = json.load(open(os.path.join(out, "topology.json")))
+    assert (record["bn_group"], record["warnings"]) == (32, [])
+    assert "BN statistics over" not in open(os.path.join(out, "log.txt")).read().split(
+        "BN statistics over 32 images", 1)[1]
+
+
+# ------------------------------------------------------------------------------------ kNN monitor
+def test_knn_monitor_runs_after_the_epoch_checkpoint_and_lists_its_folders_once(
+        tiny_imagenet, tmp_path, monkeypatch, capsys):
+    """KNN.PERIOD 1: when each monitor starts, last_checkpoint already names the epoch's checkpoint,
+    so a SIGTERM during the monitor of epoch 2 stops the run with that epoch saved (143), and the
+    resumed run goes on with epoch 3. The image folders are listed once per run: train/ for
+    training, train/ and val/ for the kNN bank and queries, not again at each monitor."""
+    import signal
+
+    from pretrain import data
+
+    out = str(tmp_path / "knn")
+    listed, at_start = [], []
+    real_find_images, real_monitor = data.find_images, train_mod.knn_monitor
+
+    def counting_find_images(root, *args, **kwargs):
+        listed.append(os.path.basename(root))
+        return real_find_images(root, *args, **kwargs)
+
+    def monitor_then_sigterm(*args, **kwargs):
+        at_start.append(open(os.path.join(out, "last_checkpoint")).read().strip())
+        if len(at_start) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop during the monitor
+        return real_monitor(*args, **kwargs)
+
+    monkeypatch.setattr(data, "find_images", counting_find_images)
+    monkeypatch.setattr(train_mod, "knn_monitor", monitor_then_sigterm)
+    args = ["pretrain", "--config-file", SYNTH_CFG,
+            *tiny_opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 3, "KNN.PERIOD": 1})]
+    assert cli.main(args) == 143
+    assert at_start == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
+    assert listed == ["train", "train", "val"]
+    assert "stopped by SIGTERM after epoch 2: saved " in capsys.readouterr().err
+    assert cli.main([*args, "--resume", "auto"]) == 0
+    assert at_start[2:] == ["checkpoint_0002.pth.tar"]
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2, 3]

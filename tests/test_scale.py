@@ -163,7 +163,7 @@ def _rank_worker(rank, world, store, root, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     report = {}
-    # kNN: each rank extracts its shard (counted at the feature function), the bank is all-gathered
+    # kNN: each rank extracts its shard (counted at the feature function) and keeps it
     net, seen = _features_fn(), []
 
     def features(x):
@@ -223,10 +223,10 @@ def test_knn_bank_is_sharded_and_equals_one_process_and_ranks_agree(tiny_imagene
     # 64 train images, half extracted by each rank
     assert [r["bank_share"] for r in reports] == [32, 32]
     for r in range(2):
-        gathered = torch.load(tmp_path / f"bank{r}.pt")
-        # in the dataset's order
-        torch.testing.assert_close(gathered["bank"], bank, rtol=1e-5, atol=1e-6)
-        assert torch.equal(gathered["labels"], labels)
+        kept = torch.load(tmp_path / f"bank{r}.pt")
+        # each rank keeps its shard of the bank (images r, r + 2, ...): the top-k is sharded
+        torch.testing.assert_close(kept["bank"], bank[r::2], rtol=1e-5, atol=1e-6)
+        assert torch.equal(kept["labels"], labels[r::2])
     assert reports[0]["top1"] == reports[1]["top1"] == top1
     assert [r["agree"] for r in reports] == [False, False]
     assert all(r["gather_nhwc"] and r["gather_ok"] for r in reports)

@@ -12,6 +12,7 @@ from detectron2.config import CfgNode, get_cfg
 import transfer.heads  # noqa: F401
 from mocobench.utils.config import merge_config
 from mocobench.utils.converted import recorded_resnets
+from mocobench.utils.env import check_tf32
 from mocobench.utils.errors import UsageError
 from mocobench.utils.events import check_wandb
 
@@ -33,9 +34,10 @@ def add_mocobench_config(cfg: CfgNode):
     # the generated-dataset directory the synth_* names point at (see transfer.datasets)
     cfg.MOCOBENCH.SYNTH_ROOT = ""
     # TF32 tensor-core math for CUDA fp32 matmuls and cuDNN convolutions (Ampere+), set explicitly
-    # at the start of each trial and recorded in results.json; False reproduces the paper's V100
-    # fp32 fine-tuning
-    cfg.MOCOBENCH.TF32 = False
+    # at the start of each trial and recorded in results.json (mocobench.utils.env.set_tf32): None
+    # = torch's defaults (cuDNN on, matmul off), what detectron2's train_net.py runs with on an
+    # A100/H100; False reproduces the paper's V100 fp32 fine-tuning; True: both on
+    cfg.MOCOBENCH.TF32 = None
     # optional Weights & Biases logging of each trial (pip install -e '.[wandb]'; docs/logging.md):
     # the scalars of its metrics.json, its config and run record as the W&B run's config
     cfg.MOCOBENCH.WANDB = CfgNode()
@@ -52,6 +54,7 @@ def load_config(config_file: str, opts=()) -> CfgNode:
     cfg = get_cfg()
     add_mocobench_config(cfg)
     cfg = merge_config(cfg, config_file, opts)
+    check_tf32("MOCOBENCH.TF32", cfg.MOCOBENCH.TF32)
     if cfg.MOCOBENCH.WANDB.ENABLED:
         check_wandb("MOCOBENCH.WANDB.ENABLED")
     return cfg

@@ -250,10 +250,11 @@ def _run_trial(cfg, job: TransferJob, index: int):
             f.write(cfg.dump())
     # as detectron2's default_setup: a different, deterministic stream per rank
     seed_all_rng(cfg.SEED + rank)
-    # explicit; the value is in config.yaml and the record's config hash
-    set_tf32(cfg.MOCOBENCH.TF32)
+    # explicit; the value is in config.yaml and the record's config hash (None: torch's defaults)
+    tf32 = set_tf32(cfg.MOCOBENCH.TF32)
     logger.info(f"trial {index + 1}/{len(job.seeds)}: seed {cfg.SEED}, output {cfg.OUTPUT_DIR}, "
-                f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}, TF32 {cfg.MOCOBENCH.TF32}")
+                f"{job.world_size} process(es) on {cfg.MODEL.DEVICE}, TF32 {cfg.MOCOBENCH.TF32} "
+                f"(matmul {tf32['tf32_matmul']}, cuDNN {tf32['tf32_cudnn']})")
     start = time.perf_counter()
     if job.eval_only:
         model = Trainer.build_model(cfg)

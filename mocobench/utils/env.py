@@ -5,6 +5,8 @@ import os
 import platform
 import sys
 
+from mocobench.utils.errors import UsageError
+
 
 def _version(dist: str) -> str:
     try:
@@ -65,14 +67,33 @@ def collect_env() -> list:
     return rows
 
 
-def set_tf32(enabled: bool) -> dict:
-    """Set TF32 tensor-core math for CUDA float32 matmuls and cuDNN convolutions, both explicitly
-    (torch's own defaults differ: matmul off, cuDNN on, so an "fp32" run on an Ampere+ GPU is partly
-    TF32 unless told). Returns the flags as set, for the log and the run record. False reproduces
-    the papers' V100 fp32."""
+# TF32 None: what torch does unless told, i.e. what the official scripts ran with on an Ampere+ GPU
+# (facebookresearch/moco and moco-v3 never set these switches)
+TORCH_DEFAULT_TF32 = {"tf32_matmul": False, "tf32_cudnn": True}
+
+
+def set_tf32(enabled) -> dict:
+    """Set TF32 tensor-core math for CUDA float32 matmuls and cuDNN convolutions (Ampere and newer
+    GPUs), both explicitly, so that an earlier run in the same process leaves nothing behind.
+
+    None: torch's defaults (matmul off, cuDNN convolutions on), what the official scripts get on an
+    A100/H100; True: both on; False: both off, the papers' V100 fp32 (slower convolutions
+    on an A100/H100). Returns the flags as set, for the log and the run record."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
-    torch.backends.cudnn.allow_tf32 = bool(enabled)
-    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    if enabled is None:
+        matmul, cudnn = TORCH_DEFAULT_TF32["tf32_matmul"], TORCH_DEFAULT_TF32["tf32_cudnn"]
+    else:
+        matmul = cudnn = bool(enabled)
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn
+    return {"tf32": enabled, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+
+
+def check_tf32(key, value):
+    """The TF32 switch must be null (torch's defaults), True or False; raises UsageError naming
+    `key`."""
+    if value is not None and not isinstance(value, bool):
+        raise UsageError(f"{key} = {value!r} must be None / null (torch's defaults: cuDNN "
+                         "TF32 on, matmul TF32 off), True (both on) or False (both off)")

@@ -143,8 +143,9 @@ class MetricsWriter:
 
 
 class Progress:
-    """A tqdm bar on a terminal, showing the last iteration's numbers (labelled so); the metrics
-    line (`log`) is the one metrics.json records: window means, in log.txt and, without a bar, on
+    """A tqdm bar on a terminal, showing the last metrics line's means (the loop reads its numbers
+    from the device once per line) and the `update` values of the last iteration; the metrics line
+    (`log`) is the one metrics.json records: window means, in log.txt and, without a bar, on
     stdout."""
 
     def __init__(self, logger, total, epoch, epochs, log_period):
@@ -152,6 +153,7 @@ class Progress:
 
         self.enabled = comm.is_main_process()
         self.logger, self.bar = logger, None
+        self.last_means = ""  # the bar shows the last metrics line's means
         self.total, self.epoch, self.epochs, self.log_period = total, epoch, epochs, log_period
         self.clock = time.perf_counter
         self.start, self.first_i = self.clock(), None
@@ -169,7 +171,7 @@ class Progress:
             return
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in stats.items())
-        self.bar.set_postfix_str(f"this iteration: {text}", refresh=False)
+        self.bar.set_postfix_str(f"{self.last_means}this iteration: {text}", refresh=False)
         self.bar.update(1)
 
     def log(self, i, iteration, means, now):
@@ -191,6 +193,8 @@ class Progress:
             self.logger.info(self.eta_line(i, now.get("lr")))
         else:
             log_to_file_only(self.logger, logging.INFO, line)
+            self.last_means = (f"mean of {n}: "
+                               + "  ".join(format_scalar(k, v) for k, v in means.items()) + " | ")
 
     def eta_line(self, i, lr=None):
         """'eta: 0:01:02 (epoch 2/5)  eta run: 0:04:10  iter 12/40  0.52 s/it': from the mean time

@@ -11,6 +11,8 @@ Contract (the SLURM requeue logic and every training loop build on it):
                 raise Preempted(stop.signum, where, resume_command)   # (all_reduce MAX of the
                                                                       # requested signal number)
 
+- pretrain.engine polls less often: it folds the stop request into its one vote every LOG_PERIOD
+  iterations (with the NaN check), so it reads `stop.requested` and all-reduces it itself.
 - `stop.requested` is the signal number received by this process (None when none was). A second
   SIGINT while a stop is pending raises KeyboardInterrupt at once (the user insists; nothing more is
   saved).
