@@ -354,7 +354,7 @@ def _hf_energy(view):
 @pytest.mark.parametrize("size", [224, 64])
 def test_training_crops_equal_torchvision_resized_crop(size, monkeypatch, capsys):
     """Same crop boxes: our RandomResizedCrop gives torchvision's PIL pixels at every shrink
-    factor."""
+    factor, to the rounding of torch's uint8 filter weights."""
     img = high_frequency_image()
     pil = Image.fromarray(img)
     crop = augment.RandomResizedCrop(size, scale=(0.08, 1.0))
@@ -378,7 +378,10 @@ def test_training_crops_equal_torchvision_resized_crop(size, monkeypatch, capsys
               f"{worst} grey levels, mean {np.mean(mean_abs):.4f}; "
               f"high-frequency energy ours/PIL {ratio:.4f}, previous OpenCV resize/PIL "
               f"{old_ratio:.3f}")
-    assert worst <= 1  # stated tolerance: 1/255 per pixel (measured: 0, the same op as torchvision)
+    # stated tolerance: torch's uint8 kernel rounds its filter weights to fewer bits than PIL (the
+    # same filter): measured 3 % of the values one grey level off at 224 px, 0.2 % at 64 px, 2 in
+    # 9 million two levels
+    assert worst <= 2 and np.mean(mean_abs) < 0.05
     assert abs(ratio - 1) < 0.01
     assert abs(old_ratio - 1) > 0.05  # the tolerance tells aliased resampling apart
 
@@ -478,7 +481,7 @@ def test_augmentation_is_distributed_as_the_official_recipe(version, view, monke
         d = _ks(stats_ours[name], stats_official[name])
         assert d < critical, f"{version} view {view + 1} {name}: KS D = {d:.3f} >= {critical:.3f}"
     if version == "v2":
-        monkeypatch.setattr(augment, "pil_resize", _old_opencv_resize)
+        monkeypatch.setattr(augment, "antialiased_resize", _old_opencv_resize)
         random.seed(0)
         old = _view_statistics([augment.normalize(ours_view(img)[None])[0] for _ in range(n)])
         assert _ks(old["high-frequency energy"], stats_official["high-frequency energy"]) > critical
