@@ -41,13 +41,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$CPU" = 1 ]; then
   # ResNet-18 and a small v3 MLP for the step paths; one warm-up and one timed step
   DEV=cpu; STEP_ARCH=(MODEL.ARCH resnet18 MOCO.MLP_DIM 256 MOCO.SHUFFLE_BN_SPLITS 2); SIZE=32; B1=8; B2=16
-  STEPS=(--steps 1 --warmup 1); LOADER=(--workers 2 --images 32 --batch 8 --size 32); LIFE_SIZE=32; LIFE_BATCH=32
+  STEPS=(--steps 1 --warmup 1); LOADER=(--workers 2 --images 32 --batch 8 --size 32); LIFE_SIZE=32; LIFE_BATCH=16
   DET_ITERS=2; PERPATH=240
 else
   NGPU=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
   if [ "$NGPU" -lt 1 ]; then echo "gpu_smoke: no CUDA device visible; this checks the GPU paths (GPU_SMOKE_CPU=1 for a dry run)"; exit 2; fi
   DEV=cuda; STEP_ARCH=(); SIZE=224; B1=128; B2=256; STEPS=(--steps 10 --warmup 3)
-  LOADER=(--workers 8 --images 512 --batch 64 --size 224); LIFE_SIZE=64; LIFE_BATCH=32; DET_ITERS=10; PERPATH=150
+  LOADER=(--workers 8 --images 512 --batch 64 --size 224); LIFE_SIZE=64; LIFE_BATCH=8; DET_ITERS=10; PERPATH=150
 fi
 rm -rf "$OUT"; mkdir -p "$OUT"
 echo "gpu_smoke: $DEV, torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)'), limit ${LIMIT}s, output in $OUT"
@@ -132,6 +132,10 @@ sigterm_resume() {  # stop a run with SIGTERM after its 2nd iteration, resume it
   done
   kill -TERM $pid; wait $pid; local rc=$?
   [ $rc -eq 143 ] || { echo "a SIGTERM mid-epoch exited $rc, not 143"; return 1; }
+  # the stop must fall inside the epoch (iteration i of n, i < n): the resume then starts mid-epoch
+  grep -Eq "stopped by SIGTERM after iteration ([0-9]+)/([0-9]+)" "$OUT/stopped/log.txt" &&
+    ! grep -Eq "stopped by SIGTERM after iteration ([0-9]+)/\1 " "$OUT/stopped/log.txt" ||
+    { echo "the SIGTERM did not stop the run mid-epoch"; return 1; }
   $PY -m mocobench pretrain --nproc-per-node 1 "${LIFE[@]}" OUTPUT_DIR "$OUT/stopped" --resume auto || return 1
   grep -q "resumed from" "$OUT/stopped/log.txt" || { echo "no 'resumed from' in the log"; return 1; }
   $PY - "$OUT/full/checkpoint_0000.pth.tar" "$OUT/stopped/checkpoint_0000.pth.tar" <<'PYEOF'
