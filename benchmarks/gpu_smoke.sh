@@ -1,42 +1,67 @@
 #!/usr/bin/env bash
-# GPU smoke test of every CUDA path, in one go (sized for <= 5 minutes; not yet timed on a GPU):
+# GPU smoke test of the CUDA paths on ONE GPU, in one go, under a hard overall limit (8 minutes;
+# GPU_SMOKE_LIMIT_S): NOT YET RUN ON A GPU (no GPU has been lent to this project's sessions so far).
 #
 #   benchmarks/gpu_smoke.sh [OUT_DIR]          (default OUT_DIR: /tmp/mocobench_gpu_smoke)
 #
-# 1 GPU : MoCo v2 R50 steps with AMP + channels_last + SplitBatchNorm (shuffle BN emulated), the same with
-#         torch.compile, and one epoch of the real pretraining loop (data loader, kNN monitor, checkpoint).
-# 2 GPUs: (when present) pretraining over NCCL with shuffle BN (v2) and SyncBN (v3), lincls DDP, and a
-#         20-iteration R50-FPN SyncBN Mask R-CNN transfer.
-# Every path prints PASS/FAIL, img/s and peak GPU memory; the exit code is the number of failed paths.
-# GPU_SMOKE_CPU=1 runs the same script on CPU at toy sizes (gloo instead of NCCL): a dry run of the script itself.
+# One line per path: PASS/FAIL, img/s, peak GPU memory (MiB), seconds. The paths:
+#   moco_v2_fp32_tf32_{on,off}_cl_{on,off}  MoCo v2 R50 fp32 steps, TF32 True/False x channels_last
+#   moco_v3_fp16_lars_b{128,256}            MoCo v3 R50, fp16 autocast + GradScaler + LARS, 128/256 per GPU
+#   loader_8_workers                        the training loader on ImageNet-size JPEGs, 8 workers
+#   pretrain_sigterm_resume                 real launcher (1 process), workers > 0, SIGTERM mid-epoch ->
+#                                           exit 143 -> --resume auto; the weights against an uninterrupted run
+#   convert                                 that checkpoint -> verified detectron2 .pkl
+#   lincls                                  the linear protocol from it, a few iterations
+#   voc_r50_c4_extranorm                    VOC R50-C4 fine-tuning steps (Res5ROIHeadsExtraNorm) from the .pkl
+#   coco_eval                               one COCO evaluation (Mask R-CNN R50-FPN) on generated data
+# Not covered: with one process the code skips DDP, SyncBN, the all-gathers and the NaN/stop votes
+# (world size 1); those need 2 GPUs (tests/test_scale.py runs them on CPU/gloo).
+# The exit code is the number of failed paths (124 when the overall limit cut the run short).
+# GPU_SMOKE_CPU=1 runs the same paths on CPU at tiny sizes (gloo, ResNet-18 for the step paths): a dry
+# run of the script itself (tests/test_gpu_smoke.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${1:-/tmp/mocobench_gpu_smoke}
 CPU=${GPU_SMOKE_CPU:-0}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LIMIT=${GPU_SMOKE_LIMIT_S:-480}
 
+if [ -z "${GPU_SMOKE_INNER:-}" ]; then  # the hard overall limit: run the paths under timeout
+  START=$SECONDS
+  GPU_SMOKE_INNER=1 timeout -k 15 "$LIMIT" "$0" "$@"
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "gpu_smoke: FAIL: the overall limit of ${LIMIT}s was reached after $((SECONDS - START))s; paths not listed above did not run"
+    exit 124
+  fi
+  exit $rc
+fi
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$CPU" = 1 ]; then
-  # toy sizes; torch.compile with the eager backend (inductor's C++ build alone takes minutes on a CPU)
-  NGPU=2; DEV=cpu; SIZE=32; BATCH=16; ARCH=(MODEL.ARCH resnet18); SPLITS=(MOCO.SHUFFLE_BN_SPLITS 2)
-  DETDEV=cpu; DETITERS=2; PERPATH=600; COMPILE_BACKEND=eager; AMP=()
+  # ResNet-18 and a small v3 MLP for the step paths; one warm-up and one timed step
+  DEV=cpu; STEP_ARCH=(MODEL.ARCH resnet18 MOCO.MLP_DIM 256 MOCO.SHUFFLE_BN_SPLITS 2); SIZE=32; B1=8; B2=16
+  STEPS=(--steps 1 --warmup 1); LOADER=(--workers 2 --images 32 --batch 8 --size 32); LIFE_SIZE=32; LIFE_BATCH=16
+  DET_ITERS=2; PERPATH=240
 else
   NGPU=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
   if [ "$NGPU" -lt 1 ]; then echo "gpu_smoke: no CUDA device visible; this checks the GPU paths (GPU_SMOKE_CPU=1 for a dry run)"; exit 2; fi
-  DEV=cuda; SIZE=224; BATCH=64; ARCH=(); SPLITS=(); DETDEV=cuda; DETITERS=20; PERPATH=240; COMPILE_BACKEND=inductor
-  AMP=(AMP.ENABLED True)  # v1/v2 default to fp32 (the official recipe); the AMP path is what is checked here
+  DEV=cuda; STEP_ARCH=(); SIZE=224; B1=128; B2=256; STEPS=(--steps 10 --warmup 3)
+  LOADER=(--workers 8 --images 512 --batch 64 --size 224); LIFE_SIZE=64; LIFE_BATCH=8; DET_ITERS=10; PERPATH=150
 fi
 rm -rf "$OUT"; mkdir -p "$OUT"
-echo "gpu_smoke: $NGPU device(s) ($DEV), torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)'), output in $OUT"
-$PY -m mocobench data synth --out "$OUT/data" --preset test --images-per-class 64 --scenes 32 >/dev/null || exit 2
+echo "gpu_smoke: $DEV, torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)'), limit ${LIMIT}s, output in $OUT"
+$PY -m mocobench data synth --out "$OUT/data" --preset test --classes 4 --images-per-class 32 --scenes 8 >/dev/null || exit 2
 DATA="$OUT/data/imagenet"
 SUMMARY=()
 FAILED=0
+PRELUDE=":"
+T0=$SECONDS
 
-peak_watch_start() {  # sample the GPUs' used memory every 0.5 s while a command runs
+peak_watch_start() {  # sample the GPU's used memory every 0.5 s while a command runs
   MEMLOG="$OUT/$1.mem"; : >"$MEMLOG"; WATCH=
   if [ "$DEV" = cuda ] && command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 >"$MEMLOG" 2>/dev/null &
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 500 >"$MEMLOG" 2>/dev/null &
     WATCH=$!
   fi
 }
@@ -45,66 +70,99 @@ peak_watch_stop() {
   sort -n "$MEMLOG" | tail -1
 }
 
-# run_path NAME IMG_PER_S_COMMAND -- COMMAND...: run with a time limit, then record PASS/FAIL, img/s, peak MiB
+# run_path NAME IMG_PER_S_COMMAND -- COMMAND...: run with a time limit (the path's, or what is left of
+# the overall one), then record PASS/FAIL, img/s, peak MiB
 run_path() {
   local name=$1 rate_cmd=$2; shift 3
+  local left=$((LIMIT - 20 - (SECONDS - T0))) limit=$PERPATH
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
   echo; echo "=== $name: $*"
   peak_watch_start "$name"
-  local start=$SECONDS
-  timeout "$PERPATH" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
+  local start=$SECONDS rc=124
+  if [ "$limit" -gt 0 ]; then  # in a bash that knows sigterm_resume (timeout runs programs only)
+    timeout -k 5 "$limit" bash -c "$PRELUDE"'; "$@"' _ "$@" >"$OUT/$name.log" 2>&1; rc=$?
+  fi
   local peak; peak=$(peak_watch_stop)
   local rate; rate=$(eval "$rate_cmd" 2>/dev/null || echo -)
   local verdict=PASS
   if [ $rc -ne 0 ]; then verdict=FAIL; FAILED=$((FAILED + 1)); tail -15 "$OUT/$name.log"; fi
-  SUMMARY+=("$(printf '%-34s %-4s %10s img/s %8s MiB %5ss' "$name" "$verdict" "${rate:--}" "${peak:--}" $((SECONDS - start)))")
+  SUMMARY+=("$(printf '%-32s %-4s %10s img/s %8s MiB %5ss' "$name" "$verdict" "${rate:--}" "${peak:--}" $((SECONDS - start)))")
   echo "${SUMMARY[-1]}"
 }
 
-last_img_per_s() {  # the last img_per_s a pretraining run wrote to metrics.json
+last_img_per_s() {  # the last img_per_s a training run wrote to metrics.json
   $PY -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(round([x for x in r if 'img_per_s' in x][-1]['img_per_s'], 1))" "$1/metrics.json"
 }
 det_img_per_s() {  # images per step / median seconds per step, from detectron2's metrics.json
   $PY -c "import json,statistics,sys; t=[json.loads(l).get('time') for l in open(sys.argv[1] + '/metrics.json')]; print(round(int(sys.argv[2]) / statistics.median([x for x in t if x]), 1))" "$1" "$2"
 }
-step_img_per_s() { grep -o 'RESULT .* img/s' "$OUT/$1.log" | awk '{print $4}'; }
+result_img_per_s() { grep -o 'RESULT .* img/s' "$OUT/$1.log" | awk '{print $4}'; }
 
-PRE=(DATA.ROOT "$DATA" SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE 32 MOCO.K 256 INPUT.SIZE "$SIZE" KNN.PERIOD 1
-     KNN.BATCH_SIZE 64 DATALOADER.NUM_WORKERS 4 LOG_PERIOD 2 DEVICE "$DEV" "${ARCH[@]}" "${AMP[@]}")
+# ---- training steps (random uint8 batches, normalised on the device)
+V2=configs/pretrain/moco_v2_R50_200ep.yaml
+for tf32 in True False; do
+  for cl in True False; do
+    name="moco_v2_fp32_tf32_$([ $tf32 = True ] && echo on || echo off)_cl_$([ $cl = True ] && echo on || echo off)"
+    run_path "$name" "result_img_per_s $name" -- \
+      $PY benchmarks/gpu_smoke.py --name "$name" --config-file $V2 --device "$DEV" --batch "$B1" --size "$SIZE" \
+      "${STEPS[@]}" "${STEP_ARCH[@]}" AMP.ENABLED False TF32 $tf32 CHANNELS_LAST $cl
+  done
+done
+for batch in "$B1" "$B2"; do
+  name="moco_v3_fp16_lars_b$batch"
+  run_path "$name" "result_img_per_s $name" -- \
+    $PY benchmarks/gpu_smoke.py --name "$name" --config-file configs/pretrain/moco_v3_R50.yaml --device "$DEV" \
+    --batch "$batch" --size "$SIZE" "${STEPS[@]}" "${STEP_ARCH[@]}" TF32 True
+done
 
-# ---- one GPU
-run_path moco_v2_r50_amp_channels_last "step_img_per_s moco_v2_r50_amp_channels_last" -- \
-  $PY benchmarks/gpu_smoke.py --name moco_v2_r50_amp_channels_last --config-file configs/pretrain/moco_v2_R50_200ep.yaml \
-  --device "$DEV" --batch "$BATCH" --size "$SIZE" "${ARCH[@]}" "${SPLITS[@]}" "${AMP[@]}"
-run_path moco_v2_r50_compile "step_img_per_s moco_v2_r50_compile" -- \
-  $PY benchmarks/gpu_smoke.py --name moco_v2_r50_compile --compile --compile-backend "$COMPILE_BACKEND" --config-file configs/pretrain/moco_v2_R50_200ep.yaml \
-  --device "$DEV" --batch "$BATCH" --size "$SIZE" "${ARCH[@]}" "${SPLITS[@]}" "${AMP[@]}"
-run_path pretrain_loop_1proc_splitbn "last_img_per_s $OUT/p1" -- \
-  $PY -m mocobench pretrain --nproc-per-node 1 --config-file configs/pretrain/moco_v2_R50_200ep.yaml "${PRE[@]}" \
-  MOCO.SHUFFLE_BN_SPLITS 4 OUTPUT_DIR "$OUT/p1"
+# ---- the data loader
+run_path loader_8_workers "result_img_per_s loader_8_workers" -- $PY benchmarks/gpu_smoke.py --loader --device "$DEV" "${LOADER[@]}"
 
-# ---- two GPUs: NCCL
-if [ "$NGPU" -ge 2 ]; then
-  run_path pretrain_2proc_nccl_shufflebn_v2 "last_img_per_s $OUT/p2" -- \
-    $PY -m mocobench pretrain --nproc-per-node 2 --config-file configs/pretrain/moco_v2_R50_200ep.yaml "${PRE[@]}" \
-    OUTPUT_DIR "$OUT/p2"
-  run_path pretrain_2proc_syncbn_v3 "last_img_per_s $OUT/p3" -- \
-    $PY -m mocobench pretrain --nproc-per-node 2 --config-file configs/pretrain/moco_v3_R50.yaml "${PRE[@]}" \
-    OUTPUT_DIR "$OUT/p3"
-  run_path lincls_2proc_ddp "echo -" -- \
-    $PY -m mocobench lincls --nproc-per-node 2 --data "$DATA" --pretrained "$OUT/p2/checkpoint_0000.pth.tar" \
-    --output "$OUT/lincls" --epochs 1 --batch-size 64 --size "$SIZE" --workers 4 --device "$DEV"
-  DETPROCS=2
-else
-  echo "gpu_smoke: one GPU: the NCCL paths (shuffle BN / SyncBN over 2 processes, lincls DDP) are not checked"
-  DETPROCS=1
-fi
-run_path "transfer_r50_fpn_syncbn_${DETITERS}it" "det_img_per_s $OUT/det/seed0 $((2 * DETPROCS))" -- \
-  $PY -m mocobench transfer --config-file configs/detection/tiny_synth_coco_R_50_FPN.yaml --num-gpus "$DETPROCS" \
-  --synth-root "$OUT/data" MODEL.DEVICE "$DETDEV" SOLVER.MAX_ITER "$DETITERS" SOLVER.IMS_PER_BATCH $((2 * DETPROCS)) \
-  OUTPUT_DIR "$OUT/det"
+# ---- a run's life on the device: stop, resume, convert, linear protocol, detection
+LIFE=(--config-file $V2 DATA.ROOT "$DATA" SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE "$LIFE_BATCH" MOCO.K 256
+      INPUT.SIZE "$LIFE_SIZE" MOCO.SHUFFLE_BN_SPLITS 2 KNN.PERIOD 0 DATALOADER.NUM_WORKERS 2 LOG_PERIOD 1
+      DEVICE "$DEV" TF32 False)
+sigterm_resume() {  # stop a run with SIGTERM after its 2nd iteration, resume it, compare with an uninterrupted one
+  $PY -m mocobench pretrain --nproc-per-node 1 "${LIFE[@]}" OUTPUT_DIR "$OUT/full" || return 1
+  $PY -m mocobench pretrain --nproc-per-node 1 "${LIFE[@]}" OUTPUT_DIR "$OUT/stopped" &
+  local pid=$!
+  local n=0
+  while [ "${n:-0}" -lt 2 ] && kill -0 $pid 2>/dev/null; do
+    sleep 0.2; n=$(grep -c '"loss"' "$OUT/stopped/metrics.json" 2>/dev/null)
+  done
+  kill -TERM $pid; wait $pid; local rc=$?
+  [ $rc -eq 143 ] || { echo "a SIGTERM mid-epoch exited $rc, not 143"; return 1; }
+  # the stop must fall inside the epoch (iteration i of n, i < n): the resume then starts mid-epoch
+  grep -Eq "stopped by SIGTERM after iteration ([0-9]+)/([0-9]+)" "$OUT/stopped/log.txt" &&
+    ! grep -Eq "stopped by SIGTERM after iteration ([0-9]+)/\1 " "$OUT/stopped/log.txt" ||
+    { echo "the SIGTERM did not stop the run mid-epoch"; return 1; }
+  $PY -m mocobench pretrain --nproc-per-node 1 "${LIFE[@]}" OUTPUT_DIR "$OUT/stopped" --resume auto || return 1
+  grep -q "resumed from" "$OUT/stopped/log.txt" || { echo "no 'resumed from' in the log"; return 1; }
+  $PY - "$OUT/full/checkpoint_0000.pth.tar" "$OUT/stopped/checkpoint_0000.pth.tar" <<'PYEOF'
+import sys, torch
+a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in sys.argv[1:])
+assert a["iteration"] == b["iteration"], (a["iteration"], b["iteration"])
+diff = max((x.double() - b["state_dict"][k].double()).abs().max().item()
+           for k, x in a["state_dict"].items() if x.is_floating_point())
+print(f"resumed run vs uninterrupted, iteration {a['iteration']}: max |weight difference| {diff:.3g}")
+sys.exit(0 if diff == 0.0 else 1)
+PYEOF
+}
+PRELUDE="$(declare -f sigterm_resume); $(declare -p PY OUT LIFE)"
+run_path pretrain_sigterm_resume "last_img_per_s $OUT/full" -- sigterm_resume
+CKPT="$OUT/stopped/checkpoint_0000.pth.tar"
+run_path convert "echo -" -- $PY -m mocobench convert "$CKPT" "$OUT/moco.pkl"
+run_path lincls "echo -" -- \
+  $PY -m mocobench lincls --nproc-per-node 1 --data "$DATA" --pretrained "$CKPT" --output "$OUT/lincls" \
+  --epochs 1 --batch-size 32 --size "$LIFE_SIZE" --workers 2 --device "$DEV"
+run_path voc_r50_c4_extranorm "det_img_per_s $OUT/voc/seed0 2" -- \
+  $PY -m mocobench transfer --config-file configs/detection/tiny_synth_voc_R_50_C4.yaml --synth-root "$OUT/data" \
+  MODEL.DEVICE "$DEV" MODEL.WEIGHTS "$OUT/moco.pkl" SOLVER.MAX_ITER "$DET_ITERS" OUTPUT_DIR "$OUT/voc"
+run_path coco_eval "echo -" -- \
+  $PY -m mocobench transfer --config-file configs/detection/tiny_synth_coco_R_50_FPN.yaml --synth-root "$OUT/data" \
+  --eval-only MODEL.DEVICE "$DEV" MODEL.WEIGHTS "$OUT/moco.pkl" OUTPUT_DIR "$OUT/coco"
 
-echo; echo "=== gpu_smoke summary ($NGPU device(s), $DEV)"
+echo; echo "=== gpu_smoke summary ($DEV, $((SECONDS - T0)) s)"
 printf '%s\n' "${SUMMARY[@]}"
 echo "failed paths: $FAILED"
 exit "$FAILED"

@@ -5,38 +5,49 @@ augmentation *distribution* (same crop sampler, same jitter factor ranges, same 
 order) but run the photometric ops on a uint8 HxWx3 RGB numpy array with OpenCV, which is several
 times faster per worker; their outputs are identically distributed, not pixel-identical (rounding
 differs by about one grey level).
-Resampling is PIL's own bilinear resize, the op torchvision's PIL path calls: it antialiases at
-every shrink factor (a triangle filter stretched by the factor), which OpenCV's INTER_LINEAR does
-not and INTER_AREA does only with a narrower box. So a crop box gives the same pixels as
-torchvision's RandomResizedCrop, and the eval transform equals torchvision's PIL
-Resize(256) + CenterCrop(224) to <= 1/255 (tests/test_faithful.py).
-torch's antialiased uint8 kernel was ~10 % faster end to end but up to 2 grey levels off PIL; with
-PIL the training pipeline stays ~3x the official one (benchmarks/augment_throughput.py,
-target >= 2x).
+Resampling is PIL's bilinear filter, the op torchvision's PIL path calls: it antialiases at every
+shrink factor (a triangle filter stretched by the factor), which OpenCV's INTER_LINEAR does not and
+INTER_AREA does only with a narrower box. Training crops run it as torch's uint8 kernel (a SIMD port
+of PIL's, ~4x faster than PIL's resize here; it rounds its filter weights to fewer bits: 3 % of the
+values one grey level off PIL's, 2 in 9 million two levels); the eval transform runs PIL's own and
+equals torchvision's PIL Resize(256) + CenterCrop(224) to <= 1/255 (tests/test_faithful.py).
+With that, the floating-point separable blur and uint8 output, the training pipeline runs ~4x the
+official one per worker (benchmarks/augment_throughput.py, target >= 4x).
 
 Random numbers come from Python's `random` module (cheap for scalars); the data loader seeds it per
 worker (pretrain.data.worker_init_fn) or per sample (SafeImageFolder(seed=...)).
 
+The views leave the worker as uint8 CHW tensors, a quarter of float32's bytes through the loader's
+shared memory (MoCo v3 at 512 images per GPU, 8 workers, prefetch 2: ~2.5 GB of /dev/shm per rank
+instead of ~10 GB); the training step converts them on its device with `normalize`, which looks up
+the same float32 values the workers used to write, so training is unchanged bit for bit.
+
     transform = build_two_view_transform("v2", 224)
-    view1, view2 = transform(rgb_uint8_image)   # float32 CHW tensors, ImageNet-normalised
+    view1, view2 = transform(rgb_uint8_image)   # uint8 3xHxW tensors
+    x1 = normalize(view1_batch.to(device, non_blocking=True))   # float32, ImageNet-normalised
 """
+import functools
 import math
 import random
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Per-channel float32 lookup tables uint8 -> (x/255 - mean) / std: normalising is then one cv2.LUT
-# per channel.
-_NORMALIZE_LUTS = [
+# (x / 255 - mean) / std for every grey level x (columns) of every channel (rows), computed in
+# float64 and rounded once to float32: the values the data loader's workers wrote before they sent
+# uint8 (torchvision's float32 ToTensor + Normalize rounds three times: 491 of these 768 values are
+# one float32 ulp away from it, <= 4.8e-7). A look-up keeps them exact on every device, where float
+# arithmetic need not (CUDA divides by a scalar as a multiplication by its reciprocal).
+NORMALIZE_TABLE = torch.from_numpy(np.stack([
     ((np.arange(256, dtype=np.float64) / 255.0 - m) / s).astype(np.float32)
     for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)
-]
+]))
 _IDENTITY = np.arange(256, dtype=np.float32)
 _SOLARIZE_LUT = np.where(np.arange(256) < 128, np.arange(256),
                          255 - np.arange(256)).astype(np.uint8)
@@ -80,6 +91,19 @@ def pil_resize(img, out_w, out_h, box=None):
     return np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BILINEAR, box=box))
 
 
+def antialiased_resize(img, out_w, out_h):
+    """The same antialiased bilinear filter as `pil_resize` (torch's uint8 kernel, a port of PIL's
+    resampling with SIMD) on a uint8 HxWx3 array, about twice as fast. Its filter weights are
+    rounded to fewer bits: 3 % of the values differ from PIL's by one grey level, 1 in 5 million
+    by two (tests/test_faithful.py)."""
+    # HxWx3 seen as 1x3xHxW, made channels_last: the layout torch's vectorised uint8 kernel takes
+    # (the output is channels_last too: HxWx3 again without a copy)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
 class RandomResizedCrop:
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
         self.size, self.scale, self.ratio = size, scale, ratio
@@ -89,7 +113,7 @@ class RandomResizedCrop:
                                              rng)
         # crop, then resize the crop (torchvision's resized_crop): the filter does not reach past
         # the crop edges
-        return pil_resize(img[top : top + h, left : left + w], self.size, self.size)
+        return antialiased_resize(img[top : top + h, left : left + w], self.size, self.size)
 
 
 class ResizeCenterCrop:
@@ -205,10 +229,11 @@ class GaussianBlur:
 
     def __call__(self, img, rng=random):
         sigma = rng.uniform(*self.sigma)
-        # Kernel of +-3 sigma (odd size); cv2 applies it separably.
+        # Kernel of +-3 sigma (odd size), applied separably in floating point: twice as fast as
+        # cv2.GaussianBlur's bit-exact fixed point on uint8, and closer to the exact filter
         ksize = 2 * int(math.ceil(3.0 * sigma)) + 1
-        return cv2.GaussianBlur(img, (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
-                                borderType=cv2.BORDER_REFLECT_101)
+        kernel = cv2.getGaussianKernel(ksize, sigma)
+        return cv2.sepFilter2D(img, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
 
 
 class Solarize:
@@ -226,17 +251,34 @@ class RandomApply:
         return self.op(img, rng) if rng.random() < self.p else img
 
 
-def to_normalized_tensor(img):
-    """uint8 HxWx3 RGB -> float32 3xHxW tensor, ImageNet mean/std normalised."""
-    h, w = img.shape[:2]
-    out = np.empty((3, h, w), dtype=np.float32)
-    for c, channel in enumerate(cv2.split(img)):
-        out[c] = cv2.LUT(channel, _NORMALIZE_LUTS[c])
-    return torch.from_numpy(out)
+def to_chw_tensor(img):
+    """uint8 HxWx3 RGB array -> uint8 3xHxW tensor (what a worker sends; `normalize` on the
+    device)."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+@functools.cache
+def _normalize_table(device):
+    return NORMALIZE_TABLE.to(device)  # once per device: no host-to-device copy in every step
+
+
+def normalize(images):
+    """The data loader's uint8 Nx3xHxW images -> float32 (x / 255 - mean) / std (ImageNet), on
+    their device and in their memory layout (channels_last stays channels_last).
+
+    Call it after `.to(device, non_blocking=True)`: the copy moves a quarter of float32's bytes.
+    The values are NORMALIZE_TABLE's, bit for bit what the workers wrote when they normalised."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise TypeError("expected uint8 images of shape Nx3xHxW (the data loader's batches), got "
+                        f"{images.dtype} {tuple(images.shape)}")
+    table = _normalize_table(images.device)
+    # row c of the table holds channel c: index c * 256 + x of the flattened table
+    offsets = torch.arange(0, 3 * 256, 256, device=images.device).view(1, 3, 1, 1)
+    return table.view(-1)[images.long().add_(offsets)]
 
 
 class Compose:
-    """Apply uint8 ops in order, then normalise to a tensor."""
+    """Apply uint8 ops in order, then make a uint8 CHW tensor."""
 
     def __init__(self, ops):
         self.ops = list(ops)
@@ -245,7 +287,7 @@ class Compose:
         img = _as_rgb_uint8(img)
         for op in self.ops:
             img = op(img, rng)
-        return to_normalized_tensor(img)
+        return to_chw_tensor(img)
 
     def __repr__(self):
         return "Compose(" + ", ".join(type(op).__name__ for op in self.ops) + ")"
@@ -336,7 +378,8 @@ TWO_VIEW_RECIPES = {
 
 
 def build_two_view_transform(version: str, size: int, crop_scale=None):
-    """Callable: RGB uint8 HxWx3 numpy image -> (view1, view2) float32 CHW normalised tensors.
+    """Callable: RGB uint8 HxWx3 numpy image -> (view1, view2) uint8 CHW tensors (`normalize` them
+    on the device).
 
     crop_scale: RandomResizedCrop's (min, max) area fraction; None = the official recipe's."""
     if version not in TWO_VIEW_RECIPES:
@@ -348,7 +391,7 @@ def build_two_view_transform(version: str, size: int, crop_scale=None):
 
 
 def build_eval_transform(size: int):
-    """Resize the shorter side to round(size * 256 / 224), centre-crop `size`, normalise (one
+    """Resize the shorter side to round(size * 256 / 224), centre-crop `size` (one uint8 CHW
     tensor)."""
     size = int(size)
     return Compose([ResizeCenterCrop(int(round(size * 256 / 224)), size)])

@@ -38,7 +38,7 @@ from mocobench.utils import comm
 from mocobench.utils.errors import UsageError, run_main
 from mocobench.utils.fileio import atomic_write, load_checkpoint
 from pretrain import engine
-from pretrain.augment import build_eval_transform, build_linear_train_transform
+from pretrain.augment import build_eval_transform, build_linear_train_transform, normalize
 from pretrain.config import get_cfg
 from pretrain.data import SafeImageFolder, build_loader
 from pretrain.knn import shard
@@ -175,7 +175,8 @@ def evaluate(model, loader, device):
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
     for images, target in loader:
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        images = normalize(images.to(device, non_blocking=True))
+        target = target.to(device, non_blocking=True)
         c1, c5 = accuracy(model(images), target, topk=(1, 5))
         totals += torch.tensor([c1, c5, target.numel()], dtype=torch.float64, device=device)
     top1, top5, seen = _sum_over_ranks(totals)
@@ -264,7 +265,8 @@ class LinearTask(engine.Task):
 
     def step(self, model, batch, device, epoch_float, memory_format):
         images, target = batch
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        # uint8 from the workers; float32 and normalised only here, on the device
+        images = normalize(images.to(device, non_blocking=True, memory_format=memory_format))
         target = target.to(device, non_blocking=True)
         output = model(images)
         loss = nn.functional.cross_entropy(output, target)

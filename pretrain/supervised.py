@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mocobench.utils import comm
 from mocobench.utils.errors import UsageError, run_main
 from pretrain import engine
+from pretrain.augment import normalize
 from pretrain.moco import resnet_builder
 
 logger = engine.logger
@@ -47,7 +48,7 @@ def evaluate(model, loader, device, precision):
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, images
     try:
         for images, target in loader:
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            images = normalize(images.to(device, non_blocking=True, memory_format=memory_format))
             target = target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 logits = model(images).float()
@@ -122,7 +123,8 @@ class SupervisedTask(engine.Task):
 
     def step(self, model, batch, device, epoch_float, memory_format):
         images, target = batch
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        # uint8 from the workers; float32 and normalised only here, on the device
+        images = normalize(images.to(device, non_blocking=True, memory_format=memory_format))
         target = target.to(device, non_blocking=True)
         logits = model(images)
         return F.cross_entropy(logits.float(), target), logits, target

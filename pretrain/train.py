@@ -18,6 +18,7 @@ from mocobench.utils.errors import UsageError, run_main
 from pretrain import checkpoint as ckpt
 from pretrain import engine
 from pretrain import resume as resume_mod
+from pretrain.augment import normalize
 from pretrain.config import moco_momentum_at
 from pretrain.moco import build_model, convert_sync_bn
 
@@ -98,6 +99,7 @@ def knn_monitor(cfg, model, device, num_workers, datasets):
             dist.broadcast(buffer, src=0)
 
     def backbone_features(x):  # a torchvision ResNet up to the global average pool
+        x = normalize(x)  # the loader's uint8 images, on the device
         x = encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(x))))
         x = encoder.layer4(encoder.layer3(encoder.layer2(encoder.layer1(x))))
         return torch.flatten(encoder.avgpool(x), 1)
@@ -232,8 +234,9 @@ class MocoTask(engine.Task):
 
     def step(self, model, batch, device, epoch_float, memory_format):
         (x1, x2), _ = batch
-        x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
-        x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+        # uint8 from the workers; float32 and normalised only here, on the device
+        x1 = normalize(x1.to(device, non_blocking=True, memory_format=memory_format))
+        x2 = normalize(x2.to(device, non_blocking=True, memory_format=memory_format))
         return LOSSES[self.cfg.MOCO.VERSION](model, x1, x2, moco_momentum_at(self.cfg, epoch_float))
 
     def iteration_scalars(self, iteration, epoch_float):

@@ -198,3 +198,23 @@ def signal_on_step(step, signum):
         return real_step(*args)
 
     return step_then_signal
+
+
+def float_worker_views(img):
+    """What a data loader worker sent before it sent uint8: the view as a float32 CHW tensor,
+    normalised by per-channel float32 tables of (x / 255 - mean) / std computed in float64 (the
+    former pretrain.augment.to_normalized_tensor, verbatim). Monkeypatched over
+    pretrain.augment.to_chw_tensor, it brings back the former path to compare against."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    luts = [((np.arange(256, dtype=np.float64) / 255.0 - m) / s).astype(np.float32)
+            for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    h, w = img.shape[:2]
+    out = np.empty((3, h, w), dtype=np.float32)
+    for c, channel in enumerate(cv2.split(img)):
+        out[c] = cv2.LUT(channel, luts[c])
+    return torch.from_numpy(out)

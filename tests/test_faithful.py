@@ -345,7 +345,7 @@ def test_eval_transform_is_torchvision_pil_resize_centre_crop(image, capsys):
            "smooth_500x375": lambda: smooth_image(),
            "high_frequency_257x1000": lambda: high_frequency_image(257, 1000, seed=2),
            "small_100x180": lambda: high_frequency_image(100, 180, seed=3)}[image]()
-    ours = augment.build_eval_transform(224)(img)
+    ours = augment.normalize(augment.build_eval_transform(224)(img)[None])[0]
     reference = EVAL_REFERENCE(Image.fromarray(img))
     # per pixel in grey levels: undo the normalisation
     std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
@@ -373,6 +373,7 @@ def test_eval_images_from_jpeg_files_equal_torchvision_image_folder(tmp_path):
     std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
     for i in range(2):
         (x, label), (y, ref_label) = ours[i], reference[i]
+        x = augment.normalize(x[None])[0]
         assert label == ref_label == i
         assert ((x - y) * std * 255).abs().max().item() <= 1.0 + 1e-3
 
@@ -397,7 +398,7 @@ def _hf_energy(view):
 @pytest.mark.parametrize("size", [224, 64])
 def test_training_crops_equal_torchvision_resized_crop(size, monkeypatch, capsys):
     """Same crop boxes: our RandomResizedCrop gives torchvision's PIL pixels at every shrink
-    factor."""
+    factor, to the rounding of torch's uint8 filter weights."""
     img = high_frequency_image()
     pil = Image.fromarray(img)
     crop = augment.RandomResizedCrop(size, scale=(0.08, 1.0))
@@ -421,7 +422,10 @@ def test_training_crops_equal_torchvision_resized_crop(size, monkeypatch, capsys
               f"{worst} grey levels, mean {np.mean(mean_abs):.4f}; "
               f"high-frequency energy ours/PIL {ratio:.4f}, previous OpenCV resize/PIL "
               f"{old_ratio:.3f}")
-    assert worst <= 1  # stated tolerance: 1/255 per pixel (measured: 0, the same op as torchvision)
+    # stated tolerance: torch's uint8 kernel rounds its filter weights to fewer bits than PIL (the
+    # same filter): measured 3 % of the values one grey level off at 224 px, 0.2 % at 64 px, 2 in
+    # 9 million two levels
+    assert worst <= 2 and np.mean(mean_abs) < 0.05
     assert abs(ratio - 1) < 0.01
     assert abs(old_ratio - 1) > 0.05  # the tolerance tells aliased resampling apart
 
@@ -510,7 +514,7 @@ def test_augmentation_is_distributed_as_the_official_recipe(version, view, monke
     transform = augment.build_two_view_transform(version, 224, (0.2, 1.0))
     ours_view = (transform.view1, transform.view2)[view]
     random.seed(0)
-    ours = [ours_view(img) for _ in range(n)]
+    ours = [augment.normalize(ours_view(img)[None])[0] for _ in range(n)]
     torch.manual_seed(0)
     random.seed(1)
     official = [OFFICIAL_VIEWS[version, view](pil) for _ in range(n)]
@@ -521,9 +525,9 @@ def test_augmentation_is_distributed_as_the_official_recipe(version, view, monke
         d = _ks(stats_ours[name], stats_official[name])
         assert d < critical, f"{version} view {view + 1} {name}: KS D = {d:.3f} >= {critical:.3f}"
     if version == "v2":
-        monkeypatch.setattr(augment, "pil_resize", _old_opencv_resize)
+        monkeypatch.setattr(augment, "antialiased_resize", _old_opencv_resize)
         random.seed(0)
-        old = _view_statistics([ours_view(img) for _ in range(n)])
+        old = _view_statistics([augment.normalize(ours_view(img)[None])[0] for _ in range(n)])
         assert _ks(old["high-frequency energy"], stats_official["high-frequency energy"]) > critical
 
 

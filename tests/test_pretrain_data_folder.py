@@ -163,3 +163,32 @@ def test_distributed_loader_shards(tmp_path, monkeypatch):
         loader.sampler.set_epoch(3)
         seen.append(list(iter(loader.sampler)))
     assert len(seen[0]) == len(seen[1]) == 10 and not set(seen[0]) & set(seen[1])
+
+
+def test_workers_send_uint8_views_a_quarter_of_the_float32_bytes(tmp_path, monkeypatch):
+    """A batch of two v2 views as it leaves a DataLoader worker (through shared memory): uint8,
+    3 x 32 x 32 bytes per view and image; the former float32 normalised views of the same batch
+    (same seed, same augmentations) took 4 times the bytes and equal `normalize` of the new ones
+    bit for bit."""
+    from conftest import float_worker_views
+
+    from pretrain import augment
+
+    write_folder(str(tmp_path), classes=2, per_class=8, size=40)
+
+    def first_batch():
+        dataset = SafeImageFolder(str(tmp_path), build_two_view_transform("v2", 32))
+        loader = build_loader(dataset, batch_size=8, num_workers=1, seed=3)
+        loader.sampler.set_epoch(0)
+        (view1, view2), _ = next(iter(loader))
+        assert view1.is_shared() and view2.is_shared()  # they came from the worker
+        return view1, view2, sum(v.untyped_storage().nbytes() for v in (view1, view2))
+
+    *views, sent = first_batch()
+    assert all(v.dtype == torch.uint8 and v.shape == (8, 3, 32, 32) for v in views)
+    assert sent == 2 * 8 * 3 * 32 * 32
+    monkeypatch.setattr(augment, "to_chw_tensor", float_worker_views)  # the workers fork after
+    *former_views, former_sent = first_batch()
+    assert former_sent == 4 * sent
+    for former, view in zip(former_views, views):
+        assert former.dtype == torch.float32 and torch.equal(former, augment.normalize(view))

@@ -189,8 +189,9 @@ def test_frozen_model_trains_fc_only_and_keeps_bn_stats(v2_checkpoint, tmp_path)
     check_backbone_unchanged(model.state_dict(), backbone)  # freshly loaded: identical
     fc_before = model.fc.weight.detach().clone()
     g = torch.Generator().manual_seed(0)
-    loader = [(torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0]))
-              for _ in range(2)]
+    # uint8 images, as the data loader's workers send them (the step normalises)
+    loader = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g),
+               torch.tensor([0, 1, 2, 0])) for _ in range(2)]
     task = _linear_task(path, tmp_path)
     optimizer = task.build_optimizer(model, task.lr_at(0.0))
     assert [p.shape for g in optimizer.param_groups for p in g["params"]] == [(3, 512), (3,)]

@@ -17,7 +17,7 @@ from mocobench import cli
 from mocobench.utils.errors import UsageError
 from mocobench.utils.fileio import atomic_torch_save, load_checkpoint
 from pretrain import supervised
-from pretrain.augment import build_eval_transform
+from pretrain.augment import build_eval_transform, normalize
 from pretrain.data import SafeImageFolder
 from synth.imagenet import make_imagenet
 
@@ -103,7 +103,7 @@ def test_learns_an_easy_task_and_writes_a_verified_torchvision_checkpoint(tmp_pa
     val_set = SafeImageFolder(os.path.join(root, "val"), build_eval_transform(32))
     model.eval()
     with torch.no_grad():
-        images = torch.stack([val_set[i][0] for i in range(len(val_set))])
+        images = normalize(torch.stack([val_set[i][0] for i in range(len(val_set))]))
         correct = (model(images).argmax(1) == torch.tensor(val_set.targets)).sum().item()
     assert val[-1]["val_top1"] == pytest.approx(100.0 * correct / len(val_set))
 
@@ -208,3 +208,31 @@ def test_a_step_that_draws_torch_rng_resumes_bit_exactly_after_a_mid_epoch_stop(
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert_optimizer_states_equal(a["optimizer"], b["optimizer"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # the same 8 draws, no more
+
+
+def test_uint8_images_train_and_evaluate_as_the_float_worker_path_did(tiny_imagenet, tmp_path,
+                                                                      monkeypatch):
+    """Normalisation moved from the workers to the device, not changed: an epoch of supervised
+    steps and the val evaluation give the same losses, val loss and weights, bit for bit, as the
+    former path (workers send float32 normalised images)."""
+    from conftest import float_worker_views
+
+    from pretrain import augment
+
+    def run(out):
+        assert supervised.main(["--config-file", SUP_CFG,
+                                *opts(tiny_imagenet, out, **{"SOLVER.EPOCHS": 1,
+                                                             "LOG_PERIOD": 1})]) == 0
+        records = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+        return records, load_checkpoint(os.path.join(out, "checkpoint_0000.pth.tar"))
+
+    records, checkpoint = run(str(tmp_path / "uint8"))
+    monkeypatch.setattr(augment, "to_chw_tensor", float_worker_views)
+    monkeypatch.setattr(supervised, "normalize", lambda images: images)
+    former_records, former = run(str(tmp_path / "float"))
+    scalars = lambda rs: [(r.get("loss"), r.get("val_loss")) for r in rs]  # noqa: E731
+    assert len([r for r in records if "loss" in r]) == 4
+    assert len([r for r in records if "val_loss" in r]) == 1
+    assert scalars(records) == scalars(former_records)
+    for key, value in checkpoint["state_dict"].items():
+        assert torch.equal(value, former["state_dict"][key]), key

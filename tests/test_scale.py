@@ -136,9 +136,16 @@ def test_device_cuda_n_is_refused_under_a_launcher(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- cross-rank mechanisms
+class _Normalize(torch.nn.Module):
+    def forward(self, images):  # the loader's uint8 images, as pretrain.train's kNN monitor
+        from pretrain.augment import normalize
+
+        return normalize(images)
+
+
 def _features_fn():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+    net = torch.nn.Sequential(_Normalize(), torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval()
     return net
 
