@@ -10,6 +10,8 @@ image (AP 0 on each: keypoints AP^kp 1.7, LVIS AP^mk 1.7, Cityscapes AP^mk 3.9 a
 2 iterations they had before, AP^kp / AP^mk was 0, the score of predicting nothing."""
 import math
 import os
+import pathlib
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -32,18 +34,19 @@ from transfer.tasks import TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+# (config, test set, result groups): one training run each, shared by the tests of that twin
 TINY = [
-    pytest.param("keypoints/tiny_synth_keypoint_rcnn_R18_FPN_cpu.yaml", "synth_keypoints_val",
-                 {"bbox", "keypoints"}, marks=pytest.mark.slow),
-    pytest.param("lvis/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_lvis_val", {"bbox", "segm"},
-                 marks=pytest.mark.slow),
-    pytest.param("cityscapes/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml",
-                 "synth_cityscapes_fine_instance_seg_val", {"segm"}, marks=pytest.mark.slow),
-    pytest.param("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml",
-                 "synth_cityscapes_fine_sem_seg_val", {"sem_seg"},
+    pytest.param(("keypoints/tiny_synth_keypoint_rcnn_R18_FPN_cpu.yaml", "synth_keypoints_val",
+                  {"bbox", "keypoints"}), marks=pytest.mark.slow),
+    pytest.param(("lvis/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml", "synth_lvis_val",
+                  {"bbox", "segm"}), marks=pytest.mark.slow),
+    pytest.param(("cityscapes/tiny_synth_mask_rcnn_R18_FPN_cpu.yaml",
+                  "synth_cityscapes_fine_instance_seg_val", {"segm"}), marks=pytest.mark.slow),
+    pytest.param(("semseg/tiny_synth_cityscapes_R18_FCN_cpu.yaml",
+                  "synth_cityscapes_fine_sem_seg_val", {"sem_seg"}),
                  marks=pytest.mark.slow),  # 11 s alone, 28 s on the loaded machine
-    pytest.param("semseg/tiny_synth_voc_R18_FCN_cpu.yaml", "synth_voc_2012_sem_seg_val",
-                 {"sem_seg"}, marks=pytest.mark.slow),
+    pytest.param(("semseg/tiny_synth_voc_R18_FCN_cpu.yaml", "synth_voc_2012_sem_seg_val",
+                  {"sem_seg"}), marks=pytest.mark.slow),
 ]
 
 
@@ -107,24 +110,44 @@ def _res4_weight(state_dict):
     return np.asarray(state_dict[key], dtype=np.float64).ravel()
 
 
-@pytest.mark.parametrize("config,dataset,groups", TINY,
-                         ids=["keypoints", "lvis", "cityscapes_instance", "cityscapes_sem_seg",
-                              "voc_sem_seg"])
-def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, groups, converted_r18,
-                                                             synth_root, tmp_path, score_outputs):
-    out = tmp_path / "run"
-    [task] = [t for t in TASKS if dataset in t.datasets]
-    keys = [f"{group}/{metric}" for group, metric, _ in task.columns]
+@dataclass
+class Trained:
+    """One twin trained from the converted R-18 (1 process) into `out`, and its run record."""
+
+    config: str  # path of the tiny_synth_* config
+    dataset: str  # its test set
+    groups: set  # the result groups its evaluator writes
+    cfg: object  # the merged config it ran with
+    out: pathlib.Path  # its OUTPUT_DIR (the trial in out/seed0)
+    record: dict
+
+
+@pytest.fixture(scope="module", params=TINY,
+                ids=["keypoints", "lvis", "cityscapes_instance", "cityscapes_sem_seg",
+                     "voc_sem_seg"])
+def trained(request, converted_r18, synth_root, tmp_path_factory):
+    """Each twin trained once (30 s to minutes) for the module's tests of it."""
+    config, dataset, groups = request.param
+    config = os.path.join(CONFIGS, config)
+    out = tmp_path_factory.mktemp("run")
     opts = ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", converted_r18, "MOCOBENCH.SYNTH_ROOT",
             synth_root]
-    cfg, _ = prepare_config(os.path.join(CONFIGS, config), opts)
-    [record] = run_transfer(os.path.join(CONFIGS, config), opts, init_name="moco")
+    cfg, _ = prepare_config(config, opts)
+    [record] = run_transfer(config, opts, init_name="moco")
+    return Trained(config, dataset, groups, cfg, out, record)
+
+
+def test_task_trains_from_converted_weights_and_is_evaluated(trained, converted_r18, tmp_path,
+                                                             score_outputs):
+    cfg, dataset, record, out = trained.cfg, trained.dataset, trained.record, trained.out
+    [task] = [t for t in TASKS if dataset in t.datasets]
+    keys = [f"{group}/{metric}" for group, metric, _ in task.columns]
     assert record["iteration"] == cfg.SOLVER.MAX_ITER and record["init_name"] == "moco"
     assert record["weights"] == converted_r18
     assert record["datasets"]["test"] == [dataset] \
         and record["evaluator_types"][dataset] == task.evaluator_type
     results = record["results"][dataset]
-    assert groups <= set(results)
+    assert trained.groups <= set(results)
     for key in keys:  # the paper's columns: real numbers, in range
         value = value_of(results, key)
         assert value is not None and math.isfinite(value) and 0.0 <= value <= 100.0, (key, results)
@@ -142,8 +165,8 @@ def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, gr
     # the converted backbone was loaded: the trained res4 still correlates with the converted one
     # (an independent random init would correlate near 0)
     final = torch.load(out / "seed0" / "model_final.pth", weights_only=True)["model"]
-    trained, converted = _res4_weight(final), _res4_weight(read_converted(converted_r18)["model"])
-    assert np.corrcoef(trained, converted)[0, 1] > 0.9
+    res4, converted = _res4_weight(final), _res4_weight(read_converted(converted_r18)["model"])
+    assert np.corrcoef(res4, converted)[0, 1] > 0.9
     # the report makes the task's table with the paper's columns (no published rows: R-18 is not
     # the paper's recipe)
     report = write_report([str(out)], str(tmp_path / "report"))
@@ -158,3 +181,4 @@ def test_task_trains_from_converted_weights_and_is_evaluated(config, dataset, gr
     assert table["published"] == [] and f"test on {dataset}" in report["markdown"]
     assert ("DilatedFCNHead" in table["title"]) == semantic \
         and ("+ keypoints" in table["title"]) == (task.name == "coco_keypoints")
+
