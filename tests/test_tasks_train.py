@@ -11,6 +11,7 @@ image (AP 0 on each: keypoints AP^kp 1.7, LVIS AP^mk 1.7, Cityscapes AP^mk 3.9 a
 import math
 import os
 import pathlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,3 +183,58 @@ def test_task_trains_from_converted_weights_and_is_evaluated(trained, converted_
     assert ("DilatedFCNHead" in table["title"]) == semantic \
         and ("+ keypoints" in table["title"]) == (task.name == "coco_keypoints")
 
+
+# the LVIS twin (the COCO scenes and classes) is also evaluated on the same images as COCO json and
+# as VOC's test split: COCOEvaluator's box + mask and PascalVOCDetectionEvaluator in the same launch
+ALSO_TESTED_ON = {"synth_lvis_val": ("synth_coco_val", "synth_voc_test")}
+# the evaluator family (evaluator_type) of each test set
+EVALUATOR_TYPES = {"synth_keypoints_val": "coco", "synth_lvis_val": "lvis",
+                   "synth_coco_val": "coco", "synth_voc_test": "pascal_voc",
+                   "synth_cityscapes_fine_instance_seg_val": "cityscapes_instance",
+                   "synth_cityscapes_fine_sem_seg_val": "cityscapes_sem_seg",
+                   "synth_voc_2012_sem_seg_val": "sem_seg"}
+
+
+def _inference_shards(log_file):
+    """The number of images each `Start inference` line of a trial's log announces, in order
+    (detectron2's inference_on_dataset: this process's share of the test set, batch 1)."""
+    return [int(n) for n in re.findall(r"Start inference on (\d+) batches", log_file.read_text())]
+
+
+def test_two_gloo_processes_evaluate_the_trained_model_as_one_process(trained, synth_root,
+                                                                       tmp_path, rendezvous):
+    """The trained model evaluated by 2 gloo processes (--eval-only: each infers half of the test
+    set, the evaluator gathers both halves) gives exactly the numbers of the 1-process evaluation
+    at the end of training. An evaluator that scores only its own shard fails here (Cityscapes'
+    evaluators read every prediction back from rank 0's folder: there the run itself fails).
+
+    Exact: each image goes through the same forward pass in either run (test batch 1, BN in eval
+    mode, nothing shared between images) and the gathered predictions reach the evaluator in the
+    dataset's order; also exact with 2 threads per process instead of 1 (measured)."""
+    also = ALSO_TESTED_ON.get(trained.dataset, ())
+    test_sets = (trained.dataset,) + also
+
+    def eval_only(name, datasets, **launch):
+        opts = ["OUTPUT_DIR", str(tmp_path / name), "DATASETS.TEST", repr(datasets),
+                "MODEL.WEIGHTS", str(trained.out / "seed0" / "model_final.pth"),
+                "MOCOBENCH.SYNTH_ROOT", synth_root]
+        [record] = run_transfer(trained.config, opts, eval_only=True, **launch)
+        return record, tmp_path / name / "seed0"
+
+    # 1 process: the final evaluation of training; the test sets it did not have, evaluated from
+    # the same weights by --eval-only
+    one_process = {trained.dataset: trained.record["results"][trained.dataset]}
+    images = _inference_shards(trained.out / "seed0" / "log.txt")
+    if also:
+        record, trial = eval_only("one", also)
+        one_process.update(record["results"])
+        images += _inference_shards(trial / "log.txt")
+    record, trial = eval_only("two", test_sets, num_gpus=2, dist_url=rendezvous)
+    assert record["world_size"] == 2 and record["datasets"]["test"] == list(test_sets)
+    assert record["evaluator_types"] == {name: EVALUATOR_TYPES[name] for name in test_sets}
+    assert record["results"] == one_process
+    # each process inferred its own half of every test set (detectron2's InferenceSampler), so
+    # rank 0 alone held half of the predictions that were scored
+    shards = list(zip(_inference_shards(trial / "log.txt"),
+                      _inference_shards(trial / "log.txt.rank1")))
+    assert shards == [(n - n // 2, n // 2) for n in images] and min(images) >= 2
