@@ -257,7 +257,13 @@ def _run_trial(cfg, job: TransferJob, index: int):
                 f"(matmul {tf32['tf32_matmul']}, cuDNN {tf32['tf32_cudnn']})")
     start = time.perf_counter()
     if job.eval_only:
+        # every process builds the same model: what MODEL.WEIGHTS leaves out (the heads, for a
+        # converted backbone) is initialised from the trial's seed, not SEED + rank, or each rank
+        # would score its shard with a different model (training gets this from DDP, which
+        # broadcasts rank 0's parameters)
+        seed_all_rng(cfg.SEED)
         model = Trainer.build_model(cfg)
+        seed_all_rng(cfg.SEED + rank)
         SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
                                                                                  resume=job.resume)
         results = Trainer.test(cfg, model)
