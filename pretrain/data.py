@@ -68,15 +68,21 @@ def read_rgb(path):
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def find_images(root):
-    """(classes, [(path, class_index), ...]) for ROOT/<class>/**/<image>, sorted like torchvision's
-    ImageFolder."""
+def _class_folders(root):
+    """(root, its class folder names, sorted); UsageError when it is no ImageFolder root."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist; {LAYOUT_HINT}")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
         raise UsageError(f"image folder {root!r} has no class subdirectories; {LAYOUT_HINT}")
+    return root, classes
+
+
+def find_images(root):
+    """(classes, [(path, class_index), ...]) for ROOT/<class>/**/<image>, sorted like torchvision's
+    ImageFolder."""
+    root, classes = _class_folders(root)
     samples, empty = [], []
     for class_index, name in enumerate(classes):
         found = []
@@ -108,12 +114,7 @@ def _first_image(folder):
 def check_image_folder(root):
     """What find_images would refuse, without listing every image: ROOT has class folders, each
     holds at least one image, and the first one decodes. For a check before a run starts."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise UsageError(f"image folder {root!r} does not exist; {LAYOUT_HINT}")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not classes:
-        raise UsageError(f"image folder {root!r} has no class subdirectories; {LAYOUT_HINT}")
+    root, classes = _class_folders(root)
     first = None
     for name in classes:
         found = _first_image(os.path.join(root, name))

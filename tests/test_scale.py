@@ -524,6 +524,17 @@ def test_slurm_jobs_ask_for_the_cpus_of_their_loaders_memory_and_end_on_a_failin
     assert proc.returncode == 0 and proc.stderr == ""
 
 
+def _slurm_task(tmp_path, job_id, tasks, rank):
+    """(submitit's job folder, the environment) of task `rank` of a one-node SLURM job, as srun and
+    submitit set them."""
+    folder = tmp_path / "jobs" / str(job_id)
+    folder.mkdir(parents=True)
+    return folder, {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder),
+                    "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NUM_NODES": "1",
+                    "SLURM_NTASKS": str(tasks), "SLURM_JOB_NODELIST": "localhost",
+                    "SLURM_NODEID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+
+
 def test_a_failing_rank_says_its_error_and_the_jobs_last_line_is_it(tmp_path, monkeypatch, capsys):
     """Under a launcher rank 0 alone prints an error that every rank raises alike (bad input, an
     agreed stop); a rank's own error (its shard's bad images) is printed by that rank. In a SLURM
@@ -547,12 +558,7 @@ def test_a_failing_rank_says_its_error_and_the_jobs_last_line_is_it(tmp_path, mo
         assert capsys.readouterr().err == printed
 
     # rank 1 of a 2-task SLURM job (per rank: lincls), failing on its input
-    folder = tmp_path / "jobs" / "77"
-    folder.mkdir(parents=True)
-    env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder),
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_NODEID": "0", "SLURM_PROCID": "1",
-           "SLURM_LOCALID": "1"}
+    folder, env = _slurm_task(tmp_path, job_id=77, tasks=2, rank=1)
     code = ("import sys; from mocobench.launch import StageJob; "
             "StageJob('lincls', sys.argv[1:])()")
     lines = []
@@ -593,12 +599,7 @@ print("alive after the warning", flush=True)
     ("lambda argv: 0", 0, "alive after the warning\n")])
 def test_submitits_warning_outside_the_loop_requeues_without_a_failure_and_is_ignored_after_it(
         tmp_path, main, code, stdout):
-    folder = tmp_path / "jobs" / "78"
-    folder.mkdir(parents=True)
-    env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder),
-           "SLURM_JOB_ID": "78", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "1",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
-           "SLURM_LOCALID": "0"}
+    folder, env = _slurm_task(tmp_path, job_id=78, tasks=1, rank=0)
     proc = subprocess.run([sys.executable, "-c", WARNING_TASK.format(main=main)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout) == (code, stdout), proc.stderr[-3000:]
