@@ -522,9 +522,10 @@ def _v3_cfg():
 
 
 def _v3_global_batches():
+    """uint8 images, as the data loader's workers send them (the step normalises them)."""
     g = torch.Generator().manual_seed(123)
-    return [(torch.randn(16, 3, 32, 32, generator=g), torch.randn(16, 3, 32, 32, generator=g))
-            for _ in range(V3_STEPS)]
+    return [tuple(torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+                  for _ in range(2)) for _ in range(V3_STEPS)]
 
 
 class _StepLog:
@@ -657,8 +658,8 @@ def test_moco_v2_training_moves_the_queue_by_exactly_the_keys_of_its_iterations(
     initial = model.queue.clone()
     assert int(model.queue_ptr) == 0
     g = torch.Generator().manual_seed(0)
-    loader = [((torch.randn(batch, 3, 32, 32, generator=g),
-                torch.randn(batch, 3, 32, 32, generator=g)), torch.zeros(batch, dtype=torch.long))
+    loader = [(tuple(torch.randint(0, 256, (batch, 3, 32, 32), generator=g, dtype=torch.uint8)
+                     for _ in range(2)), torch.zeros(batch, dtype=torch.long))
               for _ in range(iterations)]
     optimizer = engine.build_optimizer(cfg, model.parameters(), lr_at(cfg, 0.0))
     done = engine.train_one_epoch(MocoTask(cfg), model, loader, optimizer, None, 0, 0,

@@ -119,17 +119,24 @@ def test_synth_R18_cpu_two_epochs_loss_falls_knn_beats_chance_and_lincls_reads_i
     lin = str(tmp_path / "lincls")
     from mocobench import cli
 
+    # The recipe's lr 30 (its schedule steps at epochs 60 and 80) keeps the validation top-1 of
+    # this small head jumping from epoch to epoch (25-37 % over 8 epochs of the seeded run; the
+    # final epoch's value ranged 31-39 % over 3 lincls seeds of one checkpoint). So the check takes
+    # the best epoch, as the official main_lincls.py keeps best_acc1, with the bound for 8 looks.
     assert cli.main(["lincls", "--data", str(data / "imagenet"), "--pretrained", ckpt,
-                     "--output", lin, "--epochs", "4", "--batch-size", "64", "--workers", "0",
+                     "--output", lin, "--epochs", "8", "--batch-size", "64", "--workers", "0",
                      "--size", "32", "--device", "cpu"]) == 0
     results = json.load(open(os.path.join(lin, "lincls_results.json")))
     assert results["backbone_unchanged"] is True and results["num_classes"] == 4
-    # the linear classifier on the frozen features beats guessing:
-    # P(hits or more of 512 | chance 1/4) < 1e-3 (>= 160 hits, 31.3 %; the seeded run: 174 hits,
-    # 34.0 %, p = 3e-6). top-5 is not checked: with 4 classes it is 100 % whatever the model does.
-    hits = round(results["top1"] * 512 / 100)
-    assert binomial_tail(hits, 512, 0.25) < 1e-3, \
-        f"linear top-1 {results['top1']} % on 512 images, chance 25 %"
+    per_epoch = [r["val_top1"] for r in map(json.loads, open(os.path.join(lin, "metrics.json")))
+                 if "val_top1" in r]
+    assert len(per_epoch) == 8 and results["best_top1"] == pytest.approx(max(per_epoch), abs=1e-4)
+    # the linear classifier on the frozen features beats guessing: P(hits or more of 512 | chance
+    # 1/4) < 1e-3 / 8 at the best of the 8 epochs (>= 166 hits, 32.4 %; the seeded run: 188 hits,
+    # 36.7 %). top-5 is not checked: with 4 classes it is 100 % whatever the model does.
+    hits = round(results["best_top1"] * 512 / 100)
+    assert binomial_tail(hits, 512, 0.25) < 1e-3 / 8, \
+        f"best linear top-1 {results['best_top1']} % on 512 images, chance 25 %"
 
 
 @pytest.mark.slow

@@ -97,6 +97,13 @@ def test_every_readme_command_runs_as_written_on_generated_data(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     for argv in commands:
         argv = substitute(argv, data)
+        if argv[0] == "pipeline":  # its preflight reads VOC07+12 under $DETECTRON2_DATASETS:
+            # the generated VOC2007 detection layout in both places
+            datasets = tmp_path / "datasets"
+            datasets.mkdir(exist_ok=True)
+            for year in ("VOC2007", "VOC2012"):
+                (datasets / year).symlink_to(os.path.join(data["voc"], "VOC2007"))
+            monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
         start = time.time()
         assert cli.main(argv) == 0, argv
         print(f"README: mocobench {argv[0]} {time.time() - start:.1f} s", file=sys.__stdout__)
