@@ -432,9 +432,12 @@ def train(task, resume=None, extend=False):
             logger.info(line)
         write_topology(cfg, task.topology(world, batch_per_rank))
         if point is not None:
-            logger.info(f"resumed from {point.path}: starting at epoch {start_epoch + 1}"
-                        + (f", iteration {start_i + 1}/{len(loader)} of it" if start_i else "")
-                        + f" (iteration {iteration})")
+            if start_i >= len(loader):  # stopped after the epoch's last iteration
+                where = f"at the end of epoch {start_epoch + 1} (its evaluation and checkpoint)"
+            else:
+                where = f"at epoch {start_epoch + 1}" + (
+                    f", iteration {start_i + 1}/{len(loader)} of it" if start_i else "")
+            logger.info(f"resumed from {point.path}: starting {where} (iteration {iteration})")
         resume_mod.schedule_change(cfg, point, logger)
         comm.check_same_resume(point.path if point else None, start_epoch, iteration)
         model = task.wrap(model, device)
