@@ -538,7 +538,6 @@ def submit_pipeline(args, argv):
     from mocobench import pipeline
 
     graph, study, dry_run = pipeline.slurm_jobs(argv, args.gpus_per_node)
-    # the stage's own CPUs (its workers and processes, from its config), unless --cpus-per-task
     groups = []  # [(stage, [(graph job, argv)])]: a stage's trials form one array
     for job, job_argv in graph:
         if job.trial is not None and groups and groups[-1][0] == job.stage:
@@ -550,7 +549,7 @@ def submit_pipeline(args, argv):
             job = members[0][0]
             what = f"an array of {len(members)} trial(s)" if job.trial is not None else "a job"
             print(f"would submit {stage} as {what}: {job.nodes} node(s), {job.gpus} GPU(s) per "
-                  f"node, {_cpus_and_mem(args, args.cpus_per_task or job.cpus, job.gpus)}"
+                  f"node, {_cpus_and_mem(args, _stage_cpus(args, job), job.gpus)}"
                   + (f", after {', '.join(sorted({a.split('/')[0] for a in job.after}))}"
                      if job.after else ""))
         return []
@@ -558,15 +557,15 @@ def submit_pipeline(args, argv):
     _, cluster = _executor(args)
     print(f"submitting {len(groups)} job(s) ({len(graph)} task(s)), each after the jobs whose "
           "outputs it reads", flush=True)
-    ids, submitted = {}, []  # graph job name -> SLURM job id; [(stage, [submitit jobs])]
+    ids, submitted = {}, []  # graph job name -> SLURM job id (an array's task: ID_I); the jobs
     for stage, members in groups:
-        job = members[0][0]
+        job, cpus = members[0][0], _stage_cpus(args, members[0][0])
         # a fresh executor per submission: submitit's parameters only accumulate
         executor, cluster = _executor(args)
-        after = sorted({ids[a].split("_")[0] for a in job.after}, key=int)
+        after = _array_ids(ids[a] for a in job.after)
         executor.update_parameters(**_job_parameters(
-            args, f"mocobench-pipeline-{stage}", job.nodes, job.gpus, tasks=1,
-            cpus=args.cpus_per_task or job.cpus, after=":".join(after) or None))
+            args, f"mocobench-pipeline-{stage}", job.nodes, job.gpus, tasks=1, cpus=cpus,
+            after=":".join(after) or None))
         if job.trial is None:
             jobs = [executor.submit(StageJob("pipeline", members[0][1]))]
         else:
@@ -577,12 +576,12 @@ def submit_pipeline(args, argv):
                         for _, job_argv in members]
         for (member, _), submitted_job in zip(members, jobs, strict=True):
             ids[member.name] = submitted_job.job_id
-        submitted.append((stage, jobs))
+        submitted += jobs
         what = (f"pipeline stage {stage}" if job.trial is None
                 else f"pipeline stage {stage} trials {members[0][0].trial}-{members[-1][0].trial}")
         _print_job(jobs[0], what,
                    f"{cluster}: {job.nodes} node(s), {job.gpus} GPU(s) per node, "
-                   f"{_cpus_and_mem(args, args.cpus_per_task or job.cpus, job.gpus)}, timeout "
+                   f"{_cpus_and_mem(args, cpus, job.gpus)}, timeout "
                    f"{args.timeout} min" + (f", after job {', '.join(after)}" if after else ""),
                    array=len(jobs) if job.trial is not None else 0)
         if cluster == "local":
@@ -591,11 +590,21 @@ def submit_pipeline(args, argv):
     if ids:  # the run's config and its jobs' SLURM ids, for `mocobench status`
         study.open_manifest()
         study.manifest.record_slurm_jobs(ids)
-        print(f"follow them: squeue -j "
-              f"{','.join(sorted({i.split('_')[0] for i in ids.values()}, key=int))}"
-              f"; mocobench status {study.run_dir}")
+        print(f"follow them: squeue -j {','.join(_array_ids(ids.values()))}; "
+              f"mocobench status {study.run_dir}")
     sys.stdout.flush()
-    return [job for _, jobs in submitted for job in jobs]
+    return submitted
+
+
+def _stage_cpus(args, job):
+    """The CPUs of a graph job's task: --cpus-per-task, else its stage's own (its workers and
+    processes, from its config)."""
+    return args.cpus_per_task or job.cpus
+
+
+def _array_ids(job_ids):
+    """The SLURM job ids, each once, of `job_ids` (an array's task ID_I counts as ID), in order."""
+    return sorted({job_id.split("_")[0] for job_id in job_ids}, key=int)
 
 
 def _wait_locally(stage, jobs):

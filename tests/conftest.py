@@ -218,3 +218,12 @@ def float_worker_views(img):
     for c, channel in enumerate(cv2.split(img)):
         out[c] = cv2.LUT(channel, luts[c])
     return torch.from_numpy(out)
+
+
+def report_tables(run_dir):
+    """The tables of a study's report.json (its real writer: the pipeline's report stage), with the
+    run directory taken out of the trials' paths: two runs of the same study compare equal."""
+    import json
+
+    text = (run_dir / "report.json").read_text().replace(str(run_dir), "RUN")
+    return json.loads(text)["tables"]

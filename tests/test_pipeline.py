@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import report_tables
 
 from mocobench import pipeline
 from mocobench.pipeline.config import load_pipeline_config
@@ -248,12 +249,6 @@ def test_the_plan_and_the_run_take_one_decision(previous, inputs, redo, expected
     assert str(decide("s", previous, inputs, redo)) == expected
 
 
-def tables(out):
-    """report.json's tables with the run directory taken out of the trials' paths."""
-    text = (out / "report.json").read_text().replace(str(out), "RUN")
-    return json.loads(text)["tables"]
-
-
 def _fork_cli(argv, log):
     """`mocobench pipeline ARGV` in a forked child, exit code as a user gets it; returns its pid."""
     from mocobench import cli
@@ -319,7 +314,7 @@ def test_jobs_side_by_side_a_failed_trial_reruns_alone_and_the_report_is_the_seq
     rerun = capsys.readouterr().out
     assert [line.split()[1] for line in rerun.splitlines() if line.startswith("started ")] \
         == ["transfer_random/seed1", "report"]
-    assert tables(out) == tables(finished_run)
+    assert report_tables(out) == report_tables(finished_run)
     for init in ("moco", "supervised", "random"):
         for i in range(2):
             ours, theirs = (json.loads((o / "transfer" / init / f"seed{i}" / "results.json")

@@ -15,6 +15,7 @@ import time
 import pytest
 import slurm_cluster
 import torch
+from conftest import report_tables
 
 from mocobench.utils.fileio import load_checkpoint
 
@@ -288,11 +289,6 @@ def test_a_failing_rank_ends_the_whole_job_at_once_with_its_error_last(cluster, 
     assert err.strip().splitlines()[-1] == \
         "mocobench pretrain (rank 1): error: RuntimeError: injected fault on rank 1", err[-3000:]
     assert info["ExitCode"] != "0:0"
-
-
-def report_tables(out):
-    """report.json's tables with the run directory taken out of the trials' paths."""
-    return json.loads((out / "report.json").read_text().replace(str(out), "RUN"))["tables"]
 
 
 def test_the_tiny_study_runs_on_slurm_as_a_graph_and_reports_what_the_sequential_run_does(

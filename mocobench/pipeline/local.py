@@ -156,10 +156,6 @@ class LocalRunner:
                                           f"{self.failed[failed[0]]}", stage_seconds)
             return
         if job.trial is not None:  # every trial of the stage ended: its outputs, as in one run
-            init = job.stage.removeprefix("transfer_")
-            value = self.wiring.trial_outputs(init, range(self.wiring.cfg.TRANSFER.SEEDS))
-            from transfer.run import write_summary
-
-            write_summary(value["output_dir"])  # over every trial, whichever process ended last
+            value = self.wiring.close_transfer(job.stage.removeprefix("transfer_"))
         self.wiring.outputs[job.stage] = value
         self.manifest.finish(job.stage, value, stage_seconds)

@@ -326,6 +326,15 @@ class Wiring:
             results.append(record.read_record(path).get("results"))
         return {"output_dir": self.path("transfer", init), "results": results}
 
+    def close_transfer(self, init):
+        """The outputs of transfer stage `init` once every trial has finished, read from their
+        records, and the summary over all of them written (by whichever process ended last)."""
+        from transfer.run import write_summary
+
+        outputs = self.trial_outputs(init, range(self.cfg.TRANSFER.SEEDS))
+        write_summary(outputs["output_dir"])
+        return outputs
+
     def partial_report(self):
         """report.md over the trials finished so far (a failed seed hides none of the others),
         quietly; a courtesy: a failure is said in one line, the final report says the rest."""
