@@ -156,17 +156,17 @@ def test_pretrain_with_loader_workers_stopped_by_scancel_usr2_requeues_and_ends_
 
 
 def test_pretrain_reaching_its_time_limit_checkpoints_on_the_warning_and_is_requeued(
-        cluster, tiny_imagenet, tmp_path):
-    """A 1-minute time limit with SLURM's warning signal 50 s before it (`--signal=USR2@50`: about
-    10 s into each run, before, during or after the training loop): the job checkpoints on the
-    warning and requeues itself before the limit, as often as it takes, and ends bit-exact."""
-    out, full_out = tmp_path / "run", tmp_path / "full" / "run"
-    six_epochs = {"SOLVER.EPOCHS": 6}
-    # and an uninterrupted 6-epoch run beside it, the reference
-    full = submit(cluster, tmp_path / "full", "pretrain",
-                  *pretrain_opts(tiny_imagenet, str(full_out), **six_epochs))
-    job = submit(cluster, tmp_path, "pretrain",
-                 *pretrain_opts(tiny_imagenet, str(out), **six_epochs),
+        cluster, tiny_imagenet, reference, tmp_path):
+    """A 1-minute time limit with SLURM's warning signal 50 s before it (`--signal=USR2@50`): the
+    job checkpoints on the warning and requeues itself before the limit, as often as it takes, and
+    ends bit-exact. slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT) and sends the warning
+    at the first check within warn + 30 s of the end: here at its first check, 0-30 s into each
+    run (before, during or after the training loop). So that no machine is fast enough to finish
+    before it, every step sleeps SLOW_STEP_S: the 12 steps take over 30 s."""
+    out = tmp_path / "run"
+    assert 12 * SLOW_STEP_S > 30
+    job = submit(hooked_env(cluster, tmp_path, SLOW_FORWARD), tmp_path, "pretrain",
+                 *pretrain_opts(tiny_imagenet, str(out)),
                  slurm=("--timeout", "1", "--signal-delay", "50"))
     info = job.wait(timeout=800)
     log = job.log()
@@ -176,8 +176,9 @@ def test_pretrain_reaching_its_time_limit_checkpoints_on_the_warning_and_is_requ
     # a warning that came before the loop started (or after it ended) requeued the job at once:
     # not a failure (no error line kept for the job's end)
     assert not os.path.exists(os.path.join(job.job_dir, f"{job.id}_error.txt"))
-    full.wait()
-    assert_same_pretraining(full_out / "checkpoint_0005.pth.tar", out / "checkpoint_0005.pth.tar")
+    ref_job, ref_out = reference
+    ref_job.wait()
+    assert_same_pretraining(ref_out / "checkpoint_0002.pth.tar", out / "checkpoint_0002.pth.tar")
 
 
 def test_transfer_with_loader_workers_stopped_by_sigterm_requeues_and_finishes(
@@ -234,37 +235,65 @@ def test_lincls_requeued_mid_run_ends_with_the_uninterrupted_head(cluster, tiny_
     assert ra == rb
 
 
-# what a rank's own failure looks like: rank 1 alone raises in its 3rd MoCo forward pass, while
-# rank 0 waits for it in a collective (a bug, out of memory, a bad shard). Loaded in every process
-# of the job through PYTHONPATH (Python imports sitecustomize at start-up).
-FAILING_RANK = '''
-import os, sys
-if os.environ.get("SLURM_PROCID") == "1":
-    import importlib.abc, importlib.machinery
+# A hook on pretrain.moco's MoCo.forward, loaded in every process of a job through PYTHONPATH
+# (Python imports sitecustomize at start-up): WRAP is the body of `wrap(forward)`, which returns
+# the forward pass to use; the hook is installed where CONDITION holds.
+MOCO_FORWARD_HOOK = '''
+import importlib.abc, importlib.machinery, os, sys, time
 
-    class _Fault(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "pretrain.moco":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            exec_module = spec.loader.exec_module
 
-            def patched(module):
-                exec_module(module)
-                forward, calls = module.MoCo.forward, []
+def wrap(forward):
+{wrap}
 
-                def failing(self, *args, **kwargs):
-                    calls.append(1)
-                    if len(calls) == 3:
-                        raise RuntimeError("injected fault on rank 1")
-                    return forward(self, *args, **kwargs)
-                module.MoCo.forward = failing
-            spec.loader.exec_module = patched
-            return spec
 
-    sys.meta_path.insert(0, _Fault())
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "pretrain.moco":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            module.MoCo.forward = wrap(module.MoCo.forward)
+        spec.loader.exec_module = patched
+        return spec
+
+
+if {condition}:
+    sys.meta_path.insert(0, _Hook())
 '''
+
+
+def hooked_env(env, tmp_path, wrap, condition="True"):
+    """The job environment with MOCO_FORWARD_HOOK on its PYTHONPATH."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(MOCO_FORWARD_HOOK.format(wrap=wrap,
+                                                                    condition=condition))
+    return {**env, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+
+
+# what a rank's own failure looks like: rank 1 alone raises in its 3rd MoCo forward pass, while
+# rank 0 waits for it in a collective (a bug, out of memory, a bad shard)
+FAILING_THIRD_FORWARD = '''
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected fault on rank 1")
+        return forward(self, *args, **kwargs)
+    return failing'''
+
+# a slow machine: every training step takes at least SLOW_STEP_S more (the numbers do not change)
+SLOW_STEP_S = 3
+SLOW_FORWARD = f'''
+    def slow(self, *args, **kwargs):
+        time.sleep({SLOW_STEP_S})
+        return forward(self, *args, **kwargs)
+    return slow'''
 
 
 def test_a_failing_rank_ends_the_whole_job_at_once_with_its_error_last(cluster, tiny_imagenet,
@@ -272,10 +301,8 @@ def test_a_failing_rank_ends_the_whole_job_at_once_with_its_error_last(cluster, 
     """A 2-task job in which rank 1 raises: srun's --kill-on-bad-exit ends rank 0 (blocked in a
     collective, which would wait the process group's 60-minute timeout) within seconds, the job
     FAILS, and the failing rank's error is the job's last line."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FAILING_RANK)
-    env = {**cluster, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    env = hooked_env(cluster, tmp_path, FAILING_THIRD_FORWARD,
+                     condition='os.environ.get("SLURM_PROCID") == "1"')
     out = tmp_path / "run"
     start = time.time()
     job = submit(env, tmp_path, "pretrain",
