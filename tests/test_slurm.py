@@ -123,6 +123,80 @@ def assert_same_pretraining(path_a, path_b):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
+# A hook on a model class's forward, loaded in every process of a job through PYTHONPATH (Python
+# imports sitecustomize at start-up): WRAP is the body of `wrap(forward)`, which returns the
+# forward pass to use; the hook is installed where CONDITION holds.
+FORWARD_HOOK = '''
+import importlib.abc, importlib.machinery, os, sys, time
+
+MODULE, CLASS = {module!r}, {cls!r}
+
+
+def wrap(forward):
+{wrap}
+
+
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            model = getattr(module, CLASS)
+            model.forward = wrap(model.forward)
+        spec.loader.exec_module = patched
+        return spec
+
+
+if {condition}:
+    sys.meta_path.insert(0, _Hook())
+'''
+
+
+MOCO = ("pretrain.moco", "MoCo")
+RESNET = ("torchvision.models.resnet", "ResNet")  # the linear evaluation's model
+RCNN = ("detectron2.modeling.meta_arch.rcnn", "GeneralizedRCNN")
+
+
+def hooked_env(env, tmp_path, wrap, model=MOCO, condition="True"):
+    """The job environment with FORWARD_HOOK on MODEL = (module, class) on its PYTHONPATH."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    module, cls = model
+    (hook / "sitecustomize.py").write_text(FORWARD_HOOK.format(
+        module=module, cls=cls, wrap=wrap, condition=condition))
+    return {**env, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+
+
+# what a rank's own failure looks like: rank 1 alone raises in its 3rd MoCo forward pass, while
+# rank 0 waits for it in a collective (a bug, out of memory, a bad shard)
+FAILING_THIRD_FORWARD = '''
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected fault on rank 1")
+        return forward(self, *args, **kwargs)
+    return failing'''
+
+
+
+def slow_forward(seconds):
+    """A slower machine: every forward pass takes SECONDS more (the numbers do not change). A
+    signal sent once the test sees a checkpoint then lands while work is left, however fast the
+    machine."""
+    return f'''
+    def slow(self, *args, **kwargs):
+        time.sleep({seconds})
+        return forward(self, *args, **kwargs)
+    return slow'''
+
+
 @pytest.fixture(scope="module")
 def reference(cluster, tiny_imagenet, tmp_path_factory):
     """An uninterrupted 3-epoch pretraining, a SLURM job of its own (submitted at once, waited for
@@ -139,7 +213,8 @@ def test_pretrain_with_loader_workers_stopped_by_scancel_usr2_requeues_and_ends_
     submitit requeues the job (`scontrol requeue`); the requeued job resumes from that checkpoint
     and ends with the uninterrupted run's weights, queue and optimizer, bit for bit."""
     out = tmp_path / "run"
-    job = submit(cluster, tmp_path, "pretrain", *pretrain_opts(tiny_imagenet, str(out)))
+    job = submit(hooked_env(cluster, tmp_path, slow_forward(0.5)), tmp_path, "pretrain",
+                 *pretrain_opts(tiny_imagenet, str(out)))
     # epoch 1 is saved: the signal lands in epoch 2 (4 iterations an epoch)
     wait_for(lambda: (out / "last_checkpoint").exists(), job)
     job.signal("USR2")
@@ -162,10 +237,9 @@ def test_pretrain_reaching_its_time_limit_checkpoints_on_the_warning_and_is_requ
     ends bit-exact. slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT) and sends the warning
     at the first check within warn + 30 s of the end: here at its first check, 0-30 s into each
     run (before, during or after the training loop). So that no machine is fast enough to finish
-    before it, every step sleeps SLOW_STEP_S: the 12 steps take over 30 s."""
+    before it, every step sleeps 3 s: the 12 steps take over 30 s."""
     out = tmp_path / "run"
-    assert 12 * SLOW_STEP_S > 30
-    job = submit(hooked_env(cluster, tmp_path, SLOW_FORWARD), tmp_path, "pretrain",
+    job = submit(hooked_env(cluster, tmp_path, slow_forward(3)), tmp_path, "pretrain",
                  *pretrain_opts(tiny_imagenet, str(out)),
                  slurm=("--timeout", "1", "--signal-delay", "50"))
     info = job.wait(timeout=800)
@@ -188,7 +262,8 @@ def test_transfer_with_loader_workers_stopped_by_sigterm_requeues_and_finishes(
     every iteration from that checkpoint."""
     out = tmp_path / "transfer"
     trial = out / "seed0"
-    job = submit(cluster, tmp_path, "transfer", "--config-file", VOC_CFG, "--synth-root",
+    job = submit(hooked_env(cluster, tmp_path, slow_forward(0.5), model=RCNN), tmp_path,
+                 "transfer", "--config-file", VOC_CFG, "--synth-root",
                  synth_root, "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "1000",
                  "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "2",
                  "MOCOBENCH.LOG_PERIOD", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)",
@@ -219,7 +294,8 @@ def test_lincls_requeued_mid_run_ends_with_the_uninterrupted_head(cluster, tiny_
     full = submit(cluster, tmp_path / "full", "lincls", *args, "--output",
                   str(tmp_path / "full" / "out"))
     stopped_out = tmp_path / "stopped" / "out"
-    stopped = submit(cluster, tmp_path / "stopped", "lincls", *args, "--output", str(stopped_out))
+    stopped = submit(hooked_env(cluster, tmp_path, slow_forward(0.5), model=RESNET),
+                     tmp_path / "stopped", "lincls", *args, "--output", str(stopped_out))
     wait_for(lambda: (stopped_out / "last_checkpoint").exists(), stopped)
     stopped.signal("USR2")
     info = stopped.wait()
@@ -233,67 +309,6 @@ def test_lincls_requeued_mid_run_ends_with_the_uninterrupted_head(cluster, tiny_
     ra, rb = (json.loads((d / "lincls_results.json").read_text())
               for d in (tmp_path / "full" / "out", stopped_out))
     assert ra == rb
-
-
-# A hook on pretrain.moco's MoCo.forward, loaded in every process of a job through PYTHONPATH
-# (Python imports sitecustomize at start-up): WRAP is the body of `wrap(forward)`, which returns
-# the forward pass to use; the hook is installed where CONDITION holds.
-MOCO_FORWARD_HOOK = '''
-import importlib.abc, importlib.machinery, os, sys, time
-
-
-def wrap(forward):
-{wrap}
-
-
-class _Hook(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "pretrain.moco":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        exec_module = spec.loader.exec_module
-
-        def patched(module):
-            exec_module(module)
-            module.MoCo.forward = wrap(module.MoCo.forward)
-        spec.loader.exec_module = patched
-        return spec
-
-
-if {condition}:
-    sys.meta_path.insert(0, _Hook())
-'''
-
-
-def hooked_env(env, tmp_path, wrap, condition="True"):
-    """The job environment with MOCO_FORWARD_HOOK on its PYTHONPATH."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(MOCO_FORWARD_HOOK.format(wrap=wrap,
-                                                                    condition=condition))
-    return {**env, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
-
-
-# what a rank's own failure looks like: rank 1 alone raises in its 3rd MoCo forward pass, while
-# rank 0 waits for it in a collective (a bug, out of memory, a bad shard)
-FAILING_THIRD_FORWARD = '''
-    calls = []
-
-    def failing(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected fault on rank 1")
-        return forward(self, *args, **kwargs)
-    return failing'''
-
-# a slow machine: every training step takes at least SLOW_STEP_S more (the numbers do not change)
-SLOW_STEP_S = 3
-SLOW_FORWARD = f'''
-    def slow(self, *args, **kwargs):
-        time.sleep({SLOW_STEP_S})
-        return forward(self, *args, **kwargs)
-    return slow'''
 
 
 def test_a_failing_rank_ends_the_whole_job_at_once_with_its_error_last(cluster, tiny_imagenet,
