@@ -19,6 +19,9 @@ setup(
         "numpy",
         "Pillow",
         "opencv-python-headless",
+        # JPEG decoding in the data loader (pretrain.data.read_rgb): libjpeg-turbo with its SIMD
+        # code, which OpenCV's bundled copy lacks; pinned, it is on the training input path
+        "simplejpeg==1.9.0",
         "fvcore",
         "iopath",
         "pycocotools",

@@ -4,6 +4,7 @@ import math
 import os
 import random
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -216,6 +217,67 @@ def test_brightness_rounds_every_grey_level_to_the_nearest():
         out = augment.adjust_brightness(image, factor)[0, :, 0].astype(np.float64)
         exact = np.minimum(levels * factor, 255.0)
         assert np.abs(out - exact).max() <= 0.5 + 1e-4, factor
+
+
+GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2 luma, PIL's "L" conversion
+
+
+def _levels_off(out, exact):
+    return np.abs(out.astype(np.float64) - exact)
+
+
+@pytest.mark.parametrize("factor", [0.6, 0.93, 1.4])
+def test_contrast_blends_with_the_mean_grey_level_rounded_to_the_nearest(factor):
+    img = colourful_image(40, 56, seed=7)
+    mean = float((img.astype(np.float64) @ GRAY_WEIGHTS).mean())
+    exact = np.clip(factor * img + (1 - factor) * mean, 0, 255)
+    out = augment.adjust_contrast(img, factor)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert _levels_off(out, exact).max() <= 0.5 + 1e-3
+    if factor > 1:  # saturated at both ends, not wrapped around
+        assert out.min() == 0 and out.max() == 255
+
+
+@pytest.mark.parametrize("factor", [0.6, 0.93, 1.4])
+def test_saturation_blends_each_pixel_with_its_grey_level(factor):
+    """One 3x3 colour matrix in OpenCV's 10-bit fixed point: <= 0.72 grey levels from the exact
+    blend (a wrong grey weight or blend direction is many levels off)."""
+    img = colourful_image(40, 56, seed=8)
+    gray = img.astype(np.float64) @ GRAY_WEIGHTS
+    exact = np.clip(factor * img + (1 - factor) * gray[..., None], 0, 255)
+    off = _levels_off(augment.adjust_saturation(img, factor), exact)
+    assert off.max() <= 0.75 and off.mean() < 0.3  # rounding alone: 0.25 on average
+
+
+@pytest.mark.parametrize("shift", [0.1, -0.1, 0.37, -0.5])
+def test_hue_rotates_the_hsv_hue_by_the_nearest_of_256_steps(shift):
+    """The hue of OpenCV's 256-step HSV moves by round(shift * 256) steps, wrapping around, and
+    nothing else changes (an odd width: every pixel of a row, not a multiple of some block)."""
+    img = colourful_image(31, 53, seed=9)
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + round(shift * 256)) % 256
+    expected = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    out = augment.adjust_hue(img, shift)
+    assert np.array_equal(out, expected)
+    assert _levels_off(out, img).mean() > 5  # it did turn the colours
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (5, 7), (64, 64)])
+def test_views_leave_as_chw_copies_of_the_hwc_image(hw):
+    img = colourful_image(*hw, seed=10)
+    for source in (img, img[:, ::-1]):  # contiguous, and a flipped view
+        chw = augment.to_chw_tensor(source)
+        assert chw.dtype == torch.uint8 and chw.is_contiguous()
+        assert torch.equal(chw, torch.from_numpy(source.copy()).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_crops_come_out_as_contiguous_hwc_arrays(size):
+    """The layout OpenCV's ops take without a copy: a crop whose tensor was read as planar (NCHW)
+    comes out strided and makes every later op copy it first (30 % of the pipeline's time)."""
+    img = colourful_image(90, 120, seed=11)
+    out = augment.RandomResizedCrop(size)(img, random.Random(0))
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
 
 
 def test_photometric_ops_match_torchvision_functional():

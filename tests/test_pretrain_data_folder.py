@@ -65,6 +65,39 @@ def test_trailing_bytes_after_jpeg_end_are_accepted(tmp_path):
     assert read_rgb(path).shape == (16, 18, 3)
 
 
+def _pil_rgb(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("mode, subsampling", [("RGB", 2), ("RGB", 0), ("L", -1)])
+def test_jpegs_decode_to_pil_s_pixels(tmp_path, mode, subsampling):
+    """read_rgb's JPEG decoder (simplejpeg) gives exactly the pixels of PIL's decode, the one
+    torchvision's ImageFolder runs: 4:2:0 and 4:4:4 chroma, and a greyscale JPEG as RGB."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8), (5, 5), 1.5)
+    path = str(tmp_path / "a.jpg")
+    Image.fromarray(img).convert(mode).save(path, quality=90, subsampling=subsampling)
+    ours = read_rgb(path)
+    assert ours.shape == (45, 70, 3) and ours.dtype == np.uint8
+    assert np.array_equal(ours, _pil_rgb(path))
+
+
+def test_a_jpeg_with_a_libjpeg_warning_is_decoded(tmp_path):
+    """Bytes before the end marker make libjpeg warn ("extraneous bytes"): the strict fast decoder
+    refuses the file, PIL decodes it, as torchvision's ImageFolder would (not a bad image)."""
+    path = write_folder(str(tmp_path), classes=1, per_class=1, size=16)[0]
+    data = open(path, "rb").read()
+    assert data.endswith(b"\xff\xd9")
+    with open(path, "wb") as f:
+        f.write(data[:-2] + b"\x00\x00\x00" + data[-2:])
+    assert np.array_equal(read_rgb(path), _pil_rgb(path))
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("corrupt", [truncate, junk])
 def test_bad_image_is_replaced_and_counted(tmp_path, num_workers, corrupt):

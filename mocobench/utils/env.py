@@ -60,7 +60,7 @@ def collect_env() -> list:
     except Exception as e:  # env must report a broken detectron2, not die of it
         rows.append(("detectron2", f"failed to import: {type(e).__name__}: {e}"))
     for dist in ("fvcore", "iopath", "pycocotools", "opencv-python-headless", "Pillow",
-                 "setuptools"):
+                 "simplejpeg", "setuptools"):
         rows.append((dist, _version(dist)))
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rows.append(("mocobench", f"{_version('mocobench')} @ {repo}"))
