@@ -3,6 +3,8 @@
     python benchmarks/gpu_smoke.py --config-file configs/pretrain/moco_v2_R50_200ep.yaml \
         [--compile] [--batch 64] [--size 224] [--steps 10] [--device cuda] [KEY VALUE ...]
     python benchmarks/gpu_smoke.py --loader [--workers 8] [--images 256] [--batch 64] [--size 224]
+    python benchmarks/gpu_smoke.py --compare RUN_A RUN_B --iterations N [--groups A B] \
+        [--tolerance T]
 
 Step: the model, BN (SplitBatchNorm over MOCO.SHUFFLE_BN_SPLITS groups, shuffle BN), optimizer (SGD
 or LARS), precision (TF32, AMP dtype with the hardware bf16 check and the GradScaler,
@@ -14,6 +16,12 @@ Loader (--loader): ImageNet-size JPEGs (~500x375) through the training loader (p
 SafeImageFolder, the MoCo v2 two-view transform, build_loader with N workers, pinned memory on
 CUDA), each batch moved and normalised on the device: the loader's img/s.
 Prints one line: `RESULT name PASS|FAIL img/s peak_MiB details`.
+Compare (--compare): two pretraining runs' final checkpoints hold the same state (weights, queue
+and its pointer, BN statistics, optimizer, GradScaler, RNG, counters): integers and RNG states
+exactly, floats exactly or within --tolerance; and each ran the N iterations its data gives (N from
+the image count, not from the product: a sampler that skips a batch in every run is found too);
+--groups: the process group each run records in topology.json (nccl, gloo or none; a group runs
+DDP). Exit 0 when all hold.
 """
 import argparse
 import math
@@ -51,10 +59,20 @@ def main():
                         help="torch.compile backend; the CPU dry run uses 'eager' (inductor's C++ "
                              "build takes minutes)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                        help="compare two pretraining runs' final checkpoints instead")
+    parser.add_argument("--iterations", type=int, help="--compare: the iterations each run must "
+                                                       "have done (images // batch x epochs)")
+    parser.add_argument("--groups", nargs=2, metavar=("A", "B"),
+                        help="--compare: each run's process group: nccl, gloo or none")
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="--compare: max |difference| of float tensors (0: bit for bit)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args()
     if args.loader:
         return loader_path(args)
+    if args.compare:
+        return compare_runs(args)
     cfg = load_config(args.config_file, ["SOLVER.BATCH_SIZE", str(args.batch), "MOCO.K",
                                          str(args.batch * 16), "DEVICE", args.device, *args.opts])
     device = torch.device(args.device)
@@ -151,6 +169,86 @@ def loader_path(args):
     except Exception as e:  # noqa: BLE001
         print(f"RESULT loader FAIL - img/s - MiB  {detail}; {type(e).__name__}: {e}", flush=True)
         return 1
+
+
+def compare_runs(args):
+    """--compare: see the module doc. Prints what differs (or the largest float difference) and
+    the runs' iterations and process groups."""
+    import json
+
+    import yaml
+
+    from pretrain.checkpoint import find_resume_path, load_checkpoint
+
+    failures, diffs = [], {}
+
+    def compare(where, a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            if a.keys() != b.keys():
+                failures.append(f"{where}: keys {sorted(set(a) ^ set(b))[:5]} in one run only")
+            for key in [k for k in a if k in b]:
+                compare(f"{where}.{key}", a[key], b[key])
+        elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                compare(f"{where}[{i}]", x, y)
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                failures.append(f"{where}: {a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}")
+            elif a.is_floating_point() and not where.startswith("rng"):
+                diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+                part = where.split(".")[0] if not where.startswith("state_dict.module.queue") \
+                    else "queue"
+                diffs[part] = max(diffs.get(part, 0.0), diff)
+                if not diff <= args.tolerance:  # NaN fails too
+                    failures.append(f"{where}: max |difference| {diff:.3g}")
+            elif not torch.equal(a, b):
+                failures.append(f"{where}: {a.flatten()[:4].tolist()}... vs "
+                                f"{b.flatten()[:4].tolist()}...")
+        elif a != b and not (isinstance(a, float) and a != a and b != b):  # NaN == NaN
+            failures.append(f"{where}: {a!r} vs {b!r}")
+
+    runs = []
+    for run_dir in args.compare:
+        path = find_resume_path(run_dir, "auto")
+        if path is None:
+            print(f"RESULT compare FAIL: {run_dir} has no checkpoint")
+            return 1
+        runs.append(load_checkpoint(path))
+    a, b = runs
+    for key in ("epoch", "iteration", "epoch_iteration", "world_size", "state_dict", "optimizer",
+                "scaler", "rng", "task_state"):
+        compare(key, a.get(key), b.get(key))
+    if args.iterations is not None:
+        for run_dir, ckpt in zip(args.compare, runs):
+            if ckpt["iteration"] != args.iterations:
+                failures.append(f"{run_dir}: {ckpt['iteration']} iterations, its data gives "
+                                f"{args.iterations}")
+            queue_ptr = ckpt["state_dict"].get("module.queue_ptr")
+            if queue_ptr is not None:  # v1/v2: a batch of keys enqueued per iteration
+                cfg = yaml.safe_load(ckpt["config"])
+                batch, k = cfg["SOLVER"]["BATCH_SIZE"], cfg["MOCO"]["K"]
+                want_ptr = args.iterations * batch % k
+                if int(queue_ptr) != want_ptr:
+                    failures.append(f"{run_dir}: queue_ptr {int(queue_ptr)}, {args.iterations} "
+                                    f"iterations of {batch} keys give {want_ptr}")
+    groups = []
+    for run_dir, expected in zip(args.compare, args.groups or ()):
+        record = json.load(open(os.path.join(run_dir, "topology.json")))
+        group = record.get("process_group") or "none"
+        ddp = "DistributedDataParallel over" in open(os.path.join(run_dir, "log.txt")).read()
+        groups.append(f"{os.path.basename(run_dir)}: world {record['world_size']}, process group "
+                      f"{group}, DDP {ddp}")
+        if (group, record["world_size"], ddp) != (expected, 1, expected != "none"):
+            failures.append(f"{run_dir}: world {record['world_size']}, process group {group}, "
+                            f"DDP {ddp}; expected world 1, {expected}, DDP {expected != 'none'}")
+    figures = ", ".join(f"{k} {v:.3g}" for k, v in sorted(diffs.items()))
+    how = "bit for bit" if args.tolerance == 0 else f"tolerance {args.tolerance:g}"
+    print(f"RESULT compare {'FAIL' if failures else 'PASS'} {args.compare[0]} vs "
+          f"{args.compare[1]} ({how}): iteration {a['iteration']} vs {b['iteration']}; max "
+          f"|difference| {figures}" + (f"; {'; '.join(groups)}" if groups else ""))
+    for line in failures[:20]:
+        print(f"  differs: {line}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

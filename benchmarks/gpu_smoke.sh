@@ -8,14 +8,18 @@
 #   moco_v2_fp32_tf32_{on,off}_cl_{on,off}  MoCo v2 R50 fp32 steps, TF32 True/False x channels_last
 #   moco_v3_fp16_lars_b{128,256}            MoCo v3 R50, fp16 autocast + GradScaler + LARS, 128/256 per GPU
 #   loader_8_workers                        the training loader on ImageNet-size JPEGs, 8 workers
-#   pretrain_sigterm_resume                 real launcher (1 process), workers > 0, SIGTERM mid-epoch ->
-#                                           exit 143 -> --resume auto; the weights against an uninterrupted run
+#   pretrain_1rank_group                    real launcher, --nproc-per-node 1: a process group of 1 (NCCL;
+#                                           DDP, shuffle-BN and queue gathers, votes); its final state equals
+#                                           a run without a group's and has the iterations its data gives;
+#                                           MoCo v3 in the group: SyncBatchNorm under DDP
+#   pretrain_sigterm_resume                 the same launcher, workers > 0, SIGTERM mid-epoch -> exit 143 ->
+#                                           --resume auto; the whole state against the uninterrupted run's
 #   convert                                 that checkpoint -> verified detectron2 .pkl
-#   lincls                                  the linear protocol from it, a few iterations
+#   lincls                                  the linear protocol from it, a few iterations (a group of 1)
 #   voc_r50_c4_extranorm                    VOC R50-C4 fine-tuning steps (Res5ROIHeadsExtraNorm) from the .pkl
 #   coco_eval                               one COCO evaluation (Mask R-CNN R50-FPN) on generated data
-# Not covered: with one process the code skips DDP, SyncBN, the all-gathers and the NaN/stop votes
-# (world size 1); those need 2 GPUs (tests/test_scale.py runs them on CPU/gloo).
+# Not covered: cross-GPU traffic (NCCL between 2+ GPUs) and SyncBN's CUDA kernel (torch's SyncBatchNorm
+# is plain BN in a group of 1); tests/test_scale.py runs 2 processes on CPU/gloo.
 # The exit code is the number of failed paths (124 when the overall limit cut the run short).
 # GPU_SMOKE_CPU=1 runs the same paths on CPU at tiny sizes (gloo, ResNet-18 for the step paths): a dry
 # run of the script itself (tests/test_gpu_smoke.py).
@@ -42,12 +46,13 @@ if [ "$CPU" = 1 ]; then
   # ResNet-18 and a small v3 MLP for the step paths; one warm-up and one timed step
   DEV=cpu; STEP_ARCH=(MODEL.ARCH resnet18 MOCO.MLP_DIM 256 MOCO.SHUFFLE_BN_SPLITS 2); SIZE=32; B1=8; B2=16
   STEPS=(--steps 1 --warmup 1); LOADER=(--workers 2 --images 32 --batch 8 --size 32); LIFE_SIZE=32; LIFE_BATCH=16
-  DET_ITERS=2; PERPATH=240
+  LIFE_V3_ARCH=(MODEL.ARCH resnet18 MOCO.MLP_DIM 256); DET_ITERS=2; PERPATH=240
 else
   NGPU=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
   if [ "$NGPU" -lt 1 ]; then echo "gpu_smoke: no CUDA device visible; this checks the GPU paths (GPU_SMOKE_CPU=1 for a dry run)"; exit 2; fi
   DEV=cuda; STEP_ARCH=(); SIZE=224; B1=128; B2=256; STEPS=(--steps 10 --warmup 3)
-  LOADER=(--workers 8 --images 512 --batch 64 --size 224); LIFE_SIZE=64; LIFE_BATCH=8; DET_ITERS=10; PERPATH=150
+  LOADER=(--workers 8 --images 512 --batch 64 --size 224); LIFE_SIZE=64; LIFE_BATCH=8; LIFE_V3_ARCH=()
+  DET_ITERS=10; PERPATH=150
 fi
 rm -rf "$OUT"; mkdir -p "$OUT"
 echo "gpu_smoke: $DEV, torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)'), limit ${LIMIT}s, output in $OUT"
@@ -118,12 +123,35 @@ done
 # ---- the data loader
 run_path loader_8_workers "result_img_per_s loader_8_workers" -- $PY benchmarks/gpu_smoke.py --loader --device "$DEV" "${LOADER[@]}"
 
-# ---- a run's life on the device: stop, resume, convert, linear protocol, detection
+# ---- a run's life on the device: a process group of 1, stop, resume, convert, linear protocol, detection
 LIFE=(--config-file $V2 DATA.ROOT "$DATA" SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE "$LIFE_BATCH" MOCO.K 256
       INPUT.SIZE "$LIFE_SIZE" MOCO.SHUFFLE_BN_SPLITS 2 KNN.PERIOD 0 DATALOADER.NUM_WORKERS 2 LOG_PERIOD 1
       DEVICE "$DEV" TF32 False)
-sigterm_resume() {  # stop a run with SIGTERM after its 2nd iteration, resume it, compare with an uninterrupted one
+# the iterations a complete run does, from the image count (not from the product): a sampler that skips
+# a batch in every run, interrupted or not, is found by this count, not by comparing two runs
+ITERS=$(( $(find "$DATA/train" -type f | wc -l) / LIFE_BATCH ))
+# two runs' final state: bit for bit on CPU; on CUDA within 1e-4 (cudnn.benchmark picks its kernels
+# per process, some not bitwise reproducible; a wrong batch moves the queue's keys by tenths: 0.44 on CPU)
+if [ "$DEV" = cuda ]; then GROUP=nccl; TOL=1e-4; else GROUP=gloo; TOL=0; fi
+one_rank_group() {  # --nproc-per-node 1: the real launcher, a process group of 1 (NCCL on CUDA, gloo
+  # on CPU): DDP, the shuffle-BN and queue gathers, the NaN/stop votes run; a gather of 1 is the
+  # identity, so the run equals one without a group (pretrain.train in this process)
   $PY -m mocobench pretrain --nproc-per-node 1 "${LIFE[@]}" OUTPUT_DIR "$OUT/full" || return 1
+  $PY -m pretrain.train "${LIFE[@]}" OUTPUT_DIR "$OUT/nogroup" || return 1
+  $PY benchmarks/gpu_smoke.py --compare "$OUT/full" "$OUT/nogroup" --iterations "$ITERS" \
+    --groups "$GROUP" none --tolerance "$TOL" || return 1
+  # MoCo v3 in the group: SyncBN (torch's SyncBatchNorm on CUDA: plain BN kernels in a group of 1) under DDP
+  $PY -m mocobench pretrain --nproc-per-node 1 --config-file configs/pretrain/moco_v3_R50.yaml \
+    "${V3_LIFE[@]}" OUTPUT_DIR "$OUT/v3_group" || return 1
+  grep "DistributedDataParallel over base_encoder, predictor (process group $GROUP of 1); [1-9]" \
+    "$OUT/v3_group/log.txt" || { echo "v3: no DDP over SyncBN in a group of 1 in the log"; return 1; }
+}
+sigterm_resume() {  # stop a run with SIGTERM after its 2nd iteration, resume it, compare with the
+  # uninterrupted one (the group run above)
+  if [ ! -f "$OUT/full/checkpoint_0000.pth.tar" ]; then
+    rm -rf "$OUT/full"
+    $PY -m mocobench pretrain --nproc-per-node 1 "${LIFE[@]}" OUTPUT_DIR "$OUT/full" || return 1
+  fi
   $PY -m mocobench pretrain --nproc-per-node 1 "${LIFE[@]}" OUTPUT_DIR "$OUT/stopped" &
   local pid=$!
   local n=0
@@ -138,18 +166,15 @@ sigterm_resume() {  # stop a run with SIGTERM after its 2nd iteration, resume it
     { echo "the SIGTERM did not stop the run mid-epoch"; return 1; }
   $PY -m mocobench pretrain --nproc-per-node 1 "${LIFE[@]}" OUTPUT_DIR "$OUT/stopped" --resume auto || return 1
   grep -q "resumed from" "$OUT/stopped/log.txt" || { echo "no 'resumed from' in the log"; return 1; }
-  $PY - "$OUT/full/checkpoint_0000.pth.tar" "$OUT/stopped/checkpoint_0000.pth.tar" <<'PYEOF'
-import sys, torch
-a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in sys.argv[1:])
-assert a["iteration"] == b["iteration"], (a["iteration"], b["iteration"])
-diff = max((x.double() - b["state_dict"][k].double()).abs().max().item()
-           for k, x in a["state_dict"].items() if x.is_floating_point())
-print(f"resumed run vs uninterrupted, iteration {a['iteration']}: max |weight difference| {diff:.3g}")
-sys.exit(0 if diff == 0.0 else 1)
-PYEOF
+  # the whole state (weights, queue, optimizer, RNG, counters) against the uninterrupted run's
+  $PY benchmarks/gpu_smoke.py --compare "$OUT/full" "$OUT/stopped" --iterations "$ITERS" \
+    --groups "$GROUP" "$GROUP" --tolerance "$TOL"
 }
-PRELUDE="$(declare -f sigterm_resume); $(declare -p PY OUT LIFE)"
-run_path pretrain_sigterm_resume "last_img_per_s $OUT/full" -- sigterm_resume
+V3_LIFE=(DATA.ROOT "$DATA" SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE "$LIFE_BATCH" INPUT.SIZE "$LIFE_SIZE" KNN.PERIOD 0
+         DATALOADER.NUM_WORKERS 2 LOG_PERIOD 1 DEVICE "$DEV" "${LIFE_V3_ARCH[@]}")
+PRELUDE="$(declare -f one_rank_group sigterm_resume); $(declare -p PY OUT LIFE V3_LIFE ITERS GROUP TOL)"
+run_path pretrain_1rank_group "last_img_per_s $OUT/full" -- one_rank_group
+run_path pretrain_sigterm_resume "last_img_per_s $OUT/stopped" -- sigterm_resume
 CKPT="$OUT/stopped/checkpoint_0000.pth.tar"
 run_path convert "echo -" -- $PY -m mocobench convert "$CKPT" "$OUT/moco.pkl"
 run_path lincls "echo -" -- \

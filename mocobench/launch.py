@@ -111,10 +111,16 @@ def main(command, argv) -> int:
         return 0
     if not spec.per_rank:
         return int(importlib.import_module(spec.module).main(rest) or 0)
+    if args.nproc_per_node is None and args.nnodes == "1":
+        return run_on_this_node(spec.module, rest, default_nproc_per_node(rest))
+    # --nproc-per-node N, 1 included, means torchrun's: N processes of the elastic launcher in a
+    # process group (DDP, SyncBN, the gathers and votes run; one GPU's smoke test of them)
     nproc = (args.nproc_per_node if args.nproc_per_node is not None
              else default_nproc_per_node(rest))
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-node {nproc}: expected >= 1")
     if args.nnodes == "1":
-        return run_on_this_node(spec.module, rest, nproc)
+        return run_elastic(spec.module, rest, nproc)
     return run_elastic(spec.module, rest, nproc, args.nnodes, args.node_rank, args.rdzv_endpoint,
                        args.rdzv_id)
 

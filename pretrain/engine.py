@@ -89,8 +89,9 @@ class Task:
 
     def topology(self, world, batch_per_rank):
         """OUTPUT_DIR/topology.json: the run's scale; its `warnings` (lines) are logged too."""
-        return {"world_size": world, "batch_size": self.cfg.SOLVER.BATCH_SIZE,
-                "batch_per_process": batch_per_rank, "warnings": []}
+        return {"world_size": world, "process_group": comm.backend(),
+                "batch_size": self.cfg.SOLVER.BATCH_SIZE, "batch_per_process": batch_per_rank,
+                "warnings": []}
 
     def wrap(self, model, device):
         """The model the loop trains: DDP, torch.compile. Called once the state is restored."""
@@ -298,7 +299,7 @@ def vote(window, signum, device):
     rows = window.values[:window.n]
     flags = torch.stack([torch.full((), float(signum or 0), dtype=torch.float64, device=device),
                          (~torch.isfinite(rows[:, 0])).any().double()])
-    if comm.get_world_size() > 1:
+    if comm.is_dist():  # a group of 1 too: the path of N processes
         import torch.distributed as dist
 
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -345,6 +346,7 @@ def train_one_epoch(task, model, loader, optimizer, scaler, epoch, iteration, de
     window = LogWindow(cfg.SOLVER.BATCH_SIZE, cfg.LOG_PERIOD, device)
     window.reset(iteration, start_i)
     task.train_mode(model)
+    # one process (a group of 1 too) acts on a stop signal at once: no other rank to agree with
     one_process = comm.get_world_size() == 1
     end = time.perf_counter()
     for i, batch in enumerate(loader, start_i):
@@ -486,7 +488,7 @@ def run_epochs(task, model, train_set, loader, optimizer, scaler, precision, dev
                 scalars = task.evaluate(model, epoch, device, precision)
                 if scalars:
                     metrics.write(iteration, epoch=epoch + 1, **scalars)
-                if comm.get_world_size() > 1:
+                if comm.is_dist():
                     task.check_replicas(model)
                 path = checkpointer.save_epoch(epoch, iteration)
                 # after the checkpoint: a stop signal during a long monitor loses nothing
@@ -504,13 +506,14 @@ def run_epochs(task, model, train_set, loader, optimizer, scaler, precision, dev
 # --------------------------------------------------------------------------------------------------
 def resume_command(prog, argv):
     """The command line that continues this run (printed when it stops on a signal): with the same
-    processes per node when a launcher started several (a mid-epoch checkpoint resumes only on the
-    same process count)."""
+    processes per node when a launcher started them, one included (a mid-epoch checkpoint resumes
+    only on the same process count)."""
     args = [a for i, a in enumerate(argv)
             if a != "--resume" and (i == 0 or argv[i - 1] != "--resume")
             and not a.startswith("--resume=")]
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torch elastic / submitit export it
-    launch = ["--nproc-per-node", str(per_node)] if per_node > 1 else []
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")  # torch elastic / submitit export it
+    # the launcher's processes again (a process group of 1 too); none when it ran in this process
+    launch = ["--nproc-per-node", per_node] if per_node and comm.is_dist() else []
     return " ".join(shlex.quote(x) for x in [*prog.split(), *launch, *args, "--resume", "auto"])
 
 

@@ -22,16 +22,17 @@ from mocobench.utils import comm
 def shard(dataset):
     """This rank's images: indices rank, rank + world, ... (no padding: every image exactly once
     overall)."""
-    world = comm.get_world_size()
-    return dataset if world == 1 else Subset(dataset, range(comm.get_rank(), len(dataset), world))
+    if not comm.is_dist():
+        return dataset
+    return Subset(dataset, range(comm.get_rank(), len(dataset), comm.get_world_size()))
 
 
 def unshard(local):
     """Inverse of `shard` for per-image rows: all-gather every rank's rows and interleave them back
     into the dataset's order (row i of the result belongs to image i)."""
-    world = comm.get_world_size()
-    if world == 1:
+    if not comm.is_dist():
         return local
+    world = comm.get_world_size()
     parts = comm.all_gather_uneven(local)
     out = local.new_empty((sum(p.shape[0] for p in parts), *local.shape[1:]))
     for rank, part in enumerate(parts):
@@ -121,9 +122,9 @@ def sharded_top_k(query, bank, bank_labels, k, bank_chunk=65536):
     rank's k nearest in its shard, all-gathered ([world x B, k] each) and merged. Exact: the k
     nearest of the whole bank are among the union of the shards' k nearest."""
     sim, labels = top_k(query, bank, bank_labels, k, bank_chunk)
-    world = comm.get_world_size()
-    if world == 1:
+    if not comm.is_dist():
         return sim, labels
+    world = comm.get_world_size()
     # [world, B, k] -> [B, world x k]: every query's candidates from every shard
     sim = comm.all_gather_cat(sim).view(world, *sim.shape).permute(1, 0, 2).flatten(1)
     labels = comm.all_gather_cat(labels).view(world, *labels.shape).permute(1, 0, 2).flatten(1)
@@ -144,7 +145,7 @@ def knn_accuracy(features_fn, train_loader, val_loader, k=200, t=0.1, num_classe
     device = torch.device(device)
     bank, bank_labels = extract_features(features_fn, train_loader, device)
     queries, query_labels = extract_features(features_fn, val_loader, device)
-    if comm.get_world_size() > 1:
+    if comm.is_dist():
         # every rank scores every query against its shard of the bank
         queries, query_labels = unshard(queries), unshard(query_labels)
     if num_classes is None:

@@ -163,7 +163,7 @@ def accuracy(output, target, topk=(1, 5)):
 
 
 def _sum_over_ranks(totals):
-    if comm.get_world_size() > 1:
+    if comm.is_dist():
         totals = totals.clone()
         dist.all_reduce(totals)
     return totals.tolist()
@@ -249,7 +249,7 @@ class LinearTask(engine.Task):
                 f"{torch.backends.cudnn.allow_tf32})"]
 
     def wrap(self, model, device):
-        if comm.get_world_size() == 1:
+        if not comm.is_dist():
             return model
         # only fc trains: its gradients are all DDP reduces; BN buffers are frozen (eval mode)
         device_ids = [device.index] if device.type == "cuda" else None

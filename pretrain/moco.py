@@ -168,7 +168,8 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
     In training it normalises with the statistics of the global batch (two-pass: the global mean,
     then the global mean squared deviation, each a differentiable all-reduce), as torch's kernel
     does, so the gradients mean the same: d(sum of all ranks' losses)/d(this rank's input). Eval
-    mode and one process are plain BN; the state dict is BatchNorm's."""
+    mode and no process group are plain BN (a group of 1 runs the all-reduces); the state dict is
+    BatchNorm's."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -176,7 +177,7 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x):
         self._check_input_dim(x)
-        if not self.training or comm.get_world_size() == 1:
+        if not self.training or not comm.is_dist():
             return super().forward(x)
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -239,7 +240,7 @@ def batch_shuffle(x):
     world = comm.get_world_size()
     # CPU generator: the same on every device type
     perm = torch.randperm(x_all.shape[0]).to(x.device)
-    if world > 1:
+    if comm.is_dist():
         dist.broadcast(perm, src=0)
     idx_unshuffle = torch.argsort(perm)
     return x_all[perm.view(world, -1)[comm.get_rank()]], idx_unshuffle
@@ -330,7 +331,7 @@ class MoCo(nn.Module):
         q = F.normalize(self.encoder_q(im_q).float(), dim=1)
         with torch.no_grad():
             self.momentum_update_key_encoder()
-            shuffle = comm.get_world_size() > 1 or self.bn_splits > 1
+            shuffle = comm.is_dist() or self.bn_splits > 1
             if shuffle:
                 im_k, idx_unshuffle = batch_shuffle(im_k)
             k = F.normalize(self.encoder_k(im_k).float(), dim=1)

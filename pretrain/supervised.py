@@ -38,7 +38,7 @@ def evaluate(model, loader, device, precision):
     amp, amp_dtype, channels_last = precision
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = engine.unwrap(model)
-    if comm.get_world_size() > 1:
+    if comm.is_dist():
         # each rank's BN running statistics last saw its own batch: evaluate rank 0's
         # (the checkpointed)
         for buffer in model.buffers():
@@ -57,7 +57,7 @@ def evaluate(model, loader, device, precision):
             totals[2] += target.numel()
     finally:
         model.train(was_training)
-    if comm.get_world_size() > 1:
+    if comm.is_dist():
         dist.all_reduce(totals)
     correct, loss_sum, seen = totals.tolist()
     return 100.0 * correct / max(seen, 1.0), loss_sum / max(seen, 1.0)
@@ -114,7 +114,7 @@ class SupervisedTask(engine.Task):
 
     def wrap(self, model, device):
         # DDP broadcasts rank 0's parameters and buffers when it wraps
-        if comm.get_world_size() > 1:
+        if comm.is_dist():
             device_ids = [device.index] if device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
         if self.cfg.COMPILE:

@@ -20,7 +20,7 @@ from pretrain import engine
 from pretrain import resume as resume_mod
 from pretrain.augment import normalize
 from pretrain.config import moco_momentum_at
-from pretrain.moco import build_model, convert_sync_bn
+from pretrain.moco import AllReduceBatchNorm, build_model, convert_sync_bn
 
 logger = engine.logger
 
@@ -47,12 +47,17 @@ LOSSES = {"v1": moco_v1_v2_loss, "v2": moco_v1_v2_loss, "v3": moco_v3_loss}
 def wrap_ddp(model, device):
     """Wrap only the submodules that receive gradients (model.ddp_modules) in DDP: the key encoder
     and the queue stay outside, so nothing but query-side gradients and BN buffers is
-    communicated."""
-    if comm.get_world_size() == 1:
+    communicated. Under any process group, one of 1 process too (its collectives are the
+    identity)."""
+    if not comm.is_dist():
         return
     device_ids = [device.index] if device.type == "cuda" else None
     for name in model.ddp_modules:
         setattr(model, name, DistributedDataParallel(getattr(model, name), device_ids=device_ids))
+    synced = sum(isinstance(m, (torch.nn.SyncBatchNorm, AllReduceBatchNorm))
+                 for m in model.modules())
+    logger.info(f"DistributedDataParallel over {', '.join(model.ddp_modules)} (process group "
+                f"{comm.backend()} of {comm.get_world_size()}); {synced} synchronised BN layers")
 
 
 def replicated_state(model):
@@ -94,7 +99,7 @@ def knn_monitor(cfg, model, device, num_workers, datasets):
                             drop_last=False, seed=cfg.SEED) for s in (train_set, val_set)]
     encoder = engine.unwrap(model.encoder_q if cfg.MOCO.VERSION != "v3" else model.base_encoder)
     # BN running statistics: rank 0's (the checkpointed ones) everywhere
-    if comm.get_world_size() > 1:
+    if comm.is_dist():
         for buffer in encoder.buffers():
             dist.broadcast(buffer, src=0)
 
@@ -184,7 +189,7 @@ class MocoTask(engine.Task):
 
     def build_model(self, device):
         model = build_model(self.cfg, bn_splits=self.bn_splits)
-        if comm.get_world_size() > 1 and self.cfg.MOCO.VERSION == "v3":
+        if comm.is_dist() and self.cfg.MOCO.VERSION == "v3":
             # torch's SyncBatchNorm on CUDA, AllReduceBatchNorm on CPU
             model = convert_sync_bn(model, device)
         return model
@@ -223,7 +228,7 @@ class MocoTask(engine.Task):
 
     def wrap(self, model, device):
         # every rank starts from rank 0's state, key encoder and queue too
-        if comm.get_world_size() > 1:
+        if comm.is_dist():
             for tensor in model.state_dict().values():
                 dist.broadcast(tensor, src=0)
         wrap_ddp(model, device)

@@ -115,6 +115,17 @@ def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
     assert requeued.function.argv == ["--config-file", "x", "--stage", "s", "K", "V"]
     with pytest.raises(UsageError, match="--nproc-per-node 0"):
         launch.main("pretrain", ["--nproc-per-node", "0", "--config-file", SYNTH_CFG])
+    # --nproc-per-node 1 is torchrun's: one process of the elastic launcher (a process group of
+    # 1); without it one device trains in this process (no group)
+    started = []
+    monkeypatch.setattr(launch, "run_elastic", lambda module, argv, nproc: started.append(
+        ("elastic", module, nproc)) or 0)
+    monkeypatch.setattr(launch, "run_on_this_node", lambda module, argv, nproc: started.append(
+        ("this process", module, nproc)) or 0)
+    launch.main("pretrain", ["--nproc-per-node", "1", "--config-file", SYNTH_CFG])
+    launch.main("pretrain", ["--config-file", SYNTH_CFG, "DEVICE", "cpu"])
+    assert started == [("elastic", "pretrain.train", 1), ("this process", "pretrain.train", 1)]
+    monkeypatch.undo()
     # a worker's UsageError: exit code 2 from the launcher, the one-line error on stderr, no
     # traceback
     for key in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -242,6 +253,116 @@ def test_knn_bank_is_sharded_and_equals_one_process_and_ranks_agree(tiny_imagene
         assert "ranks resume from different checkpoints" in r["resume"] and \
             "rank 1: no checkpoint" in r["resume"]
         assert "rank 0: epoch 3, iteration 12" in r["resume"]
+
+
+# ---------------------------------------------------------------------------- a process group of 1
+# torchrun's environment of one process: pretrain joins a process group of 1 (gloo on CPU)
+ONE_RANK_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}  # port 0: the OS picks, no race
+V3_OPTS = ["MOCO.VERSION", "v3", "MOCO.DIM", "16", "MOCO.MLP_DIM", "32", "MOCO.MLP", "False",
+           "SOLVER.OPTIMIZER", "sgd", "SOLVER.WARMUP_EPOCHS", "0", "SOLVER.EPOCHS", "1"]
+
+
+def _caller():
+    """'file:function' of the first frame outside torch and comm.py: who asked for a collective."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = os.path.relpath(frame.f_code.co_filename, REPO)
+        if not path.startswith("..") and path != os.path.join("mocobench", "utils", "comm.py"):
+            return f"{path}:{frame.f_code.co_qualname}"
+        frame = frame.f_back
+    return "?"
+
+
+def _one_rank_runs(rank, root, out):
+    """MoCo v2 with the kNN monitor (1 epoch, then extended to 2: a resume), and v3 (SyncBN), each
+    through pretrain.train.main in torchrun's environment of one process, recording who calls
+    which collective and what DDP wraps."""
+    import torch.distributed as dist
+
+    from mocobench.utils import comm
+    from pretrain import train as train_mod
+
+    os.environ.update(ONE_RANK_ENV)
+    torch.set_num_threads(1)
+    calls = set()
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls.add(f"{name} <- {_caller()}")
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("all_reduce", "broadcast", "all_gather_object", "barrier"):
+        setattr(dist, name, counted(name, getattr(dist, name)))
+    comm._all_gather_single = counted("all_gather", comm._all_gather_single)
+    real_ddp = train_mod.DistributedDataParallel
+    train_mod.DistributedDataParallel = lambda module, **kw: (
+        calls.add(f"DDP <- {type(module).__name__} in a group of {dist.get_world_size()}"),
+        real_ddp(module, **kw))[1]
+    v2 = ["--config-file", SYNTH_CFG, *opts(root, os.path.join(out, "v2"), **{
+        "SOLVER.EPOCHS": 1, "KNN.PERIOD": 1})]
+    assert train_mod.main(v2) == 0
+    assert train_mod.main([*v2, "SOLVER.EPOCHS", "2", "--resume", "auto", "--extend"]) == 0
+    assert train_mod.main(["--config-file", SYNTH_CFG, *opts(root, os.path.join(out, "v3")),
+                           *V3_OPTS]) == 0
+    json.dump(sorted(calls), open(os.path.join(out, "calls.json"), "w"), indent=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_process_group_of_one_runs_every_collective_and_trains_as_no_group(tiny_imagenet,
+                                                                              tmp_path):
+    """In torchrun's environment of one process (`--nproc-per-node 1`) pretraining joins a gloo
+    group of 1 and every cross-rank path runs, as on N GPUs: DDP, SyncBN (v3), shuffle BN's
+    gathers and broadcast, the queue's gather, the folded NaN/stop vote, the stop agreement, the
+    kNN monitor's sharded top-k, the replica and resume checks, the barriers. A gather of 1 is the
+    identity: the v2 run's weights, queue and optimizer equal a run without a group bit for bit."""
+    from pretrain import train as train_mod
+
+    out = str(tmp_path / "group")
+    mp.spawn(_one_rank_runs, args=(tiny_imagenet, out), nprocs=1, join=True)
+    calls = set(json.load(open(os.path.join(out, "calls.json"))))
+    print("\n".join(sorted(calls)))
+    expected = {
+        "DDP <- ResNet in a group of 1",  # v2's encoder_q, v3's base_encoder
+        "DDP <- Sequential in a group of 1",  # v3's predictor
+        "broadcast <- pretrain/train.py:MocoTask.wrap",  # rank 0's state
+        "barrier <- pretrain/engine.py:train",
+        "barrier <- pretrain/resume.py:Checkpointer._save",
+        "all_gather <- pretrain/moco.py:batch_shuffle",  # shuffle BN
+        "broadcast <- pretrain/moco.py:batch_shuffle",
+        "all_gather <- pretrain/moco.py:batch_unshuffle",
+        "all_gather <- pretrain/moco.py:MoCo.dequeue_and_enqueue",  # the queue's keys
+        "all_gather <- pretrain/moco.py:MoCoV3.contrastive_loss",  # v3's keys of every rank
+        "all_reduce <- pretrain/moco.py:_AllReduceSum.forward",  # SyncBN (AllReduceBatchNorm)
+        "all_reduce <- pretrain/engine.py:vote",  # NaN + stop vote
+        "all_reduce <- mocobench/utils/preempt.py:Preemption.agreed",  # stop after an epoch
+        "all_gather_object <- pretrain/train.py:MocoTask.check_replicas",
+        "all_gather_object <- pretrain/engine.py:train",  # check_same_resume
+        "broadcast <- pretrain/train.py:knn_monitor",  # rank 0's BN statistics
+        "all_gather <- pretrain/knn.py:unshard",  # the queries of every rank
+        "all_gather <- pretrain/knn.py:sharded_top_k",  # every shard's k nearest
+    }
+    assert expected <= calls, sorted(expected - calls)
+    for name in ("v2", "v3"):
+        record = json.load(open(os.path.join(out, name, "topology.json")))
+        assert (record["world_size"], record["process_group"]) == (1, "gloo")
+        assert "process group gloo" in open(os.path.join(out, name, "log.txt")).read()
+
+    # the same two v2 runs in this process, no group: the same state, bit for bit
+    alone = str(tmp_path / "alone")
+    v2 = ["--config-file", SYNTH_CFG, *opts(tiny_imagenet, alone, **{
+        "SOLVER.EPOCHS": 1, "KNN.PERIOD": 1})]
+    assert train_mod.main(v2) == 0
+    assert train_mod.main([*v2, "SOLVER.EPOCHS", "2", "--resume", "auto", "--extend"]) == 0
+    assert json.load(open(os.path.join(alone, "topology.json")))["process_group"] is None
+    a = assert_same_checkpoint(os.path.join(out, "v2", "checkpoint_0001.pth.tar"),
+                               os.path.join(alone, "checkpoint_0001.pth.tar"))
+    assert a["iteration"] == 8 and int(a["state_dict"]["module.queue_ptr"]) == 8 * 16 % 32
+    knn = [[r["knn_top1"] for r in map(json.loads, open(os.path.join(d, "metrics.json")))
+            if "knn_top1" in r] for d in (os.path.join(out, "v2"), alone)]
+    assert knn[0] == knn[1] and len(knn[0]) == 2
 
 
 # ---------------------------------------------------------------------------- lincls, SLURM requeue

@@ -23,7 +23,15 @@ DEFAULT_TIMEOUT = timedelta(minutes=float(os.environ.get("MOCOBENCH_DIST_TIMEOUT
 
 
 def is_dist() -> bool:
+    """A process group exists (a launcher started this process, of any world size, 1 included).
+    The collective helpers below shortcut only without one: in a group of 1 every collective runs
+    (the path of N processes on one device), and a gather of 1 is the identity."""
     return dist.is_available() and dist.is_initialized()
+
+
+def backend():
+    """The process group's backend ("nccl", "gloo"), None without a group."""
+    return dist.get_backend() if is_dist() else None
 
 
 def get_world_size() -> int:
@@ -39,7 +47,7 @@ def is_main_process() -> bool:
 
 
 def barrier():
-    if is_dist() and get_world_size() > 1:
+    if is_dist():
         dist.barrier()
 
 
@@ -47,6 +55,13 @@ def launched_world_size() -> int:
     """WORLD_SIZE as the launcher (torchrun, torch elastic, submitit) exported it; 1 when run
     directly."""
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launched() -> bool:
+    """A launcher (torchrun, torch elastic, submitit) started this process: it exported the env://
+    rendezvous (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), with any world size (DeiT / MAE's
+    init_distributed_mode test). `torchrun --nproc-per-node 1` is a process group of 1."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def init_process_group(use_cuda: bool, timeout: timedelta = DEFAULT_TIMEOUT):
@@ -64,9 +79,9 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0 (same shape on all ranks); no gradient.
     One collective straight into the output: no per-rank list, no torch.cat copy."""
-    world = get_world_size()
-    if world == 1:
+    if not is_dist():
         return tensor
+    world = get_world_size()
     if (tensor.dim() == 4 and not tensor.is_contiguous()
             and tensor.is_contiguous(memory_format=torch.channels_last)):
         # NHWC images (channels_last): gather the memory as it lies and hand back the same layout,
@@ -82,9 +97,9 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 def all_gather_uneven(tensor: torch.Tensor) -> list:
     """Every rank's `tensor` (same trailing shape, any number of rows), as a list indexed by
     rank."""
-    world = get_world_size()
-    if world == 1:
+    if not is_dist():
         return [tensor]
+    world = get_world_size()
     rows = torch.tensor([tensor.shape[0]], device=tensor.device)
     counts = all_gather_cat(rows).tolist()
     padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
@@ -97,7 +112,7 @@ def all_ranks_agree(flag: bool, device=None) -> bool:
     """True when `flag` is True on every rank (one all-reduce of one number; every rank gets the
     same answer). Used before acting on a per-rank observation (a NaN loss): a rank that stops alone
     leaves the others blocked in the next collective until the timeout."""
-    if get_world_size() == 1:
+    if not is_dist():
         return bool(flag)
     value = torch.tensor([0.0 if flag else 1.0], device=device)
     dist.all_reduce(value)
@@ -114,7 +129,7 @@ def fingerprint(tensors) -> str:
 
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
-    if get_world_size() == 1:
+    if not is_dist():
         return [obj]
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
@@ -141,7 +156,8 @@ def bf16_supported_in_hardware(device) -> bool:
 
 
 def setup_device(device_name=""):
-    """Join the launcher's process group when WORLD_SIZE > 1; returns this process's torch.device.
+    """Join the launcher's process group when a launcher started this process (`launched`; a
+    group of 1 too) or WORLD_SIZE > 1; returns this process's torch.device.
 
     device_name: "" (cuda:LOCAL_RANK if CUDA is available, else cpu), "cpu", or "cuda". "cuda:N" is
     refused under a multi-process launcher: every rank would train on the same GPU.
@@ -158,7 +174,7 @@ def setup_device(device_name=""):
                               else torch.device(device_name))
         # fixed input sizes: let cuDNN pick its fastest kernels (official)
         torch.backends.cudnn.benchmark = True
-    if world > 1 and not is_dist():
+    if (world > 1 or launched()) and not is_dist():
         init_process_group(use_cuda)
     if device_name and device_name not in ("cuda",):
         return torch.device(device_name)
@@ -173,7 +189,8 @@ def topology_summary(world, global_batch, bn_group, base_lr=None, device=None):
             f"{global_batch // world} per process; BN statistics over {bn_group} images")
     if base_lr is not None:
         text += f"; lr = {base_lr:g} x {global_batch}/256 = {base_lr * global_batch / 256:g}"
-    return text
+    group = backend()
+    return text + (f"; process group {group}" if group else "; no process group")
 
 
 def _file_sha1(path):
@@ -189,7 +206,7 @@ def check_same_resume(resume_path, start_epoch, iteration):
     the nodes other than rank 0's find no last_checkpoint and would start at epoch 0 with a fresh
     optimizer while only the weights are broadcast: a silent divergence. Raises UsageError on every
     rank instead."""
-    if get_world_size() == 1:
+    if not is_dist():
         return
     mine = (start_epoch, iteration, _file_sha1(resume_path) if resume_path else None)
     ranks = gather_objects(mine)

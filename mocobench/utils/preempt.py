@@ -98,7 +98,7 @@ class Preemption(SignalHandlers):
     def agreed(self, device=None):
         """The signal number to stop for, or None; identical on every rank (a collective call under
         DDP: every rank must call it at the same point)."""
-        if comm.get_world_size() == 1:
+        if not comm.is_dist():
             return self.requested
         flag = torch.tensor([self.requested or 0], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
