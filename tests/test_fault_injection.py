@@ -620,6 +620,14 @@ def _agreement_of_two_gloo_ranks(signalled_ranks):
     import multiprocessing
     import socket
 
+    from mocobench.utils.preempt import Preemption
+
+    # one process alone votes in this process, without torch.distributed (and this call is what
+    # tells mutmut, which sees only this process's calls, that the test exercises agreed())
+    with Preemption() as stop:
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.agreed() == signal.SIGUSR1
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -811,3 +819,37 @@ def test_transfer_loader_workers_for_training_and_evaluation_survive_stop_signal
         more = [b for _, b in zip(range(3), batches, strict=False)]
         assert len(more) == 3 and worker in children_of(os.getpid()), what
         del batches  # ends the worker
+
+
+@pytest.mark.parametrize("named, expected", [(None, signal.SIGUSR2), ("TERM", signal.SIGTERM),
+                                             ("HUP", signal.SIGHUP), ("NOSUCH", None)])
+def test_submitits_warning_signal_is_usr2_unless_the_environment_names_another(
+        monkeypatch, named, expected):
+    from mocobench.utils.preempt import submitit_warning_signal
+
+    if named is None:
+        monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    else:
+        monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", named)
+    assert submitit_warning_signal() == expected
+
+
+@pytest.mark.parametrize("named, warning", [("HUP", signal.SIGHUP), ("NOSUCH", None)])
+def test_a_loader_worker_ignores_the_stop_signals_and_submitits_warning(monkeypatch, named,
+                                                                        warning):
+    """ignore_in_worker, run in this process (as a DataLoader worker runs it): SIGTERM, SIGUSR1,
+    SIGINT and the warning signal ignored; a name that is no signal is skipped, not an error."""
+    from mocobench.utils.preempt import ignore_in_worker
+
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", named)
+    watched = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+    before = {s: signal.getsignal(s) for s in watched}
+    try:
+        ignore_in_worker()
+        after = {s: signal.getsignal(s) for s in watched}
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    ignored = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT} | ({warning} - {None})
+    assert {s for s in watched if after[s] == signal.SIG_IGN} == ignored
+    assert all(after[s] == before[s] for s in set(watched) - ignored)
