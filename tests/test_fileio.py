@@ -287,3 +287,57 @@ def test_pretrain_runs_on_a_file_system_without_flock(tiny_imagenet, tmp_path, m
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert (out / "checkpoint_0000.pth.tar").is_file()
     assert not (out / RunLock.OWNER_NAME).exists()
+
+
+@pytest.mark.parametrize("chain, why", [
+    # torch's zip writer: a RuntimeError raised from (or while handling) the OSError
+    (lambda: _raise(RuntimeError("zip writer failed"), OSError(errno.ENOSPC, "full")),
+     "the device is full"),
+    (lambda: _raise(RuntimeError("zip writer failed"), OSError(errno.EDQUOT, "quota"),
+                    as_context=True), "the disk quota is exceeded"),
+    (lambda: _raise(RuntimeError("outer"), _chained(ValueError("middle"),
+                                                    OSError(errno.EFBIG, "big"))),
+     "the file-size limit is exceeded"),
+    (lambda: _raise(RuntimeError("zip writer failed"), OSError(errno.EIO, "I/O")), None),
+])
+def test_no_room_is_found_anywhere_in_the_chain_of_the_writers_error(tmp_path, chain, why):
+    path = tmp_path / "checkpoint.pth.tar"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    with pytest.raises(Exception) as e:
+        with atomic_write(path) as f:
+            f.write(b"partial")
+            chain()
+    if why is None:  # no room is not why: the writer's own error stands
+        assert type(e.value) is RuntimeError
+    else:
+        assert type(e.value) is UsageError
+        assert str(e.value).startswith(f"no room to write '{path}': {why} (")
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+def _chained(error, cause):
+    error.__cause__ = cause
+    return error
+
+
+def _raise(error, cause, as_context=False):
+    if as_context:
+        try:
+            raise cause
+        except OSError:
+            raise error  # noqa: B904  (the context, as torch's writer leaves it)
+    raise error from cause
+
+
+def test_a_pickled_module_is_named_by_its_own_class(tmp_path):
+    """torch.save(model): the refusal names the pickled object's class (its first GLOBAL in
+    torch.save's protocol 2), not the first of the unsafe globals in sorted order (Linear)."""
+    path = tmp_path / "model.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(UsageError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == (
+        f"{str(path)!r} holds a pickled module (torch.nn.modules.container.Sequential: code), not "
+        "a state dict; save the weights with torch.save(model.state_dict(), PATH) and pass that "
+        "file")
