@@ -369,3 +369,40 @@ def test_trial_records_in_trial_order_with_errors_in_place(tmp_path):
     [(directory, rec)] = record.trial_records(str(tmp_path), record.EVAL_FILE)
     assert directory == str(tmp_path / "seed2") and rec["eval_only"] is True
     assert record.trial_records(str(tmp_path / "absent")) == []
+
+
+def test_the_summary_printed_after_the_trials_comes_from_their_records(tmp_path):
+    """`mocobench transfer`'s last lines: each trial's headline metrics (NaN for a metric that was
+    NaN), then with several trials the mean and sample std of each metric over the seeds where it
+    is valid (AP75 is valid in one: left out)."""
+    from transfer.run import _format_summary
+
+    _, first = written(tmp_path)
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path / "seed1"), "SEED", "4"])
+    _, second = written(tmp_path, cfg=cfg, name="seed1", trial=1,
+                        results={"bbox": {"AP": 43.5, "AP50": 72.25, "AP75": 40.0}})
+    one = (f"trial 0 (seed -1) {TEST_SET}: bbox AP 41.50 AP50 70.25 AP75 NaN  "
+           f"({tmp_path / 'seed0'})")
+    assert _format_summary([first]) == one
+    assert _format_summary([first, second]).split("\n") == [
+        one,
+        f"trial 1 (seed 4) {TEST_SET}: bbox AP 43.50 AP50 72.25 AP75 40.00  ({tmp_path / 'seed1'})",
+        f"{TEST_SET}: mean ± sample std over the valid seeds: bbox/AP 42.50 ± 1.41 (n=2), "
+        "bbox/AP50 71.25 ± 1.41 (n=2)"]
+
+
+@pytest.mark.parametrize("flags, seed", [({}, 5), ({"resume": True}, 11),
+                                         ({"eval_only": True}, 11)])
+def test_print_config_shows_the_seed_the_first_trial_recorded_when_it_continues(tmp_path, flags,
+                                                                                 seed):
+    """--print-config with --resume or --eval-only: the first trial runs with the SEED in its
+    seed0/config.yaml (what its earlier run wrote), not SEED from the command line."""
+    from transfer.run import first_trial_config
+
+    earlier = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path / "seed0"), "SEED", "11"])
+    os.makedirs(tmp_path / "seed0")
+    (tmp_path / "seed0" / "config.yaml").write_text(earlier.dump())
+    cfg, notes = first_trial_config(CONFIG, ["OUTPUT_DIR", str(tmp_path), "SEED", "5"], **flags)
+    assert cfg.SEED == seed and cfg.OUTPUT_DIR == str(tmp_path / "seed0")
+    assert notes[-2] == (f"SEED 11: recorded in {tmp_path / 'seed0'}/config.yaml" if seed == 11
+                         else "SEED 5: trial i runs with SEED + i")
