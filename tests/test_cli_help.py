@@ -119,3 +119,31 @@ def test_transfer_help_in_full_and_its_defaults():
         == (2, 3, 1, 5, True, True, True, ["MODEL.WEIGHTS", "m.pkl"])
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --config-file is required
+
+
+def test_slurm_without_submitit_is_a_one_line_error(monkeypatch):
+    import argparse
+    import sys
+
+    from mocobench import launch
+    from mocobench.utils.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
+    with pytest.raises(UsageError) as e:
+        launch._executor(argparse.Namespace(job_dir="jobs/%j"))
+    assert str(e.value) == "--launcher slurm needs submitit: pip install -e '.[slurm]'"
+
+
+def test_the_batch_scripts_last_lines_print_the_failing_ranks_error_from_the_jobs_folder(
+        tmp_path):
+    """submitit's job folder names the job id as %j; the batch script reads the failure file of
+    its own job (SLURM_JOB_ID), quoted, and keeps srun's exit code."""
+    from mocobench import launch
+
+    folder = tmp_path / "my jobs"
+    lines = launch._failure_teardown(str(folder / "%j"))
+    assert lines == [
+        "rc=$?",
+        f"error_file='{folder}/'\"${{SLURM_JOB_ID}}\"/\"${{SLURM_JOB_ID}}\"_error.txt",
+        'if [ "$rc" -ne 0 ] && [ -s "$error_file" ]; then cat "$error_file" >&2; fi',
+        'exit "$rc"']
