@@ -380,3 +380,26 @@ def test_transfer_without_init_name_records_the_inferred_name(weights, synth_roo
         "(inferred: moco_v2.pkl was converted (moco_v2.json) from " in log
     md = report.write_report([str(out)], str(tmp_path / "report"))["markdown"]
     assert "| moco_v2 |" in md and "‡" not in md
+
+
+@pytest.mark.parametrize("dropped, shown", [(5, ""), (6, "...")])
+def test_a_state_dict_with_missing_keys_names_the_first_five(tmp_path, dropped, shown):
+    """load_plain_state_dict / load_official_state_dict refuse a state dict that lacks keys of the
+    model, naming the first five and marking that there are more."""
+    import torchvision
+
+    from pretrain import checkpoint as ckpt
+
+    model = torchvision.models.resnet18(num_classes=4)
+    plain = ckpt.plain_state_dict(model)
+    # (not num_batches_tracked: BatchNorm fills it in for a state dict without torch's metadata)
+    missing = [k for k in plain if not k.endswith("num_batches_tracked")][:dropped]
+    for key in missing:
+        del plain[key]
+    official = {"module." + k: v for k, v in plain.items()}
+    for load, state in ((ckpt.load_plain_state_dict, plain),
+                        (ckpt.load_official_state_dict, official)):
+        with pytest.raises(UsageError) as e:
+            load(torchvision.models.resnet18(num_classes=4), state, "x.pth.tar")
+        assert str(e.value).endswith(
+            f"missing keys {missing[:5]}{shown}, unexpected keys []"), str(e.value)
