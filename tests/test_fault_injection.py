@@ -253,8 +253,10 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(
     before = sha256_tree(reference)
     assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already holds a run (checkpoint_0000.pth.tar" in err[0]
-    assert "--resume auto" in err[0] and "another OUTPUT_DIR" in err[0]
+    # the first three of its run files, and how to continue it
+    assert err == [f"mocobench pretrain: error: OUTPUT_DIR {reference!r} already holds a run "
+                   "(checkpoint_0000.pth.tar, checkpoint_0001.pth.tar, last_checkpoint); continue "
+                   "it with --resume auto, or set another OUTPUT_DIR"]
     # resuming it with a bad DATA.ROOT: refused before config.yaml or anything else is rewritten
     assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto", "--extend",
                      *opts(reference + "/nope", reference, **{"SOLVER.EPOCHS": 3})]) == 2
