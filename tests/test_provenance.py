@@ -61,7 +61,7 @@ def _convert(checkpoint, pkl):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """{case: .pkl path ("" for none)}: every link of the chain written by the real tools."""
-    from pretrain.checkpoint import plain_state_dict
+    from pretrain.checkpoint import official_state_dict, plain_state_dict
     from pretrain.config import load_config as pretrain_config
     from pretrain.moco import build_model
     from pretrain.supervised import build_classifier
@@ -84,6 +84,19 @@ def weights(tmp_path_factory):
     # an official release: no config entry, no config.yaml; the MLP head says v2
     ckpt = moco("official", [], config_entry=False, config_yaml=False)
     out["moco v2 release, layout only"] = _convert(ckpt, root / "release.pkl")
+    # an official v1 release (linear head): the layout says v1
+    ckpt = moco("official_v1", ["MOCO.VERSION", "v1", "MOCO.MLP", "False"], config_entry=False,
+                config_yaml=False)
+    out["moco v1 release, layout only"] = _convert(ckpt, root / "release_v1.pkl")
+    # a release without its projection head, replaced by another file after the conversion:
+    # nothing tells the version
+    def no_head(model):
+        return {k: v for k, v in official_state_dict(model).items() if ".fc." not in k}
+
+    ckpt = moco("headless", [], config_entry=False, config_yaml=False, state_dict_fn=no_head)
+    out["moco release without head, file changed"] = _convert(ckpt, root / "headless.pkl")
+    with open(ckpt, "ab") as f:
+        f.write(b"changed")
     out["moco v3 checkpoint"] = _convert(
         moco("v3", ["MOCO.VERSION", "v3", "MOCO.MLP_DIM", "32"]), root / "v3.pkl")
     # the supervised baseline (plain torchvision keys, its fc dropped by the converter)
@@ -122,6 +135,11 @@ def weights_info(pkl):
      "a MoCo v1/v2 checkpoint: its run directory's config.yaml says MOCO.VERSION v1"),
     ("moco v2 release, layout only", "moco_v2",
      "a MoCo v1/v2 checkpoint: its projection head is an MLP (fc.0, fc.2): MoCo v2's layout"),
+    ("moco v1 release, layout only", "moco_v1",
+     "a MoCo v1/v2 checkpoint: its projection head is linear (fc): MoCo v1's layout"),
+    ("moco release without head, file changed", None,
+     "a MoCo v1/v2 checkpoint, but its MoCo version is recorded nowhere (no config entry, and the "
+     "file changed since the conversion, no projection head)"),
     ("moco v3 checkpoint", "moco_v3", "a MoCo v3 checkpoint (base_encoder layout)"),
     ("supervised checkpoint", "supervised", "a torchvision-layout classifier (its fc was "
                                             "dropped)"),
