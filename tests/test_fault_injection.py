@@ -856,3 +856,27 @@ def test_a_loader_worker_ignores_the_stop_signals_and_submitits_warning(monkeypa
     ignored = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT} | ({warning} - {None})
     assert {s for s in watched if after[s] == signal.SIG_IGN} == ignored
     assert all(after[s] == signal.SIG_DFL for s in set(watched) - ignored)
+
+
+def test_ctrl_c_once_is_a_stop_request_twice_stops_at_once():
+    """Preemption records the first signal; a second SIGINT after a SIGINT raises
+    KeyboardInterrupt (the user insists); a SIGINT after a SIGTERM, or a SIGTERM after a SIGINT,
+    is only recorded (the first stays the one to stop for)."""
+    from mocobench.utils.preempt import EXIT_CODES, Preempted, Preemption
+
+    with Preemption() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    with Preemption() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == signal.SIGTERM
+    # the exit code says which signal stopped it: 128 + its number; 1 for one it does not handle
+    assert [Preempted(s, "stopped").exit_code for s in (signal.SIGINT, signal.SIGTERM,
+                                                        signal.SIGUSR1, signal.SIGHUP)] \
+        == [130, 143, 138, 1]
+    assert EXIT_CODES == {2: 130, 15: 143, 10: 138}
