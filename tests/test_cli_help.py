@@ -147,3 +147,13 @@ def test_the_batch_scripts_last_lines_print_the_failing_ranks_error_from_the_job
         f"error_file='{folder}/'\"${{SLURM_JOB_ID}}\"/\"${{SLURM_JOB_ID}}\"_error.txt",
         'if [ "$rc" -ne 0 ] && [ -s "$error_file" ]; then cat "$error_file" >&2; fi',
         'exit "$rc"']
+
+
+def test_a_machine_rank_outside_the_machines_is_refused_naming_both():
+    from mocobench.utils.errors import UsageError
+    from transfer.run import main
+
+    with pytest.raises(UsageError) as e:
+        main(["--config-file", "configs/detection/synth_voc_R18_FPN_cpu.yaml", "--num-machines",
+              "2", "--machine-rank", "2"])
+    assert str(e.value) == "--machine-rank 2 with --num-machines 2: expected 0 <= rank < machines"

@@ -360,7 +360,9 @@ def test_flags_may_follow_the_overrides(tiny_imagenet, reference, capsys):
     # `--resume auto` after KEY VALUE pairs is a flag, not an override key
     assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference),
                      "--resume", "auto"]) == 0
-    assert "already finished" in capsys.readouterr().out
+    assert (f"{reference}: the run is already finished (2 epochs done, SOLVER.EPOCHS = 2; "
+            "checkpoint_0001.pth.tar). Nothing to do; to train longer, raise SOLVER.EPOCHS and "
+            "pass --extend\n") in capsys.readouterr().out
 
 
 CHANGED_STATE_KEYS = [  # (key, value in the reference run, a value that changes its state)
