@@ -421,3 +421,22 @@ def test_a_state_dict_with_missing_keys_names_the_first_five(tmp_path, dropped, 
             load(torchvision.models.resnet18(num_classes=4), state, "x.pth.tar")
         assert str(e.value).endswith(
             f"missing keys {missing[:5]}{shown}, unexpected keys []"), str(e.value)
+
+
+def test_a_classifier_wrapped_in_ddp_is_saved_under_plain_torchvision_keys(rendezvous):
+    """plain_state_dict: the supervised baseline's checkpoint has torchvision's keys whether or not
+    the model is wrapped in DistributedDataParallel (a one-process gloo group here)."""
+    import torch.distributed as dist
+    import torchvision
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pretrain.checkpoint import plain_state_dict
+
+    model = torchvision.models.resnet18(num_classes=4)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=0, world_size=1)
+    try:
+        wrapped = plain_state_dict(DistributedDataParallel(model))
+    finally:
+        dist.destroy_process_group()
+    assert list(wrapped) == list(model.state_dict()) and "conv1.weight" in wrapped
+    assert all(torch.equal(wrapped[k], v) for k, v in model.state_dict().items())
