@@ -406,3 +406,15 @@ def test_print_config_shows_the_seed_the_first_trial_recorded_when_it_continues(
     assert cfg.SEED == seed and cfg.OUTPUT_DIR == str(tmp_path / "seed0")
     assert notes[-2] == (f"SEED 11: recorded in {tmp_path / 'seed0'}/config.yaml" if seed == 11
                          else "SEED 5: trial i runs with SEED + i")
+
+
+def test_started_json_reads_back_and_is_written_for_people_too(tmp_path):
+    """started.json (written when a trial starts): the identity, init name and weights' sha256,
+    indented two spaces with a final newline, as results.json."""
+    cfg = config(tmp_path)
+    record.write_started(str(tmp_path), cfg, "moco_v2", {"sha256": "ab" * 32})
+    path = tmp_path / record.STARTED_FILE
+    started = record.read_started(path)
+    assert (started["init_name"], started["weights_sha256"]) == ("moco_v2", "ab" * 32)
+    assert started["identity"] == record.experiment_identity(cfg)
+    assert path.read_text() == json.dumps(started, indent=2) + "\n"
