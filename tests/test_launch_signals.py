@@ -137,3 +137,43 @@ def test_several_nodes_without_a_rendezvous_endpoint_is_a_one_line_error(tmp_pat
     assert not out.exists()
     with pytest.raises(UsageError, match="--nnodes 2:x: expected N or MIN:MAX"):
         launch.run_elastic("pretrain.train", [], 2, nnodes="2:x")
+
+
+def test_run_elastic_hands_torchrun_the_rendezvous_of_several_nodes(monkeypatch):
+    """What torchrun is asked for (its own parser reads the arguments): the processes, nodes, this
+    node's rank and, with an endpoint, the c10d rendezvous under the job's id."""
+    import torch.distributed.run
+
+    from mocobench import launch
+
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "run", seen.append)
+    assert launch.run_elastic("pretrain.train", ["--config-file", "x.yaml"], 2, nnodes="2",
+                              node_rank=1, rdzv_endpoint="node0:29500", rdzv_id="job7") == 0
+    [args] = seen
+    assert (args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_backend,
+            args.rdzv_endpoint, args.rdzv_id, args.module, args.training_script,
+            args.training_script_args) == ("2", "2", 1, "c10d", "node0:29500", "job7", True,
+                                           "pretrain.train", ["--config-file", "x.yaml"])
+
+
+@pytest.mark.parametrize("sig, why", [
+    (signal.SIGTERM, "with no worker running"),
+    (signal.SIGHUP, "(torch elastic shut the workers down)")])
+def test_a_signal_torch_elastic_raises_ends_the_command_with_its_code(monkeypatch, sig, why):
+    """A stop signal before any worker ran (torch raises SignalException), or a signal torch's
+    agent handles itself: one line, exit 128 + the signal's number, not an error."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    from mocobench import launch
+    from mocobench.utils.errors import CommandFailed
+
+    def run(args):
+        raise SignalException("got signal", sigval=signal.Signals(sig))
+
+    monkeypatch.setattr(torch.distributed.run, "run", run)
+    with pytest.raises(CommandFailed) as e:
+        launch.run_elastic("pretrain.train", [], 2)
+    assert str(e.value) == f"stopped by {signal.Signals(sig).name} {why}: nothing new saved"
+    assert (e.value.exit_code, e.value.is_error) == (128 + sig, False)
