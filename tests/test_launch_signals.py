@@ -177,3 +177,23 @@ def test_a_signal_torch_elastic_raises_ends_the_command_with_its_code(monkeypatc
         launch.run_elastic("pretrain.train", [], 2)
     assert str(e.value) == f"stopped by {signal.Signals(sig).name} {why}: nothing new saved"
     assert (e.value.exit_code, e.value.is_error) == (128 + sig, False)
+
+
+def test_the_workers_are_the_children_that_lead_their_own_session(monkeypatch):
+    """_worker_pids (who a forwarded stop signal goes to): this process's children started in a
+    session of their own, as torch elastic starts its workers; a process that ends between the
+    listing of /proc and the read of its stat is skipped, not the end of the search."""
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              start_new_session=True)
+    try:
+        assert launch._worker_pids() == [worker.pid]
+        listdir = os.listdir
+        monkeypatch.setattr(os, "listdir",
+                            lambda path: ["999999999", *listdir(path)] if path == "/proc"
+                            else listdir(path))
+        assert launch._worker_pids() == [worker.pid]
+    finally:
+        for proc in (plain, worker):
+            proc.kill()
+            proc.wait()
