@@ -157,3 +157,31 @@ def test_a_machine_rank_outside_the_machines_is_refused_naming_both():
         main(["--config-file", "configs/detection/synth_voc_R18_FPN_cpu.yaml", "--num-machines",
               "2", "--machine-rank", "2"])
     assert str(e.value) == "--machine-rank 2 with --num-machines 2: expected 0 <= rank < machines"
+
+
+def test_several_machines_need_a_rendezvous_address(synth_root):
+    from mocobench.utils.errors import UsageError
+    from transfer.run import main
+
+    with pytest.raises(UsageError) as e:
+        main(["--config-file", "configs/detection/synth_voc_R18_FPN_cpu.yaml", "--num-machines",
+              "2", "--machine-rank", "0", "--synth-root", synth_root])
+    assert str(e.value) == ("--dist-url auto picks a free port on this machine only; with "
+                            "--num-machines 2 pass --dist-url tcp://HOST:PORT (HOST: the machine "
+                            "of rank 0)")
+
+
+def test_more_gpus_than_visible_are_refused_naming_both(monkeypatch):
+    import torch
+
+    from mocobench.utils.errors import UsageError
+    from transfer.config import load_config
+    from transfer.run import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = load_config("configs/detection/synth_voc_R18_FPN_cpu.yaml", ["MODEL.DEVICE", "cuda"])
+    check_device(cfg, 1)
+    with pytest.raises(UsageError) as e:
+        check_device(cfg, 2)
+    assert str(e.value) == "--num-gpus 2 but only 1 CUDA device(s) are visible"
