@@ -418,3 +418,24 @@ def test_started_json_reads_back_and_is_written_for_people_too(tmp_path):
     assert (started["init_name"], started["weights_sha256"]) == ("moco_v2", "ab" * 32)
     assert started["identity"] == record.experiment_identity(cfg)
     assert path.read_text() == json.dumps(started, indent=2) + "\n"
+
+
+def test_resume_checks_every_trial_past_one_that_recorded_nothing(tmp_path):
+    """--resume: a trial directory with training files but no record (an older mocobench) is not
+    checked; the trials after it still are: a finished one of this experiment is skipped, one of
+    another experiment is refused."""
+    from transfer.run import check_output_dir
+
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "last_checkpoint").write_text("model_0000009.pth")
+    written(tmp_path, name="seed1", trial=1)
+    cfg = config(tmp_path)
+    dirs = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
+    info = {"sha256": "ab" * 32}
+    assert check_output_dir(cfg, dirs, True, False, "moco_v2", info) == [1]
+    with pytest.raises(record.UsageError) as e:
+        check_output_dir(cfg, dirs, True, False, "supervised", info)
+    assert str(e.value) == (
+        f"--resume: {tmp_path / 'seed1' / record.RESULTS_FILE} was made by another experiment "
+        "(differs in --init-name ('moco_v2' -> 'supervised')); its trials and this call's would "
+        "be averaged together. Use another OUTPUT_DIR")
