@@ -440,3 +440,30 @@ def test_a_classifier_wrapped_in_ddp_is_saved_under_plain_torchvision_keys(rende
         dist.destroy_process_group()
     assert list(wrapped) == list(model.state_dict()) and "conv1.weight" in wrapped
     assert all(torch.equal(wrapped[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_resumed_run_gets_its_grad_scalers_state_back(tmp_path):
+    """load_for_resume restores the GradScaler a fp16 run saved (its loss scale and growth
+    tracker), not a fresh one's."""
+    import torchvision
+
+    from pretrain.checkpoint import (
+        load_for_resume,
+        load_plain_state_dict,
+        plain_state_dict,
+        save_checkpoint,
+    )
+    from pretrain.config import load_config as pretrain_config
+
+    cfg = pretrain_config(PRETRAIN_SUPERVISED, ["OUTPUT_DIR", str(tmp_path)], moco=False)
+    model = torchvision.models.resnet18(num_classes=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 7})
+    path = save_checkpoint(str(tmp_path), 0, model, optimizer, scaler, 3, cfg,
+                           state_dict_fn=plain_state_dict)
+    fresh = torch.amp.GradScaler("cpu")
+    assert load_for_resume(path, torchvision.models.resnet18(num_classes=4),
+                           torch.optim.SGD(model.parameters(), lr=0.1), fresh,
+                           load_plain_state_dict) == (1, 3, 0)
+    assert fresh.state_dict()["scale"] == 512.0 and fresh.state_dict()["_growth_tracker"] == 7

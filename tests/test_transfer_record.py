@@ -267,6 +267,10 @@ def test_format_and_version(tmp_path):
     assert str(e.value) == (f"{path}: not a mocobench run record (field 'format' is None, expected "
                             "'mocobench.transfer.run'; records without it were written by "
                             "mocobench before record version 1)")
+    edited(path, lambda r: r.update(format="another.tool"))
+    with pytest.raises(record.RecordError) as e:
+        record.read_record(path)
+    assert "(field 'format' is 'another.tool', expected 'mocobench.transfer.run';" in str(e.value)
     for version, newer in ((2, True), (0, True), (True, False), ("1", False), (1.0, False)):
         rec["version"] = version
         path.write_text(json.dumps(rec))
