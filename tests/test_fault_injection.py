@@ -885,3 +885,27 @@ def test_ctrl_c_once_is_a_stop_request_twice_stops_at_once():
                                                         signal.SIGUSR1, signal.SIGHUP)] \
         == [130, 143, 138, 1]
     assert EXIT_CODES == {2: 130, 15: 143, 10: 138}
+
+
+def test_which_epoch_checkpoints_are_scratch_and_the_recorded_schedule(tmp_path):
+    """Checkpointer._is_scratch: mid-epoch checkpoints always; an epoch checkpoint unless it is
+    every CHECKPOINT_PERIOD-th or the last; nothing outside OUTPUT_DIR and no other file.
+    saved_epochs: SOLVER.EPOCHS of a checkpoint's config, None when it records none."""
+    from pretrain.config import load_config
+    from pretrain.resume import Checkpointer, saved_epochs
+
+    cfg = load_config(SYNTH_CFG, ["OUTPUT_DIR", str(tmp_path), "SOLVER.EPOCHS", "5",
+                                  "CHECKPOINT_PERIOD", "2", "DATA.ROOT", str(tmp_path)])
+    keeper = Checkpointer(cfg, None, None, None, None, None, "cpu")
+    scratch = {name: keeper._is_scratch(str(tmp_path / name))
+               for name in ("checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar",
+                            "checkpoint_0004.pth.tar", "checkpoint_iter_00000012.pth.tar",
+                            "checkpoint_best.pth.tar", "metrics.json")}
+    assert scratch == {"checkpoint_0000.pth.tar": True, "checkpoint_0001.pth.tar": False,
+                       "checkpoint_0004.pth.tar": False, "checkpoint_iter_00000012.pth.tar": True,
+                       "checkpoint_best.pth.tar": False, "metrics.json": False}
+    assert not keeper._is_scratch(str(tmp_path / "elsewhere" / "checkpoint_0000.pth.tar"))
+    assert saved_epochs({"config": cfg.dump()}) == 5
+    assert saved_epochs({"config": "SOLVER: {}\n"}) is None
+    assert saved_epochs({"config": "SOLVER:\n  EPOCHS: '5'\n"}) is None
+    assert saved_epochs({}) is None
