@@ -42,9 +42,11 @@ demo: setup
 # of `make test`. A whole run is hours on 2 cores (5,746 mutants), so by default it runs a seeded random sample of
 # MUTATION_SAMPLE mutants per module (MUTATION_SAMPLE=0: every mutant) in one mutmut run, then scores the sample
 # with a 95 % interval per module. Results stay in ./mutants (`mutmut show NAME` shows a mutant's diff).
-MUTATION_MODULES ?= pretrain.moco pretrain.config pretrain.augment transfer.datasets convert transfer.report transfer.record transfer.stats
-MUTATION_SAMPLE ?= 20
-MUTATION_SEED ?= 0
+MUTATION_MODULES ?= pretrain.resume mocobench.utils.preempt pretrain.checkpoint mocobench.utils.fileio transfer.run \
+    transfer.evaluation transfer.record mocobench.launch mocobench.pipeline \
+    pretrain.moco pretrain.config pretrain.augment transfer.datasets convert transfer.report transfer.stats
+MUTATION_SAMPLE ?= 30
+MUTATION_SEED ?= 20261207
 MUTATION_JOBS ?= 2
 mutation: setup
 	mkdir -p mutants

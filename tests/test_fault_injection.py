@@ -253,8 +253,10 @@ def test_second_run_into_the_same_directory_is_refused_and_changes_nothing(
     before = sha256_tree(reference)
     assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already holds a run (checkpoint_0000.pth.tar" in err[0]
-    assert "--resume auto" in err[0] and "another OUTPUT_DIR" in err[0]
+    # the first three of its run files, and how to continue it
+    assert err == [f"mocobench pretrain: error: OUTPUT_DIR {reference!r} already holds a run "
+                   "(checkpoint_0000.pth.tar, checkpoint_0001.pth.tar, last_checkpoint); continue "
+                   "it with --resume auto, or set another OUTPUT_DIR"]
     # resuming it with a bad DATA.ROOT: refused before config.yaml or anything else is rewritten
     assert cli.main(["pretrain", "--config-file", SYNTH_CFG, "--resume", "auto", "--extend",
                      *opts(reference + "/nope", reference, **{"SOLVER.EPOCHS": 3})]) == 2
@@ -358,7 +360,9 @@ def test_flags_may_follow_the_overrides(tiny_imagenet, reference, capsys):
     # `--resume auto` after KEY VALUE pairs is a flag, not an override key
     assert cli.main(["pretrain", "--config-file", SYNTH_CFG, *opts(tiny_imagenet, reference),
                      "--resume", "auto"]) == 0
-    assert "already finished" in capsys.readouterr().out
+    assert (f"{reference}: the run is already finished (2 epochs done, SOLVER.EPOCHS = 2; "
+            "checkpoint_0001.pth.tar). Nothing to do; to train longer, raise SOLVER.EPOCHS and "
+            "pass --extend\n") in capsys.readouterr().out
 
 
 CHANGED_STATE_KEYS = [  # (key, value in the reference run, a value that changes its state)
@@ -620,6 +624,14 @@ def _agreement_of_two_gloo_ranks(signalled_ranks):
     import multiprocessing
     import socket
 
+    from mocobench.utils.preempt import Preemption
+
+    # one process alone votes in this process, without torch.distributed (and this call is what
+    # tells mutmut, which sees only this process's calls, that the test exercises agreed())
+    with Preemption() as stop:
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.agreed() == signal.SIGUSR1
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -811,3 +823,89 @@ def test_transfer_loader_workers_for_training_and_evaluation_survive_stop_signal
         more = [b for _, b in zip(range(3), batches, strict=False)]
         assert len(more) == 3 and worker in children_of(os.getpid()), what
         del batches  # ends the worker
+
+
+@pytest.mark.parametrize("named, expected", [(None, signal.SIGUSR2), ("TERM", signal.SIGTERM),
+                                             ("HUP", signal.SIGHUP), ("NOSUCH", None)])
+def test_submitits_warning_signal_is_usr2_unless_the_environment_names_another(
+        monkeypatch, named, expected):
+    from mocobench.utils.preempt import submitit_warning_signal
+
+    if named is None:
+        monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    else:
+        monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", named)
+    assert submitit_warning_signal() == expected
+
+
+@pytest.mark.parametrize("named, warning", [("HUP", signal.SIGHUP), ("NOSUCH", None)])
+def test_a_loader_worker_ignores_the_stop_signals_and_submitits_warning(monkeypatch, named,
+                                                                        warning):
+    """ignore_in_worker, run in this process (as a DataLoader worker runs it): SIGTERM, SIGUSR1,
+    SIGINT and the warning signal ignored; a name that is no signal is skipped, not an error."""
+    from mocobench.utils.preempt import ignore_in_worker
+
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", named)
+    watched = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+    # from the default handlers (whatever this process inherited: nohup ignores SIGHUP)
+    before = {s: signal.signal(s, signal.SIG_DFL) for s in watched}
+    try:
+        ignore_in_worker()
+        after = {s: signal.getsignal(s) for s in watched}
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    ignored = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT} | ({warning} - {None})
+    assert {s for s in watched if after[s] == signal.SIG_IGN} == ignored
+    assert all(after[s] == signal.SIG_DFL for s in set(watched) - ignored)
+
+
+def test_ctrl_c_once_is_a_stop_request_twice_stops_at_once():
+    """Preemption records the first signal; a second SIGINT after a SIGINT raises
+    KeyboardInterrupt (the user insists); a SIGINT after a SIGTERM, or a SIGTERM after a SIGINT,
+    is only recorded (the first stays the one to stop for)."""
+    from mocobench.utils.preempt import EXIT_CODES, Preempted, Preemption
+
+    def requested_after_each(*signals):
+        seen = []
+        with Preemption() as stop:
+            for s in signals:
+                try:
+                    os.kill(os.getpid(), s)
+                    seen.append(stop.requested)
+                except KeyboardInterrupt:
+                    seen.append("KeyboardInterrupt")
+        return seen
+
+    INT, TERM = signal.SIGINT, signal.SIGTERM
+    assert requested_after_each(INT, TERM, INT) == [INT, INT, "KeyboardInterrupt"]
+    assert requested_after_each(TERM, INT, INT) == [TERM, TERM, TERM]
+    # the exit code says which signal stopped it: 128 + its number; 1 for one it does not handle
+    assert [Preempted(s, "stopped").exit_code for s in (signal.SIGINT, signal.SIGTERM,
+                                                        signal.SIGUSR1, signal.SIGHUP)] \
+        == [130, 143, 138, 1]
+    assert EXIT_CODES == {2: 130, 15: 143, 10: 138}
+
+
+def test_which_epoch_checkpoints_are_scratch_and_the_recorded_schedule(tmp_path):
+    """Checkpointer._is_scratch: mid-epoch checkpoints always; an epoch checkpoint unless it is
+    every CHECKPOINT_PERIOD-th or the last; nothing outside OUTPUT_DIR and no other file.
+    saved_epochs: SOLVER.EPOCHS of a checkpoint's config, None when it records none."""
+    from pretrain.config import load_config
+    from pretrain.resume import Checkpointer, saved_epochs
+
+    cfg = load_config(SYNTH_CFG, ["OUTPUT_DIR", str(tmp_path), "SOLVER.EPOCHS", "5",
+                                  "CHECKPOINT_PERIOD", "2", "DATA.ROOT", str(tmp_path)])
+    keeper = Checkpointer(cfg, None, None, None, None, None, "cpu")
+    scratch = {name: keeper._is_scratch(str(tmp_path / name))
+               for name in ("checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar",
+                            "checkpoint_0004.pth.tar", "checkpoint_iter_00000012.pth.tar",
+                            "checkpoint_best.pth.tar", "metrics.json")}
+    assert scratch == {"checkpoint_0000.pth.tar": True, "checkpoint_0001.pth.tar": False,
+                       "checkpoint_0004.pth.tar": False, "checkpoint_iter_00000012.pth.tar": True,
+                       "checkpoint_best.pth.tar": False, "metrics.json": False}
+    assert not keeper._is_scratch(str(tmp_path / "elsewhere" / "checkpoint_0000.pth.tar"))
+    assert saved_epochs({"config": cfg.dump()}) == 5
+    assert saved_epochs({"config": "SOLVER: {}\n"}) is None
+    assert saved_epochs({"config": "SOLVER:\n  EPOCHS: '5'\n"}) is None
+    assert saved_epochs({}) is None

@@ -187,6 +187,9 @@ def test_without_flock_a_lock_file_with_host_and_pid_locks_the_run(tmp_path, mon
     owner = json.loads((tmp_path / RunLock.OWNER_NAME).read_text())
     assert (owner["host"], owner["pid"]) == (socket.gethostname(), os.getpid())
     assert owner["started"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / RunLock.OWNER_NAME).stat().st_mode & 0o777 == 0o644 & ~umask
     lock.close()
     assert not (tmp_path / RunLock.OWNER_NAME).exists()  # removed on close
     RunLock(str(tmp_path)).close()  # and the next run takes it
@@ -200,8 +203,13 @@ def test_without_flock_two_processes_still_exclude_each_other(tmp_path, monkeypa
         with pytest.raises(UsageError) as refused:
             RunLock(str(tmp_path))
         message = str(refused.value)
-        assert "\n" not in message and "is writing into" in message
-        assert f"pid {other.pid} on {socket.gethostname()}" in message
+        started = json.loads((tmp_path / RunLock.OWNER_NAME).read_text())["started"]
+        # a live process on this host: wait for it (removing its lock file would be wrong)
+        assert message == (
+            f"another process (pid {other.pid} on {socket.gethostname()}, started {started}) is "
+            f"writing into {str(tmp_path)!r} (lock file {tmp_path / RunLock.OWNER_NAME}: no flock "
+            f"here, {os.strerror(errno.ENOLCK)}); wait for it to finish or stop it, or choose "
+            "another output directory")
     finally:
         other.communicate("\n", timeout=60)
     assert other.returncode == 0
@@ -225,8 +233,9 @@ def test_without_flock_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_pat
                                 "started": "2024-01-01T00:00:00+00:00"}))
     lock = RunLock(str(tmp_path))
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and f"took over the stale lock file {path} of pid {dead} on " \
-        f"{socket.gethostname()}" in out[0]
+    assert out == [f"took over the stale lock file {path} of pid {dead} on "
+                   f"{socket.gethostname()} (started 2024-01-01T00:00:00+00:00; no such process "
+                   "any more)"]
     assert json.loads(path.read_text())["pid"] == os.getpid()
     lock.close()
     assert not path.exists()
@@ -287,3 +296,73 @@ def test_pretrain_runs_on_a_file_system_without_flock(tiny_imagenet, tmp_path, m
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert (out / "checkpoint_0000.pth.tar").is_file()
     assert not (out / RunLock.OWNER_NAME).exists()
+
+
+@pytest.mark.parametrize("chain, why", [
+    # torch's zip writer: a RuntimeError raised from (or while handling) the OSError
+    (lambda: _raise(RuntimeError("zip writer failed"), OSError(errno.ENOSPC, "full")),
+     "the device is full"),
+    (lambda: _raise(RuntimeError("zip writer failed"), OSError(errno.EDQUOT, "quota"),
+                    as_context=True), "the disk quota is exceeded"),
+    (lambda: _raise(RuntimeError("outer"), _chained(ValueError("middle"),
+                                                    OSError(errno.EFBIG, "big"))),
+     "the file-size limit is exceeded"),
+    (lambda: _raise(RuntimeError("zip writer failed"), OSError(errno.EIO, "I/O")), None),
+])
+def test_no_room_is_found_anywhere_in_the_chain_of_the_writers_error(tmp_path, chain, why):
+    path = tmp_path / "checkpoint.pth.tar"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    with pytest.raises(Exception) as e:
+        with atomic_write(path) as f:
+            f.write(b"partial")
+            chain()
+    if why is None:  # no room is not why: the writer's own error stands
+        assert type(e.value) is RuntimeError
+    else:
+        assert type(e.value) is UsageError
+        assert str(e.value).startswith(f"no room to write '{path}': {why} (")
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+def _chained(error, cause):
+    error.__cause__ = cause
+    return error
+
+
+def _raise(error, cause, as_context=False):
+    if as_context:
+        try:
+            raise cause
+        except OSError:
+            raise error  # noqa: B904  (the context, as torch's writer leaves it)
+    raise error from cause
+
+
+def test_a_pickled_module_is_named_by_its_own_class(tmp_path):
+    """torch.save(model): the refusal names the pickled object's class (its first GLOBAL in
+    torch.save's protocol 2), not the first of the unsafe globals in sorted order (Linear)."""
+    path = tmp_path / "model.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(UsageError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == (
+        f"{str(path)!r} holds a pickled module (torch.nn.modules.container.Sequential: code), not "
+        "a state dict; save the weights with torch.save(model.state_dict(), PATH) and pass that "
+        "file")
+
+
+def test_a_refused_checkpoint_names_the_first_global_the_unpickler_met(tmp_path):
+    """Of several globals outside the allow-list, the one torch's unpickler stopped at (not the
+    first in sorted order)."""
+    import argparse
+    import pathlib
+
+    path = tmp_path / "odd.pth"
+    torch.save({"path": pathlib.PurePosixPath("a"), "args": argparse.Namespace(x=1)}, path)
+    with pytest.raises(UsageError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == (
+        f"refusing to load {str(path)!r}: it holds objects outside torch's weights-only "
+        "allow-list (a checkpoint must contain tensors, numbers, strings and containers only): "
+        "pathlib.PurePosixPath")

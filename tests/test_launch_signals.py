@@ -137,3 +137,63 @@ def test_several_nodes_without_a_rendezvous_endpoint_is_a_one_line_error(tmp_pat
     assert not out.exists()
     with pytest.raises(UsageError, match="--nnodes 2:x: expected N or MIN:MAX"):
         launch.run_elastic("pretrain.train", [], 2, nnodes="2:x")
+
+
+def test_run_elastic_hands_torchrun_the_rendezvous_of_several_nodes(monkeypatch):
+    """What torchrun is asked for (its own parser reads the arguments): the processes, nodes, this
+    node's rank and, with an endpoint, the c10d rendezvous under the job's id."""
+    import torch.distributed.run
+
+    from mocobench import launch
+
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "run", seen.append)
+    assert launch.run_elastic("pretrain.train", ["--config-file", "x.yaml"], 2, nnodes="2",
+                              node_rank=1, rdzv_endpoint="node0:29500", rdzv_id="job7") == 0
+    [args] = seen
+    assert (args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_backend,
+            args.rdzv_endpoint, args.rdzv_id, args.module, args.training_script,
+            args.training_script_args) == ("2", "2", 1, "c10d", "node0:29500", "job7", True,
+                                           "pretrain.train", ["--config-file", "x.yaml"])
+
+
+@pytest.mark.parametrize("sig, why", [
+    (signal.SIGTERM, "with no worker running"),
+    (signal.SIGHUP, "(torch elastic shut the workers down)")])
+def test_a_signal_torch_elastic_raises_ends_the_command_with_its_code(monkeypatch, sig, why):
+    """A stop signal before any worker ran (torch raises SignalException), or a signal torch's
+    agent handles itself: one line, exit 128 + the signal's number, not an error."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    from mocobench import launch
+    from mocobench.utils.errors import CommandFailed
+
+    def run(args):
+        raise SignalException("got signal", sigval=signal.Signals(sig))
+
+    monkeypatch.setattr(torch.distributed.run, "run", run)
+    with pytest.raises(CommandFailed) as e:
+        launch.run_elastic("pretrain.train", [], 2)
+    assert str(e.value) == f"stopped by {signal.Signals(sig).name} {why}: nothing new saved"
+    assert (e.value.exit_code, e.value.is_error) == (128 + sig, False)
+
+
+def test_the_workers_are_the_children_that_lead_their_own_session(monkeypatch):
+    """_worker_pids (who a forwarded stop signal goes to): this process's children started in a
+    session of their own, as torch elastic starts its workers; a process that ends between the
+    listing of /proc and the read of its stat is skipped, not the end of the search."""
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              start_new_session=True)
+    try:
+        assert launch._worker_pids() == [worker.pid]
+        listdir = os.listdir
+        monkeypatch.setattr(os, "listdir",
+                            lambda path: ["999999999", *listdir(path)] if path == "/proc"
+                            else listdir(path))
+        assert launch._worker_pids() == [worker.pid]
+    finally:
+        for proc in (plain, worker):
+            proc.kill()
+            proc.wait()

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from scipy.stats import binomtest
@@ -92,3 +93,18 @@ def test_score_counts_only_the_sample_and_leaves_equivalents_out():
     # without a sample every run mutant counts (the validate survivor too)
     _, left = mutation.score_table(results, equivalents)
     assert "pretrain.config.x_validate__mutmut_1" in left
+
+
+def test_the_pipeline_package_is_scored_as_one_module_and_convert_per_file():
+    # two small files of the package and one of convert (mutant generation costs ~1 s per file)
+    names = mutation.mutant_names(["mocobench.pipeline.machines", "mocobench.pipeline.manifest",
+                                   "convert.rename"])
+    files = {name.split(".x", 1)[0] for name in names}
+    assert files == {"mocobench.pipeline.machines", "mocobench.pipeline.manifest",
+                     "convert.rename"}
+    assert {mutation.unit_of(name) for name in names} == {"mocobench.pipeline", "convert.rename"}
+    # a method of a class in one of its files too
+    assert mutation.unit_of("mocobench.pipeline.graph.xǁGraphǁrun__mutmut_1") \
+        == "mocobench.pipeline"
+    counts = Counter(mutation.unit_of(n) for n in mutation.draw_sample(names, 7, 0))
+    assert counts == {"mocobench.pipeline": 7, "convert.rename": 7}

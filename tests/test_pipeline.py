@@ -324,3 +324,42 @@ def test_jobs_side_by_side_a_failed_trial_reruns_alone_and_the_report_is_the_seq
     assert "seeds finished: moco 2/2, supervised 2/2, random 2/2" in status
     assert "ETA: done" in status and "failed" not in status
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_transfer_stage_closes_over_its_trials_records(tmp_path):
+    """Wiring.close_transfer (the --jobs runner and a SLURM trial job end a transfer stage with
+    it): the results of every trial, read from the results.json each wrote (`mocobench transfer`'s
+    writer), in trial order, and summary.json over them; a missing trial is a one-line error naming
+    its file."""
+    from mocobench.pipeline.stages import Wiring
+    from transfer import record
+    from transfer.config import load_config
+
+    cfg = load_pipeline_config(TINY, ["OUTPUT_DIR", str(tmp_path / "run")])
+    wiring = Wiring(cfg, TINY)
+    stage_dir = tmp_path / "run" / "transfer" / "moco"
+    detection = os.path.join(REPO, "configs", "detection", "synth_voc_R18_FPN_cpu.yaml")
+
+    def write_trial(index, ap):
+        trial_cfg = load_config(detection, ["OUTPUT_DIR", str(stage_dir / f"seed{index}"),
+                                            "SEED", str(index)])
+        rec = record.build_record(
+            trial_cfg, config_file=detection, opts=[], init_name="moco", weights_info=None,
+            trial=index, world_size=1, eval_only=False, resumed=False, iteration=2, seconds=1.0,
+            results={"bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2}},
+            evaluator_types={"synth_voc_test": "pascal_voc"})
+        record.write_record(stage_dir / f"seed{index}" / record.RESULTS_FILE, rec)
+
+    write_trial(1, 20.0)
+    with pytest.raises(UsageError) as e:
+        wiring.close_transfer("moco")
+    assert str(e.value) == (f"transfer of moco: trial seed0 left no "
+                            f"{stage_dir / 'seed0' / record.RESULTS_FILE}: see its log.txt")
+    write_trial(0, 10.0)
+    outputs = wiring.close_transfer("moco")
+    assert outputs == {"output_dir": str(stage_dir), "results": [
+        {"synth_voc_test": {"bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2}}}
+        for ap in (10.0, 20.0)]}
+    assert wiring.trial_outputs("moco", [1])["results"] == outputs["results"][1:]
+    summary = json.loads((stage_dir / "summary.json").read_text())
+    assert [t["trial"] for t in summary["trials"]] == [0, 1]

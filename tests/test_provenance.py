@@ -61,7 +61,7 @@ def _convert(checkpoint, pkl):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """{case: .pkl path ("" for none)}: every link of the chain written by the real tools."""
-    from pretrain.checkpoint import plain_state_dict
+    from pretrain.checkpoint import official_state_dict, plain_state_dict
     from pretrain.config import load_config as pretrain_config
     from pretrain.moco import build_model
     from pretrain.supervised import build_classifier
@@ -84,6 +84,19 @@ def weights(tmp_path_factory):
     # an official release: no config entry, no config.yaml; the MLP head says v2
     ckpt = moco("official", [], config_entry=False, config_yaml=False)
     out["moco v2 release, layout only"] = _convert(ckpt, root / "release.pkl")
+    # an official v1 release (linear head): the layout says v1
+    ckpt = moco("official_v1", ["MOCO.VERSION", "v1", "MOCO.MLP", "False"], config_entry=False,
+                config_yaml=False)
+    out["moco v1 release, layout only"] = _convert(ckpt, root / "release_v1.pkl")
+    # a release without its projection head, replaced by another file after the conversion:
+    # nothing tells the version
+    def no_head(model):
+        return {k: v for k, v in official_state_dict(model).items() if ".fc." not in k}
+
+    ckpt = moco("headless", [], config_entry=False, config_yaml=False, state_dict_fn=no_head)
+    out["moco release without head, file changed"] = _convert(ckpt, root / "headless.pkl")
+    with open(ckpt, "ab") as f:
+        f.write(b"changed")
     out["moco v3 checkpoint"] = _convert(
         moco("v3", ["MOCO.VERSION", "v3", "MOCO.MLP_DIM", "32"]), root / "v3.pkl")
     # the supervised baseline (plain torchvision keys, its fc dropped by the converter)
@@ -122,6 +135,11 @@ def weights_info(pkl):
      "a MoCo v1/v2 checkpoint: its run directory's config.yaml says MOCO.VERSION v1"),
     ("moco v2 release, layout only", "moco_v2",
      "a MoCo v1/v2 checkpoint: its projection head is an MLP (fc.0, fc.2): MoCo v2's layout"),
+    ("moco v1 release, layout only", "moco_v1",
+     "a MoCo v1/v2 checkpoint: its projection head is linear (fc): MoCo v1's layout"),
+    ("moco release without head, file changed", None,
+     "a MoCo v1/v2 checkpoint, but its MoCo version is recorded nowhere (no config entry, and the "
+     "file changed since the conversion, no projection head)"),
     ("moco v3 checkpoint", "moco_v3", "a MoCo v3 checkpoint (base_encoder layout)"),
     ("supervised checkpoint", "supervised", "a torchvision-layout classifier (its fc was "
                                             "dropped)"),
@@ -380,3 +398,72 @@ def test_transfer_without_init_name_records_the_inferred_name(weights, synth_roo
         "(inferred: moco_v2.pkl was converted (moco_v2.json) from " in log
     md = report.write_report([str(out)], str(tmp_path / "report"))["markdown"]
     assert "| moco_v2 |" in md and "‡" not in md
+
+
+@pytest.mark.parametrize("dropped, shown", [(5, ""), (6, "...")])
+def test_a_state_dict_with_missing_keys_names_the_first_five(tmp_path, dropped, shown):
+    """load_plain_state_dict / load_official_state_dict refuse a state dict that lacks keys of the
+    model, naming the first five and marking that there are more."""
+    import torchvision
+
+    from pretrain import checkpoint as ckpt
+
+    model = torchvision.models.resnet18(num_classes=4)
+    plain = ckpt.plain_state_dict(model)
+    # (not num_batches_tracked: BatchNorm fills it in for a state dict without torch's metadata)
+    missing = [k for k in plain if not k.endswith("num_batches_tracked")][:dropped]
+    for key in missing:
+        del plain[key]
+    official = {"module." + k: v for k, v in plain.items()}
+    for load, state in ((ckpt.load_plain_state_dict, plain),
+                        (ckpt.load_official_state_dict, official)):
+        with pytest.raises(UsageError) as e:
+            load(torchvision.models.resnet18(num_classes=4), state, "x.pth.tar")
+        assert str(e.value).endswith(
+            f"missing keys {missing[:5]}{shown}, unexpected keys []"), str(e.value)
+
+
+def test_a_classifier_wrapped_in_ddp_is_saved_under_plain_torchvision_keys(rendezvous):
+    """plain_state_dict: the supervised baseline's checkpoint has torchvision's keys whether or not
+    the model is wrapped in DistributedDataParallel (a one-process gloo group here)."""
+    import torch.distributed as dist
+    import torchvision
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pretrain.checkpoint import plain_state_dict
+
+    model = torchvision.models.resnet18(num_classes=4)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=0, world_size=1)
+    try:
+        wrapped = plain_state_dict(DistributedDataParallel(model))
+    finally:
+        dist.destroy_process_group()
+    assert list(wrapped) == list(model.state_dict()) and "conv1.weight" in wrapped
+    assert all(torch.equal(wrapped[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_resumed_run_gets_its_grad_scalers_state_back(tmp_path):
+    """load_for_resume restores the GradScaler a fp16 run saved (its loss scale and growth
+    tracker), not a fresh one's."""
+    import torchvision
+
+    from pretrain.checkpoint import (
+        load_for_resume,
+        load_plain_state_dict,
+        plain_state_dict,
+        save_checkpoint,
+    )
+    from pretrain.config import load_config as pretrain_config
+
+    cfg = pretrain_config(PRETRAIN_SUPERVISED, ["OUTPUT_DIR", str(tmp_path)], moco=False)
+    model = torchvision.models.resnet18(num_classes=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 7})
+    path = save_checkpoint(str(tmp_path), 0, model, optimizer, scaler, 3, cfg,
+                           state_dict_fn=plain_state_dict)
+    fresh = torch.amp.GradScaler("cpu")
+    assert load_for_resume(path, torchvision.models.resnet18(num_classes=4),
+                           torch.optim.SGD(model.parameters(), lr=0.1), fresh,
+                           load_plain_state_dict) == (1, 3, 0)
+    assert fresh.state_dict()["scale"] == 512.0 and fresh.state_dict()["_growth_tracker"] == 7

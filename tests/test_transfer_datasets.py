@@ -387,3 +387,54 @@ def test_only_training_datasets_need_greyscale_labels(fresh_synth):
     with pytest.raises(UsageError, match=r"^dataset 'synth_voc_2012_sem_seg_val': "
                                          r".*SegmentationClass/.* is a 'P' PNG"):
         datasets.check_datasets(cfg)
+
+
+def test_each_generated_dataset_gets_its_evaluator_with_the_configs_tasks(fresh_synth, tmp_path):
+    """transfer.evaluation.build_evaluator dispatches on the registered evaluator_type: COCO and
+    LVIS evaluate the tasks the model predicts (boxes, + masks, + keypoints) into
+    OUTPUT_DIR/inference unless told another folder; a dataset without a known evaluator_type is
+    a one-line error listing the known ones; a second builder for a type is refused."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import (
+        COCOEvaluator,
+        LVISEvaluator,
+        PascalVOCDetectionEvaluator,
+        SemSegEvaluator,
+    )
+
+    from transfer import evaluation
+
+    cfg = load_config(os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"),
+                      ["OUTPUT_DIR", str(tmp_path)])
+    build = evaluation.build_evaluator
+    voc = build(cfg, "synth_voc_test")
+    assert type(voc) is PascalVOCDetectionEvaluator and voc._dataset_name == "synth_voc_test"
+    coco = build(cfg, "synth_coco_val")
+    assert type(coco) is COCOEvaluator and coco._tasks == ("bbox",) and coco._distributed
+    assert coco._output_dir == os.path.join(str(tmp_path), "inference")
+    cfg.MODEL.MASK_ON = True
+    assert build(cfg, "synth_coco_val", str(tmp_path / "elsewhere"))._output_dir \
+        == str(tmp_path / "elsewhere")
+    assert build(cfg, "synth_coco_val")._tasks == ("bbox", "segm")
+    lvis = build(cfg, "synth_lvis_val")
+    assert type(lvis) is LVISEvaluator and lvis._tasks == ("bbox", "segm")
+    assert lvis._output_dir == os.path.join(str(tmp_path), "inference")
+    cfg.MODEL.MASK_ON, cfg.MODEL.KEYPOINT_ON = False, True
+    assert build(cfg, "synth_keypoints_val")._tasks == ("bbox", "keypoints")
+    sem_seg = build(cfg, "synth_voc_2012_sem_seg_val")
+    assert type(sem_seg) is SemSegEvaluator \
+        and sem_seg._dataset_name == "synth_voc_2012_sem_seg_val"
+
+    MetadataCatalog.get("test_no_evaluator").set(evaluator_type="nothing_known")
+    try:
+        with pytest.raises(UsageError) as e:
+            build(cfg, "test_no_evaluator")
+    finally:
+        MetadataCatalog.remove("test_no_evaluator")
+    assert str(e.value) == (
+        "no evaluator for dataset 'test_no_evaluator' (its evaluator_type metadata is "
+        "'nothing_known'); known evaluator types: cityscapes_instance, cityscapes_sem_seg, coco, "
+        "lvis, pascal_voc, sem_seg")
+    with pytest.raises(KeyError, match="an evaluator for 'coco' is already registered"):
+        evaluation.register_evaluator("coco")(lambda cfg, name, folder: None)
+    assert evaluation.EVALUATOR_BUILDERS["coco"] is not None

@@ -267,6 +267,10 @@ def test_format_and_version(tmp_path):
     assert str(e.value) == (f"{path}: not a mocobench run record (field 'format' is None, expected "
                             "'mocobench.transfer.run'; records without it were written by "
                             "mocobench before record version 1)")
+    edited(path, lambda r: r.update(format="another.tool"))
+    with pytest.raises(record.RecordError) as e:
+        record.read_record(path)
+    assert "(field 'format' is 'another.tool', expected 'mocobench.transfer.run';" in str(e.value)
     for version, newer in ((2, True), (0, True), (True, False), ("1", False), (1.0, False)):
         rec["version"] = version
         path.write_text(json.dumps(rec))
@@ -369,3 +373,73 @@ def test_trial_records_in_trial_order_with_errors_in_place(tmp_path):
     [(directory, rec)] = record.trial_records(str(tmp_path), record.EVAL_FILE)
     assert directory == str(tmp_path / "seed2") and rec["eval_only"] is True
     assert record.trial_records(str(tmp_path / "absent")) == []
+
+
+def test_the_summary_printed_after_the_trials_comes_from_their_records(tmp_path):
+    """`mocobench transfer`'s last lines: each trial's headline metrics (NaN for a metric that was
+    NaN), then with several trials the mean and sample std of each metric over the seeds where it
+    is valid (AP75 is valid in one: left out)."""
+    from transfer.run import _format_summary
+
+    _, first = written(tmp_path)
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path / "seed1"), "SEED", "4"])
+    _, second = written(tmp_path, cfg=cfg, name="seed1", trial=1,
+                        results={"bbox": {"AP": 43.5, "AP50": 72.25, "AP75": 40.0}})
+    one = (f"trial 0 (seed -1) {TEST_SET}: bbox AP 41.50 AP50 70.25 AP75 NaN  "
+           f"({tmp_path / 'seed0'})")
+    assert _format_summary([first]) == one
+    assert _format_summary([first, second]).split("\n") == [
+        one,
+        f"trial 1 (seed 4) {TEST_SET}: bbox AP 43.50 AP50 72.25 AP75 40.00  ({tmp_path / 'seed1'})",
+        f"{TEST_SET}: mean ± sample std over the valid seeds: bbox/AP 42.50 ± 1.41 (n=2), "
+        "bbox/AP50 71.25 ± 1.41 (n=2)"]
+
+
+@pytest.mark.parametrize("flags, seed", [({}, 5), ({"resume": True}, 11),
+                                         ({"eval_only": True}, 11)])
+def test_print_config_shows_the_seed_the_first_trial_recorded_when_it_continues(tmp_path, flags,
+                                                                                 seed):
+    """--print-config with --resume or --eval-only: the first trial runs with the SEED in its
+    seed0/config.yaml (what its earlier run wrote), not SEED from the command line."""
+    from transfer.run import first_trial_config
+
+    earlier = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path / "seed0"), "SEED", "11"])
+    os.makedirs(tmp_path / "seed0")
+    (tmp_path / "seed0" / "config.yaml").write_text(earlier.dump())
+    cfg, notes = first_trial_config(CONFIG, ["OUTPUT_DIR", str(tmp_path), "SEED", "5"], **flags)
+    assert cfg.SEED == seed and cfg.OUTPUT_DIR == str(tmp_path / "seed0")
+    assert notes[-2] == (f"SEED 11: recorded in {tmp_path / 'seed0'}/config.yaml" if seed == 11
+                         else "SEED 5: trial i runs with SEED + i")
+
+
+def test_started_json_reads_back_and_is_written_for_people_too(tmp_path):
+    """started.json (written when a trial starts): the identity, init name and weights' sha256,
+    indented two spaces with a final newline, as results.json."""
+    cfg = config(tmp_path)
+    record.write_started(str(tmp_path), cfg, "moco_v2", {"sha256": "ab" * 32})
+    path = tmp_path / record.STARTED_FILE
+    started = record.read_started(path)
+    assert (started["init_name"], started["weights_sha256"]) == ("moco_v2", "ab" * 32)
+    assert started["identity"] == record.experiment_identity(cfg)
+    assert path.read_text() == json.dumps(started, indent=2) + "\n"
+
+
+def test_resume_checks_every_trial_past_one_that_recorded_nothing(tmp_path):
+    """--resume: a trial directory with training files but no record (an older mocobench) is not
+    checked; the trials after it still are: a finished one of this experiment is skipped, one of
+    another experiment is refused."""
+    from transfer.run import check_output_dir
+
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "last_checkpoint").write_text("model_0000009.pth")
+    written(tmp_path, name="seed1", trial=1)
+    cfg = config(tmp_path)
+    dirs = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
+    info = {"sha256": "ab" * 32}
+    assert check_output_dir(cfg, dirs, True, False, "moco_v2", info) == [1]
+    with pytest.raises(record.UsageError) as e:
+        check_output_dir(cfg, dirs, True, False, "supervised", info)
+    assert str(e.value) == (
+        f"--resume: {tmp_path / 'seed1' / record.RESULTS_FILE} was made by another experiment "
+        "(differs in --init-name ('moco_v2' -> 'supervised')); its trials and this call's would "
+        "be averaged together. Use another OUTPUT_DIR")

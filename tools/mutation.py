@@ -17,7 +17,8 @@ spurious) with it; "no tests" and "survived" are survivors. Mutants listed in th
 (one `mutant_name  reason` per line, # comments) are left out of the total whatever their status;
 every other survivor is printed, so it can get a test. --strict: exit 1 if any unlisted survivor is
 left. The lr/momentum schedules of pretrain/config.py are scored on their own (the rest of that
-file is config validation, scored as pretrain.config).
+file is config validation, scored as pretrain.config); the files of mocobench.pipeline are
+scored as one module.
 """
 import argparse
 import configparser
@@ -39,6 +40,8 @@ NO_TESTS = {5, 33}
 SURVIVED = {0}
 # function groups scored separately: name -> (module, function-name markers in the mutant key)
 GROUPS = {"lr/momentum schedules": ("pretrain.config", ("x_lr_at__", "x_moco_momentum_at__"))}
+# packages scored as one module over their files (the pipeline's files are small and share one job)
+PACKAGES = ("mocobench.pipeline",)
 
 
 def read_equivalents(path):
@@ -67,7 +70,11 @@ def unit_of(key):
         if key.startswith(module + ".") and any(m in key for m in markers):
             return group
     module = key.split(".x", 1)[0] if ".x" in key else key.rsplit(".", 1)[0]
-    return module.split(".xǁ", 1)[0]
+    module = module.split(".xǁ", 1)[0]
+    for package in PACKAGES:
+        if module.startswith(package + "."):
+            return package
+    return module
 
 
 def mutant_names(modules, setup_cfg=SETUP_CFG):
