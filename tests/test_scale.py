@@ -264,11 +264,13 @@ V3_OPTS = ["MOCO.VERSION", "v3", "MOCO.DIM", "16", "MOCO.MLP_DIM", "32", "MOCO.M
 
 
 def _caller():
-    """'file:function' of the first frame outside torch and comm.py: who asked for a collective."""
+    """'file:function' of the first frame in the project's packages outside comm.py: who asked for
+    a collective (torch's frames are skipped wherever the venv lies, in the checkout or not)."""
     frame = sys._getframe(2)
     while frame is not None:
         path = os.path.relpath(frame.f_code.co_filename, REPO)
-        if not path.startswith("..") and path != os.path.join("mocobench", "utils", "comm.py"):
+        if (path.split(os.sep)[0] in ("pretrain", "mocobench", "transfer", "convert", "synth")
+                and path != os.path.join("mocobench", "utils", "comm.py")):
             return f"{path}:{frame.f_code.co_qualname}"
         frame = frame.f_back
     return "?"
