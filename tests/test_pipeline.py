@@ -363,3 +363,89 @@ def test_a_transfer_stage_closes_over_its_trials_records(tmp_path):
     assert wiring.trial_outputs("moco", [1])["results"] == outputs["results"][1:]
     summary = json.loads((stage_dir / "summary.json").read_text())
     assert [t["trial"] for t in summary["trials"]] == [0, 1]
+
+
+def _results(run_dir, init, index):
+    record = json.loads((run_dir / "transfer" / init / f"seed{index}" / "results.json").read_text())
+    return record["seed"], record["results"]
+
+
+def _superseded_since(run_dir, stamps):
+    """The superseded/<stamp>/ folder a redo made (of those not in `stamps`)."""
+    [stamp] = set(os.listdir(run_dir / "superseded")) - set(stamps)
+    return run_dir / "superseded" / stamp
+
+
+def test_trial_jobs_redo_their_stage_together_and_the_last_to_finish_closes_it(finished_run,
+                                                                                capsys):
+    """`--stage transfer_INIT --trial I` (the task of a SLURM job array; here in this process):
+    the first trial job to start redoes the stage (its old outputs moved aside, nothing deleted)
+    and leaves it running; the next joins it (no second redo) and, its last trial, closes it with
+    every trial's results. The records and the report are the sequential run's."""
+    out = finished_run
+    stage = manifest(out)["stages"]["transfer_random"]
+    trials = {i: _results(out, "random", i) for i in range(2)}
+    tables = report_tables(out)
+    stamps = os.listdir(out / "superseded") if (out / "superseded").exists() else []
+
+    assert run(out, "--stage", "transfer_random", "--trial", "1", "--redo", "transfer_random") == 0
+    printed = capsys.readouterr().out
+    moved = _superseded_since(out, stamps)
+    assert f"transfer_random: redo (--redo); old outputs moved to " \
+           f"{os.path.relpath(moved, out)}/transfer/random" in printed
+    assert "trial 1 of 2 (transfer_random/seed1)" in printed
+    assert {i: _results(moved, "random", i) for i in range(2)} == trials  # kept, not deleted
+    now = manifest(out)["stages"]["transfer_random"]
+    assert now["status"] == "running" and now["started"] != stage["started"]
+    assert not (out / "transfer" / "random" / "seed0").exists()
+    assert _results(out, "random", 1) == trials[1]
+
+    assert run(out, "--stage", "transfer_random", "--trial", "0") == 0  # joins, redoes nothing
+    printed = capsys.readouterr().out
+    assert ": redo" not in printed and "trial 0 of 2 (transfer_random/seed0)" in printed
+    assert _superseded_since(out, stamps) == moved and os.listdir(moved / "transfer") == ["random"]
+    now = manifest(out)["stages"]["transfer_random"]
+    assert now["status"] == "done" and now["failed_jobs"] == {}
+    assert now["outputs"] == stage["outputs"]
+    assert {i: _results(out, "random", i) for i in range(2)} == trials
+    assert report_tables(out) == tables
+    shutil.rmtree(moved)  # superseded/ as it was: other tests count its folders
+
+
+def test_jobs_in_this_process_failed_trials_fail_their_stage_and_a_rerun_ends_it(finished_run,
+                                                                                 capsys):
+    """--jobs 2 with the runner in this process (each job forked from its fork server): a redone
+    stage's old outputs are moved aside when its first job starts; trials that fail (their logs
+    cannot be opened: folders are in the way) fail their stage in the manifest with each named,
+    and the command fails naming them; the same command without the obstacles runs those trials
+    alone and closes the stage with the results of the sequential run."""
+    out = finished_run
+    stage = manifest(out)["stages"]["transfer_random"]
+    trials = {i: _results(out, "random", i) for i in range(2)}
+    stamps = os.listdir(out / "superseded") if (out / "superseded").exists() else []
+    for i in range(2):
+        os.makedirs(out / "logs" / f"transfer_random_seed{i}.log")
+    with pytest.raises(UsageError) as e:
+        run(out, "--jobs", "2", "--redo", "transfer_random")
+    assert str(e.value).startswith("2 job(s) failed: transfer_random/seed0, transfer_random/seed1; "
+                                   "transfer_random/seed0: IsADirectoryError: ")
+    assert "FAILED transfer_random/seed1 after " in capsys.readouterr().out
+    moved = _superseded_since(out, stamps)
+    assert {i: _results(moved, "random", i) for i in range(2)} == trials  # kept, not deleted
+    now = manifest(out)["stages"]["transfer_random"]
+    assert now["status"] == "failed" and sorted(now["failed_jobs"]) \
+        == ["transfer_random/seed0", "transfer_random/seed1"]
+    assert now["error"].startswith("transfer_random/seed0, transfer_random/seed1 failed: "
+                                   "IsADirectoryError: ")
+    assert not (out / "transfer" / "random" / "seed1" / "results.json").exists()
+
+    for i in range(2):
+        os.rmdir(out / "logs" / f"transfer_random_seed{i}.log")
+    assert run(out, "--jobs", "2") == 0  # the same study again: only the failed trials run
+    rerun = capsys.readouterr().out
+    assert sorted(line.split()[1] for line in rerun.splitlines() if line.startswith("started ")) \
+        == ["report", "transfer_random/seed0", "transfer_random/seed1"]
+    now = manifest(out)["stages"]["transfer_random"]
+    assert now["status"] == "done" and now["outputs"] == stage["outputs"]
+    assert {i: _results(out, "random", i) for i in range(2)} == trials
+    shutil.rmtree(moved)  # superseded/ as it was: other tests count its folders

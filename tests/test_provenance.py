@@ -95,6 +95,9 @@ def weights(tmp_path_factory):
 
     ckpt = moco("headless", [], config_entry=False, config_yaml=False, state_dict_fn=no_head)
     out["moco release without head, file changed"] = _convert(ckpt, root / "headless.pkl")
+    # the same release, still the file converted: the reason does not claim a change
+    kept = shutil.copy(ckpt, root / "headless_kept.pth")
+    out["moco release without head"] = _convert(kept, root / "headless_kept.pkl")
     with open(ckpt, "ab") as f:
         f.write(b"changed")
     out["moco v3 checkpoint"] = _convert(
@@ -137,6 +140,9 @@ def weights_info(pkl):
      "a MoCo v1/v2 checkpoint: its projection head is an MLP (fc.0, fc.2): MoCo v2's layout"),
     ("moco v1 release, layout only", "moco_v1",
      "a MoCo v1/v2 checkpoint: its projection head is linear (fc): MoCo v1's layout"),
+    ("moco release without head", None,
+     "a MoCo v1/v2 checkpoint, but its MoCo version is recorded nowhere (no config entry, no "
+     "projection head)"),
     ("moco release without head, file changed", None,
      "a MoCo v1/v2 checkpoint, but its MoCo version is recorded nowhere (no config entry, and the "
      "file changed since the conversion, no projection head)"),
