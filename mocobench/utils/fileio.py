@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import tempfile
 
 from mocobench.utils.errors import UsageError
@@ -338,8 +339,9 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UsageError(_refusal(path, e)) from None
+    # struct.error: a legacy (pre-zip) file cut inside a record's length field
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError,
-            AttributeError) as e:
+            AttributeError, struct.error) as e:
         raise UsageError(f"{path!r} is not a readable torch checkpoint (truncated or another "
                          f"format?): {_first_line(e)}") from None
 
