@@ -443,3 +443,25 @@ def test_resume_checks_every_trial_past_one_that_recorded_nothing(tmp_path):
         f"--resume: {tmp_path / 'seed1' / record.RESULTS_FILE} was made by another experiment "
         "(differs in --init-name ('moco_v2' -> 'supervised')); its trials and this call's would "
         "be averaged together. Use another OUTPUT_DIR")
+
+
+def _pretrain_config_text(version):
+    """The `config` entry our pretraining writes into its checkpoints (cfg.dump())."""
+    from pretrain.config import load_config as pretrain_config
+
+    return pretrain_config(os.path.join(REPO, "configs", "pretrain", "synth_R18_cpu.yaml"),
+                           ["MOCO.VERSION", version]).dump()
+
+
+@pytest.mark.parametrize("text, version", [
+    ("ours v1", "v1"), ("ours v3", "v3"),
+    ("MOCO:\n  VERSION: v2\n", "v2"),
+    # another tool's config: anything under any key, never an error
+    ("MOCO: v2\n", None), ("MOCO: [v2]\n", None), ("- MOCO\n- VERSION: v2\n", None),
+    ("just a note", None), ("", None), ("MOCO:\n  VERSION: v4\n", None),
+    ("MOCO: {VERSION: [", None),
+])
+def test_the_moco_version_is_read_only_from_a_moco_mapping(text, version):
+    if text.startswith("ours "):
+        text = _pretrain_config_text(text.split()[1])
+    assert record._moco_version_of_config(text) == version

@@ -129,7 +129,9 @@ def _moco_version_of_config(text):
         data = yaml.safe_load(text)
     except yaml.YAMLError:
         return None
-    version = ((data or {}).get("MOCO") or {}).get("VERSION") if isinstance(data, dict) else None
+    # another tool's config may hold anything under any key: only a MOCO mapping says a version
+    moco = data.get("MOCO") if isinstance(data, dict) else None
+    version = moco.get("VERSION") if isinstance(moco, dict) else None
     return version if version in MOCO_NAMES else None
 
 
