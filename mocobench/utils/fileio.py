@@ -273,9 +273,9 @@ def _unsafe_globals(path):
         return []
 
 
-def _first_global(path, names):
-    """The first of `names` the checkpoint's pickle refers to (the class of the pickled object
-    itself, e.g. torchvision.models.resnet.ResNet), None if it cannot be read."""
+def _pickle_globals(path):
+    """The globals (module.name) a zip checkpoint's pickle refers to, in order; [] if it cannot be
+    read (not a zip, no data.pkl, a broken pickle)."""
     import pickletools
     import zipfile
 
@@ -283,36 +283,58 @@ def _first_global(path, names):
         with zipfile.ZipFile(path) as archive:
             member = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
             data = archive.read(member)
-        strings = []
+        found, strings = [], []
         for opcode, arg, _ in pickletools.genops(data):
             if opcode.name == "GLOBAL":  # protocol 2 (torch.save's): "module name"
-                name = str(arg).replace(" ", ".")
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                name = ".".join(strings[-2:])
-            else:
-                if isinstance(arg, str):
-                    strings.append(arg)
-                continue
-            if name in names:
-                return name
-    except Exception:  # not a zip, no data.pkl, a broken pickle: name another global
-        return None
-    return None
+                found.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:  # protocol 4: two strings
+                found.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return found
+    except Exception:  # noqa: BLE001 - whatever the file is, another message names it
+        return []
+
+
+def _first_global(path, names):
+    """The first of `names` the checkpoint's pickle refers to (the class of the pickled object
+    itself, e.g. torchvision.models.resnet.ResNet), None if it cannot be read."""
+    return next((name for name in _pickle_globals(path) if name in names), None)
 
 
 def _refusal(path, error):
     """One line for a checkpoint torch's weights-only unpickler refused: a pickled module says
     so and how to save the weights instead; anything else names the global."""
     names = _unsafe_globals(path)
-    if any(name.startswith(_MODULE_GLOBALS) for name in names):
-        model = _first_global(path, names) or names[0]
+    # torch lists no globals of a protocol-4 pickle (torch.save(..., pickle_protocol=4)): a
+    # pickled module is still told by its classes
+    classes = names or [n for n in _pickle_globals(path) if n.startswith(_MODULE_GLOBALS)]
+    if any(name.startswith(_MODULE_GLOBALS) for name in classes):
+        model = _first_global(path, classes) or classes[0]
         return (f"{path!r} holds a pickled module ({model}: code), not a state dict; save the "
                 "weights with torch.save(model.state_dict(), PATH) and pass that file")
+    operand = re.search(r"Unsupported operand (\d+)", str(error))
+    if operand:  # a pickle opcode torch's weights-only unpickler does not read, whatever it builds
+        return f"{path!r} {_unread_opcode(int(operand.group(1)))}; load it where you trust it " \
+               "and save it again with torch.save's default protocol (2)"
     match = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     found = match.group(1) if match else (names[0] if names else _first_line(error))
     return (f"refusing to load {path!r}: it holds objects outside torch's weights-only allow-list "
             "(a checkpoint must contain tensors, numbers, strings and containers only): "
             f"{found}")
+
+
+def _unread_opcode(code):
+    """Why torch's weights-only unpickler stopped at pickle opcode `code`."""
+    import pickletools
+
+    if code == 0x95:  # FRAME
+        # every pickle of protocol 4 or later starts with it: a plain state dict is refused too
+        return ("was saved with pickle protocol 4 or later (torch.save(..., pickle_protocol=4)), "
+                "which torch's weights-only loader cannot read")
+    name = pickletools.code2op.get(chr(code))
+    return (f"uses pickle opcode {code} ({name.name if name else 'unknown'}), which torch's "
+            "weights-only loader cannot read (pickle protocol 0 or 1?)")
 
 
 def _first_line(error):
