@@ -449,3 +449,28 @@ def test_jobs_in_this_process_failed_trials_fail_their_stage_and_a_rerun_ends_it
     assert now["status"] == "done" and now["outputs"] == stage["outputs"]
     assert {i: _results(out, "random", i) for i in range(2)} == trials
     shutil.rmtree(moved)  # superseded/ as it was: other tests count its folders
+
+
+def test_each_stage_names_every_file_a_redo_moves_aside(finished_run):
+    """Wiring.stage_outputs, what a redo moves to superseded/: each stage's folder or files as the
+    run wrote them, the converter's report beside its weights included (a superseded .pkl keeps
+    the record of where it came from); the run directory holds nothing else of the stages."""
+    from mocobench.pipeline.stages import Wiring
+
+    out = finished_run
+    wiring = Wiring(load_pipeline_config(TINY, ["OUTPUT_DIR", str(out)]), TINY)
+    outputs = {name: [os.path.relpath(p, out) for p in wiring.stage_outputs(name)]
+               for name in STAGES}
+    assert outputs == {
+        "data": ["data"], "pretrain": ["pretrain"], "supervised": ["supervised"],
+        "convert_moco": ["convert/moco.pkl", "convert/moco.json"],
+        "convert_supervised": ["convert/supervised.pkl", "convert/supervised.json"],
+        "transfer_moco": ["transfer/moco"], "transfer_supervised": ["transfer/supervised"],
+        "transfer_random": ["transfer/random"], "report": []}
+    written = {f"{d}/{f}" for d in ("convert", "transfer") for f in os.listdir(out / d)} \
+        | set(os.listdir(out))
+    assert {p for paths in outputs.values() for p in paths} <= written
+    assert sorted(os.listdir(out / "convert")) == sorted(
+        os.path.basename(p) for name in ("convert_moco", "convert_supervised")
+        for p in outputs[name])
+    assert sorted(os.listdir(out / "transfer")) == ["moco", "random", "supervised"]

@@ -134,8 +134,11 @@ class Wiring:
         if name == "supervised":
             trained = self.cfg.SUPERVISED.CONFIG_FILE and not self.cfg.SUPERVISED.WEIGHTS
             return [self.path("supervised")] if trained else []
-        if name.startswith("convert_"):
-            return [self.path("convert", f"{init}.pkl")]
+        if name.startswith("convert_"):  # the weights and the converter's report beside them
+            from convert.api import report_path
+
+            pkl = self.path("convert", f"{init}.pkl")
+            return [pkl, report_path(pkl)]
         if name.startswith("transfer_"):
             return [self.path("transfer", init)]
         return []
