@@ -181,6 +181,15 @@ def test_weights_required_and_must_exist(synth_root, tmp_path, capsys):
                          "MODEL.WEIGHTS", url]) == 2
     err = capsys.readouterr().err
     assert url in err and "downloads nothing" in err
+    # --eval-only of random init: nothing to evaluate (SOLVER.MAX_ITER 1 only bounds a run that
+    # should not start)
+    assert cli.main(["transfer", "--config-file", moco, "--synth-root", synth_root, "--eval-only",
+                     "OUTPUT_DIR", str(tmp_path / "eval"), "MOCOBENCH.REQUIRE_WEIGHTS", "False",
+                     "SOLVER.MAX_ITER", "1"]) == 2
+    assert capsys.readouterr().err == ("mocobench transfer: error: --eval-only needs MODEL.WEIGHTS "
+                                       "(a trained model) or --resume (the trial's last "
+                                       "checkpoint)\n")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_cuda_device_without_cuda_is_a_usage_error(synth_root, capsys, monkeypatch):
