@@ -592,8 +592,11 @@ def test_slurm_jobs_ask_for_the_cpus_of_their_loaders_memory_and_end_on_a_failin
     """The sbatch scripts submitit's SlurmExecutor writes (sbatch and srun replaced by scripts): a
     task per GPU with (NUM_WORKERS + 1) CPUs each, read from the command's config, or one task per
     node with (NUM_WORKERS + 1) x GPUs for transfer; --mem 40G per GPU; an explicit
-    --cpus-per-task / --mem wins; srun ends the step when a task exits non-zero, and the batch
-    script prints the failing rank's error last."""
+    --cpus-per-task / --mem wins; --gpus-per-node 0 is a CPU job; each task runs the command
+    (StageJob, the pickle submitit wrote); srun ends the step when a task exits non-zero, and the
+    batch script prints the failing rank's error last."""
+    import submitit
+
     from mocobench import cli
 
     state, jobs = _fake_slurm(tmp_path, monkeypatch), tmp_path / "jobs"
@@ -604,26 +607,43 @@ def test_slurm_jobs_ask_for_the_cpus_of_their_loaders_memory_and_end_on_a_failin
                 os.path.join(REPO, "configs", "detection", "tiny_synth_voc_R_50_C4.yaml"),
                 "MODEL.WEIGHTS", "m.pkl", "DATALOADER.NUM_WORKERS", "4"]
     lincls = ["--data", "d", "--pretrained", "p.pth", "--output", "o", "--workers", "3"]
-    submissions = [(["pretrain", *slurm, *pretrain], ("8", "7", "320G")),
-                   (["transfer", *slurm, *transfer], ("1", "40", "320G")),
-                   (["lincls", *slurm, *lincls], ("8", "4", "320G")),
-                   (["pretrain", *slurm, "--cpus-per-task", "12", "--mem", "500G", *pretrain],
-                    ("8", "12", "500G")),
-                   (["transfer", *slurm, "--cpus-per-task", "16", *transfer], ("1", "16", "320G"))]
-    for i, (argv, (tasks, cpus, mem)) in enumerate(submissions):
+    # (command line, the argv its tasks run, (tasks per node, GPUs per node, CPUs per task, mem)):
+    # transfer is given --num-gpus (a process per GPU; one on a CPU node) unless it has its own
+    submissions = [
+        (["pretrain", *slurm, *pretrain], pretrain, ("8", "8", "7", "320G")),
+        (["transfer", *slurm, *transfer], ["--num-gpus", "8", *transfer], ("1", "8", "40", "320G")),
+        (["lincls", *slurm, *lincls], lincls, ("8", "8", "4", "320G")),
+        (["pretrain", *slurm, "--cpus-per-task", "12", "--mem", "500G", *pretrain], pretrain,
+         ("8", "8", "12", "500G")),
+        (["transfer", *slurm, "--cpus-per-task", "16", *transfer], ["--num-gpus", "8", *transfer],
+         ("1", "8", "16", "320G")),
+        (["transfer", *slurm, "--num-gpus=2", *transfer], ["--num-gpus=2", *transfer],
+         ("1", "8", "10", "320G")),
+        # a CPU job: no GPU asked for, one process, one GPU's worth of memory
+        (["transfer", *slurm, "--gpus-per-node", "0", *transfer], ["--num-gpus", "1", *transfer],
+         ("1", "0", "5", "40G"))]
+    for i, (argv, task_argv, (tasks, gpus, cpus, mem)) in enumerate(submissions):
         assert cli.main(argv) == 0, argv
         printed = capsys.readouterr().out
-        assert f"1 node(s) x {tasks} task(s), 8 GPU(s) per node, {cpus} CPU(s) per task, " \
+        assert f"1 node(s) x {tasks} task(s), {gpus} GPU(s) per node, {cpus} CPU(s) per task, " \
                f"--mem {mem} per node, timeout" in printed, printed
-        script = state / f"job{101 + i}.sh"
+        job_id = str(101 + i)
+        script = state / f"job{job_id}.sh"
         flags = _sbatch_flags(script)
-        assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"],
-                flags["cpus-per-task"], flags["mem"]) == ("1", tasks, "8", cpus, mem), argv
+        # a CPU job asks for no GPU (no --gpus-per-node line)
+        assert (flags["nodes"], flags["ntasks-per-node"], flags.get("gpus-per-node"),
+                flags["cpus-per-task"], flags["mem"]) == ("1", tasks, None if gpus == "0" else gpus,
+                                                          cpus, mem), argv
         assert "--kill-on-bad-exit=1" in _srun_line(script).split()
+        # what every task runs: the callable submitit pickled in the job's folder (JOBS/%j)
+        job = submitit.helpers.DelayedSubmission.load(
+            jobs / job_id / f"{job_id}_submitted.pkl").function
+        assert type(job) is launch.StageJob, (argv, job)
+        assert (job.command, job.argv) == (argv[0], task_argv), argv
     assert capsys.readouterr().err == ""
     # bad input of the command is an error before anything is submitted
     assert cli.main(["pretrain", *slurm, *pretrain, "SOLVER.NOPE", "1"]) == 2
-    assert "SOLVER.NOPE" in capsys.readouterr().err and not (state / "job106.sh").exists()
+    assert "SOLVER.NOPE" in capsys.readouterr().err and not (state / "job108.sh").exists()
     assert cli.main(["pretrain", *slurm, "--cpus-per-task", "0", *pretrain]) == 2
     assert "--cpus-per-task 0: expected >= 1" in capsys.readouterr().err
 
