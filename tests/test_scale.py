@@ -834,6 +834,52 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
             assert ("--redo" in job.argv) == (stage == "transfer_moco")
 
 
+def test_pipeline_dry_run_on_slurm_says_what_each_job_would_ask_for_and_submits_nothing(
+        tmp_path, monkeypatch, capsys):
+    """`--launcher slurm --dry-run`: after the preflight, a line per job it would submit (a stage,
+    or a transfer stage's array) with its nodes, GPUs, the CPUs of its stage's config (no
+    --cpus-per-task), --mem and the stages it waits for; nothing written, nothing submitted, no
+    sbatch needed."""
+    from mocobench import cli
+    from mocobench.pipeline.config import load_pipeline_config
+
+    # git alone on PATH (the pipeline records its source's commit): no sbatch, no srun
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv(launch.SUBMITIT_CLUSTER_ENV, raising=False)
+    tiny = load_pipeline_config(TINY_PIPELINE, [])
+    out, jobs = tmp_path / "run", tmp_path / "jobs"
+    argv = ["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--job-dir", str(jobs),
+            "--config-file", TINY_PIPELINE,
+            "OUTPUT_DIR", str(out), "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "8",
+            "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6",
+                                        "DEVICE", ""),
+            "TRANSFER.OPTS", _opts_with(tiny.TRANSFER.OPTS, "DATALOADER.NUM_WORKERS", "4",
+                                        "MODEL.DEVICE", "cuda"),
+            "TRANSFER.INITS", "['moco', 'random']"]
+    # the same command without --dry-run cannot submit here
+    assert cli.main(argv) == 2
+    assert "submitit cannot use cluster 'slurm' here" in capsys.readouterr().err
+    assert cli.main([*argv, "--dry-run"]) == 0
+    printed = capsys.readouterr()
+    # (NUM_WORKERS + 1) x GPUs CPUs: pretrain 7 x 8, transfer 5 x 4; 40G per GPU (one without)
+    cpu_job = "1 node(s), 0 GPU(s) per node, 1 CPU(s) per task, --mem 40G per node"
+    transfer = "2 node(s), 4 GPU(s) per node, 20 CPU(s) per task, --mem 160G per node"
+    assert [line for line in printed.out.splitlines() if line.startswith("would submit")] == [
+        f"would submit data as a job: {cpu_job}",
+        "would submit pretrain as a job: 2 node(s), 8 GPU(s) per node, 56 CPU(s) per task, "
+        "--mem 320G per node, after data",
+        f"would submit convert_moco as a job: {cpu_job}, after pretrain",
+        f"would submit transfer_moco as an array of 2 trial(s): {transfer}, after convert_moco, "
+        "data",
+        f"would submit transfer_random as an array of 2 trial(s): {transfer}, after data",
+        f"would submit report as a job: {cpu_job}, after transfer_moco, transfer_random"]
+    assert "submitted" not in printed.out and printed.err == ""
+    assert not out.exists() and not jobs.exists()
+
+
 def test_num_nodes_and_single_stage_errors(tmp_path, capsys):
     from mocobench import cli
 
