@@ -681,8 +681,9 @@ def _slurm_task(tmp_path, job_id, tasks, rank):
 def test_a_failing_rank_says_its_error_and_the_jobs_last_line_is_it(tmp_path, monkeypatch, capsys):
     """Under a launcher rank 0 alone prints an error that every rank raises alike (bad input, an
     agreed stop); a rank's own error (its shard's bad images) is printed by that rank. In a SLURM
-    task the failing rank's one-line error ends its log and is kept for the batch script (the
-    first failing rank's)."""
+    task the failing rank's one-line error is the task's exception (JobFailed: its log's last line)
+    and is kept in the job's folder for the batch script (the first failing rank's); outside a
+    submitit job nothing is kept."""
     from mocobench.utils.errors import run_main
     from pretrain.data import TooManyBadImagesError
 
@@ -700,20 +701,34 @@ def test_a_failing_rank_says_its_error_and_the_jobs_last_line_is_it(tmp_path, mo
         assert run_main("mocobench pretrain", fails(error), []) == 2
         assert capsys.readouterr().err == printed
 
-    # rank 1 of a 2-task SLURM job (per rank: lincls), failing on its input
+    # rank 1 of a 2-task SLURM job (per rank: lincls), failing on its input: StageJob in this
+    # process, under the environment srun and submitit give the task
     folder, env = _slurm_task(tmp_path, job_id=77, tasks=2, rank=1)
-    code = ("import sys; from mocobench.launch import StageJob; "
-            "StageJob('lincls', sys.argv[1:])()")
+    for key, value in env.items():
+        if key.startswith(("SLURM_", "SUBMITIT_")):
+            monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE"):  # the task exports the env:// variables: unset them after
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    warning = launch._submitit_signal()
+    previous = signal.getsignal(warning)  # the task handles submitit's warning signal
     lines = []
-    for name in ("missing.pth", "other.pth"):  # the first failing rank's line stays
-        argv = ["--data", "d", "--pretrained", str(tmp_path / name), "--output", "o"]
-        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
-        lines.append(f"mocobench lincls (rank 1): error: checkpoint '{tmp_path / name}' does "
-                     "not exist")
-        assert proc.returncode == 1
-        assert proc.stderr.strip().splitlines()[-1] == f"mocobench.launch.JobFailed: {lines[-1]}"
-        assert (folder / "77_error.txt").read_text() == lines[0] + "\n"
+    try:
+        for name in ("missing.pth", "other.pth"):  # the first failing rank's line stays
+            argv = ["--data", "d", "--pretrained", str(tmp_path / name), "--output", "o"]
+            lines.append(f"mocobench lincls (rank 1): error: checkpoint '{tmp_path / name}' "
+                         "does not exist")
+            with pytest.raises(launch.JobFailed) as e:
+                launch.StageJob("lincls", argv)()
+            assert str(e.value) == lines[-1]
+            assert (folder / "77_error.txt").read_text() == lines[0] + "\n"
+    finally:
+        signal.signal(warning, previous)
+    # outside a submitit job there is no job folder: nothing is kept, nothing raised
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    launch._record_failure("mocobench lincls: error: not in a job")
+    assert os.listdir(folder) == ["77_error.txt"]
 
 
 # a SLURM task's handler for submitit's warning signal as submitit installs it (requeue, then
