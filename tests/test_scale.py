@@ -113,6 +113,12 @@ def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
     requeued = launch.StageJob("pipeline", ["--config-file", "x", "--stage", "s", "--redo", "s",
                                             "K", "V"]).checkpoint()
     assert requeued.function.argv == ["--config-file", "x", "--stage", "s", "K", "V"]
+    # FLAG=VALUE: that one argument goes, the ones after it stay
+    requeued = launch.StageJob("pipeline", ["--config-file", "x", "--redo=s", "--stage", "s",
+                                            "K", "V"]).checkpoint()
+    assert requeued.function.argv == ["--config-file", "x", "--stage", "s", "K", "V"]
+    assert launch.with_resume(["--resume=a/b.pth", "--config-file", "x"], ("--resume", "auto")) \
+        == ["--resume", "auto", "--config-file", "x"]
     with pytest.raises(UsageError, match="--nproc-per-node 0"):
         launch.main("pretrain", ["--nproc-per-node", "0", "--config-file", SYNTH_CFG])
     # --nproc-per-node 1 is torchrun's: one process of the elastic launcher (a process group of
