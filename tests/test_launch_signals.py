@@ -117,6 +117,55 @@ def test_a_signal_with_no_worker_running_ends_the_launcher_as_torch_elastic_does
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the previous handler is back
 
 
+# a worker as torch elastic starts one (a session of its own) that says which signals reach it
+WORKER = """
+import signal, sys, time
+signal.signal(signal.SIGUSR1, lambda signum, frame: print("got SIGUSR1", flush=True))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stop_signal_with_a_worker_running_is_handed_on_and_quiets_torch_elastic(monkeypatch):
+    """With a worker running, each stop signal to the launcher goes on to the worker and nothing is
+    raised here (the agent keeps watching it); the first is kept (run_elastic reports the workers'
+    end against it). Once one is handed on, torch elastic's loggers drop their records (the
+    workers' "failure" is the stop) until the forwarder exits; other loggers are untouched."""
+    import logging
+
+    import torch.distributed.elastic.agent.server.api  # noqa: F401 - the agent's logger
+    import torch.distributed.run  # noqa: F401 - a torch logger outside elastic
+
+    worker = subprocess.Popen([sys.executable, "-c", WORKER], start_new_session=True,
+                              stdout=subprocess.PIPE, text=True)
+    # only this worker, whatever else runs on the host (_worker_pids has its own test below)
+    monkeypatch.setattr(launch, "_worker_pids", lambda: [worker.pid])
+    elastic = logging.getLogger("torch.distributed.elastic.agent.server.api")
+    other = logging.getLogger("torch.distributed.run")
+    record = logging.LogRecord(elastic.name, logging.ERROR, __file__, 0,
+                               "failed (exitcode: -15)", None, None)
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        assert worker.stdout.readline() == "ready\n"
+        with launch._StopForwarder((signal.SIGUSR1, signal.SIGTERM)) as stops:
+            assert elastic.filter(record)  # nothing quieted before a stop
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert worker.stdout.readline() == "got SIGUSR1\n"
+            assert stops.forwarded == signal.SIGUSR1
+            assert not elastic.filter(record) and other.filter(record)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second stop goes on too; the first is kept
+            assert worker.wait(timeout=30) == -signal.SIGTERM
+            assert stops.forwarded == signal.SIGUSR1
+            os.kill(os.getpid(), signal.SIGUSR1)  # the worker has ended: nothing to hand it to
+        assert elastic.filter(record) and other.filter(record)
+        assert signal.getsignal(signal.SIGUSR1) is previous
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        worker.stdout.close()
+
+
 def test_several_nodes_without_a_rendezvous_endpoint_is_a_one_line_error(tmp_path, capfd,
                                                                           monkeypatch):
     import torch.distributed.run

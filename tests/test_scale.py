@@ -113,6 +113,12 @@ def test_launcher_arguments_and_errors(tmp_path, capfd, monkeypatch):
     requeued = launch.StageJob("pipeline", ["--config-file", "x", "--stage", "s", "--redo", "s",
                                             "K", "V"]).checkpoint()
     assert requeued.function.argv == ["--config-file", "x", "--stage", "s", "K", "V"]
+    # FLAG=VALUE: that one argument goes, the ones after it stay
+    requeued = launch.StageJob("pipeline", ["--config-file", "x", "--redo=s", "--stage", "s",
+                                            "K", "V"]).checkpoint()
+    assert requeued.function.argv == ["--config-file", "x", "--stage", "s", "K", "V"]
+    assert launch.with_resume(["--resume=a/b.pth", "--config-file", "x"], ("--resume", "auto")) \
+        == ["--resume", "auto", "--config-file", "x"]
     with pytest.raises(UsageError, match="--nproc-per-node 0"):
         launch.main("pretrain", ["--nproc-per-node", "0", "--config-file", SYNTH_CFG])
     # --nproc-per-node 1 is torchrun's: one process of the elastic launcher (a process group of
@@ -592,8 +598,11 @@ def test_slurm_jobs_ask_for_the_cpus_of_their_loaders_memory_and_end_on_a_failin
     """The sbatch scripts submitit's SlurmExecutor writes (sbatch and srun replaced by scripts): a
     task per GPU with (NUM_WORKERS + 1) CPUs each, read from the command's config, or one task per
     node with (NUM_WORKERS + 1) x GPUs for transfer; --mem 40G per GPU; an explicit
-    --cpus-per-task / --mem wins; srun ends the step when a task exits non-zero, and the batch
-    script prints the failing rank's error last."""
+    --cpus-per-task / --mem wins; --gpus-per-node 0 is a CPU job; each task runs the command
+    (StageJob, the pickle submitit wrote); srun ends the step when a task exits non-zero, and the
+    batch script prints the failing rank's error last."""
+    import submitit
+
     from mocobench import cli
 
     state, jobs = _fake_slurm(tmp_path, monkeypatch), tmp_path / "jobs"
@@ -604,26 +613,43 @@ def test_slurm_jobs_ask_for_the_cpus_of_their_loaders_memory_and_end_on_a_failin
                 os.path.join(REPO, "configs", "detection", "tiny_synth_voc_R_50_C4.yaml"),
                 "MODEL.WEIGHTS", "m.pkl", "DATALOADER.NUM_WORKERS", "4"]
     lincls = ["--data", "d", "--pretrained", "p.pth", "--output", "o", "--workers", "3"]
-    submissions = [(["pretrain", *slurm, *pretrain], ("8", "7", "320G")),
-                   (["transfer", *slurm, *transfer], ("1", "40", "320G")),
-                   (["lincls", *slurm, *lincls], ("8", "4", "320G")),
-                   (["pretrain", *slurm, "--cpus-per-task", "12", "--mem", "500G", *pretrain],
-                    ("8", "12", "500G")),
-                   (["transfer", *slurm, "--cpus-per-task", "16", *transfer], ("1", "16", "320G"))]
-    for i, (argv, (tasks, cpus, mem)) in enumerate(submissions):
+    # (command line, the argv its tasks run, (tasks per node, GPUs per node, CPUs per task, mem)):
+    # transfer is given --num-gpus (a process per GPU; one on a CPU node) unless it has its own
+    submissions = [
+        (["pretrain", *slurm, *pretrain], pretrain, ("8", "8", "7", "320G")),
+        (["transfer", *slurm, *transfer], ["--num-gpus", "8", *transfer], ("1", "8", "40", "320G")),
+        (["lincls", *slurm, *lincls], lincls, ("8", "8", "4", "320G")),
+        (["pretrain", *slurm, "--cpus-per-task", "12", "--mem", "500G", *pretrain], pretrain,
+         ("8", "8", "12", "500G")),
+        (["transfer", *slurm, "--cpus-per-task", "16", *transfer], ["--num-gpus", "8", *transfer],
+         ("1", "8", "16", "320G")),
+        (["transfer", *slurm, "--num-gpus=2", *transfer], ["--num-gpus=2", *transfer],
+         ("1", "8", "10", "320G")),
+        # a CPU job: no GPU asked for, one process, one GPU's worth of memory
+        (["transfer", *slurm, "--gpus-per-node", "0", *transfer], ["--num-gpus", "1", *transfer],
+         ("1", "0", "5", "40G"))]
+    for i, (argv, task_argv, (tasks, gpus, cpus, mem)) in enumerate(submissions):
         assert cli.main(argv) == 0, argv
         printed = capsys.readouterr().out
-        assert f"1 node(s) x {tasks} task(s), 8 GPU(s) per node, {cpus} CPU(s) per task, " \
+        assert f"1 node(s) x {tasks} task(s), {gpus} GPU(s) per node, {cpus} CPU(s) per task, " \
                f"--mem {mem} per node, timeout" in printed, printed
-        script = state / f"job{101 + i}.sh"
+        job_id = str(101 + i)
+        script = state / f"job{job_id}.sh"
         flags = _sbatch_flags(script)
-        assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"],
-                flags["cpus-per-task"], flags["mem"]) == ("1", tasks, "8", cpus, mem), argv
+        # a CPU job asks for no GPU (no --gpus-per-node line)
+        assert (flags["nodes"], flags["ntasks-per-node"], flags.get("gpus-per-node"),
+                flags["cpus-per-task"], flags["mem"]) == ("1", tasks, None if gpus == "0" else gpus,
+                                                          cpus, mem), argv
         assert "--kill-on-bad-exit=1" in _srun_line(script).split()
+        # what every task runs: the callable submitit pickled in the job's folder (JOBS/%j)
+        job = submitit.helpers.DelayedSubmission.load(
+            jobs / job_id / f"{job_id}_submitted.pkl").function
+        assert type(job) is launch.StageJob, (argv, job)
+        assert (job.command, job.argv) == (argv[0], task_argv), argv
     assert capsys.readouterr().err == ""
     # bad input of the command is an error before anything is submitted
     assert cli.main(["pretrain", *slurm, *pretrain, "SOLVER.NOPE", "1"]) == 2
-    assert "SOLVER.NOPE" in capsys.readouterr().err and not (state / "job106.sh").exists()
+    assert "SOLVER.NOPE" in capsys.readouterr().err and not (state / "job108.sh").exists()
     assert cli.main(["pretrain", *slurm, "--cpus-per-task", "0", *pretrain]) == 2
     assert "--cpus-per-task 0: expected >= 1" in capsys.readouterr().err
 
@@ -661,8 +687,9 @@ def _slurm_task(tmp_path, job_id, tasks, rank):
 def test_a_failing_rank_says_its_error_and_the_jobs_last_line_is_it(tmp_path, monkeypatch, capsys):
     """Under a launcher rank 0 alone prints an error that every rank raises alike (bad input, an
     agreed stop); a rank's own error (its shard's bad images) is printed by that rank. In a SLURM
-    task the failing rank's one-line error ends its log and is kept for the batch script (the
-    first failing rank's)."""
+    task the failing rank's one-line error is the task's exception (JobFailed: its log's last line)
+    and is kept in the job's folder for the batch script (the first failing rank's); outside a
+    submitit job nothing is kept."""
     from mocobench.utils.errors import run_main
     from pretrain.data import TooManyBadImagesError
 
@@ -680,20 +707,34 @@ def test_a_failing_rank_says_its_error_and_the_jobs_last_line_is_it(tmp_path, mo
         assert run_main("mocobench pretrain", fails(error), []) == 2
         assert capsys.readouterr().err == printed
 
-    # rank 1 of a 2-task SLURM job (per rank: lincls), failing on its input
+    # rank 1 of a 2-task SLURM job (per rank: lincls), failing on its input: StageJob in this
+    # process, under the environment srun and submitit give the task
     folder, env = _slurm_task(tmp_path, job_id=77, tasks=2, rank=1)
-    code = ("import sys; from mocobench.launch import StageJob; "
-            "StageJob('lincls', sys.argv[1:])()")
+    for key, value in env.items():
+        if key.startswith(("SLURM_", "SUBMITIT_")):
+            monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE"):  # the task exports the env:// variables: unset them after
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    warning = launch._submitit_signal()
+    previous = signal.getsignal(warning)  # the task handles submitit's warning signal
     lines = []
-    for name in ("missing.pth", "other.pth"):  # the first failing rank's line stays
-        argv = ["--data", "d", "--pretrained", str(tmp_path / name), "--output", "o"]
-        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
-        lines.append(f"mocobench lincls (rank 1): error: checkpoint '{tmp_path / name}' does "
-                     "not exist")
-        assert proc.returncode == 1
-        assert proc.stderr.strip().splitlines()[-1] == f"mocobench.launch.JobFailed: {lines[-1]}"
-        assert (folder / "77_error.txt").read_text() == lines[0] + "\n"
+    try:
+        for name in ("missing.pth", "other.pth"):  # the first failing rank's line stays
+            argv = ["--data", "d", "--pretrained", str(tmp_path / name), "--output", "o"]
+            lines.append(f"mocobench lincls (rank 1): error: checkpoint '{tmp_path / name}' "
+                         "does not exist")
+            with pytest.raises(launch.JobFailed) as e:
+                launch.StageJob("lincls", argv)()
+            assert str(e.value) == lines[-1]
+            assert (folder / "77_error.txt").read_text() == lines[0] + "\n"
+    finally:
+        signal.signal(warning, previous)
+    # outside a submitit job there is no job folder: nothing is kept, nothing raised
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    launch._record_failure("mocobench lincls: error: not in a job")
+    assert os.listdir(folder) == ["77_error.txt"]
 
 
 # a SLURM task's handler for submitit's warning signal as submitit installs it (requeue, then
@@ -812,6 +853,52 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
             assert job.argv[-2:] == ["OUTPUT_DIR", str(out)]
             # --redo goes to its stage's jobs only
             assert ("--redo" in job.argv) == (stage == "transfer_moco")
+
+
+def test_pipeline_dry_run_on_slurm_says_what_each_job_would_ask_for_and_submits_nothing(
+        tmp_path, monkeypatch, capsys):
+    """`--launcher slurm --dry-run`: after the preflight, a line per job it would submit (a stage,
+    or a transfer stage's array) with its nodes, GPUs, the CPUs of its stage's config (no
+    --cpus-per-task), --mem and the stages it waits for; nothing written, nothing submitted, no
+    sbatch needed."""
+    from mocobench import cli
+    from mocobench.pipeline.config import load_pipeline_config
+
+    # git alone on PATH (the pipeline records its source's commit): no sbatch, no srun
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv(launch.SUBMITIT_CLUSTER_ENV, raising=False)
+    tiny = load_pipeline_config(TINY_PIPELINE, [])
+    out, jobs = tmp_path / "run", tmp_path / "jobs"
+    argv = ["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--job-dir", str(jobs),
+            "--config-file", TINY_PIPELINE,
+            "OUTPUT_DIR", str(out), "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "8",
+            "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6",
+                                        "DEVICE", ""),
+            "TRANSFER.OPTS", _opts_with(tiny.TRANSFER.OPTS, "DATALOADER.NUM_WORKERS", "4",
+                                        "MODEL.DEVICE", "cuda"),
+            "TRANSFER.INITS", "['moco', 'random']"]
+    # the same command without --dry-run cannot submit here
+    assert cli.main(argv) == 2
+    assert "submitit cannot use cluster 'slurm' here" in capsys.readouterr().err
+    assert cli.main([*argv, "--dry-run"]) == 0
+    printed = capsys.readouterr()
+    # (NUM_WORKERS + 1) x GPUs CPUs: pretrain 7 x 8, transfer 5 x 4; 40G per GPU (one without)
+    cpu_job = "1 node(s), 0 GPU(s) per node, 1 CPU(s) per task, --mem 40G per node"
+    transfer = "2 node(s), 4 GPU(s) per node, 20 CPU(s) per task, --mem 160G per node"
+    assert [line for line in printed.out.splitlines() if line.startswith("would submit")] == [
+        f"would submit data as a job: {cpu_job}",
+        "would submit pretrain as a job: 2 node(s), 8 GPU(s) per node, 56 CPU(s) per task, "
+        "--mem 320G per node, after data",
+        f"would submit convert_moco as a job: {cpu_job}, after pretrain",
+        f"would submit transfer_moco as an array of 2 trial(s): {transfer}, after convert_moco, "
+        "data",
+        f"would submit transfer_random as an array of 2 trial(s): {transfer}, after data",
+        f"would submit report as a job: {cpu_job}, after transfer_moco, transfer_random"]
+    assert "submitted" not in printed.out and printed.err == ""
+    assert not out.exists() and not jobs.exists()
 
 
 def test_num_nodes_and_single_stage_errors(tmp_path, capsys):
