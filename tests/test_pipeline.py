@@ -474,3 +474,22 @@ def test_each_stage_names_every_file_a_redo_moves_aside(finished_run):
         os.path.basename(p) for name in ("convert_moco", "convert_supervised")
         for p in outputs[name])
     assert sorted(os.listdir(out / "transfer")) == ["moco", "random", "supervised"]
+
+
+def test_the_commit_is_recorded_where_git_is_and_none_where_it_is_not(tmp_path, monkeypatch):
+    """manifest.json's git_commit: this checkout's HEAD (with "-dirty" when tracked files
+    changed); None on a machine without git (a compute node), where every pipeline command
+    crashed with FileNotFoundError."""
+    import subprocess
+
+    from mocobench.pipeline.manifest import git_commit
+
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    recorded = git_commit()
+    if head.returncode == 0:
+        assert recorded.removesuffix("-dirty") == head.stdout.strip()
+    else:  # a copy of the tree outside git
+        assert recorded is None
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no git
+    assert git_commit() is None

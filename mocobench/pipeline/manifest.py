@@ -21,9 +21,14 @@ MANIFEST = "manifest.json"
 
 
 def git_commit():
-    """The commit of this source tree ("-dirty" when tracked files changed); None outside git."""
+    """The commit of this source tree ("-dirty" when tracked files changed); None outside git or
+    where git is not installed (a compute node)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True)
+    try:
+        r = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                           text=True)
+    except FileNotFoundError:
+        return None
     if r.returncode != 0:
         return None
     dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
