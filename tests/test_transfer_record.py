@@ -395,6 +395,29 @@ def test_the_summary_printed_after_the_trials_comes_from_their_records(tmp_path)
         "bbox/AP50 71.25 ± 1.41 (n=2)"]
 
 
+def _trial_config(directory, seed):
+    """DIRECTORY/config.yaml as a trial that ran with SEED `seed` wrote it."""
+    from transfer.run import write_trial_config
+
+    os.makedirs(directory)
+    write_trial_config(load_config(CONFIG, ["OUTPUT_DIR", str(directory), "SEED", str(seed)]))
+
+
+def test_trials_continued_take_the_seeds_they_recorded_and_new_ones_seed_plus_index(tmp_path):
+    """The trials' seeds: with --resume / --eval-only (reuse_recorded) each trial's SEED from its
+    config.yaml where it has one, else SEED + its index; a negative SEED draws one per trial."""
+    from transfer.run import choose_seeds
+
+    dirs = [str(tmp_path / f"seed{i}") for i in range(3)]
+    _trial_config(tmp_path / "seed0", 11)
+    _trial_config(tmp_path / "seed2", 40)
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path), "SEED", "5"])
+    assert choose_seeds(cfg, dirs, reuse_recorded=True) == [11, 6, 40]
+    assert choose_seeds(cfg, dirs, reuse_recorded=False) == [5, 6, 7]
+    drawn = choose_seeds(load_config(CONFIG, ["SEED", "-1"]), dirs, reuse_recorded=False)
+    assert all(0 <= s < 2**31 - 1 for s in drawn) and len(set(drawn)) == 3
+
+
 @pytest.mark.parametrize("flags, seed", [({}, 5), ({"resume": True}, 11),
                                          ({"eval_only": True}, 11)])
 def test_print_config_shows_the_seed_the_first_trial_recorded_when_it_continues(tmp_path, flags,
@@ -403,9 +426,7 @@ def test_print_config_shows_the_seed_the_first_trial_recorded_when_it_continues(
     seed0/config.yaml (what its earlier run wrote), not SEED from the command line."""
     from transfer.run import first_trial_config
 
-    earlier = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path / "seed0"), "SEED", "11"])
-    os.makedirs(tmp_path / "seed0")
-    (tmp_path / "seed0" / "config.yaml").write_text(earlier.dump())
+    _trial_config(tmp_path / "seed0", 11)
     cfg, notes = first_trial_config(CONFIG, ["OUTPUT_DIR", str(tmp_path), "SEED", "5"], **flags)
     assert cfg.SEED == seed and cfg.OUTPUT_DIR == str(tmp_path / "seed0")
     assert notes[-2] == (f"SEED 11: recorded in {tmp_path / 'seed0'}/config.yaml" if seed == 11
@@ -422,6 +443,11 @@ def test_started_json_reads_back_and_is_written_for_people_too(tmp_path):
     assert (started["init_name"], started["weights_sha256"]) == ("moco_v2", "ab" * 32)
     assert started["identity"] == record.experiment_identity(cfg)
     assert path.read_text() == json.dumps(started, indent=2) + "\n"
+    # another version's record (its identity may be built otherwise) is refused, naming both
+    path.write_text(path.read_text().replace('"version": 1,', '"version": 2,'))
+    with pytest.raises(record.RecordError) as e:
+        record.read_started(path)
+    assert str(e.value) == f"{path}: version 2; this mocobench reads version 1"
 
 
 def test_resume_checks_every_trial_past_one_that_recorded_nothing(tmp_path):
@@ -465,3 +491,34 @@ def test_the_moco_version_is_read_only_from_a_moco_mapping(text, version):
     if text.startswith("ours "):
         text = _pretrain_config_text(text.split()[1])
     assert record._moco_version_of_config(text) == version
+
+
+def test_a_new_run_refuses_a_directory_of_earlier_trials_naming_them(tmp_path):
+    """Without --resume or --eval-only, trials already there (finished: their results.json; only
+    started: their training files) are named and nothing is overwritten; --eval-only writes only
+    results_eval.json, so it checks nothing."""
+    from transfer.run import check_output_dir
+
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", str(tmp_path)])
+    dirs = [str(tmp_path / f"seed{i}") for i in range(3)]
+    (tmp_path / "seed1").mkdir()
+    for name in ("last_checkpoint", "model_0000009.pth", "metrics.json", "log.txt"):
+        (tmp_path / "seed1" / name).write_text("x")
+    advice = ("; a new run would overwrite them or append to their logs. Pass --resume to keep "
+              "finished trials and continue the others, --eval-only to re-evaluate (writes "
+              "results_eval.json), or choose another OUTPUT_DIR")
+
+    def refusal():
+        with pytest.raises(record.UsageError) as e:
+            check_output_dir(cfg, dirs, False, False, "moco_v2", {"sha256": "ab" * 32})
+        return str(e.value)
+
+    started = refusal()
+    assert started.startswith(f"OUTPUT_DIR {str(tmp_path)!r} already holds a started trial "
+                              "(seed1: ") and started.endswith(advice)
+    assert started.count(", ") - advice.count(", ") == 2  # its first 3 files
+    written(tmp_path, name="seed0")
+    written(tmp_path, name="seed2", trial=2)
+    assert refusal() == (f"OUTPUT_DIR {str(tmp_path)!r} already holds finished trials "
+                         f"(seed0/{record.RESULTS_FILE}, seed2/{record.RESULTS_FILE}){advice}")
+    assert check_output_dir(cfg, dirs, False, True, "moco_v2", None) == []

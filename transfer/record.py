@@ -302,12 +302,14 @@ def write_record(path, record: dict):
 # a trial's start: what it trains, so that --resume never continues it as another experiment
 STARTED_FILE = "started.json"
 STARTED_FORMAT = "mocobench-trial-start"
+STARTED_VERSION = 1
 
 
 def write_started(directory, cfg, init_name, weights_info):
     """DIRECTORY/started.json, written when a trial starts: its experiment identity, init name and
     the weights' sha256 (a finished trial's results.json records the same)."""
-    started = {"format": STARTED_FORMAT, "version": 1, "identity": experiment_identity(cfg),
+    started = {"format": STARTED_FORMAT, "version": STARTED_VERSION,
+               "identity": experiment_identity(cfg),
                "init_name": init_name, "weights_sha256": (weights_info or {}).get("sha256")}
     with atomic_write(os.path.join(directory, STARTED_FILE), "w") as f:
         json.dump(started, f, indent=2)
@@ -326,6 +328,9 @@ def read_started(path) -> dict:
             or not isinstance(started.get("identity"), dict):
         raise RecordError(f"{path}: expected a dict with format {STARTED_FORMAT!r} and an "
                           "'identity' dict")
+    if started.get("version") != STARTED_VERSION:  # another mocobench's identity: not comparable
+        raise RecordError(f"{path}: version {started.get('version')!r}; this mocobench reads "
+                          f"version {STARTED_VERSION}")
     return started
 
 

@@ -189,6 +189,13 @@ def choose_seeds(cfg, trial_dirs, reuse_recorded: bool) -> list:
             seeds.append(secrets.randbelow(2**31 - 1))
     return seeds
 
+def write_trial_config(cfg):
+    """The trial's OUTPUT_DIR/config.yaml (detectron2's name): the merged config it runs with, its
+    SEED too (read back by --resume and --eval-only: _recorded_seed)."""
+    with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+
+
 def _recorded_seed(directory):
     import yaml
 
@@ -246,8 +253,7 @@ def _run_trial(cfg, job: TransferJob, index: int):
     rank = comm.get_rank()
     # --eval-only leaves the training trial's files alone
     if comm.is_main_process() and not job.eval_only:
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
+        write_trial_config(cfg)
     # as detectron2's default_setup: a different, deterministic stream per rank
     seed_all_rng(cfg.SEED + rank)
     # explicit; the value is in config.yaml and the record's config hash (None: torch's defaults)
