@@ -1,6 +1,7 @@
 """`mocobench pipeline`: a shrunken demo end to end from another working directory, then a real
 kill mid-transfer and a re-run, skip / redo decisions, the dry-run preflight and fail-fast config
 errors."""
+import datetime
 import json
 import os
 import shutil
@@ -173,6 +174,14 @@ def test_dry_run_of_a_new_run_estimates_every_stage_from_this_machines_earlier_p
     # other work (another input size) has no rate yet
     assert "transfer_moco" not in estimates("TRANSFER.OPTS", "['INPUT.MIN_SIZE_TRAIN', '(72,)']")
     assert not (tmp_path / "new").exists()  # a dry run writes nothing
+    # the rates this machine measured, each with the day it was measured (ISO, for people)
+    from mocobench.pipeline.estimate import read_rates
+
+    rates = read_rates()
+    today = datetime.date.today()
+    assert {"convert", "report"} <= set(rates) and all(  # the module's run: today or yesterday
+        0 <= (today - datetime.date.fromisoformat(r["measured"])).days <= 1
+        and r["seconds_per_unit"] > 0 for r in rates.values())
 
 
 def test_missing_checkpoint_is_caught_before_anything_runs(finished_run):
