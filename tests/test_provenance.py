@@ -406,10 +406,12 @@ def test_transfer_without_init_name_records_the_inferred_name(weights, synth_roo
     assert "| moco_v2 |" in md and "‡" not in md
 
 
-@pytest.mark.parametrize("dropped, shown", [(5, ""), (6, "...")])
-def test_a_state_dict_with_missing_keys_names_the_first_five(tmp_path, dropped, shown):
+@pytest.mark.parametrize("changed, shown", [(5, ""), (6, "...")])
+def test_a_state_dict_with_missing_or_unexpected_keys_names_the_first_five(tmp_path, changed,
+                                                                            shown):
     """load_plain_state_dict / load_official_state_dict refuse a state dict that lacks keys of the
-    model, naming the first five and marking that there are more."""
+    model or holds keys it has not, naming the first five of each and marking that there are
+    more."""
     import torchvision
 
     from pretrain import checkpoint as ckpt
@@ -417,16 +419,19 @@ def test_a_state_dict_with_missing_keys_names_the_first_five(tmp_path, dropped, 
     model = torchvision.models.resnet18(num_classes=4)
     plain = ckpt.plain_state_dict(model)
     # (not num_batches_tracked: BatchNorm fills it in for a state dict without torch's metadata)
-    missing = [k for k in plain if not k.endswith("num_batches_tracked")][:dropped]
+    missing = [k for k in plain if not k.endswith("num_batches_tracked")][:changed]
     for key in missing:
         del plain[key]
+    unexpected = [f"head.{i}.weight" for i in range(changed)]
+    plain.update({key: torch.zeros(1) for key in unexpected})
     official = {"module." + k: v for k, v in plain.items()}
     for load, state in ((ckpt.load_plain_state_dict, plain),
                         (ckpt.load_official_state_dict, official)):
         with pytest.raises(UsageError) as e:
             load(torchvision.models.resnet18(num_classes=4), state, "x.pth.tar")
         assert str(e.value).endswith(
-            f"missing keys {missing[:5]}{shown}, unexpected keys []"), str(e.value)
+            f"missing keys {missing[:5]}{shown}, unexpected keys {unexpected[:5]}{shown}"), \
+            str(e.value)
 
 
 def test_a_classifier_wrapped_in_ddp_is_saved_under_plain_torchvision_keys(rendezvous):
