@@ -278,6 +278,48 @@ def _locker_with_flock(directory):
                           timeout=60)
 
 
+def test_without_flock_of_two_processes_that_found_a_stale_lock_file_the_later_is_refused(
+        tmp_path, monkeypatch):
+    """Two processes find the same stale lock file; the other one takes it over first (between
+    this process's liveness check and its takeover): this one finds the new owner under the guard
+    and is refused, naming it, as any writer it finds there."""
+    from mocobench.utils import fileio
+
+    monkeypatch.setattr(fcntl, "flock", _no_flock())
+    path = tmp_path / RunLock.OWNER_NAME
+    dead = _dead_pid()
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead,
+                                "started": "2024-01-01T00:00:00+00:00"}))
+    others = []
+    dead_here = fileio._dead_here
+
+    def the_other_takes_over_after_the_check(owner):
+        stale = dead_here(owner)
+        if not others:
+            others.append(_locker(tmp_path))
+            lines = [others[0].stdout.readline().strip() for _ in range(2)]
+            assert lines[0].startswith(f"took over the stale lock file {path} of pid {dead} ") \
+                and lines[1] == "locked", others[0].stderr.read()
+        return stale
+
+    monkeypatch.setattr(fileio, "_dead_here", the_other_takes_over_after_the_check)
+    try:
+        with pytest.raises(UsageError) as refused:
+            RunLock(str(tmp_path))
+        [other] = others
+        started = json.loads(path.read_text())["started"]
+        assert str(refused.value) == (
+            f"another process (pid {other.pid} on {socket.gethostname()}, started {started}) is "
+            f"writing into {str(tmp_path)!r} (lock file {path}: no flock here, "
+            f"{os.strerror(errno.ENOLCK)}); wait for it to finish or stop it, or choose another "
+            "output directory")
+        assert not (tmp_path / (RunLock.OWNER_NAME + ".takeover")).exists()
+    finally:
+        out, _ = others[0].communicate("\n", timeout=60)
+    assert others[0].returncode == 0 and out == ""
+    assert not path.exists()  # removed by its owner on close
+
+
 def test_another_flock_error_is_not_reported_as_another_writer(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", _no_flock(errno.EIO))
     with pytest.raises(UsageError) as refused:
