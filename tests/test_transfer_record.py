@@ -395,6 +395,22 @@ def test_the_summary_printed_after_the_trials_comes_from_their_records(tmp_path)
         "bbox/AP50 71.25 ± 1.41 (n=2)"]
 
 
+@pytest.mark.parametrize("processes, machines, swapped", [(1, 1, False), (2, 1, True),
+                                                          (1, 2, True)])
+def test_the_first_trials_config_on_several_cpu_processes_names_every_syncbn_it_swaps(
+        tmp_path, processes, machines, swapped):
+    """--print-config's config: on several CPU processes (gloo) SyncBN becomes naiveSyncBN, in a
+    note naming every key; one process keeps the config's SyncBN (plain BN there)."""
+    from transfer.run import first_trial_config
+
+    cfg, notes = first_trial_config(CONFIG, ["OUTPUT_DIR", str(tmp_path)], num_gpus=processes,
+                                    num_machines=machines)
+    norm = "naiveSyncBN" if swapped else "SyncBN"
+    assert cfg.MODEL.FPN.NORM == cfg.MODEL.RESNETS.NORM == norm
+    assert ("SyncBN -> naiveSyncBN in MODEL.FPN.NORM, MODEL.RESNETS.NORM (several CPU processes)"
+            in notes) == swapped
+
+
 def _trial_config(directory, seed):
     """DIRECTORY/config.yaml as a trial that ran with SEED `seed` wrote it."""
     from transfer.run import write_trial_config
