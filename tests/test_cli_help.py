@@ -186,18 +186,3 @@ def test_more_gpus_than_visible_are_refused_naming_both(monkeypatch):
         check_device(cfg, 2)
     assert str(e.value) == "--num-gpus 2 but only 1 CUDA device(s) are visible"
 
-
-def test_report_help_says_what_each_argument_is(capsys):
-    from transfer import report
-
-    with pytest.raises(SystemExit) as e:
-        report.main(["--help"])
-    assert e.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert text.startswith("usage: mocobench report [-h] [--out OUT] [--baseline NAME] RUN_DIR "
-                           "[RUN_DIR ...]")
-    assert "positional arguments: RUN_DIR run directories (searched recursively) options: -h, " \
-           "--help show this help message and exit --out OUT where to write " \
-           "report.md/.json/.csv and the plots (default: the first RUN_DIR) --baseline NAME the " \
-           f"init name the differences are taken to (default: {report.BASELINE}); a NAME that " \
-           "is no row of the report is an error" in text

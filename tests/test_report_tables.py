@@ -61,7 +61,11 @@ def write_plain_detectron2_run(directory, cfg, results, iterations=3):
     with EventStorage(0) as storage:
         for iteration in range(iterations):
             storage.iter = iteration
-            storage.put_scalars(total_loss=1.0 / (iteration + 1))
+            # with the "group/name" scalars GeneralizedRCNN logs every step (detectron2 v0.6
+            # fast_rcnn.py, roi_heads.py, rpn.py): not evaluation results
+            storage.put_scalars(total_loss=1.0 / (iteration + 1), lr=0.02, **{
+                "fast_rcnn/cls_accuracy": 0.9, "fast_rcnn/fg_cls_accuracy": 0.5,
+                "roi_head/num_fg_samples": 12.0, "rpn/num_pos_anchors": 30.0})
             if iteration == iterations - 1 and results:
                 storage.put_scalars(**flatten_results_dict(results), smoothing_hint=False)
             writer.write()
@@ -524,8 +528,9 @@ def test_help_names_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert ("--out OUT where to write report.md/.json/.csv and the plots (default: the first "
             "RUN_DIR)") in text
-    assert "--baseline NAME the init name the differences are taken to (default: supervised)" \
-        in text
+    assert "--baseline NAME the init name the differences are taken to (default: supervised); " \
+        "a NAME that is no row of the report is an error" in text
+    assert "RUN_DIR run directories (searched recursively)" in text
 
 
 def test_unreadable_runs_are_listed_after_the_tables(runs, tmp_path):
