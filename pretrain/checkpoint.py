@@ -93,15 +93,22 @@ def plain_state_dict(model):
     return (model.module if isinstance(model, DistributedDataParallel) else model).state_dict()
 
 
+def _mismatches(error):
+    """The first three of load_state_dict's error lines (after its "Error(s) in loading state_dict
+    for ..." header: one per tensor of another shape), on one line."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] \
+        or [str(error).strip()]
+    return "; ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
+
+
 def load_plain_state_dict(model, state_dict, source):
     """Inverse of plain_state_dict for a model not (yet) wrapped in DDP; every key and shape must
     match."""
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shape mismatch, e.g. another number of classes in fc
-        raise UsageError(
-            f"{source}: state_dict does not match the model (MODEL.ARCH / classes differ?): {e}"
-        ) from None
+        raise UsageError(f"{source}: state_dict does not match the model (MODEL.ARCH / classes "
+                         f"differ?): {_mismatches(e)}") from None
     if missing or unexpected:
         raise UsageError(
             f"{source}: state_dict does not match the model (MODEL.ARCH / classes differ?): "
@@ -118,7 +125,7 @@ def load_official_state_dict(model, state_dict, source):
     except RuntimeError as e:  # shape mismatch, e.g. another MOCO.K or MOCO.DIM
         raise UsageError(
             f"{source}: state_dict does not match the model (MODEL.ARCH / MOCO.* differ?): "
-            f"{str(e).splitlines()[-1].strip()}") from None
+            f"{_mismatches(e)}") from None
     if missing or unexpected:
         raise UsageError(
             f"{source}: state_dict does not match the model (MODEL.ARCH / MOCO.* differ?): "

@@ -434,6 +434,35 @@ def test_a_state_dict_with_missing_or_unexpected_keys_names_the_first_five(tmp_p
             str(e.value)
 
 
+@pytest.mark.parametrize("stem", [0, 1, 2])
+def test_a_state_dict_of_other_shapes_is_refused_in_one_line_naming_them(stem):
+    """A state dict whose tensors have other shapes (another number of classes, and `stem` other
+    stem tensors): one line naming the first three such tensors in torch's words, "..." when
+    there are more."""
+    import torchvision
+
+    from pretrain import checkpoint as ckpt
+
+    plain = ckpt.plain_state_dict(torchvision.models.resnet18(num_classes=4))
+    stems = {"conv1.weight": ((64, 3, 3, 3), (64, 3, 7, 7)),
+             "layer1.0.conv1.weight": ((64, 64, 1, 1), (64, 64, 3, 3))}
+    sizes = dict(list(stems.items())[:stem])
+    for key, (ours, _) in sizes.items():
+        plain[key] = torch.zeros(ours)
+    sizes.update({"fc.weight": ((4, 512), (3, 512)), "fc.bias": ((4,), (3,))})
+    named = [f"size mismatch for {key}: copying a param with shape torch.Size({list(ours)}) from "
+             f"checkpoint, the shape in current model is torch.Size({list(theirs)})."
+             for key, (ours, theirs) in sizes.items()]
+    shown = "; ".join(named[:3]) + (" ..." if len(named) > 3 else "")
+    for load, state, what in ((ckpt.load_plain_state_dict, plain, "classes"),
+                              (ckpt.load_official_state_dict,
+                               {"module." + k: v for k, v in plain.items()}, "MOCO.*")):
+        with pytest.raises(UsageError) as e:
+            load(torchvision.models.resnet18(num_classes=3), state, "x.pth.tar")
+        assert str(e.value) == (f"x.pth.tar: state_dict does not match the model (MODEL.ARCH / "
+                                f"{what} differ?): {shown}")
+
+
 def test_a_classifier_wrapped_in_ddp_is_saved_under_plain_torchvision_keys(rendezvous):
     """plain_state_dict: the supervised baseline's checkpoint has torchvision's keys whether or not
     the model is wrapped in DistributedDataParallel (a one-process gloo group here)."""

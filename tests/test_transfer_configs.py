@@ -198,7 +198,9 @@ def test_cuda_device_without_cuda_is_a_usage_error(synth_root, capsys, monkeypat
     rc = cli.main(["transfer", "--config-file",
                    os.path.join(CONFIG_DIR, "synth_voc_R18_FPN_cpu.yaml"), "--synth-root",
                    synth_root, "MODEL.DEVICE", "cuda"])
-    assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+    assert rc == 2 and capsys.readouterr().err == (
+        "mocobench transfer: error: MODEL.DEVICE is 'cuda' but no CUDA device is available here; "
+        "pass MODEL.DEVICE cpu (with --num-gpus N for N CPU processes)\n")
 
 
 def test_console_logging_follows_the_current_stdout(monkeypatch, tmp_path):
