@@ -385,6 +385,7 @@ def _raise(error, cause, as_context=False):
     raise error from cause
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch warns first
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_a_pickled_module_is_named_by_its_own_class(tmp_path, protocol):
     """torch.save(model): the refusal names the pickled object's class (its first global: GLOBAL
@@ -421,6 +422,7 @@ _PROTOCOL_4 = ("was saved with pickle protocol 4 or later (torch.save(..., pickl
 
 
 # (a legacy file of protocol 0 starts with text: it is refused as not a checkpoint at all)
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch warns first
 @pytest.mark.parametrize("zip_format, protocol, reason", [
     (True, 4, _PROTOCOL_4), (False, 4, _PROTOCOL_4), (True, 5, _PROTOCOL_4),
     (True, 0, "uses pickle opcode 112 (PUT), which torch's weights-only loader cannot read "
