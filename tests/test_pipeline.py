@@ -502,3 +502,28 @@ def test_the_commit_is_recorded_where_git_is_and_none_where_it_is_not(tmp_path, 
         assert recorded is None
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no git
     assert git_commit() is None
+
+
+def test_a_new_machine_estimates_only_the_work_the_reference_figures_describe(tmp_path):
+    """With no rate measured here yet, the estimates come from the 8 x V100 reference figures
+    (estimate.py: the official R-50 200-epoch pretraining's 53 h, detectron2's R-50 FPN s/iter)
+    for the work they describe alone: R-50 pretraining at 224 px, R-50 transfer on CUDA; given
+    SUPERVISED.WEIGHTS take ~no time; anything else (the tiny CPU study) has no estimate."""
+    from mocobench.pipeline.estimate import reference_seconds
+    from mocobench.pipeline.stages import Wiring
+
+    def references(*opts):
+        cfg = load_pipeline_config(TINY, ["OUTPUT_DIR", str(tmp_path), *opts])
+        return {name: reference_seconds(Wiring(cfg, TINY), name) for name in STAGES}
+
+    assert set(references().values()) == {None}
+    paper = references(
+        "SUPERVISED.WEIGHTS", str(tmp_path / "R-50.pkl"),
+        "PRETRAIN.OPTS", "['MODEL.ARCH', 'resnet50', 'INPUT.SIZE', '224', 'SOLVER.EPOCHS', '3']",
+        "TRANSFER.OPTS", "['MODEL.RESNETS.DEPTH', '50', 'MODEL.DEVICE', 'cuda', "
+                         "'SOLVER.MAX_ITER', '100']")
+    transfer = pytest.approx(0.210 * 100 * 2)  # FPN s/iter x iterations x 2 seeds
+    assert paper == {"data": None, "pretrain": pytest.approx(53 * 3600 / 200 * 3),
+                     "supervised": 1.0, "convert_moco": None, "convert_supervised": None,
+                     "transfer_moco": transfer, "transfer_supervised": transfer,
+                     "transfer_random": transfer, "report": None}
