@@ -482,6 +482,37 @@ def test_a_classifier_wrapped_in_ddp_is_saved_under_plain_torchvision_keys(rende
     assert all(torch.equal(wrapped[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("version", [["MOCO.VERSION", "v2"],
+                                     ["MOCO.VERSION", "v3", "MOCO.MLP_DIM", "32"]])
+def test_a_moco_model_wrapped_in_ddp_is_saved_under_the_official_keys(rendezvous, version):
+    """official_state_dict: the submodules the engine wraps in DDP (v2: encoder_q; v3: base_encoder
+    and predictor) are saved as if unwrapped, under the official "module." prefix (a gloo group of
+    one process here, as every launched run)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from pretrain.checkpoint import official_state_dict
+    from pretrain.config import load_config as pretrain_config
+    from pretrain.moco import build_model
+    from pretrain.train import wrap_ddp
+
+    cfg = pretrain_config(PRETRAIN_MOCO, ["MOCO.K", "64", "MOCO.DIM", "16", *version])
+    model = build_model(cfg)
+    unwrapped = official_state_dict(copy.deepcopy(model))
+    dist.init_process_group("gloo", init_method=rendezvous, rank=0, world_size=1)
+    try:
+        wrap_ddp(model, torch.device("cpu"))
+        assert all(type(getattr(model, n)).__name__ == "DistributedDataParallel"
+                   for n in model.ddp_modules)
+        wrapped = official_state_dict(model)
+    finally:
+        dist.destroy_process_group()
+    assert list(wrapped) == list(unwrapped) and not any(".module." in k for k in wrapped)
+    assert all(k.startswith("module.") and torch.equal(wrapped[k], v)
+               for k, v in unwrapped.items())
+
+
 def test_a_resumed_run_gets_its_grad_scalers_state_back(tmp_path):
     """load_for_resume restores the GradScaler a fp16 run saved (its loss scale and growth
     tracker), not a fresh one's."""
