@@ -538,3 +538,14 @@ def test_a_resumed_run_gets_its_grad_scalers_state_back(tmp_path):
                            torch.optim.SGD(model.parameters(), lr=0.1), fresh,
                            load_plain_state_dict) == (1, 3, 0)
     assert fresh.state_dict()["scale"] == 512.0 and fresh.state_dict()["_growth_tracker"] == 7
+
+
+def test_a_resnext_trunk_is_named_by_its_groups_and_width():
+    """X101-32x8d (detectron2's ResNeXt settings: NUM_GROUPS x WIDTH_PER_GROUP)."""
+    cfg = load_config(os.path.join(REPO, "configs", "detection", "coco_R_50_FPN_1x_moco.yaml"),
+                      ["MODEL.RESNETS.DEPTH", "101", "MODEL.RESNETS.NUM_GROUPS", "32",
+                       "MODEL.RESNETS.WIDTH_PER_GROUP", "8",
+                       "MODEL.RESNETS.STRIDE_IN_1X1", "False"])
+    assert report.describe_experiment(record.experiment_identity(cfg), cfg.DATASETS.TEST[0]) \
+        == "COCO detection and instance segmentation, X101-32x8d-FPN, 90k iterations, test on " \
+           "COCO val2017"
