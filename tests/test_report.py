@@ -307,6 +307,23 @@ def test_welch_interval_matches_scipy(a, b):
     assert mine["diff"] == pytest.approx(np.mean(b) - np.mean(a))
 
 
+@pytest.mark.parametrize("end", ["high", "low"])
+def test_an_interval_that_ends_at_zero_is_not_significant(end):
+    """0 on the interval's end lies in the (closed) 95 % interval: no `*`. The seeds' mean is moved
+    one float at a time until that end is exactly 0.0."""
+    b = describe([-1.0, 1.0])
+    mean = -welch_interval(describe([-1.0, 1.0]), b)[end]  # the end's distance from the diff
+    for _ in range(1000):
+        w = welch_interval(describe([mean - 1.0, mean + 1.0]), b)
+        if w[end] == 0.0:
+            break
+        mean = math.nextafter(mean, -math.inf if w[end] > 0 else math.inf)
+    assert w[end] == 0.0 and w["significant"] is False
+    # one float further out: significant
+    beyond = math.nextafter(mean, -math.inf if end == "high" else math.inf)
+    assert welch_interval(describe([beyond - 1.0, beyond + 1.0]), b)["significant"] is True
+
+
 def test_one_seed_has_no_std_and_no_interval():
     one = describe([57.0])
     assert (one["mean"], one["std"], one["n"]) == (57.0, None, 1)
