@@ -538,6 +538,15 @@ def test_a_resumed_run_gets_its_grad_scalers_state_back(tmp_path):
                            torch.optim.SGD(model.parameters(), lr=0.1), fresh,
                            load_plain_state_dict) == (1, 3, 0)
     assert fresh.state_dict()["scale"] == 512.0 and fresh.state_dict()["_growth_tracker"] == 7
+    # the official main_moco.py's checkpoint (epoch, arch, state_dict, optimizer): its epoch, and
+    # the iteration count starts again from 0 (it records none)
+    official = {k: v for k, v in torch.load(path, weights_only=True).items()
+                if k in ("epoch", "arch", "state_dict", "optimizer")}
+    torch.save(official, tmp_path / "checkpoint_0001.pth.tar")
+    assert load_for_resume(str(tmp_path / "checkpoint_0001.pth.tar"),
+                           torchvision.models.resnet18(num_classes=4),
+                           torch.optim.SGD(model.parameters(), lr=0.1), None,
+                           load_plain_state_dict) == (1, 0, 0)
 
 
 def test_a_resnext_trunk_is_named_by_its_groups_and_width():
