@@ -153,6 +153,12 @@ def test_argparse_args_next_to_framework_objects(state, tmp_path):
     with_numpy = convert_checkpoint(tmp_path / "np.pth", tmp_path / "np.pkl", verify=False)
     assert "pathlib.PosixPath" in with_numpy.opaque \
         and any(n.startswith("numpy.") for n in with_numpy.opaque)
+    # the summary names each of them
+    [ignored] = [line for line in with_numpy.summary().splitlines() if "ignored" in line]
+    assert ignored == ("  ignored          5  framework objects (no weights, read as "
+                       "placeholders): numpy._core.multiarray._reconstruct, "
+                       "numpy._core.multiarray.scalar, "
+                       "numpy.dtype, numpy.ndarray, pathlib.PosixPath")
     assert np.array_equal(safe_unpickle(tmp_path / "np.pkl")["model"]["stem.conv1.weight"],
                           state["conv1.weight"].numpy())
     lines = report.summary().splitlines()
