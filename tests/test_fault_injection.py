@@ -909,3 +909,65 @@ def test_which_epoch_checkpoints_are_scratch_and_the_recorded_schedule(tmp_path)
     assert saved_epochs({"config": "SOLVER: {}\n"}) is None
     assert saved_epochs({"config": "SOLVER:\n  EPOCHS: '5'\n"}) is None
     assert saved_epochs({}) is None
+
+
+# Unit tests of pretrain.resume / pretrain.checkpoint in this process (mutation testing counts only
+# in-process calls): the real config, writer and Checkpointer around a 2x2 linear model.
+def _small_cfg(out, **extra):
+    from pretrain.config import load_config
+
+    kv = {"OUTPUT_DIR": out, "DATA.ROOT": out, "SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8,
+          "MOCO.K": 32, **extra}
+    return load_config(SYNTH_CFG, [str(x) for pair in kv.items() for x in pair])
+
+
+def _checkpointer(cfg, stop, previous=None):
+    from pretrain.checkpoint import plain_state_dict
+    from pretrain.resume import Checkpointer
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Checkpointer(cfg, model, optimizer, None, plain_state_dict, stop, "cpu", previous)
+
+
+def _save_final_checkpoint(cfg):
+    """checkpoint_{EPOCHS-1:04d}.pth.tar of a finished run (the real writer); returns its path."""
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with _preemption() as stop:
+        return _checkpointer(cfg, stop).save_epoch(cfg.SOLVER.EPOCHS - 1, 8 * cfg.SOLVER.EPOCHS)
+
+
+def _preemption():
+    from mocobench.utils.preempt import Preemption
+
+    return Preemption()
+
+
+def test_a_restarted_run_removes_the_temp_file_of_a_killed_save_from_its_own_directory(
+        tmp_path, monkeypatch, capsys):
+    """open_run_dir -> remove_stale_temp_files deletes the temp file a save killed mid-write left in
+    OUTPUT_DIR (named relative to OUTPUT_DIR, not the working directory), and no other file."""
+    from mocobench.utils.fileio import atomic_write
+    from pretrain.resume import open_run_dir
+
+    out = tmp_path / "run"
+    cfg = _small_cfg(str(out))
+    _save_final_checkpoint(cfg)
+    # a save stopped inside the writer (as by SIGKILL): its temp file stays
+    killed = atomic_write(out / "checkpoint_0002.pth.tar")
+    killed.__enter__().write(b"half a checkpoint")
+    [temp] = [n for n in os.listdir(out) if n.endswith(".tmp")]
+    foreign = out / ".notes.txt.abc123.tmp"  # not one of the run's own files
+    foreign.write_text("someone else's")
+    # the working directory holds a file of the same name: it is not the run's
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / temp).write_text("not the run's")
+    monkeypatch.chdir(elsewhere)
+    lock = open_run_dir(cfg)
+    lock.close()
+    assert sorted(os.listdir(out)) == sorted([".lock", foreign.name, "checkpoint_0001.pth.tar",
+                                              "last_checkpoint"])
+    assert (elsewhere / temp).read_text() == "not the run's"
+    assert f"removed 1 file(s) a killed run left in {out}: ['{temp}']" in capsys.readouterr().out
+
