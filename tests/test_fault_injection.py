@@ -3,6 +3,7 @@ second run into the same directory, and every bad input a one-line error. Real p
 signals, real files."""
 import hashlib
 import json
+import logging
 import os
 import random
 import shlex
@@ -971,3 +972,96 @@ def test_a_restarted_run_removes_the_temp_file_of_a_killed_save_from_its_own_dir
     assert (elsewhere / temp).read_text() == "not the run's"
     assert f"removed 1 file(s) a killed run left in {out}: ['{temp}']" in capsys.readouterr().out
 
+
+def test_a_state_key_the_checkpoints_config_lacks_is_compared_as_its_default(tmp_path):
+    """changed_state_keys (through plan_resume): a checkpoint whose config has no MOCO.MLP (an older
+    version's) counts as the default False: resuming with MOCO.MLP True is refused naming it,
+    with False it resumes."""
+    import yaml
+
+    from mocobench.utils.errors import UsageError
+    from pretrain.resume import plan_resume
+    from pretrain.train import MocoTask
+
+    out = str(tmp_path / "run")
+    cfg = _small_cfg(out, **{"SOLVER.EPOCHS": 3})
+    assert cfg.MOCO.MLP  # the synth recipe is MoCo v2
+    path = _save_final_checkpoint(_small_cfg(out))
+    saved = torch.load(path, weights_only=True)
+    config = yaml.safe_load(saved["config"])
+    del config["MOCO"]["MLP"]
+    torch.save({**saved, "config": yaml.safe_dump(config)}, path)
+    with pytest.raises(UsageError, match=r"the config changes what shapes its state: MOCO.MLP "
+                                         r"False -> True\. Keep those values"):
+        plan_resume(cfg, "auto", 1, MocoTask(cfg), extend=True)
+    cfg = _small_cfg(out, **{"SOLVER.EPOCHS": 3, "MOCO.MLP": False})
+    point = plan_resume(cfg, "auto", 1, MocoTask(cfg), extend=True)
+    assert point.path == path and point.extends
+
+
+def test_the_same_extension_resumed_again_is_recorded_once(tmp_path, caplog):
+    """schedule_change: extending a finished 2-epoch run to 3 epochs appends one entry to
+    extended.json; resumed again before its first checkpoint (same checkpoint, same to_epochs) it
+    appends none; extended to 4 epochs instead, it appends another."""
+    from pretrain.resume import extended_records, plan_resume, schedule_change
+    from pretrain.train import MocoTask
+
+    out = str(tmp_path / "run")
+    _save_final_checkpoint(_small_cfg(out))
+
+    def extend_to(epochs):
+        cfg = _small_cfg(out, **{"SOLVER.EPOCHS": epochs})
+        point = plan_resume(cfg, "auto", 1, MocoTask(cfg), extend=True)
+        schedule_change(cfg, point, logging.getLogger("mocobench.test"))
+        return [(r["from_epochs"], r["to_epochs"], r["checkpoint"]) for r in extended_records(out)]
+
+    with caplog.at_level(logging.WARNING):
+        assert extend_to(3) == [(2, 3, "checkpoint_0001.pth.tar")]
+    assert "the schedule changed from 2 to 3 epochs" in caplog.text
+    assert extend_to(3) == [(2, 3, "checkpoint_0001.pth.tar")]
+    assert extend_to(4) == [(2, 3, "checkpoint_0001.pth.tar"), (2, 4, "checkpoint_0001.pth.tar")]
+
+
+def test_a_stop_signal_after_the_last_epoch_lets_the_run_finish(tmp_path):
+    """Checkpointer.after_epoch: a stop agreed after an epoch raises Preempted naming its
+    checkpoint, unless that epoch was the last (the run is done: nothing to resume)."""
+    from mocobench.utils.preempt import Preempted
+
+    cfg = _small_cfg(str(tmp_path), **{"SOLVER.EPOCHS": 3})
+    with _preemption() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == signal.SIGTERM
+        keeper = _checkpointer(cfg, stop)
+        with pytest.raises(Preempted, match="stopped by SIGTERM after epoch 2: saved C1") as e:
+            keeper.after_epoch(1, "C1")
+        assert e.value.exit_code == 143
+        assert keeper.after_epoch(2, "C2") is None  # the last epoch: no Preempted
+
+
+def test_no_mid_epoch_checkpoint_on_the_last_iteration_of_an_epoch(tmp_path):
+    """Checkpointer.after_iteration with SOLVER.CHECKPOINT_PERIOD_ITERS 2 and 4 iterations per
+    epoch: a mid-epoch checkpoint after iteration 2 of the run; none after iteration 4 (the
+    epoch's last: its epoch checkpoint comes next), then one after iteration 6 (epoch 2), which
+    replaces the scratch checkpoint of epoch 1 (CHECKPOINT_PERIOD 5, 2 epochs)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = _small_cfg(str(out), **{"SOLVER.CHECKPOINT_PERIOD_ITERS": 2})
+
+    def checkpoints():
+        pointer = out / "last_checkpoint"
+        return (sorted(n for n in os.listdir(out) if n.startswith("checkpoint_")),
+                pointer.read_text() if pointer.exists() else None)
+
+    with _preemption() as stop:
+        keeper = _checkpointer(cfg, stop)
+        seen = []
+        for epoch in range(2):
+            for i in range(4):
+                keeper.after_iteration(epoch, i, 4, 4 * epoch + i + 1, None)
+                seen.append(checkpoints())
+            if epoch == 0:
+                keeper.save_epoch(epoch, 4)
+    iter2, iter6 = "checkpoint_iter_00000002.pth.tar", "checkpoint_iter_00000006.pth.tar"
+    assert seen == [([], None), ([iter2], iter2), ([iter2], iter2), ([iter2], iter2),
+                    (["checkpoint_0000.pth.tar"], "checkpoint_0000.pth.tar"),
+                    ([iter6], iter6), ([iter6], iter6), ([iter6], iter6)]
