@@ -171,8 +171,9 @@ def test_dry_run_of_a_new_run_estimates_every_stage_from_this_machines_earlier_p
     for name in ("transfer_moco", "transfer_random"):
         assert longer[name] == pytest.approx(2 * two_seeds[name], abs=1.0)
     assert longer["pretrain"] == pytest.approx(2 * measured["pretrain"], abs=1.0)
-    # other work (another input size) has no rate yet
+    # other work (another input size; other data) has no rate yet
     assert "transfer_moco" not in estimates("TRANSFER.OPTS", "['INPUT.MIN_SIZE_TRAIN', '(72,)']")
+    assert "data" not in estimates("DATA.SYNTH_PRESET", "demo")
     assert not (tmp_path / "new").exists()  # a dry run writes nothing
     # the rates this machine measured, each with the day it was measured (ISO, for people)
     from mocobench.pipeline.estimate import read_rates
