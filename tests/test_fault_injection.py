@@ -1065,3 +1065,26 @@ def test_no_mid_epoch_checkpoint_on_the_last_iteration_of_an_epoch(tmp_path):
     assert seen == [([], None), ([iter2], iter2), ([iter2], iter2), ([iter2], iter2),
                     (["checkpoint_0000.pth.tar"], "checkpoint_0000.pth.tar"),
                     ([iter6], iter6), ([iter6], iter6), ([iter6], iter6)]
+
+
+def test_extending_a_finished_run_without_extend_names_the_epochs_key_and_both_lengths(tmp_path):
+    """plan_resume: a finished 2-epoch run resumed with SOLVER.EPOCHS 3 and no --extend is refused
+    with the whole message (the task's name for the epochs setting, both schedule lengths, the
+    checkpoint, how to go on); with --extend it resumes from that checkpoint."""
+    from mocobench.utils.errors import UsageError
+    from pretrain.resume import plan_resume
+    from pretrain.train import MocoTask
+
+    out = str(tmp_path / "run")
+    path = _save_final_checkpoint(_small_cfg(out))
+    cfg = _small_cfg(out, **{"SOLVER.EPOCHS": 3})
+    with pytest.raises(UsageError) as refused:
+        plan_resume(cfg, "auto", 1, MocoTask(cfg))
+    assert str(refused.value) == (
+        f"{out}: the run is finished (2 epochs done, checkpoint_0001.pth.tar); SOLVER.EPOCHS = 3 "
+        "would extend it and change its schedule from 2 to 3 epochs (not the same as a 3-epoch "
+        "run); pass --extend to continue it so (its final checkpoint is kept), or start a 3-epoch "
+        "run in another OUTPUT_DIR")
+    point = plan_resume(cfg, "auto", 1, MocoTask(cfg), extend=True)
+    assert (point.path, point.extends, point.epochs_before) == (path, True, 2)
+
