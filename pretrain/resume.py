@@ -121,7 +121,7 @@ def plan_resume(cfg, resume, world_size, task, extend=False):
     before = saved_epochs(saved)
     extends = not finished and not mid_epoch and before is not None and done >= before
     if extends and not extend:
-        epochs = getattr(task, "epochs_name", "SOLVER.EPOCHS")
+        epochs = task.epochs_name
         raise UsageError(
             f"{out}: the run is finished ({done} epochs done, {os.path.basename(path)}); "
             f"{epochs} = {cfg.SOLVER.EPOCHS} would extend it and change its schedule from "

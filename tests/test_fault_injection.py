@@ -1065,3 +1065,95 @@ def test_no_mid_epoch_checkpoint_on_the_last_iteration_of_an_epoch(tmp_path):
     assert seen == [([], None), ([iter2], iter2), ([iter2], iter2), ([iter2], iter2),
                     (["checkpoint_0000.pth.tar"], "checkpoint_0000.pth.tar"),
                     ([iter6], iter6), ([iter6], iter6), ([iter6], iter6)]
+
+
+def test_without_resume_a_run_never_picks_up_a_checkpoint(tmp_path, capsys):
+    """plan_resume without --resume, or with an empty one (`--resume "$CKPT"`, CKPT unset): an
+    OUTPUT_DIR holding a run is refused, naming its files and --resume auto; an absent or empty one
+    starts fresh (None) and stays as it was. Only --resume auto picks up the checkpoint."""
+    from mocobench.utils.errors import UsageError
+    from pretrain.resume import plan_resume
+    from pretrain.train import MocoTask
+
+    out = str(tmp_path / "run")
+    cfg = _small_cfg(out)
+    path = _save_final_checkpoint(cfg)
+    refusal = (f"OUTPUT_DIR {out!r} already holds a run (checkpoint_0001.pth.tar, "
+               "last_checkpoint); continue it with --resume auto, or set another OUTPUT_DIR")
+    for resume in (None, ""):
+        with pytest.raises(UsageError) as refused:
+            plan_resume(cfg, resume, 1, MocoTask(cfg))
+        assert str(refused.value) == refusal
+    # the command line's empty --resume: the same one-line refusal, exit 2, before any training
+    assert cli.main(command("--resume", "", *opts(out, out))) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"mocobench pretrain: error: {refusal}"]
+    point = plan_resume(cfg, "auto", 1, MocoTask(cfg))
+    assert point.path == path and point.finished
+    # a new run: nothing to pick up, nothing written
+    absent, empty = str(tmp_path / "absent"), tmp_path / "empty"
+    empty.mkdir()
+    for fresh in (absent, str(empty)):
+        cfg = _small_cfg(fresh)
+        assert plan_resume(cfg, None, 1, MocoTask(cfg)) is None
+        assert plan_resume(cfg, "", 1, MocoTask(cfg)) is None
+    assert not os.path.exists(absent) and os.listdir(empty) == []
+
+
+def test_extending_a_finished_run_without_extend_names_the_epochs_key_and_both_lengths(tmp_path):
+    """plan_resume: a finished 2-epoch run resumed with SOLVER.EPOCHS 3 and no --extend is refused
+    with the whole message (the task's name for the epochs setting, both schedule lengths, the
+    checkpoint, how to go on); with --extend it resumes from that checkpoint."""
+    from mocobench.utils.errors import UsageError
+    from pretrain.resume import plan_resume
+    from pretrain.train import MocoTask
+
+    out = str(tmp_path / "run")
+    path = _save_final_checkpoint(_small_cfg(out))
+    cfg = _small_cfg(out, **{"SOLVER.EPOCHS": 3})
+    with pytest.raises(UsageError) as refused:
+        plan_resume(cfg, "auto", 1, MocoTask(cfg))
+    assert str(refused.value) == (
+        f"{out}: the run is finished (2 epochs done, checkpoint_0001.pth.tar); SOLVER.EPOCHS = 3 "
+        "would extend it and change its schedule from 2 to 3 epochs (not the same as a 3-epoch "
+        "run); pass --extend to continue it so (its final checkpoint is kept), or start a 3-epoch "
+        "run in another OUTPUT_DIR")
+    point = plan_resume(cfg, "auto", 1, MocoTask(cfg), extend=True)
+    assert (point.path, point.extends, point.epochs_before) == (path, True, 2)
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_the_process_count_that_wrote_it(tmp_path):
+    """plan_resume: the mid-epoch checkpoint save_checkpoint wrote for 2 processes (world_size=2)
+    is refused with 1, naming both counts, and resumes with 2; the one the Checkpointer of this
+    1-process run writes resumes with 1."""
+    from mocobench.utils.errors import UsageError
+    from mocobench.utils.preempt import Preempted
+    from pretrain.checkpoint import plain_state_dict, save_checkpoint
+    from pretrain.resume import plan_resume
+    from pretrain.train import MocoTask
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = _small_cfg(str(out))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # stopped after iteration 3 of epoch 1 by 2 processes
+    path = save_checkpoint(str(out), 0, model, optimizer, None, 3, cfg, plain_state_dict,
+                           epoch_iteration=3, world_size=2)
+    with pytest.raises(UsageError) as refused:
+        plan_resume(cfg, "auto", 1, MocoTask(cfg))
+    assert str(refused.value) == (
+        f"cannot resume the mid-epoch checkpoint {path} with 1 process(es): it was written by 2 "
+        "(the data order of the epoch is sharded by the process count); resume with that many "
+        "processes")
+    point = plan_resume(cfg, "auto", 2, MocoTask(cfg))
+    assert point.path == path and (point.checkpoint["epoch_iteration"],
+                                   point.checkpoint["world_size"]) == (3, 2)
+    # this process (1) stopped by SIGTERM after iteration 5 (epoch 1, iteration 5 of 8)
+    with _preemption() as stop:
+        with pytest.raises(Preempted, match="saved .*checkpoint_iter_00000005.pth.tar"):
+            _checkpointer(cfg, stop, previous=path).after_iteration(0, 4, 8, 5, signal.SIGTERM)
+    point = plan_resume(cfg, "auto", 1, MocoTask(cfg))
+    assert os.path.basename(point.path) == "checkpoint_iter_00000005.pth.tar"
+    assert (point.checkpoint["epoch_iteration"], point.checkpoint["world_size"]) == (5, 1)
+    assert not point.finished
