@@ -528,3 +528,26 @@ def test_a_new_machine_estimates_only_the_work_the_reference_figures_describe(tm
                      "supervised": 1.0, "convert_moco": None, "convert_supervised": None,
                      "transfer_moco": transfer, "transfer_supervised": transfer,
                      "transfer_random": transfer, "report": None}
+
+
+def test_each_stage_says_its_size_from_the_config_its_runs_use(tmp_path):
+    """The plan's sizes: the classifier stages' epochs, batch, arch and input size; a transfer
+    stage's seeds, iterations and batch from its own trials' config (the random-init trials' with
+    RANDOM_OPTS, which they run with: they had the other inits' size); an error in RANDOM_OPTS is
+    found with the config, before anything runs."""
+    from mocobench.pipeline.estimate import size
+    from mocobench.pipeline.stages import Wiring
+
+    cfg = load_pipeline_config(TINY, ["OUTPUT_DIR", str(tmp_path), "TRANSFER.RANDOM_OPTS",
+                                      "['SOLVER.MAX_ITER', '5']"])
+    wiring = Wiring(cfg, TINY)
+    classifier = "1 epochs at batch 16, resnet18 at 32 px"
+    assert {name: size(wiring, name) for name in STAGES} == {
+        "data": "", "pretrain": classifier, "supervised": classifier, "convert_moco": "",
+        "convert_supervised": "", "transfer_moco": "2 seeds x 2 iterations at 2 images",
+        "transfer_supervised": "2 seeds x 2 iterations at 2 images",
+        "transfer_random": "2 seeds x 5 iterations at 2 images", "report": ""}
+    bad = load_pipeline_config(TINY, ["OUTPUT_DIR", str(tmp_path), "TRANSFER.RANDOM_OPTS",
+                                      "['SOLVER.MAX_ITERS', '5']"])
+    with pytest.raises(UsageError, match=r"TRANSFER.OPTS \+ RANDOM_OPTS.*SOLVER.MAX_ITERS"):
+        Wiring(bad, TINY).stage_config("TRANSFER", "random")

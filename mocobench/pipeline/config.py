@@ -181,7 +181,11 @@ def stage_config(cfg, config_file, name, init=None):
         d2_cfg = get_cfg()
         add_mocobench_config(d2_cfg)
         path = transfer_config_file(cfg, init) if init else node.CONFIG_FILE
-        return merge_config(d2_cfg, path, list(node.OPTS), source)
+        opts = list(node.OPTS)
+        if init == "random":  # what its trials run with (stages.Wiring.run_transfer)
+            opts += list(node.RANDOM_OPTS)
+            source += " + RANDOM_OPTS"
+        return merge_config(d2_cfg, path, opts, source)
     from pretrain.config import load_config
 
     return load_config(node.CONFIG_FILE, [*node.OPTS, "DATA.ROOT", "<pipeline>"],
