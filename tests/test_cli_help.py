@@ -186,3 +186,27 @@ def test_more_gpus_than_visible_are_refused_naming_both(monkeypatch):
         check_device(cfg, 2)
     assert str(e.value) == "--num-gpus 2 but only 1 CUDA device(s) are visible"
 
+
+
+def test_pipeline_help_lists_every_option_with_what_it_takes():
+    from mocobench import pipeline
+
+    text = _help(pipeline.build_parser())
+    assert text.startswith(
+        "usage: mocobench pipeline [-h] --config-file FILE [--dry-run] [--redo STAGE] [--jobs N] "
+        "[--stage STAGE] [--trial I] [--num-machines NUM_MACHINES] [--machine-rank MACHINE_RANK] "
+        "[--dist-url DIST_URL] [KEY VALUE ...] ")
+    assert text.endswith(
+        "positional arguments: KEY VALUE config overrides (flags may come before or after) "
+        "options: -h, --help show this help message and exit --config-file FILE "
+        "configs/pipeline/*.yaml --dry-run validate every stage, list the stages, their inputs "
+        "(what is missing) and expected times; run nothing, write nothing --redo STAGE run STAGE "
+        "again even if it is done (its old outputs go to superseded/); repeatable --jobs N run "
+        "the study's jobs (a stage, or one transfer trial: init x seed) side by side on this "
+        "machine, up to N at once, each in its own process, when what it reads is done (default: "
+        "visible GPUs // TRANSFER.NUM_GPUS; 1 on CPU: one stage after another) --stage STAGE run "
+        "STAGE alone; the stages before it must be done (what each job of --launcher slurm runs) "
+        "--trial I with --stage transfer_INIT: run its trial I alone (seed SEED + I; what each "
+        "task of a --launcher slurm job array runs) machines of a stage that spans NUM_NODES "
+        "nodes (set by --launcher slurm; transfer's meaning): --num-machines NUM_MACHINES "
+        "--machine-rank MACHINE_RANK --dist-url DIST_URL tcp://HOST:PORT of machine 0")
