@@ -438,3 +438,22 @@ def test_each_generated_dataset_gets_its_evaluator_with_the_configs_tasks(fresh_
     with pytest.raises(KeyError, match="an evaluator for 'coco' is already registered"):
         evaluation.register_evaluator("coco")(lambda cfg, name, folder: None)
     assert evaluation.EVALUATOR_BUILDERS["coco"] is not None
+
+
+def test_a_cityscapes_split_without_images_names_its_folder_and_the_file_pattern(synth_root,
+                                                                                 tmp_path):
+    """Cityscapes: city folders without one *_leftImg8bit.png (a half-copied tree) are named with
+    the pattern detectron2's reader globs for."""
+    root = tmp_path / "synth"
+    shutil.copytree(synth_root, root)
+    datasets.register_synth_datasets(str(root))
+    name = "synth_cityscapes_fine_sem_seg_val"
+    datasets.check_dataset(name)  # complete: no error
+    images = root / "cityscapes" / "leftImg8bit" / "val"
+    for city in os.listdir(images):
+        for f in os.listdir(images / city):
+            os.remove(images / city / f)
+    with pytest.raises(UsageError) as e:
+        datasets.check_dataset(name)
+    assert str(e.value).startswith(f"dataset '{name}': {str(images)!r} holds no "
+                                   "<city>/*_leftImg8bit.png")
