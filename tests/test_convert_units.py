@@ -1022,3 +1022,17 @@ def test_unreadable_safetensors_say_what_they_are(tmp_path):
             read_checkpoint(tmp_path / name)
         assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
         assert str(info.value) == message or message.endswith(": ")
+
+
+def test_a_trunk_missing_a_tensor_does_not_fit_torchvisions_resnet(state):
+    """build_torchvision_resnet: a trunk state without one of its tensors is refused naming it;
+    num_batches_tracked alone may be absent (the trunk as extracted)."""
+    from convert.verify import build_torchvision_resnet
+
+    model = build_torchvision_resnet(R18, state)
+    assert torch.equal(model.state_dict()["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+    del state["layer1.0.conv1.weight"]
+    with pytest.raises(UsageError) as e:
+        build_torchvision_resnet(R18, state)
+    assert str(e.value) == ("the weights do not fit torchvision's ResNet-18: missing "
+                            "['layer1.0.conv1.weight'], unexpected []")
