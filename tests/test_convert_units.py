@@ -508,6 +508,10 @@ def test_read_converted_says_what_is_wrong(tmp_path):
 
 
 @pytest.mark.parametrize("edit, first_problems", [
+    # a diverged checkpoint's NaN: NaN equals nothing, not even itself after loading
+    ("nan", ["tensors that differ from the pkl after loading: res4.0.conv1.weight",
+             "pkl tensors that differ from the original checkpoint: res4.0.conv1.weight (from "
+             "layer3.0.conv1.weight)"]),
     ("unexpected", ["pkl tensors detectron2 did not use: res5.3.conv1.weight",
                     "pkl tensors with no place in the detectron2 backbone: res5.3.conv1.weight"]),
     ("shape", ["detectron2 parameters/buffers not loaded: res3.0.conv1.weight",
@@ -522,7 +526,10 @@ def test_read_converted_says_what_is_wrong(tmp_path):
 ])
 def test_check_loading_problem_texts(edit, first_problems, state):
     weights = to_detectron2(state)
-    if edit == "unexpected":
+    if edit == "nan":
+        weights["res4.0.conv1.weight"] = weights["res4.0.conv1.weight"].copy()
+        weights["res4.0.conv1.weight"][0, 0, 0, 0] = np.nan
+    elif edit == "unexpected":
         weights["res5.3.conv1.weight"] = np.zeros((1,), np.float32)
     elif edit == "shape":
         weights["res3.0.conv1.weight"] = weights["res3.0.conv1.weight"][:, :-1].copy()
@@ -533,7 +540,8 @@ def test_check_loading_problem_texts(edit, first_problems, state):
             del weights[name]
     result = verify_weights(weights, state, R18)
     assert result.problems[:2] == first_problems
-    assert result.verified == {"unexpected": 100, "shape": 99, "seven missing": 93}[edit]
+    assert result.verified == {"nan": 99, "unexpected": 100, "shape": 99,
+                               "seven missing": 93}[edit]
     if edit == "unexpected":
         assert len(result.problems) == 2 and result.max_rel_error <= 1e-6
 
@@ -1036,3 +1044,23 @@ def test_a_trunk_missing_a_tensor_does_not_fit_torchvisions_resnet(state):
         build_torchvision_resnet(R18, state)
     assert str(e.value) == ("the weights do not fit torchvision's ResNet-18: missing "
                             "['layer1.0.conv1.weight'], unexpected []")
+
+
+def test_the_numerical_error_is_relative_however_small_the_activations(state):
+    """verify_weights' stage errors are max |ours - torchvision's| / max |torchvision's|: a trunk
+    whose BN layers scale by 1e-3 (every stage's output far below 1) with its stem weights 1 %
+    off shows that 1 % at each stage, and fails verification (an absolute measure would see
+    1e-5 and less)."""
+    for key in list(state):
+        if ".bn" in "." + key or ".downsample.1." in key:  # every BN: y = 1e-3 x
+            leaf = key.rsplit(".", 1)[1]
+            state[key] = (torch.full_like(state[key], 1e-3) if leaf == "weight" else
+                          torch.ones_like(state[key]) if leaf == "running_var" else
+                          torch.zeros_like(state[key]))  # bias, running_mean
+    weights = to_detectron2(state)
+    assert verify_weights(weights, state, R18).problems == []
+    weights["stem.conv1.weight"] = weights["stem.conv1.weight"] * np.float32(1.01)
+    result = verify_weights(weights, state, R18)
+    assert [result.stage_errors[s] for s in ("res2", "res3", "res4")] \
+        == pytest.approx([0.01] * 3, abs=1e-4)
+    assert "res2: relative error 0.01 > 1e-05 against torchvision" in result.problems
