@@ -93,6 +93,13 @@ def test_score_counts_only_the_sample_and_leaves_equivalents_out():
     # without a sample every run mutant counts (the validate survivor too)
     _, left = mutation.score_table(results, equivalents)
     assert "pretrain.config.x_validate__mutmut_1" in left
+    # a mutant that SIGKILLs the tests' process is killed; a "suspicious" one (35) is listed
+    crashes = {"transfer.stats.x_describe__mutmut_7": -9, "transfer.stats.x_describe__mutmut_8": 35}
+    table, left = mutation.score_table({**results, **crashes}, equivalents, sample | set(crashes))
+    stats = next(line for line in table.splitlines() if line.startswith("| transfer.stats "))
+    assert stats.split(" | ")[2:5] == ["7", "1", "3"]  # sampled, equivalent, killed
+    assert "transfer.stats.x_describe__mutmut_8" in left \
+        and "transfer.stats.x_describe__mutmut_7" not in left
 
 
 def test_the_pipeline_package_is_scored_as_one_module_and_convert_per_file():

@@ -34,7 +34,9 @@ from pathlib import Path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP_CFG = os.path.join(REPO, "setup.cfg")  # [mutmut] only_mutate: the files mutated
 # mutmut's worker exit codes (mutmut/stats.py status_by_exit_code)
-KILLED = {1, 3, 24, -24, 36, 152, 255}
+# -9 / -11 (mutmut: "segfault"): the mutant killed or crashed the tests' own process, as a mutant
+# of a SIGKILL test hook does: the run failed, so it counts as killed
+KILLED = {1, 3, 24, -24, 36, 152, 255, -9, -11}
 TIMEOUT = {24, -24, 36, 152, 255}
 NO_TESTS = {5, 33}
 SURVIVED = {0}
@@ -147,6 +149,10 @@ def score_table(results, equivalents, sample=None):
         timeouts = sum(c in TIMEOUT for k, c in rows if k not in equivalents)
         survived = [k for k, c in rows if c in SURVIVED and k not in equivalents]
         no_tests = [k for k, c in rows if c in NO_TESTS and k not in equivalents]
+        # any other verdict (mutmut's "suspicious", "skipped", an interrupted run) is no kill:
+        # listed with the survivors, not left out
+        other = [k for k, c in rows if c not in KILLED | SURVIVED | NO_TESTS
+                 and k not in equivalents]
         scored = len(rows) - len(equivalent)
         cells = [unit, len(rows), len(equivalent), killed, timeouts, len(survived), len(no_tests),
                  f"{100.0 * killed / max(scored, 1):.1f} %"]
@@ -155,7 +161,7 @@ def score_table(results, equivalents, sample=None):
             cells[1:1] = [population[unit]]
             cells.append(f"{100 * low:.0f}-{100 * high:.0f} %")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-        left += survived + no_tests
+        left += survived + no_tests + other
     return "\n".join(lines), left
 
 
