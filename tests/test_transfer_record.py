@@ -538,3 +538,16 @@ def test_a_new_run_refuses_a_directory_of_earlier_trials_naming_them(tmp_path):
     assert refusal() == (f"OUTPUT_DIR {str(tmp_path)!r} already holds finished trials "
                          f"(seed0/{record.RESULTS_FILE}, seed2/{record.RESULTS_FILE}){advice}")
     assert check_output_dir(cfg, dirs, False, True, "moco_v2", None) == []
+
+
+def test_the_prepared_config_keeps_every_note_on_what_mocobench_changed(synth_root):
+    """prepare_config's notes (each trial's log.txt says them): the SyncBN swap on several CPU
+    processes and the generated datasets' root, with the class-count checks after them."""
+    from transfer.run import prepare_config
+
+    cfg, notes = prepare_config(CONFIG, ["MOCOBENCH.SYNTH_ROOT", synth_root], world_size=2)
+    assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
+    assert notes[:2] == [
+        "2 CPU processes (gloo): SyncBN -> naiveSyncBN in MODEL.FPN.NORM, MODEL.RESNETS.NORM "
+        "(torch's SyncBatchNorm synchronizes CUDA tensors only)",
+        f"generated datasets (synth_*) from {os.path.abspath(synth_root)}"]

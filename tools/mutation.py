@@ -34,9 +34,9 @@ from pathlib import Path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP_CFG = os.path.join(REPO, "setup.cfg")  # [mutmut] only_mutate: the files mutated
 # mutmut's worker exit codes (mutmut/stats.py status_by_exit_code)
-# -9 / -11 (mutmut: "segfault"): the mutant killed or crashed the tests' own process, as a mutant
-# of a SIGKILL test hook does: the run failed, so it counts as killed
-KILLED = {1, 3, 24, -24, 36, 152, 255, -9, -11}
+# -9 / -11 (mutmut: "segfault") and -15: the mutant killed or crashed the tests' own process (a
+# mutant of the SIGKILL test hook; a signal handler left uninstalled): the run failed, a kill
+KILLED = {1, 3, 24, -24, 36, 152, 255, -9, -11, -15}
 TIMEOUT = {24, -24, 36, 152, 255}
 NO_TESTS = {5, 33}
 SURVIVED = {0}
