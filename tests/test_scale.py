@@ -770,6 +770,22 @@ def test_submitits_warning_outside_the_loop_requeues_without_a_failure_and_is_ig
     assert "JobFailed" not in proc.stderr and not (folder / "78_error.txt").exists()
 
 
+def _gpu_cluster_study(out):
+    """The tiny study's config and overrides as a GPU cluster runs it: 2 nodes, 8 pretraining
+    processes, loader workers, the stages not pinned to the CPU (DEVICE "": CUDA there), MoCo and
+    random init."""
+    from mocobench.pipeline.config import load_pipeline_config
+
+    tiny = load_pipeline_config(TINY_PIPELINE, [])
+    return ["--config-file", TINY_PIPELINE, "OUTPUT_DIR", str(out), "NUM_NODES", "2",
+            "PRETRAIN.NPROC_PER_NODE", "8",
+            "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6",
+                                        "DEVICE", ""),
+            "TRANSFER.OPTS", _opts_with(tiny.TRANSFER.OPTS, "DATALOADER.NUM_WORKERS", "4",
+                                        "MODEL.DEVICE", "cuda"),
+            "TRANSFER.INITS", "['moco', 'random']"]
+
+
 def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
         tmp_path, monkeypatch, capsys):
     """The real SLURM path of submitit (sbatch scripts written by its SlurmExecutor), with sbatch
@@ -778,21 +794,12 @@ def test_pipeline_on_slurm_submits_a_job_per_stage_chained_with_afterok(
     import submitit
 
     from mocobench import cli
-    from mocobench.pipeline.config import load_pipeline_config
 
     state = _fake_slurm(tmp_path, monkeypatch)
-    tiny = load_pipeline_config(TINY_PIPELINE, [])
     out, jobs = tmp_path / "run", tmp_path / "jobs"
     assert cli.main(["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--partition", "P",
                      "--timeout", "600", "--job-dir", str(jobs), "--max-concurrent", "1",
-                     "--config-file", TINY_PIPELINE,
-                     "OUTPUT_DIR", str(out), "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "8",
-                     # a GPU cluster's stages: not pinned to the CPU (DEVICE "": CUDA there)
-                     "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6",
-                                                 "DEVICE", ""),
-                     "TRANSFER.OPTS", _opts_with(tiny.TRANSFER.OPTS, "DATALOADER.NUM_WORKERS", "4",
-                                                 "MODEL.DEVICE", "cuda"),
-                     "TRANSFER.INITS", "['moco', 'random']", "--redo", "transfer_moco"]) == 0
+                     *_gpu_cluster_study(out), "--redo", "transfer_moco"]) == 0
     printed = capsys.readouterr().out
     stages = ["data", "pretrain", "convert_moco", "transfer_moco", "transfer_random", "report"]
     ids = [str(101 + i) for i in range(len(stages))]
@@ -862,7 +869,6 @@ def test_pipeline_dry_run_on_slurm_says_what_each_job_would_ask_for_and_submits_
     --cpus-per-task), --mem and the stages it waits for; nothing written, nothing submitted, no
     sbatch needed."""
     from mocobench import cli
-    from mocobench.pipeline.config import load_pipeline_config
 
     # git alone on PATH (the pipeline records its source's commit): no sbatch, no srun
     bin_dir = tmp_path / "bin"
@@ -870,16 +876,9 @@ def test_pipeline_dry_run_on_slurm_says_what_each_job_would_ask_for_and_submits_
     (bin_dir / "git").symlink_to(shutil.which("git"))
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.delenv(launch.SUBMITIT_CLUSTER_ENV, raising=False)
-    tiny = load_pipeline_config(TINY_PIPELINE, [])
     out, jobs = tmp_path / "run", tmp_path / "jobs"
     argv = ["pipeline", "--launcher", "slurm", "--gpus-per-node", "4", "--job-dir", str(jobs),
-            "--config-file", TINY_PIPELINE,
-            "OUTPUT_DIR", str(out), "NUM_NODES", "2", "PRETRAIN.NPROC_PER_NODE", "8",
-            "PRETRAIN.OPTS", _opts_with(tiny.PRETRAIN.OPTS, "DATALOADER.NUM_WORKERS", "6",
-                                        "DEVICE", ""),
-            "TRANSFER.OPTS", _opts_with(tiny.TRANSFER.OPTS, "DATALOADER.NUM_WORKERS", "4",
-                                        "MODEL.DEVICE", "cuda"),
-            "TRANSFER.INITS", "['moco', 'random']"]
+            *_gpu_cluster_study(out)]
     # the same command without --dry-run cannot submit here
     assert cli.main(argv) == 2
     assert "submitit cannot use cluster 'slurm' here" in capsys.readouterr().err
