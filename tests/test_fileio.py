@@ -478,3 +478,14 @@ def test_a_checkpoint_cut_at_any_length_is_refused_in_one_line(tmp_path, zip_for
         assert {"EOFError", "unpack requires a buffer of 4 bytes"} <= details, details
     else:
         assert any(d.startswith("PytorchStreamReader failed") for d in details), details
+
+
+def test_the_weights_only_load_holds_whatever_the_environment_says(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (set in some shells to load old checkpoints) turns
+    torch.load's default into a full unpickle; load_checkpoint asks for weights_only explicitly,
+    so a pickled module is still refused."""
+    path = tmp_path / "model.pth"
+    torch.save(torch.nn.Linear(2, 2), path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UsageError, match="holds a pickled module"):
+        load_checkpoint(path)
